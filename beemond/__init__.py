@@ -1,0 +1,3 @@
+"""beemond: a field recorder daemon for research beehives."""
+
+__version__ = "0.1.0"

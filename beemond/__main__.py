@@ -1,0 +1,3 @@
+from beemond.cli import main
+
+raise SystemExit(main())

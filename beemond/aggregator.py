@@ -1,0 +1,450 @@
+"""Aggregator/encryptor: staged records -> encrypted bundles in the outbox.
+
+A **bundle** is an uncompressed POSIX (pax) tar of records, ``<sensor>/<record name>``, followed by
+``manifest.json``::
+
+    {"format": "beemond-bundle/1", "host", "software", "created", "name", "group", "start", "end",
+     "records": [{"path", "sensor", "start", "end", "size", "sha256", "metadata"}, ...]}
+
+The manifest comes last because the hashes are computed while the records stream through; a reader
+checks each member against it at the end (:func:`extract_bundle`). The tar is never written to disk
+in clear: a producer thread reads each record once, hashes it and hands the bytes to age
+(``pyrage.encrypt_io``) through a small bounded queue, so sealing costs one read of the records and
+one write of the ciphertext, and at most ``QUEUE_CHUNKS`` MiB of memory.
+
+Bundle names are ``{host}_{start}_{group}_{digest}.tar.age``: ``start`` is the first record's start
+(UTC, ISO 8601 basic), ``group`` is ``all`` or the sensor name, ``digest`` the first 12 hex digits of
+the SHA-256 of the member names. The same records always make the same name, so a bundle resealed
+after a crash replaces its twin instead of duplicating it.
+
+Order of durability: the bundle is fsynced and renamed into ``outbox/`` and the directory fsynced
+*before* any staged record it holds is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from beemond import __version__, archive, crypto, ipc
+
+log = logging.getLogger(__name__)
+
+FORMAT = "beemond-bundle/1"
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+QUEUE_CHUNKS = 8
+ORPHAN_GRACE_S = 60.0
+RETRY_SEAL_S = 30.0
+BUNDLE_RE = re.compile(r"^(?P<host>.+)_(?P<start>\d{8}T\d{6}Z)_(?P<group>[A-Za-z0-9_-]+)_(?P<digest>[0-9a-f]{12})\.tar\.age$")
+
+
+class BundleError(Exception):
+    """A bundle that fails verification: bad manifest, missing or extra member, hash mismatch."""
+
+
+@dataclass
+class Record:
+    path: Path          # data file in staging
+    sensor: str
+    member: str         # name inside the tar
+    size: int
+    metadata: dict
+
+    @property
+    def start(self) -> str:
+        return self.metadata.get("start", "")
+
+    @property
+    def end(self) -> str:
+        return self.metadata.get("end", "")
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+class TarStream(io.RawIOBase):
+    """A read-only stream of the tar of *records* plus the manifest, produced by a thread.
+
+    The producer reads each record in 1 MiB chunks, updates its SHA-256 (``hashlib`` releases the
+    GIL) and queues the same bytes, so what is hashed is exactly what is encrypted. *progress* is
+    called on each chunk in the consumer's thread (heartbeats during a long seal).
+    """
+
+    def __init__(self, records: list[Record], manifest_base: dict, progress=None):
+        super().__init__()
+        self.records = records
+        self.manifest_base = manifest_base
+        self.progress = progress
+        self.manifest: dict | None = None
+        self._q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._buf = memoryview(b"")
+        self._pos = 0
+        self._done = False
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="tar-producer", daemon=True)
+        self._thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def _put(self, item) -> None:
+        while not self._cancel.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        raise _Cancelled()
+
+    def _produce(self) -> None:
+        try:
+            entries = []
+            for rec in self.records:
+                h = hashlib.sha256()
+                with open(rec.path, "rb", buffering=0) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    info = _tarinfo(rec.member, size, int(os.fstat(f.fileno()).st_mtime))
+                    self._put(info.tobuf(tarfile.PAX_FORMAT))
+                    left = size
+                    while left:
+                        chunk = f.read(min(CHUNK, left))
+                        if not chunk:
+                            raise BundleError(f"{rec.path} shrank while being bundled")
+                        h.update(chunk)
+                        self._put(chunk)
+                        left -= len(chunk)
+                self._put(_padding(size))
+                entries.append({"path": rec.member, "sensor": rec.sensor, "start": rec.start, "end": rec.end,
+                                "size": size, "sha256": h.hexdigest(), "metadata": rec.metadata})
+            self.manifest = {**self.manifest_base, "records": entries}
+            body = json.dumps(self.manifest, indent=1, sort_keys=True).encode()
+            self._put(_tarinfo(MANIFEST, len(body), int(time.time())).tobuf(tarfile.PAX_FORMAT) + body + _padding(len(body)))
+            self._put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+            self._put(None)
+        except _Cancelled:
+            pass
+        except BaseException as e:
+            try:
+                self._put(e)
+            except _Cancelled:
+                pass
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= len(self._buf):
+            if self._done:
+                return b""
+            item = self._q.get()
+            if item is None:
+                self._done = True
+                return b""
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if self.progress is not None:
+                self.progress()
+            self._buf, self._pos = memoryview(item), 0
+        end = len(self._buf) if n is None or n < 0 else self._pos + n
+        out = self._buf[self._pos:end]
+        self._pos += len(out)
+        return out.tobytes()
+
+    def close(self) -> None:
+        self._cancel.set()
+        super().close()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    info.uname = info.gname = ""
+    return info
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * ((-size) % tarfile.BLOCKSIZE)
+
+
+def bundle_name(host: str, group: str, records: list[Record]) -> str:
+    first = min(archive.parse_iso(r.start) for r in records) if all(r.start for r in records) \
+        else datetime.now(timezone.utc)
+    digest = hashlib.sha256("\n".join(sorted(r.member for r in records)).encode()).hexdigest()[:12]
+    return f"{host}_{archive.utc_stamp(first)}_{group}_{digest}.tar.age"
+
+
+def seal(records: list[Record], outbox: Path, recipients, host: str, group: str, progress=None) -> tuple[Path, dict]:
+    """Write the encrypted bundle of *records* into *outbox* durably. Returns (path, manifest).
+
+    Raises ``OSError`` (disk full, ...) or ``pyrage.EncryptError``; the outbox is then unchanged.
+    """
+    records = sorted(records, key=lambda r: (r.start, r.member))
+    name = bundle_name(host, group, records)
+    starts = [r.start for r in records if r.start]
+    ends = [r.end for r in records if r.end]
+    base = {"format": FORMAT, "host": host, "software": f"beemond {__version__}", "name": name, "group": group,
+            "created": archive.utc_iso(datetime.now(timezone.utc)),
+            "start": min(starts) if starts else "", "end": max(ends) if ends else ""}
+    stream = TarStream(records, base, progress)
+    try:
+        with archive.atomic_writer(outbox / name, "wb", buffering=0) as out:
+            crypto.encrypt_stream(stream, out, recipients)
+    finally:
+        stream.close()
+    return outbox / name, stream.manifest
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.PathLike) -> dict:
+    """Decrypt *bundle*, check it against its manifest, and move its records into *out_dir*.
+
+    Members are first extracted into a temporary directory inside *out_dir*; only a bundle whose every
+    member matches the manifest (size and SHA-256, none missing, none extra) is moved into place.
+    Returns the manifest. Raises :class:`BundleError` (verification), ``pyrage.DecryptError`` (wrong
+    key, damaged or truncated ciphertext), ``tarfile.TarError``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".beemond-extract-", dir=out_dir))
+    try:
+        manifest, seen = _extract_verified(Path(bundle), identities, work)
+        for rel in seen:
+            dest = out_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work / rel, dest)
+        os.replace(work / MANIFEST, out_dir / MANIFEST)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _extract_verified(bundle: Path, identities, work: Path) -> tuple[dict, list[str]]:
+    r, w = os.pipe()
+    reader = os.fdopen(r, "rb", buffering=CHUNK)
+    writer = os.fdopen(w, "wb", buffering=0)
+    failure: list[BaseException] = []
+
+    def decrypt():
+        try:
+            with open(bundle, "rb") as src:
+                crypto.decrypt_stream(src, writer, identities)
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            try:
+                writer.close()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=decrypt, name="decrypt", daemon=True)
+    t.start()
+    hashes: dict[str, tuple[int, str]] = {}
+    manifest = None
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for member in tar:
+                if member.name == MANIFEST:
+                    manifest = json.loads(tar.extractfile(member).read())
+                    continue
+                if not member.isfile():
+                    raise BundleError(f"unexpected member type: {member.name}")
+                rel = archive.safe_relative(member.name)
+                if rel in hashes:
+                    raise BundleError(f"duplicate member {rel}")
+                dest = work / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                h = hashlib.sha256()
+                src = tar.extractfile(member)
+                with open(dest, "wb") as f:
+                    while chunk := src.read(CHUNK):
+                        h.update(chunk)
+                        f.write(chunk)
+                hashes[rel] = (member.size, h.hexdigest())
+        # Drain: the age stream must be read to its authenticated end, or truncation goes unseen.
+        while reader.read(CHUNK):
+            pass
+    except archive.TemplateError as e:
+        raise BundleError(f"unsafe member name: {e}") from None
+    finally:
+        reader.close()
+        t.join()
+    if failure:
+        raise failure[0]
+    _check_manifest(manifest, hashes)
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest, list(hashes)
+
+
+def _check_manifest(manifest: dict | None, hashes: dict[str, tuple[int, str]]) -> None:
+    if manifest is None:
+        raise BundleError("no manifest.json in the bundle")
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"unknown bundle format {manifest.get('format')!r}")
+    listed = {}
+    for rec in manifest.get("records", []):
+        listed[rec["path"]] = (rec["size"], rec["sha256"])
+    for rel, (size, digest) in hashes.items():
+        if rel not in listed:
+            raise BundleError(f"{rel}: in the bundle but not in the manifest")
+        if listed[rel] != (size, digest):
+            raise BundleError(f"{rel}: sha256 {digest} size {size} does not match the manifest "
+                              f"(sha256 {listed[rel][1]} size {listed[rel][0]})")
+    missing = set(listed) - set(hashes)
+    if missing:
+        raise BundleError(f"{sorted(missing)[0]}: listed in the manifest but missing from the bundle")
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+@dataclass
+class _Open:
+    opened: float                         # monotonic
+    records: list[Record] = field(default_factory=list)
+    size: int = 0
+    retry_at: float = 0.0                 # after a failed seal
+
+
+class Aggregator:
+    """Worker: collects *record ready* paths, seals a bundle per window or size cap, at shutdown all."""
+
+    def __init__(self, cfg, channel: ipc.Channel):
+        self.cfg = cfg
+        self.channel = channel
+        self.staging = Path(cfg.spool) / "staging"
+        self.outbox = Path(cfg.spool) / "outbox"
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        self.recipients = crypto.load_recipients(cfg.bundle.recipients, base=cfg.source.parent)
+        self.open: dict[str, _Open] = {}
+        self.known: set[Path] = set()
+
+    def run(self) -> None:
+        self.rescan()
+        while True:
+            cmd = self.channel.receive(timeout=self._next_deadline())
+            if cmd is not None:
+                if cmd.kind == ipc.SHUTDOWN:
+                    self.rescan(final=True)
+                    self.seal_all(force=True)
+                    log.info("shut down with %d record(s) left staged", sum(len(o.records) for o in self.open.values()))
+                    return
+                if cmd.kind == ipc.RECORD_READY:
+                    self.add(Path(cmd.args["path"]))
+                elif cmd.kind == ipc.RESCAN:
+                    self.rescan()
+            self.seal_all(force=False)
+
+    def _next_deadline(self) -> float:
+        if not self.open:
+            return 3600.0
+        now = time.monotonic()
+        due = min(max(o.opened + self.cfg.bundle.max_duration_s, o.retry_at) for o in self.open.values())
+        return max(0.0, due - now)
+
+    def rescan(self, final: bool = False) -> None:
+        """Pick up every staged record not yet in an open bundle (start-up, restart, shutdown)."""
+        if not self.staging.exists():
+            return
+        now = time.time()
+        for sensor_dir in sorted(p for p in self.staging.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for dirpath, dirs, files in os.walk(sensor_dir):
+                dirs[:] = sorted(d for d in dirs if not archive.is_internal(d))
+                for name in sorted(files):
+                    if archive.is_internal(name):
+                        continue
+                    path = Path(dirpath) / name
+                    if name.endswith(archive.META_SUFFIX):
+                        data = path.with_name(name[:-len(archive.META_SUFFIX)])
+                        if not data.exists() and _age(path, now) > ORPHAN_GRACE_S:
+                            path.unlink(missing_ok=True)  # its record was bundled; the crash came before this unlink
+                        continue
+                    if path in self.known:
+                        continue
+                    if not archive.sidecar_of(path).exists():
+                        if not final and _age(path, now) <= ORPHAN_GRACE_S:
+                            continue  # its writer may be about to add the sidecar
+                        self._recover(path, sensor_dir.name)
+                    self.add(path)
+
+    def _recover(self, path: Path, sensor: str) -> None:
+        t = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        log.warning("record %s has no metadata (its writer died); bundling it as recovered", path.name)
+        archive.write_sidecar(path, {"sensor": sensor, "start": archive.utc_iso(t), "end": archive.utc_iso(t),
+                                     "recovered": True})
+
+    def add(self, path: Path) -> None:
+        if path in self.known:
+            return
+        try:
+            metadata = json.loads(archive.sidecar_of(path).read_bytes())
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return  # already bundled and removed (a duplicate event after a rescan)
+        except (OSError, ValueError) as e:
+            log.error("cannot read record %s: %s; leaving it staged", path, e)
+            return
+        sensor = path.relative_to(self.staging).parts[0]
+        rec = Record(path, sensor, str(path.relative_to(self.staging)), size, metadata)
+        group = sensor if self.cfg.bundle.split_by_sensor else "all"
+        ob = self.open.setdefault(group, _Open(opened=time.monotonic()))
+        ob.records.append(rec)
+        ob.size += size
+        self.known.add(path)
+        if ob.size >= self.cfg.bundle.max_bytes:
+            self.seal_group(group)
+
+    def seal_all(self, force: bool) -> None:
+        now = time.monotonic()
+        for group in list(self.open):
+            ob = self.open[group]
+            if force or (now - ob.opened >= self.cfg.bundle.max_duration_s and now >= ob.retry_at):
+                self.seal_group(group)
+
+    def seal_group(self, group: str) -> None:
+        ob = self.open[group]
+        t0 = time.monotonic()
+        try:
+            path, manifest = seal(ob.records, self.outbox, self.recipients, self.cfg.daemon.host, group,
+                                  progress=self.channel.beat)
+        except Exception as e:
+            ob.retry_at = time.monotonic() + RETRY_SEAL_S
+            log.error("sealing %d record(s) failed, records stay staged, retry in %g s: %s",
+                      len(ob.records), RETRY_SEAL_S, e)
+            self.channel.send(ipc.ERROR, message=f"seal failed: {e}")
+            return
+        del self.open[group]
+        dirs = set()
+        for rec in ob.records:  # the bundle is durable in the outbox: now the staged copies may go
+            rec.path.unlink(missing_ok=True)
+            archive.sidecar_of(rec.path).unlink(missing_ok=True)
+            self.known.discard(rec.path)
+            dirs.add(rec.path.parent)
+        for d in dirs:
+            archive.fsync_dir(d)
+        size = path.stat().st_size
+        log.info("sealed %s: %d record(s), %d bytes in %.2f s", path.name, len(ob.records), size,
+                 time.monotonic() - t0)
+        self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -1,0 +1,190 @@
+"""Record names and crash-safe writes.
+
+Every file beemond creates goes through :func:`atomic_writer`: write to a hidden temporary name in the
+target directory, flush, ``fsync``, ``rename`` over the final name, ``fsync`` the directory. A power cut
+at any line leaves either the old state or the new one, never a torn file; a leftover temporary file
+(``.NAME.tmp-PID``) is ignored by every reader and removed by :func:`remove_stale_temps`.
+
+A record in ``spool/staging/<sensor>/`` is a data file plus a metadata sidecar ``NAME.meta.json``
+written after it. A data file without its sidecar is a record whose writer died between the two
+renames: the aggregator still bundles it (flagged ``recovered``), so nothing written is lost.
+
+Names come from sandboxed Jinja2 templates (``jinja2.sandbox.ImmutableSandboxedEnvironment``) with
+``StrictUndefined``, so a typo in a template is an error at config load rather than an empty string
+in a file name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+META_SUFFIX = ".meta.json"
+TMP_MARK = ".tmp-"
+
+_env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                     keep_trailing_newline=False)
+
+
+class TemplateError(ValueError):
+    """A template that does not compile or renders to an unsafe name."""
+
+
+def utc_stamp(t: datetime) -> str:
+    """ISO 8601 basic format in UTC, e.g. ``20210619T000458Z``: sortable, and safe in any file system."""
+    return t.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def utc_iso(t: datetime) -> str:
+    """ISO 8601 extended format in UTC with milliseconds, e.g. ``2021-06-19T00:04:58.000Z``."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str) -> datetime:
+    """Inverse of :func:`utc_iso` (accepts any ISO 8601 with offset or ``Z``); naive means UTC."""
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+_SAMPLE = {"host": "hive", "sensor": "s", "start": "20210619T000000Z", "end": "20210619T001000Z",
+           "ext": "csv", "date": "2021-06-19", "_split_index": 0, "metadata": {}, "name": "b.tar.age"}
+
+
+def _compile(text: str) -> jinja2.Template:
+    try:
+        return _env.from_string(text)
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"template does not compile: {e}") from None
+
+
+def render_name(template: str, **variables: Any) -> str:
+    """Render a record name and check it stays inside its directory.
+
+    Returns a relative POSIX path (it may contain ``/`` for sub-directories). Raises
+    :class:`TemplateError` for an undefined variable, an absolute path, a ``..`` or hidden
+    component, or a name that collides with beemond's own temporary and sidecar names.
+    """
+    try:
+        name = _compile(template).render(**variables).strip()
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"template failed to render: {e}") from None
+    return safe_relative(name)
+
+
+def safe_relative(name: str) -> str:
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or "\\" in name or "\x00" in name:
+        raise TemplateError(f"rendered name {name!r} is not a relative path")
+    for part in path.parts:
+        if part in ("", ".", "..") or part.startswith("."):
+            raise TemplateError(f"rendered name {name!r} would leave its directory or be hidden")
+    if name.endswith(META_SUFFIX) or TMP_MARK in name:
+        raise TemplateError(f"rendered name {name!r} collides with beemond's own file names")
+    return str(path)
+
+
+def check_template(text: str) -> None:
+    """Compile and trial-render a filename template with sample values (config-load check)."""
+    render_name(text, **_SAMPLE)
+
+
+def check_layout(text: str) -> None:
+    """Compile and trial-render a remote layout template (``host``, ``date``, ``name``, ``sensor``)."""
+    render_name(text, **_SAMPLE)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or unlink in *path* durable (POSIX leaves it in the directory's page cache)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(final: str | os.PathLike, mode: str = "wb", *, sync_dir: bool = True, **open_kw) -> Iterator[Any]:
+    """Open a temporary file beside *final*; on clean exit fsync and rename it into place.
+
+    On an exception the temporary file is removed and *final* is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
+    f = open(tmp, mode, **open_kw)
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, final)
+        if sync_dir:
+            fsync_dir(final.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_record(staging: Path, relname: str, metadata: dict, data_writer=None, tmp: Path | None = None) -> Path:
+    """Write one record durably: data file first, then its sidecar, then one directory fsync.
+
+    Either *data_writer* is called with an open binary temporary file, or *tmp* names a temporary
+    file already written in *staging* (a stream written over minutes), which is fsynced and renamed.
+    Returns the data file's path.
+    """
+    final = staging / relname
+    if tmp is not None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    else:
+        with atomic_writer(final, sync_dir=False) as f:
+            data_writer(f)
+    write_sidecar(final, metadata)
+    return final
+
+
+def temp_name(directory: Path, hint: str) -> Path:
+    """A temporary name in *directory* that every reader skips and crash clean-up removes."""
+    return directory / f".{hint}{TMP_MARK}{os.getpid()}"
+
+
+def write_sidecar(record: Path, metadata: dict) -> None:
+    meta = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+    with atomic_writer(sidecar_of(record), sync_dir=True) as f:
+        f.write(meta)
+
+
+def sidecar_of(record: Path) -> Path:
+    return record.with_name(record.name + META_SUFFIX)
+
+
+def is_internal(name: str) -> bool:
+    """True for names readers must skip: temporary files and hidden files."""
+    return name.startswith(".")
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Remove temporary files left by a crash under *root* (only ours: ``.NAME.tmp-PID``)."""
+    removed = 0
+    pattern = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"\d+$")
+    if not root.exists():
+        return 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if pattern.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed

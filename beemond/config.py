@@ -1,0 +1,424 @@
+"""Configuration: TOML (``tomllib``) first, legacy INI (``configparser``) with the same schema.
+
+The file is parsed once, at load, into the typed dataclasses below. Anything wrong (an unknown key, a
+wrong type, a value out of range, an unreadable file, a template that does not compile, a recipient
+that is not an age public key) raises :class:`ConfigError`, whose one-line message names the file, the
+key and what is allowed. The CLI turns it into exit status 78 (``EX_CONFIG``, sysexits.h).
+
+Relative paths in the file are resolved against the directory that holds the file, so a config and
+the data it points at can move together.
+
+Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, ``[sensor.NAME]`` and
+``[sensor.NAME.replay]`` sections with the same keys)::
+
+    [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
+               restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
+               crash_loop_window_s, shutdown_timeout_s
+    [archive]  filename_template
+    [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor
+    [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
+               timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
+    [sensors.NAME]          type = "sht3x" | "audio", backend = "hardware" | "simulated", ...
+    [sensors.NAME.replay]   (sht3x, simulated) file, time_column, temperature_column, ...
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+EX_CONFIG = 78
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, file: str | os.PathLike, key: str, message: str):
+        self.file, self.key, self.message = str(file), key, message
+        super().__init__(f"{self.file}: {key}: {message}" if key else f"{self.file}: {message}")
+
+
+def _opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, doc: str = "",
+         min: float | None = None, max: float | None = None, choices: tuple | None = None,
+         path: bool = False, secret: bool = False):
+    """A dataclass field with the validation facts the loader checks."""
+    meta = {"doc": doc, "min": min, "max": max, "choices": choices, "path": path, "secret": secret}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DEFAULT_TEMPLATE = "{{ sensor }}_{{ start }}_{{ end }}.{{ ext }}"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    host: str = _opt("", doc="host name used in names and manifests (default: this machine's)")
+    spool_dir: Path = _opt(Path("/var/lib/beemond/spool"), path=True, doc="durable queue directory")
+    log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+    heartbeat_interval_s: float = _opt(5.0, min=0.1, max=300)
+    heartbeat_timeout_s: float = _opt(60.0, min=1, max=3600)
+    restart_backoff_initial_s: float = _opt(1.0, min=0.0, max=3600)
+    restart_backoff_max_s: float = _opt(300.0, min=0.0, max=86400)
+    crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
+    crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
+    shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    filename_template: str = _opt(DEFAULT_TEMPLATE, doc="sandboxed Jinja2 template of a record's name")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """A CSV replayed through a simulated sensor (see shared/data/urban-2021/README.md)."""
+
+    file: Path = _opt(Path(""), path=True)
+    time_column: str = _opt("Date")
+    temperature_column: str = _opt("temperature")
+    humidity_column: str = _opt("humidity")
+    filter_column: str = _opt("", doc="only rows whose column equals filter_value")
+    filter_value: str = _opt("")
+    start: str = _opt("", doc="ISO 8601 time of the first row to replay (default: the first row)")
+    speedup: float = _opt(0.0, min=0.0, max=1e7,
+                          doc="0: one row per measurement; >0: replay time runs this much faster than wall time")
+    loop: bool = _opt(True, doc="start again from the first row at the end of the file")
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    name: str = _opt("")
+    type: str = _opt("", choices=("sht3x", "audio"))
+    backend: str = _opt("hardware", choices=("hardware", "simulated"))
+    enabled: bool = _opt(True)
+    filename_template: str = _opt("", doc="overrides [archive] filename_template")
+
+
+@dataclass(frozen=True)
+class SHT3xConfig(SensorConfig):
+    bus: int = _opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
+    address: int = _opt(0x44, min=0x44, max=0x45, doc="0x44 (ADDR low) or 0x45 (ADDR high)")
+    repeatability: str = _opt("high", choices=("high", "medium", "low"))
+    interval_s: float = _opt(60.0, min=0.05, max=86400, doc="time between measurements")
+    record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="readings batched per CSV record")
+    max_retries: int = _opt(3, min=0, max=100, doc="retries of a failed measurement before it counts as lost")
+    replay: ReplayConfig | None = _opt(None)
+
+
+@dataclass(frozen=True)
+class AudioConfig(SensorConfig):
+    device: str = _opt("", doc="PortAudio device: name substring or index; empty for the default")
+    sample_rate_hz: int = _opt(48000, min=1000, max=384000)
+    channels: int = _opt(1, min=1, max=32)
+    segment_s: float = _opt(60.0, min=0.5, max=86400, doc="length of one record")
+    format: str = _opt("flac", choices=("flac", "wav"))
+    subtype: str = _opt("PCM_16", choices=("PCM_16", "PCM_24"))
+    block_s: float = _opt(0.1, min=0.005, max=5, doc="PortAudio callback block length")
+    tone_hz: float = _opt(250.0, min=0.0, max=20000, doc="simulated backend: hum frequency")
+    noise: float = _opt(0.02, min=0.0, max=1.0, doc="simulated backend: noise amplitude (full scale 1.0)")
+
+
+SENSOR_TYPES: dict[str, type[SensorConfig]] = {"sht3x": SHT3xConfig, "audio": AudioConfig}
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    max_duration_s: float = _opt(300.0, min=1, max=86400, doc="seal a bundle this long after its first record")
+    max_bytes: int = _opt(100_000_000, min=1024, max=2**40, doc="seal a bundle once its records reach this size")
+    recipients: tuple[str, ...] = _opt(factory=tuple, doc="age1... / ssh-... public keys or files of them")
+    split_by_sensor: bool = _opt(False, doc="one bundle per sensor instead of one for all")
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    protocol: str = _opt("ftp", choices=("ftp", "none"))
+    host: str = _opt("127.0.0.1")
+    port: int = _opt(21, min=1, max=65535)
+    user: str = _opt("anonymous")
+    password_file: Path | None = _opt(None, path=True, secret=True)
+    password_credential: str = _opt("", doc="name of a systemd credential in $CREDENTIALS_DIRECTORY")
+    remote_dir: str = _opt("", doc="directory on the server under which the layout starts")
+    layout: str = _opt("{{ host }}/{{ date }}/{{ name }}", doc="sandboxed Jinja2 template of the remote path")
+    timeout_s: float = _opt(30.0, min=1, max=3600)
+    backoff_initial_s: float = _opt(2.0, min=0.01, max=3600)
+    backoff_max_s: float = _opt(300.0, min=0.01, max=86400)
+    shutdown_grace_s: float = _opt(10.0, min=0.0, max=3600, doc="time to keep uploading at shutdown")
+    backlog_order: str = _opt("oldest", choices=("oldest", "newest"))
+
+    def password(self) -> str:
+        """The FTP password from ``password_file`` or the systemd credential; ``""`` if neither."""
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        if self.password_credential:
+            creds = os.environ.get("CREDENTIALS_DIRECTORY", "")
+            return (Path(creds) / self.password_credential).read_text().strip()
+        return ""
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    daemon: DaemonConfig
+    archive: ArchiveConfig
+    bundle: BundleConfig
+    upload: UploadConfig
+    sensors: tuple[SensorConfig, ...]
+
+    @property
+    def spool(self) -> Path:
+        return self.daemon.spool_dir
+
+    def template_for(self, sensor: SensorConfig) -> str:
+        return sensor.filename_template or self.archive.filename_template
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+_SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleConfig, "upload": UploadConfig}
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read, validate and type a config file. Raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from None
+    if path.suffix.lower() in (".ini", ".conf", ".cfg"):
+        tree = _ini_tree(path, raw)
+        strings = True
+    else:
+        try:
+            tree = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(path, "", f"not valid TOML: {e}") from None
+        strings = False
+    return _from_tree(path, tree, strings)
+
+
+def _ini_tree(path: Path, raw: bytes) -> dict:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    parser.optionxform = str  # keys are case-sensitive, as in TOML
+    try:
+        parser.read_string(raw.decode("utf-8"), source=str(path))
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ConfigError(path, "", f"not valid INI: {' '.join(str(e).split())}") from None
+    tree: dict[str, Any] = {}
+    for section in parser.sections():
+        parts = section.split(".")
+        if parts[0] == "sensor":  # [sensor.NAME] and [sensor.NAME.replay]
+            parts[0] = "sensors"
+        node = tree
+        for part in parts:
+            node = node.setdefault(part, {})
+        node.update(parser[section])
+    return tree
+
+
+def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
+    base = path.parent.resolve()
+    unknown = set(tree) - set(_SECTIONS) - {"sensors"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(path, key, f"unknown section; allowed: {', '.join([*_SECTIONS, 'sensors'])}")
+    built = {}
+    for name, cls in _SECTIONS.items():
+        table = tree.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(path, name, "must be a table")
+        built[name] = _build(cls, table, path, name, base, strings)
+    daemon: DaemonConfig = built["daemon"]
+    if not daemon.host:
+        daemon = dataclasses.replace(daemon, host=socket.gethostname().split(".")[0] or "beemond")
+    if not HOST_RE.match(daemon.host):
+        raise ConfigError(path, "daemon.host", f"must match {HOST_RE.pattern}, got {daemon.host!r}")
+    if daemon.heartbeat_timeout_s <= daemon.heartbeat_interval_s:
+        raise ConfigError(path, "daemon.heartbeat_timeout_s", "must be greater than heartbeat_interval_s")
+
+    sensors_tree = tree.get("sensors", {})
+    if not isinstance(sensors_tree, dict):
+        raise ConfigError(path, "sensors", "must be a table of tables, one per sensor")
+    sensors = []
+    for name, table in sensors_tree.items():
+        key = f"sensors.{name}"
+        if not NAME_RE.match(name):
+            raise ConfigError(path, key, f"sensor name must match {NAME_RE.pattern}")
+        if not isinstance(table, dict):
+            raise ConfigError(path, key, "must be a table")
+        kind = table.get("type")
+        if kind not in SENSOR_TYPES:
+            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(SENSOR_TYPES)}, got {kind!r}")
+        sensor = _build(SENSOR_TYPES[kind], {**table, "name": name}, path, key, base, strings)
+        if sensor.enabled:
+            sensors.append(sensor)
+    if not sensors:
+        raise ConfigError(path, "sensors", "at least one enabled sensor is required")
+
+    cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
+                 upload=built["upload"], sensors=tuple(sensors))
+    _check_semantics(cfg, path)
+    return cfg
+
+
+def _build(cls, table: dict, path: Path, prefix: str, base: Path, strings: bool):
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}"
+        if key not in fields:
+            allowed = ", ".join(n for n in fields if n != "name")
+            raise ConfigError(path, full, f"unknown key; allowed: {allowed}")
+        values[key] = _coerce(hints[key], fields[key], value, path, full, base, strings)
+    return cls(**values)
+
+
+def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path, strings: bool):
+    meta = f.metadata
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is not None and type(None) in args:  # X | None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    if hint is ReplayConfig:
+        if not isinstance(value, dict):
+            raise ConfigError(path, key, "must be a table")
+        return _build(ReplayConfig, value, path, key, base, strings)
+
+    def bad(expected: str):
+        return ConfigError(path, key, f"must be {expected}, got {value!r}")
+
+    if hint is bool:
+        if strings and isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "yes", "true", "on"):
+                return True
+            if low in ("0", "no", "false", "off"):
+                return False
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint in (int, float):
+        if strings and isinstance(value, str):
+            try:
+                value = int(value, 0) if hint is int else float(value)
+            except ValueError:
+                raise bad("an integer" if hint is int else "a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and not isinstance(value, int)):
+            raise bad("an integer" if hint is int else "a number")
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(path, key, f"must be >= {meta['min']}, got {value!r}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ConfigError(path, key, f"must be <= {meta['max']}, got {value!r}")
+        return hint(value)
+    if origin is tuple:
+        if strings and isinstance(value, str):
+            value = [v.strip() for v in re.split(r"[,\n]", value) if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise bad("a non-empty path string")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else Path(os.path.normpath(base / p))
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(path, key, f"allowed: {', '.join(meta['choices'])}; got {value!r}")
+        return value
+    raise ConfigError(path, key, f"unsupported type {hint}")  # a bug in the schema, not in the file
+
+
+def _check_semantics(cfg: Config, path: Path) -> None:
+    """Cross-field checks that need more than one key, or outside files."""
+    from beemond import archive, crypto  # late: keeps `import beemond.config` light
+
+    for key, text in [("archive.filename_template", cfg.archive.filename_template),
+                      *((f"sensors.{s.name}.filename_template", s.filename_template)
+                        for s in cfg.sensors if s.filename_template)]:
+        try:
+            archive.check_template(text)
+        except archive.TemplateError as e:
+            raise ConfigError(path, key, str(e)) from None
+    try:
+        archive.check_layout(cfg.upload.layout)
+    except archive.TemplateError as e:
+        raise ConfigError(path, "upload.layout", str(e)) from None
+
+    if not cfg.bundle.recipients:
+        raise ConfigError(path, "bundle.recipients", "at least one age recipient (age1...) or recipients file is required")
+    for i, item in enumerate(cfg.bundle.recipients):
+        try:
+            crypto.load_recipients([item], base=path.parent.resolve())
+        except crypto.RecipientError as e:
+            raise ConfigError(path, f"bundle.recipients[{i}]", str(e)) from None
+
+    up = cfg.upload
+    if up.protocol != "none":
+        if up.password_file is not None and not os.access(up.password_file, os.R_OK):
+            raise ConfigError(path, "upload.password_file", f"cannot read {up.password_file}")
+        if up.password_file is not None and up.password_credential:
+            raise ConfigError(path, "upload.password_credential", "set password_file or password_credential, not both")
+        if up.backoff_max_s < up.backoff_initial_s:
+            raise ConfigError(path, "upload.backoff_max_s", "must be >= backoff_initial_s")
+
+    d = cfg.daemon
+    if d.restart_backoff_max_s < d.restart_backoff_initial_s:
+        raise ConfigError(path, "daemon.restart_backoff_max_s", "must be >= restart_backoff_initial_s")
+
+    for s in cfg.sensors:
+        key = f"sensors.{s.name}"
+        if isinstance(s, SHT3xConfig):
+            if s.record_window_s < s.interval_s:
+                raise ConfigError(path, f"{key}.record_window_s", "must be >= interval_s")
+            if s.backend == "simulated":
+                if s.replay is None:
+                    raise ConfigError(path, f"{key}.replay", "a simulated sht3x needs a [replay] table with a CSV file")
+                if not os.access(s.replay.file, os.R_OK) or not s.replay.file.is_file():
+                    raise ConfigError(path, f"{key}.replay.file", f"cannot read {s.replay.file}")
+                try:
+                    from beemond.sensors.emulators.replay import CsvReplay
+                    CsvReplay.from_config(s.replay)
+                except ValueError as e:
+                    raise ConfigError(path, f"{key}.replay", str(e)) from None
+            elif s.replay is not None:
+                raise ConfigError(path, f"{key}.replay", "only a simulated backend replays a file")
+        if isinstance(s, AudioConfig):
+            if s.block_s >= s.segment_s:
+                raise ConfigError(path, f"{key}.block_s", "must be shorter than segment_s")
+            if s.format == "wav" and s.subtype not in ("PCM_16", "PCM_24"):
+                raise ConfigError(path, f"{key}.subtype", "allowed for wav: PCM_16, PCM_24")
+
+
+def summary(cfg: Config) -> str:
+    """A short human summary for ``beemond check-config`` (never shows secrets)."""
+    lines = [f"config {cfg.source}: ok",
+             f"  host {cfg.daemon.host}, spool {cfg.daemon.spool_dir}"]
+    for s in cfg.sensors:
+        extra = ""
+        if isinstance(s, SHT3xConfig):
+            extra = f"every {s.interval_s:g} s, a record per {s.record_window_s:g} s"
+        elif isinstance(s, AudioConfig):
+            extra = f"{s.sample_rate_hz} Hz x{s.channels}, {s.segment_s:g} s {s.format} segments"
+        lines.append(f"  sensor {s.name}: {s.type} ({s.backend}), {extra}")
+    b = cfg.bundle
+    lines.append(f"  bundles: every {b.max_duration_s:g} s or {b.max_bytes} bytes, "
+                 f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}")
+    u = cfg.upload
+    if u.protocol == "none":
+        lines.append("  upload: none (bundles stay in the outbox)")
+    else:
+        lines.append(f"  upload: {u.protocol}://{u.user}@{u.host}:{u.port}/{u.remote_dir.strip('/')} layout {u.layout}")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Messages between the orchestrator and its workers, and the worker side of them.
+
+Down: one ``multiprocessing.Queue`` of :class:`Command` per worker (its feeder thread means the
+orchestrator never blocks on a slow worker). Up: one pipe of :class:`Event` per worker. The design
+sketch has one shared event queue; per-worker pipes are used instead because a shared queue's write
+lock is a process-shared semaphore: a worker SIGKILLed while holding it would wedge every other
+worker's events for good, and a torn message would corrupt the stream for all. A private pipe is
+simply discarded with its dead worker. Only small messages travel; payloads are files in the spool.
+
+Every message is a plain dataclass of built-in types, so the forkserver pickles it cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Command kinds (orchestrator -> worker)
+START, STOP, CAPTURE_NOW, SHUTDOWN, RECORD_READY, RESCAN = (
+    "start", "stop", "capture_now", "shutdown", "record_ready", "rescan")
+# Event kinds (worker -> orchestrator)
+HEARTBEAT, READY_EVENT, ERROR, BUNDLE_SEALED, UPLOADED = (
+    "heartbeat", "record_ready", "error", "bundle_sealed", "uploaded")
+
+
+@dataclass
+class Command:
+    kind: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Event:
+    kind: str
+    worker: str
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+
+class Channel:
+    """A worker's end of its command queue and event pipe.
+
+    :meth:`receive` doubles as the worker's clock: it returns a command or ``None`` after *timeout*
+    seconds, sends a heartbeat whenever one is due, and turns SIGTERM or the orchestrator's death
+    into a ``shutdown`` command, so a worker's run loop needs no other timer for liveness.
+    """
+
+    def __init__(self, name: str, commands, events, heartbeat_interval_s: float):
+        self.name = name
+        self.commands = commands
+        self.events = events
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._parent = os.getppid()
+        self._last_beat = 0.0
+        self._lock = threading.Lock()
+        self.stop_requested = False
+
+    def send(self, kind: str, **data: Any) -> None:
+        with self._lock:
+            try:
+                self.events.send(Event(kind, self.name, data))
+            except (BrokenPipeError, OSError):
+                # The orchestrator is gone; the next receive() turns that into a shutdown.
+                pass
+
+    def beat(self) -> None:
+        """Send a heartbeat if one is due. Long operations call this from their progress loops."""
+        now = time.monotonic()
+        if now - self._last_beat >= self.heartbeat_interval_s:
+            self._last_beat = now
+            self.send(HEARTBEAT)
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self._parent
+
+    def receive(self, timeout: float) -> Command | None:
+        self.beat()
+        if self.stop_requested or self.orphaned():
+            return Command(SHUTDOWN, {"reason": "signal" if self.stop_requested else "orchestrator gone"})
+        # Never sleep past the next heartbeat, so a blocked wait cannot look like a hung worker.
+        wait = max(0.0, min(timeout, self.heartbeat_interval_s - (time.monotonic() - self._last_beat)))
+        try:
+            return self.commands.get(timeout=wait)
+        except queue.Empty:
+            return None
+        except (EOFError, OSError):
+            return Command(SHUTDOWN, {"reason": "command queue closed"})
+
+
+def worker_main(role: str, name: str, cfg, commands, events) -> None:
+    """Entry point of every worker process (started by the orchestrator through the forkserver)."""
+    from beemond import journal
+
+    journal.setup(name, cfg.daemon.log_level)
+    channel = Channel(name, commands, events, cfg.daemon.heartbeat_interval_s)
+
+    def on_term(signum, frame):
+        channel.stop_requested = True
+
+    # Ctrl-C in a terminal reaches the whole process group; the orchestrator alone decides the
+    # shutdown order (sensors flush first, then the aggregator seals, then the uploader drains).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        worker = _make_worker(role, name, cfg, channel)
+        worker.run()
+    except Exception as e:
+        log.exception("worker failed: %s", e)
+        channel.send(ERROR, message=f"{type(e).__name__}: {e}")
+        sys.exit(1)
+    finally:
+        try:
+            events.close()
+        except OSError:
+            pass
+
+
+def _make_worker(role: str, name: str, cfg, channel: Channel):
+    # Heavy imports (numpy, soundfile, pyrage, watchdog) happen here, in the worker that needs them,
+    # never in the orchestrator or the forkserver.
+    if role == "sensor":
+        from beemond.sensors import make_sensor_worker
+
+        sensor = next(s for s in cfg.sensors if s.name == name)
+        return make_sensor_worker(cfg, sensor, channel)
+    if role == "aggregator":
+        from beemond.aggregator import Aggregator
+
+        return Aggregator(cfg, channel)
+    if role == "uploader":
+        from beemond.upload.uploader import Uploader
+
+        return Uploader(cfg, channel)
+    raise ValueError(f"unknown worker role {role!r}")

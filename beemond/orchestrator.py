@@ -1,0 +1,279 @@
+"""The orchestrator: the daemon's main process.
+
+It spawns one worker process per sensor, one aggregator/encryptor and one uploader through a
+``forkserver`` (a clean single-threaded parent that has imported only beemond's light modules, so
+children start fast and share those pages; never ``fork`` from a process with live threads), forwards
+*record ready* events to the aggregator, and supervises:
+
+- a worker that exits, or whose heartbeat is older than ``heartbeat_timeout_s`` (it is then killed),
+  is restarted after an exponential backoff (``restart_backoff_initial_s`` doubling up to
+  ``restart_backoff_max_s``);
+- more than ``crash_loop_limit`` restarts within ``crash_loop_window_s`` marks the worker failed; the
+  others keep recording. A failed aggregator or uploader ends the daemon with status 1, so that
+  systemd's ``Restart=on-failure`` takes over.
+
+It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
+and a signal wake-up pipe, with a timeout set by the next timer: no polling.
+
+Shutdown (SIGTERM, SIGINT, ``--duration``) is ordered so that nothing is left unsealed: sensors flush
+their open records first, then the aggregator seals every staged record, then the uploader uploads
+for up to ``shutdown_grace_s``. Exit status 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from beemond import archive, ipc
+
+log = logging.getLogger(__name__)
+
+HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
+
+
+@dataclass
+class Worker:
+    role: str                    # sensor | aggregator | uploader
+    name: str
+    process: multiprocessing.process.BaseProcess | None = None
+    commands: object = None
+    events: multiprocessing.connection.Connection | None = None
+    state: str = "starting"      # running | backoff | failed | stopped
+    started: float = 0.0
+    last_heartbeat: float = 0.0
+    failures: int = 0            # consecutive, for the backoff
+    restarts: collections.deque = field(default_factory=collections.deque)
+    restart_at: float = 0.0
+    last_event: dict = field(default_factory=dict)
+
+
+class Orchestrator:
+    def __init__(self, cfg, duration: float | None = None):
+        self.cfg = cfg
+        self.d = cfg.daemon
+        self.duration = duration
+        self.workers: dict[str, Worker] = {}
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["beemond.ipc", "beemond.config", "beemond.journal", "beemond.archive"])
+        self.stopping = False
+        self.exit_status = 0
+        self._signals: list[int] = []
+        self._wake_r = self._wake_w = -1
+
+    # ---- lifecycle
+    def run(self) -> int:
+        spool = self.cfg.spool
+        for sub in ("staging", "outbox"):
+            (spool / sub).mkdir(parents=True, exist_ok=True)
+        removed = archive.remove_stale_temps(spool)
+        if removed:
+            log.info("removed %d temporary file(s) left by an earlier crash", removed)
+        self._install_signals()
+        log.info("beemond starting: host %s, spool %s, %d sensor(s)", self.d.host, spool, len(self.cfg.sensors))
+        self._add(Worker("aggregator", "aggregator"))
+        self._add(Worker("uploader", "uploader"))
+        for sensor in self.cfg.sensors:
+            self._add(Worker("sensor", sensor.name))
+        end_at = time.monotonic() + self.duration if self.duration else None
+        try:
+            while not self.stopping:
+                if end_at is not None and time.monotonic() >= end_at:
+                    log.info("run duration of %g s reached", self.duration)
+                    break
+                self._step(self._next_timer(end_at))
+            self._shutdown()
+        finally:
+            self._restore_signals()
+        log.info("beemond stopped (status %d)", self.exit_status)
+        return self.exit_status
+
+    def _add(self, w: Worker) -> None:
+        self.workers[w.name] = w
+        self._spawn(w)
+
+    def _spawn(self, w: Worker) -> None:
+        if w.commands is not None:
+            _discard_queue(w.commands)
+        w.commands = self.ctx.Queue()
+        reader, writer = self.ctx.Pipe(duplex=False)
+        w.process = self.ctx.Process(target=ipc.worker_main, name=f"beemond-{w.name}",
+                                     args=(w.role, w.name, self.cfg, w.commands, writer), daemon=False)
+        w.process.start()
+        writer.close()  # so a dead worker's pipe reads as EOF here
+        w.events = reader
+        w.state, w.started = "running", time.monotonic()
+        w.last_heartbeat = w.started
+        log.info("started worker %s (%s, pid %d)", w.name, w.role, w.process.pid)
+
+    # ---- the wait loop
+    def _next_timer(self, end_at: float | None) -> float:
+        now = time.monotonic()
+        timers = [now + self.d.heartbeat_interval_s]
+        timers += [w.restart_at for w in self.workers.values() if w.state == "backoff"]
+        if end_at is not None:
+            timers.append(end_at)
+        return max(0.0, min(timers) - now)
+
+    def _step(self, timeout: float) -> None:
+        live = [w for w in self.workers.values() if w.state == "running"]
+        waitables = [self._wake_r]
+        waitables += [w.events for w in live if w.events is not None]
+        waitables += [w.process.sentinel for w in live]
+        ready = multiprocessing.connection.wait(waitables, timeout)
+        if self._wake_r in ready:
+            self._drain_signals()
+        for w in live:
+            if w.events is not None and w.events in ready:
+                self._read_events(w)
+        for w in live:
+            if w.process.sentinel in ready:
+                self._reap(w)
+        self._check_heartbeats()
+        self._restart_due()
+
+    def _read_events(self, w: Worker) -> None:
+        try:
+            while w.events.poll():
+                self._on_event(w, w.events.recv())
+        except (EOFError, OSError):
+            w.events.close()
+            w.events = None  # the sentinel reports the exit
+
+    def _on_event(self, w: Worker, ev: ipc.Event) -> None:
+        w.last_heartbeat = time.monotonic()
+        if ev.kind == ipc.READY_EVENT:
+            agg = self.workers.get("aggregator")
+            if agg is not None and agg.state == "running":
+                agg.commands.put(ipc.Command(ipc.RECORD_READY, {"path": ev.data["path"]}))
+            # else: the aggregator's rescan at its restart finds the record on disk
+        elif ev.kind == ipc.ERROR:
+            w.last_event = {"error": ev.data.get("message", ""), "time": ev.time}
+        elif ev.kind in (ipc.BUNDLE_SEALED, ipc.UPLOADED):
+            w.last_event = {ev.kind: ev.data, "time": ev.time}
+
+    def _reap(self, w: Worker) -> None:
+        w.process.join(timeout=5)
+        code = w.process.exitcode
+        if w.events is not None:
+            self._read_events(w)  # what it said before dying (a record ready, an error)
+            if w.events is not None:
+                w.events.close()
+                w.events = None
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"status {code}"
+        if self.stopping:
+            w.state = "stopped"
+            return
+        self._schedule_restart(w, f"exited with {how}")
+
+    def _schedule_restart(self, w: Worker, why: str) -> None:
+        now = time.monotonic()
+        if now - w.started >= HEALTHY_AFTER_S:
+            w.failures = 0
+        w.failures += 1
+        while w.restarts and now - w.restarts[0] > self.d.crash_loop_window_s:
+            w.restarts.popleft()
+        if len(w.restarts) >= self.d.crash_loop_limit:
+            w.state = "failed"
+            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
+                      w.name, why, len(w.restarts), self.d.crash_loop_window_s)
+            if w.role != "sensor":
+                log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
+                self.exit_status = 1
+                self.stopping = True
+            return
+        delay = min(self.d.restart_backoff_max_s, self.d.restart_backoff_initial_s * 2 ** (w.failures - 1))
+        w.state, w.restart_at = "backoff", now + delay
+        w.restarts.append(now)
+        log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, delay, len(w.restarts))
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.state == "running" and now - w.last_heartbeat > self.d.heartbeat_timeout_s:
+                log.error("worker %s silent for %.0f s (pid %d): killing it", w.name, now - w.last_heartbeat,
+                          w.process.pid)
+                w.process.kill()
+                w.last_heartbeat = now  # the sentinel will fire; do not kill twice
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.state == "backoff" and now >= w.restart_at and not self.stopping:
+                self._spawn(w)
+
+    # ---- signals
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
+        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def _restore_signals(self) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signals.append(signum)
+
+    def _drain_signals(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                log.warning("SIGHUP: configuration reload is not supported yet; restart the service instead")
+                continue
+            if not self.stopping:
+                log.info("%s received: shutting down", signal.Signals(signum).name)
+            self.stopping = True
+
+    # ---- ordered shutdown
+    def _shutdown(self) -> None:
+        self.stopping = True
+        budget = self.d.shutdown_timeout_s
+        t0 = time.monotonic()
+        for w in self.workers.values():
+            if w.state == "backoff":
+                w.state = "stopped"
+        phases = [("sensor", budget * 0.3), ("aggregator", budget * 0.4),
+                  ("uploader", self.cfg.upload.shutdown_grace_s + 10)]
+        for role, limit in phases:
+            group = [w for w in self.workers.values() if w.role == role and w.state == "running"]
+            for w in group:
+                try:
+                    w.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "daemon stopping"}))
+                except (OSError, ValueError):
+                    pass
+            deadline = time.monotonic() + limit
+            while any(w.state == "running" for w in group) and time.monotonic() < deadline:
+                self._step(min(0.5, max(0.0, deadline - time.monotonic())))
+            for w in group:
+                if w.state == "running":
+                    log.error("worker %s did not stop within %.0f s: killing it", w.name, limit)
+                    w.process.kill()
+                    w.process.join(5)
+                    w.state = "stopped"
+        for w in self.workers.values():
+            if w.commands is not None:
+                _discard_queue(w.commands)
+        log.info("all workers stopped in %.1f s", time.monotonic() - t0)
+
+
+def _discard_queue(q) -> None:
+    """Drop a dead worker's command queue without waiting on its feeder thread (whose reader is gone)."""
+    q.cancel_join_thread()
+    q.close()

@@ -1,0 +1,175 @@
+"""The run loop shared by sensors that are polled at an interval (I2C, 1-Wire, serial).
+
+A polled sensor measures every ``interval_s`` on the monotonic clock (no drift, and immune to the
+wall-clock jumps of a Pi without an RTC), stamps each reading with UTC wall time, and batches the
+readings of a ``record_window_s`` into one CSV record in ``spool/staging/<sensor>/``.
+
+Transient errors (``OSError``: bus errors, CRC mismatches) are retried a few times with a short
+backoff and counted; a measurement that still fails is logged and recorded as missing (never
+invented or carried forward). After ``MAX_CONSECUTIVE_FAILURES`` failed measurements in a row the
+worker exits non-zero and the orchestrator restarts it with backoff.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from beemond import archive, ipc
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class SensorFailure(RuntimeError):
+    """The device failed persistently; the worker exits so the orchestrator restarts it."""
+
+
+class PolledSensorWorker:
+    """Subclasses set ``columns`` and implement :meth:`read` (one reading as a tuple of floats)."""
+
+    columns: tuple[str, ...] = ()
+    ext = "csv"
+
+    def __init__(self, cfg, sensor, channel: ipc.Channel):
+        self.cfg = cfg
+        self.sensor = sensor
+        self.channel = channel
+        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.template = cfg.template_for(sensor)
+        self.readings: list[tuple] = []
+        self.window_opened: float | None = None   # monotonic
+        self.errors = 0
+        self.missed = 0
+        self.consecutive_failures = 0
+        self.paused = False
+
+    # -- for subclasses
+    def read(self) -> tuple:
+        raise NotImplementedError
+
+    def format_row(self, reading: tuple) -> list[str]:
+        return [f"{v:.2f}" for v in reading]
+
+    def extra_metadata(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    # -- loop
+    def run(self) -> None:
+        interval = self.sensor.interval_s
+        next_due = time.monotonic()
+        log.info("recording every %g s, a record per %g s", interval, self.sensor.record_window_s)
+        try:
+            while True:
+                now = time.monotonic()
+                deadlines = [next_due]
+                if self.window_opened is not None:
+                    deadlines.append(self.window_opened + self.sensor.record_window_s)
+                cmd = self.channel.receive(timeout=max(0.0, min(deadlines) - now))
+                if cmd is not None:
+                    if cmd.kind == ipc.SHUTDOWN:
+                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
+                        break
+                    if cmd.kind == ipc.STOP:
+                        self.paused = True
+                        self.flush()
+                    elif cmd.kind == ipc.START:
+                        self.paused = False
+                        next_due = time.monotonic()
+                    elif cmd.kind == ipc.CAPTURE_NOW:
+                        self.measure_once()
+                now = time.monotonic()
+                if not self.paused and now >= next_due:
+                    self.measure_once()
+                    next_due += interval
+                    if next_due < now:  # fell behind (a long stall): skip, do not burst
+                        skipped = int((now - next_due) // interval) + 1
+                        log.warning("fell behind by %d interval(s); skipping them", skipped)
+                        next_due += skipped * interval
+                if self.window_opened is not None and now - self.window_opened >= self.sensor.record_window_s:
+                    self.flush()
+        finally:
+            self.flush()
+            self.close()
+
+    def measure_once(self) -> None:
+        stamp = datetime.now(timezone.utc)
+        for attempt in range(self.sensor.max_retries + 1):
+            try:
+                reading = self.read()
+                break
+            except OSError as e:
+                self.errors += 1
+                last_error = e
+                log.debug("measurement attempt %d failed: %s", attempt + 1, e)
+                if attempt < self.sensor.max_retries:
+                    time.sleep(min(0.5, 0.02 * 2 ** attempt))
+        else:
+            self.missed += 1
+            self.consecutive_failures += 1
+            log.warning("measurement failed after %d attempts (%d in a row): %s",
+                        self.sensor.max_retries + 1, self.consecutive_failures, last_error)
+            self.channel.send(ipc.ERROR, message=f"measurement failed: {last_error}")
+            if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise SensorFailure(f"{self.consecutive_failures} measurements in a row failed: {last_error}")
+            return
+        self.consecutive_failures = 0
+        if self.window_opened is None:
+            self.window_opened = time.monotonic()
+        self.readings.append((stamp, reading))
+
+    def flush(self) -> None:
+        """Write the readings of the open window as one record (nothing if there are none)."""
+        if not self.readings:
+            self.window_opened = None
+            return
+        readings, self.readings, self.window_opened = self.readings, [], None
+        start, end = readings[0][0], readings[-1][0]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["time", *self.columns])
+        for stamp, reading in readings:
+            w.writerow([archive.utc_iso(stamp), *self.format_row(reading)])
+        metadata = {
+            "sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
+            "start": archive.utc_iso(start), "end": archive.utc_iso(end), "rows": len(readings),
+            "columns": ["time", *self.columns], "errors": self.errors, "missed": self.missed,
+            **self.extra_metadata(),
+        }
+        self.errors = self.missed = 0
+        path = write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
+        log.debug("record %s: %d readings", path.name, len(readings))
+
+
+def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
+                 tmp: Path | None = None) -> Path:
+    """Render the record's name, write it durably into staging and announce it to the orchestrator."""
+    cfg, sensor = worker.cfg, worker.sensor
+    variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
+                 "end": archive.utc_stamp(end), "ext": worker.ext, "date": start.strftime("%Y-%m-%d"),
+                 "metadata": metadata, "_split_index": 0}
+    rel = archive.render_name(worker.template, **variables)
+    rel = _unique(worker.staging, rel)
+    path = archive.write_record(worker.staging, rel, metadata, data_writer=data_writer, tmp=tmp)
+    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path))
+    return path
+
+
+def _unique(directory: Path, rel: str) -> str:
+    """Never overwrite a staged record that has not been bundled yet (two records, one name)."""
+    if not (directory / rel).exists():
+        return rel
+    stem, dot, ext = rel.rpartition(".") if "." in rel.rsplit("/", 1)[-1] else (rel, "", "")
+    n = 1
+    while (directory / f"{stem}-{n}{dot}{ext}").exists():
+        n += 1
+    return f"{stem}-{n}{dot}{ext}"

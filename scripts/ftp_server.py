@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""A local FTP server (pyftpdlib) for the demo and the tests: one user, one root, 127.0.0.1 only.
+
+    python scripts/ftp_server.py --root DIR --port PORT --user U --password-file FILE
+
+Prints ``ready PORT`` on stdout once it listens (``--port 0`` picks a free port).
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import FTPServer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--root", required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--user", default="beemond")
+    p.add_argument("--password-file", required=True)
+    args = p.parse_args()
+    Path(args.root).mkdir(parents=True, exist_ok=True)
+    auth = DummyAuthorizer()
+    auth.add_user(args.user, Path(args.password_file).read_text().strip(), args.root, perm="elradfmwMT")
+    handler = FTPHandler
+    handler.authorizer = auth
+    handler.passive_ports = None
+    logging.basicConfig(level=logging.WARNING)
+    server = FTPServer(("127.0.0.1", args.port), handler)
+    print(f"ready {server.address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close_all()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
