@@ -12,6 +12,7 @@ Every message is a plain dataclass of built-in types, so the forkserver pickles 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
@@ -59,7 +60,7 @@ class Channel:
         self.commands = commands
         self.events = events
         self.heartbeat_interval_s = heartbeat_interval_s
-        self._parent = os.getppid()
+        self._broken = False
         self._last_beat = 0.0
         self._lock = threading.Lock()
         self.stop_requested = False
@@ -68,9 +69,9 @@ class Channel:
         with self._lock:
             try:
                 self.events.send(Event(kind, self.name, data))
-            except (BrokenPipeError, OSError):
-                # The orchestrator is gone; the next receive() turns that into a shutdown.
-                pass
+            except OSError:
+                # EPIPE: the orchestrator is gone; the next receive() turns that into a shutdown.
+                self._broken = True
 
     def beat(self) -> None:
         """Send a heartbeat if one is due. Long operations call this from their progress loops."""
@@ -80,7 +81,9 @@ class Channel:
             self.send(HEARTBEAT)
 
     def orphaned(self) -> bool:
-        return os.getppid() != self._parent
+        """True once the orchestrator died. Our parent process is the forkserver, which outlives it
+        while any worker runs, so the sign is the event pipe: the heartbeat write fails with EPIPE."""
+        return self._broken
 
     def receive(self, timeout: float) -> Command | None:
         self.beat()
@@ -101,6 +104,9 @@ def worker_main(role: str, name: str, cfg, commands, events) -> None:
     from beemond import journal
 
     journal.setup(name, cfg.daemon.log_level)
+    # Held shared until this process ends: a new orchestrator waits for it (see Orchestrator._lock_spool).
+    lock_fd = os.open(cfg.spool / ".workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock_fd, fcntl.LOCK_SH)
     channel = Channel(name, commands, events, cfg.daemon.heartbeat_interval_s)
 
     def on_term(signum, frame):

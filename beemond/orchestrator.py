@@ -23,6 +23,7 @@ for up to ``shutdown_grace_s``. Exit status 0.
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -72,6 +73,8 @@ class Orchestrator:
         spool = self.cfg.spool
         for sub in ("staging", "outbox"):
             (spool / sub).mkdir(parents=True, exist_ok=True)
+        if not self._lock_spool():
+            return 1
         removed = archive.remove_stale_temps(spool)
         if removed:
             log.info("removed %d temporary file(s) left by an earlier crash", removed)
@@ -93,6 +96,33 @@ class Orchestrator:
             self._restore_signals()
         log.info("beemond stopped (status %d)", self.exit_status)
         return self.exit_status
+
+    def _lock_spool(self) -> bool:
+        """One daemon per spool. ``.lock``: held by the orchestrator. ``.workers.lock``: held shared
+        by every worker, so that after a crash of the orchestrator a new one waits for the old
+        workers (which notice and finish their records) before touching the spool."""
+        spool = self.cfg.spool
+        self._lock_fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.error("another beemond is running on spool %s; not starting", spool)
+            return False
+        fd = os.open(spool / ".workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + self.d.shutdown_timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        log.error("workers of an earlier beemond still hold spool %s; not starting", spool)
+                        return False
+                    time.sleep(0.2)
+        finally:
+            os.close(fd)  # releases it: our own workers take it shared
+        return True
 
     def _add(self, w: Worker) -> None:
         self.workers[w.name] = w

@@ -35,7 +35,7 @@ def _server_data(ftp, identity, manifests=None):
 
 def _spool_files(tmp_path):
     spool = tmp_path / "spool"
-    return sorted(p.relative_to(spool) for p in spool.rglob("*") if p.is_file())
+    return sorted(p.relative_to(spool) for p in spool.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
 def test_end_to_end_every_replayed_row_exactly_once(tmp_path, keys, password_file, ftp, daemons):
@@ -149,3 +149,42 @@ def test_server_absent_at_start_then_everything_uploads(tmp_path, keys, password
     readings = sorted(climate_rows(members))
     assert [(t, h) for _, t, h in readings] == urban_rows()[: len(readings)]
     assert _spool_files(tmp_path) == []
+
+
+def test_orchestrator_killed_workers_finish_and_next_start_recovers(tmp_path, keys, password_file, ftp, daemons):
+    cfg = make_config(tmp_path, keys, password_file, ftp.port, **{"upload.shutdown_grace_s": 2})
+    d1 = daemons(cfg, tmp_path / "run1.log")
+    pids = [int(m.group(1)) for m in d1.wait_log(r"started worker \S+ \(\w+, pid (\d+)\)", count=4)]
+    d1.wait_log(r"aggregator INFO sealed ")
+    os.kill(d1.proc.pid, signal.SIGKILL)  # the orchestrator alone; its workers are not in its session's kill
+    d1.proc.wait(10)
+    # The workers notice (their heartbeat write fails), close their records and exit by themselves.
+    d1.wait_log(r"hive_climate INFO shutting down \(orchestrator gone\)", timeout=15)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids), 30, "the old workers to exit")
+
+    # A second daemon on a spool in use refuses to start; the next one after the crash recovers it all.
+    d2 = daemons(cfg, tmp_path / "run2.log", duration=5)
+    assert d2.wait() == 0, d2.log()
+    assert _spool_files(tmp_path) == []
+    _, members = _server_data(ftp, keys["identity"])
+    readings = climate_rows(members)
+    assert len(readings) >= 10
+
+
+def test_second_daemon_on_same_spool_refuses(tmp_path, keys, password_file, ftp, daemons):
+    cfg = make_config(tmp_path, keys, password_file, ftp.port)
+    d1 = daemons(cfg, tmp_path / "run1.log")
+    d1.wait_log(r"started worker hive_audio")
+    d2 = daemons(cfg, tmp_path / "run2.log")
+    assert d2.wait(30) == 1
+    assert "another beemond is running on spool" in d2.log()
+    assert d1.proc.poll() is None
+    assert d1.terminate() == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
