@@ -188,8 +188,9 @@ def bundle_name(host: str, group: str, records: list[Record]) -> str:
     return f"{host}_{archive.utc_stamp(first)}_{group}_{digest}.tar.age"
 
 
-def seal(records: list[Record], outbox: Path, recipients, host: str, group: str, progress=None) -> tuple[Path, dict]:
-    """Write the encrypted bundle of *records* into *outbox* durably. Returns (path, manifest).
+def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
+         progress=None) -> tuple[Path, dict, int]:
+    """Write the encrypted bundle of *records* into *outbox* durably. Returns (path, manifest, bytes).
 
     Raises ``OSError`` (disk full, ...) or ``pyrage.EncryptError``; the outbox is then unchanged.
     """
@@ -204,9 +205,10 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
     try:
         with archive.atomic_writer(outbox / name, "wb", buffering=0) as out:
             crypto.encrypt_stream(stream, out, recipients)
+            size = out.tell()  # not stat() after the rename: the uploader may have taken it already
     finally:
         stream.close()
-    return outbox / name, stream.manifest
+    return outbox / name, stream.manifest, size
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -216,8 +218,8 @@ def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.Path
 
     Members are first extracted into a temporary directory inside *out_dir*; only a bundle whose every
     member matches the manifest (size and SHA-256, none missing, none extra) is moved into place.
-    Returns the manifest. Raises :class:`BundleError` (verification), ``pyrage.DecryptError`` (wrong
-    key, damaged or truncated ciphertext), ``tarfile.TarError``.
+    Returns the manifest. Raises :class:`BundleError` (verification), :class:`crypto.DecryptError`
+    (wrong key, damaged or truncated ciphertext), ``tarfile.TarError``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,6 +246,8 @@ def _extract_verified(bundle: Path, identities, work: Path) -> tuple[dict, list[
         try:
             with open(bundle, "rb") as src:
                 crypto.decrypt_stream(src, writer, identities)
+        except BrokenPipeError:
+            pass  # the tar reader stopped first; its error is the one to report
         except BaseException as e:
             failure.append(e)
         finally:
@@ -256,6 +260,7 @@ def _extract_verified(bundle: Path, identities, work: Path) -> tuple[dict, list[
     t.start()
     hashes: dict[str, tuple[int, str]] = {}
     manifest = None
+    tar_error: BaseException | None = None
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
@@ -280,12 +285,16 @@ def _extract_verified(bundle: Path, identities, work: Path) -> tuple[dict, list[
         while reader.read(CHUNK):
             pass
     except archive.TemplateError as e:
-        raise BundleError(f"unsafe member name: {e}") from None
+        tar_error = BundleError(f"unsafe member name: {e}")
+    except (BundleError, tarfile.TarError, ValueError, OSError) as e:
+        tar_error = e
     finally:
         reader.close()
         t.join()
-    if failure:
+    if failure:  # a decryption failure explains any tar error that followed from it
         raise failure[0]
+    if tar_error is not None:
+        raise tar_error
     _check_manifest(manifest, hashes)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest, list(hashes)
@@ -420,7 +429,7 @@ class Aggregator:
         ob = self.open[group]
         t0 = time.monotonic()
         try:
-            path, manifest = seal(ob.records, self.outbox, self.recipients, self.cfg.daemon.host, group,
+            path, _manifest, size = seal(ob.records, self.outbox, self.recipients, self.cfg.daemon.host, group,
                                   progress=self.channel.beat)
         except Exception as e:
             ob.retry_at = time.monotonic() + RETRY_SEAL_S
@@ -437,7 +446,6 @@ class Aggregator:
             dirs.add(rec.path.parent)
         for d in dirs:
             archive.fsync_dir(d)
-        size = path.stat().st_size
         log.info("sealed %s: %d record(s), %d bytes in %.2f s", path.name, len(ob.records), size,
                  time.monotonic() - t0)
         self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)

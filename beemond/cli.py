@@ -61,8 +61,6 @@ def cmd_keygen(args) -> int:
 def cmd_decrypt(args) -> int:
     import tarfile
 
-    import pyrage
-
     from beemond import aggregator, crypto
 
     try:
@@ -74,7 +72,7 @@ def cmd_decrypt(args) -> int:
     except FileNotFoundError as e:
         print(f"beemond: {e.filename}: no such file", file=sys.stderr)
         return 1
-    except pyrage.DecryptError as e:
+    except crypto.DecryptError as e:
         print(f"beemond: {args.bundle}: cannot decrypt (wrong identity, or a damaged or truncated file): {e}",
               file=sys.stderr)
         return EX_DATAERR

@@ -21,6 +21,10 @@ class RecipientError(ValueError):
     """A recipient that is not an age or SSH public key, or an unreadable recipients file."""
 
 
+class DecryptError(Exception):
+    """Not decryptable: no matching identity, or the ciphertext is damaged or truncated."""
+
+
 class IdentityError(ValueError):
     """An identity file with no usable age secret key."""
 
@@ -110,5 +114,17 @@ def encrypt_stream(reader, writer, recipients) -> None:
 
 
 def decrypt_stream(reader, writer, identities) -> None:
-    """Decrypt *reader* into *writer*; raises ``pyrage.DecryptError`` on a wrong key or a damaged file."""
-    pyrage.decrypt_io(reader, writer, identities)
+    """Decrypt *reader* into *writer*; raises :class:`DecryptError` on a wrong key or a damaged file.
+
+    age authenticates every 64 KiB chunk and marks the last one, so a flipped byte or a truncated file
+    fails here (after the plaintext before it was written: callers must not trust *writer* until this
+    returns). ``BrokenPipeError`` from *writer* passes through unchanged.
+    """
+    try:
+        pyrage.decrypt_io(reader, writer, identities)
+    except pyrage.DecryptError as e:
+        raise DecryptError(str(e) or "no identity matches") from None
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # pyrage reports a failed chunk as a bare OSError("decryption error")
+        raise DecryptError(str(e)) from None
