@@ -100,6 +100,11 @@ class TarStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    @property
+    def finished(self) -> bool:
+        """True once the reader consumed the whole archive, manifest and end marker included."""
+        return self._done and self.manifest is not None and self._pos >= len(self._buf)
+
     def _put(self, item) -> None:
         while not self._cancel.is_set():
             try:
@@ -126,7 +131,8 @@ class TarStream(io.RawIOBase):
                         h.update(chunk)
                         self._put(chunk)
                         left -= len(chunk)
-                self._put(_padding(size))
+                if size % tarfile.BLOCKSIZE:
+                    self._put(_padding(size))
                 entries.append({"path": rec.member, "sensor": rec.sensor, "start": rec.start, "end": rec.end,
                                 "size": size, "sha256": h.hexdigest(), "metadata": rec.metadata})
             self.manifest = {**self.manifest_base, "records": entries}
@@ -155,7 +161,11 @@ class TarStream(io.RawIOBase):
                 raise item
             if self.progress is not None:
                 self.progress()
+            # Never hand an empty chunk to the reader: b"" means end of input to age, and a bundle
+            # would be sealed short of its later records and manifest.
             self._buf, self._pos = memoryview(item), 0
+            if not item:
+                return self.read(n)
         end = len(self._buf) if n is None or n < 0 else self._pos + n
         out = self._buf[self._pos:end]
         self._pos += len(out)
@@ -205,6 +215,8 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
     try:
         with archive.atomic_writer(outbox / name, "wb", buffering=0) as out:
             crypto.encrypt_stream(stream, out, recipients)
+            if not stream.finished:  # checked before the rename: a short bundle never reaches the outbox
+                raise BundleError("the tar stream ended before its manifest; bundle not sealed")
             size = out.tell()  # not stat() after the rename: the uploader may have taken it already
     finally:
         stream.close()
