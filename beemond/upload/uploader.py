@@ -109,6 +109,7 @@ class Uploader:
                 cmd = self.channel.receive(timeout)
                 if cmd is not None:
                     if cmd.kind == ipc.SHUTDOWN:
+                        self._stop_observer()  # drain() scans the outbox; events now would only race it
                         self.drain()
                         return
                     if cmd.kind == FILE_EVENT:
@@ -118,9 +119,14 @@ class Uploader:
                 if self._pending() and time.monotonic() >= self.next_try:
                     self.upload_next()
         finally:
-            if self.observer is not None:
-                self.observer.stop()
+            self._stop_observer()
             self.transport.close()
+
+    def _stop_observer(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+            self.observer = None
 
     def drain(self) -> None:
         """At shutdown: keep uploading for up to ``shutdown_grace_s`` while the server answers."""
