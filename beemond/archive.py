@@ -16,6 +16,7 @@ in a file name.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -54,8 +55,11 @@ def parse_iso(text: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-_SAMPLE = {"host": "hive", "sensor": "s", "start": "20210619T000000Z", "end": "20210619T001000Z",
-           "ext": "csv", "date": "2021-06-19", "_split_index": 0, "metadata": {}, "name": "b.tar.age"}
+# Trial values for load-time checks. Record metadata differs per sensor, so any key is accepted there
+# (a name built from a key a record lacks falls back to the default template at write time).
+_SAMPLE = {"host": "hive", "sensor": "s", "group": "all", "start": "20210619T000000Z", "end": "20210619T001000Z",
+           "ext": "csv", "date": "2021-06-19", "_split_index": 0, "name": "b.tar.age",
+           "metadata": collections.defaultdict(lambda: "x")}
 
 
 def _compile(text: str) -> jinja2.Template:
@@ -81,7 +85,7 @@ def render_name(template: str, **variables: Any) -> str:
 
 def safe_relative(name: str) -> str:
     path = PurePosixPath(name)
-    if not name or path.is_absolute() or "\\" in name or "\x00" in name:
+    if not name or not path.parts or path.is_absolute() or "\\" in name or "\x00" in name:
         raise TemplateError(f"rendered name {name!r} is not a relative path")
     for part in path.parts:
         if part in ("", ".", "..") or part.startswith("."):

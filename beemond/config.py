@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -257,7 +258,7 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(path, key, "must be a table")
         kind = table.get("type")
-        if kind not in SENSOR_TYPES:
+        if not isinstance(kind, str) or kind not in SENSOR_TYPES:
             raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(SENSOR_TYPES)}, got {kind!r}")
         sensor = _build(SENSOR_TYPES[kind], {**table, "name": name}, path, key, base, strings)
         if sensor.enabled:
@@ -316,6 +317,8 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
                 raise bad("an integer" if hint is int else "a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and not isinstance(value, int)):
             raise bad("an integer" if hint is int else "a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
         if meta.get("min") is not None and value < meta["min"]:
             raise ConfigError(path, key, f"must be >= {meta['min']}, got {value!r}")
         if meta.get("max") is not None and value > meta["max"]:
@@ -388,8 +391,15 @@ def _check_semantics(cfg: Config, path: Path) -> None:
                     raise ConfigError(path, f"{key}.replay", "a simulated sht3x needs a [replay] table with a CSV file")
                 if not os.access(s.replay.file, os.R_OK) or not s.replay.file.is_file():
                     raise ConfigError(path, f"{key}.replay.file", f"cannot read {s.replay.file}")
+                from beemond.sensors.emulators.replay import CsvReplay, read_header
+
+                header = read_header(s.replay.file)
+                for col in ("time_column", "temperature_column", "humidity_column", "filter_column"):
+                    name = getattr(s.replay, col)
+                    if name and name not in header:
+                        raise ConfigError(path, f"{key}.replay.{col}",
+                                          f"no column {name!r} in {s.replay.file.name} (has: {', '.join(header)})")
                 try:
-                    from beemond.sensors.emulators.replay import CsvReplay
                     CsvReplay.from_config(s.replay)
                 except ValueError as e:
                     raise ConfigError(path, f"{key}.replay", str(e)) from None

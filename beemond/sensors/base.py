@@ -20,10 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.config import DEFAULT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 5
+MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
 class SensorFailure(RuntimeError):
@@ -57,7 +59,12 @@ class PolledSensorWorker:
     def format_row(self, reading: tuple) -> list[str]:
         return [f"{v:.2f}" for v in reading]
 
-    def extra_metadata(self) -> dict:
+    def tag(self):
+        """Per-reading provenance kept beside the reading (the simulated backend's replayed row)."""
+        return None
+
+    def extra_metadata(self, readings: list[tuple]) -> dict:
+        """Metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         return {}
 
     def close(self) -> None:
@@ -125,7 +132,7 @@ class PolledSensorWorker:
         self.consecutive_failures = 0
         if self.window_opened is None:
             self.window_opened = time.monotonic()
-        self.readings.append((stamp, reading))
+        self.readings.append((stamp, reading, self.tag()))
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""
@@ -137,16 +144,24 @@ class PolledSensorWorker:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["time", *self.columns])
-        for stamp, reading in readings:
+        for stamp, reading, _tag in readings:
             w.writerow([archive.utc_iso(stamp), *self.format_row(reading)])
         metadata = {
             "sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
             "start": archive.utc_iso(start), "end": archive.utc_iso(end), "rows": len(readings),
             "columns": ["time", *self.columns], "errors": self.errors, "missed": self.missed,
-            **self.extra_metadata(),
+            **self.extra_metadata(readings),
         }
+        try:
+            path = write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
+        except OSError as e:  # disk full, read-only remount: keep the readings and try again later
+            kept = readings[-MAX_HELD_READINGS:]
+            self.readings = kept + self.readings
+            self.window_opened = time.monotonic()
+            log.error("cannot write a record (%s); holding %d reading(s) in memory to retry", e, len(kept))
+            self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
+            return
         self.errors = self.missed = 0
-        path = write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
         log.debug("record %s: %d readings", path.name, len(readings))
 
 
@@ -157,7 +172,13 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
                  "end": archive.utc_stamp(end), "ext": worker.ext, "date": start.strftime("%Y-%m-%d"),
                  "metadata": metadata, "_split_index": 0}
-    rel = archive.render_name(worker.template, **variables)
+    try:
+        rel = archive.render_name(worker.template, **variables)
+    except archive.TemplateError as e:
+        # Checked at load with sample values; a template reading record metadata can still fail on a
+        # real record. Never drop the record for its name.
+        log.error("filename template failed for this record (%s); using the default name", e)
+        rel = archive.render_name(DEFAULT_TEMPLATE, **variables)
     rel = _unique(worker.staging, rel)
     path = archive.write_record(worker.staging, rel, metadata, data_writer=data_writer, tmp=tmp)
     worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path))

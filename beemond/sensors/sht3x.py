@@ -109,7 +109,6 @@ class SHT3xWorker(PolledSensorWorker):
     def __init__(self, cfg, sensor, channel):
         super().__init__(cfg, sensor, channel)
         self.chip = None
-        self.replay_rows: list[int] = []
         if sensor.backend == "simulated":
             from beemond.sensors.emulators.i2c import EmulatedSMBus
             from beemond.sensors.emulators.replay import CsvReplay
@@ -130,17 +129,19 @@ class SHT3xWorker(PolledSensorWorker):
         self.device = SHT3x(self.bus, sensor.address, sensor.repeatability)
 
     def read(self) -> tuple:
-        reading = self.device.measure()
-        if self.chip is not None:
-            self.replay_rows.append(self.chip.served[-1])
-            del self.chip.served[:-1]
-        return reading
+        return self.device.measure()
 
-    def extra_metadata(self) -> dict:
+    def tag(self):
+        if self.chip is None:
+            return None
+        row = self.chip.served[-1]  # the row behind the measurement that just succeeded
+        del self.chip.served[:-1]
+        return row
+
+    def extra_metadata(self, readings: list[tuple]) -> dict:
         meta = {"address": f"0x{self.sensor.address:02x}", "repeatability": self.sensor.repeatability}
         if self.chip is not None:
-            meta["replay"] = {"file": self.sensor.replay.file.name, "rows": ranges(self.replay_rows)}
-            self.replay_rows = []
+            meta["replay"] = {"file": self.sensor.replay.file.name, "rows": ranges([t for _, _, t in readings])}
         return meta
 
     def close(self) -> None:

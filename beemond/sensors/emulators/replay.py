@@ -79,6 +79,12 @@ class CsvReplay:
         return row
 
 
+def read_header(path: Path) -> list[str]:
+    """The column names of a CSV file (its first line)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
 def load_rows(path: Path, time_column: str, temperature_column: str, humidity_column: str,
               filter_column: str = "", filter_value: str = "") -> list[Row]:
     """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset)."""

@@ -1,0 +1,415 @@
+"""The SHT3x driver (beemond.sensors.sht3x) through its real seam: an smbus2-compatible bus with the
+register-level chip emulator behind it, driven by real UrBAN hive data; and the polled worker loop
+end to end, in process, with a real ipc.Channel."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import multiprocessing
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+from smbus2 import i2c_msg
+
+from beemond import config, crypto, ipc
+from beemond.sensors import sht3x
+from beemond.sensors.emulators.i2c import EmulatedSMBus
+from beemond.sensors.emulators.replay import CsvReplay, load_rows
+from beemond.sensors.emulators.sht3x import SHT3xChip, encode
+from beemond.sensors.sht3x import SHT3x, SHT3xWorker
+
+URBAN = Path(__file__).resolve().parents[2] / "shared/data/urban-2021/hive_temperature_humidity_2021.csv"
+HIVE = "3629"
+ADDR = 0x44
+
+
+@pytest.fixture(scope="module")
+def urban_rows():
+    assert URBAN.is_file(), f"test data missing: {URBAN} (clone shared/ beside the project)"
+    rows = load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", HIVE)
+    assert len(rows) > 1000
+    return rows
+
+
+class Fixed:
+    """A chip value source returning whatever was set last, tagged with a counter."""
+
+    def __init__(self, t=25.0, rh=50.0):
+        self.value = (t, rh)
+        self.n = 0
+
+    def __call__(self):
+        self.n += 1
+        return (*self.value, self.n)
+
+
+class FrozenClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+# ------------------------------------------------------------------------------------------ CRC
+
+def test_crc8_datasheet_example():
+    assert sht3x.crc8(b"\xbe\xef") == 0x92          # SHT3x-DIS datasheet, section 4.12
+    assert sht3x.crc8(b"\x00\x00") == 0x81
+    assert sht3x.crc8(b"") == 0xFF                   # initialisation value
+
+
+# ------------------------------------------------------------------------------------------ round trip
+
+TEMPS = [-40.0, -20.5, 0.0, 0.01, 25.0, 35.45, 60.0, 85.0, 124.99, 125.0]
+HUMS = [0.0, 0.01, 35.45, 50.0, 99.99, 100.0]
+
+
+def test_round_trip_within_datasheet_resolution():
+    source = Fixed()
+    chip = SHT3xChip(source)
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    for t in TEMPS:
+        for rh in HUMS:
+            source.value = (t, rh)
+            got_t, got_rh = dev.measure()
+            # encode rounds to the nearest tick, so the error is at most half a tick
+            assert abs(got_t - t) <= sht3x.RESOLUTION_C / 2 + 1e-9, (t, got_t)
+            assert abs(got_rh - rh) <= sht3x.RESOLUTION_RH / 2 + 1e-9, (rh, got_rh)
+    assert sht3x.RESOLUTION_C == pytest.approx(175 / 65535)
+    assert sht3x.RESOLUTION_RH == pytest.approx(100 / 65535)
+
+
+def test_conversion_end_points():
+    assert sht3x.convert(0, 0) == (-45.0, 0.0)
+    assert sht3x.convert(65535, 65535) == (130.0, 100.0)
+    assert encode(-45.0, 0.0) == (0, 0) and encode(130.0, 100.0) == (65535, 65535)
+
+
+@pytest.mark.parametrize("repeatability,stretch", [(r, s) for r in ("high", "medium", "low") for s in (False, True)])
+def test_every_single_shot_command(repeatability, stretch):
+    chip = SHT3xChip(Fixed(21.3, 44.4))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability=repeatability, clock_stretching=stretch)
+    t, rh = dev.measure()
+    assert round(t, 2) == 21.3 and round(rh, 2) == 44.4
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+def test_corrupted_word_raises_crc_error_then_recovers():
+    chip = SHT3xChip(Fixed(30.0, 40.0))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    chip.corrupt_next = 1
+    with pytest.raises(sht3x.CRCError) as info:
+        dev.measure()
+    assert isinstance(info.value, OSError)
+    assert "temperature" in str(info.value)
+    t, rh = dev.measure()          # only the next result was corrupted
+    assert round(t, 2) == 30.0 and round(rh, 2) == 40.0
+
+
+def test_read_too_early_without_clock_stretching_is_nacked():
+    clock = FrozenClock()
+    chip = SHT3xChip(Fixed(25.0, 50.0), clock=clock)
+    bus = EmulatedSMBus(1, {ADDR: chip})
+    # single shot, high repeatability, no clock stretching (0x2400), then read at once
+    bus.i2c_rdwr(i2c_msg.write(ADDR, [0x24, 0x00]))
+    early = i2c_msg.read(ADDR, 6)
+    with pytest.raises(OSError) as info:
+        bus.i2c_rdwr(early)
+    assert info.value.errno == errno.EREMOTEIO
+    # after the datasheet's maximum measurement duration the same read succeeds
+    clock.now += sht3x.MEASUREMENT_S["high"]
+    msg = i2c_msg.read(ADDR, 6)
+    bus.i2c_rdwr(msg)
+    data = bytes(msg)
+    assert sht3x.crc8(data[0:2]) == data[2] and sht3x.crc8(data[3:5]) == data[5]
+    assert (int.from_bytes(data[0:2], "big"), int.from_bytes(data[3:5], "big")) == encode(25.0, 50.0)
+
+
+def test_driver_surfaces_the_nack_as_eremoteio():
+    # a chip whose clock never advances is never ready: the driver's read is NACKed
+    chip = SHT3xChip(Fixed(), clock=FrozenClock())
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low", clock_stretching=False)
+    with pytest.raises(OSError) as info:
+        dev.measure()
+    assert info.value.errno == errno.EREMOTEIO
+
+
+def test_clock_stretching_read_waits_instead_of_nacking():
+    clock = FrozenClock()
+    chip = SHT3xChip(Fixed(25.0, 50.0), clock=clock)
+    bus = EmulatedSMBus(1, {ADDR: chip})
+    bus.i2c_rdwr(i2c_msg.write(ADDR, [0x2C, 0x10]))   # low repeatability, clock stretching
+    msg = i2c_msg.read(ADDR, 6)
+    bus.i2c_rdwr(msg)                                  # held, not NACKed
+    assert (int.from_bytes(bytes(msg)[0:2], "big"), int.from_bytes(bytes(msg)[3:5], "big")) == encode(25.0, 50.0)
+
+
+def test_missing_chip_is_enxio():
+    bus = EmulatedSMBus(1, {ADDR: SHT3xChip(Fixed())})
+    with pytest.raises(OSError) as info:
+        SHT3x(bus, 0x45).measure()
+    assert info.value.errno == errno.ENXIO
+
+
+def test_unknown_command_is_nacked_and_flagged():
+    chip = SHT3xChip(Fixed())
+    bus = EmulatedSMBus(1, {ADDR: chip})
+    with pytest.raises(OSError) as info:
+        bus.i2c_rdwr(i2c_msg.write(ADDR, [0x12, 0x34]))
+    assert info.value.errno == errno.EREMOTEIO
+    bus.i2c_rdwr(i2c_msg.write(ADDR, [0xF3, 0x2D]))    # read status
+    msg = i2c_msg.read(ADDR, 3)
+    bus.i2c_rdwr(msg)
+    status = bytes(msg)
+    assert sht3x.crc8(status[:2]) == status[2]
+    assert int.from_bytes(status[:2], "big") & 0x0002  # "command not processed"
+
+
+def test_soft_reset_then_measure():
+    chip = SHT3xChip(Fixed(22.0, 33.0))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    dev.soft_reset()
+    assert tuple(round(v, 2) for v in dev.measure()) == (22.0, 33.0)
+
+
+# ------------------------------------------------------------------------------------------ replay
+
+def _replay_source(replay: CsvReplay):
+    def source():
+        row = replay.next_row()
+        return row.temperature_c, row.humidity_rh, row.index
+    return source
+
+
+def test_urban_rows_sequential_replay_value_for_value(urban_rows):
+    n = 250
+    replay = CsvReplay(urban_rows, speedup=0.0)
+    chip = SHT3xChip(_replay_source(replay))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    got = [dev.measure() for _ in range(n)]
+    assert chip.served == list(range(n))              # every row once, in order
+    for (t, rh), row in zip(got, urban_rows[:n]):
+        assert (round(t, 2), round(rh, 2)) == (row.temperature_c, row.humidity_rh), row
+
+
+def test_urban_replay_from_a_start_time(urban_rows):
+    target = urban_rows[3000]
+    replay = CsvReplay(urban_rows, start=target.time, speedup=0.0)
+    chip = SHT3xChip(_replay_source(replay))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    for row in urban_rows[3000:3020]:
+        t, rh = dev.measure()
+        assert (round(t, 2), round(rh, 2)) == (row.temperature_c, row.humidity_rh)
+    assert chip.served == list(range(3000, 3020))
+
+
+def test_urban_replay_clock_mode_serves_rows_in_time_order(urban_rows):
+    # replay time runs 200000x faster than the monotonic clock: ~1 row per 4.5 ms measurement
+    replay = CsvReplay(urban_rows, speedup=200_000.0, loop=True)
+    chip = SHT3xChip(_replay_source(replay))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    got = [dev.measure() for _ in range(60)]
+    idx = chip.served
+    assert all(a <= b for a, b in zip(idx, idx[1:])), idx
+    assert idx[-1] > idx[0], "replay time did not advance"
+    assert idx[-1] < len(urban_rows) - 1, "wrapped around: the test assumes one pass"
+    for (t, rh), i in zip(got, idx):
+        row = urban_rows[i]
+        assert (round(t, 2), round(rh, 2)) == (row.temperature_c, row.humidity_rh)
+
+
+def test_load_rows_filters_dedups_and_loops(tmp_path: Path):
+    f = tmp_path / "mini.csv"
+    f.write_text("Date,Tag number,temperature,humidity\n"
+                 "2021-06-19 00:15:00+00:00,1,20.5,40.0\n"
+                 "2021-06-19 00:00:00+00:00,1,20.0,41.0\n"
+                 "2021-06-19 00:00:00+00:00,2,99.0,99.0\n"
+                 "2021-06-19 00:15:00+00:00,1,20.5,40.0\n"      # exact duplicate
+                 "2021-06-19 00:30:00Z,1,21.0,39.5\n")
+    rows = load_rows(f, "Date", "temperature", "humidity", "Tag number", "1")
+    assert [(r.index, r.temperature_c, r.humidity_rh) for r in rows] == [(0, 20.0, 41.0), (1, 20.5, 40.0),
+                                                                       (2, 21.0, 39.5)]
+    replay = CsvReplay(rows, speedup=0.0, loop=True)
+    assert [replay.next_row().index for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="no rows"):
+        CsvReplay(load_rows(f, "Date", "temperature", "humidity", "Tag number", "3"))
+    with pytest.raises(ValueError, match="column"):
+        load_rows(f, "Date", "temp", "humidity")
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+def write_config(tmp_path: Path, **climate) -> Path:
+    crypto.keygen(tmp_path / "keys")
+    sensor = {"type": "sht3x", "backend": "simulated", "address": ADDR, "repeatability": "low",
+              "interval_s": 3600.0, "record_window_s": 3600.0, "max_retries": 3,
+              "replay": {"file": str(URBAN), "filter_column": "Tag number", "filter_value": HIVE,
+                         "start": "2021-06-19T00:00:00Z", "speedup": 0.0}}
+    sensor.update(climate)
+    tree = {"daemon": {"host": "test-hive", "spool_dir": "spool", "heartbeat_interval_s": 0.2,
+                       "heartbeat_timeout_s": 5.0},
+            "sensors": {"hive_climate": sensor},
+            "bundle": {"recipients": ["keys/recipient.txt"]},
+            "upload": {"protocol": "none"}}
+    path = tmp_path / "beemond.toml"
+    path.write_text(tomli_w.dumps(tree))
+    return path
+
+
+class Harness:
+    """A worker with a real command queue and a real event pipe, run in a thread."""
+
+    def __init__(self, tmp_path: Path, **climate):
+        assert URBAN.is_file(), f"test data missing: {URBAN}"
+        self.cfg = config.load(write_config(tmp_path, **climate))
+        self.sensor = self.cfg.sensors[0]
+        self.commands = queue.Queue()
+        self.events_r, self.events_w = multiprocessing.Pipe(duplex=False)
+        self.channel = ipc.Channel(self.sensor.name, commands=self.commands, events=self.events_w,
+                                   heartbeat_interval_s=self.cfg.daemon.heartbeat_interval_s)
+        self.worker = SHT3xWorker(self.cfg, self.sensor, self.channel)
+        self.staging = Path(self.cfg.spool) / "staging" / self.sensor.name
+
+    def run(self, captures: int, timeout: float = 20.0) -> list[ipc.Event]:
+        for _ in range(captures):
+            self.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        self.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "test"}))
+        failure: list[BaseException] = []
+
+        def target():
+            try:
+                self.worker.run()
+            except BaseException as e:  # surfaced below
+                failure.append(e)
+
+        t = threading.Thread(target=target, daemon=True)
+        t.start()
+        t.join(timeout)
+        assert not t.is_alive(), "worker did not shut down"
+        if failure:
+            raise failure[0]
+        events = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.events_r.poll(0.05):
+            events.append(self.events_r.recv())
+        return events
+
+    def record(self) -> tuple[Path, list[list[str]], dict]:
+        data = sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json"))
+        assert len(data) == 1, data
+        path = data[0]
+        with open(path, newline="") as f:
+            table = list(csv.reader(f))
+        meta = json.loads((path.parent / (path.name + ".meta.json")).read_text())
+        return path, table, meta
+
+
+def expand(ranges: list[list[int]]) -> list[int]:
+    return [i for a, b in ranges for i in range(a, b + 1)]
+
+
+def test_worker_capture_now_writes_the_urban_rows(tmp_path: Path, urban_rows):
+    h = Harness(tmp_path)
+    events = h.run(captures=3)
+    path, table, meta = h.record()
+    assert path.suffix == ".csv"
+    assert sorted(p.name for p in h.staging.iterdir()) == [path.name, path.name + ".meta.json"]
+    assert table[0] == ["time", "temperature_c", "humidity_rh"]
+    body = table[1:]
+    assert len(body) >= 3 and meta["rows"] == len(body)
+    assert meta["sensor"] == "hive_climate" and meta["type"] == "sht3x" and meta["backend"] == "simulated"
+    assert meta["errors"] == 0 and meta["missed"] == 0
+    assert meta["address"] == "0x44" and meta["repeatability"] == "low"
+    assert meta["replay"]["file"] == URBAN.name
+    indices = expand(meta["replay"]["rows"])
+    assert indices == list(range(len(body))), meta["replay"]   # sequential from the configured start
+    for (stamp, t, rh), i in zip(body, indices):
+        assert (float(t), float(rh)) == (urban_rows[i].temperature_c, urban_rows[i].humidity_rh)
+        assert stamp.endswith("Z")
+    assert meta["start"] == body[0][0] and meta["end"] == body[-1][0]
+    ready = [e for e in events if e.kind == ipc.READY_EVENT]
+    assert len(ready) == 1, events
+    assert ready[0].worker == "hive_climate"
+    assert ready[0].data == {"sensor": "hive_climate", "path": str(path)}
+    assert any(e.kind == ipc.HEARTBEAT for e in events)
+    assert h.worker.bus.closed   # close() ran at shutdown
+
+
+def test_worker_retries_corrupted_reads_and_counts_errors(tmp_path: Path, urban_rows):
+    h = Harness(tmp_path)
+    h.worker.chip.corrupt_next = 2           # the first two results fail their CRC
+    h.run(captures=3)
+    _path, table, meta = h.record()
+    body = table[1:]
+    assert meta["errors"] == 2 and meta["missed"] == 0
+    assert meta["rows"] == len(body) >= 3
+    indices = expand(meta["replay"]["rows"])
+    # rows 0 and 1 reached the driver corrupted and were discarded; the retries measured rows 2, 3, ...
+    assert indices == list(range(2, 2 + len(body))), meta["replay"]
+    for (_stamp, t, rh), i in zip(body, indices):
+        assert (float(t), float(rh)) == (urban_rows[i].temperature_c, urban_rows[i].humidity_rh)
+    # the values the corrupted words would have decoded to are nowhere in the record
+    good = {(float(t), float(rh)) for _s, t, rh in body}
+    for row in urban_rows[:2]:
+        st, srh = encode(row.temperature_c, row.humidity_rh)
+        bad_t, bad_rh = sht3x.convert(st ^ 0x0100, srh)
+        assert (round(bad_t, 2), round(bad_rh, 2)) not in good
+
+
+def test_worker_measurement_lost_after_retries_is_missing_not_invented(tmp_path: Path, urban_rows):
+    h = Harness(tmp_path, max_retries=1)
+    h.worker.chip.corrupt_next = 2           # both attempts of the first measurement fail
+    events = h.run(captures=2)
+    _path, table, meta = h.record()
+    body = table[1:]
+    assert meta["missed"] == 1 and meta["errors"] == 2
+    assert meta["rows"] == len(body) >= 2
+    indices = expand(meta["replay"]["rows"])
+    assert indices == list(range(2, 2 + len(body)))
+    for (_stamp, t, rh), i in zip(body, indices):
+        assert (float(t), float(rh)) == (urban_rows[i].temperature_c, urban_rows[i].humidity_rh)
+    errors = [e for e in events if e.kind == ipc.ERROR]
+    assert len(errors) == 1 and "measurement failed" in errors[0].data["message"]
+
+
+def test_worker_holds_readings_when_a_record_cannot_be_written(tmp_path: Path, urban_rows):
+    """A failed record write (disk full, read-only remount) keeps the readings; the record written
+    later still carries them all, with replay row ranges that match its values."""
+    h = Harness(tmp_path)
+    staging = h.staging
+    staging.rmdir()
+    staging.write_bytes(b"")          # a file where the directory should be: every write fails (ENOTDIR)
+    for _ in range(2):
+        h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+    h.commands.put(ipc.Command(ipc.STOP))       # pause: flush the window now (and fail)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (h.worker.run(), done.set()), daemon=True)
+    t.start()
+    events, deadline = [], time.monotonic() + 5
+    while time.monotonic() < deadline and not any(e.kind == ipc.ERROR for e in events):
+        if h.events_r.poll(0.05):
+            events.append(h.events_r.recv())
+    assert any(e.kind == ipc.ERROR for e in events), "no error event for the failed write"
+    assert not any(e.kind == ipc.READY_EVENT for e in events)
+    staging.unlink()
+    staging.mkdir()                   # the disk is back
+    h.commands.put(ipc.Command(ipc.START))
+    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+    h.commands.put(ipc.Command(ipc.SHUTDOWN))
+    t.join(20)
+    assert done.is_set(), "worker did not shut down"
+    _path, table, meta = h.record()
+    body = table[1:]
+    assert meta["rows"] == len(body) >= 3
+    indices = expand(meta["replay"]["rows"])
+    assert len(indices) == len(body), (meta["replay"], len(body))
+    for (_stamp, t_c, rh), i in zip(body, indices):
+        assert (float(t_c), float(rh)) == (urban_rows[i].temperature_c, urban_rows[i].humidity_rh)
