@@ -89,6 +89,7 @@ class TarStream(io.RawIOBase):
         self.manifest_base = manifest_base
         self.progress = progress
         self.manifest: dict | None = None
+        self.error: BaseException | None = None
         self._q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._buf = memoryview(b"")
         self._pos = 0
@@ -119,15 +120,22 @@ class TarStream(io.RawIOBase):
             entries = []
             for rec in self.records:
                 h = hashlib.sha256()
-                with open(rec.path, "rb", buffering=0) as f:
+                try:
+                    f = open(rec.path, "rb", buffering=0)
+                except OSError as e:
+                    raise RecordError(rec, e) from None
+                with f:
                     size = os.fstat(f.fileno()).st_size
                     info = _tarinfo(rec.member, size, int(os.fstat(f.fileno()).st_mtime))
                     self._put(info.tobuf(tarfile.PAX_FORMAT))
                     left = size
                     while left:
-                        chunk = f.read(min(CHUNK, left))
+                        try:
+                            chunk = f.read(min(CHUNK, left))
+                        except OSError as e:  # EIO from a failing SD card
+                            raise RecordError(rec, e) from None
                         if not chunk:
-                            raise BundleError(f"{rec.path} shrank while being bundled")
+                            raise RecordError(rec, OSError("the file shrank while being bundled"))
                         h.update(chunk)
                         self._put(chunk)
                         left -= len(chunk)
@@ -143,6 +151,8 @@ class TarStream(io.RawIOBase):
         except _Cancelled:
             pass
         except BaseException as e:
+            # Kept here too: an exception raised through pyrage comes out as another type.
+            self.error = e
             try:
                 self._put(e)
             except _Cancelled:
@@ -174,6 +184,14 @@ class TarStream(io.RawIOBase):
     def close(self) -> None:
         self._cancel.set()
         super().close()
+
+
+class RecordError(Exception):
+    """One staged record could not be read; the others can still be sealed without it."""
+
+    def __init__(self, record: Record, error: OSError):
+        self.record, self.error = record, error
+        super().__init__(f"cannot read record {record.path}: {error.strerror or error}")
 
 
 class _Cancelled(Exception):
@@ -218,6 +236,10 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
             if not stream.finished:  # checked before the rename: a short bundle never reaches the outbox
                 raise BundleError("the tar stream ended before its manifest; bundle not sealed")
             size = out.tell()  # not stat() after the rename: the uploader may have taken it already
+    except Exception:
+        if stream.error is not None:
+            raise stream.error from None
+        raise
     finally:
         stream.close()
     return outbox / name, stream.manifest, size
@@ -442,7 +464,18 @@ class Aggregator:
         t0 = time.monotonic()
         try:
             path, _manifest, size = seal(ob.records, self.outbox, self.recipients, self.cfg.daemon.host, group,
-                                  progress=self.channel.beat)
+                                         progress=self.channel.beat)
+        except RecordError as e:
+            # One unreadable record must not hold back the rest of the hive's data: set it aside in
+            # failed/ (never deleted) and seal the others at once.
+            self._set_aside(e.record, e.error)
+            ob.records.remove(e.record)
+            ob.size -= e.record.size
+            if ob.records:
+                self.seal_group(group)
+            else:
+                del self.open[group]
+            return
         except Exception as e:
             ob.retry_at = time.monotonic() + RETRY_SEAL_S
             log.error("sealing %d record(s) failed, records stay staged, retry in %g s: %s",
@@ -461,6 +494,23 @@ class Aggregator:
         log.info("sealed %s: %d record(s), %d bytes in %.2f s", path.name, len(ob.records), size,
                  time.monotonic() - t0)
         self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)
+
+
+    def _set_aside(self, rec: Record, error: OSError) -> None:
+        self.known.discard(rec.path)
+        if isinstance(error, FileNotFoundError):
+            log.error("record %s vanished from staging before it was sealed", rec.path)
+            return
+        dest = self.staging.parent / "failed" / rec.member
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for src, dst in ((rec.path, dest), (archive.sidecar_of(rec.path), archive.sidecar_of(dest))):
+            try:
+                os.replace(src, dst)
+            except OSError:
+                pass
+        log.error("record %s is unreadable (%s); moved to %s, the others are sealed without it",
+                  rec.path.name, error.strerror or error, dest.parent)
+        self.channel.send(ipc.ERROR, message=f"record set aside: {rec.member}: {error}")
 
 
 def _age(path: Path, now: float) -> float:
