@@ -36,6 +36,7 @@ from beemond import archive, ipc
 
 log = logging.getLogger(__name__)
 
+EX_CONFIG = 78
 HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
 
 
@@ -71,8 +72,16 @@ class Orchestrator:
     # ---- lifecycle
     def run(self) -> int:
         spool = self.cfg.spool
-        for sub in ("staging", "outbox"):
-            (spool / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("staging", "outbox"):
+                (spool / sub).mkdir(parents=True, exist_ok=True)
+            probe = archive.temp_name(spool, "write-test")
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            log.error("%s: daemon.spool_dir: cannot create or write %s: %s", self.cfg.source, spool,
+                      e.strerror or e)
+            return EX_CONFIG
         if not self._lock_spool():
             return 1
         removed = archive.remove_stale_temps(spool)

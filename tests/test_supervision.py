@@ -91,3 +91,13 @@ def test_decrypt_command_checks_hashes(tmp_path, keys, password_file, ftp):
     cut.write_bytes(bundle.read_bytes()[:-100])
     res = decrypt(cut, tmp_path / "cut")
     assert res.returncode == 65 and "cannot decrypt" in res.stderr
+
+
+def test_unwritable_spool_exits_78_naming_the_key(tmp_path, keys, password_file):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the spool should be")
+    cfg = make_config(tmp_path, keys, password_file, 21, **{"daemon.spool_dir": str(blocker / "spool")})
+    res = subprocess.run([sys.executable, "-m", "beemond", "run", "--config", str(cfg), "--duration", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 78
+    assert "daemon.spool_dir: cannot create or write" in res.stderr
