@@ -46,6 +46,7 @@ def test_end_to_end_every_replayed_row_exactly_once(tmp_path, keys, password_fil
     count, members = _server_data(ftp, keys["identity"])
     assert count >= 3, "a 12 s run with 3 s bundles should upload several bundles"
     assert password_file.read_text().strip() not in d.log(), "the FTP password must never be logged"
+    assert d.log().count("uploader INFO connected to ftp://") == 1, "one FTP connection reused for every bundle"
     assert not ftp.parts(), "no .part file may remain on the server"
     assert _spool_files(tmp_path) == [], "a clean stop leaves nothing staged and nothing in the outbox"
 
