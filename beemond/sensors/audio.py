@@ -28,6 +28,7 @@ from beemond.sensors.base import write_staged
 log = logging.getLogger(__name__)
 
 _DTYPE = {"PCM_16": "int16", "PCM_24": "int32"}
+_CLOSE_SEGMENT = object()
 
 
 class AudioWorker:
@@ -75,15 +76,28 @@ class AudioWorker:
         log.info("recording %d Hz x%d %s in %g s segments", self.sensor.sample_rate_hz,
                  self.sensor.channels, self.sensor.format, self.sensor.segment_s)
         stall_s = max(5.0, 20 * self.sensor.block_s)
+        paused = False
         try:
             while True:
                 cmd = self.channel.receive(timeout=self.cfg.daemon.heartbeat_interval_s)
-                if cmd is not None and cmd.kind == ipc.SHUTDOWN:
-                    log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-                    break
+                if cmd is not None:
+                    if cmd.kind == ipc.SHUTDOWN:
+                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
+                        break
+                    if cmd.kind == ipc.STOP and not paused:
+                        stream.stop()
+                        self.blocks.put(_CLOSE_SEGMENT)  # the segment so far becomes a (shorter) record
+                        paused = True
+                        log.info("capture stopped by command")
+                    elif cmd.kind == ipc.START and paused:
+                        self.last_block = time.monotonic()
+                        stream.start()
+                        paused = False
+                        log.info("capture started by command")
+                    # capture_now: audio records continuously; nothing to add.
                 if self.writer_error is not None:
                     raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
-                if time.monotonic() - self.last_block > stall_s:
+                if not paused and time.monotonic() - self.last_block > stall_s:
                     raise RuntimeError(f"no audio block for {stall_s:g} s: the input stream stalled")
         finally:
             stream.stop()
@@ -99,6 +113,11 @@ class AudioWorker:
                 item = self.blocks.get()
                 if item is None:
                     break
+                if item is _CLOSE_SEGMENT:
+                    if segment is not None:
+                        segment.close()
+                        segment = None
+                    continue
                 self.last_block = time.monotonic()
                 block, overflow, arrived = item
                 while len(block):
