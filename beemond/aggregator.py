@@ -389,8 +389,6 @@ class Aggregator:
                     return
                 if cmd.kind == ipc.RECORD_READY:
                     self.add(Path(cmd.args["path"]))
-                elif cmd.kind == ipc.RESCAN:
-                    self.rescan()
             self.seal_all(force=False)
 
     def _next_deadline(self) -> float:

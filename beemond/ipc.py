@@ -26,8 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Command kinds (orchestrator -> worker)
-START, STOP, CAPTURE_NOW, SHUTDOWN, RECORD_READY, RESCAN = (
-    "start", "stop", "capture_now", "shutdown", "record_ready", "rescan")
+START, STOP, CAPTURE_NOW, SHUTDOWN, RECORD_READY = "start", "stop", "capture_now", "shutdown", "record_ready"
 # Event kinds (worker -> orchestrator)
 HEARTBEAT, READY_EVENT, ERROR, BUNDLE_SEALED, UPLOADED = (
     "heartbeat", "record_ready", "error", "bundle_sealed", "uploaded")

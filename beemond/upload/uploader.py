@@ -2,7 +2,7 @@
 
 Two queues. **Fresh**: bundles announced by watchdog (inotify) events as the aggregator renames them
 into the outbox; they go first, so a restored link delivers today's data before last week's.
-**Backlog**: whatever a scan of the outbox finds (at start, after a failure, at shutdown), in
+**Backlog**: whatever a scan of the outbox finds (at start, when the link comes back, at shutdown), in
 ``backlog_order``. One connection is kept open across files.
 
 Per bundle: upload to ``NAME.part``, compare the remote size with the local one, rename to the final
@@ -114,8 +114,6 @@ class Uploader:
                         return
                     if cmd.kind == FILE_EVENT:
                         self._on_file(Path(cmd.args["path"]))
-                    elif cmd.kind == ipc.RESCAN:
-                        self.scan()
                 if self._pending() and time.monotonic() >= self.next_try:
                     self.upload_next()
         finally:
@@ -164,7 +162,8 @@ class Uploader:
             return False
         if self.failures:
             log.info("upload link restored after %d failure(s)", self.failures)
-        self.failures = 0
+            self.failures = 0
+            self.scan()  # the secondary queue: anything an event did not announce during the outage
         return True
 
     def remote_path(self, path: Path) -> str:
