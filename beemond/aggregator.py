@@ -159,7 +159,9 @@ class TarStream(io.RawIOBase):
                 pass
 
     def read(self, n: int = -1) -> bytes:
-        if self._pos >= len(self._buf):
+        # An empty chunk is skipped, never returned: b"" means end of input to age, and the bundle
+        # would be sealed short of its later records and manifest.
+        while self._pos >= len(self._buf):
             if self._done:
                 return b""
             item = self._q.get()
@@ -171,11 +173,7 @@ class TarStream(io.RawIOBase):
                 raise item
             if self.progress is not None:
                 self.progress()
-            # Never hand an empty chunk to the reader: b"" means end of input to age, and a bundle
-            # would be sealed short of its later records and manifest.
             self._buf, self._pos = memoryview(item), 0
-            if not item:
-                return self.read(n)
         end = len(self._buf) if n is None or n < 0 else self._pos + n
         out = self._buf[self._pos:end]
         self._pos += len(out)
@@ -492,7 +490,6 @@ class Aggregator:
         log.info("sealed %s: %d record(s), %d bytes in %.2f s", path.name, len(ob.records), size,
                  time.monotonic() - t0)
         self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)
-
 
     def _set_aside(self, rec: Record, error: OSError) -> None:
         self.known.discard(rec.path)

@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass, field
 
 from beemond import archive, ipc
+from beemond.config import EX_CONFIG
 
 log = logging.getLogger(__name__)
 
-EX_CONFIG = 78
 HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
 
 
