@@ -99,11 +99,25 @@ class ReplayConfig:
 
 @dataclass(frozen=True)
 class SensorConfig:
+    """Keys every sensor has. A sensor type is a subclass registered in :data:`SENSOR_TYPES`; it may
+    override :meth:`check` (cross-key rules), :meth:`describe` (its ``check-config`` line) and
+    :meth:`subscribes_to` (other sensors whose readings the orchestrator must forward to it)."""
+
     name: str = _opt("")
-    type: str = _opt("", choices=("sht3x", "audio"))
+    type: str = _opt("")
     backend: str = _opt("hardware", choices=("hardware", "simulated"))
     enabled: bool = _opt(True)
     filename_template: str = _opt("", doc="overrides [archive] filename_template")
+
+    def check(self, path: Path, key: str) -> None:
+        """Raise :class:`ConfigError` for a rule that spans several keys or needs a file."""
+
+    def describe(self) -> str:
+        return ""
+
+    def subscribes_to(self) -> tuple[str, ...]:
+        """Names of sensors whose ``sample`` events this sensor receives as ``sample`` commands."""
+        return ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,37 @@ class SHT3xConfig(SensorConfig):
     record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="readings batched per CSV record")
     max_retries: int = _opt(3, min=0, max=100, doc="retries of a failed measurement before it counts as lost")
     replay: ReplayConfig | None = _opt(None)
+
+    def check(self, path: Path, key: str) -> None:
+        if self.record_window_s < self.interval_s:
+            raise ConfigError(path, f"{key}.record_window_s", "must be >= interval_s")
+        if self.backend == "simulated":
+            if self.replay is None:
+                raise ConfigError(path, f"{key}.replay", f"a simulated {self.type} needs a [replay] table with a CSV file")
+            _check_replay(self.replay, path, f"{key}.replay",
+                          ("time_column", "temperature_column", "humidity_column", "filter_column"))
+        elif self.replay is not None:
+            raise ConfigError(path, f"{key}.replay", "only a simulated backend replays a file")
+
+    def describe(self) -> str:
+        return f"every {self.interval_s:g} s, a record per {self.record_window_s:g} s"
+
+
+def _check_replay(replay: ReplayConfig, path: Path, key: str, columns: tuple[str, ...]) -> None:
+    """The replay file is readable and has every named column (*columns*: ReplayConfig field names)."""
+    from beemond.sensors.emulators.replay import CsvReplay, read_header
+
+    if not os.access(replay.file, os.R_OK) or not replay.file.is_file():
+        raise ConfigError(path, f"{key}.file", f"cannot read {replay.file}")
+    header = read_header(replay.file)
+    for col in columns:
+        name = getattr(replay, col)
+        if name and name not in header:
+            raise ConfigError(path, f"{key}.{col}", f"no column {name!r} in {replay.file.name} (has: {', '.join(header)})")
+    try:
+        CsvReplay.from_config(replay)
+    except ValueError as e:
+        raise ConfigError(path, key, str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -129,8 +174,21 @@ class AudioConfig(SensorConfig):
     tone_hz: float = _opt(250.0, min=0.0, max=20000, doc="simulated backend: hum frequency")
     noise: float = _opt(0.02, min=0.0, max=1.0, doc="simulated backend: noise amplitude (full scale 1.0)")
 
+    def check(self, path: Path, key: str) -> None:
+        if self.block_s >= self.segment_s:
+            raise ConfigError(path, f"{key}.block_s", "must be shorter than segment_s")
+        if self.format == "wav" and self.subtype not in ("PCM_16", "PCM_24"):
+            raise ConfigError(path, f"{key}.subtype", "allowed for wav: PCM_16, PCM_24")
 
-SENSOR_TYPES: dict[str, type[SensorConfig]] = {"sht3x": SHT3xConfig, "audio": AudioConfig}
+    def describe(self) -> str:
+        return f"{self.sample_rate_hz} Hz x{self.channels}, {self.segment_s:g} s {self.format} segments"
+
+
+# type = "..." -> its config class. One line per driver (the worker is in beemond.sensors.DRIVERS).
+SENSOR_TYPES: dict[str, type[SensorConfig]] = {
+    "sht3x": SHT3xConfig,
+    "audio": AudioConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -291,10 +349,10 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
     if origin is not None and type(None) in args:  # X | None
         hint = next(a for a in args if a is not type(None))
         origin, args = get_origin(hint), get_args(hint)
-    if hint is ReplayConfig:
+    if dataclasses.is_dataclass(hint):  # a nested table such as [sensors.NAME.replay]
         if not isinstance(value, dict):
             raise ConfigError(path, key, "must be a table")
-        return _build(ReplayConfig, value, path, key, base, strings)
+        return _build(hint, value, path, key, base, strings)
 
     def bad(expected: str):
         return ConfigError(path, key, f"must be {expected}, got {value!r}")
@@ -383,33 +441,10 @@ def _check_semantics(cfg: Config, path: Path) -> None:
 
     for s in cfg.sensors:
         key = f"sensors.{s.name}"
-        if isinstance(s, SHT3xConfig):
-            if s.record_window_s < s.interval_s:
-                raise ConfigError(path, f"{key}.record_window_s", "must be >= interval_s")
-            if s.backend == "simulated":
-                if s.replay is None:
-                    raise ConfigError(path, f"{key}.replay", "a simulated sht3x needs a [replay] table with a CSV file")
-                if not os.access(s.replay.file, os.R_OK) or not s.replay.file.is_file():
-                    raise ConfigError(path, f"{key}.replay.file", f"cannot read {s.replay.file}")
-                from beemond.sensors.emulators.replay import CsvReplay, read_header
-
-                header = read_header(s.replay.file)
-                for col in ("time_column", "temperature_column", "humidity_column", "filter_column"):
-                    name = getattr(s.replay, col)
-                    if name and name not in header:
-                        raise ConfigError(path, f"{key}.replay.{col}",
-                                          f"no column {name!r} in {s.replay.file.name} (has: {', '.join(header)})")
-                try:
-                    CsvReplay.from_config(s.replay)
-                except ValueError as e:
-                    raise ConfigError(path, f"{key}.replay", str(e)) from None
-            elif s.replay is not None:
-                raise ConfigError(path, f"{key}.replay", "only a simulated backend replays a file")
-        if isinstance(s, AudioConfig):
-            if s.block_s >= s.segment_s:
-                raise ConfigError(path, f"{key}.block_s", "must be shorter than segment_s")
-            if s.format == "wav" and s.subtype not in ("PCM_16", "PCM_24"):
-                raise ConfigError(path, f"{key}.subtype", "allowed for wav: PCM_16, PCM_24")
+        s.check(path, key)
+        for other in s.subscribes_to():
+            if other not in {t.name for t in cfg.sensors}:
+                raise ConfigError(path, key, f"refers to sensor {other!r}, which is not configured (or not enabled)")
 
 
 def summary(cfg: Config) -> str:
@@ -417,12 +452,7 @@ def summary(cfg: Config) -> str:
     lines = [f"config {cfg.source}: ok",
              f"  host {cfg.daemon.host}, spool {cfg.daemon.spool_dir}"]
     for s in cfg.sensors:
-        extra = ""
-        if isinstance(s, SHT3xConfig):
-            extra = f"every {s.interval_s:g} s, a record per {s.record_window_s:g} s"
-        elif isinstance(s, AudioConfig):
-            extra = f"{s.sample_rate_hz} Hz x{s.channels}, {s.segment_s:g} s {s.format} segments"
-        lines.append(f"  sensor {s.name}: {s.type} ({s.backend}), {extra}")
+        lines.append(f"  sensor {s.name}: {s.type} ({s.backend}), {s.describe()}")
     b = cfg.bundle
     lines.append(f"  bundles: every {b.max_duration_s:g} s or {b.max_bytes} bytes, "
                  f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}")

@@ -27,9 +27,17 @@ log = logging.getLogger(__name__)
 
 # Command kinds (orchestrator -> worker)
 START, STOP, CAPTURE_NOW, SHUTDOWN, RECORD_READY = "start", "stop", "capture_now", "shutdown", "record_ready"
+# SAMPLE as a command: another sensor's reading, forwarded to the workers that subscribe to it
+# (``SensorConfig.subscribes_to``), with the same data as the SAMPLE event.
 # Event kinds (worker -> orchestrator)
 HEARTBEAT, READY_EVENT, ERROR, BUNDLE_SEALED, UPLOADED = (
     "heartbeat", "record_ready", "error", "bundle_sealed", "uploaded")
+# SAMPLE: one reading, ``data = {"sensor": name, "values": {quantity: value}}`` where a quantity is
+# named with its base unit, as the metric will be ("temperature_celsius", "relative_humidity_percent",
+# "weight_kilograms", "pressure_pascals", ...). Sent for every good reading; never for a failed one.
+# CAPTURE_REQUEST: ``data = {"targets": [sensor names], "reason": str}``; the orchestrator sends
+# CAPTURE_NOW to each running target (a GPIO button or PIR triggering a camera).
+SAMPLE, CAPTURE_REQUEST = "sample", "capture_request"
 
 
 @dataclass

@@ -68,6 +68,14 @@ class Orchestrator:
         self.exit_status = 0
         self._signals: list[int] = []
         self._wake_r = self._wake_w = -1
+        # Called with (worker, event) for every event, after the orchestrator's own handling: the
+        # metrics registry and the status endpoint hook in here.
+        self.observers: list = []
+        # sensor name -> names of the workers that receive its SAMPLE events as commands
+        self.subscribers: dict[str, list[str]] = collections.defaultdict(list)
+        for sensor in cfg.sensors:
+            for source in sensor.subscribes_to():
+                self.subscribers[source].append(sensor.name)
 
     # ---- lifecycle
     def run(self) -> int:
@@ -196,6 +204,26 @@ class Orchestrator:
             w.last_event = {"error": ev.data.get("message", ""), "time": ev.time}
         elif ev.kind in (ipc.BUNDLE_SEALED, ipc.UPLOADED):
             w.last_event = {ev.kind: ev.data, "time": ev.time}
+        elif ev.kind == ipc.SAMPLE:
+            for name in self.subscribers.get(w.name, ()):
+                self._command(name, ipc.Command(ipc.SAMPLE, ev.data))
+        elif ev.kind == ipc.CAPTURE_REQUEST:
+            for name in ev.data.get("targets", ()):
+                if not self._command(name, ipc.Command(ipc.CAPTURE_NOW, {"reason": ev.data.get("reason", w.name)})):
+                    log.warning("%s asked %s to capture, but it is not running", w.name, name)
+        for observer in self.observers:
+            observer(w, ev)
+
+    def _command(self, name: str, cmd: ipc.Command) -> bool:
+        """Send *cmd* to worker *name* if it is running; False otherwise (the command is dropped)."""
+        target = self.workers.get(name)
+        if target is None or target.state != "running":
+            return False
+        try:
+            target.commands.put(cmd)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def _reap(self, w: Worker) -> None:
         w.process.join(timeout=5)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+
+# type = "..." -> "module:WorkerClass". One line per driver; the config class is in
+# beemond.config.SENSOR_TYPES. Imported lazily so a worker loads only its own driver's libraries.
+DRIVERS = {
+    "sht3x": "beemond.sensors.sht3x:SHT3xWorker",
+    "audio": "beemond.sensors.audio:AudioWorker",
+}
+
 
 def make_sensor_worker(cfg, sensor, channel):
-    """The worker object for *sensor* (a ``SensorConfig``); imports only that driver's libraries."""
-    if sensor.type == "sht3x":
-        from beemond.sensors.sht3x import SHT3xWorker
-
-        return SHT3xWorker(cfg, sensor, channel)
-    if sensor.type == "audio":
-        from beemond.sensors.audio import AudioWorker
-
-        return AudioWorker(cfg, sensor, channel)
-    raise ValueError(f"no driver for sensor type {sensor.type!r}")
+    """The worker object for *sensor* (a ``SensorConfig``). Raises ``ValueError`` for an unknown type."""
+    try:
+        module, cls = DRIVERS[sensor.type].split(":")
+    except KeyError:
+        raise ValueError(f"no driver for sensor type {sensor.type!r}") from None
+    return getattr(importlib.import_module(module), cls)(cfg, sensor, channel)

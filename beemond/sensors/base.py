@@ -36,6 +36,9 @@ class PolledSensorWorker:
     """Subclasses set ``columns`` and implement :meth:`read` (one reading as a tuple of floats)."""
 
     columns: tuple[str, ...] = ()
+    # Each column's quantity with its base unit, as sent in SAMPLE events and exported as metrics
+    # (e.g. "temperature_celsius"); "" for a column that is not a quantity.
+    quantities: tuple[str, ...] = ()
     ext = "csv"
 
     def __init__(self, cfg, sensor, channel: ipc.Channel):
@@ -67,6 +70,9 @@ class PolledSensorWorker:
         """Metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         return {}
 
+    def on_sample(self, sample: dict) -> None:
+        """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
+
     def close(self) -> None:
         pass
 
@@ -94,6 +100,8 @@ class PolledSensorWorker:
                         next_due = time.monotonic()
                     elif cmd.kind == ipc.CAPTURE_NOW:
                         self.measure_once()
+                    elif cmd.kind == ipc.SAMPLE:
+                        self.on_sample(cmd.args)
                 now = time.monotonic()
                 if not self.paused and now >= next_due:
                     self.measure_once()
@@ -133,6 +141,9 @@ class PolledSensorWorker:
         if self.window_opened is None:
             self.window_opened = time.monotonic()
         self.readings.append((stamp, reading, self.tag()))
+        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
+        if values:
+            self.channel.send(ipc.SAMPLE, sensor=self.sensor.name, values=values)
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""

@@ -105,6 +105,7 @@ class SHT3xWorker(PolledSensorWorker):
     """An SHT3x polled at ``interval_s``; CSV records of (UTC time, °C, %RH)."""
 
     columns = ("temperature_c", "humidity_rh")
+    quantities = ("temperature_celsius", "relative_humidity_percent")
 
     def __init__(self, cfg, sensor, channel):
         super().__init__(cfg, sensor, channel)
