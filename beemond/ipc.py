@@ -38,6 +38,9 @@ HEARTBEAT, READY_EVENT, ERROR, BUNDLE_SEALED, UPLOADED = (
 # CAPTURE_REQUEST: ``data = {"targets": [sensor names], "reason": str}``; the orchestrator sends
 # CAPTURE_NOW to each running target (a GPIO button or PIR triggering a camera).
 SAMPLE, CAPTURE_REQUEST = "sample", "capture_request"
+# OUTBOX: the uploader's view of its queue, sent after each scan and upload:
+# ``data = {"files": int, "bytes": int, "last_upload": unix time or None}`` (STATUS= lines, metrics).
+OUTBOX = "outbox"
 
 
 @dataclass
