@@ -1,6 +1,7 @@
-"""Command line: ``beemond run | check-config | keygen | decrypt``.
+"""Command line: ``beemond run | check-config | keygen | decrypt | upload --backlog``.
 
 Exit status: 0 success; 1 runtime failure; 65 (``EX_DATAERR``) a bundle that fails verification;
+75 (``EX_TEMPFAIL``) ``upload --backlog`` while the daemon holds the spool;
 78 (``EX_CONFIG``) a bad configuration, with one line naming the file, the key and what is allowed.
 """
 
@@ -85,6 +86,12 @@ def cmd_decrypt(args) -> int:
     return 0
 
 
+def cmd_upload(args) -> int:
+    from beemond.upload.backlog import upload_backlog
+
+    return upload_backlog(_load_config(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beemond", description="Field recorder daemon for research beehives.")
     p.add_argument("--version", action="version", version=f"beemond {__version__}")
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--identity", required=True, metavar="FILE")
     d.add_argument("--out", required=True, metavar="DIR")
     d.set_defaults(func=cmd_decrypt)
+
+    u = sub.add_parser("upload", help="upload the outbox's backlog in the foreground (daemon stopped)")
+    u.add_argument("--backlog", action="store_true", required=True, help="upload every bundle waiting in the outbox")
+    u.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    u.set_defaults(func=cmd_upload)
     return p
 
 

@@ -16,8 +16,11 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
                crash_loop_window_s, shutdown_timeout_s
     [archive]  filename_template
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor
-    [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
-               timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
+    [upload]   protocol, host, port, user, password_file, password_credential, ca_file, key_file,
+               key_credential, known_hosts, remote_dir, layout, timeout_s, backoff_initial_s,
+               backoff_max_s, shutdown_grace_s, backlog_order, rate_limit_bytes_per_s,
+               keep_uploaded_bytes, min_free_bytes, drop_oldest_when_full
+    [upload.windows]  SENSOR = "HH:MM-HH:MM"
     [sensors.NAME]          type = "sht3x" | "audio", backend = "hardware" | "simulated", ...
     [sensors.NAME.replay]   (sht3x, simulated) file, time_column, temperature_column, ...
 """
@@ -196,33 +199,95 @@ class BundleConfig:
     max_duration_s: float = _opt(300.0, min=1, max=86400, doc="seal a bundle this long after its first record")
     max_bytes: int = _opt(100_000_000, min=1024, max=2**40, doc="seal a bundle once its records reach this size")
     recipients: tuple[str, ...] = _opt(factory=tuple, doc="age1... / ssh-... public keys or files of them")
-    split_by_sensor: bool = _opt(False, doc="one bundle per sensor instead of one for all")
+    split_by_sensor: bool = _opt(True, doc="one bundle per sensor (AppMAIS layout, per-sensor upload windows); false: one for all")
+
+
+WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+def parse_window(spec: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` (local time) -> (start, end) in minutes after midnight; end may be 24:00.
+
+    A window whose end is before its start spans midnight (``"22:00-06:00"``). Raises ``ValueError``.
+    """
+    m = WINDOW_RE.match(spec.strip())
+    if not m or (m[3] == "24" and m[4] != "00"):
+        raise ValueError(f"must be \"HH:MM-HH:MM\" in local time (e.g. \"22:00-06:00\"), got {spec!r}")
+    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    if start == end:
+        raise ValueError(f"an empty window {spec!r}; omit the sensor to upload at any time")
+    return start, end
 
 
 @dataclass(frozen=True)
 class UploadConfig:
-    protocol: str = _opt("ftp", choices=("ftp", "none"))
+    protocol: str = _opt("ftp", choices=("ftp", "ftps", "sftp", "local", "none"),
+                         doc="none keeps bundles in the outbox; local copies to a mounted remote_dir")
     host: str = _opt("127.0.0.1")
-    port: int = _opt(21, min=1, max=65535)
+    port: int = _opt(0, min=0, max=65535, doc="0: the protocol's own (21 for ftp and ftps, 22 for sftp)")
     user: str = _opt("anonymous")
     password_file: Path | None = _opt(None, path=True, secret=True)
     password_credential: str = _opt("", doc="name of a systemd credential in $CREDENTIALS_DIRECTORY")
-    remote_dir: str = _opt("", doc="directory on the server under which the layout starts")
-    layout: str = _opt("{{ host }}/{{ date }}/{{ name }}", doc="sandboxed Jinja2 template of the remote path")
+    ca_file: Path | None = _opt(None, path=True, doc="ftps: PEM CA bundle trusted instead of the system CAs")
+    key_file: Path | None = _opt(None, path=True, secret=True, doc="sftp: OpenSSH private key")
+    key_credential: str = _opt("", doc="sftp: systemd credential holding the private key")
+    known_hosts: Path | None = _opt(None, path=True, doc="sftp: OpenSSH known_hosts with the server's key (required)")
+    remote_dir: str = _opt("", doc="directory on the server under which the layout starts (local: absolute path)")
+    layout: str = _opt("{{ host }}/{{ date }}/{{ sensor }}/{{ name }}",
+                       doc="sandboxed Jinja2 template of the remote path (default: AppMAIS layout)")
     timeout_s: float = _opt(30.0, min=1, max=3600)
     backoff_initial_s: float = _opt(2.0, min=0.01, max=3600)
     backoff_max_s: float = _opt(300.0, min=0.01, max=86400)
     shutdown_grace_s: float = _opt(10.0, min=0.0, max=3600, doc="time to keep uploading at shutdown")
     backlog_order: str = _opt("oldest", choices=("oldest", "newest"))
+    rate_limit_bytes_per_s: int = _opt(0, min=0, max=2**40, doc="0: unlimited")
+    windows: dict[str, str] = _opt(factory=dict, doc='sensor -> "HH:MM-HH:MM" local time when its bundles may go')
+    keep_uploaded_bytes: int = _opt(0, min=0, max=2**50, doc="keep uploaded copies in spool/uploaded/ up to this size")
+    min_free_bytes: int = _opt(50_000_000, min=0, max=2**50,
+                               doc="below this free space on the spool's filesystem, evict uploaded copies first")
+    drop_oldest_when_full: bool = _opt(False, doc="then also delete the oldest un-uploaded bundles (logged, counted)")
 
     def password(self) -> str:
-        """The FTP password from ``password_file`` or the systemd credential; ``""`` if neither."""
+        """The password from ``password_file`` or the systemd credential; ``""`` if neither."""
         if self.password_file is not None:
             return self.password_file.read_text().strip()
         if self.password_credential:
             creds = os.environ.get("CREDENTIALS_DIRECTORY", "")
             return (Path(creds) / self.password_credential).read_text().strip()
         return ""
+
+    def check(self, path: Path, key: str = "upload") -> None:
+        """Rules across keys and files. Raises :class:`ConfigError`; never quotes a secret."""
+        for name, spec in self.windows.items():
+            if not NAME_RE.match(name):
+                raise ConfigError(path, f"{key}.windows", f"{name!r} is not a sensor name")
+            try:
+                parse_window(spec)
+            except ValueError as e:
+                raise ConfigError(path, f"{key}.windows.{name}", str(e)) from None
+        if self.protocol == "none":
+            return
+        for name in ("password_file", "key_file", "ca_file", "known_hosts"):
+            value = getattr(self, name)
+            if value is not None and not (os.access(value, os.R_OK) and value.is_file()):
+                raise ConfigError(path, f"{key}.{name}", f"cannot read {value}")
+        if self.password_file is not None and self.password_credential:
+            raise ConfigError(path, f"{key}.password_credential", "set password_file or password_credential, not both")
+        if self.key_file is not None and self.key_credential:
+            raise ConfigError(path, f"{key}.key_credential", "set key_file or key_credential, not both")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError(path, f"{key}.backoff_max_s", "must be >= backoff_initial_s")
+        if self.protocol != "ftps" and self.ca_file is not None:
+            raise ConfigError(path, f"{key}.ca_file", "only used with protocol = \"ftps\"")
+        if self.protocol != "sftp":
+            for name in ("key_file", "key_credential", "known_hosts"):
+                if getattr(self, name):
+                    raise ConfigError(path, f"{key}.{name}", "only used with protocol = \"sftp\"")
+        if self.protocol == "sftp" and self.known_hosts is None:
+            raise ConfigError(path, f"{key}.known_hosts", "required for sftp: an OpenSSH known_hosts file with "
+                              "the server's host key (unknown keys are refused, never added)")
+        if self.protocol == "local" and not os.path.isabs(self.remote_dir):
+            raise ConfigError(path, f"{key}.remote_dir", "protocol = \"local\" needs the absolute path of a mounted directory")
 
 
 @dataclass(frozen=True)
@@ -382,6 +447,10 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
         if meta.get("max") is not None and value > meta["max"]:
             raise ConfigError(path, key, f"must be <= {meta['max']}, got {value!r}")
         return hint(value)
+    if origin is dict:  # a table of strings, e.g. [upload.windows]
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise bad("a table of strings")
+        return dict(value)
     if origin is tuple:
         if strings and isinstance(value, str):
             value = [v.strip() for v in re.split(r"[,\n]", value) if v.strip()]
@@ -426,14 +495,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         except crypto.RecipientError as e:
             raise ConfigError(path, f"bundle.recipients[{i}]", str(e)) from None
 
-    up = cfg.upload
-    if up.protocol != "none":
-        if up.password_file is not None and not os.access(up.password_file, os.R_OK):
-            raise ConfigError(path, "upload.password_file", f"cannot read {up.password_file}")
-        if up.password_file is not None and up.password_credential:
-            raise ConfigError(path, "upload.password_credential", "set password_file or password_credential, not both")
-        if up.backoff_max_s < up.backoff_initial_s:
-            raise ConfigError(path, "upload.backoff_max_s", "must be >= backoff_initial_s")
+    cfg.upload.check(path)
 
     d = cfg.daemon
     if d.restart_backoff_max_s < d.restart_backoff_initial_s:
@@ -460,5 +522,10 @@ def summary(cfg: Config) -> str:
     if u.protocol == "none":
         lines.append("  upload: none (bundles stay in the outbox)")
     else:
-        lines.append(f"  upload: {u.protocol}://{u.user}@{u.host}:{u.port}/{u.remote_dir.strip('/')} layout {u.layout}")
+        where = u.remote_dir if u.protocol == "local" else f"{u.protocol}://{u.user}@{u.host}:{u.port or 'default'}/{u.remote_dir.strip('/')}"
+        lines.append(f"  upload: {where} layout {u.layout}")
+        if u.rate_limit_bytes_per_s:
+            lines.append(f"  upload rate limit: {u.rate_limit_bytes_per_s} bytes/s")
+        for name, spec in u.windows.items():
+            lines.append(f"  upload window {name}: {spec} local time")
     return "\n".join(lines)

@@ -2,6 +2,10 @@
 """A local FTP server (pyftpdlib) for the demo and the tests: one user, one root, 127.0.0.1 only.
 
     python scripts/ftp_server.py --root DIR --port PORT --user U --password-file FILE
+                                 [--tls-cert PEM --tls-key PEM] [--readonly SUBDIR]
+
+``--tls-cert``/``--tls-key``: FTPS (explicit TLS, required on control and data channels).
+``--readonly SUBDIR``: list and download only under ROOT/SUBDIR (uploads there get 550).
 
 Prints ``ready PORT`` on stdout once it listens (``--port 0`` picks a free port).
 """
@@ -22,11 +26,23 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--user", default="beemond")
     p.add_argument("--password-file", required=True)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--readonly", action="append", default=[])
     args = p.parse_args()
     Path(args.root).mkdir(parents=True, exist_ok=True)
     auth = DummyAuthorizer()
     auth.add_user(args.user, Path(args.password_file).read_text().strip(), args.root, perm="elradfmwMT")
+    for sub in args.readonly:
+        (Path(args.root) / sub).mkdir(parents=True, exist_ok=True)
+        auth.override_perm(args.user, str(Path(args.root) / sub), "elr", recursive=True)
     handler = FTPHandler
+    if args.tls_cert:
+        from pyftpdlib.handlers import TLS_FTPHandler
+
+        handler = TLS_FTPHandler
+        handler.certfile, handler.keyfile = args.tls_cert, args.tls_key
+        handler.tls_control_required = handler.tls_data_required = True
     handler.authorizer = auth
     handler.passive_ports = None
     logging.basicConfig(level=logging.WARNING)

@@ -46,14 +46,15 @@ def free_port() -> int:
 class FtpServer:
     """pyftpdlib in its own process (scripts/ftp_server.py), on 127.0.0.1."""
 
-    def __init__(self, root: Path, password_file: Path, port: int = 0):
+    def __init__(self, root: Path, password_file: Path, port: int = 0, extra_args: tuple[str, ...] = ()):
         self.root, self.password_file, self.port = root, password_file, port
+        self.extra_args = list(extra_args)  # e.g. --tls-cert/--tls-key, --readonly (scripts/ftp_server.py)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "FtpServer":
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "scripts" / "ftp_server.py"), "--root", str(self.root),
-             "--port", str(self.port), "--password-file", str(self.password_file)],
+             "--port", str(self.port), "--password-file", str(self.password_file), *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()  # "ready PORT" once listening, or EOF if it died
         assert line.startswith("ready "), f"FTP server did not start: {line!r}"

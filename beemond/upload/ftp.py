@@ -1,7 +1,14 @@
-"""FTP transport (``ftplib``, RFC 959 plus SIZE from RFC 3659), one connection reused across files.
+"""FTP and FTPS transports (``ftplib``: RFC 959, SIZE from RFC 3659, FTPS per RFC 4217), one
+connection reused across files.
 
 Paths are absolute from the login directory, so a reconnect cannot land the next upload elsewhere.
 The password is read from its file at connect time and never logged.
+
+FTPS: explicit TLS (``AUTH TLS``), ``PROT P`` so the data channel is encrypted too, the server
+certificate verified against the system CAs or ``ca_file`` (and its name against ``host``). The data
+connection resumes the control connection's TLS session (RFC 4217 §10.2 lets a server insist, and
+vsftpd's default ``require_ssl_reuse=YES`` does: stock ``ftplib`` gets ``522``), which also stops a
+third party from hijacking the data port.
 """
 
 from __future__ import annotations
@@ -9,15 +16,21 @@ from __future__ import annotations
 import ftplib
 import logging
 import posixpath
+import ssl
 
-from beemond.upload import TransportError
+from beemond.upload import PermanentError, TransportError
 
 log = logging.getLogger(__name__)
 
-BLOCK = 64 * 1024
+BLOCK = 256 * 1024
+# Replies that refuse one file for good: 550 (no permission / not allowed), 553 (name not allowed).
+PERMANENT_CODES = ("550", "553")
 
 
 class FtpTransport:
+    errors: tuple[type[BaseException], ...] = (ftplib.Error, EOFError)
+    scheme = "ftp"
+
     def __init__(self, up):
         self.up = up
         self.ftp: ftplib.FTP | None = None
@@ -28,14 +41,28 @@ class FtpTransport:
     def connected(self) -> bool:
         return self.ftp is not None
 
+    @property
+    def port(self) -> int:
+        return self.up.port or 21
+
     def describe(self) -> str:
-        return f"ftp://{self.up.user}@{self.up.host}:{self.up.port}"
+        return f"{self.scheme}://{self.up.user}@{self.up.host}:{self.port}"
+
+    def permanent(self, e: BaseException) -> bool:
+        return isinstance(e, ftplib.error_perm) and str(e)[:3] in PERMANENT_CODES
+
+    def _client(self) -> ftplib.FTP:
+        return ftplib.FTP(timeout=self.up.timeout_s)
+
+    def _secure(self, ftp) -> None:
+        """FTPS: protect the data channel (after login)."""
 
     def connect(self) -> None:
-        ftp = ftplib.FTP(timeout=self.up.timeout_s)
+        ftp = self._client()
         try:
-            ftp.connect(self.up.host, self.up.port)
+            ftp.connect(self.up.host, self.port)
             ftp.login(self.up.user, self.up.password())
+            self._secure(ftp)
             ftp.voidcmd("TYPE I")  # SIZE is defined for binary transfers only
             self.home = ftp.pwd() or "/"
         except BaseException:
@@ -45,7 +72,8 @@ class FtpTransport:
         self._dirs = set()
 
     def path(self, relative: str) -> str:
-        return posixpath.normpath(posixpath.join(self.home, self.up.remote_dir.strip("/"), relative))
+        # An absolute remote_dir is taken as is; a relative one starts at the login directory.
+        return posixpath.normpath(posixpath.join(self.home, self.up.remote_dir, relative))
 
     def ensure_dir(self, path: str) -> None:
         if path in self._dirs or path in ("", "/"):
@@ -60,16 +88,17 @@ class FtpTransport:
             try:
                 self.ftp.cwd(path)
             except ftplib.error_perm:
-                raise TransportError(f"cannot create remote directory {path}: {e}") from None
+                raise PermanentError(f"cannot create remote directory {path}: {str(e).strip()}") from None
         self._dirs.add(path)
 
-    def put(self, local, remote: str, progress=None) -> None:
-        with open(local, "rb") as f:
-            self.ftp.storbinary(f"STOR {remote}", f, blocksize=BLOCK,
-                                callback=(lambda _block: progress()) if progress else None)
+    def put(self, reader, remote: str) -> None:
+        self.ftp.storbinary(f"STOR {remote}", reader, blocksize=BLOCK)
 
     def size(self, remote: str) -> int:
-        value = self.ftp.size(remote)
+        try:
+            value = self.ftp.size(remote)
+        except ftplib.error_perm as e:  # "550 no such file" here is a lost upload, not a refusal
+            raise TransportError(f"SIZE {remote} failed: {str(e).strip()}") from None
         if value is None:
             raise TransportError(f"server did not report the size of {remote}")
         return int(value)
@@ -83,5 +112,37 @@ class FtpTransport:
             return
         try:
             ftp.quit()
-        except (ftplib.all_errors, EOFError):
+        except (*ftplib.all_errors, EOFError):
             ftp.close()
+
+
+class _SessionReusingFTP_TLS(ftplib.FTP_TLS):
+    """``FTP_TLS`` whose data connections resume the control connection's TLS session."""
+
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+
+class FtpsTransport(FtpTransport):
+    errors = (ftplib.Error, EOFError)  # ssl.SSLError (a bad certificate, ...) is an OSError
+    scheme = "ftps"
+
+    def _client(self) -> ftplib.FTP:
+        try:
+            context = ssl.create_default_context(cafile=str(self.up.ca_file) if self.up.ca_file else None)
+        except OSError as e:
+            raise TransportError(f"cannot load upload.ca_file {self.up.ca_file}: {e.strerror or e}") from None
+        return _SessionReusingFTP_TLS(context=context, timeout=self.up.timeout_s)
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+        except ssl.SSLCertVerificationError as e:
+            raise TransportError(f"TLS certificate of {self.up.host}:{self.port} rejected: {e.verify_message} "
+                                 f"(trusted: {self.up.ca_file or 'system CAs'})") from None
+
+    def _secure(self, ftp) -> None:
+        ftp.prot_p()

@@ -1,72 +1,148 @@
 """Uploader worker: bundles in ``spool/outbox/`` to the lab's server, verified, exactly once.
 
-Two queues. **Fresh**: bundles announced by watchdog (inotify) events as the aggregator renames them
+Queues. **Fresh**: bundles announced by watchdog (inotify) events as the aggregator renames them
 into the outbox; they go first, so a restored link delivers today's data before last week's.
-**Backlog**: whatever a scan of the outbox finds (at start, when the link comes back, at shutdown), in
-``backlog_order``. One connection is kept open across files.
+**Backlog**: whatever a scan of the outbox finds (at start, when the link comes back, at shutdown)
+and failed retries, in ``backlog_order``. **Deferred**: bundles of a sensor outside its upload
+window (``[upload.windows]``); they wait while the others go, and rejoin the backlog when it opens.
+One connection is kept open across files.
 
-Per bundle: upload to ``NAME.part``, compare the remote size with the local one, rename to the final
-path (``[upload] layout``), and only then delete the local file and fsync the outbox. A failure closes
-the connection, puts the bundle back in the backlog and backs off exponentially with full jitter, up to
-``backoff_max_s``. Nothing is ever deleted that the server did not confirm.
+Per bundle: if a detached signature ``NAME.sig`` sits beside it (written before the bundle entered
+the outbox), the signature goes first. Each file is uploaded to ``REMOTE.part`` (a ``.part`` left by
+a crash is overwritten), its remote size compared with the local one, and renamed to its final path
+(``[upload] layout``). Only after the bundle's rename is confirmed are the local signature and then
+the bundle deleted (or moved to ``spool/uploaded/`` under ``keep_uploaded_bytes``) and the outbox
+fsynced. A power cut between rename and delete uploads the bundle again: same name, replaced, so it
+still exists once on the server.
+
+Failures: a transient one closes the connection, puts the bundle back at the head of the backlog
+and backs off exponentially with full jitter, up to ``backoff_max_s``. A permanent one (the server
+refuses the file: FTP 550/553, SFTP permission denied; or the local file cannot be read) is retried
+once on a fresh connection, then the bundle is moved to ``spool/quarantine/`` with an error line and
+counted: never retried forever, never deleted.
+
+Retention (``enforce_retention``): uploaded copies beyond ``keep_uploaded_bytes`` go oldest first;
+below ``min_free_bytes`` free on the spool's filesystem every uploaded copy may go, oldest first, and
+only with ``drop_oldest_when_full`` the oldest un-uploaded bundles too, each logged and counted.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
-import ftplib
+import datetime
 import logging
+import os
 import random
 import time
 from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.aggregator import BUNDLE_RE
-from beemond.upload import TransportError, make_transport
+from beemond.config import parse_window
+from beemond.upload import BundleReader, LocalFileError, PermanentError, TokenBucket, TransportError, make_transport
 
 log = logging.getLogger(__name__)
 
 FILE_EVENT = "outbox_file"
+SIG = ".sig"
+WINDOW_RECHECK_S = 60.0
+
+
+def sort_key(path: Path) -> tuple[str, str]:
+    """Bundles in time order: by start (from the name), then name."""
+    m = BUNDLE_RE.match(path.name)
+    return (m["start"] if m else "", path.name)
+
+
+def in_window(window: tuple[int, int], now: datetime.datetime) -> bool:
+    """Is local time *now* inside *window* (minutes after midnight, see ``config.parse_window``)?"""
+    start, end = window
+    minute = now.hour * 60 + now.minute
+    return start <= minute < end if start < end else (minute >= start or minute < end)
 
 
 class Uploader:
-    def __init__(self, cfg, channel: ipc.Channel):
+    def __init__(self, cfg, channel: ipc.Channel, progress=None):
         self.cfg = cfg
         self.up = cfg.upload
         self.channel = channel
-        self.outbox = Path(cfg.spool) / "outbox"
+        self.progress = progress  # callable(bytes) for `beemond upload --backlog`'s progress bar
+        spool = Path(cfg.spool)
+        self.spool = spool
+        self.outbox = spool / "outbox"
+        self.uploaded_dir = spool / "uploaded"
+        self.quarantine_dir = spool / "quarantine"
         self.outbox.mkdir(parents=True, exist_ok=True)
         self.fresh: collections.deque[Path] = collections.deque()
         self.backlog: list[Path] = []
-        self.queued: set[Path] = set()
+        self.deferred: list[Path] = []
+        self.known: dict[Path, int] = {}  # bundles in the outbox not yet done -> size in bytes
         self.failures = 0
         self.next_try = 0.0
-        self.transport = make_transport(cfg) if self.up.protocol != "none" else None
+        self.window_check = 0.0
+        self.strikes: dict[Path, int] = {}  # permanent errors per bundle (quarantined at the second)
+        self.counts = collections.Counter()  # uploaded, bytes, quarantined, evicted, dropped, failures
+        self.last_upload: float | None = None
+        self.windows = {name: parse_window(spec) for name, spec in self.up.windows.items()}
+        self.bucket = TokenBucket(self.up.rate_limit_bytes_per_s)
+        self.transport = make_transport(self.up) if self.up.protocol != "none" else None
         self.observer = None
+        self.kept: list[tuple[tuple[str, str], Path, int]] = []  # uploaded copies, oldest first
+        self.kept_bytes = 0
+        if self.uploaded_dir.is_dir():
+            for p in self.uploaded_dir.iterdir():
+                if BUNDLE_RE.match(p.name):
+                    self._keep(p)
 
     # ---- queues
+    def _add(self, path: Path) -> bool:
+        if path in self.known or path.parent != self.outbox or not BUNDLE_RE.match(path.name):
+            return False  # a .sig is never a bundle of its own: it travels with its bundle
+        try:
+            self.known[path] = path.stat().st_size
+        except OSError:
+            return False
+        return True
+
     def _on_file(self, path: Path) -> None:
-        if BUNDLE_RE.match(path.name) and path.parent == self.outbox and path not in self.queued:
-            self.queued.add(path)
+        if self._add(path):
             self.fresh.append(path)
+            self.report()
 
     def scan(self) -> None:
-        found = [p for p in self.outbox.iterdir() if BUNDLE_RE.match(p.name) and p not in self.queued]
-        found.sort(key=lambda p: (BUNDLE_RE.match(p.name)["start"], p.name), reverse=self.up.backlog_order == "newest")
-        self.backlog.extend(found)
-        self.queued.update(found)
+        found = [p for p in self.outbox.iterdir() if self._add(p)]
         if found:
+            self.backlog = sorted(self.backlog + found, key=sort_key, reverse=self.up.backlog_order == "newest")
             log.info("backlog: %d bundle(s) waiting in the outbox", len(found))
+        self.enforce_retention()
+        self.report()
+
+    def _window_open(self, path: Path) -> bool:
+        window = self.windows.get(BUNDLE_RE.match(path.name)["group"])
+        return window is None or in_window(window, datetime.datetime.now())
 
     def _next(self) -> Path | None:
-        if self.fresh:
-            return self.fresh.popleft()
-        if self.backlog:
-            return self.backlog.pop(0)
+        if self.deferred and time.monotonic() >= self.window_check:
+            self.backlog = sorted(self.backlog + self.deferred, key=sort_key, reverse=self.up.backlog_order == "newest")
+            self.deferred = []
+        while self.fresh or self.backlog:
+            path = self.fresh.popleft() if self.fresh else self.backlog.pop(0)
+            if path not in self.known:
+                continue  # dropped by retention meanwhile
+            if self._window_open(path):
+                return path
+            if not self.deferred:
+                self.window_check = time.monotonic() + WINDOW_RECHECK_S
+            self.deferred.append(path)
         return None
 
     def _pending(self) -> bool:
-        return bool(self.fresh or self.backlog)
+        return bool(self.fresh or self.backlog or (self.deferred and time.monotonic() >= self.window_check))
+
+    def report(self) -> None:
+        self.channel.send(ipc.OUTBOX, files=len(self.known), bytes=sum(self.known.values()),
+                          last_upload=self.last_upload)
 
     # ---- watchdog
     def _start_observer(self) -> None:
@@ -102,8 +178,10 @@ class Uploader:
         try:
             while True:
                 now = time.monotonic()
-                if self._pending():
+                if self.fresh or self.backlog:
                     timeout = max(0.0, self.next_try - now)
+                elif self.deferred:
+                    timeout = max(0.0, self.window_check - now)
                 else:
                     timeout = 3600.0
                 cmd = self.channel.receive(timeout)
@@ -131,40 +209,78 @@ class Uploader:
         deadline = time.monotonic() + self.up.shutdown_grace_s
         self.scan()
         if time.monotonic() < self.next_try:
-            log.info("shutting down in backoff; %d bundle(s) stay in the outbox", len(self.queued))
+            log.info("shutting down in backoff; %d bundle(s) stay in the outbox", len(self.known))
             return
-        while self._pending() and time.monotonic() < deadline:
+        while (self.fresh or self.backlog) and time.monotonic() < deadline:
             if not self.upload_next():
                 break
-        left = len(self.queued)
-        log.info("shutting down; %d bundle(s) stay in the outbox for the next start", left)
+        log.info("shutting down; %d bundle(s) stay in the outbox for the next start", len(self.known))
 
     def upload_next(self) -> bool:
+        """Upload the next bundle. False after a transient failure (now in backoff), else True."""
         path = self._next()
         if path is None:
             return True
-        self.queued.discard(path)
         if not path.exists():
+            self.known.pop(path, None)
             return True
         try:
             self._upload(path)
-        except (TransportError, OSError, EOFError, ftplib.Error) as e:
-            self.failures += 1
-            delay = min(self.up.backoff_max_s, self.up.backoff_initial_s * 2 ** (self.failures - 1))
-            delay = random.uniform(delay / 2, delay)  # jitter: a fleet of hives must not retry in step
-            self.next_try = time.monotonic() + delay
-            log.warning("upload of %s to %s failed (%s: %s); retry %d in %.1f s", path.name,
-                        self.transport.describe(), type(e).__name__, str(e).strip() or "-", self.failures, delay)
-            self.channel.send(ipc.ERROR, message=f"upload failed: {e}")
-            self.transport.close()
-            self.backlog.insert(0, path)  # fresh first on the next try, but this one is not forgotten
-            self.queued.add(path)
+        except PermanentError as e:
+            return self._refused(path, e)
+        except (TransportError, OSError, EOFError, *self.transport.errors) as e:
+            if self.transport.permanent(e):
+                return self._refused(path, e)
+            self._failed(path, e)
             return False
+        self.strikes.pop(path, None)
         if self.failures:
             log.info("upload link restored after %d failure(s)", self.failures)
             self.failures = 0
             self.scan()  # the secondary queue: anything an event did not announce during the outage
         return True
+
+    def _failed(self, path: Path, e: BaseException) -> None:
+        self.failures += 1
+        self.counts["failures"] += 1
+        delay = min(self.up.backoff_max_s, self.up.backoff_initial_s * 2 ** (self.failures - 1))
+        delay = random.uniform(delay / 2, delay)  # jitter: a fleet of hives must not retry in step
+        self.next_try = time.monotonic() + delay
+        log.warning("upload of %s to %s failed (%s: %s); retry %d in %.1f s", path.name,
+                    self.transport.describe(), type(e).__name__, str(e).strip() or "-", self.failures, delay)
+        self.channel.send(ipc.ERROR, message=f"upload failed: {type(e).__name__}: {str(e).strip()}")
+        self.transport.close()
+        self.backlog.insert(0, path)  # fresh first on the next try, but this one is not forgotten
+        self.enforce_retention()  # the link may stay down for hours while the spool fills
+
+    def _refused(self, path: Path, e: BaseException) -> bool:
+        """A permanent error: once more on a fresh connection (a stale directory cache, a server
+        restarted with other rules), then quarantine."""
+        self.transport.close()
+        self.strikes[path] = self.strikes.get(path, 0) + 1
+        if self.strikes[path] < 2 and not isinstance(e, LocalFileError):
+            log.warning("upload of %s refused (%s); trying once more on a new connection", path.name, str(e).strip())
+            self.backlog.insert(0, path)
+            return True
+        self.strikes.pop(path, None)
+        self.quarantine(path, f"{type(e).__name__}: {str(e).strip()}")
+        return True
+
+    def quarantine(self, path: Path, why: str) -> None:
+        """Move a bundle (and its signature) to ``spool/quarantine/`` for a human; never delete it."""
+        self.quarantine_dir.mkdir(exist_ok=True)
+        sig = path.with_name(path.name + SIG)
+        if sig.exists():
+            os.replace(sig, self.quarantine_dir / sig.name)
+        os.replace(path, self.quarantine_dir / path.name)
+        archive.fsync_dir(self.quarantine_dir)
+        archive.fsync_dir(self.outbox)
+        self.known.pop(path, None)
+        self.counts["quarantined"] += 1
+        log.error("quarantined %s in %s after a permanent failure (%s); %d bundle(s) quarantined so far",
+                  path.name, self.quarantine_dir, why, self.counts["quarantined"])
+        self.channel.send(ipc.ERROR, message=f"quarantined {path.name}: {why}")
+        self.report()
 
     def remote_path(self, path: Path) -> str:
         m = BUNDLE_RE.match(path.name)
@@ -174,23 +290,114 @@ class Uploader:
                                   start=start, ext="tar.age", end=start, metadata={}, _split_index=0)
         return self.transport.path(rel)
 
+    def _send(self, local: Path, remote: str) -> int:
+        """One file to *remote* via ``.part``, verified by size. Returns its size in bytes."""
+        try:
+            f = open(local, "rb")
+            size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise LocalFileError(f"cannot open {local.name}: {e.strerror or e}") from None
+        with f:
+            part = remote + ".part"
+            reader = BundleReader(f, self.bucket, self._progress)
+            self.transport.put(reader, part)
+            if reader.sent != size:
+                raise LocalFileError(f"{local.name} changed size while uploading ({size} -> {reader.sent} bytes)")
+        remote_size = self.transport.size(part)
+        if remote_size != size:
+            raise TransportError(f"remote size {remote_size} != local size {size} for {part}")
+        self.transport.rename(part, remote)
+        return size
+
+    def _progress(self, n: int) -> None:
+        self.channel.beat()
+        if self.progress is not None:
+            self.progress(n)
+
     def _upload(self, path: Path) -> None:
         t0 = time.monotonic()
         if not self.transport.connected:
             self.transport.connect()
             log.info("connected to %s", self.transport.describe())
         remote = self.remote_path(path)
-        part = remote + ".part"
         self.transport.ensure_dir(remote.rsplit("/", 1)[0] or "/")
-        local_size = path.stat().st_size
-        self.transport.put(path, part, progress=self.channel.beat)
-        remote_size = self.transport.size(part)
-        if remote_size != local_size:
-            raise TransportError(f"remote size {remote_size} != local size {local_size} for {part}")
-        self.transport.rename(part, remote)
-        # Confirmed on the server under its final name: only now may the local copy go.
-        path.unlink()
-        archive.fsync_dir(self.outbox)
+        sig = path.with_name(path.name + SIG)
+        has_sig = sig.exists()
+        if has_sig:  # the signature first: a bundle on the server is never without its signature
+            self._send(sig, remote + SIG)
+        size = self._send(path, remote)
+        # Confirmed on the server under its final name: only now may the local copies go.
+        self._release(path, sig if has_sig else None)
         dt = time.monotonic() - t0
-        log.info("uploaded %s (%d bytes, %.2f s) to %s", path.name, local_size, dt, remote)
-        self.channel.send(ipc.UPLOADED, name=path.name, bytes=local_size, seconds=dt, remote=remote)
+        self.known.pop(path, None)
+        self.counts["uploaded"] += 1
+        self.counts["bytes"] += size
+        self.last_upload = time.time()
+        log.info("uploaded %s (%d bytes, %.2f s) to %s", path.name, size, dt, remote)
+        self.channel.send(ipc.UPLOADED, name=path.name, bytes=size, seconds=dt, remote=remote)
+        self.enforce_retention()
+        self.report()
+
+    # ---- retention
+    def _release(self, path: Path, sig: Path | None) -> None:
+        """Delete (or keep, under the quota) an uploaded bundle: its signature first, so a power cut
+        between the two leaves a bundle that is simply uploaded again, never an orphan signature."""
+        if self.up.keep_uploaded_bytes > 0:
+            self.uploaded_dir.mkdir(exist_ok=True)
+            if sig is not None:
+                os.replace(sig, self.uploaded_dir / sig.name)
+            os.replace(path, self.uploaded_dir / path.name)
+            archive.fsync_dir(self.uploaded_dir)
+            self._keep(self.uploaded_dir / path.name)
+        else:
+            if sig is not None:
+                sig.unlink()
+            path.unlink()
+        archive.fsync_dir(self.outbox)
+
+    def _keep(self, path: Path) -> None:
+        size = path.stat().st_size
+        sig = path.with_name(path.name + SIG)
+        if sig.exists():
+            size += sig.stat().st_size
+        bisect.insort(self.kept, (sort_key(path), path, size))
+        self.kept_bytes += size
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.spool)
+        return st.f_bavail * st.f_frsize
+
+    def enforce_retention(self) -> None:
+        """Quota on uploaded copies; on a full filesystem uploaded copies go first, and un-uploaded
+        bundles only if ``drop_oldest_when_full``. Oldest (by bundle start) first."""
+        while self.kept and self.kept_bytes > self.up.keep_uploaded_bytes:
+            self._evict("over keep_uploaded_bytes")
+        if self.free_bytes() >= self.up.min_free_bytes:
+            return
+        while self.kept and self.free_bytes() < self.up.min_free_bytes:
+            self._evict("spool filesystem below min_free_bytes")
+        if not self.up.drop_oldest_when_full:
+            return
+        waiting = sorted(self.known, key=sort_key)
+        dropped = False
+        while waiting and self.free_bytes() < self.up.min_free_bytes:
+            path = waiting.pop(0)
+            self.known.pop(path, None)
+            for p in (path.with_name(path.name + SIG), path):
+                p.unlink(missing_ok=True)
+            dropped = True
+            self.counts["dropped"] += 1
+            log.error("spool filesystem below min_free_bytes (%d bytes free): deleted un-uploaded bundle %s "
+                      "(drop_oldest_when_full); %d dropped so far", self.free_bytes(), path.name, self.counts["dropped"])
+        if dropped:
+            archive.fsync_dir(self.outbox)
+
+    def _evict(self, why: str) -> None:
+        _key, path, size = self.kept.pop(0)
+        for p in (path.with_name(path.name + SIG), path):
+            p.unlink(missing_ok=True)
+        self.kept_bytes -= size
+        self.counts["evicted"] += 1
+        log.info("evicted uploaded copy %s (%s)", path.name, why)

@@ -1,0 +1,384 @@
+"""The uploader against real servers: pyftpdlib (FTP, FTPS), vsftpd (FTPS with TLS session reuse), OpenSSH
+sshd (SFTP), a mounted directory, a server killed mid-transfer, and a proxy that resets connections."""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import ftplib
+import hashlib
+import logging
+import multiprocessing
+import os
+import queue
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from beemond import config, ipc
+from beemond.upload import TransportError
+from beemond.upload.uploader import Uploader
+from conftest import ROOT, FtpServer, make_config, wait_for
+from upload_peers import ResetProxy, Sshd, Vsftpd, ftps_server, make_cert
+
+HOST = "demo-hive"
+T0 = datetime.datetime(2021, 6, 19, 0, 4, 58)
+
+
+def make_bundles(outbox: Path, n: int, size: int, sensor: str = "hive_audio", start: int = 0) -> dict[str, str]:
+    """*n* bundle files named as the aggregator names them, random content. Returns name -> sha256."""
+    outbox.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for i in range(start, start + n):
+        stamp = (T0 + datetime.timedelta(minutes=i)).strftime("%Y%m%dT%H%M%SZ")
+        body = os.urandom(size)
+        name = f"{HOST}_{stamp}_{sensor}_{hashlib.sha256(body).hexdigest()[:12]}.tar.age"
+        (outbox / name).write_bytes(body)
+        made[name] = hashlib.sha256(body).hexdigest()
+    return made
+
+
+def on_server(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.tar.age")}
+
+
+def load(tmp_path, keys, password_file, port=0, **over):
+    over.setdefault("upload.backoff_initial_s", 0.05)
+    over.setdefault("upload.backoff_max_s", 0.5)
+    if password_file is None:
+        over.setdefault("upload.password_file", None)
+    return config.load(make_config(tmp_path, keys, password_file, port, **over))
+
+
+class Running:
+    """``Uploader.run()`` in a thread with a real channel (a queue down, a pipe up), as the worker runs it."""
+
+    def __init__(self, cfg):
+        self.commands = queue.Queue()
+        self.events_r, events_w = multiprocessing.Pipe(duplex=False)
+        self.uploader = Uploader(cfg, ipc.Channel("uploader", self.commands, events_w, 0.5))
+        self.thread = threading.Thread(target=self.uploader.run, daemon=True)
+        self.events: list[ipc.Event] = []
+        # Drain the pipe as the orchestrator does: a full pipe would block the uploader's send().
+        self.reader = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self.events.append(self.events_r.recv())
+            except (EOFError, OSError):
+                return
+
+    def __enter__(self) -> "Running":
+        self.thread.start()
+        self.reader.start()
+        return self
+
+    def poll_events(self) -> list[ipc.Event]:
+        return list(self.events)
+
+    def __exit__(self, *exc) -> None:
+        self.commands.put(ipc.Command(ipc.SHUTDOWN))
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the uploader did not stop"
+        self.uploader.channel.events.close()
+        self.reader.join(5)
+
+
+def outbox_of(cfg) -> Path:
+    return cfg.spool / "outbox"
+
+
+def bundles_left(cfg) -> list[str]:
+    return sorted(p.name for p in outbox_of(cfg).glob("*.tar.age"))
+
+
+def test_ftp_server_killed_mid_transfer_every_bundle_once(tmp_path, keys, password_file):
+    root = tmp_path / "ftp-root"
+    ftp = FtpServer(root, password_file).start()
+    cfg = load(tmp_path, keys, password_file, ftp.port, **{"upload.rate_limit_bytes_per_s": 1_000_000})
+    made = make_bundles(outbox_of(cfg), 6, 400_000)
+    try:
+        with Running(cfg) as r:
+            # Kill the server while a .part is growing on it, then bring it back on the same port.
+            wait_for(lambda: any(p.stat().st_size > 0 for p in root.rglob("*.part")), 20, "a transfer in progress")
+            ftp.proc.kill()
+            ftp.proc.wait(5)
+            wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "the uploader noticing")
+            ftp = FtpServer(root, password_file, ftp.port).start()
+            wait_for(lambda: not bundles_left(cfg), 30, "the outbox to empty")
+    finally:
+        ftp.stop()
+    assert on_server(root) == made, "every bundle exactly once at its final name, byte for byte"
+    assert len(list(root.rglob("*.tar.age"))) == len(made)
+    assert not list(root.rglob("*.part")), "the .part of the killed transfer was overwritten and renamed"
+    # AppMAIS layout: host/date/sensor/name
+    for p in root.rglob("*.tar.age"):
+        assert p.relative_to(root).parts[:3] == (HOST, "2021-06-19", "hive_audio")
+    outbox_events = [e for e in r.events if e.kind == ipc.OUTBOX]
+    assert outbox_events[0].data["files"] == 6 and outbox_events[-1].data == {
+        "files": 0, "bytes": 0, "last_upload": r.uploader.last_upload}
+
+
+def test_200_bundles_through_a_resetting_proxy_all_arrive(tmp_path, keys, password_file):
+    sshd = Sshd(tmp_path / "sshd").start()
+    proxy = ResetProxy(sshd.port, min_bytes=2_000, max_bytes=150_000, resets=25).start()
+    # The proxy speaks for the server: its port in known_hosts too.
+    kh = tmp_path / "known_hosts"
+    kh.write_text(sshd.known_hosts.read_text().replace(f":{sshd.port} ", f":{proxy.port} "))
+    remote = tmp_path / "sftp-root"
+    cfg = load(tmp_path, keys, None, proxy.port, **{
+        "upload.protocol": "sftp", "upload.user": sshd.user, "upload.key_file": str(sshd.client_key),
+        "upload.known_hosts": str(kh), "upload.remote_dir": str(remote), "upload.backoff_initial_s": 0.01,
+        "upload.backoff_max_s": 0.05, "upload.timeout_s": 5})
+    made = make_bundles(outbox_of(cfg), 200, 10_000)
+    try:
+        with Running(cfg) as r:
+            wait_for(lambda: not bundles_left(cfg), 60, "200 bundles through the proxy")
+    finally:
+        proxy.stop()
+        sshd.stop()
+    assert proxy.resets >= 10, f"the proxy should have cut connections ({proxy.resets})"
+    assert r.uploader.counts["failures"] >= 10
+    assert on_server(remote) == made
+    assert not list(remote.rglob("*.part"))
+    assert list(outbox_of(cfg).iterdir()) == []
+
+
+def test_sftp_unknown_or_changed_host_key_is_refused(tmp_path, keys):
+    sshd = Sshd(tmp_path / "sshd").start()
+    other = Sshd(tmp_path / "other")  # not started: only its host key, as if another machine answered
+    try:
+        for known, message in [(other.known_hosts.read_text().replace(f":{other.port} ", f":{sshd.port} "),
+                                "does not match"),
+                               (f"[127.0.0.1]:1 {other.host_key.with_suffix('.pub').read_text()}",
+                                "is not in")]:
+            kh = tmp_path / "kh"
+            kh.write_text(known)
+            cfg = load(tmp_path, keys, None, sshd.port, **{
+                "upload.protocol": "sftp", "upload.user": sshd.user, "upload.key_file": str(sshd.client_key),
+                "upload.known_hosts": str(kh)})
+            u = Uploader(cfg, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+            with pytest.raises(TransportError, match=f"host key of 127.0.0.1:{sshd.port} {message}"):
+                u.transport.connect()
+            assert kh.read_text() == known, "an unknown key is never added"
+        # The right known_hosts works (and the proof the refusals above were about the key alone).
+        kh.write_text(sshd.known_hosts.read_text())
+        u.transport.connect()
+        u.transport.close()
+    finally:
+        sshd.stop()
+
+
+def test_ftps_with_ca_file_and_a_wrong_certificate(tmp_path, keys, password_file, caplog):
+    caplog.set_level(logging.DEBUG)
+    cert, key = make_cert(tmp_path / "tls")
+    wrong, _ = make_cert(tmp_path / "other-ca")
+    root = tmp_path / "ftps-root"
+    server = ftps_server(root, password_file, cert, key)  # TLS required on control and data channels
+    try:
+        cfg = load(tmp_path, keys, password_file, server.port, **{"upload.protocol": "ftps", "upload.ca_file": str(cert)})
+        made = make_bundles(outbox_of(cfg), 3, 50_000)
+        with Running(cfg):
+            wait_for(lambda: not bundles_left(cfg), 20, "FTPS uploads")
+        assert on_server(root) == made
+
+        bad = load(tmp_path, keys, password_file, server.port, **{"upload.protocol": "ftps", "upload.ca_file": str(wrong)})
+        u = Uploader(bad, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+        with pytest.raises(TransportError, match=r"TLS certificate of 127.0.0.1:\d+ rejected: .*self.signed"):
+            u.transport.connect()
+
+        (tmp_path / "wrong-pw").write_text("not-the-hive-secret\n")
+        bad_pw = load(tmp_path, keys, tmp_path / "wrong-pw", server.port,
+                      **{"upload.protocol": "ftps", "upload.ca_file": str(cert)})
+        make_bundles(outbox_of(bad_pw), 1, 1000, start=50)
+        r = Running(bad_pw)
+        with r:
+            wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "a failed login")
+    finally:
+        server.stop()
+    errors = " ".join(e.data.get("message", "") for e in r.events if e.kind == ipc.ERROR)
+    assert "530" in errors, "the login failure is reported"
+    for secret in ("hive-secret", "not-the-hive-secret"):
+        assert secret not in caplog.text and secret not in errors, "a password must never reach logs or errors"
+
+
+def test_vsftpd_requires_tls_session_reuse_and_we_provide_it(tmp_path, keys):
+    cert, key = make_cert(tmp_path / "tls")
+    server = Vsftpd(tmp_path / "vsftpd", cert, key).start()
+    try:
+        # The peer is strict: stock ftplib (no session reuse) is refused on the data channel.
+        stock = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(cert)), timeout=10)
+        stock.connect("127.0.0.1", server.port)
+        stock.login()
+        stock.prot_p()
+        with pytest.raises(ftplib.error_perm, match="522"):
+            stock.storbinary("STOR incoming/stock.bin", __import__("io").BytesIO(b"x"))
+        stock.close()
+
+        cfg = load(tmp_path, keys, None, server.port, **{
+            "upload.protocol": "ftps", "upload.ca_file": str(cert), "upload.user": "anonymous",
+            "upload.remote_dir": "incoming", "upload.password_file": None})
+        made = make_bundles(outbox_of(cfg), 3, 100_000)
+        with Running(cfg):
+            wait_for(lambda: not bundles_left(cfg), 20, "uploads to vsftpd")
+    finally:
+        server.stop()
+    assert on_server(server.incoming) == made
+    assert not list(server.incoming.rglob("*.part"))
+
+
+def test_refused_bundle_is_quarantined_with_its_signature_others_go_on(tmp_path, keys, password_file, caplog):
+    root = tmp_path / "ftp-root"
+    server = FtpServer(root, password_file, extra_args=("--readonly", f"{HOST}/2021-06-19/locked")).start()
+    cfg = load(tmp_path, keys, password_file, server.port)
+    ok = make_bundles(outbox_of(cfg), 3, 20_000)
+    locked = make_bundles(outbox_of(cfg), 1, 20_000, sensor="locked", start=10)
+    name = next(iter(locked))
+    (outbox_of(cfg) / (name + ".sig")).write_bytes(b"sig")
+    try:
+        with Running(cfg) as r:
+            wait_for(lambda: not bundles_left(cfg), 20, "the outbox to empty")
+    finally:
+        server.stop()
+    assert on_server(root) == ok
+    q = cfg.spool / "quarantine"
+    assert sorted(p.name for p in q.iterdir()) == [name, name + ".sig"], "quarantined, not deleted"
+    assert r.uploader.counts["quarantined"] == 1
+    assert f"quarantined {name} in {q} after a permanent failure" in caplog.text
+    assert "550" in caplog.text
+
+
+def test_signature_first_then_bundle_orphan_signature_never_sent(tmp_path, keys, password_file):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
+                                        "upload.password_file": None})
+    made = make_bundles(outbox_of(cfg), 2, 30_000)
+    signed = sorted(made)[0]
+    (outbox_of(cfg) / (signed + ".sig")).write_bytes(b"ed25519 signature")
+    orphan = "demo-hive_20210619T010000Z_hive_audio_0123456789ab.tar.age.sig"  # its bundle is not there yet
+    (outbox_of(cfg) / orphan).write_bytes(b"early")
+    with Running(cfg):
+        wait_for(lambda: not bundles_left(cfg), 20, "uploads")
+    remote_sig = next(nas.rglob(signed + ".sig"))
+    assert remote_sig.read_bytes() == b"ed25519 signature"
+    assert remote_sig.stat().st_mtime_ns <= next(nas.rglob(signed)).stat().st_mtime_ns, "signature first"
+    assert on_server(nas) == made
+    assert not list(nas.rglob(orphan)), "a .sig is never sent on its own"
+    assert [p.name for p in outbox_of(cfg).iterdir()] == [orphan]
+
+
+def _window_excluding_now() -> str:
+    now = datetime.datetime.now()
+    start = now + datetime.timedelta(hours=2)
+    end = now + datetime.timedelta(hours=4)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+def test_upload_windows_and_rate_limit(tmp_path, keys):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg = load(tmp_path, keys, None, **{
+        "upload.protocol": "local", "upload.remote_dir": str(nas), "upload.password_file": None,
+        "upload.windows": {"video": _window_excluding_now(), "hive_audio": "00:00-24:00"},
+        "upload.rate_limit_bytes_per_s": 400_000})
+    made = make_bundles(outbox_of(cfg), 3, 100_000)
+    video = make_bundles(outbox_of(cfg), 2, 1_000, sensor="video", start=-5)  # older, still must wait
+    t0 = time.monotonic()
+    with Running(cfg) as r:
+        wait_for(lambda: len(on_server(nas)) == 3, 20, "the audio bundles")
+        elapsed = time.monotonic() - t0
+        wait_for(lambda: [e for e in r.poll_events() if e.kind == ipc.OUTBOX and e.data["files"] == 2], 5,
+                 "an OUTBOX event counting the two waiting bundles")
+    assert on_server(nas) == made
+    assert bundles_left(cfg) == sorted(video), "outside their window, video bundles wait in the outbox"
+    # 300 kB at 400 kB/s with a 100 kB burst cannot take less than 0.5 s (a lower bound, not a timing race).
+    assert elapsed >= 0.45
+
+
+def test_retention_evicts_oldest_uploaded_never_unuploaded(tmp_path, keys, caplog):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    over = {"upload.protocol": "local", "upload.remote_dir": str(nas), "upload.password_file": None,
+            "upload.windows": {"video": _window_excluding_now()}, "upload.keep_uploaded_bytes": 25_000,
+            "upload.min_free_bytes": 0}
+    cfg = load(tmp_path, keys, None, **over)
+    made = make_bundles(outbox_of(cfg), 5, 10_000)
+    waiting = make_bundles(outbox_of(cfg), 2, 10_000, sensor="video", start=-10)  # the oldest of all
+    with Running(cfg) as r:
+        wait_for(lambda: len(on_server(nas)) == 5, 20, "uploads")
+    kept = sorted(p.name for p in (cfg.spool / "uploaded").iterdir())
+    assert kept == sorted(made)[-2:], "under a 25 kB quota the two newest uploaded copies stay"
+    assert r.uploader.counts["evicted"] == 3
+    assert bundles_left(cfg) == sorted(waiting), "un-uploaded bundles are never evicted, however old"
+
+    # The filesystem "fills": every uploaded copy may go, but without drop_oldest_when_full nothing else.
+    full = load(tmp_path, keys, None, **{**over, "upload.min_free_bytes": 2**49})
+    u = Uploader(full, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    u.scan()
+    assert list((cfg.spool / "uploaded").iterdir()) == []
+    assert bundles_left(cfg) == sorted(waiting)
+    assert u.counts["dropped"] == 0
+
+    # With drop_oldest_when_full the waiting bundles go too, oldest first, each logged and counted.
+    drop = load(tmp_path, keys, None, **{**over, "upload.min_free_bytes": 2**49, "upload.drop_oldest_when_full": True})
+    u = Uploader(drop, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    u.scan()
+    assert bundles_left(cfg) == [] and u.counts["dropped"] == 2
+    first, second = sorted(waiting)
+    log = caplog.text
+    assert log.index(f"deleted un-uploaded bundle {first}") < log.index(f"deleted un-uploaded bundle {second}")
+
+
+def test_cli_upload_backlog_progress_summary_and_lock(tmp_path, keys):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    path = make_config(tmp_path, keys, None, 0, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
+                                                   "upload.password_file": None})
+    spool = tmp_path / "spool"
+    made = make_bundles(spool / "outbox", 3, 20_000)
+    cmd = [sys.executable, "-m", "beemond", "upload", "--backlog", "--config", str(path)]
+
+    # The daemon holds spool/.lock: refuse, change nothing.
+    fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    busy = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    os.close(fd)
+    assert busy.returncode == 75, busy.stderr
+    assert "Stop the service first" in busy.stderr
+    assert len(bundles_left_in(spool)) == 3
+
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("backlog: 3 bundle(s), 60.0 kB to file://")
+    progress = [line for line in lines if line.startswith("uploaded ")]
+    assert len(progress) == 3 and "[3/3 files  60.0 kB/60.0 kB" in progress[-1] and "ETA" in progress[-1]
+    assert lines[-1].startswith("summary: uploaded 3 file(s), 60.0 kB in ")
+    assert on_server(nas) == made and bundles_left_in(spool) == []
+
+
+def bundles_left_in(spool: Path) -> list[str]:
+    return sorted(p.name for p in (spool / "outbox").glob("*.tar.age"))
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"upload.protocol": "sftp", "upload.password_file": None}, "upload.known_hosts"),
+    ({"upload.protocol": "ftps", "upload.ca_file": "/nonexistent/ca.pem"}, "upload.ca_file"),
+    ({"upload.windows": {"video": "22:00-6:00"}}, "upload.windows.video"),
+    ({"upload.windows": {"video": "25:00-06:00"}}, "upload.windows.video"),
+    ({"upload.protocol": "local", "upload.remote_dir": "nas"}, "upload.remote_dir"),
+    ({"upload.protocol": "ftp", "upload.known_hosts": "/etc/hostname"}, "upload.known_hosts"),
+    ({"upload.protocol": "scp"}, "upload.protocol"),
+])
+def test_upload_config_rules(tmp_path, keys, password_file, over, key):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(make_config(tmp_path, keys, password_file, 21, **over))
+    assert e.value.key == key
+    assert "hive-secret" not in str(e.value)
