@@ -108,4 +108,4 @@ def test_seal_failure_keeps_records_staged(agg, keys, tmp_path):
     a.outbox.parent.joinpath("outbox").write_text("not a directory")
     a.seal_all(force=True)
     assert rec.exists() and archive.sidecar_of(rec).exists()
-    assert a.open["hive_climate"].retry_at > time.monotonic()
+    assert a.open["all"].retry_at > time.monotonic()
