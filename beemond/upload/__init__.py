@@ -16,6 +16,7 @@ enforces ``rate_limit_bytes_per_s`` and reports progress, whatever the protocol.
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from pathlib import Path
 
@@ -95,6 +96,42 @@ class BundleReader:
             if self.progress is not None:
                 self.progress(len(data))
         return data
+
+
+class RemoteTransport:
+    """What the FTP(S) and SFTP transports share: the URL, remote paths, and a cache of the
+    directories made on this connection (``_make_dir(path)`` creates one whose parent exists)."""
+
+    scheme = ""
+    default_port = 0
+
+    def __init__(self, up):
+        self.up = up
+        self.home = "/"
+        self._dirs: set[str] = set()
+
+    @property
+    def port(self) -> int:
+        return self.up.port or self.default_port
+
+    def describe(self) -> str:
+        return f"{self.scheme}://{self.up.user}@{self.up.host}:{self.port}"
+
+    def path(self, relative: str) -> str:
+        # An absolute remote_dir is taken as is; a relative one starts at the login directory.
+        return posixpath.normpath(posixpath.join(self.home, self.up.remote_dir, relative))
+
+    def ensure_dir(self, path: str) -> None:
+        if path in self._dirs or path in ("", "/"):
+            return
+        parent = posixpath.dirname(path)
+        if parent != path:
+            self.ensure_dir(parent)
+        self._make_dir(path)
+        self._dirs.add(path)
+
+    def _make_dir(self, path: str) -> None:
+        raise NotImplementedError
 
 
 def make_transport(up):

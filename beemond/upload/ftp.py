@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import ftplib
 import logging
-import posixpath
 import ssl
 
-from beemond.upload import PermanentError, TransportError
+from beemond.upload import PermanentError, RemoteTransport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +26,18 @@ BLOCK = 256 * 1024
 PERMANENT_CODES = ("550", "553")
 
 
-class FtpTransport:
+class FtpTransport(RemoteTransport):
     errors: tuple[type[BaseException], ...] = (ftplib.Error, EOFError)
     scheme = "ftp"
+    default_port = 21
 
     def __init__(self, up):
-        self.up = up
+        super().__init__(up)
         self.ftp: ftplib.FTP | None = None
-        self.home = "/"
-        self._dirs: set[str] = set()
 
     @property
     def connected(self) -> bool:
         return self.ftp is not None
-
-    @property
-    def port(self) -> int:
-        return self.up.port or 21
-
-    def describe(self) -> str:
-        return f"{self.scheme}://{self.up.user}@{self.up.host}:{self.port}"
 
     def permanent(self, e: BaseException) -> bool:
         return isinstance(e, ftplib.error_perm) and str(e)[:3] in PERMANENT_CODES
@@ -71,16 +62,7 @@ class FtpTransport:
         self.ftp = ftp
         self._dirs = set()
 
-    def path(self, relative: str) -> str:
-        # An absolute remote_dir is taken as is; a relative one starts at the login directory.
-        return posixpath.normpath(posixpath.join(self.home, self.up.remote_dir, relative))
-
-    def ensure_dir(self, path: str) -> None:
-        if path in self._dirs or path in ("", "/"):
-            return
-        parent = posixpath.dirname(path)
-        if parent != path:
-            self.ensure_dir(parent)
+    def _make_dir(self, path: str) -> None:
         try:
             self.ftp.mkd(path)
         except ftplib.error_perm as e:
@@ -89,7 +71,6 @@ class FtpTransport:
                 self.ftp.cwd(path)
             except ftplib.error_perm:
                 raise PermanentError(f"cannot create remote directory {path}: {str(e).strip()}") from None
-        self._dirs.add(path)
 
     def put(self, reader, remote: str) -> None:
         self.ftp.storbinary(f"STOR {remote}", reader, blocksize=BLOCK)

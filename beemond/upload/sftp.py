@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import errno
 import logging
-import posixpath
 
 import paramiko
 
-from beemond.upload import PermanentError, TransportError, read_secret
+from beemond.upload import PermanentError, RemoteTransport, TransportError, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +30,19 @@ BLOCK = 1024 * 1024
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 
 
-class SftpTransport:
+class SftpTransport(RemoteTransport):
     errors: tuple[type[BaseException], ...] = (paramiko.SSHException, EOFError)
+    scheme = "sftp"
+    default_port = 22
 
     def __init__(self, up):
-        self.up = up
+        super().__init__(up)
         self.client: paramiko.SSHClient | None = None
         self.sftp: paramiko.SFTPClient | None = None
-        self.home = "/"
-        self._dirs: set[str] = set()
 
     @property
     def connected(self) -> bool:
         return self.sftp is not None
-
-    @property
-    def port(self) -> int:
-        return self.up.port or 22
-
-    def describe(self) -> str:
-        return f"sftp://{self.up.user}@{self.up.host}:{self.port}"
 
     def permanent(self, e: BaseException) -> bool:
         return isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno == errno.EACCES)
@@ -107,16 +99,7 @@ class SftpTransport:
         self.client, self.sftp = client, sftp
         self._dirs = set()
 
-    def path(self, relative: str) -> str:
-        # An absolute remote_dir is taken as is; a relative one starts at the login directory.
-        return posixpath.normpath(posixpath.join(self.home, self.up.remote_dir, relative))
-
-    def ensure_dir(self, path: str) -> None:
-        if path in self._dirs or path in ("", "/"):
-            return
-        parent = posixpath.dirname(path)
-        if parent != path:
-            self.ensure_dir(parent)
+    def _make_dir(self, path: str) -> None:
         try:
             self.sftp.stat(path)
         except FileNotFoundError:
@@ -124,7 +107,6 @@ class SftpTransport:
                 self.sftp.mkdir(path)
             except PermissionError as e:
                 raise PermanentError(f"cannot create remote directory {path}: {e.strerror or e}") from None
-        self._dirs.add(path)
 
     def put(self, reader, remote: str) -> None:
         with self.sftp.open(remote, "wb", bufsize=0) as f:
