@@ -10,8 +10,11 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
 
 - ``beemond_<quantity>{sensor, ...}``: the latest reading per sensor and quantity, named as in the
   ``sample`` event (``beemond_temperature_celsius``, ``beemond_relative_humidity_percent``,
-  ``beemond_weight_kilograms``, ``beemond_pressure_pascals``, ``beemond_audio_band_power_ratio{band}``,
-  ``beemond_audio_rms_ratio``, ``beemond_swarm_drop_kilograms``). A reading older than
+  ``beemond_pressure_pascals``, ``beemond_audio_band_power_ratio{band}``, ``beemond_audio_rms_ratio``)
+  except where Prometheus's base unit differs from the event's: mass is exported in grams
+  (``weight_kilograms`` -> ``beemond_weight_grams``, ``swarm_drop_kilograms`` ->
+  ``beemond_swarm_drop_grams``), because ``promtool check metrics`` rejects ``_kilograms``
+  ("use base unit grams"); see :data:`PROMETHEUS_UNITS`. A reading older than
   ``[metrics] staleness_s`` is not exported: :meth:`Health.collect` yields only fresh ones, so a dead
   sensor's series vanish instead of repeating a last value (Prometheus then marks them stale).
 - counters: ``beemond_records_total{sensor}`` (records, i.e. captures), ``beemond_errors_total{worker}``,
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 
 QUANTITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# sample-event unit suffix -> (Prometheus base-unit suffix, factor). Events keep the units a beekeeper
+# thinks in; the exposition follows Prometheus's base units so promtool's lint passes.
+PROMETHEUS_UNITS = {"_kilograms": ("_grams", 1000.0)}
 SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scrapes come every 15 s or so)
 STATES = ("running", "backoff", "failed", "stopped")
 
@@ -63,6 +69,14 @@ def clock_synchronised() -> bool | None:
         return None if probe is None else bool(probe())
     except Exception:  # a probe failing must never break a scrape
         return None
+
+
+def prometheus_unit(quantity: str, value: float) -> tuple[str, float]:
+    """A sample's quantity and value in Prometheus's base unit (``weight_kilograms`` -> ``weight_grams``)."""
+    for suffix, (base, factor) in PROMETHEUS_UNITS.items():
+        if quantity.endswith(suffix):
+            return quantity[: -len(suffix)] + base, value * factor
+    return quantity, value
 
 
 def dir_usage(root: Path, pattern: re.Pattern | None = None) -> tuple[int, int]:
@@ -185,6 +199,7 @@ class Health:
                          ["host", "version", "python"], [([h, __version__, platform.python_version()], 1)])
             families: dict[str, tuple[list, object]] = {}
             for quantity, sensor, labels, value, _age, _wall in self._fresh():
+                quantity, value = prometheus_unit(quantity, value)
                 name = f"beemond_{quantity}"
                 keys = ["host", "sensor", *(k for k, _ in labels)]
                 if name not in families:

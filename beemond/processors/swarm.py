@@ -40,7 +40,7 @@ class SwarmDetector:
         while self.window and self.window[0][0] < t - self.window_s:
             self.window.popleft()
         self.window.append((t, level))
-        t_peak, peak = max(self.window, key=lambda e: e[1])
+        t_peak, peak = max(self.window, key=lambda e: (e[1], e[0]))  # the latest time at the peak
         self.drop = peak - level
         if self.drop <= self.drop_kg:
             return None
