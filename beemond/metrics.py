@@ -284,7 +284,7 @@ class Health:
                 readings[sensor][key] = {"value": value, "age_s": round(age, 1)}
             workers = []
             for w in list(self.workers.values()):
-                entry = {"name": w.name, "role": w.role, "state": w.state,
+                entry = {"name": w.name, "role": w.role, "state": w.state, "paused": w.paused,
                          "pid": w.process.pid if w.process is not None and w.state == "running" else None,
                          "restarts": max(0, w.starts - 1), "errors": self.errors.get(w.name, 0),
                          "readings": readings.get(w.name, {})}

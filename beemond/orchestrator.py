@@ -57,6 +57,7 @@ class Worker:
     restart_at: float = 0.0
     last_event: dict = field(default_factory=dict)
     starts: int = 0              # process starts since the daemon started (restarts = starts - 1)
+    paused: bool = False         # stopped by `beemond pause` (a restarted process records again)
 
 
 class Orchestrator:
@@ -169,6 +170,7 @@ class Orchestrator:
         w.events = reader
         w.state, w.started = "running", time.monotonic()
         w.starts += 1
+        w.paused = False
         w.last_heartbeat = w.started
         log.info("started worker %s (%s, pid %d)", w.name, w.role, w.process.pid)
 
@@ -213,8 +215,22 @@ class Orchestrator:
         self.health = metrics.Health(self.cfg, self.workers)
         self.observers.append(self.health)
         self.health.start_http()
-        self.status_server = status.StatusServer(self.cfg.spool / status.SOCKET_NAME, self.health.status)
+        self.status_server = status.StatusServer(self.cfg.spool / status.SOCKET_NAME, self.health.status,
+                                                 self._control)
         self.status_server.start()
+
+    def _control(self, kind: str, name: str) -> tuple[bool, str]:
+        """``beemond pause|resume NAME`` (status socket thread): STOP/START to a sensor or processor.
+        Only a queue put, which is thread-safe; the worker's state is read, never written, here."""
+        w = self.workers.get(name)
+        if w is None or w.role not in ("sensor", "processor"):
+            choices = ", ".join(n for n, x in self.workers.items() if x.role in ("sensor", "processor"))
+            return False, f"no sensor or processor {name!r} (have: {choices})"
+        if not self._command(name, ipc.Command(ipc.STOP if kind == "stop" else ipc.START, {"reason": "beemond CLI"})):
+            return False, f"{name} is {w.state}, not running"
+        w.paused = kind == "stop"  # a plain attribute store: the main loop only reads it
+        log.info("%s sent to %s from the command line", kind, name)
+        return True, f"{'paused' if kind == 'stop' else 'resumed'} {name}"
 
     def _stop_health(self) -> None:
         if self.status_server is not None:

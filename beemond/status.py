@@ -5,9 +5,12 @@ elsewhere, it carries what Prometheus series cannot say well (a worker's last er
 next restart, reading ages), and access follows the spool directory's permissions instead of being
 open to anything that can reach a TCP port.
 
-Protocol: connect to ``SPOOL/status.sock``; the daemon writes one JSON document
-(:meth:`beemond.metrics.Health.status`) and closes. The server is a daemon thread of the
-orchestrator blocked in ``accept()``: no polling.
+Protocol: connect to ``SPOOL/status.sock``, send one JSON line and shut down the writing side; the
+daemon answers one JSON document and closes. ``{"cmd": "status"}`` (or an empty request) answers
+:meth:`beemond.metrics.Health.status`; ``{"cmd": "stop" | "start", "worker": NAME}`` sends that
+command to a sensor or processor (``beemond pause`` / ``beemond resume``: e.g. silence the microphone
+during a hive inspection) and answers ``{"ok": bool, "message": str}``. The server is a daemon thread
+of the orchestrator blocked in ``accept()``: no polling.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ class NotRunning(Exception):
 
 
 class StatusServer:
-    def __init__(self, path: Path, snapshot):
+    def __init__(self, path: Path, snapshot, control=None):
+        """*snapshot()* -> status dict; *control(kind, worker)* -> (ok, message) for start/stop."""
         self.path = Path(path)
         self.snapshot = snapshot
+        self.control = control
         self.sock: socket.socket | None = None
 
     def start(self) -> None:
@@ -60,9 +65,18 @@ class StatusServer:
             try:
                 with conn:
                     conn.settimeout(5)
-                    conn.sendall(json.dumps(self.snapshot()).encode())
+                    conn.sendall(json.dumps(self._answer(_read_request(conn))).encode())
             except Exception as e:  # one bad client (gone, slow) must not end the server
                 log.debug("status client: %s", e)
+
+    def _answer(self, req: dict) -> dict:
+        cmd = req.get("cmd", "status")
+        if cmd == "status":
+            return self.snapshot()
+        if cmd in ("start", "stop") and self.control is not None and isinstance(req.get("worker"), str):
+            ok, message = self.control(cmd, req["worker"])
+            return {"ok": ok, "message": message}
+        return {"ok": False, "message": f"unknown request {req!r}"}
 
     def stop(self) -> None:
         if self.sock is not None:
@@ -75,13 +89,26 @@ class StatusServer:
             self.path.unlink(missing_ok=True)
 
 
-def query(spool: Path, timeout: float = 5.0) -> dict:
-    """The running daemon's status. Raises :class:`NotRunning`."""
+def _read_request(conn: socket.socket) -> dict:
+    data = b""
+    while len(data) < 4096 and (chunk := conn.recv(4096)):
+        data += chunk
+    try:
+        req = json.loads(data) if data.strip() else {}
+    except ValueError:
+        return {"cmd": "invalid"}
+    return req if isinstance(req, dict) else {"cmd": "invalid"}
+
+
+def query(spool: Path, timeout: float = 5.0, request: dict | None = None) -> dict:
+    """Send *request* (default: status) to the running daemon; its answer. Raises :class:`NotRunning`."""
     path = Path(spool) / SOCKET_NAME
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
+            s.sendall(json.dumps(request or {"cmd": "status"}).encode() + b"\n")
+            s.shutdown(socket.SHUT_WR)
             chunks = []
             while chunk := s.recv(65536):
                 chunks.append(chunk)
@@ -115,6 +142,8 @@ def format_status(st: dict) -> str:
     width = max(len(w["name"]) for w in st["workers"])
     for w in st["workers"]:
         state = w["state"]
+        if state == "running" and w.get("paused"):
+            state = "paused"
         if state == "backoff":
             state += f" (restart in {w['restart_in_s']:.0f} s)"
         line = f"  {w['name']:<{width}}  {w['role']:<10} {state:<12} restarts {w['restarts']}"

@@ -114,6 +114,16 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
     assert re.search(r"^backlog: staging \d+ record\(s\), .*; outbox \d+ bundle\(s\)", human.stdout, re.M)
     assert re.search(r"^last upload: \d{4}-\d\d-\d\dT.*Z \(\d+ s ago\); uploaded \d+ bundle", human.stdout, re.M)
 
+    # pause / resume by command: the audio sensor closes its segment and stops, then records again
+    res = beemond("pause", "hive_audio", "--config", str(cfg))
+    assert res.returncode == 0 and res.stdout.strip() == "paused hive_audio", res.stderr
+    d.wait_log(r"hive_audio INFO capture stopped by command")
+    assert re.search(r"^  hive_audio\s+sensor\s+paused", beemond("status", "--config", str(cfg)).stdout, re.M)
+    assert beemond("resume", "hive_audio", "--config", str(cfg)).returncode == 0
+    d.wait_log(r"hive_audio INFO capture started by command")
+    bad = beemond("pause", "uploader", "--config", str(cfg))
+    assert bad.returncode == 1 and "no sensor or processor 'uploader' (have: hive_climate, hive_audio, hive_bands)" in bad.stderr
+
     assert d.terminate() == 0, d.log()
     gone = beemond("status", "--config", str(cfg))
     assert gone.returncode == 3 and "beemond is not running" in gone.stderr

@@ -187,6 +187,8 @@ class ProcessorWorker:
 
     def handle_record(self, path: Path) -> None:
         meta_path = archive.sidecar_of(path)
+        if not path.exists():
+            return  # already handled: found among the leftovers at start and announced as well
         try:
             try:
                 metadata = json.loads(meta_path.read_bytes())
