@@ -108,7 +108,8 @@ class Health:
         self.host = cfg.daemon.host
         self.workers = workers
         self.staleness_s = cfg.metrics.staleness_s
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()        # the event counters and readings
+        self._scan_lock = threading.Lock()  # the staging/outbox walk, kept out of the event path
         # (quantity, sensor, ((label, value), ...)) -> (value, monotonic, wall time)
         self.readings: dict[tuple, tuple[float, float, float]] = {}
         self.records: collections.Counter = collections.Counter()
@@ -179,21 +180,25 @@ class Health:
                 yield quantity, sensor, labels, value, now - mono, wall
 
     def _scan(self, which: str) -> tuple[int, int]:
-        if which == "outbox" and self.outbox_event is not None:
-            return self.outbox_event  # the uploader's own view of its queue
-        cached = self._usage.get(which)
-        if cached is not None and time.monotonic() - cached[0] < SCAN_CACHE_S:
-            return cached[1]
-        root = Path(self.cfg.spool) / which
-        got = dir_usage(root, self._bundle_re if which == "outbox" else None)
-        self._usage[which] = (time.monotonic(), got)
-        return got
+        """(files, bytes) waiting in spool/*which*. Called without ``self.lock`` held, so a slow SD
+        card never holds up the orchestrator's events."""
+        outbox_event = self.outbox_event
+        if which == "outbox" and outbox_event is not None:
+            return outbox_event  # the uploader's own view of its queue
+        with self._scan_lock:
+            cached = self._usage.get(which)
+            if cached is not None and time.monotonic() - cached[0] < SCAN_CACHE_S:
+                return cached[1]
+            got = dir_usage(Path(self.cfg.spool) / which, self._bundle_re if which == "outbox" else None)
+            self._usage[which] = (time.monotonic(), got)
+            return got
 
     # ---- Prometheus collector (HTTP server thread)
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         h = self.host
+        usage = {which: self._scan(which) for which in ("staging", "outbox")}
         with self.lock:
             yield _gauge(GaugeMetricFamily, "beemond_build_info", "beemond version and Python, value 1",
                          ["host", "version", "python"], [([h, __version__, platform.python_version()], 1)])
@@ -231,8 +236,7 @@ class Health:
                          [([h, w.name, w.role, s], int(w.state == s)) for w in workers for s in STATES])
             yield _counter(CounterMetricFamily, "beemond_worker_restarts_total", "restarts of each worker",
                            ["host", "worker", "role"], [([h, w.name, w.role], max(0, w.starts - 1)) for w in workers])
-            for which in ("staging", "outbox"):
-                files, size = self._scan(which)
+            for which, (files, size) in usage.items():
                 yield _gauge(GaugeMetricFamily, f"beemond_{which}_files", f"files waiting in spool/{which}",
                              ["host"], [([h], files)])
                 yield _gauge(GaugeMetricFamily, f"beemond_{which}_bytes", f"bytes waiting in spool/{which}",
@@ -277,6 +281,7 @@ class Health:
     def status(self) -> dict:
         """The daemon's state as JSON-able data (``beemond status --json`` prints it)."""
         now_m, now = time.monotonic(), time.time()
+        staging, outbox = self._scan("staging"), self._scan("outbox")
         with self.lock:
             readings: dict[str, dict] = collections.defaultdict(dict)
             for quantity, sensor, labels, value, age, _wall in self._fresh():
@@ -296,7 +301,6 @@ class Health:
                     msg, t = self.last_error[w.name]
                     entry["last_error"] = {"message": msg, "age_s": round(now - t, 1)}
                 workers.append(entry)
-            staging, outbox = self._scan("staging"), self._scan("outbox")
             return {
                 "host": self.host, "version": __version__, "pid": os.getpid(),
                 "uptime_s": round(now - self.started, 1), "workers": workers,
