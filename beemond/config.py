@@ -392,26 +392,10 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     if daemon.heartbeat_timeout_s <= daemon.heartbeat_interval_s:
         raise ConfigError(path, "daemon.heartbeat_timeout_s", "must be greater than heartbeat_interval_s")
 
-    sensors_tree = tree.get("sensors", {})
-    if not isinstance(sensors_tree, dict):
-        raise ConfigError(path, "sensors", "must be a table of tables, one per sensor")
-    sensors = []
-    for name, table in sensors_tree.items():
-        key = f"sensors.{name}"
-        if not NAME_RE.match(name):
-            raise ConfigError(path, key, f"sensor name must match {NAME_RE.pattern}")
-        if not isinstance(table, dict):
-            raise ConfigError(path, key, "must be a table")
-        kind = table.get("type")
-        if not isinstance(kind, str) or kind not in SENSOR_TYPES:
-            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(SENSOR_TYPES)}, got {kind!r}")
-        sensor = _build(SENSOR_TYPES[kind], {**table, "name": name}, path, key, base, strings)
-        if sensor.enabled:
-            sensors.append(sensor)
+    sensors = _typed_tables(path, tree, "sensors", "sensor", SENSOR_TYPES, base, strings)
     if not sensors:
         raise ConfigError(path, "sensors", "at least one enabled sensor is required")
-
-    processors = _processors(path, tree.get("processors", {}), base, strings)
+    processors = _typed_tables(path, tree, "processors", "processor", PROCESSOR_TYPES, base, strings)
     cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
                  upload=built["upload"], sensors=tuple(sensors), metrics=built["metrics"],
                  processors=processors)
@@ -419,22 +403,24 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     return cfg
 
 
-def _processors(path: Path, tree, base: Path, strings: bool) -> tuple[ProcessorConfig, ...]:
-    if not isinstance(tree, dict):
-        raise ConfigError(path, "processors", "must be a table of tables, one per processor")
+def _typed_tables(path: Path, tree: dict, section: str, what: str, types: dict, base: Path, strings: bool) -> tuple:
+    """The enabled ``[section.NAME]`` tables, each built as ``types[type]`` (sensors, processors)."""
+    tables = tree.get(section, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(path, section, f"must be a table of tables, one per {what}")
     out = []
-    for name, table in tree.items():
-        key = f"processors.{name}"
+    for name, table in tables.items():
+        key = f"{section}.{name}"
         if not NAME_RE.match(name):
-            raise ConfigError(path, key, f"processor name must match {NAME_RE.pattern}")
+            raise ConfigError(path, key, f"{what} name must match {NAME_RE.pattern}")
         if not isinstance(table, dict):
             raise ConfigError(path, key, "must be a table")
         kind = table.get("type")
-        if not isinstance(kind, str) or kind not in PROCESSOR_TYPES:
-            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(PROCESSOR_TYPES)}, got {kind!r}")
-        proc = _build(PROCESSOR_TYPES[kind], {**table, "name": name}, path, key, base, strings)
-        if proc.enabled:
-            out.append(proc)
+        if not isinstance(kind, str) or kind not in types:
+            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(types)}, got {kind!r}")
+        item = _build(types[kind], {**table, "name": name}, path, key, base, strings)
+        if item.enabled:
+            out.append(item)
     return tuple(out)
 
 
