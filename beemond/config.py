@@ -226,7 +226,8 @@ class ScaleConfig(SensorConfig):
     bytesize: int = _opt(8, min=5, max=8)
     parity: str = _opt("N", choices=("N", "E", "O", "M", "S"))
     stopbits: float = _opt(1.0, min=1.0, max=2.0, doc="1, 1.5 or 2")
-    request: str = _opt("", doc='sent to poll the scale, e.g. "W\\r\\n"; empty: the scale streams lines')
+    request: str = _opt("", doc='sent to poll the scale, e.g. "W\\r\\n" (backslash escapes are decoded, '
+                                'so INI files can write them too); empty: the scale streams lines')
     line_regex: str = _opt(DEFAULT_SCALE_REGEX, doc="named groups: value (required), unit (optional)")
     unit: str = _opt("kg", choices=SCALE_UNITS, doc="unit of a line without one")
     tare_offset_kg: float = _opt(0.0, min=-10_000, max=10_000, doc="subtracted from the raw weight")
@@ -243,9 +244,19 @@ class ScaleConfig(SensorConfig):
     simulation: ScaleSimulationConfig | None = _opt(None)
     replay: WeightReplayConfig | None = _opt(None)
 
+    def request_bytes(self) -> bytes:
+        """``request`` as sent on the wire: latin-1, with backslash escapes (``\\r``, ``\\x05``) decoded.
+        Raises ``ValueError``."""
+        raw = self.request.encode("latin-1")
+        return raw.decode("unicode_escape").encode("latin-1") if b"\\" in raw else raw
+
     def check(self, path: Path, key: str) -> None:
         if self.record_window_s < self.interval_s:
             raise ConfigError(path, f"{key}.record_window_s", "must be >= interval_s")
+        try:
+            self.request_bytes()
+        except ValueError as e:  # UnicodeError is one
+            raise ConfigError(path, f"{key}.request", f"must be latin-1 text with valid escapes: {e}") from None
         if self.stopbits not in (1.0, 1.5, 2.0):
             raise ConfigError(path, f"{key}.stopbits", f"allowed: 1, 1.5, 2; got {self.stopbits:g}")
         try:

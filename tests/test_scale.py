@@ -24,7 +24,7 @@ from beemond.config import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
 from beemond.sensors.emulators.scale import ScaleEmulator, SyntheticHiveWeight
 from beemond.sensors.scale import ScaleWorker, calibrate, compensate, parse_line
 
-from conftest import DATA, ROOT, wait_for
+from conftest import AGE, DATA, ROOT, climate_rows, decrypt_with_age, make_config, wait_for
 
 REGEX = re.compile(DEFAULT_SCALE_REGEX)
 
@@ -189,7 +189,8 @@ def weights(events: list[ipc.Event]) -> list[float]:
 def test_median_of_n_rejects_an_outlier_and_applies_tare_and_calibration(tmp_path: Path):
     # a bee lands on the platform for one line: 99 kg between 52.50 and 52.52
     h = Harness(tmp_path, Series(52.50, 99.0, 52.52, 52.51, 52.51, 52.51), samples=3,
-                tare_offset_kg=10.5, calibration_factor=1.02).start()
+                tare_offset_kg=10.5, calibration_factor=1.02,
+                request=r"W\r\n").start()           # escapes written out, as an INI file must
     h.wait_events(ipc.SAMPLE, 1)
     h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
     h.wait_events(ipc.SAMPLE, 2)
@@ -355,8 +356,10 @@ def test_simulated_backend_replays_a_weight_csv(tmp_path: Path):
     ({"compensation_kg_per_c": 0.01}, "compensation_kg_per_c", "needs temperature_sensor"),
     ({"stopbits": 1.2}, "stopbits", "1, 1.5, 2"),
     ({"unit": "oz"}, "unit", "kg, g, lb"),
+    ({"request": "W\\x0"}, "request", "escapes"),
+    ({"temperature_sensor": "hive_scale"}, "temperature_sensor", "another sensor"),
 ], ids=["bad-regex", "no-value-group", "unknown-temperature-sensor", "compensation-without-sensor",
-        "stopbits", "unit"])
+        "stopbits", "unit", "bad-escape", "self-reference"])
 def test_config_errors_exit_78_naming_the_key(tmp_path: Path, change, key, message):
     path = write_config(tmp_path, **change)
     r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(path)], capture_output=True,
@@ -373,3 +376,37 @@ def test_valid_config_describes_the_scale(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "sensor hive_scale: scale (hardware), " in r.stdout
     assert "median of 3 every 3600 s" in r.stdout and "0.01 kg/°C from hive_climate" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------ daemon
+
+@pytest.mark.slow
+@pytest.mark.skipif(AGE is None, reason="the stock age CLI is not installed")
+def test_daemon_compensates_with_the_climate_sensors_forwarded_temperature(tmp_path, keys, password_file, ftp,
+                                                                         daemons):
+    """config/simulated.toml end to end: the orchestrator forwards hive_climate's SAMPLE events to the
+    simulated scale, whose records reach the server compensated with those very temperatures."""
+    cfg = make_config(tmp_path, keys, password_file, ftp.port, **{
+        "sensors.hive_scale.interval_s": 0.25, "sensors.hive_scale.record_window_s": 2})
+    d = daemons(cfg, tmp_path / "daemon.log", duration=6)
+    assert d.wait() == 0, d.log()
+    members = {}
+    for bundle in ftp.bundles():
+        members.update(decrypt_with_age(bundle, keys["identity"])["members"])
+    climate_temps = {t for _ts, t, _rh in climate_rows(members)}
+    rows = []
+    for name, data in members.items():
+        if name.startswith("hive_scale/"):
+            lines = data.decode().splitlines()
+            assert lines[0] == "time,weight_kg,raw_kg,temperature_c,samples"
+            rows += [line.split(",") for line in lines[1:]]
+    assert len(rows) >= 10, rows                       # ~6 s at 0.25 s, less start-up
+    compensated = [r for r in rows if r[3]]
+    assert len(compensated) >= len(rows) - 2, rows      # only readings before the first climate sample lack it
+    for _ts, weight, raw, temp, n in rows:
+        assert 41.0 < float(raw) < 43.5 and n == "5"
+        if temp:
+            assert temp in climate_temps, temp          # a temperature the climate sensor really measured
+            assert float(weight) == pytest.approx(float(raw) - 0.005 * (float(temp) - 20.0), abs=0.0011)
+        else:
+            assert weight == raw

@@ -98,13 +98,14 @@ class ScaleWorker(PolledSensorWorker):
     def __init__(self, cfg, sensor, channel):
         super().__init__(cfg, sensor, channel)
         self.regex = re.compile(sensor.line_regex)
-        self.request = sensor.request.encode("latin-1")
+        self.request = sensor.request_bytes()
         self.port: serial.Serial | None = None
         self.lost = False              # the port failed since it was last open
         self.reconnects = 0
         self.garbage = 0               # garbage lines not yet attributed to a reading
         self.temperature: tuple[float, float] | None = None   # (°C, monotonic time received)
         self._note: dict = {}
+        self._uncompensated_why: str | None = None
         self.emulator = None
         if sensor.backend == "simulated":
             from beemond.sensors.emulators.scale import ScaleEmulator, SyntheticHiveWeight, WeightReplay
@@ -187,6 +188,12 @@ class ScaleWorker(PolledSensorWorker):
         temperature, why = self._fresh_temperature()
         if temperature is not None:
             weight = compensate(weight, temperature, s.compensation_kg_per_c, s.reference_temperature_c)
+        if why != self._uncompensated_why:   # say it once when it starts and when it ends
+            if why:
+                log.warning("recording uncompensated weights: %s", why)
+            elif self._uncompensated_why:
+                log.info("temperature compensation resumed")
+            self._uncompensated_why = why
         self._note = {"garbage": self.garbage, "uncompensated": why}
         self.garbage = 0
         return weight, raw, temperature, len(values)
