@@ -55,6 +55,7 @@ class ScaleEmulator:
         self._slave: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
 
     # ---- the device
     @property
@@ -82,6 +83,7 @@ class ScaleEmulator:
                 tmp.unlink(missing_ok=True)
                 tmp.symlink_to(os.ttyname(slave))
                 os.replace(tmp, self.link)
+        self._wake()
 
     def unplug(self) -> None:
         with self._lock:
@@ -91,6 +93,7 @@ class ScaleEmulator:
                 if fd is not None:
                     os.close(fd)
             self._master = self._slave = None
+        self._wake()
 
     def inject(self, *lines: bytes) -> None:
         """Send these raw bytes in place of the next weight lines (one reading line each)."""
@@ -101,15 +104,25 @@ class ScaleEmulator:
         if not self.plugged:
             self.plug()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="scale-emulator", daemon=True)
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, args=(self._wake_r,), name="scale-emulator", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(5)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._thread = None
         self.unplug()
+
+    def _wake(self) -> None:
+        """Interrupt the thread's select (it then re-reads the state): no polling while idle."""
+        if self._thread is not None:
+            os.write(self._wake_w, b"!")
 
     def __enter__(self):
         return self.start()
@@ -132,24 +145,27 @@ class ScaleEmulator:
         except BlockingIOError:
             self.dropped += 1
 
-    def _run(self) -> None:
+    def _run(self, wake: int) -> None:
         pending = b""
         next_line = time.monotonic()
         while not self._stop.is_set():
             fd = self._master
+            watch = [wake] if fd is None else [fd, wake]
+            # request mode and unplugged: sleep until a request or a wake-up; streamed: until the next line
+            wait = None if fd is None or self.request else max(0.0, next_line - time.monotonic())
+            try:
+                readable, _, _ = select.select(watch, [], [], wait)
+            except (OSError, ValueError):   # the pty was closed by unplug() meanwhile
+                continue
+            if wake in readable:
+                os.read(wake, 64)
             if fd is None:
                 pending = b""
-                self._stop.wait(0.02)
-                continue
-            wait = 0.02 if self.request else max(0.0, min(0.02, next_line - time.monotonic()))
-            try:  # outside the lock, so unplug() never waits; the fd is re-checked under it
-                readable, _, _ = select.select([fd], [], [], wait)
-            except (OSError, ValueError):   # closed by unplug() meanwhile
                 continue
             with self._lock:
-                if self._master != fd:
+                if self._master != fd:       # unplugged (and maybe replugged) meanwhile
                     continue
-                if readable:
+                if fd in readable:
                     try:
                         pending = (pending + os.read(fd, 256))[-256:]
                     except OSError:         # EIO while no one has the slave side open
