@@ -32,7 +32,11 @@ replugged USB adapter under the same udev name) is picked up without a restart; 
 ``MAX_CONSECUTIVE_FAILURES`` missed readings in a row the worker exits and is restarted.
 
 CSV columns: ``weight_kg``, ``raw_kg``, ``temperature_c`` (used for compensation, empty if none),
-``samples`` (good lines behind the median).
+``samples`` (good lines behind the median). Record metadata adds ``port``, ``unit``,
+``tare_offset_kg``, ``calibration_factor``, ``samples``, ``garbage_lines`` (in this record's
+readings), ``reconnects`` (since the worker started), ``compensation`` (settings,
+``uncompensated_rows`` as inclusive 0-based row ranges, ``reasons``) when a temperature sensor is
+set, and ``simulation`` or ``replay`` (rows sent) for the simulated backend.
 """
 
 from __future__ import annotations
