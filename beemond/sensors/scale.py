@@ -193,8 +193,9 @@ class ScaleWorker(PolledSensorWorker):
         if temperature is not None:
             weight = compensate(weight, temperature, s.compensation_kg_per_c, s.reference_temperature_c)
         if why != self._uncompensated_why:   # say it once when it starts and when it ends
-            if why:
-                log.warning("recording uncompensated weights: %s", why)
+            if why:  # (expected for the first readings after a start: the climate sensor's come later)
+                log.log(logging.INFO if self.temperature is None else logging.WARNING,
+                        "recording uncompensated weights: %s", why)
             elif self._uncompensated_why:
                 log.info("temperature compensation resumed")
             self._uncompensated_why = why
