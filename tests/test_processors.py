@@ -36,8 +36,7 @@ def write_config(tmp_path: Path, processors: dict, sensors: dict | None = None) 
         "upload": {"protocol": "none"},
         "sensors": sensors or {
             "hive_audio": {"type": "audio", "backend": "simulated", "sample_rate_hz": 8000},
-            # Any sensor may feed the swarm detector; the scale driver sends weight_kilograms samples.
-            "hive_scale": {"type": "sht3x", "backend": "hardware"},
+            "hive_scale": {"type": "scale", "backend": "hardware"},
         },
         "processors": processors,
     }
