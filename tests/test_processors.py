@@ -269,3 +269,21 @@ def test_processor_config_errors_name_the_key(tmp_path, proc, key, message):
 def test_processor_name_must_not_shadow_a_sensor(tmp_path):
     with pytest.raises(config.ConfigError, match="already taken"):
         config.load(write_config(tmp_path, {"hive_audio": {"type": "swarm", "sensor": "hive_scale"}}))
+
+
+def test_leftover_links_are_processed_at_start_oldest_first(tmp_path):
+    """A processor restarted after a crash (or after a backoff) finds what the orchestrator linked."""
+    cfg = config.load(write_config(tmp_path, {"bands": {"type": "audio_bands", "sensor": "hive_audio"}}))
+    staged = tmp_path / "spool/staging/hive_audio"
+    staged.mkdir(parents=True)
+    for i, hz in enumerate((250, 440)):
+        meta = {"start": f"2026-06-01T10:00:0{i}.000Z", "end": f"2026-06-01T10:00:0{i + 1}.000Z"}
+        rec = archive.write_record(staged, f"seg{i}.flac", meta, data_writer=lambda f, hz=hz: soundfile.write(
+            f, 0.5 * np.sin(2 * np.pi * hz * np.arange(8000) / 8000), 8000, format="FLAC"))
+        link_record(cfg.spool, "bands", rec)
+    sink = Sink("bands")
+    sink.commands.put(ipc.Command(ipc.SHUTDOWN))
+    AudioBandsWorker(cfg, cfg.processors[0], sink.channel).run()  # leftovers first, then the shutdown
+    out = [json.loads(p.read_text())["result"] for p in records(tmp_path / "spool/staging/bands")]
+    assert [max(r["bands"], key=r["bands"].get) for r in out] == ["100-300", "300-600"]
+    assert list((tmp_path / "spool/processing/bands").iterdir()) == []
