@@ -178,11 +178,12 @@ class PolledSensorWorker:
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
-                 tmp: Path | None = None) -> Path:
-    """Render the record's name, write it durably into staging and announce it to the orchestrator."""
+                 tmp: Path | None = None, ext: str | None = None) -> Path:
+    """Render the record's name, write it durably into staging and announce it to the orchestrator.
+    *ext* overrides ``worker.ext`` (a worker that writes two kinds of record)."""
     cfg, sensor = worker.cfg, worker.sensor
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
-                 "end": archive.utc_stamp(end), "ext": worker.ext, "date": start.strftime("%Y-%m-%d"),
+                 "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
                  "metadata": metadata, "_split_index": 0}
     try:
         rel = archive.render_name(worker.template, **variables)
