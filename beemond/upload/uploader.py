@@ -141,8 +141,10 @@ class Uploader:
         return bool(self.fresh or self.backlog or (self.deferred and time.monotonic() >= self.window_check))
 
     def report(self) -> None:
+        # files/bytes/last_upload as ipc.OUTBOX defines; the counts since start ride along for status.
         self.channel.send(ipc.OUTBOX, files=len(self.known), bytes=sum(self.known.values()),
-                          last_upload=self.last_upload)
+                          last_upload=self.last_upload, quarantined=self.counts["quarantined"],
+                          dropped=self.counts["dropped"], evicted=self.counts["evicted"])
 
     # ---- watchdog
     def _start_observer(self) -> None:
