@@ -275,6 +275,22 @@ def test_signature_first_then_bundle_orphan_signature_never_sent(tmp_path, keys,
     assert [p.name for p in outbox_of(cfg).iterdir()] == [orphan]
 
 
+def test_unreadable_local_bundle_is_quarantined_at_once(tmp_path, keys, caplog):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas)})
+    made = make_bundles(outbox_of(cfg), 2, 5_000)
+    # A directory where a bundle should be: open() fails as an EIO would (root reads any file mode).
+    broken = outbox_of(cfg) / "demo-hive_20210619T000000Z_hive_audio_0123456789ab.tar.age"
+    broken.mkdir()
+    with Running(cfg) as r:
+        wait_for(lambda: r.uploader.counts["quarantined"] == 1 and len(on_server(nas)) == 2, 20, "quarantine")
+    assert on_server(nas) == made
+    assert (cfg.spool / "quarantine" / broken.name).is_dir() and not broken.exists()
+    assert "LocalFileError: cannot open" in caplog.text
+    assert "trying once more" not in caplog.text, "a local read error is not the server's: no second try"
+
+
 def _window_excluding_now() -> str:
     now = datetime.datetime.now()
     start = now + datetime.timedelta(hours=2)

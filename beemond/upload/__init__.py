@@ -85,7 +85,9 @@ class BundleReader:
 
     def read(self, n: int = -1) -> bytes:
         if self.bucket.rate > 0:
-            n = int(self.bucket.burst) if n is None or n < 0 else min(n, int(self.bucket.burst))
+            # At most a second's worth per read: a slow limit must not starve the heartbeat.
+            cap = max(1024, int(min(self.bucket.burst, self.bucket.rate)))
+            n = cap if n is None or n < 0 else min(n, cap)
         try:
             data = self.f.read(n)
         except OSError as e:

@@ -228,7 +228,7 @@ class Uploader:
             return True
         try:
             self._upload(path)
-        except PermanentError as e:
+        except (PermanentError, archive.TemplateError) as e:  # TemplateError: the layout cannot name it
             return self._refused(path, e)
         except (TransportError, OSError, EOFError, *self.transport.errors) as e:
             if self.transport.permanent(e):
@@ -260,7 +260,7 @@ class Uploader:
         restarted with other rules), then quarantine."""
         self.transport.close()
         self.strikes[path] = self.strikes.get(path, 0) + 1
-        if self.strikes[path] < 2 and not isinstance(e, LocalFileError):
+        if self.strikes[path] < 2 and not isinstance(e, (LocalFileError, archive.TemplateError)):
             log.warning("upload of %s refused (%s); trying once more on a new connection", path.name, str(e).strip())
             self.backlog.insert(0, path)
             return True
