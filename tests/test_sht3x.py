@@ -114,6 +114,18 @@ def test_corrupted_word_raises_crc_error_then_recovers():
     assert round(t, 2) == 30.0 and round(rh, 2) == 40.0
 
 
+@pytest.mark.parametrize("byte,word", [(0, "temperature"), (1, "temperature"), (2, "temperature"),
+                                       (3, "humidity"), (4, "humidity"), (5, "humidity")])
+def test_every_corrupted_result_byte_is_rejected(byte, word):
+    """A flipped bit in any of the six bytes (data or CRC) is a CRCError naming the word, never a value."""
+    chip = SHT3xChip(Fixed(30.0, 40.0))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    chip.corrupt_next, chip.corrupt_byte = 1, byte
+    with pytest.raises(sht3x.CRCError, match=word):
+        dev.measure()
+    assert tuple(round(v, 2) for v in dev.measure()) == (30.0, 40.0)
+
+
 def test_read_too_early_without_clock_stretching_is_nacked():
     clock = FrozenClock()
     chip = SHT3xChip(Fixed(25.0, 50.0), clock=clock)

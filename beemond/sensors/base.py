@@ -70,6 +70,11 @@ class PolledSensorWorker:
         """Metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         return {}
 
+    def samples(self, reading: tuple) -> dict[str, dict[str, float]]:
+        """The SAMPLE events of a good reading: ``{sensor label: {quantity: value}}``. One label (the
+        sensor's name) by default; a sensor with several probes of one quantity gives one per probe."""
+        return {self.sensor.name: {q: v for q, v in zip(self.quantities, reading) if q and v is not None}}
+
     def on_sample(self, sample: dict) -> None:
         """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
 
@@ -141,9 +146,9 @@ class PolledSensorWorker:
         if self.window_opened is None:
             self.window_opened = time.monotonic()
         self.readings.append((stamp, reading, self.tag()))
-        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
-        if values:
-            self.channel.send(ipc.SAMPLE, sensor=self.sensor.name, values=values)
+        for source, values in self.samples(reading).items():
+            if values:
+                self.channel.send(ipc.SAMPLE, sensor=source, values=values)
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""
