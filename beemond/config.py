@@ -190,7 +190,7 @@ W1_ID_RE = re.compile(r"^28-[0-9a-f]{12}$")
 @dataclass(frozen=True)
 class DS18B20Config(PolledSensorConfig):
     base_path: Path | None = _opt(None, path=True,
-                                  doc="sysfs 1-Wire devices (default /sys/bus/w1/devices; simulated: spool/w1-simulated)")
+                                  doc="sysfs 1-Wire devices (default /sys/bus/w1/devices; simulated: a temporary directory)")
     probes: dict[str, str] = _opt(factory=dict, doc="position -> ROM id as the kernel names it (28-0316a2794eff)")
     replay_filter_values: dict[str, str] = _opt(
         factory=dict, doc="simulated: position -> replay filter_value of the rows that drive that probe")
@@ -224,7 +224,7 @@ class DS18B20Config(PolledSensorConfig):
                     raise ConfigError(path, f"{key}.replay_filter_values.{position}", str(e)) from None
 
     def describe(self) -> str:
-        where = self.base_path or ("spool/w1-simulated" if self.backend == "simulated" else "/sys/bus/w1/devices")
+        where = self.base_path or ("a temporary tree" if self.backend == "simulated" else "/sys/bus/w1/devices")
         return f"{len(self.probes)} probe(s) ({', '.join(self.probes)}) in {where}, {super().describe()}"
 
 

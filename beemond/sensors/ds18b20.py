@@ -31,6 +31,8 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,11 +130,16 @@ class DS18B20Worker(PolledSensorWorker):
         self._tags: dict[str, object] = {}        # simulated: position -> replay row last converted
         self._good_tags: dict[str, object] = {}
         base = sensor.base_path
+        self._scratch_dir: str | None = None
         if sensor.backend == "simulated":
             from beemond.sensors.emulators.w1 import W1Tree
 
-            self.tree = W1Tree.from_replay(base or Path(cfg.spool) / "w1-simulated", sensor)
-            base = self.tree.base
+            if base is None:
+                # Not in the spool: the spool is the durable queue, and a stand-in for sysfs is
+                # neither data nor worth SD-card writes. Removed at close().
+                self._scratch_dir = tempfile.mkdtemp(prefix=f"beemond-w1-{sensor.name}-")
+                base = Path(self._scratch_dir)
+            self.tree = W1Tree.from_replay(base, sensor)
         self.w1 = W1Therm(base or SYSFS_DEVICES)
 
     def _read_probe(self, position: str) -> float:
@@ -201,3 +208,7 @@ class DS18B20Worker(PolledSensorWorker):
         super().flush()
         if had and not self.readings:   # written: the next record counts its own errors
             self.probe_errors = dict.fromkeys(self.positions, 0)
+
+    def close(self) -> None:
+        if self._scratch_dir is not None:
+            shutil.rmtree(self._scratch_dir, ignore_errors=True)
