@@ -83,6 +83,8 @@ def test_missing_device_is_file_not_found(tmp_path):
     tree.write_fault(ROM, "missing")
     with pytest.raises(FileNotFoundError):
         W1Therm(tmp_path).read(ROM)
+    with pytest.raises(FileNotFoundError, match="no 1-Wire bus"):
+        W1Therm(tmp_path / "nope").read(ROM)
 
 
 # ------------------------------------------------------------------------------------------ worker

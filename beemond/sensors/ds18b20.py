@@ -109,7 +109,13 @@ class W1Therm:
     def read(self, rom_id: str) -> float:
         """One conversion of probe *rom_id*, in °C. Raises ``OSError`` (:class:`ProbeError`,
         ``FileNotFoundError`` for a missing probe)."""
-        return parse_w1_slave(self.path(rom_id).read_text(encoding="ascii", errors="replace"))
+        try:
+            text = self.path(rom_id).read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError as e:
+            if not self.base.is_dir():   # no bus at all, not one probe gone
+                e.strerror = f"no 1-Wire bus at {self.base} (w1-gpio overlay not loaded?)"
+            raise
+        return parse_w1_slave(text)
 
     def present(self) -> list[str]:
         """ROM ids of the DS18B20s the kernel lists (family code 28)."""
