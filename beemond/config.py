@@ -189,8 +189,8 @@ W1_ID_RE = re.compile(r"^28-[0-9a-f]{12}$")
 
 @dataclass(frozen=True)
 class DS18B20Config(PolledSensorConfig):
-    base_path: Path | None = _opt(None, path=True,
-                                  doc="sysfs 1-Wire devices (default /sys/bus/w1/devices; simulated: a temporary directory)")
+    base_path: Path | None = _opt(None, path=True, doc="sysfs 1-Wire devices directory "
+                                  "(default /sys/bus/w1/devices; simulated: a temporary directory)")
     probes: dict[str, str] = _opt(factory=dict, doc="position -> ROM id as the kernel names it (28-0316a2794eff)")
     replay_filter_values: dict[str, str] = _opt(
         factory=dict, doc="simulated: position -> replay filter_value of the rows that drive that probe")

@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from beemond.sensors.base import PolledSensorWorker, SensorFailure
+from beemond.sensors.base import I2CWorker, SensorFailure
 
 CHIP_ID = 0x60
 REG_CALIB00, CALIB00_LEN = 0x88, 26      # 0x88..0xA1
@@ -243,7 +243,7 @@ class BME280:
         return t / 100.0, rh, p
 
 
-class BME280Worker(PolledSensorWorker):
+class BME280Worker(I2CWorker):
     """A BME280 polled at ``interval_s``; CSV records of (UTC time, °C, %RH, Pa)."""
 
     columns = ("temperature_c", "humidity_rh", "pressure_pa")
@@ -251,27 +251,19 @@ class BME280Worker(PolledSensorWorker):
 
     def __init__(self, cfg, sensor, channel):
         super().__init__(cfg, sensor, channel)
-        self.chip = None
-        if sensor.backend == "simulated":
-            from beemond.sensors.emulators.bme280 import BME280Chip
-            from beemond.sensors.emulators.i2c import EmulatedSMBus
-            from beemond.sensors.emulators.replay import CsvReplay
-
-            replay = CsvReplay.from_config(sensor.replay)
-
-            def source():
-                row = replay.next_row()
-                pressure = row.pressure_pa if row.pressure_pa is not None else sensor.pressure_pa
-                return row.temperature_c, pressure, row.humidity_rh, row.index
-
-            self.chip = BME280Chip(source)
-            self.bus = EmulatedSMBus(sensor.bus, {sensor.address: self.chip})
-        else:
-            from smbus2 import SMBus
-
-            self.bus = SMBus(sensor.bus)
         self.device = BME280(self.bus, sensor.address, sensor.temperature_oversampling,
                              sensor.pressure_oversampling, sensor.humidity_oversampling)
+
+    def emulated_chip(self, replay):
+        from beemond.sensors.emulators.bme280 import BME280Chip
+
+        fixed = self.sensor.pressure_pa
+
+        def source():
+            row = replay.next_row()
+            return row.temperature_c, fixed if row.pressure_pa is None else row.pressure_pa, row.humidity_rh, row.index
+
+        return BME280Chip(source)
 
     def read(self) -> tuple:
         try:
@@ -284,23 +276,8 @@ class BME280Worker(PolledSensorWorker):
         t, rh, p = reading
         return [f"{t:.2f}", "" if rh is None else f"{rh:.3f}", "" if p is None else f"{p:.2f}"]
 
-    def tag(self):
-        if self.chip is None:
-            return None
-        row = self.chip.served[-1]   # the row behind the measurement that just succeeded
-        del self.chip.served[:-1]
-        return row
-
     def extra_metadata(self, readings: list[tuple]) -> dict:
-        from beemond.sensors.sht3x import ranges
-
         s = self.sensor
-        meta = {"address": f"0x{s.address:02x}", "oversampling": {
+        return {**super().extra_metadata(readings), "oversampling": {
             "temperature": s.temperature_oversampling, "pressure": s.pressure_oversampling,
             "humidity": s.humidity_oversampling}}
-        if self.chip is not None:
-            meta["replay"] = {"file": s.replay.file.name, "rows": ranges([t for _, _, t in readings])}
-        return meta
-
-    def close(self) -> None:
-        self.bus.close()

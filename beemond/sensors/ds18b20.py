@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from beemond.sensors.base import PolledSensorWorker
+from beemond.sensors.base import PolledSensorWorker, ranges
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,6 @@ class DS18B20Worker(PolledSensorWorker):
         meta = {"probes": dict(self.sensor.probes), "probe_errors": dict(self.probe_errors),
                 "base_path": str(self.w1.base)}
         if self.tree is not None:
-            from beemond.sensors.sht3x import ranges
-
             meta["replay"] = {"file": self.sensor.replay.file.name, "rows": {
                 p: ranges([t[p] for _, _, t in readings if p in t]) for p in self.positions}}
         return meta

@@ -94,7 +94,8 @@ def load_rows(path: Path, time_column: str, temperature_column: str, humidity_co
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        for col in (time_column, temperature_column, humidity_column, *(c for c in (filter_column, pressure_column) if c)):
+        optional = [c for c in (filter_column, pressure_column) if c]
+        for col in (time_column, temperature_column, humidity_column, *optional):
             if col not in header:
                 raise ValueError(f"column {col!r} not in {path.name} (has: {', '.join(header)})")
         for n, rec in enumerate(reader, start=2):
