@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import errno
 import random
+import subprocess
+import sys
 
 import pytest
 
-from beemond import ipc
+from beemond import config, ipc
 from beemond.sensors import bme280 as drv
 from beemond.sensors.base import SensorFailure
 from beemond.sensors.bme280 import BME280, Calibration, WrongChipError
 from beemond.sensors.emulators.bme280 import TYPICAL, BME280Chip, raw_from_values
 from beemond.sensors.emulators.i2c import EmulatedSMBus
 from beemond.sensors.emulators.replay import load_rows
-from polled_peers import URBAN, Harness, expand
+from polled_peers import URBAN, Harness, expand, write_config
 
 ADDR = 0x76
 HIVE = "3629"
@@ -242,3 +244,29 @@ def test_worker_on_a_wrong_chip_exits(tmp_path):
     h.run(captures=1)
     assert isinstance(h.failure, WrongChipError)
     assert h.records() == []
+
+
+# ------------------------------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("over,key", [
+    ({"pressure_oversampling": 3}, "pressure_oversampling"),
+    ({"temperature_oversampling": 0}, "temperature_oversampling"),
+    ({"address": 0x44}, "address"),
+    ({"record_window_s": 1.0, "interval_s": 5.0}, "record_window_s"),
+    ({"pressure_pa": 5.0}, "pressure_pa"),
+    ({"replay": {"file": str(URBAN), "pressure_column": "pressure"}}, "replay.pressure_column"),
+], ids=["osrs-3", "osrs-t-skip", "address", "window", "pressure-pa", "no-pressure-column"])
+def test_bad_bme280_config_names_the_key(tmp_path, over, key):
+    path = write_config(tmp_path, "hive_air", sensor_table(**over))
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert info.value.key == f"sensors.hive_air.{key}", info.value
+
+
+def test_check_config_exits_78_naming_the_oversampling_key(tmp_path):
+    path = write_config(tmp_path, "hive_air", sensor_table(humidity_oversampling=3))
+    r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == config.EX_CONFIG, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and str(path) in r.stderr
+    assert "sensors.hive_air.humidity_oversampling" in r.stderr and "allowed: 0, 1, 2, 4, 8, 16" in r.stderr
