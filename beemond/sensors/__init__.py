@@ -11,6 +11,7 @@ DRIVERS = {
     "bme280": "beemond.sensors.bme280:BME280Worker",
     "ds18b20": "beemond.sensors.ds18b20:DS18B20Worker",
     "audio": "beemond.sensors.audio:AudioWorker",
+    "scale": "beemond.sensors.scale:ScaleWorker",
 }
 
 
