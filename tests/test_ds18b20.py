@@ -127,11 +127,37 @@ def test_worker_three_probes_one_record(tmp_path, hives):
     check_body(table, meta, hives)
     # the three hives really are different probes
     assert len({tuple(row[1:]) for row in body}) == len(body) and body[0][1] != body[0][2]
-    labels = {e.data["sensor"] for e in events if e.kind == ipc.SAMPLE}
-    assert labels == {"hive_temps.brood", "hive_temps.middle", "hive_temps.top"}
+    samples = [e.data for e in events if e.kind == ipc.SAMPLE]
+    assert {s["sensor"] for s in samples} == {"hive_temps"}
+    assert [s["labels"]["position"] for s in samples[:3]] == ["brood", "middle", "top"]
+    assert float(body[0][1]) == samples[0]["values"]["temperature_celsius"]
     # the emulated sysfs tree is a scratch directory, outside the spool, gone after close()
     assert not (tmp_path / "spool" / "w1-simulated").exists()
     assert not h.worker.w1.base.exists()
+
+
+def test_probe_samples_become_one_series_per_position(tmp_path):
+    """The worker's real SAMPLE events, fed to the real metrics observer, scrape as one
+    beemond_temperature_celsius series per position."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from beemond import metrics
+    from beemond.orchestrator import Worker
+
+    h = Harness(tmp_path, "hive_temps", sensor_table())
+    events = h.run(captures=1)
+    _path, table, _meta = h.record()
+    worker = Worker("sensor", "hive_temps")
+    health = metrics.Health(h.cfg, {"hive_temps": worker})
+    for ev in events:
+        health(worker, ev)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(health)
+    text = generate_latest(registry).decode()
+    last = dict(zip(table[0][1:], table[-1][1:]))
+    for position in PROBES:
+        line = f'beemond_temperature_celsius{{host="test-hive",position="{position}",sensor="hive_temps"}}'
+        assert f"{line} {float(last[position + '_c'])}" in text, text
 
 
 def test_worker_retries_a_no_crc_line_then_uses_the_good_read(tmp_path, hives):

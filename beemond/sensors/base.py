@@ -25,6 +25,7 @@ from beemond.config import DEFAULT_TEMPLATE
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 5
+EVENT_COUNTS = ("overflows", "errors", "missed")   # record metadata copied into its READY_EVENT
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
@@ -70,10 +71,12 @@ class PolledSensorWorker:
         """Metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         return {}
 
-    def samples(self, reading: tuple) -> dict[str, dict[str, float]]:
-        """The SAMPLE events of a good reading: ``{sensor label: {quantity: value}}``. One label (the
-        sensor's name) by default; a sensor with several probes of one quantity gives one per probe."""
-        return {self.sensor.name: {q: v for q, v in zip(self.quantities, reading) if q and v is not None}}
+    def samples(self, reading: tuple) -> list[dict]:
+        """The data of the SAMPLE events of a good reading (``ipc.SAMPLE``: ``sensor``, ``values``, and
+        optional ``labels``). One event by default; a sensor with several probes of one quantity sends
+        one per probe, told apart by a label."""
+        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
+        return [{"sensor": self.sensor.name, "values": values}] if values else []
 
     def on_sample(self, sample: dict) -> None:
         """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
@@ -146,9 +149,8 @@ class PolledSensorWorker:
         if self.window_opened is None:
             self.window_opened = time.monotonic()
         self.readings.append((stamp, reading, self.tag()))
-        for source, values in self.samples(reading).items():
-            if values:
-                self.channel.send(ipc.SAMPLE, sensor=source, values=values)
+        for data in self.samples(reading):
+            self.channel.send(ipc.SAMPLE, **data)
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""
@@ -248,7 +250,10 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
         rel = archive.render_name(DEFAULT_TEMPLATE, **variables)
     rel = _unique(worker.staging, rel)
     path = archive.write_record(worker.staging, rel, metadata, data_writer=data_writer, tmp=tmp)
-    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path))
+    # Non-zero counters ride along for the metrics (audio overflows, missed measurements), so the
+    # orchestrator never has to read a sidecar.
+    counts = {k: metadata[k] for k in EVENT_COUNTS if isinstance(metadata.get(k), int) and metadata[k]}
+    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path), **counts)
     return path
 
 

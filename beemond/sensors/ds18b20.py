@@ -189,11 +189,11 @@ class DS18B20Worker(PolledSensorWorker):
     def format_row(self, reading: tuple) -> list[str]:
         return ["" if v is None else f"{v:.3f}" for v in reading]
 
-    def samples(self, reading: tuple) -> dict[str, dict[str, float]]:
-        # One quantity per probe: one SAMPLE per position, labelled "sensor.position" (a name no
-        # configured sensor can have), so the positions never overwrite each other downstream.
-        return {f"{self.sensor.name}.{p}": {"temperature_celsius": v}
-                for p, v in zip(self.positions, reading) if v is not None}
+    def samples(self, reading: tuple) -> list[dict]:
+        # One quantity per probe: one SAMPLE per position with a position label, so the positions
+        # are separate series (beemond_temperature_celsius{sensor=..., position=...}).
+        return [{"sensor": self.sensor.name, "values": {"temperature_celsius": v}, "labels": {"position": p}}
+                for p, v in zip(self.positions, reading) if v is not None]
 
     def tag(self):
         """Simulated: the replay row behind each position's value in the reading just taken."""
