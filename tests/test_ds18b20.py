@@ -149,6 +149,9 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     _path, table, _meta = h.record()
     worker = Worker("sensor", "hive_temps")
     health = metrics.Health(h.cfg, {"hive_temps": worker})
+    # another sensor's temperature without a position label comes first in the family
+    health(Worker("sensor", "hive_air"), ipc.Event(ipc.SAMPLE, "hive_air", {
+        "sensor": "hive_air", "values": {"temperature_celsius": 33.5}}))
     for ev in events:
         health(worker, ev)
     registry = CollectorRegistry(auto_describe=False)
@@ -158,6 +161,7 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     for position in PROBES:
         line = f'beemond_temperature_celsius{{host="test-hive",position="{position}",sensor="hive_temps"}}'
         assert f"{line} {float(last[position + '_c'])}" in text, text
+    assert 'beemond_temperature_celsius{host="test-hive",position="",sensor="hive_air"} 33.5' in text
 
 
 def test_worker_retries_a_no_crc_line_then_uses_the_good_read(tmp_path, hives):
