@@ -209,3 +209,19 @@ def test_daylight_only_skips_scheduled_stills_at_night_but_not_capture_now(tmp_p
     finally:
         rig.stop()
     assert meta(rig.records("*.jpg")[0])["reason"] == "button"
+
+
+def test_a_clip_that_stalls_midway_is_dropped_and_retaken_on_a_fresh_camera(tmp_path, keys, password_file):
+    backend = StandInBackend(stall_after_frames=5, stalling_opens=(1,))
+    rig = Rig(tmp_path, keys, password_file, backend=backend, clip_s=0.5, framerate_fps=20,
+              on_capture_now="clip").start()
+    try:
+        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        wait_for(lambda: rig.records("*.mp4"), 20, "the retaken clip")
+    finally:
+        rig.stop()
+    clips = rig.records("*.mp4")
+    assert len(clips) == 1 and meta(clips[0])["stalls"] == 1 and meta(clips[0])["opens"] == 2
+    assert not list(rig.staging.glob(".*")), "the stalled clip's temporary file is removed"
+    with av.open(str(clips[0])) as container:
+        assert sum(1 for _ in container.decode(video=0)) >= 8

@@ -182,6 +182,7 @@ class GpioWorker:
             for dev in self.devices.values():
                 dev.close()
             if self.led is not None:
+                self.led.off()  # stops the blink thread; a closed pin may otherwise stay lit
                 self.led.close()
             self.power.close()
 

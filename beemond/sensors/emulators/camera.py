@@ -114,13 +114,13 @@ class StandInPicamera2:
 
     def close(self) -> None:
         self.calls.append("close")
+        self.closed = True
+        self._closed_event.set()  # first: wakes a stalled frame wait, so the recorder thread can end
+        with self._new_frame:
+            self._new_frame.notify_all()
         if self._recording is not None:
             self.stop_recording()
         self.started = False
-        self.closed = True
-        self._closed_event.set()
-        with self._new_frame:
-            self._new_frame.notify_all()
 
     # ---- frames
     def _check(self) -> None:
