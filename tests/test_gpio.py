@@ -163,3 +163,34 @@ def test_daemon_button_press_makes_the_camera_take_a_still(tmp_path, keys, passw
     assert decode_jpeg(stills[0][1]).shape == (120, 160, 3)
     rows = [row for _, data in presses for row in csv.DictReader(io.StringIO(data.decode()))]
     assert len(rows) >= len(stills) and all(row["action"] == "sent" for row in rows)
+
+
+def test_ini_config_with_input_sections(tmp_path):
+    from beemond import crypto
+
+    _ident, rcpt, _pub = crypto.keygen(tmp_path / "keys")
+    ini = tmp_path / "beemond.ini"
+    ini.write_text(f"""[daemon]
+spool_dir = {tmp_path / 'spool'}
+[bundle]
+recipients = {rcpt}
+[upload]
+protocol = none
+[sensor.cam]
+type = camera
+backend = simulated
+[sensor.io]
+type = gpio
+backend = simulated
+status_led_pin = 22
+[sensor.io.inputs.door]
+pin = 17
+kind = beam
+targets = cam
+pull_up = no
+""")
+    cfg = config.load(ini)
+    io_ = next(s for s in cfg.sensors if s.name == "io")
+    door = io_.inputs["door"]
+    assert (door.pin, door.kind, door.targets, door.pull_up) == (17, "beam", ("cam",), False)
+    assert io_.gpio_pins() == {"status_led_pin": 22, "inputs.door.pin": 17}
