@@ -225,3 +225,18 @@ def test_a_clip_that_stalls_midway_is_dropped_and_retaken_on_a_fresh_camera(tmp_
     assert not list(rig.staging.glob(".*")), "the stalled clip's temporary file is removed"
     with av.open(str(clips[0])) as container:
         assert sum(1 for _ in container.decode(video=0)) >= 8
+
+
+def test_power_pin_around_each_still_and_a_fresh_camera_each_time(tmp_path, keys, password_file):
+    rig = Rig(tmp_path, keys, password_file, power_pin=6, power_lead_s=0.2)
+    pin = rig.worker.power.device.pin
+    rig.start()
+    try:
+        for n in (1, 2):
+            rig.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+            wait_for(lambda: len(rig.records("*.jpg")) == n and len(pin.states) >= 1 + 2 * n, 10, f"still {n}")
+    finally:
+        rig.stop()
+    assert [s.state for s in pin.states] == [False, True, False, True, False]
+    assert all(pin.states[i].timestamp >= 0.2 for i in (2, 4)), "on for at least the lead time"
+    assert len(rig.backend.cameras) == 2 and all(c.closed for c in rig.backend.cameras)

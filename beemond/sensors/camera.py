@@ -284,8 +284,8 @@ class CameraWorker:
             try:
                 with self.power:
                     paths = take(reason)
-                if self.sensor.power_pin is not None:
-                    self._abandon()  # unpowered between captures: reopen next time
+                    if self.sensor.power_pin is not None:
+                        self._abandon()  # closed before its power goes off; reopened next time
                 self.consecutive_failures = 0
                 return paths
             except CameraUnavailable:
