@@ -38,6 +38,7 @@ INPUT = "gpio_input"            # a command this worker sends itself from gpioze
 BLINK_OK = (0.1, 1.9)           # LED (on, off) seconds while running
 BLINK_ERROR = (0.1, 0.1)        # after an error of this worker
 COLUMNS = ("time", "input", "kind", "pin", "action")
+MAX_HELD_EVENTS = 10_000        # input events kept in memory while records cannot be written
 
 
 def pin_factory(backend: str):
@@ -223,6 +224,7 @@ class GpioWorker:
             write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
         except OSError as e:  # keep the events and retry at the next window
             self.errors += 1
+            del self.rows[:-MAX_HELD_EVENTS]  # bounded while the disk refuses writes
             self.window_opened = time.monotonic()
             log.error("cannot write a record (%s); keeping %d event(s) to retry", e, len(rows))
             self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
