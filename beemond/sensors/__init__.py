@@ -11,6 +11,7 @@ DRIVERS = {
     "audio": "beemond.sensors.audio:AudioWorker",
     "camera": "beemond.sensors.camera:CameraWorker",
     "gpio": "beemond.sensors.gpio:GpioWorker",
+    "scale": "beemond.sensors.scale:ScaleWorker",
 }
 
 
