@@ -144,7 +144,7 @@ def test_config_errors_name_the_key(tmp_path, keys, password_file, over, key, wo
 def test_daemon_button_press_makes_the_camera_take_a_still(tmp_path, keys, password_file, daemons):
     cfg = make_config(tmp_path, keys, password_file, 21, **{
         "upload.protocol": "none",
-        "sensors.hive_audio.enabled": False,
+        "sensors.hive_audio.enabled": False, "sensors.hive_scale": None, "processors": None,  # less load
         "sensors.hive_cam.width": 160, "sensors.hive_cam.height": 120,
         "sensors.hive_cam.still_interval_s": 0, "sensors.hive_cam.clip_interval_s": 0,
         "sensors.hive_cam.daylight_only": False,
