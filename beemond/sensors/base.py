@@ -185,11 +185,12 @@ class PolledSensorWorker:
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
-                 tmp: Path | None = None, split_index: int = 0, ext: str | None = None) -> Path:
+                 tmp: Path | None = None, ext: str | None = None, split_index: int = 0) -> Path:
     """Render the record's name, write it durably into staging and announce it to the orchestrator.
 
-    *split_index* is the template's ``_split_index``: the position of this record among the records
-    made from one array (``archive.ArrayArchiver`` with ``split_data_array``); 0 otherwise.
+    *ext* overrides ``worker.ext`` (a worker that writes more than one kind of record). *split_index*
+    is the template's ``_split_index``: the position of this record among the records made from one
+    array (``archive.ArrayArchiver`` with ``split_data_array``); 0 otherwise.
     """
     cfg, sensor = worker.cfg, worker.sensor
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
