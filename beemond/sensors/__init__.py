@@ -11,6 +11,8 @@ DRIVERS = {
     "bme280": "beemond.sensors.bme280:BME280Worker",
     "ds18b20": "beemond.sensors.ds18b20:DS18B20Worker",
     "audio": "beemond.sensors.audio:AudioWorker",
+    "camera": "beemond.sensors.camera:CameraWorker",
+    "gpio": "beemond.sensors.gpio:GpioWorker",
     "scale": "beemond.sensors.scale:ScaleWorker",
 }
 
