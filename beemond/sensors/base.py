@@ -55,6 +55,10 @@ class PolledSensorWorker:
         self.missed = 0
         self.consecutive_failures = 0
         self.paused = False
+        from beemond.sensors.gpio import power_switch
+
+        # power_pin: the sensor's supply is switched on power_lead_s before each measurement, off after
+        self.power = power_switch(sensor, channel.beat)
 
     # -- for subclasses
     def read(self) -> tuple:
@@ -70,6 +74,13 @@ class PolledSensorWorker:
     def extra_metadata(self, readings: list[tuple]) -> dict:
         """Metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         return {}
+
+    def samples(self, reading: tuple) -> list[dict]:
+        """The data of the SAMPLE events of a good reading (``ipc.SAMPLE``: ``sensor``, ``values``, and
+        optional ``labels``). One event by default; a sensor with several probes of one quantity sends
+        one per probe, told apart by a label."""
+        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
+        return [{"sensor": self.sensor.name, "values": values}] if values else []
 
     def on_sample(self, sample: dict) -> None:
         """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
@@ -116,20 +127,23 @@ class PolledSensorWorker:
         finally:
             self.flush()
             self.close()
+            self.power.close()
 
     def measure_once(self) -> None:
-        stamp = datetime.now(timezone.utc)
-        for attempt in range(self.sensor.max_retries + 1):
-            try:
-                reading = self.read()
-                break
-            except OSError as e:
-                self.errors += 1
-                last_error = e
-                log.debug("measurement attempt %d failed: %s", attempt + 1, e)
-                if attempt < self.sensor.max_retries:
-                    time.sleep(min(0.5, 0.02 * 2 ** attempt))
-        else:
+        reading = last_error = None
+        with self.power:
+            stamp = datetime.now(timezone.utc)  # after the lead: the time the sensor was read
+            for attempt in range(self.sensor.max_retries + 1):
+                try:
+                    reading = self.read()
+                    break
+                except OSError as e:
+                    self.errors += 1
+                    last_error = e
+                    log.debug("measurement attempt %d failed: %s", attempt + 1, e)
+                    if attempt < self.sensor.max_retries:
+                        time.sleep(min(0.5, 0.02 * 2 ** attempt))
+        if reading is None:
             self.missed += 1
             self.consecutive_failures += 1
             log.warning("measurement failed after %d attempts (%d in a row): %s",
@@ -142,9 +156,8 @@ class PolledSensorWorker:
         if self.window_opened is None:
             self.window_opened = time.monotonic()
         self.readings.append((stamp, reading, self.tag()))
-        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
-        if values:
-            self.channel.send(ipc.SAMPLE, sensor=self.sensor.name, values=values)
+        for data in self.samples(reading):
+            self.channel.send(ipc.SAMPLE, **data)
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""
@@ -177,14 +190,69 @@ class PolledSensorWorker:
         log.debug("record %s: %d readings", path.name, len(readings))
 
 
+class I2CWorker(PolledSensorWorker):
+    """A polled chip on an I2C bus: ``/dev/i2c-N`` through ``smbus2.SMBus``, or with ``backend =
+    "simulated"`` the chip emulator that :meth:`emulated_chip` builds, behind an ``EmulatedSMBus``
+    and driven by the sensor's CSV replay. The sensor config has ``bus``, ``address``, ``replay``."""
+
+    def __init__(self, cfg, sensor, channel):
+        super().__init__(cfg, sensor, channel)
+        self.chip = None
+        if sensor.backend == "simulated":
+            from beemond.sensors.emulators.i2c import EmulatedSMBus
+            from beemond.sensors.emulators.replay import CsvReplay
+
+            self.chip = self.emulated_chip(CsvReplay.from_config(sensor.replay))
+            self.bus = EmulatedSMBus(sensor.bus, {sensor.address: self.chip})
+        else:
+            from smbus2 import SMBus
+
+            self.bus = SMBus(sensor.bus)
+
+    def emulated_chip(self, replay):
+        """The emulator for the simulated backend; it records each value's replay row in ``served``."""
+        raise NotImplementedError
+
+    def tag(self):
+        if self.chip is None:
+            return None
+        row = self.chip.served[-1]  # the row behind the measurement that just succeeded
+        del self.chip.served[:-1]
+        return row
+
+    def extra_metadata(self, readings: list[tuple]) -> dict:
+        meta = {"address": f"0x{self.sensor.address:02x}"}
+        if self.chip is not None:
+            meta["replay"] = {"file": self.sensor.replay.file.name, "rows": ranges([t for _, _, t in readings])}
+        return meta
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def ranges(indices: list[int]) -> list[list[int]]:
+    """Compress sorted-ish row indices into inclusive ``[first, last]`` runs."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
-                 tmp: Path | None = None, ext: str | None = None) -> Path:
+                 tmp: Path | None = None, ext: str | None = None, split_index: int = 0) -> Path:
     """Render the record's name, write it durably into staging and announce it to the orchestrator.
-    *ext* overrides ``worker.ext`` (a worker that writes two kinds of record)."""
+
+    *ext* overrides ``worker.ext`` (a worker that writes more than one kind of record). *split_index*
+    is the template's ``_split_index``: the position of this record among the records made from one
+    array (``archive.ArrayArchiver`` with ``split_data_array``); 0 otherwise.
+    """
     cfg, sensor = worker.cfg, worker.sensor
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
                  "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
-                 "metadata": metadata, "_split_index": 0}
+                 "metadata": metadata, "_split_index": split_index}
     try:
         rel = archive.render_name(worker.template, **variables)
     except archive.TemplateError as e:
