@@ -107,8 +107,8 @@ class SHT3xWorker(PolledSensorWorker):
     columns = ("temperature_c", "humidity_rh")
     quantities = ("temperature_celsius", "relative_humidity_percent")
 
-    def __init__(self, cfg, sensor, channel):
-        super().__init__(cfg, sensor, channel)
+    def __init__(self, cfg, sensor, channel, **kw):
+        super().__init__(cfg, sensor, channel, **kw)  # kw: clock (a test's time source)
         self.chip = None
         if sensor.backend == "simulated":
             from beemond.sensors.emulators.i2c import EmulatedSMBus
