@@ -530,8 +530,7 @@ class Aggregator:
                 log.info("spool back within its quota: %d bytes used, %d free", used, free)
             self.quota_stuck = False
             return
-        bundles = sorted((p for p in self.outbox.iterdir() if BUNDLE_RE.match(p.name)),
-                         key=lambda p: (BUNDLE_RE.match(p.name)["start"], p.name))
+        bundles = sorted((p for p in self.outbox.iterdir() if BUNDLE_RE.match(p.name)), key=_bundle_age)
         dropped = 0
         while over() and bundles:
             victim = bundles.pop(0)
@@ -566,6 +565,15 @@ class Aggregator:
         log.error("record %s is unreadable (%s); moved to %s, the others are sealed without it",
                   rec.path.name, error.strerror or error, dest.parent)
         self.channel.send(ipc.ERROR, message=f"record set aside: {rec.member}: {error}")
+
+
+def _bundle_age(path: Path) -> tuple:
+    """Sort key, oldest first: the start in the name, then the time it was sealed."""
+    try:
+        sealed = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        sealed = 0
+    return BUNDLE_RE.match(path.name)["start"], sealed
 
 
 def _age(path: Path, now: float) -> float:
