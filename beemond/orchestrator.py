@@ -279,6 +279,7 @@ class Orchestrator:
         if w.state == "removing":
             log.info("worker %s stopped (%s): removed from the config", w.name, how)
             del self.workers[w.name]
+            _discard_queue(w.commands)
             return
         if self.stopping:
             w.state = "stopped"
