@@ -80,13 +80,14 @@ def test_tiny_tmpfs_spool_survives_enospc_and_resumes(tmp_path, keys, password_f
         d.wait_log(r"dropped the oldest bundle", timeout=40)
         # Now take (almost) all of the rest: writes fail with ENOSPC.
         filler = mnt / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\xff" * 4096):
                 pass
+        except OSError:  # ENOSPC: the file system is full
+            pass
+        finally:
+            os.close(fd)
         n_log = len(d.log())
         wait_for(lambda: re.search(r"No space left on device|spool still over its quota", d.log()[n_log:]), 30,
                  "the daemon noticing the full disk")
