@@ -20,6 +20,9 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
                timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
     [sensors.NAME]          type = "sht3x" | "audio", backend = "hardware" | "simulated", ...
     [sensors.NAME.replay]   (sht3x, simulated) file, time_column, temperature_column, ...
+    [metrics]  enabled, address, port, staleness_s
+    [processors.NAME]       type = "audio_bands" | "swarm", sensor = "NAME", min_input_spacing,
+                            min_step_spacing, min_output_spacing, ... (see beemond.processors)
 """
 
 from __future__ import annotations
@@ -343,6 +346,87 @@ class UploadConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = _opt(True, doc="serve /metrics (Prometheus text format)")
+    address: str = _opt("127.0.0.1", doc="listen address of /metrics; keep it local unless a firewall guards it")
+    port: int = _opt(9109, min=1, max=65535, doc="TCP port of /metrics (not Prometheus's own 9090)")
+    staleness_s: float = _opt(600.0, min=1, max=86400, doc="readings older than this are not exported")
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """Keys every processor has (``beemond.processors``). A processor type is a subclass registered in
+    :data:`PROCESSOR_TYPES`. The three spacings (seconds, 0 = off) are defined exactly in
+    :class:`beemond.processors.base.Spacing`."""
+
+    name: str = _opt("")
+    type: str = _opt("")
+    sensor: str = _opt("", doc="the sensor whose records or samples this processor reads")
+    enabled: bool = _opt(True)
+    min_input_spacing: float = _opt(0.0, min=0.0, max=86400 * 7, doc="s of data time between accepted inputs")
+    min_step_spacing: float = _opt(0.0, min=0.0, max=86400 * 7, doc="s of run time between processing steps")
+    min_output_spacing: float = _opt(0.0, min=0.0, max=86400 * 7, doc="s of data time between output records")
+    filename_template: str = _opt("", doc="overrides [archive] filename_template")
+
+    def check(self, path: Path, key: str, sensor: SensorConfig) -> None:
+        """Raise :class:`ConfigError` for a rule that spans several keys or needs the sensor's config."""
+
+    def describe(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class AudioBandsConfig(ProcessorConfig):
+    bands: tuple[str, ...] = _opt(("100-300", "300-600"), doc='"LOW-HIGH" in Hz, e.g. "100-300"')
+    frame: int = _opt(4096, min=64, max=1 << 20, doc="FFT frame length in samples (Hann window, 50 % overlap)")
+
+    def band_edges(self) -> list[tuple[float, float]]:
+        """``bands`` as (low, high) Hz pairs. Raises ``ValueError`` naming the bad entry."""
+        out = []
+        for text in self.bands:
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*", text)
+            if not m or not float(m[1]) < float(m[2]):
+                raise ValueError(f"{text!r} is not LOW-HIGH in Hz with LOW < HIGH")
+            out.append((float(m[1]), float(m[2])))
+        return out
+
+    def check(self, path: Path, key: str, sensor: SensorConfig) -> None:
+        if not isinstance(sensor, AudioConfig):
+            raise ConfigError(path, f"{key}.sensor", f"{sensor.name!r} is a {sensor.type} sensor; audio_bands reads audio records")
+        if not self.bands:
+            raise ConfigError(path, f"{key}.bands", "at least one band is required")
+        try:
+            edges = self.band_edges()
+        except ValueError as e:
+            raise ConfigError(path, f"{key}.bands", str(e)) from None
+        nyquist = sensor.sample_rate_hz / 2
+        for text, (_, high) in zip(self.bands, edges):
+            if high > nyquist:
+                raise ConfigError(path, f"{key}.bands", f"{text!r} goes above the Nyquist frequency {nyquist:g} Hz of {sensor.name}")
+
+    def describe(self) -> str:
+        return f"band power in {', '.join(self.bands)} Hz"
+
+
+@dataclass(frozen=True)
+class SwarmConfig(ProcessorConfig):
+    quantity: str = _opt("weight_kilograms", doc="the SAMPLE quantity holding the hive weight")
+    drop_kg: float = _opt(1.0, min=0.05, max=100, doc="a fall of more than this ...")
+    window_s: float = _opt(900.0, min=10, max=86400, doc="... within this many seconds raises a swarm alert")
+    smoothing: int = _opt(3, min=1, max=100, doc="median of this many readings (rejects single spikes)")
+
+    def describe(self) -> str:
+        return f"swarm alert on a drop of more than {self.drop_kg:g} kg within {self.window_s:g} s"
+
+
+# type = "..." -> its config class (the worker is in beemond.processors.PROCESSORS).
+PROCESSOR_TYPES: dict[str, type[ProcessorConfig]] = {
+    "audio_bands": AudioBandsConfig,
+    "swarm": SwarmConfig,
+}
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     daemon: DaemonConfig
@@ -350,6 +434,8 @@ class Config:
     bundle: BundleConfig
     upload: UploadConfig
     sensors: tuple[SensorConfig, ...]
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    processors: tuple[ProcessorConfig, ...] = ()
 
     @property
     def spool(self) -> Path:
@@ -361,7 +447,8 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------- load
 
-_SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleConfig, "upload": UploadConfig}
+_SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleConfig, "upload": UploadConfig,
+             "metrics": MetricsConfig}
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -393,8 +480,8 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
     tree: dict[str, Any] = {}
     for section in parser.sections():
         parts = section.split(".")
-        if parts[0] == "sensor":  # [sensor.NAME] and [sensor.NAME.replay]
-            parts[0] = "sensors"
+        if parts[0] in ("sensor", "processor"):  # [sensor.NAME], [sensor.NAME.replay], [processor.NAME]
+            parts[0] += "s"
         node = tree
         for part in parts:
             node = node.setdefault(part, {})
@@ -404,10 +491,10 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
 
 def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     base = path.parent.resolve()
-    unknown = set(tree) - set(_SECTIONS) - {"sensors"}
+    unknown = set(tree) - set(_SECTIONS) - {"sensors", "processors"}
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(path, key, f"unknown section; allowed: {', '.join([*_SECTIONS, 'sensors'])}")
+        raise ConfigError(path, key, f"unknown section; allowed: {', '.join([*_SECTIONS, 'sensors', 'processors'])}")
     built = {}
     for name, cls in _SECTIONS.items():
         table = tree.get(name, {})
@@ -422,29 +509,36 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     if daemon.heartbeat_timeout_s <= daemon.heartbeat_interval_s:
         raise ConfigError(path, "daemon.heartbeat_timeout_s", "must be greater than heartbeat_interval_s")
 
-    sensors_tree = tree.get("sensors", {})
-    if not isinstance(sensors_tree, dict):
-        raise ConfigError(path, "sensors", "must be a table of tables, one per sensor")
-    sensors = []
-    for name, table in sensors_tree.items():
-        key = f"sensors.{name}"
+    sensors = _typed_tables(path, tree, "sensors", "sensor", SENSOR_TYPES, base, strings)
+    if not sensors:
+        raise ConfigError(path, "sensors", "at least one enabled sensor is required")
+    processors = _typed_tables(path, tree, "processors", "processor", PROCESSOR_TYPES, base, strings)
+    cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
+                 upload=built["upload"], sensors=tuple(sensors), metrics=built["metrics"],
+                 processors=processors)
+    _check_semantics(cfg, path)
+    return cfg
+
+
+def _typed_tables(path: Path, tree: dict, section: str, what: str, types: dict, base: Path, strings: bool) -> tuple:
+    """The enabled ``[section.NAME]`` tables, each built as ``types[type]`` (sensors, processors)."""
+    tables = tree.get(section, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(path, section, f"must be a table of tables, one per {what}")
+    out = []
+    for name, table in tables.items():
+        key = f"{section}.{name}"
         if not NAME_RE.match(name):
-            raise ConfigError(path, key, f"sensor name must match {NAME_RE.pattern}")
+            raise ConfigError(path, key, f"{what} name must match {NAME_RE.pattern}")
         if not isinstance(table, dict):
             raise ConfigError(path, key, "must be a table")
         kind = table.get("type")
-        if not isinstance(kind, str) or kind not in SENSOR_TYPES:
-            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(SENSOR_TYPES)}, got {kind!r}")
-        sensor = _build(SENSOR_TYPES[kind], {**table, "name": name}, path, key, base, strings)
-        if sensor.enabled:
-            sensors.append(sensor)
-    if not sensors:
-        raise ConfigError(path, "sensors", "at least one enabled sensor is required")
-
-    cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
-                 upload=built["upload"], sensors=tuple(sensors))
-    _check_semantics(cfg, path)
-    return cfg
+        if not isinstance(kind, str) or kind not in types:
+            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(types)}, got {kind!r}")
+        item = _build(types[kind], {**table, "name": name}, path, key, base, strings)
+        if item.enabled:
+            out.append(item)
+    return tuple(out)
 
 
 def _build(cls, table: dict, path: Path, prefix: str, base: Path, strings: bool):
@@ -566,6 +660,23 @@ def _check_semantics(cfg: Config, path: Path) -> None:
                 raise ConfigError(path, f"{key}.{where}" if where else key,
                                   f"refers to sensor {other!r}, which is not configured (or not enabled)")
 
+    sensors = {s.name: s for s in cfg.sensors}
+    for p in cfg.processors:
+        key = f"processors.{p.name}"
+        # A processor's records go to staging/<name>/ and it is supervised under its name: both must
+        # be free.
+        if p.name in sensors or p.name in ("aggregator", "uploader", "orchestrator"):
+            raise ConfigError(path, key, f"name {p.name!r} is already taken by a sensor or a daemon worker")
+        if p.sensor not in sensors:
+            raise ConfigError(path, f"{key}.sensor", f"{p.sensor!r} is not a configured (enabled) sensor; "
+                                                    f"sensors: {', '.join(sensors)}")
+        if p.filename_template:
+            try:
+                archive.check_template(p.filename_template)
+            except archive.TemplateError as e:
+                raise ConfigError(path, f"{key}.filename_template", str(e)) from None
+        p.check(path, key, sensors[p.sensor])
+
 
 def summary(cfg: Config) -> str:
     """A short human summary for ``beemond check-config`` (never shows secrets)."""
@@ -576,6 +687,10 @@ def summary(cfg: Config) -> str:
     b = cfg.bundle
     lines.append(f"  bundles: every {b.max_duration_s:g} s or {b.max_bytes} bytes, "
                  f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}")
+    for p in cfg.processors:
+        lines.append(f"  processor {p.name}: {p.type} of {p.sensor}, {p.describe()}")
+    m = cfg.metrics
+    lines.append(f"  metrics: http://{m.address}:{m.port}/metrics" if m.enabled else "  metrics: off")
     u = cfg.upload
     if u.protocol == "none":
         lines.append("  upload: none (bundles stay in the outbox)")

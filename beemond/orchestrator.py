@@ -38,9 +38,11 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from beemond import archive, ipc, notify
 from beemond.config import EX_CONFIG, ConfigError
@@ -56,11 +58,14 @@ ALIVE = ("running", "restarting", "removing")
 WORKER_DAEMON_KEYS = ("heartbeat_interval_s", "log_level")
 # [daemon] keys that only a full restart can change (the spool lock, names of everything on disk).
 RESTART_ONLY_KEYS = ("spool_dir", "host")
+# Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
+# ``shutdown_grace_s`` + 10 s. The unit's TimeoutStopSec must cover the sum (tests/test_service.py).
+SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("aggregator", 0.4))
 
 
 @dataclass
 class Worker:
-    role: str                    # sensor | aggregator | uploader
+    role: str                    # sensor | processor | aggregator | uploader
     name: str
     process: multiprocessing.process.BaseProcess | None = None
     commands: object = None
@@ -72,6 +77,8 @@ class Worker:
     restarts: collections.deque = field(default_factory=collections.deque)
     restart_at: float = 0.0
     last_event: dict = field(default_factory=dict)
+    starts: int = 0              # process starts since the daemon started (restarts = starts - 1)
+    paused: bool = False         # stopped by `beemond pause` (a restarted process records again)
     reported: bool = False       # has sent an event since its last start (READY=1 waits for all)
 
 
@@ -101,12 +108,18 @@ class Orchestrator:
         self._watchdog_at = 0.0
         self._status_text, self._status_at = "", 0.0
         self._reload_requested = False
+        self.health = None
+        self.status_server = None
 
     def _subscribe(self, cfg) -> None:
         self.subscribers.clear()
         for sensor in cfg.sensors:
             for source in sensor.subscribes_to():
                 self.subscribers[source].append(sensor.name)
+        # sensor name -> processors that read its records and samples (beemond.processors)
+        self.processor_feeds: dict[str, list[str]] = collections.defaultdict(list)
+        for proc in cfg.processors:
+            self.processor_feeds[proc.sensor].append(proc.name)
 
     # ---- lifecycle
     def run(self) -> int:
@@ -132,6 +145,8 @@ class Orchestrator:
         self._add(Worker("uploader", "uploader"))
         for sensor in self.cfg.sensors:
             self._add(Worker("sensor", sensor.name))
+        self._add_processors()
+        self._start_health()
         end_at = time.monotonic() + self.duration if self.duration else None
         try:
             while not self.stopping:
@@ -145,6 +160,7 @@ class Orchestrator:
             self.notifier.stopping()
             self._shutdown()
         finally:
+            self._stop_health()
             self._restore_signals()
         log.info("beemond stopped (status %d)", self.exit_status)
         return self.exit_status
@@ -191,9 +207,75 @@ class Orchestrator:
         writer.close()  # so a dead worker's pipe reads as EOF here
         w.events = reader
         w.state, w.started = "running", time.monotonic()
+        w.starts += 1
+        w.paused = False
         w.last_heartbeat = w.started
         w.reported = False
         log.info("started worker %s (%s, pid %d)", w.name, w.role, w.process.pid)
+
+    # ---- processors (beemond.processors)
+    def _add_processors(self) -> None:
+        from beemond.processors.base import inbox_dir
+
+        names = {p.name for p in self.cfg.processors}
+        root = self.cfg.spool / "processing"
+        if root.is_dir():  # inboxes of processors no longer configured hold only links: drop them
+            for d in root.iterdir():
+                if d.is_dir() and d.name not in names:
+                    shutil.rmtree(d, ignore_errors=True)
+        for proc in self.cfg.processors:
+            inbox_dir(self.cfg.spool, proc.name).mkdir(parents=True, exist_ok=True)
+            self._add(Worker("processor", proc.name))
+
+    def _feed_processors(self, w: Worker, ev: ipc.Event) -> None:
+        """A sensor's *record ready* or *sample* to the processors that read that sensor. A record is
+        hard-linked into the processor's inbox first, so it survives the aggregator bundling and
+        deleting the staged original, and a processor in backoff finds it at its restart."""
+        from beemond.processors.base import link_record
+
+        for name in self.processor_feeds.get(w.name, ()):
+            target = self.workers.get(name)
+            if target is None or target.state in ("failed", "stopped"):
+                continue
+            if ev.kind == ipc.READY_EVENT:
+                try:
+                    link = link_record(self.cfg.spool, name, Path(ev.data["path"]))
+                except OSError as e:
+                    log.warning("cannot pass record %s to processor %s: %s", ev.data["path"], name, e)
+                    continue
+                self._command(name, ipc.Command(ipc.RECORD_READY, {"path": str(link), "sensor": w.name}))
+            else:
+                self._command(name, ipc.Command(ipc.SAMPLE, {**ev.data, "time": ev.time}))
+
+    # ---- health: /metrics and the status socket (beemond.metrics, beemond.status)
+    def _start_health(self) -> None:
+        from beemond import metrics, status
+
+        self.health = metrics.Health(self.cfg, self.workers)
+        self.observers.append(self.health)
+        self.health.start_http()
+        self.status_server = status.StatusServer(self.cfg.spool / status.SOCKET_NAME, self.health.status,
+                                                 self._control)
+        self.status_server.start()
+
+    def _control(self, kind: str, name: str) -> tuple[bool, str]:
+        """``beemond pause|resume NAME`` (status socket thread): STOP/START to a sensor or processor.
+        Only a queue put, which is thread-safe; the worker's state is read, never written, here."""
+        w = self.workers.get(name)
+        if w is None or w.role not in ("sensor", "processor"):
+            choices = ", ".join(n for n, x in self.workers.items() if x.role in ("sensor", "processor"))
+            return False, f"no sensor or processor {name!r} (have: {choices})"
+        if not self._command(name, ipc.Command(ipc.STOP if kind == "stop" else ipc.START, {"reason": "beemond CLI"})):
+            return False, f"{name} is {w.state}, not running"
+        w.paused = kind == "stop"  # a plain attribute store: the main loop only reads it
+        log.info("%s sent to %s from the command line", kind, name)
+        return True, f"{'paused' if kind == 'stop' else 'resumed'} {name}"
+
+    def _stop_health(self) -> None:
+        if self.status_server is not None:
+            self.status_server.stop()
+        if self.health is not None:
+            self.health.stop_http()
 
     # ---- the wait loop
     def _next_timer(self, end_at: float | None) -> float:
@@ -235,6 +317,8 @@ class Orchestrator:
     def _on_event(self, w: Worker, ev: ipc.Event) -> None:
         w.last_heartbeat = time.monotonic()
         w.reported = True
+        if ev.kind in (ipc.READY_EVENT, ipc.SAMPLE):
+            self._feed_processors(w, ev)  # first: the aggregator may delete a staged record at once
         if ev.kind == ipc.READY_EVENT:
             agg = self.workers.get("aggregator")
             if agg is not None and agg.state == "running":
@@ -301,7 +385,7 @@ class Orchestrator:
             w.state = "failed"
             log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
                       w.name, why, len(w.restarts), self.d.crash_loop_window_s)
-            if w.role != "sensor":
+            if w.role in ("aggregator", "uploader"):
                 log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
                 self.exit_status = 1
                 self.stopping = True
@@ -367,7 +451,9 @@ class Orchestrator:
         for w in self.workers.values():
             if w.state == "backoff":
                 w.state = "stopped"
-        phases = [("sensor", budget * 0.3), ("aggregator", budget * 0.4),
+        # Processors after the sensors (their last records reach them), before the aggregator (their
+        # last outputs are sealed).
+        phases = [*((role, budget * share) for role, share in SHUTDOWN_SHARES),
                   ("uploader", self.cfg.upload.shutdown_grace_s + 10)]
         for role, limit in phases:
             group = [w for w in self.workers.values() if w.role == role and w.state in ALIVE]
@@ -429,11 +515,12 @@ class Orchestrator:
         sensors = [w for w in self.workers.values() if w.role == "sensor"]
         ok = sum(1 for w in sensors if w.state in ALIVE)
         parts = [f"{ok} sensor{'' if ok == 1 else 's'} ok"]
+        units = [w for w in self.workers.values() if w.role in ("sensor", "processor")]
         for state in ("backoff", "failed"):
-            names = [w.name for w in sensors if w.state == state]
+            names = [w.name for w in units if w.state == state]
             if names:
                 parts.append(f"{state}: {' '.join(names)}")
-        broken = [w.name for w in self.workers.values() if w.role != "sensor" and w.state not in ALIVE]
+        broken = [w.name for w in self.workers.values() if w not in units and w.state not in ALIVE]
         if broken:
             parts.append(f"down: {' '.join(broken)}")
         if self.outbox["files"] is not None:
@@ -463,37 +550,44 @@ class Orchestrator:
                 log.warning("SIGHUP: daemon.%s changed to %s; that needs a restart of the service, keeping %s",
                             key, getattr(new.daemon, key), value)
         new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept))
+        if new.metrics != old.metrics:
+            log.warning("SIGHUP: [metrics] changed; that needs a restart of the service, keeping the old one")
+            new = dataclasses.replace(new, metrics=old.metrics)
         restart = self._changed_workers(old, new)
-        old_sensors = {s.name for s in old.sensors}
-        new_sensors = {s.name for s in new.sensors}
+        old_units, new_units = _units(old), _units(new)
+        removed = sorted(set(old_units) - set(new_units))
         self.cfg, self.d = new, new.daemon
         self._subscribe(new)
         if new.daemon.log_level != old.daemon.log_level:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
-        for name in sorted(old_sensors - new_sensors):
-            log.info("SIGHUP: sensor %s removed", name)
+        for name in removed:
+            log.info("SIGHUP: %s %s removed", old_units[name], name)
             self._stop_worker(name, "removing")
         for name in restart:
             self._stop_worker(name, "restarting")
-        for name in [s.name for s in new.sensors if s.name not in old_sensors]:
-            log.info("SIGHUP: sensor %s added", name)
-            self._add(Worker("sensor", name))
-        removed = sorted(old_sensors - new_sensors)
+        for name, role in new_units.items():
+            if name not in old_units:
+                log.info("SIGHUP: %s %s added", role, name)
+                if role == "processor":
+                    from beemond.processors.base import inbox_dir
+
+                    inbox_dir(new.spool, name).mkdir(parents=True, exist_ok=True)
+                self._add(Worker(role, name))
         log.info("SIGHUP: config %s reloaded: restarting %s; removed %s", new.source,
                  ", ".join(restart) or "none", ", ".join(removed) or "none")
         self.notifier.ready(self.status_line())
 
     @staticmethod
     def _changed_workers(old, new) -> list[str]:
-        """Workers whose settings differ between two configs (sensors present in both only)."""
+        """Workers whose settings differ between two configs (sensors and processors present in both)."""
         every = any(getattr(old.daemon, k) != getattr(new.daemon, k) for k in WORKER_DAEMON_KEYS)
         names = []
         if every or old.bundle != new.bundle or old.archive != new.archive:
             names.append("aggregator")
         if every or old.upload != new.upload:
             names.append("uploader")
-        before = {s.name: s for s in old.sensors}
-        for s in new.sensors:
+        before = {s.name: s for s in (*old.sensors, *old.processors)}
+        for s in (*new.sensors, *new.processors):
             if s.name in before and (every or before[s.name] != s or old.template_for(s) != new.template_for(s)):
                 names.append(s.name)
         return names
@@ -515,6 +609,11 @@ class Orchestrator:
         else:
             w.failures, w.restarts = 0, collections.deque()
             self._spawn(w)  # a failed sensor gets a fresh start with its new settings
+
+
+def _units(cfg) -> dict[str, str]:
+    """Name -> role of the configured sensors and processors."""
+    return {**{s.name: "sensor" for s in cfg.sensors}, **{p.name: "processor" for p in cfg.processors}}
 
 
 def _discard_queue(q) -> None:

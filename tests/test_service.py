@@ -63,9 +63,12 @@ def test_unit_declares_the_service_contract():
     cfg = tomllib.loads((ROOT / "config" / "beemond.toml").read_text())
     assert s["LoadCredential"][0].split(":")[0] == cfg["upload"]["password_credential"]
     # The watchdog outlasts the orchestrator's own hung-worker timeout, and the stop timeout covers the
-    # ordered shutdown (sensors 30 %, aggregator 40 % of shutdown_timeout_s, uploader grace + 10 s).
+    # ordered shutdown (each role's share of shutdown_timeout_s, then the uploader's grace + 10 s).
+    from beemond.orchestrator import SHUTDOWN_SHARES
+
     assert int(s["WatchdogSec"][0]) > cfg["daemon"]["heartbeat_timeout_s"]
-    stop_needed = 0.7 * cfg["daemon"]["shutdown_timeout_s"] + cfg["upload"]["shutdown_grace_s"] + 10
+    shares = sum(share for _, share in SHUTDOWN_SHARES)
+    stop_needed = shares * cfg["daemon"]["shutdown_timeout_s"] + cfg["upload"]["shutdown_grace_s"] + 10
     assert int(s["TimeoutStopSec"][0]) > stop_needed
     assert s["KillMode"] == ["mixed"]  # SIGTERM to the orchestrator alone, which orders the stop
 

@@ -28,6 +28,7 @@ from beemond.config import DEFAULT_TEMPLATE
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 5
+EVENT_COUNTS = ("overflows", "errors", "missed")   # record metadata copied into its READY_EVENT
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
@@ -215,7 +216,10 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
         rel = archive.render_name(DEFAULT_TEMPLATE, **variables)
     rel = _unique(worker.staging, rel)
     path = archive.write_record(worker.staging, rel, metadata, data_writer=data_writer, tmp=tmp)
-    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path))
+    # Non-zero counters ride along for the metrics (audio overflows, missed measurements), so the
+    # orchestrator never has to read a sidecar.
+    counts = {k: metadata[k] for k in EVENT_COUNTS if isinstance(metadata.get(k), int) and metadata[k]}
+    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path), **counts)
     return path
 
 
