@@ -321,7 +321,7 @@ def test_sighup_reload_invalid_then_valid(tmp_path, keys, password_file, ftp, da
     d.wait_log(r"SIGHUP: new config rejected, keeping the running one: %s: sensors\.hive_climate\.interval_s: "
                r"must be >= " % re.escape(str(cfg_path)))
     time.sleep(0.5)  # nothing may restart: give it the chance to go wrong, then check
-    assert len(re.findall(r"started worker", d.log())) == 2 + len(good["sensors"])
+    assert len(re.findall(r"started worker", d.log())) == 2 + len(good["sensors"]) + len(good.get("processors", {}))
 
     # Valid: the climate sensor changed, the audio sensor is removed, a second climate sensor added,
     # [upload] changed; [bundle] and the aggregator are untouched; spool_dir needs a full restart.
@@ -329,11 +329,16 @@ def test_sighup_reload_invalid_then_valid(tmp_path, keys, password_file, ftp, da
     new["sensors"]["hive_climate"]["interval_s"] = 0.3
     new["sensors"]["hive_climate2"] = json.loads(json.dumps(good["sensors"]["hive_climate"]))
     del new["sensors"]["hive_audio"]
+    removed = ["hive_audio"]
+    for name, proc in list(new.get("processors", {}).items()):  # processors of the audio go with it
+        if proc["sensor"] == "hive_audio":
+            del new["processors"][name]
+            removed.append(name)
     new["upload"]["backoff_max_s"] = 2
     new["daemon"]["spool_dir"] = str(tmp_path / "elsewhere")
     cfg_path.write_text(tomli_w.dumps(new))
     d.proc.send_signal(signal.SIGHUP)
-    d.wait_log(r"SIGHUP: config \S+ reloaded: restarting uploader, hive_climate; removed hive_audio")
+    d.wait_log(r"SIGHUP: config \S+ reloaded: restarting uploader, hive_climate; removed %s" % ", ".join(sorted(removed)))
     d.wait_log(r"worker hive_audio stopped \(status 0\): removed from the config")
     d.wait_log(r"started worker hive_climate2")
     d.wait_log(r"started worker hive_climate \(", count=2)
