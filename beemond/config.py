@@ -379,6 +379,8 @@ class ProcessorConfig:
 class AudioBandsConfig(ProcessorConfig):
     bands: tuple[str, ...] = _opt(("100-300", "300-600"), doc='"LOW-HIGH" in Hz, e.g. "100-300"')
     frame: int = _opt(4096, min=64, max=1 << 20, doc="FFT frame length in samples (Hann window, 50 % overlap)")
+    spectrogram: bool = _opt(False, doc="also write a small grey-scale spectrogram PNG per segment")
+    spectrogram_max_hz: float = _opt(2000.0, min=10, max=192000, doc="top of the spectrogram's frequency axis")
 
     def band_edges(self) -> list[tuple[float, float]]:
         """``bands`` as (low, high) Hz pairs. Raises ``ValueError`` naming the bad entry."""
@@ -400,6 +402,8 @@ class AudioBandsConfig(ProcessorConfig):
         except ValueError as e:
             raise ConfigError(path, f"{key}.bands", str(e)) from None
         nyquist = sensor.sample_rate_hz / 2
+        if self.spectrogram and self.spectrogram_max_hz > nyquist:
+            raise ConfigError(path, f"{key}.spectrogram_max_hz", f"above the Nyquist frequency {nyquist:g} Hz of {sensor.name}")
         for text, (_, high) in zip(self.bands, edges):
             if high > nyquist:
                 raise ConfigError(path, f"{key}.bands", f"{text!r} goes above the Nyquist frequency {nyquist:g} Hz of {sensor.name}")

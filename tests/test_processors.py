@@ -269,3 +269,54 @@ def test_processor_config_errors_name_the_key(tmp_path, proc, key, message):
 def test_processor_name_must_not_shadow_a_sensor(tmp_path):
     with pytest.raises(config.ConfigError, match="already taken"):
         config.load(write_config(tmp_path, {"hive_audio": {"type": "swarm", "sensor": "hive_scale"}}))
+
+
+def test_leftover_links_are_processed_at_start_oldest_first(tmp_path):
+    """A processor restarted after a crash (or after a backoff) finds what the orchestrator linked."""
+    cfg = config.load(write_config(tmp_path, {"bands": {"type": "audio_bands", "sensor": "hive_audio"}}))
+    staged = tmp_path / "spool/staging/hive_audio"
+    staged.mkdir(parents=True)
+    for i, hz in enumerate((250, 440)):
+        meta = {"start": f"2026-06-01T10:00:0{i}.000Z", "end": f"2026-06-01T10:00:0{i + 1}.000Z"}
+        rec = archive.write_record(staged, f"seg{i}.flac", meta, data_writer=lambda f, hz=hz: soundfile.write(
+            f, 0.5 * np.sin(2 * np.pi * hz * np.arange(8000) / 8000), 8000, format="FLAC"))
+        link_record(cfg.spool, "bands", rec)
+    sink = Sink("bands")
+    sink.commands.put(ipc.Command(ipc.SHUTDOWN))
+    AudioBandsWorker(cfg, cfg.processors[0], sink.channel).run()  # leftovers first, then the shutdown
+    out = [json.loads(p.read_text())["result"] for p in records(tmp_path / "spool/staging/bands")]
+    assert [max(r["bands"], key=r["bands"].get) for r in out] == ["100-300", "300-600"]
+    assert list((tmp_path / "spool/processing/bands").iterdir()) == []
+
+
+def test_spectrogram_png_shows_the_tone_at_its_height(tmp_path):
+    import shutil
+    import subprocess
+    import zlib
+
+    cfg = config.load(write_config(tmp_path, {"bands": {"type": "audio_bands", "sensor": "hive_audio",
+                                                        "spectrogram": True, "spectrogram_max_hz": 1000}}))
+    staged = tmp_path / "spool/staging/hive_audio"
+    staged.mkdir(parents=True)
+    rec = archive.write_record(staged, "seg.flac", {"start": "2026-06-01T10:00:00.000Z", "end": "2026-06-01T10:00:10.000Z"},
+                               data_writer=lambda f: soundfile.write(
+                                   f, 0.5 * np.sin(2 * np.pi * 440 * np.arange(80000) / 8000), 8000, format="FLAC"))
+    sink = Sink("bands")
+    w = AudioBandsWorker(cfg, cfg.processors[0], sink.channel)
+    w.handle(ipc.Command(ipc.RECORD_READY, {"path": str(link_record(cfg.spool, "bands", rec))}))
+    png = next((tmp_path / "spool/staging/bands").glob("*.png"))
+    assert json.loads(archive.sidecar_of(png).read_text())["image"] == "spectrogram"
+    assert len(sink.of(ipc.READY_EVENT, 2)) == 2, "the JSON and the PNG are both records"
+    if shutil.which("file"):  # an independent reader of the header
+        # (80000 - 4096) // 2048 + 1 = 38 whole frames, 64 frequency rows
+        assert "PNG image data, 38 x 64, 8-bit grayscale" in subprocess.run(
+            ["file", str(png)], capture_output=True, text=True).stdout
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    idat = data.index(b"IDAT")
+    raw = zlib.decompress(data[idat + 4: idat + 4 + int.from_bytes(data[idat - 4:idat], "big")])
+    img = np.frombuffer(raw, np.uint8).reshape(height, width + 1)[:, 1:]
+    brightest = int(np.argmax(img.mean(axis=1)))           # row 0 is the top: 1000 Hz
+    assert brightest == 64 - 1 - int(440 / 1000 * 64)     # 440 Hz: row 28 from the bottom
+    assert len(png.read_bytes()) < 10_000

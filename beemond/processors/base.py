@@ -142,6 +142,7 @@ class ProcessorWorker:
         log.info("processing %s's %s", self.proc.sensor, "records" if self.uses_records() else "samples")
         for path in self.leftovers():
             self.handle_record(path)
+            self.channel.beat()  # a long backlog must not look like a hung worker
         while True:
             cmd = self.channel.receive(timeout=3600)
             if cmd is not None and not self.handle(cmd):

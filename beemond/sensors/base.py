@@ -194,8 +194,9 @@ class PolledSensorWorker:
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
-                 tmp: Path | None = None) -> Path:
+                 tmp: Path | None = None, ext: str | None = None) -> Path:
     """Render the record's name, write it durably into staging and announce it to the orchestrator.
+    *ext* overrides ``worker.ext`` (a worker that writes two kinds of record).
 
     *metadata* gains ``clock_synchronized`` (bool, from the worker's ``clock`` or
     :func:`beemond.clock.synchronized`) unless the caller set it for the record's whole span.
@@ -205,7 +206,7 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
         wc = getattr(worker, "clock", None)
         metadata["clock_synchronized"] = wc.synchronized() if wc is not None else clock_synchronized()
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
-                 "end": archive.utc_stamp(end), "ext": worker.ext, "date": start.strftime("%Y-%m-%d"),
+                 "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
                  "metadata": metadata, "_split_index": 0}
     try:
         rel = archive.render_name(worker.template, **variables)
