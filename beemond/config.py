@@ -18,8 +18,10 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor
     [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
                timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
-    [sensors.NAME]          type = "sht3x" | "audio", backend = "hardware" | "simulated", ...
+    [sensors.NAME]          type = "sht3x" | "audio" | "camera" | "gpio" | "scale", backend = "hardware" | "simulated",
+                            power_pin, power_lead_s, power_active_high, ...
     [sensors.NAME.replay]   (sht3x, simulated) file, time_column, temperature_column, ...
+    [sensors.NAME.inputs.INPUT]  (gpio) pin, kind, targets, pull_up, bounce_s, cooldown_s, trigger_every_s
     [metrics]  enabled, address, port, staleness_s
     [processors.NAME]       type = "audio_bands" | "swarm", sensor = "NAME", min_input_spacing,
                             min_step_spacing, min_output_spacing, ... (see beemond.processors)
@@ -115,6 +117,11 @@ class SensorConfig:
     backend: str = _opt("hardware", choices=("hardware", "simulated"))
     enabled: bool = _opt(True)
     filename_template: str = _opt("", doc="overrides [archive] filename_template")
+    # A GPIO pin that switches the sensor's supply (a MOSFET or load switch): on power_lead_s before
+    # each measurement or capture, off after it (beemond.sensors.gpio.PowerSwitch).
+    power_pin: int | None = _opt(None, min=0, max=27, doc="BCM pin enabling the sensor's power, if any")
+    power_lead_s: float = _opt(0.0, min=0.0, max=600, doc="power on this long before a measurement")
+    power_active_high: bool = _opt(True, doc="false: the enable pin is active low")
 
     def check(self, path: Path, key: str) -> None:
         """Raise :class:`ConfigError` for a rule that spans several keys or needs a file."""
@@ -125,6 +132,14 @@ class SensorConfig:
     def subscribes_to(self) -> tuple[str, ...]:
         """Names of sensors whose ``sample`` events this sensor receives as ``sample`` commands."""
         return ()
+
+    def gpio_pins(self) -> dict[str, int]:
+        """BCM pins this sensor claims, by key (relative to the sensor's table); each pin once per host."""
+        return {"power_pin": self.power_pin} if self.power_pin is not None else {}
+
+    def capture_targets(self) -> dict[str, tuple[str, ...]]:
+        """Sensors this one asks to capture (``ipc.CAPTURE_REQUEST``), by key; each must be configured."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,97 @@ class AudioConfig(SensorConfig):
 
     def describe(self) -> str:
         return f"{self.sample_rate_hz} Hz x{self.channels}, {self.segment_s:g} s {self.format} segments"
+
+
+@dataclass(frozen=True)
+class CameraConfig(SensorConfig):
+    """A Raspberry Pi camera through picamera2 (beemond.sensors.camera)."""
+
+    width: int = _opt(640, min=16, max=9152, doc="frame width in pixels (AppMAIS: 640)")
+    height: int = _opt(480, min=16, max=6944, doc="frame height in pixels (AppMAIS: 480)")
+    framerate_fps: float = _opt(30.0, min=0.1, max=240, doc="frame rate of clips (AppMAIS: 30)")
+    still_interval_s: float = _opt(60.0, min=0.0, max=86400, doc="time between stills; 0: none on a schedule")
+    format: str = _opt("jpeg", choices=("jpeg", "npy"), doc="stills as JPEG files or NumPy arrays (HxWx3 uint8)")
+    jpeg_quality: int = _opt(90, min=1, max=95)
+    burst_frames: int = _opt(1, min=1, max=1000, doc="npy: frames per still record (an N x H x W x 3 array)")
+    split_data_array: bool = _opt(False, doc="npy: one record per frame, named with _split_index")
+    clip_s: float = _opt(10.0, min=0.1, max=3600, doc="length of an H.264 clip (MP4 container)")
+    clip_interval_s: float = _opt(0.0, min=0.0, max=86400, doc="time between clips; 0: none on a schedule")
+    bitrate_bps: int = _opt(2_000_000, min=10_000, max=50_000_000, doc="H.264 bitrate")
+    on_capture_now: str = _opt("still", choices=("still", "clip"), doc="what a capture_now (a GPIO trigger) takes")
+    stall_timeout_s: float = _opt(10.0, min=0.5, max=600, doc="no frame for this long: close and reopen the camera")
+    daylight_only: bool = _opt(False, doc="scheduled captures only between sunrise and sunset")
+    latitude: float = _opt(0.0, min=-90, max=90, doc="degrees north, for the daylight schedule")
+    longitude: float = _opt(0.0, min=-180, max=180, doc="degrees east, for the daylight schedule")
+    sunrise_offset_min: float = _opt(0.0, min=-720, max=720, doc="start this many minutes after sunrise")
+    sunset_offset_min: float = _opt(0.0, min=-720, max=720, doc="stop this many minutes after sunset")
+
+    def check(self, path: Path, key: str) -> None:
+        if self.split_data_array and self.format != "npy":
+            raise ConfigError(path, f"{key}.split_data_array", "only for format = \"npy\"")
+        if self.burst_frames > 1 and self.format != "npy":
+            raise ConfigError(path, f"{key}.burst_frames", "only for format = \"npy\" (a JPEG is one frame)")
+        if self.clip_interval_s and self.clip_interval_s < self.clip_s:
+            raise ConfigError(path, f"{key}.clip_interval_s", "must be 0 (off) or >= clip_s")
+        if self.width % 2 or self.height % 2:
+            raise ConfigError(path, f"{key}.width", "width and height must be even (H.264 4:2:0)")
+
+    def describe(self) -> str:
+        stills = f"a {self.format} still every {self.still_interval_s:g} s" if self.still_interval_s else "no scheduled stills"
+        clips = f"a {self.clip_s:g} s clip every {self.clip_interval_s:g} s" if self.clip_interval_s else "no scheduled clips"
+        when = f", daylight only at {self.latitude:g},{self.longitude:g}" if self.daylight_only else ""
+        return f"{self.width}x{self.height} @ {self.framerate_fps:g} fps, {stills}, {clips}{when}"
+
+
+@dataclass(frozen=True)
+class GpioInputConfig:
+    """One input of a ``gpio`` sensor: ``[sensors.NAME.inputs.INPUT]``."""
+
+    pin: int = _opt(-1, min=0, max=27, doc="BCM pin number")
+    kind: str = _opt("button", choices=("button", "motion", "beam"), doc="push button, PIR sensor, IR break beam")
+    targets: tuple[str, ...] = _opt(factory=tuple, doc="sensors that capture when this input activates")
+    pull_up: bool | None = _opt(None, doc="internal pull-up (default: on for button and beam, off for motion)")
+    bounce_s: float = _opt(0.05, min=0.0, max=10, doc="debounce time")
+    cooldown_s: float = _opt(5.0, min=0.0, max=86400, doc="ignore activations this long after one that triggered")
+    trigger_every_s: float = _opt(0.0, min=0.0, max=86400,
+                                  doc="simulated backend: the emulated input activates this often (0: never)")
+
+
+@dataclass(frozen=True)
+class GpioConfig(SensorConfig):
+    """GPIO inputs that trigger captures, and a status LED (beemond.sensors.gpio)."""
+
+    inputs: dict[str, GpioInputConfig] = _opt(factory=dict, doc="named inputs: [sensors.NAME.inputs.INPUT]")
+    status_led_pin: int | None = _opt(None, min=0, max=27, doc="BCM pin of a status LED (blinks while running)")
+    record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="input events batched per CSV record")
+
+    def check(self, path: Path, key: str) -> None:
+        if not self.inputs and self.status_led_pin is None:
+            raise ConfigError(path, key, "a gpio sensor needs at least one [inputs.NAME] table or status_led_pin")
+        for name, inp in self.inputs.items():
+            if not NAME_RE.match(name):
+                raise ConfigError(path, f"{key}.inputs.{name}", f"input name must match {NAME_RE.pattern}")
+            if inp.pin < 0:
+                raise ConfigError(path, f"{key}.inputs.{name}.pin", "required: a BCM pin number 0-27")
+            if inp.trigger_every_s and self.backend != "simulated":
+                raise ConfigError(path, f"{key}.inputs.{name}.trigger_every_s", "only a simulated backend emulates inputs")
+
+    def gpio_pins(self) -> dict[str, int]:
+        pins = super().gpio_pins()
+        if self.status_led_pin is not None:
+            pins["status_led_pin"] = self.status_led_pin
+        pins.update({f"inputs.{name}.pin": inp.pin for name, inp in self.inputs.items()})
+        return pins
+
+    def capture_targets(self) -> dict[str, tuple[str, ...]]:
+        return {f"inputs.{name}.targets": inp.targets for name, inp in self.inputs.items()}
+
+    def describe(self) -> str:
+        parts = [f"{name}: {inp.kind} on GPIO{inp.pin} -> {', '.join(inp.targets) or 'nothing'}"
+                 for name, inp in self.inputs.items()]
+        if self.status_led_pin is not None:
+            parts.append(f"status LED on GPIO{self.status_led_pin}")
+        return "; ".join(parts)
 
 
 # The default line of a serial scale: an optional label ("W:", "NET="), a signed number, an optional
@@ -307,6 +413,8 @@ class ScaleConfig(SensorConfig):
 SENSOR_TYPES: dict[str, type[SensorConfig]] = {
     "sht3x": SHT3xConfig,
     "audio": AudioConfig,
+    "camera": CameraConfig,
+    "gpio": GpioConfig,
     "scale": ScaleConfig,
 }
 
@@ -564,6 +672,10 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
     if origin is not None and type(None) in args:  # X | None
         hint = next(a for a in args if a is not type(None))
         origin, args = get_origin(hint), get_args(hint)
+    if origin is dict and dataclasses.is_dataclass(args[1]):  # named tables: [sensors.NAME.inputs.X]
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ConfigError(path, key, "must be a table of tables")
+        return {name: _build(args[1], table, path, f"{key}.{name}", base, strings) for name, table in value.items()}
     if dataclasses.is_dataclass(hint):  # a nested table such as [sensors.NAME.replay]
         if not isinstance(value, dict):
             raise ConfigError(path, key, "must be a table")
@@ -654,15 +766,26 @@ def _check_semantics(cfg: Config, path: Path) -> None:
     if d.restart_backoff_max_s < d.restart_backoff_initial_s:
         raise ConfigError(path, "daemon.restart_backoff_max_s", "must be >= restart_backoff_initial_s")
 
+    names = {t.name for t in cfg.sensors}
+    pins: dict[int, str] = {}
     for s in cfg.sensors:
         key = f"sensors.{s.name}"
         s.check(path, key)
         for other in s.subscribes_to():
-            if other not in {t.name for t in cfg.sensors}:
+            if other not in names:
                 # name the key that holds the reference, when one does
                 where = next((f.name for f in dataclasses.fields(s) if f.name != "name" and getattr(s, f.name) == other), "")
                 raise ConfigError(path, f"{key}.{where}" if where else key,
                                   f"refers to sensor {other!r}, which is not configured (or not enabled)")
+        for sub, targets in s.capture_targets().items():
+            for other in targets:
+                if other not in names:
+                    raise ConfigError(path, f"{key}.{sub}", f"no sensor {other!r} is configured (or enabled); "
+                                      f"configured: {', '.join(sorted(names))}")
+        for sub, pin in s.gpio_pins().items():
+            if pin in pins:
+                raise ConfigError(path, f"{key}.{sub}", f"GPIO{pin} is already used by {pins[pin]}")
+            pins[pin] = f"{key}.{sub}"
 
     sensors = {s.name: s for s in cfg.sensors}
     for p in cfg.processors:

@@ -62,6 +62,10 @@ class PolledSensorWorker:
         self.missed = 0
         self.consecutive_failures = 0
         self.paused = False
+        from beemond.sensors.gpio import power_switch
+
+        # power_pin: the sensor's supply is switched on power_lead_s before each measurement, off after
+        self.power = power_switch(sensor, channel.beat)
 
     # -- for subclasses
     def read(self) -> tuple:
@@ -123,21 +127,24 @@ class PolledSensorWorker:
         finally:
             self.flush()
             self.close()
+            self.power.close()
 
     def measure_once(self) -> None:
-        stamp = self.clock.now()
-        synced = self.clock.synchronized()
-        for attempt in range(self.sensor.max_retries + 1):
-            try:
-                reading = self.read()
-                break
-            except OSError as e:
-                self.errors += 1
-                last_error = e
-                log.debug("measurement attempt %d failed: %s", attempt + 1, e)
-                if attempt < self.sensor.max_retries:
-                    time.sleep(min(0.5, 0.02 * 2 ** attempt))
-        else:
+        reading = last_error = None
+        with self.power:
+            stamp = self.clock.now()  # after the lead: the time the sensor was read
+            synced = self.clock.synchronized()
+            for attempt in range(self.sensor.max_retries + 1):
+                try:
+                    reading = self.read()
+                    break
+                except OSError as e:
+                    self.errors += 1
+                    last_error = e
+                    log.debug("measurement attempt %d failed: %s", attempt + 1, e)
+                    if attempt < self.sensor.max_retries:
+                        time.sleep(min(0.5, 0.02 * 2 ** attempt))
+        if reading is None:
             self.missed += 1
             self.consecutive_failures += 1
             log.warning("measurement failed after %d attempts (%d in a row): %s",
@@ -194,9 +201,12 @@ class PolledSensorWorker:
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
-                 tmp: Path | None = None, ext: str | None = None) -> Path:
+                 tmp: Path | None = None, ext: str | None = None, split_index: int = 0) -> Path:
     """Render the record's name, write it durably into staging and announce it to the orchestrator.
-    *ext* overrides ``worker.ext`` (a worker that writes two kinds of record).
+
+    *ext* overrides ``worker.ext`` (a worker that writes more than one kind of record). *split_index*
+    is the template's ``_split_index``: the position of this record among the records made from one
+    array (``archive.ArrayArchiver`` with ``split_data_array``); 0 otherwise.
 
     *metadata* gains ``clock_synchronized`` (bool, from the worker's ``clock`` or
     :func:`beemond.clock.synchronized`) unless the caller set it for the record's whole span.
@@ -207,7 +217,7 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
         metadata["clock_synchronized"] = wc.synchronized() if wc is not None else clock_synchronized()
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
                  "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
-                 "metadata": metadata, "_split_index": 0}
+                 "metadata": metadata, "_split_index": split_index}
     try:
         rel = archive.render_name(worker.template, **variables)
     except archive.TemplateError as e:
