@@ -353,6 +353,21 @@ def test_retention_evicts_oldest_uploaded_never_unuploaded(tmp_path, keys, caplo
     assert log.index(f"deleted un-uploaded bundle {first}") < log.index(f"deleted un-uploaded bundle {second}")
 
 
+def test_aggregator_quota_takes_uploaded_copies_before_unuploaded_bundles(tmp_path, keys, password_file, caplog):
+    from beemond import aggregator
+
+    cfg = load(tmp_path, keys, password_file, 21, **{"daemon.spool_min_free_bytes": 2**49})
+    kept = make_bundles(cfg.spool / "uploaded", 2, 10_000, start=20)  # newer than the waiting ones
+    waiting = make_bundles(outbox_of(cfg), 2, 10_000)
+    a = aggregator.Aggregator(cfg, ipc.Channel("aggregator", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    a.enforce_quota()
+    assert list((cfg.spool / "uploaded").iterdir()) == [] and bundles_left(cfg) == []
+    log = caplog.text
+    last_copy = max(log.index(f"deleted the uploaded copy {n}") for n in kept)
+    assert all(last_copy < log.index(f"dropped the oldest bundle {n}") for n in waiting), \
+        "uploaded copies go first, however new"
+
+
 def test_cli_upload_backlog_progress_summary_and_lock(tmp_path, keys):
     nas = tmp_path / "nas"
     nas.mkdir()
