@@ -182,6 +182,8 @@ class AudioConfig(SensorConfig):
     open_backoff_s: float = _opt(1.0, min=0.01, max=300, doc="first retry delay, doubling up to 30 s")
     tone_hz: float = _opt(250.0, min=0.0, max=20000, doc="simulated backend: hum frequency")
     noise: float = _opt(0.02, min=0.0, max=1.0, doc="simulated backend: noise amplitude (full scale 1.0)")
+    overflow_every: int = _opt(0, min=0, max=1_000_000,
+                               doc="simulated backend: flag every N-th block as an input overflow (0: never)")
 
     def check(self, path: Path, key: str) -> None:
         if self.block_s >= self.segment_s:

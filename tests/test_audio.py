@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import queue
 import threading
@@ -52,3 +53,26 @@ def test_segments_stop_start_and_spectrum(tmp_path, keys, password_file):
         events.append(reader.recv())
     ready = [e for e in events if e.kind == ipc.READY_EVENT]
     assert len(ready) == len(files), "one record-ready event per segment"
+
+
+def test_input_overflows_are_counted_per_segment(tmp_path, keys, password_file):
+    # The PortAudio input_overflow flag on every 5th block: 10 blocks per 0.5 s segment -> 2 each.
+    cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{
+        "sensors.hive_audio.segment_s": 0.5, "sensors.hive_audio.block_s": 0.05,
+        "sensors.hive_audio.overflow_every": 5}))
+    sensor = next(s for s in cfg.sensors if s.name == "hive_audio")
+    commands: queue.Queue = queue.Queue()
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    worker = AudioWorker(cfg, sensor, ipc.Channel("hive_audio", commands, writer, 0.2))
+    t = threading.Thread(target=worker.run)
+    t.start()
+    staging = tmp_path / "spool" / "staging" / "hive_audio"
+    try:
+        wait_for(lambda: len(list(staging.glob("*.meta.json"))) >= 2, 10, "two segments")
+    finally:
+        commands.put(ipc.Command(ipc.SHUTDOWN))
+        t.join(20)
+    metas = [json.loads(p.read_text()) for p in staging.glob("*.meta.json")]
+    full = [m for m in metas if m["frames"] == 4000]
+    assert full and all(m["overflows"] == 2 for m in full), [(m["frames"], m["overflows"]) for m in metas]
+    assert worker.overflows_total == sum(m["overflows"] for m in metas)

@@ -20,8 +20,9 @@ restarts it. A name matching several devices, or settings the device cannot reco
 (``sounddevice.check_input_settings``), end the worker at once with the reason.
 
 Sample format: PCM_16 is read from PortAudio as int16, PCM_24 as int32 (libsndfile keeps the top 24
-bits). Segment times: ``start`` is the host's UTC clock when the segment's first block arrived, less
-that block's duration; ``end`` is ``start`` plus frames / sample rate.
+bits). Segment times: ``start`` is estimated from the host's UTC clock at each block's arrival less the
+audio before it in the segment, taking the earliest estimate (blocks are delivered late, in bursts
+after a stall, never early); ``end`` is ``start`` plus frames / sample rate.
 
 ``backend = "simulated"`` swaps only the stream class for
 :class:`beemond.sensors.emulators.audio.SimulatedInputStream`; this module's code is the same.
@@ -135,7 +136,7 @@ class AudioWorker:
             from beemond.sensors.emulators.audio import SimulatedInputStream
 
             self.device_name = "simulated"
-            return SimulatedInputStream(tone_hz=s.tone_hz, noise=s.noise, **kwargs)
+            return SimulatedInputStream(tone_hz=s.tone_hz, noise=s.noise, overflow_every=s.overflow_every, **kwargs)
         import sounddevice as sd
 
         try:
@@ -223,6 +224,7 @@ class AudioWorker:
         stall_s = max(5.0, 20 * self.sensor.block_s)
         paused = False
         due: datetime | None = None   # the schedule slot we wait for (UTC)
+        looked = time.monotonic()     # when this loop last ran
         try:
             while True:
                 if self.stream is None and not paused:
@@ -233,7 +235,8 @@ class AudioWorker:
                         self._begin(_Capture(None, "continuous"))
                     else:
                         due = self._schedule(due)
-                cmd = self.channel.receive(timeout=self._timeout(paused, due))
+                timeout = self._timeout(paused, due)
+                cmd = self.channel.receive(timeout=timeout)
                 if cmd is not None:
                     if cmd.kind == ipc.SHUTDOWN:
                         log.info("shutting down (%s)", cmd.args.get("reason", "command"))
@@ -254,10 +257,16 @@ class AudioWorker:
                             self._begin(_Capture(self.frames_per_capture, "capture_now"))
                 if self.writer_error is not None:
                     raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
+                now = time.monotonic()
+                if now - looked > min(timeout, self.channel.heartbeat_interval_s) + stall_s / 2:
+                    # This process itself was not running (SIGSTOP, a swap storm): the blocks are
+                    # probably queued behind us. Do not blame the device for our own stall.
+                    self.last_block = max(self.last_block, now)
+                looked = now
                 if self.stream is not None:
                     if self.capture_done.is_set():
                         self._end()
-                    elif time.monotonic() - self.last_block > stall_s:
+                    elif now - self.last_block > stall_s:
                         raise RuntimeError(f"no audio block for {stall_s:g} s: the input stream stalled")
         finally:
             try:
@@ -304,13 +313,11 @@ class AudioWorker:
                     remaining -= len(block)
                 while len(block):
                     if segment is None:
-                        start = datetime.fromtimestamp(arrived, timezone.utc) - timedelta(
-                            seconds=len(block) / self.sensor.sample_rate_hz)
-                        segment = _Segment(self, start, cap)
+                        segment = _Segment(self, arrived - len(block) / self.sensor.sample_rate_hz, cap)
                     if overflow:
                         segment.overflows += 1
                         overflow = False
-                    block = segment.write(block)
+                    block = segment.write(block, arrived)
                     if segment.frames == self.frames_per_segment:
                         segment.close()
                         segment = None
@@ -334,23 +341,33 @@ class AudioWorker:
 class _Segment:
     """One segment being written to its temporary name."""
 
-    def __init__(self, worker: AudioWorker, start: datetime, capture: _Capture):
+    def __init__(self, worker: AudioWorker, start: float, capture: _Capture):
         self.w = worker
-        self.start = start
+        self.start_ts = start          # UTC seconds; refined by write()
         self.capture = capture
         self.frames = 0
         self.overflows = 0
         s = worker.sensor
-        self.tmp = archive.temp_name(worker.staging, f"segment-{archive.utc_stamp(start)}")
+        self.tmp = archive.temp_name(worker.staging, f"segment-{archive.utc_stamp(self.start)}")
         self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
                                                subtype=s.subtype, format=s.format.upper())
 
-    def write(self, block):
-        """Append as much of *block* as fits; return the rest."""
+    @property
+    def start(self) -> datetime:
+        return datetime.fromtimestamp(self.start_ts, timezone.utc)
+
+    def write(self, block, arrived: float):
+        """Append as much of *block* (whose last frame arrived at UTC *arrived*) as fits; return the rest.
+
+        Blocks arrive late, never early: after a stall the sound server delivers buffered blocks in a
+        burst. So the segment's start is the earliest of the estimates "arrival of a block less the
+        duration of the segment up to that block's end", the one with the least delivery delay."""
         room = self.w.frames_per_segment - self.frames
         head, rest = block[:room], block[room:]
         self.file.write(head)
         self.frames += len(head)
+        self.start_ts = min(self.start_ts, arrived - len(rest) / self.w.sensor.sample_rate_hz
+                            - self.frames / self.w.sensor.sample_rate_hz)
         return rest
 
     def close(self) -> None:
