@@ -8,10 +8,14 @@ ready once ``pactl info`` answers, and is stopped by the PID we started.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,3 +102,47 @@ def peak_hz(data: np.ndarray, rate: int) -> float:
     """Frequency of the largest bin of the Hann-windowed spectrum of mono *data* (resolution rate/len)."""
     spectrum = np.abs(np.fft.rfft(data * np.hanning(len(data))))
     return float(np.argmax(spectrum) * rate / len(data))
+
+
+class AudioThread:
+    """The real AudioWorker of sensor *name* in config file *path*, run on a thread, with its command
+    queue and event pipe. ``with AudioThread(...) as run:`` starts it; leaving sends SHUTDOWN, joins
+    it and collects its events. ``run.error`` is what ``run()`` raised, if anything."""
+
+    def __init__(self, path: Path, name: str = "hive_audio"):
+        from beemond import config, ipc
+        from beemond.sensors.audio import AudioWorker
+
+        self.ipc = ipc
+        cfg = config.load(path)
+        self.sensor = next(s for s in cfg.sensors if s.name == name)
+        self.commands: queue.Queue = queue.Queue()
+        self.reader, writer = multiprocessing.Pipe(duplex=False)
+        self.worker = AudioWorker(cfg, self.sensor, ipc.Channel(name, self.commands, writer, 0.2))
+        self.staging = cfg.spool / "staging" / name
+        self.error: BaseException | None = None
+        self.events: list = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        try:
+            self.worker.run()
+        except BaseException as e:
+            self.error = e
+
+    def __enter__(self) -> "AudioThread":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.commands.put(self.ipc.Command(self.ipc.SHUTDOWN))
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "the audio worker did not stop"
+        while self.reader.poll():
+            self.events.append(self.reader.recv())
+
+    def records(self, ext: str = "flac") -> list[Path]:
+        return sorted(self.staging.glob(f"*.{ext}"))
+
+    def metadata(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.staging.glob("*.meta.json"))]

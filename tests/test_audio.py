@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import queue
 import threading
@@ -10,6 +9,7 @@ import threading
 import numpy as np
 import soundfile
 
+from audio_peers import AudioThread
 from beemond import config, ipc
 from beemond.sensors.audio import AudioWorker
 from conftest import make_config, wait_for
@@ -57,22 +57,11 @@ def test_segments_stop_start_and_spectrum(tmp_path, keys, password_file):
 
 def test_input_overflows_are_counted_per_segment(tmp_path, keys, password_file):
     # The PortAudio input_overflow flag on every 5th block: 10 blocks per 0.5 s segment -> 2 each.
-    cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{
-        "sensors.hive_audio.segment_s": 0.5, "sensors.hive_audio.block_s": 0.05,
-        "sensors.hive_audio.overflow_every": 5}))
-    sensor = next(s for s in cfg.sensors if s.name == "hive_audio")
-    commands: queue.Queue = queue.Queue()
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    worker = AudioWorker(cfg, sensor, ipc.Channel("hive_audio", commands, writer, 0.2))
-    t = threading.Thread(target=worker.run)
-    t.start()
-    staging = tmp_path / "spool" / "staging" / "hive_audio"
-    try:
-        wait_for(lambda: len(list(staging.glob("*.meta.json"))) >= 2, 10, "two segments")
-    finally:
-        commands.put(ipc.Command(ipc.SHUTDOWN))
-        t.join(20)
-    metas = [json.loads(p.read_text()) for p in staging.glob("*.meta.json")]
+    with AudioThread(make_config(tmp_path, keys, password_file, 21, **{
+            "sensors.hive_audio.segment_s": 0.5, "sensors.hive_audio.block_s": 0.05,
+            "sensors.hive_audio.overflow_every": 5})) as run:
+        wait_for(lambda: len(run.metadata()) >= 2, 10, "two segments")
+    metas = run.metadata()
     full = [m for m in metas if m["frames"] == 4000]
     assert full and all(m["overflows"] == 2 for m in full), [(m["frames"], m["overflows"]) for m in metas]
-    assert worker.overflows_total == sum(m["overflows"] for m in metas)
+    assert run.worker.overflows_total == sum(m["overflows"] for m in metas)

@@ -5,18 +5,15 @@ must hold it (spectral peak), in the configured format, with no input overflows.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import queue
-import threading
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
 import soundfile
 
-from audio_peers import PULSEAUDIO, PulseServer, peak_hz, tone_wav
-from beemond import config, ipc
-from beemond.sensors.audio import AudioWorker, DeviceError
+from audio_peers import PULSEAUDIO, AudioThread, PulseServer, peak_hz, tone_wav
+from beemond import ipc
+from beemond.sensors.audio import DeviceError
 from beemond.sensors.base import SensorFailure
 from conftest import make_config, wait_for
 
@@ -31,42 +28,12 @@ def pulse(monkeypatch):
     server.stop()
 
 
-class Running:
-    """An AudioWorker on a thread, with its command queue and event pipe."""
-
-    def __init__(self, tmp_path, keys, password_file, **audio):
-        over = {f"sensors.hive_audio.{k}": v for k, v in {
-            "backend": "hardware", "sample_rate_hz": 48000, "subtype": "PCM_24", "format": "flac",
-            "block_s": 0.05, **audio}.items()}
-        cfg = config.load(make_config(tmp_path, keys, password_file, 21, **over))
-        self.sensor = next(s for s in cfg.sensors if s.name == "hive_audio")
-        self.commands: queue.Queue = queue.Queue()
-        self.reader, writer = multiprocessing.Pipe(duplex=False)
-        self.worker = AudioWorker(cfg, self.sensor, ipc.Channel("hive_audio", self.commands, writer, 0.2))
-        self.staging = tmp_path / "spool" / "staging" / "hive_audio"
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run)
-        self.events: list[ipc.Event] = []
-
-    def _run(self):
-        try:
-            self.worker.run()
-        except BaseException as e:
-            self.error = e
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.commands.put(ipc.Command(ipc.SHUTDOWN))
-        self.thread.join(20)
-        assert not self.thread.is_alive()
-        while self.reader.poll():
-            self.events.append(self.reader.recv())
-
-    def flacs(self):
-        return sorted(self.staging.glob("*.flac"))
+def running(tmp_path, keys, password_file, **audio) -> AudioThread:
+    """The real audio driver on the pulse server's device: 48 kHz PCM_24 FLAC plus *audio* keys."""
+    over = {f"sensors.hive_audio.{k}": v for k, v in {
+        "backend": "hardware", "sample_rate_hz": 48000, "subtype": "PCM_24", "format": "flac",
+        "block_s": 0.05, **audio}.items()}
+    return AudioThread(make_config(tmp_path, keys, password_file, 21, **over))
 
 
 def _check_flac(path, hz):
@@ -85,19 +52,19 @@ def test_capture_now_in_window_mode_records_the_tone_and_closes_the_device(tmp_p
     later = datetime.now(timezone.utc) + timedelta(hours=3)
     tone = pulse.play(tone_wav(tmp_path / "a440.wav", 440, 6))
     try:
-        with Running(tmp_path, keys, password_file, device="PULSE", schedule="window", timezone="UTC",
+        with running(tmp_path, keys, password_file, device="PULSE", schedule="window", timezone="UTC",
                      window_start=f"{later:%H}:00", window_end=f"{later + timedelta(hours=1):%H}:00",
                      capture_s=1, every_s=300, segment_s=60) as run:
             wait_for(lambda: pulse.count("sink-inputs"), 5, "paplay to connect")
             assert pulse.count("source-outputs") == 0, "outside the window the device is closed"
             run.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
-            wait_for(run.flacs, 10, "the capture_now record")
+            wait_for(run.records, 10, "the capture_now record")
             wait_for(lambda: pulse.count("source-outputs") == 0, 5, "the stream to close after the capture")
     finally:
         tone.kill()
         tone.wait()
     assert run.error is None, run.error
-    [flac] = run.flacs()
+    [flac] = run.records()
     meta = _check_flac(flac, 440)
     assert meta["frames"] == 48000 and meta["trigger"] == "capture_now" and meta["device"] == "pulse"
     assert meta["schedule"]["mode"] == "window" and meta["schedule"]["slot"] is None
@@ -113,13 +80,13 @@ def test_continuous_by_index_records_segments_of_the_tone(tmp_path, keys, passwo
     tone = pulse.play(tone_wav(tmp_path / "a1000.wav", 1000, 8))
     try:
         wait_for(lambda: pulse.count("sink-inputs"), 5, "paplay to connect")
-        with Running(tmp_path, keys, password_file, device=str(index), segment_s=1) as run:
-            wait_for(lambda: len(run.flacs()) >= 2, 10, "two one-second segments")
+        with running(tmp_path, keys, password_file, device=str(index), segment_s=1) as run:
+            wait_for(lambda: len(run.records()) >= 2, 10, "two one-second segments")
     finally:
         tone.kill()
         tone.wait()
     assert run.error is None, run.error
-    full = [f for f in run.flacs() if soundfile.info(f).frames == 48000]
+    full = [f for f in run.records() if soundfile.info(f).frames == 48000]
     assert len(full) >= 2
     for f in full:
         meta = _check_flac(f, 1000)
@@ -127,17 +94,17 @@ def test_continuous_by_index_records_segments_of_the_tone(tmp_path, keys, passwo
 
 
 def test_missing_device_is_retried_then_the_worker_fails(tmp_path, keys, password_file, pulse):
-    with Running(tmp_path, keys, password_file, device="usb mic", open_retries=2, open_backoff_s=0.05) as run:
+    with running(tmp_path, keys, password_file, device="usb mic", open_retries=2, open_backoff_s=0.05) as run:
         run.thread.join(10)
     assert isinstance(run.error, SensorFailure), run.error
     errors = [e.data["message"] for e in run.events if e.kind == ipc.ERROR]
     assert len(errors) == 3, "the first attempt and two retries, each reported"
     assert "no input device matching 'usb mic'" in errors[0] and "pulse" in errors[0], "lists what is there"
-    assert run.flacs() == []
+    assert run.records() == []
 
 
 def test_ambiguous_device_name_fails_at_once_listing_the_candidates(tmp_path, keys, password_file, pulse):
-    with Running(tmp_path, keys, password_file, device="ul") as run:  # in "pulse" and "default"
+    with running(tmp_path, keys, password_file, device="ul") as run:  # in "pulse" and "default"
         run.thread.join(10)
     assert isinstance(run.error, DeviceError)
     assert "pulse" in str(run.error) and "default" in str(run.error)

@@ -3,17 +3,13 @@ checks, and one real-time run of the simulated audio worker on a short schedule.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import queue
-import threading
 from datetime import datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from beemond import archive, config, ipc
-from beemond.sensors.audio import AudioWorker
+from audio_peers import AudioThread
+from beemond import archive, config
 from beemond.sensors.schedule import LATE_S, CaptureWindow, parse_hhmm
 from conftest import make_config, wait_for
 
@@ -125,26 +121,14 @@ def test_parse_hhmm():
 
 def test_simulated_worker_captures_on_the_schedule_slots(tmp_path, keys, password_file):
     # Whole-day window, 0.5 s every 2 s: slots on even UTC seconds.
-    cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{
-        "sensors.hive_audio.schedule": "window", "sensors.hive_audio.window_start": "00:00",
-        "sensors.hive_audio.window_end": "00:00", "sensors.hive_audio.timezone": "UTC",
-        "sensors.hive_audio.capture_s": 0.5, "sensors.hive_audio.every_s": 2,
-        "sensors.hive_audio.block_s": 0.05}))
-    sensor = next(s for s in cfg.sensors if s.name == "hive_audio")
-    commands: queue.Queue = queue.Queue()
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    worker = AudioWorker(cfg, sensor, ipc.Channel("hive_audio", commands, writer, 0.2))
-    t = threading.Thread(target=worker.run)
-    t.start()
-    staging = tmp_path / "spool" / "staging" / "hive_audio"
-    try:
-        wait_for(lambda: len(list(staging.glob("*.flac.meta.json"))) >= 2, 10, "two scheduled captures")
-    finally:
-        commands.put(ipc.Command(ipc.SHUTDOWN))
-        t.join(20)
-    assert not t.is_alive()
-    metas = [json.loads(p.read_text()) for p in sorted(staging.glob("*.flac.meta.json"))]
-    full = [m for m in metas if m["frames"] == 4000]   # 0.5 s at 8000 Hz; shutdown may cut a last one
+    with AudioThread(make_config(tmp_path, keys, password_file, 21, **{
+            "sensors.hive_audio.schedule": "window", "sensors.hive_audio.window_start": "00:00",
+            "sensors.hive_audio.window_end": "00:00", "sensors.hive_audio.timezone": "UTC",
+            "sensors.hive_audio.capture_s": 0.5, "sensors.hive_audio.every_s": 2,
+            "sensors.hive_audio.block_s": 0.05})) as run:
+        wait_for(lambda: len(run.metadata()) >= 2, 10, "two scheduled captures")
+    assert run.error is None, run.error
+    full = [m for m in run.metadata() if m["frames"] == 4000]   # 0.5 s at 8000 Hz; shutdown may cut a last one
     assert len(full) >= 2
     slots = [archive.parse_iso(m["schedule"]["slot"]) for m in full]
     for m, slot in zip(full, slots):

@@ -142,7 +142,8 @@ class AudioWorker:
         try:
             # PortAudio enumerates devices once, in Pa_Initialize: re-initialise (no stream is open
             # here) so that a re-plugged microphone is seen.
-            sd._terminate()
+            if sd._initialized:
+                sd._terminate()
             sd._initialize()
             index = find_input_device(s.device, sd.query_devices())
             name = sd.query_devices(index, kind="input")["name"]
