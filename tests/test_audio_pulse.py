@@ -108,3 +108,28 @@ def test_ambiguous_device_name_fails_at_once_listing_the_candidates(tmp_path, ke
         run.thread.join(10)
     assert isinstance(run.error, DeviceError)
     assert "pulse" in str(run.error) and "default" in str(run.error)
+
+
+def test_a_device_that_appears_later_is_found_by_the_retries(tmp_path, keys, password_file, monkeypatch):
+    # A USB microphone plugged in after the worker started: here the sound server comes up late.
+    if PULSEAUDIO is None:
+        pytest.skip("pulseaudio is not installed (scripts/setup installs it)")
+    server = PulseServer()
+    monkeypatch.setenv("PULSE_SERVER", server.server)
+    try:
+        with running(tmp_path, keys, password_file, device="pulse", segment_s=0.5, open_retries=20,
+                     open_backoff_s=0.1) as run:
+            seen = []
+
+            def device_error():
+                while run.reader.poll():
+                    seen.append(run.reader.recv())
+                return [e for e in seen if e.kind == ipc.ERROR]
+            assert "pulse" in wait_for(device_error, 10, "an ERROR event for the missing device")[0].data["message"]
+            server.start()
+            wait_for(run.records, 15, "a record once the device is there")
+    finally:
+        server.stop()
+    assert run.error is None, run.error
+    meta = run.metadata()[0]
+    assert meta["device"] == "pulse" and meta["sample_rate_hz"] == 48000

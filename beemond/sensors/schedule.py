@@ -1,7 +1,7 @@
 """When a scheduled sensor captures: a daily local-time window, a capture every ``every_s`` in it.
 
-AppMAIS (Williams et al., the Appalachian Mountains Automated Monitoring System) records 60 s of
-audio every 300 s between 08:00 and 20:00; that is ``CaptureWindow(time(8), time(20), 300)``.
+AppMAIS's hives record 60 s of audio every 300 s between 08:00 and 20:00 (the schedule issue 3
+asks for as the default); that is ``CaptureWindow(time(8), time(20), 300)``.
 Capture slots start at the window's opening and then every ``every_s``; a slot must start before
 the window closes. A window whose end is earlier than its start crosses midnight (22:00–04:00); one
 whose end equals its start lasts the whole day.
