@@ -229,8 +229,9 @@ class AudioConfig(SensorConfig):
     def describe(self) -> str:
         what = f"{self.sample_rate_hz} Hz x{self.channels} {self.subtype} {self.format}"
         if self.schedule == "window":
-            return (f"{what}, {self.capture_s:g} s every {self.every_s:g} s from {self.window_start} to "
-                    f"{self.window_end} ({self.timezone or 'local time'})")
+            when = ("all day" if self.window_start == self.window_end
+                    else f"from {self.window_start} to {self.window_end}")
+            return f"{what}, {self.capture_s:g} s every {self.every_s:g} s {when} ({self.timezone or 'local time'})"
         return f"{what}, continuous in {self.segment_s:g} s segments"
 
 
