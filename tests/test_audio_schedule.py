@@ -120,14 +120,20 @@ def test_parse_hhmm():
 
 
 def test_simulated_worker_captures_on_the_schedule_slots(tmp_path, keys, password_file):
-    # Whole-day window, 0.5 s every 2 s: slots on even UTC seconds.
+    # Whole-day window, 0.5 s every 2 s: slots on even UTC seconds. The microphone's supply is switched
+    # by GPIO5 (gpiozero MockFactory behind the simulated backend): on for each capture only.
     with AudioThread(make_config(tmp_path, keys, password_file, 21, **{
             "sensors.hive_audio.schedule": "window", "sensors.hive_audio.window_start": "00:00",
             "sensors.hive_audio.window_end": "00:00", "sensors.hive_audio.timezone": "UTC",
             "sensors.hive_audio.capture_s": 0.5, "sensors.hive_audio.every_s": 2,
-            "sensors.hive_audio.block_s": 0.05})) as run:
+            "sensors.hive_audio.block_s": 0.05, "sensors.hive_audio.power_pin": 5})) as run:
+        pin = run.worker.power.device.pin
         wait_for(lambda: len(run.metadata()) >= 2, 10, "two scheduled captures")
+        wait_for(lambda: not pin.state, 2, "the power to go off after the capture")
+        states = [s.state for s in pin.states]
     assert run.error is None, run.error
+    switched = [b for a, b in zip(states, states[1:]) if a != b]
+    assert switched[:4] == [True, False, True, False], "on for each capture, off in between"
     full = [m for m in run.metadata() if m["frames"] == 4000]   # 0.5 s at 8000 Hz; shutdown may cut a last one
     assert len(full) >= 2
     slots = [archive.parse_iso(m["schedule"]["slot"]) for m in full]

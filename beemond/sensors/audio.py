@@ -122,6 +122,19 @@ class AudioWorker:
         self.pending: _Capture | None = None    # a capture waiting for the device to come back
         self.retry_at = 0.0
         self.open_failures = 0
+        from beemond.sensors.gpio import power_switch
+
+        # power_pin (a USB microphone behind a load switch): on power_lead_s before each opening of
+        # the device, off once it is closed again.
+        self.power = power_switch(sensor, channel.beat)
+        self.powered = False
+
+    def _power(self, on: bool) -> None:
+        if on and not self.powered:
+            self.power.__enter__()  # waits power_lead_s (beating) for the device to come up
+        elif self.powered and not on:
+            self.power.__exit__(None, None, None)
+        self.powered = on
 
     # ---- PortAudio's thread: copy and return, nothing else (no allocation-heavy work, no I/O)
     def _callback(self, indata, frames, time_info, status) -> None:
@@ -163,6 +176,7 @@ class AudioWorker:
 
     def _begin(self, cap: _Capture) -> None:
         """Open the device and start *cap*; on a transient failure keep it pending for a retry."""
+        self._power(True)
         try:
             stream = self._open_stream()
             self.capture_done.clear()
@@ -174,6 +188,7 @@ class AudioWorker:
                 stream.close()
                 raise DeviceMissing(f"cannot start input device {self.device_name!r}: {e}") from None
         except DeviceMissing as e:
+            self._power(False)
             self.open_failures += 1
             self.channel.send(ipc.ERROR, message=f"audio device: {e}")
             if self.open_failures > self.sensor.open_retries:
@@ -201,6 +216,7 @@ class AudioWorker:
         finally:
             stream.close()
             self.blocks.put(_CLOSE)
+            self._power(False)
 
     def _timeout(self, paused: bool, due: datetime | None) -> float:
         now = time.monotonic()
@@ -275,6 +291,8 @@ class AudioWorker:
             finally:
                 self.blocks.put(None)  # the writer closes the partial segment as a shorter record
                 writer.join(timeout=30)
+                self._power(False)
+                self.power.close()
 
     def _schedule(self, due: datetime | None) -> datetime:
         """Start the capture for slot *due* if it has come; return the slot to wait for next."""
