@@ -75,6 +75,13 @@ class PolledSensorWorker:
         """Metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         return {}
 
+    def samples(self, reading: tuple) -> list[dict]:
+        """The data of the SAMPLE events of a good reading (``ipc.SAMPLE``: ``sensor``, ``values``, and
+        optional ``labels``). One event by default; a sensor with several probes of one quantity sends
+        one per probe, told apart by a label."""
+        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
+        return [{"sensor": self.sensor.name, "values": values}] if values else []
+
     def on_sample(self, sample: dict) -> None:
         """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
 
@@ -149,9 +156,8 @@ class PolledSensorWorker:
         if self.window_opened is None:
             self.window_opened = time.monotonic()
         self.readings.append((stamp, reading, self.tag()))
-        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
-        if values:
-            self.channel.send(ipc.SAMPLE, sensor=self.sensor.name, values=values)
+        for data in self.samples(reading):
+            self.channel.send(ipc.SAMPLE, **data)
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""
@@ -182,6 +188,57 @@ class PolledSensorWorker:
             return
         self.errors = self.missed = 0
         log.debug("record %s: %d readings", path.name, len(readings))
+
+
+class I2CWorker(PolledSensorWorker):
+    """A polled chip on an I2C bus: ``/dev/i2c-N`` through ``smbus2.SMBus``, or with ``backend =
+    "simulated"`` the chip emulator that :meth:`emulated_chip` builds, behind an ``EmulatedSMBus``
+    and driven by the sensor's CSV replay. The sensor config has ``bus``, ``address``, ``replay``."""
+
+    def __init__(self, cfg, sensor, channel):
+        super().__init__(cfg, sensor, channel)
+        self.chip = None
+        if sensor.backend == "simulated":
+            from beemond.sensors.emulators.i2c import EmulatedSMBus
+            from beemond.sensors.emulators.replay import CsvReplay
+
+            self.chip = self.emulated_chip(CsvReplay.from_config(sensor.replay))
+            self.bus = EmulatedSMBus(sensor.bus, {sensor.address: self.chip})
+        else:
+            from smbus2 import SMBus
+
+            self.bus = SMBus(sensor.bus)
+
+    def emulated_chip(self, replay):
+        """The emulator for the simulated backend; it records each value's replay row in ``served``."""
+        raise NotImplementedError
+
+    def tag(self):
+        if self.chip is None:
+            return None
+        row = self.chip.served[-1]  # the row behind the measurement that just succeeded
+        del self.chip.served[:-1]
+        return row
+
+    def extra_metadata(self, readings: list[tuple]) -> dict:
+        meta = {"address": f"0x{self.sensor.address:02x}"}
+        if self.chip is not None:
+            meta["replay"] = {"file": self.sensor.replay.file.name, "rows": ranges([t for _, _, t in readings])}
+        return meta
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def ranges(indices: list[int]) -> list[list[int]]:
+    """Compress sorted-ish row indices into inclusive ``[first, last]`` runs."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
