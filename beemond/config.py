@@ -13,7 +13,7 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
 
     [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
-               crash_loop_window_s, shutdown_timeout_s
+               crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes
     [archive]  filename_template
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor
     [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
@@ -80,6 +80,10 @@ class DaemonConfig:
     crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
     crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
+    spool_max_bytes: int = _opt(0, min=0, max=2**50,
+                                doc="0: no quota; else the oldest bundles in the outbox are dropped to stay under it")
+    spool_min_free_bytes: int = _opt(32 * 2**20, min=0, max=2**50,
+                                     doc="free space kept on the spool's file system by dropping the oldest bundles")
 
 
 @dataclass(frozen=True)

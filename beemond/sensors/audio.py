@@ -39,6 +39,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.clock import Clock
 from beemond.sensors.base import SensorFailure, write_staged
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class AudioWorker:
         self.pending: _Capture | None = None    # a capture waiting for the device to come back
         self.retry_at = 0.0
         self.open_failures = 0
+        self.clock = Clock()  # segment starts never precede the previous segment's end (clock steps)
         from beemond.sensors.gpio import power_switch
 
         # power_pin (a USB microphone behind a load switch): on power_lead_s before each opening of
@@ -392,16 +394,17 @@ class _Segment:
     def close(self) -> None:
         self.file.close()
         s = self.w.sensor
-        end = self.start + timedelta(seconds=self.frames / s.sample_rate_hz)
+        start = self.w.clock.floor(self.start)  # never before the previous segment's end (clock steps)
+        end = self.w.clock.floor(start + timedelta(seconds=self.frames / s.sample_rate_hz))
         metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
-                    "start": archive.utc_iso(self.start), "end": archive.utc_iso(end),
+                    "start": archive.utc_iso(start), "end": archive.utc_iso(end),
                     "sample_rate_hz": s.sample_rate_hz, "channels": s.channels, "frames": self.frames,
                     "format": s.format, "subtype": s.subtype, "overflows": self.overflows,
                     "device": self.w.device_name, "trigger": self.capture.trigger, "schedule": self._schedule()}
         self.w.overflows_total += self.overflows
         if self.overflows:
             log.warning("segment had %d input overflow(s)", self.overflows)
-        write_staged(self.w, self.start, end, metadata, tmp=self.tmp)
+        write_staged(self.w, start, end, metadata, tmp=self.tmp)
 
     def _schedule(self) -> dict:
         s = self.w.sensor

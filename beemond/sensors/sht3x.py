@@ -96,8 +96,8 @@ class SHT3xWorker(I2CWorker):
     columns = ("temperature_c", "humidity_rh")
     quantities = ("temperature_celsius", "relative_humidity_percent")
 
-    def __init__(self, cfg, sensor, channel):
-        super().__init__(cfg, sensor, channel)
+    def __init__(self, cfg, sensor, channel, **kw):
+        super().__init__(cfg, sensor, channel, **kw)  # kw: clock (a test's time source)
         self.device = SHT3x(self.bus, sensor.address, sensor.repeatability)
 
     def emulated_chip(self, replay):
