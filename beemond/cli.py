@@ -1,4 +1,4 @@
-"""Command line: ``beemond run | check-config | keygen | decrypt``.
+"""Command line: ``beemond run | check-config | keygen | decrypt | verify | ingest``.
 
 Exit status: 0 success; 1 runtime failure; 65 (``EX_DATAERR``) a bundle that fails verification;
 78 (``EX_CONFIG``) a bad configuration, with one line naming the file, the key and what is allowed.
@@ -46,6 +46,19 @@ def cmd_check_config(args) -> int:
 def cmd_keygen(args) -> int:
     from beemond import crypto
 
+    if args.device:
+        import socket
+
+        try:
+            priv, pub, line = crypto.device_keygen(args.out, comment=socket.gethostname().split(".")[0])
+        except FileExistsError:
+            print(f"beemond: {os.path.join(args.out, crypto.DEVICE_KEY_NAME)} exists; refusing to overwrite a "
+                  "device key", file=sys.stderr)
+            return 1
+        print(f"device signing key (stays on the device; [bundle] signing_key): {priv}")
+        print(f"public key (give it to the lab: ingest --trusted-devices DIR): {pub}")
+        print(line)
+        return 0
     try:
         ident, rcpt, public = crypto.keygen(args.out)
     except FileExistsError:
@@ -58,11 +71,44 @@ def cmd_keygen(args) -> int:
     return 0
 
 
+def _trusted(path: str):
+    from beemond import crypto
+
+    try:
+        return crypto.load_trusted_keys(path)
+    except (OSError, ValueError) as e:
+        print(f"beemond: device key: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _verify(bundle: str, trusted, signature: str | None = None) -> bool:
+    from beemond import crypto
+
+    try:
+        fp, label, _digest = crypto.verify_file(bundle, trusted, signature)
+    except crypto.SignatureError as e:
+        print(f"beemond: {bundle}: signature check failed ({e.reason}): {e}", file=sys.stderr)
+        return False
+    except FileNotFoundError as e:
+        print(f"beemond: {e.filename}: no such file", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"{bundle}: good signature by {label} ({fp})")
+    return True
+
+
+def cmd_verify(args) -> int:
+    return 0 if _verify(args.bundle, _trusted(args.device_key), args.signature) else EX_DATAERR
+
+
 def cmd_decrypt(args) -> int:
     import tarfile
 
     from beemond import aggregator, crypto
 
+    if args.device_key is not None:  # refuse a bad signature before any decryption
+        trusted = _trusted(args.device_key)
+        if not _verify(args.bundle, trusted):
+            return EX_DATAERR
     try:
         identities = crypto.load_identities(args.identity)
         manifest = aggregator.extract_bundle(args.bundle, identities, args.out)
@@ -79,10 +125,27 @@ def cmd_decrypt(args) -> int:
     except (aggregator.BundleError, tarfile.TarError, ValueError) as e:
         print(f"beemond: {args.bundle}: verification failed: {e}", file=sys.stderr)
         return EX_DATAERR
+    if args.device_key is not None and manifest.get("signing_key") not in trusted:
+        print(f"beemond: {args.bundle}: the manifest names signing key {manifest.get('signing_key')!r}, "
+              "not the key that signed the bundle", file=sys.stderr)
+        return EX_DATAERR
     n = len(manifest["records"])
     print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest['start']} .. {manifest['end']}, "
           f"all hashes match; written to {args.out}")
     return 0
+
+
+def cmd_ingest(args) -> int:
+    from beemond import crypto, ingest
+
+    try:
+        report = ingest.run(args.upload_tree, args.identity, args.trusted_devices, args.out)
+    except (crypto.IdentityError, ValueError, OSError) as e:
+        print(f"beemond: {e}", file=sys.stderr)
+        return 1
+    print(f"ingested {len(report.ingested)} bundle(s), {report.records} record(s), {report.rows} new row(s); "
+          f"{len(report.skipped)} already ingested; {len(report.rejected)} rejected")
+    return EX_DATAERR if report.rejected else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,15 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     c.set_defaults(func=cmd_check_config)
 
-    k = sub.add_parser("keygen", help="create an age identity (for the lab) and its recipient")
+    k = sub.add_parser("keygen", help="create an age identity (for the lab) and its recipient, or with "
+                                      "--device the device's Ed25519 signing key")
     k.add_argument("--out", required=True, metavar="DIR")
+    k.add_argument("--device", action="store_true",
+                   help="create DIR/device_ed25519 (mode 0600) and DIR/device_ed25519.pub (OpenSSH formats)")
     k.set_defaults(func=cmd_keygen)
 
     d = sub.add_parser("decrypt", help="decrypt a bundle, unpack it and check every manifest hash")
     d.add_argument("bundle")
     d.add_argument("--identity", required=True, metavar="FILE")
     d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--device-key", metavar="PUB", help="verify BUNDLE.sig against this public key file (or "
+                   "directory of *.pub) first; refuse to decrypt on a bad signature")
     d.set_defaults(func=cmd_decrypt)
+
+    v = sub.add_parser("verify", help="check a bundle's detached signature (BUNDLE.sig)")
+    v.add_argument("bundle")
+    v.add_argument("--device-key", required=True, metavar="PUB",
+                   help="the device's public key file (device_ed25519.pub), or a directory of *.pub files")
+    v.add_argument("--signature", metavar="SIG", help="signature file (default BUNDLE.sig)")
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("ingest", help="verify, decrypt and unpack every bundle of an upload tree into a data tree")
+    i.add_argument("upload_tree")
+    i.add_argument("--identity", required=True, metavar="FILE")
+    i.add_argument("--trusted-devices", required=True, metavar="DIR", help="directory of device *.pub files")
+    i.add_argument("--out", required=True, metavar="DATA_DIR")
+    i.set_defaults(func=cmd_ingest)
     return p
 
 

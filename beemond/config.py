@@ -15,7 +15,7 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
                crash_loop_window_s, shutdown_timeout_s
     [archive]  filename_template
-    [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor
+    [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
                timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
     [sensors.NAME]          type = "sht3x" | "audio", backend = "hardware" | "simulated", ...
@@ -197,6 +197,17 @@ class BundleConfig:
     max_bytes: int = _opt(100_000_000, min=1024, max=2**40, doc="seal a bundle once its records reach this size")
     recipients: tuple[str, ...] = _opt(factory=tuple, doc="age1... / ssh-... public keys or files of them")
     split_by_sensor: bool = _opt(False, doc="one bundle per sensor instead of one for all")
+    signing_key: Path | None = _opt(None, path=True, secret=True,
+                                    doc="Ed25519 device key (beemond keygen --device) signing every bundle")
+    signing_key_credential: str = _opt("", doc="name of a systemd credential holding the device key")
+
+    def signing_key_path(self) -> Path | None:
+        """The device key's file: ``signing_key``, or the credential in ``$CREDENTIALS_DIRECTORY``; None: unsigned."""
+        if self.signing_key is not None:
+            return self.signing_key
+        if self.signing_key_credential:
+            return Path(os.environ.get("CREDENTIALS_DIRECTORY", "")) / self.signing_key_credential
+        return None
 
 
 @dataclass(frozen=True)
@@ -426,6 +437,16 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         except crypto.RecipientError as e:
             raise ConfigError(path, f"bundle.recipients[{i}]", str(e)) from None
 
+    b = cfg.bundle
+    if b.signing_key is not None and b.signing_key_credential:
+        raise ConfigError(path, "bundle.signing_key_credential", "set signing_key or signing_key_credential, not both")
+    if b.signing_key_path() is not None:
+        try:
+            crypto.load_signing_key(b.signing_key_path())
+        except crypto.SigningKeyError as e:
+            key = "bundle.signing_key" if b.signing_key is not None else "bundle.signing_key_credential"
+            raise ConfigError(path, key, str(e)) from None
+
     up = cfg.upload
     if up.protocol != "none":
         if up.password_file is not None and not os.access(up.password_file, os.R_OK):
@@ -447,6 +468,12 @@ def _check_semantics(cfg: Config, path: Path) -> None:
                 raise ConfigError(path, key, f"refers to sensor {other!r}, which is not configured (or not enabled)")
 
 
+def _signer(b: BundleConfig) -> str:
+    from beemond import crypto
+
+    return crypto.fingerprint(crypto.load_signing_key(b.signing_key_path()).public_key())
+
+
 def summary(cfg: Config) -> str:
     """A short human summary for ``beemond check-config`` (never shows secrets)."""
     lines = [f"config {cfg.source}: ok",
@@ -455,7 +482,8 @@ def summary(cfg: Config) -> str:
         lines.append(f"  sensor {s.name}: {s.type} ({s.backend}), {s.describe()}")
     b = cfg.bundle
     lines.append(f"  bundles: every {b.max_duration_s:g} s or {b.max_bytes} bytes, "
-                 f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}")
+                 f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}, "
+                 + (f"signed by {_signer(b)}" if b.signing_key_path() is not None else "unsigned"))
     u = cfg.upload
     if u.protocol == "none":
         lines.append("  upload: none (bundles stay in the outbox)")
