@@ -14,7 +14,7 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
                crash_loop_window_s, shutdown_timeout_s
-    [archive]  filename_template
+    [archive]  filename_template, default_metadata (a table)
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
                timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
@@ -79,6 +79,8 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class ArchiveConfig:
     filename_template: str = _opt(DEFAULT_TEMPLATE, doc="sandboxed Jinja2 template of a record's name")
+    default_metadata: dict = _opt(factory=dict, doc="metadata every record carries, under its own keys "
+                                                    "(e.g. apiary, hive, site); strings, numbers, booleans")
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,15 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
     def bad(expected: str):
         return ConfigError(path, key, f"must be {expected}, got {value!r}")
 
+    if hint is dict:  # a free-form table of plain values (INI: a section's keys, as strings)
+        if not isinstance(value, dict):
+            raise bad("a table")
+        for k, v in value.items():
+            ok = isinstance(v, (str, int, float, bool)) or (isinstance(v, dict) and all(
+                isinstance(x, (str, int, float, bool)) for x in v.values()))
+            if not ok:
+                raise ConfigError(path, f"{key}.{k}", f"must be a string, number, boolean or a table of them, got {v!r}")
+        return dict(value)
     if hint is bool:
         if strings and isinstance(value, str):
             low = value.strip().lower()

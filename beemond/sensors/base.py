@@ -180,6 +180,7 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
                  tmp: Path | None = None) -> Path:
     """Render the record's name, write it durably into staging and announce it to the orchestrator."""
     cfg, sensor = worker.cfg, worker.sensor
+    metadata = archive.with_default_metadata(cfg.archive.default_metadata, metadata)
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
                  "end": archive.utc_stamp(end), "ext": worker.ext, "date": start.strftime("%Y-%m-%d"),
                  "metadata": metadata, "_split_index": 0}
