@@ -239,12 +239,16 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
     try:
         with archive.atomic_writer(outbox / name, "wb", buffering=0) as out:
             sink = crypto.HashingWriter(out) if signing_key is not None else out
-            crypto.encrypt_stream(stream, sink, recipients)
+            try:
+                crypto.encrypt_stream(stream, sink, recipients)
+            finally:
+                if signing_key is not None:
+                    sink.close()
             if not stream.finished:  # checked before the rename: a short bundle never reaches the outbox
                 raise BundleError("the tar stream ended before its manifest; bundle not sealed")
             size = out.tell()  # not stat() after the rename: the uploader may have taken it already
             if signing_key is not None:
-                signature = crypto.sign_digest(signing_key, sink.hash.digest(), size)
+                signature = crypto.sign_digest(signing_key, sink.digest(), size)
                 with archive.atomic_writer(sig_path, "wb", sync_dir=False) as f:
                     f.write(signature)  # the bundle's rename below fsyncs the directory for both
     except Exception:
