@@ -85,7 +85,23 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class JsonDataAggregator:
+class _Windowed:
+    """An aggregator whose batch is written when its :class:`TimeWindow` is due."""
+
+    window: TimeWindow
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def flush_if_due(self) -> bool:
+        """Flush if the window is due (call it when ``window.due()`` passes); True if it flushed."""
+        if self.window.expired():
+            self.flush()
+            return True
+        return False
+
+
+class JsonDataAggregator(_Windowed):
     """Batches dicts into JSON records of one time window each.
 
     ``add_data(d)`` first flushes a window that is due (so a record never spans more than
@@ -114,12 +130,6 @@ class JsonDataAggregator:
         self.window.touch()
         self.dataset.append(data)
 
-    def flush_if_due(self) -> bool:
-        if self.window.expired():
-            self.flush()
-            return True
-        return False
-
     def flush(self) -> None:
         if not self.dataset:
             self.window.reset()
@@ -133,7 +143,7 @@ class JsonDataAggregator:
         self.write(relname, metadata, self.archiver.data_writer(data, metadata))
 
 
-class TarRecordAggregator:
+class TarRecordAggregator(_Windowed):
     """Collects in-memory records into one uncompressed tar per time window.
 
     ``add_record(sensor, start, end, ext, payload)`` adds a member ``<sensor>_<from>_<to><ext>``
@@ -168,12 +178,6 @@ class TarRecordAggregator:
         self._tar.addfile(info, io.BytesIO(payload))
         self.members.append(name)
         return name
-
-    def flush_if_due(self) -> bool:
-        if self.window.expired():
-            self.flush()
-            return True
-        return False
 
     def flush(self) -> None:
         if self._tar is None:
