@@ -249,8 +249,8 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
             size = out.tell()  # not stat() after the rename: the uploader may have taken it already
             if signing_key is not None:
                 signature = crypto.sign_digest(signing_key, sink.digest(), size)
-                with archive.atomic_writer(sig_path, "wb", sync_dir=False) as f:
-                    f.write(signature)  # the bundle's rename below fsyncs the directory for both
+                with archive.atomic_writer(sig_path, "wb") as f:  # durable, rename included, before the bundle's
+                    f.write(signature)
     except Exception:
         # A signature without its bundle is removed; beside an older twin of the bundle (a reseal after
         # a crash) it stays: the records are still staged, and the retry writes a matching pair.

@@ -90,7 +90,7 @@ def test_device_keygen_cli_files_modes_and_refusal(tmp_path):
     assert priv.read_bytes() == before
 
 
-def test_config_signing_key_checked_at_load(tmp_path, keys, password_file, device):
+def test_config_signing_key_checked_at_load(tmp_path, keys, password_file, device, monkeypatch):
     ok = config.load(make_config(tmp_path, keys, password_file, 21, **{"bundle.signing_key": str(device["key"])}))
     assert ok.bundle.signing_key_path() == device["key"]
     assert "signed by SHA256:" in config.summary(ok)
@@ -98,6 +98,14 @@ def test_config_signing_key_checked_at_load(tmp_path, keys, password_file, devic
         config.load(make_config(tmp_path, keys, password_file, 21, **{"bundle.signing_key": str(device["pub"])}))
     with pytest.raises(config.ConfigError, match=r"bundle\.signing_key: cannot read"):
         config.load(make_config(tmp_path, keys, password_file, 21, **{"bundle.signing_key": str(tmp_path / "nope")}))
+    # from a systemd credential (LoadCredential=device-key:...), as the upload password
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(device["key"].parent))
+    cred = config.load(make_config(tmp_path, keys, password_file, 21,
+                                   **{"bundle.signing_key_credential": device["key"].name}))
+    assert cred.bundle.signing_key_path() == device["key"]
+    with pytest.raises(config.ConfigError, match=r"bundle\.signing_key_credential: set signing_key or"):
+        config.load(make_config(tmp_path, keys, password_file, 21, **{
+            "bundle.signing_key_credential": "x", "bundle.signing_key": str(device["key"])}))
 
 
 # ------------------------------------------------------------------------------------------ sealing
