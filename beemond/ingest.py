@@ -79,6 +79,9 @@ class Ingest:
         self.tree, self.identities, self.trusted, self.out = Path(upload_tree), identities, trusted, Path(out)
         self.print = print
         self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(".ingest-*"):  # a crashed run's work directories
+            shutil.rmtree(stale, ignore_errors=True)
+        archive.remove_stale_temps(self.out)
         self.ledger_path = self.out / LEDGER
         self.ledger: dict = json.loads(self.ledger_path.read_text()) if self.ledger_path.exists() else {}
         self.pending_days: dict[tuple[str, str, str], _Day] = {}
