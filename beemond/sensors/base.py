@@ -21,6 +21,7 @@ from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.config import DEFAULT_TEMPLATE
+from beemond.sensors.periodic import PeriodicValuePoller
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,12 @@ class PolledSensorWorker:
     # -- loop
     def run(self) -> None:
         interval = self.sensor.interval_s
-        next_due = time.monotonic()
+        poller = PeriodicValuePoller(interval, self.measure_once)
         log.info("recording every %g s, a record per %g s", interval, self.sensor.record_window_s)
         try:
             while True:
                 now = time.monotonic()
-                deadlines = [next_due]
+                deadlines = [poller.due()]
                 if self.window_opened is not None:
                     deadlines.append(self.window_opened + self.sensor.record_window_s)
                 cmd = self.channel.receive(timeout=max(0.0, min(deadlines) - now))
@@ -97,19 +98,17 @@ class PolledSensorWorker:
                         self.flush()
                     elif cmd.kind == ipc.START:
                         self.paused = False
-                        next_due = time.monotonic()
+                        poller.restart()
                     elif cmd.kind == ipc.CAPTURE_NOW:
                         self.measure_once()
                     elif cmd.kind == ipc.SAMPLE:
                         self.on_sample(cmd.args)
                 now = time.monotonic()
-                if not self.paused and now >= next_due:
-                    self.measure_once()
-                    next_due += interval
-                    if next_due < now:  # fell behind (a long stall): skip, do not burst
-                        skipped = int((now - next_due) // interval) + 1
-                        log.warning("fell behind by %d interval(s); skipping them", skipped)
-                        next_due += skipped * interval
+                if not self.paused and now >= poller.due():
+                    skipped = poller.skipped
+                    poller.poll(now)  # measures; the grid stays fixed and a long stall is skipped, not burst
+                    if poller.skipped > skipped:
+                        log.warning("fell behind by %d interval(s); skipping them", poller.skipped - skipped)
                 if self.window_opened is not None and now - self.window_opened >= self.sensor.record_window_s:
                     self.flush()
         finally:

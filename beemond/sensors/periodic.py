@@ -33,9 +33,10 @@ class PeriodicValuePoller:
 
     ``poll(now)`` runs the task if it is due and returns the next due time (monotonic seconds). A task
     raising an exception propagates it; the schedule is kept (the next call is still on the grid).
+    *sink* may be None (a task that stores its own result).
     """
 
-    def __init__(self, interval_s: float, task, sink, clock=time.monotonic):
+    def __init__(self, interval_s: float, task, sink=None, clock=time.monotonic):
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
         self.interval_s, self.task, self.sink, self.clock = interval_s, task, sink, clock
@@ -45,15 +46,21 @@ class PeriodicValuePoller:
     def due(self) -> float:
         return self.next_due
 
+    def restart(self) -> None:
+        """A new grid from now (after a pause)."""
+        self.next_due = self.clock()
+
     def poll(self, now: float | None = None) -> float:
         now = self.clock() if now is None else now
         if now >= self.next_due:
             self.next_due += self.interval_s
-            if self.next_due <= now:  # a stall: skip the missed slots, stay on the grid
+            if self.next_due < now:  # a stall: skip the missed slots, stay on the grid
                 missed = int((now - self.next_due) // self.interval_s) + 1
                 self.skipped += missed
                 self.next_due += missed * self.interval_s
-            self.sink(self.task())
+            result = self.task()
+            if self.sink is not None:
+                self.sink(result)
         return self.next_due
 
 
