@@ -239,11 +239,7 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
     try:
         with archive.atomic_writer(outbox / name, "wb", buffering=0) as out:
             sink = crypto.HashingWriter(out) if signing_key is not None else out
-            try:
-                crypto.encrypt_stream(stream, sink, recipients)
-            finally:
-                if signing_key is not None:
-                    sink.close()
+            crypto.encrypt_stream(stream, sink, recipients)
             if not stream.finished:  # checked before the rename: a short bundle never reaches the outbox
                 raise BundleError("the tar stream ended before its manifest; bundle not sealed")
             size = out.tell()  # not stat() after the rename: the uploader may have taken it already

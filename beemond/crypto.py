@@ -307,32 +307,18 @@ def load_trusted_keys(path: str | os.PathLike) -> dict[str, tuple[object, str]]:
 
 
 class HashingWriter:
-    """A binary writer that passes bytes to *raw* and, on its own thread, feeds them to the SHA-512
-    that gets signed. ``hashlib`` releases the GIL on large updates, so the hash runs beside age's
-    encryption instead of after it; at most ``QUEUE`` chunks (64 KiB each from pyrage) wait for it.
-    Call :meth:`digest` once at the end (or :meth:`close` to abandon)."""
-
-    QUEUE = 64
+    """A binary writer that passes bytes to *raw* and feeds the same bytes to the SHA-512 that gets
+    signed, so the signature costs one hash pass over the ciphertext and no re-read. (A hashing thread
+    bought nothing: pyrage holds the GIL while it encrypts.)"""
 
     def __init__(self, raw):
-        import queue
-        import threading
-
         self.raw = raw
         self.hash = hashlib.new(SIG_HASH)
         self.size = 0
-        self._q: queue.Queue = queue.Queue(maxsize=self.QUEUE)
-        self._thread = threading.Thread(target=self._run, name="sig-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._q.get()) is not None:
-            self.hash.update(chunk)
 
     def write(self, b) -> int:
-        b = bytes(b)  # pyrage hands over immutable bytes already (no copy); anything else is copied once
+        self.hash.update(b)
         n = self.raw.write(b)
-        self._q.put(b)
         self.size += len(b)
         return n if n is not None else len(b)
 
@@ -340,13 +326,7 @@ class HashingWriter:
         self.raw.flush()
 
     def digest(self) -> bytes:
-        self.close()
         return self.hash.digest()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join()
 
 
 def _signed_data(digest: bytes) -> bytes:
