@@ -15,7 +15,8 @@ What is measured
 What bounds sign_overhead_percent: any signature a stock tool (ssh-keygen -Y verify) can check needs
 one SHA-512 (or SHA-256) pass over the ciphertext. On a fast x86 disk, pyrage encrypts at ~1.2 GB/s and
 holds the GIL while doing it, and hashlib's SHA-512 runs at ~0.8 GB/s, so the hash is a large share of a
-seal there; where the SD card's write and fsync bound sealing (~20 MB/s) the same hash is a few percent.
+seal there. Where the SD card's write and fsync bound sealing (~20 MB/s) and SHA-512 runs at ~200 MB/s
+(a Pi 4 without SHA instructions), the estimate is ~10 %: not measured here, no Pi on this bench.
 Checks (exit 1 on failure): every bundle ingested, none rejected, the daily CSVs hold every row once,
 the rerun adds no row.
 
