@@ -195,3 +195,25 @@ def test_time_window_opens_at_first_item():
     assert not w.expired()
     clock.t += 1
     assert w.expired()
+
+
+def test_staged_records_carry_default_metadata(tmp_path, keys, password_file):
+    import multiprocessing
+    import queue
+    from types import SimpleNamespace
+
+    from beemond import ipc
+    from beemond.sensors.base import write_staged
+
+    cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{
+        "archive.default_metadata": {"apiary": "urban", "hive": "3629", "rows": -1}}))
+    sensor = cfg.sensors[0]
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    worker = SimpleNamespace(cfg=cfg, sensor=sensor, template=cfg.template_for(sensor), ext="csv",
+                             staging=Path(cfg.spool) / "staging" / sensor.name,
+                             channel=ipc.Channel(sensor.name, queue.Queue(), writer, 1.0))
+    path = write_staged(worker, T0, T0 + timedelta(minutes=1), {"sensor": sensor.name, "rows": 2},
+                        data_writer=lambda f: f.write(b"time\n"))
+    meta = json.loads(archive.sidecar_of(path).read_text())
+    assert meta == {"apiary": "urban", "hive": "3629", "sensor": sensor.name, "rows": 2}
+    assert reader.recv().kind == ipc.READY_EVENT
