@@ -262,11 +262,12 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
 
 # ------------------------------------------------------------------------------------------ reading
 
-def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.PathLike) -> dict:
+def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.PathLike, check=None) -> dict:
     """Decrypt *bundle*, check it against its manifest, and move its records into *out_dir*.
 
     Members are first extracted into a temporary directory inside *out_dir*; only a bundle whose every
-    member matches the manifest (size and SHA-256, none missing, none extra) is moved into place.
+    member matches the manifest (size and SHA-256, none missing, none extra) is moved into place, and
+    only after ``check(manifest)`` (optional; it raises :class:`BundleError` to refuse) returned.
     Returns the manifest. Raises :class:`BundleError` (verification), :class:`crypto.DecryptError`
     (wrong key, damaged or truncated ciphertext), ``tarfile.TarError``.
     """
@@ -275,6 +276,8 @@ def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.Path
     work = Path(tempfile.mkdtemp(prefix=".beemond-extract-", dir=out_dir))
     try:
         manifest, seen = _extract_verified(Path(bundle), identities, work)
+        if check is not None:
+            check(manifest)
         for rel in seen:
             dest = out_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -81,19 +81,20 @@ def _trusted(path: str):
         raise SystemExit(1) from None
 
 
-def _verify(bundle: str, trusted, signature: str | None = None) -> bool:
+def _verify(bundle: str, trusted, signature: str | None = None) -> str | None:
+    """The signer's fingerprint, or None (reported) for a bad signature."""
     from beemond import crypto
 
     try:
         fp, label, _digest = crypto.verify_file(bundle, trusted, signature)
     except crypto.SignatureError as e:
         print(f"beemond: {bundle}: signature check failed ({e.reason}): {e}", file=sys.stderr)
-        return False
+        return None
     except FileNotFoundError as e:
         print(f"beemond: {e.filename}: no such file", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"{bundle}: good signature by {label} ({fp})")
-    return True
+    return fp
 
 
 def cmd_verify(args) -> int:
@@ -105,13 +106,20 @@ def cmd_decrypt(args) -> int:
 
     from beemond import aggregator, crypto
 
+    signer = None
     if args.device_key is not None:  # refuse a bad signature before any decryption
-        trusted = _trusted(args.device_key)
-        if not _verify(args.bundle, trusted):
+        signer = _verify(args.bundle, _trusted(args.device_key))
+        if signer is None:
             return EX_DATAERR
+
+    def same_signer(manifest: dict) -> None:  # before anything is moved into --out
+        if signer is not None and manifest.get("signing_key") != signer:
+            raise aggregator.BundleError(f"the manifest names signing key {manifest.get('signing_key')!r}, "
+                                         f"not {signer}, the key that signed the bundle")
+
     try:
         identities = crypto.load_identities(args.identity)
-        manifest = aggregator.extract_bundle(args.bundle, identities, args.out)
+        manifest = aggregator.extract_bundle(args.bundle, identities, args.out, check=same_signer)
     except crypto.IdentityError as e:
         print(f"beemond: {e}", file=sys.stderr)
         return 1
@@ -124,10 +132,6 @@ def cmd_decrypt(args) -> int:
         return EX_DATAERR
     except (aggregator.BundleError, tarfile.TarError, ValueError) as e:
         print(f"beemond: {args.bundle}: verification failed: {e}", file=sys.stderr)
-        return EX_DATAERR
-    if args.device_key is not None and manifest.get("signing_key") not in trusted:
-        print(f"beemond: {args.bundle}: the manifest names signing key {manifest.get('signing_key')!r}, "
-              "not the key that signed the bundle", file=sys.stderr)
         return EX_DATAERR
     n = len(manifest["records"])
     print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest['start']} .. {manifest['end']}, "

@@ -125,6 +125,9 @@ def test_signed_bundle_verifies_with_stock_openssh_and_age(tmp_path, keys, devic
     assert got["manifest"]["signing_key"] == crypto.fingerprint(crypto.load_signing_key(device["key"]).public_key())
     v = cli("verify", bundle, "--device-key", device["pub"])
     assert v.returncode == 0 and "good signature by hive-07" in v.stdout, v.stderr
+    d = cli("decrypt", bundle, "--identity", keys["identity"], "--out", tmp_path / "dec", "--device-key", device["pub"])
+    assert d.returncode == 0, d.stderr
+    assert (tmp_path / "dec" / "hive_climate" / "c.csv").read_bytes() == climate_csv(ROWS_A)
 
 
 def test_signature_is_renamed_into_the_outbox_before_the_bundle(tmp_path, keys, device):
@@ -212,6 +215,11 @@ def _tamper(kind: str, bundle: Path, keys, device, tmp_path: Path) -> None:
         sig.write_bytes(crypto.sign_digest(crypto.load_signing_key(other), hashlib.sha512(data).digest(), len(data)))
     elif kind == "unsigned":
         sig.unlink()
+    elif kind == "resigned":  # another trusted device signs this device's bundle: the manifest disagrees
+        other, other_pub, _line = crypto.device_keygen(tmp_path / "other-device")
+        shutil.copy(other_pub, device["trusted"] / "hive-08.pub")
+        data = bundle.read_bytes()
+        sig.write_bytes(crypto.sign_digest(crypto.load_signing_key(other), hashlib.sha512(data).digest(), len(data)))
     elif kind == "undecryptable":  # signed by the device, but for somebody else's key
         bundle.unlink()
         sig.unlink()
@@ -229,6 +237,7 @@ TAMPERING = {
     "truncated": ("truncated", "truncated:"),
     "untrusted": ("untrusted", "untrusted device key SHA256:"),
     "unsigned": ("unsigned", "no signature"),
+    "resigned": ("signer", "the manifest names signing key"),
     "undecryptable": ("undecryptable", "cannot decrypt"),
 }
 
@@ -252,7 +261,15 @@ def test_tampered_bundle_rejected_with_its_own_reason(tmp_path, keys, device, ki
     assert (out / "rejected" / (bad.name + ".reason")).read_text().startswith(f"reason: {reason}\n")
     assert not list(out.rglob("bad.csv"))
     assert (out / "hive-07" / "2021-06-20" / "hive_climate" / "good.csv").exists()
-    if kind not in ("record", "undecryptable", "unsigned"):
+    if kind == "resigned":  # the signature is good; decrypt --device-key refuses on the manifest, leaving nothing
+        shutil.move(out / "rejected" / bad.name, bad)
+        shutil.move(out / "rejected" / (bad.name + ".sig"), bad.with_name(bad.name + ".sig"))
+        assert cli("verify", bad, "--device-key", device["trusted"]).returncode == 0
+        d = cli("decrypt", bad, "--identity", keys["identity"], "--out", tmp_path / "dec", "--device-key",
+                device["trusted"])
+        assert d.returncode == 65 and "the manifest names signing key" in d.stderr, d.stderr
+        assert not [p for p in (tmp_path / "dec").rglob("*") if p.is_file()]
+    if kind not in ("record", "undecryptable", "unsigned", "resigned"):
         # beemond verify says the same, and decrypt --device-key refuses before decrypting
         shutil.move(out / "rejected" / bad.name, bad)
         if (out / "rejected" / (bad.name + ".sig")).exists():
