@@ -186,10 +186,123 @@ class AudioConfig(SensorConfig):
         return f"{self.sample_rate_hz} Hz x{self.channels}, {self.segment_s:g} s {self.format} segments"
 
 
+# The default line of a serial scale: an optional label ("W:", "NET="), a signed number, an optional
+# unit (any case). Accepts "W: 42.315 kg", "42.315", "-0.5 kg", "42315 g", "NET=92.6 LB".
+DEFAULT_SCALE_REGEX = r"^\s*(?:[A-Za-z]+\s*[:=]?\s*)?(?P<value>[-+]?\d+(?:\.\d*)?)\s*(?P<unit>(?i:kg|g|lbs?))?\s*$"
+SCALE_UNITS = ("kg", "g", "lb")
+
+
+@dataclass(frozen=True)
+class ScaleSimulationConfig:
+    """The synthetic hive weight a simulated scale reports (there is no weight data set in shared/data)."""
+
+    base_kg: float = _opt(42.0, min=0.0, max=500, doc="hive weight at the start")
+    daily_swing_kg: float = _opt(0.8, min=0.0, max=50, doc="mid-day loss while foragers are out")
+    trend_kg_per_day: float = _opt(0.3, min=-50, max=50, doc="slow nectar-flow gain (negative: loss)")
+    noise_kg: float = _opt(0.005, min=0.0, max=10, doc="standard deviation of the reading noise")
+    seed: int = _opt(1, min=0, max=2**32 - 1)
+    start: str = _opt("", doc="ISO 8601 UTC time the simulated clock starts at (default: now)")
+    speedup: float = _opt(1.0, min=0.0, max=1e7, doc="simulated time runs this much faster than wall time")
+    line_period_s: float = _opt(0.1, min=0.01, max=60, doc="streamed mode: time between lines")
+
+
+@dataclass(frozen=True)
+class WeightReplayConfig:
+    """A CSV of (time, weight in kg) replayed through a simulated scale (e.g. a swarm's drop)."""
+
+    file: Path = _opt(Path(""), path=True)
+    time_column: str = _opt("time")
+    weight_column: str = _opt("weight_kg")
+    start: str = _opt("", doc="ISO 8601 time of the first row to replay (default: the first row)")
+    speedup: float = _opt(0.0, min=0.0, max=1e7,
+                          doc="0: one row per line sent; >0: replay time runs this much faster than wall time")
+    loop: bool = _opt(True)
+
+
+@dataclass(frozen=True)
+class ScaleConfig(SensorConfig):
+    """A hive scale with a serial line protocol (beemond.sensors.scale has the formula and the units)."""
+
+    port: str = _opt("/dev/beemond-scale", doc="serial device (the udev rule's stable name)")
+    baudrate: int = _opt(9600, min=50, max=4_000_000)
+    bytesize: int = _opt(8, min=5, max=8)
+    parity: str = _opt("N", choices=("N", "E", "O", "M", "S"))
+    stopbits: float = _opt(1.0, min=1.0, max=2.0, doc="1, 1.5 or 2")
+    request: str = _opt("", doc='sent to poll the scale, e.g. "W\\r\\n" (backslash escapes are decoded, '
+                                'so INI files can write them too); empty: the scale streams lines')
+    line_regex: str = _opt(DEFAULT_SCALE_REGEX, doc="named groups: value (required), unit (optional)")
+    unit: str = _opt("kg", choices=SCALE_UNITS, doc="unit of a line without one")
+    tare_offset_kg: float = _opt(0.0, min=-10_000, max=10_000, doc="subtracted from the raw weight")
+    calibration_factor: float = _opt(1.0, min=1e-6, max=1e6, doc="multiplies the tared weight")
+    samples: int = _opt(5, min=1, max=99, doc="lines per reading; the reading is their median")
+    read_timeout_s: float = _opt(2.0, min=0.01, max=60, doc="longest wait for one line")
+    interval_s: float = _opt(60.0, min=0.05, max=86400, doc="time between readings")
+    record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="readings batched per CSV record")
+    max_retries: int = _opt(3, min=0, max=100, doc="retries of a failed reading before it counts as lost")
+    temperature_sensor: str = _opt("", doc="climate sensor whose temperature compensates the weight")
+    compensation_kg_per_c: float = _opt(0.0, min=-100, max=100, doc="weight drift per °C above the reference")
+    reference_temperature_c: float = _opt(20.0, min=-50, max=100)
+    max_temperature_age_s: float = _opt(300.0, min=0.01, max=86400, doc="an older temperature is not used")
+    simulation: ScaleSimulationConfig | None = _opt(None)
+    replay: WeightReplayConfig | None = _opt(None)
+
+    def request_bytes(self) -> bytes:
+        """``request`` as sent on the wire: latin-1, with backslash escapes (``\\r``, ``\\x05``) decoded.
+        Raises ``ValueError``."""
+        raw = self.request.encode("latin-1")
+        return raw.decode("unicode_escape").encode("latin-1") if b"\\" in raw else raw
+
+    def check(self, path: Path, key: str) -> None:
+        if self.record_window_s < self.interval_s:
+            raise ConfigError(path, f"{key}.record_window_s", "must be >= interval_s")
+        try:
+            self.request_bytes()
+        except ValueError as e:  # UnicodeError is one
+            raise ConfigError(path, f"{key}.request", f"must be latin-1 text with valid escapes: {e}") from None
+        if self.stopbits not in (1.0, 1.5, 2.0):
+            raise ConfigError(path, f"{key}.stopbits", f"allowed: 1, 1.5, 2; got {self.stopbits:g}")
+        try:
+            regex = re.compile(self.line_regex)
+        except re.error as e:
+            raise ConfigError(path, f"{key}.line_regex", f"not a regular expression: {e}") from None
+        if "value" not in regex.groupindex:
+            raise ConfigError(path, f"{key}.line_regex", "needs a named group (?P<value>...) for the number")
+        if self.temperature_sensor == self.name:
+            raise ConfigError(path, f"{key}.temperature_sensor", "must name another sensor")
+        if self.compensation_kg_per_c and not self.temperature_sensor:
+            raise ConfigError(path, f"{key}.compensation_kg_per_c", "needs temperature_sensor")
+        if self.backend == "simulated":
+            if self.simulation is not None and self.replay is not None:
+                raise ConfigError(path, f"{key}.replay", "set [simulation] or [replay], not both")
+            if self.replay is not None:
+                from beemond.sensors.emulators.scale import WeightReplay
+
+                if not os.access(self.replay.file, os.R_OK) or not self.replay.file.is_file():
+                    raise ConfigError(path, f"{key}.replay.file", f"cannot read {self.replay.file}")
+                try:
+                    WeightReplay(self.replay)
+                except ValueError as e:
+                    raise ConfigError(path, f"{key}.replay", str(e)) from None
+        elif self.simulation is not None or self.replay is not None:
+            which = "simulation" if self.simulation is not None else "replay"
+            raise ConfigError(path, f"{key}.{which}", "only a simulated backend has this table")
+
+    def describe(self) -> str:
+        where = "emulated on a pty" if self.backend == "simulated" else f"{self.port} at {self.baudrate} baud"
+        comp = (f", {self.compensation_kg_per_c:g} kg/°C from {self.temperature_sensor}"
+                if self.compensation_kg_per_c else "")
+        return (f"{where}, median of {self.samples} every {self.interval_s:g} s, "
+                f"a record per {self.record_window_s:g} s{comp}")
+
+    def subscribes_to(self) -> tuple[str, ...]:
+        return (self.temperature_sensor,) if self.temperature_sensor else ()
+
+
 # type = "..." -> its config class. One line per driver (the worker is in beemond.sensors.DRIVERS).
 SENSOR_TYPES: dict[str, type[SensorConfig]] = {
     "sht3x": SHT3xConfig,
     "audio": AudioConfig,
+    "scale": ScaleConfig,
 }
 
 
@@ -476,7 +589,10 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         s.check(path, key)
         for other in s.subscribes_to():
             if other not in {t.name for t in cfg.sensors}:
-                raise ConfigError(path, key, f"refers to sensor {other!r}, which is not configured (or not enabled)")
+                # name the key that holds the reference, when one does
+                where = next((f.name for f in dataclasses.fields(s) if f.name != "name" and getattr(s, f.name) == other), "")
+                raise ConfigError(path, f"{key}.{where}" if where else key,
+                                  f"refers to sensor {other!r}, which is not configured (or not enabled)")
 
 
 def _signer(b: BundleConfig) -> str:

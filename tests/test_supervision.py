@@ -72,7 +72,8 @@ def test_decrypt_command_checks_hashes(tmp_path, keys, password_file, ftp):
     ok = decrypt(bundle, tmp_path / "ok")
     assert ok.returncode == 0, ok.stderr
     assert "all hashes match" in ok.stdout
-    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["hive_audio", "hive_climate", "manifest.json"]
+    # (config/simulated.toml may gain sensors: the test needs these, not only these)
+    assert {"hive_audio", "hive_climate", "manifest.json"} <= {p.name for p in (tmp_path / "ok").iterdir()}
 
     # A record altered before sealing: re-encrypt a tampered tar with the stock age CLI.
     plain = subprocess.run([AGE, "-d", "-i", str(keys["identity"]), str(bundle)], check=True,

@@ -9,6 +9,7 @@ import importlib
 DRIVERS = {
     "sht3x": "beemond.sensors.sht3x:SHT3xWorker",
     "audio": "beemond.sensors.audio:AudioWorker",
+    "scale": "beemond.sensors.scale:ScaleWorker",
 }
 
 
