@@ -164,6 +164,38 @@ def write_record(staging: Path, relname: str, metadata: dict, data_writer=None, 
     return final
 
 
+class ArrayArchiver:
+    """Arrays as NumPy ``.npy`` records (format version 1.0, ``numpy.lib.format``; no pickles).
+
+    With ``split_data_array`` an array of shape ``(N, ...)`` becomes N records, one per index along
+    axis 0 (one per frame of a burst), each named with ``_split_index`` = its index; without it the
+    whole array is one record with ``_split_index`` 0. NumPy is imported on first use, so importing
+    this module stays light for the workers that never save arrays.
+    """
+
+    ext = "npy"
+
+    def __init__(self, split_data_array: bool = False):
+        self.split_data_array = split_data_array
+
+    def parts(self, array) -> Iterator[tuple[int, Any]]:
+        """``(_split_index, array)`` pairs, one per record to write."""
+        if self.split_data_array and getattr(array, "ndim", 0) >= 1:
+            for i in range(array.shape[0]):
+                yield i, array[i]
+        else:
+            yield 0, array
+
+    @staticmethod
+    def writer(array):
+        """A ``data_writer`` for :func:`write_record` that saves *array* as ``.npy``."""
+        import numpy as np
+
+        def write(f) -> None:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        return write
+
+
 def temp_name(directory: Path, hint: str) -> Path:
     """A temporary name in *directory* that every reader skips and crash clean-up removes."""
     return directory / f".{hint}{TMP_MARK}{os.getpid()}"

@@ -1,7 +1,8 @@
-"""Command line: ``beemond run | check-config | keygen | decrypt | verify | ingest``.
+"""Command line: ``beemond run | status | pause | resume | check-config | keygen | decrypt | verify | ingest``.
 
-Exit status: 0 success; 1 runtime failure; 65 (``EX_DATAERR``) a bundle that fails verification;
-78 (``EX_CONFIG``) a bad configuration, with one line naming the file, the key and what is allowed.
+Exit status: 0 success; 1 runtime failure; 3 (``status``) the daemon is not running; 65 (``EX_DATAERR``)
+a bundle that fails verification; 78 (``EX_CONFIG``) a bad configuration, with one line naming the
+file, the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,35 @@ def cmd_run(args) -> int:
     cfg = _load_config(args.config)
     journal.setup("orchestrator", cfg.daemon.log_level)
     return Orchestrator(cfg, duration=args.duration).run()
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from beemond import status
+
+    cfg = _load_config(args.config)
+    try:
+        st = status.query(cfg.spool)
+    except status.NotRunning as e:
+        print(e, file=sys.stderr)
+        return status.EXIT_NOT_RUNNING
+    print(json.dumps(st, indent=1, sort_keys=True) if args.json else status.format_status(st))
+    return 0
+
+
+def cmd_control(args) -> int:
+    from beemond import status
+
+    cfg = _load_config(args.config)
+    try:
+        got = status.query(cfg.spool, request={"cmd": "stop" if args.command == "pause" else "start",
+                                                "worker": args.worker})
+    except status.NotRunning as e:
+        print(e, file=sys.stderr)
+        return status.EXIT_NOT_RUNNING
+    print(got.get("message", got), file=sys.stdout if got.get("ok") else sys.stderr)
+    return 0 if got.get("ok") else 1
 
 
 def cmd_check_config(args) -> int:
@@ -162,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                    help="stop gracefully after this many seconds")
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="the running daemon's workers, readings, backlog and uploads")
+    s.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    s.add_argument("--json", action="store_true", help="print the full status as JSON")
+    s.set_defaults(func=cmd_status)
+
+    for name, what in (("pause", "stop recording or processing (the open record is closed)"),
+                       ("resume", "start a paused sensor or processor again")):
+        x = sub.add_parser(name, help=f"{what}; until resumed or restarted")
+        x.add_argument("worker", metavar="NAME", help="a sensor or processor name")
+        x.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+        x.set_defaults(func=cmd_control)
 
     c = sub.add_parser("check-config", help="validate a config file and print a summary")
     c.add_argument("config", nargs="?", default=DEFAULT_CONFIG)

@@ -18,8 +18,13 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
                timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
-    [sensors.NAME]          type = "sht3x" | "audio", backend = "hardware" | "simulated", ...
+    [sensors.NAME]          type = "sht3x" | "audio" | "camera" | "gpio" | "scale", backend = "hardware" | "simulated",
+                            power_pin, power_lead_s, power_active_high, ...
     [sensors.NAME.replay]   (sht3x, simulated) file, time_column, temperature_column, ...
+    [sensors.NAME.inputs.INPUT]  (gpio) pin, kind, targets, pull_up, bounce_s, cooldown_s, trigger_every_s
+    [metrics]  enabled, address, port, staleness_s
+    [processors.NAME]       type = "audio_bands" | "swarm", sensor = "NAME", min_input_spacing,
+                            min_step_spacing, min_output_spacing, ... (see beemond.processors)
 """
 
 from __future__ import annotations
@@ -110,6 +115,11 @@ class SensorConfig:
     backend: str = _opt("hardware", choices=("hardware", "simulated"))
     enabled: bool = _opt(True)
     filename_template: str = _opt("", doc="overrides [archive] filename_template")
+    # A GPIO pin that switches the sensor's supply (a MOSFET or load switch): on power_lead_s before
+    # each measurement or capture, off after it (beemond.sensors.gpio.PowerSwitch).
+    power_pin: int | None = _opt(None, min=0, max=27, doc="BCM pin enabling the sensor's power, if any")
+    power_lead_s: float = _opt(0.0, min=0.0, max=600, doc="power on this long before a measurement")
+    power_active_high: bool = _opt(True, doc="false: the enable pin is active low")
 
     def check(self, path: Path, key: str) -> None:
         """Raise :class:`ConfigError` for a rule that spans several keys or needs a file."""
@@ -120,6 +130,14 @@ class SensorConfig:
     def subscribes_to(self) -> tuple[str, ...]:
         """Names of sensors whose ``sample`` events this sensor receives as ``sample`` commands."""
         return ()
+
+    def gpio_pins(self) -> dict[str, int]:
+        """BCM pins this sensor claims, by key (relative to the sensor's table); each pin once per host."""
+        return {"power_pin": self.power_pin} if self.power_pin is not None else {}
+
+    def capture_targets(self) -> dict[str, tuple[str, ...]]:
+        """Sensors this one asks to capture (``ipc.CAPTURE_REQUEST``), by key; each must be configured."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -184,6 +202,97 @@ class AudioConfig(SensorConfig):
 
     def describe(self) -> str:
         return f"{self.sample_rate_hz} Hz x{self.channels}, {self.segment_s:g} s {self.format} segments"
+
+
+@dataclass(frozen=True)
+class CameraConfig(SensorConfig):
+    """A Raspberry Pi camera through picamera2 (beemond.sensors.camera)."""
+
+    width: int = _opt(640, min=16, max=9152, doc="frame width in pixels (AppMAIS: 640)")
+    height: int = _opt(480, min=16, max=6944, doc="frame height in pixels (AppMAIS: 480)")
+    framerate_fps: float = _opt(30.0, min=0.1, max=240, doc="frame rate of clips (AppMAIS: 30)")
+    still_interval_s: float = _opt(60.0, min=0.0, max=86400, doc="time between stills; 0: none on a schedule")
+    format: str = _opt("jpeg", choices=("jpeg", "npy"), doc="stills as JPEG files or NumPy arrays (HxWx3 uint8)")
+    jpeg_quality: int = _opt(90, min=1, max=95)
+    burst_frames: int = _opt(1, min=1, max=1000, doc="npy: frames per still record (an N x H x W x 3 array)")
+    split_data_array: bool = _opt(False, doc="npy: one record per frame, named with _split_index")
+    clip_s: float = _opt(10.0, min=0.1, max=3600, doc="length of an H.264 clip (MP4 container)")
+    clip_interval_s: float = _opt(0.0, min=0.0, max=86400, doc="time between clips; 0: none on a schedule")
+    bitrate_bps: int = _opt(2_000_000, min=10_000, max=50_000_000, doc="H.264 bitrate")
+    on_capture_now: str = _opt("still", choices=("still", "clip"), doc="what a capture_now (a GPIO trigger) takes")
+    stall_timeout_s: float = _opt(10.0, min=0.5, max=600, doc="no frame for this long: close and reopen the camera")
+    daylight_only: bool = _opt(False, doc="scheduled captures only between sunrise and sunset")
+    latitude: float = _opt(0.0, min=-90, max=90, doc="degrees north, for the daylight schedule")
+    longitude: float = _opt(0.0, min=-180, max=180, doc="degrees east, for the daylight schedule")
+    sunrise_offset_min: float = _opt(0.0, min=-720, max=720, doc="start this many minutes after sunrise")
+    sunset_offset_min: float = _opt(0.0, min=-720, max=720, doc="stop this many minutes after sunset")
+
+    def check(self, path: Path, key: str) -> None:
+        if self.split_data_array and self.format != "npy":
+            raise ConfigError(path, f"{key}.split_data_array", "only for format = \"npy\"")
+        if self.burst_frames > 1 and self.format != "npy":
+            raise ConfigError(path, f"{key}.burst_frames", "only for format = \"npy\" (a JPEG is one frame)")
+        if self.clip_interval_s and self.clip_interval_s < self.clip_s:
+            raise ConfigError(path, f"{key}.clip_interval_s", "must be 0 (off) or >= clip_s")
+        if self.width % 2 or self.height % 2:
+            raise ConfigError(path, f"{key}.width", "width and height must be even (H.264 4:2:0)")
+
+    def describe(self) -> str:
+        stills = f"a {self.format} still every {self.still_interval_s:g} s" if self.still_interval_s else "no scheduled stills"
+        clips = f"a {self.clip_s:g} s clip every {self.clip_interval_s:g} s" if self.clip_interval_s else "no scheduled clips"
+        when = f", daylight only at {self.latitude:g},{self.longitude:g}" if self.daylight_only else ""
+        return f"{self.width}x{self.height} @ {self.framerate_fps:g} fps, {stills}, {clips}{when}"
+
+
+@dataclass(frozen=True)
+class GpioInputConfig:
+    """One input of a ``gpio`` sensor: ``[sensors.NAME.inputs.INPUT]``."""
+
+    pin: int = _opt(-1, min=0, max=27, doc="BCM pin number")
+    kind: str = _opt("button", choices=("button", "motion", "beam"), doc="push button, PIR sensor, IR break beam")
+    targets: tuple[str, ...] = _opt(factory=tuple, doc="sensors that capture when this input activates")
+    pull_up: bool | None = _opt(None, doc="internal pull-up (default: on for button and beam, off for motion)")
+    bounce_s: float = _opt(0.05, min=0.0, max=10, doc="debounce time")
+    cooldown_s: float = _opt(5.0, min=0.0, max=86400, doc="ignore activations this long after one that triggered")
+    trigger_every_s: float = _opt(0.0, min=0.0, max=86400,
+                                  doc="simulated backend: the emulated input activates this often (0: never)")
+
+
+@dataclass(frozen=True)
+class GpioConfig(SensorConfig):
+    """GPIO inputs that trigger captures, and a status LED (beemond.sensors.gpio)."""
+
+    inputs: dict[str, GpioInputConfig] = _opt(factory=dict, doc="named inputs: [sensors.NAME.inputs.INPUT]")
+    status_led_pin: int | None = _opt(None, min=0, max=27, doc="BCM pin of a status LED (blinks while running)")
+    record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="input events batched per CSV record")
+
+    def check(self, path: Path, key: str) -> None:
+        if not self.inputs and self.status_led_pin is None:
+            raise ConfigError(path, key, "a gpio sensor needs at least one [inputs.NAME] table or status_led_pin")
+        for name, inp in self.inputs.items():
+            if not NAME_RE.match(name):
+                raise ConfigError(path, f"{key}.inputs.{name}", f"input name must match {NAME_RE.pattern}")
+            if inp.pin < 0:
+                raise ConfigError(path, f"{key}.inputs.{name}.pin", "required: a BCM pin number 0-27")
+            if inp.trigger_every_s and self.backend != "simulated":
+                raise ConfigError(path, f"{key}.inputs.{name}.trigger_every_s", "only a simulated backend emulates inputs")
+
+    def gpio_pins(self) -> dict[str, int]:
+        pins = super().gpio_pins()
+        if self.status_led_pin is not None:
+            pins["status_led_pin"] = self.status_led_pin
+        pins.update({f"inputs.{name}.pin": inp.pin for name, inp in self.inputs.items()})
+        return pins
+
+    def capture_targets(self) -> dict[str, tuple[str, ...]]:
+        return {f"inputs.{name}.targets": inp.targets for name, inp in self.inputs.items()}
+
+    def describe(self) -> str:
+        parts = [f"{name}: {inp.kind} on GPIO{inp.pin} -> {', '.join(inp.targets) or 'nothing'}"
+                 for name, inp in self.inputs.items()]
+        if self.status_led_pin is not None:
+            parts.append(f"status LED on GPIO{self.status_led_pin}")
+        return "; ".join(parts)
 
 
 # The default line of a serial scale: an optional label ("W:", "NET="), a signed number, an optional
@@ -302,6 +411,8 @@ class ScaleConfig(SensorConfig):
 SENSOR_TYPES: dict[str, type[SensorConfig]] = {
     "sht3x": SHT3xConfig,
     "audio": AudioConfig,
+    "camera": CameraConfig,
+    "gpio": GpioConfig,
     "scale": ScaleConfig,
 }
 
@@ -352,6 +463,91 @@ class UploadConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = _opt(True, doc="serve /metrics (Prometheus text format)")
+    address: str = _opt("127.0.0.1", doc="listen address of /metrics; keep it local unless a firewall guards it")
+    port: int = _opt(9109, min=1, max=65535, doc="TCP port of /metrics (not Prometheus's own 9090)")
+    staleness_s: float = _opt(600.0, min=1, max=86400, doc="readings older than this are not exported")
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """Keys every processor has (``beemond.processors``). A processor type is a subclass registered in
+    :data:`PROCESSOR_TYPES`. The three spacings (seconds, 0 = off) are defined exactly in
+    :class:`beemond.processors.base.Spacing`."""
+
+    name: str = _opt("")
+    type: str = _opt("")
+    sensor: str = _opt("", doc="the sensor whose records or samples this processor reads")
+    enabled: bool = _opt(True)
+    min_input_spacing: float = _opt(0.0, min=0.0, max=86400 * 7, doc="s of data time between accepted inputs")
+    min_step_spacing: float = _opt(0.0, min=0.0, max=86400 * 7, doc="s of run time between processing steps")
+    min_output_spacing: float = _opt(0.0, min=0.0, max=86400 * 7, doc="s of data time between output records")
+    filename_template: str = _opt("", doc="overrides [archive] filename_template")
+
+    def check(self, path: Path, key: str, sensor: SensorConfig) -> None:
+        """Raise :class:`ConfigError` for a rule that spans several keys or needs the sensor's config."""
+
+    def describe(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class AudioBandsConfig(ProcessorConfig):
+    bands: tuple[str, ...] = _opt(("100-300", "300-600"), doc='"LOW-HIGH" in Hz, e.g. "100-300"')
+    frame: int = _opt(4096, min=64, max=1 << 20, doc="FFT frame length in samples (Hann window, 50 % overlap)")
+    spectrogram: bool = _opt(False, doc="also write a small grey-scale spectrogram PNG per segment")
+    spectrogram_max_hz: float = _opt(2000.0, min=10, max=192000, doc="top of the spectrogram's frequency axis")
+
+    def band_edges(self) -> list[tuple[float, float]]:
+        """``bands`` as (low, high) Hz pairs. Raises ``ValueError`` naming the bad entry."""
+        out = []
+        for text in self.bands:
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*", text)
+            if not m or not float(m[1]) < float(m[2]):
+                raise ValueError(f"{text!r} is not LOW-HIGH in Hz with LOW < HIGH")
+            out.append((float(m[1]), float(m[2])))
+        return out
+
+    def check(self, path: Path, key: str, sensor: SensorConfig) -> None:
+        if not isinstance(sensor, AudioConfig):
+            raise ConfigError(path, f"{key}.sensor", f"{sensor.name!r} is a {sensor.type} sensor; audio_bands reads audio records")
+        if not self.bands:
+            raise ConfigError(path, f"{key}.bands", "at least one band is required")
+        try:
+            edges = self.band_edges()
+        except ValueError as e:
+            raise ConfigError(path, f"{key}.bands", str(e)) from None
+        nyquist = sensor.sample_rate_hz / 2
+        if self.spectrogram and self.spectrogram_max_hz > nyquist:
+            raise ConfigError(path, f"{key}.spectrogram_max_hz", f"above the Nyquist frequency {nyquist:g} Hz of {sensor.name}")
+        for text, (_, high) in zip(self.bands, edges):
+            if high > nyquist:
+                raise ConfigError(path, f"{key}.bands", f"{text!r} goes above the Nyquist frequency {nyquist:g} Hz of {sensor.name}")
+
+    def describe(self) -> str:
+        return f"band power in {', '.join(self.bands)} Hz"
+
+
+@dataclass(frozen=True)
+class SwarmConfig(ProcessorConfig):
+    quantity: str = _opt("weight_kilograms", doc="the SAMPLE quantity holding the hive weight")
+    drop_kg: float = _opt(1.0, min=0.05, max=100, doc="a fall of more than this ...")
+    window_s: float = _opt(900.0, min=10, max=86400, doc="... within this many seconds raises a swarm alert")
+    smoothing: int = _opt(3, min=1, max=100, doc="median of this many readings (rejects single spikes)")
+
+    def describe(self) -> str:
+        return f"swarm alert on a drop of more than {self.drop_kg:g} kg within {self.window_s:g} s"
+
+
+# type = "..." -> its config class (the worker is in beemond.processors.PROCESSORS).
+PROCESSOR_TYPES: dict[str, type[ProcessorConfig]] = {
+    "audio_bands": AudioBandsConfig,
+    "swarm": SwarmConfig,
+}
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     daemon: DaemonConfig
@@ -359,6 +555,8 @@ class Config:
     bundle: BundleConfig
     upload: UploadConfig
     sensors: tuple[SensorConfig, ...]
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    processors: tuple[ProcessorConfig, ...] = ()
 
     @property
     def spool(self) -> Path:
@@ -370,7 +568,8 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------- load
 
-_SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleConfig, "upload": UploadConfig}
+_SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleConfig, "upload": UploadConfig,
+             "metrics": MetricsConfig}
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -402,8 +601,8 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
     tree: dict[str, Any] = {}
     for section in parser.sections():
         parts = section.split(".")
-        if parts[0] == "sensor":  # [sensor.NAME] and [sensor.NAME.replay]
-            parts[0] = "sensors"
+        if parts[0] in ("sensor", "processor"):  # [sensor.NAME], [sensor.NAME.replay], [processor.NAME]
+            parts[0] += "s"
         node = tree
         for part in parts:
             node = node.setdefault(part, {})
@@ -413,10 +612,10 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
 
 def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     base = path.parent.resolve()
-    unknown = set(tree) - set(_SECTIONS) - {"sensors"}
+    unknown = set(tree) - set(_SECTIONS) - {"sensors", "processors"}
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(path, key, f"unknown section; allowed: {', '.join([*_SECTIONS, 'sensors'])}")
+        raise ConfigError(path, key, f"unknown section; allowed: {', '.join([*_SECTIONS, 'sensors', 'processors'])}")
     built = {}
     for name, cls in _SECTIONS.items():
         table = tree.get(name, {})
@@ -431,29 +630,36 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     if daemon.heartbeat_timeout_s <= daemon.heartbeat_interval_s:
         raise ConfigError(path, "daemon.heartbeat_timeout_s", "must be greater than heartbeat_interval_s")
 
-    sensors_tree = tree.get("sensors", {})
-    if not isinstance(sensors_tree, dict):
-        raise ConfigError(path, "sensors", "must be a table of tables, one per sensor")
-    sensors = []
-    for name, table in sensors_tree.items():
-        key = f"sensors.{name}"
+    sensors = _typed_tables(path, tree, "sensors", "sensor", SENSOR_TYPES, base, strings)
+    if not sensors:
+        raise ConfigError(path, "sensors", "at least one enabled sensor is required")
+    processors = _typed_tables(path, tree, "processors", "processor", PROCESSOR_TYPES, base, strings)
+    cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
+                 upload=built["upload"], sensors=tuple(sensors), metrics=built["metrics"],
+                 processors=processors)
+    _check_semantics(cfg, path)
+    return cfg
+
+
+def _typed_tables(path: Path, tree: dict, section: str, what: str, types: dict, base: Path, strings: bool) -> tuple:
+    """The enabled ``[section.NAME]`` tables, each built as ``types[type]`` (sensors, processors)."""
+    tables = tree.get(section, {})
+    if not isinstance(tables, dict):
+        raise ConfigError(path, section, f"must be a table of tables, one per {what}")
+    out = []
+    for name, table in tables.items():
+        key = f"{section}.{name}"
         if not NAME_RE.match(name):
-            raise ConfigError(path, key, f"sensor name must match {NAME_RE.pattern}")
+            raise ConfigError(path, key, f"{what} name must match {NAME_RE.pattern}")
         if not isinstance(table, dict):
             raise ConfigError(path, key, "must be a table")
         kind = table.get("type")
-        if not isinstance(kind, str) or kind not in SENSOR_TYPES:
-            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(SENSOR_TYPES)}, got {kind!r}")
-        sensor = _build(SENSOR_TYPES[kind], {**table, "name": name}, path, key, base, strings)
-        if sensor.enabled:
-            sensors.append(sensor)
-    if not sensors:
-        raise ConfigError(path, "sensors", "at least one enabled sensor is required")
-
-    cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
-                 upload=built["upload"], sensors=tuple(sensors))
-    _check_semantics(cfg, path)
-    return cfg
+        if not isinstance(kind, str) or kind not in types:
+            raise ConfigError(path, f"{key}.type", f"required; allowed: {', '.join(types)}, got {kind!r}")
+        item = _build(types[kind], {**table, "name": name}, path, key, base, strings)
+        if item.enabled:
+            out.append(item)
+    return tuple(out)
 
 
 def _build(cls, table: dict, path: Path, prefix: str, base: Path, strings: bool):
@@ -475,6 +681,10 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
     if origin is not None and type(None) in args:  # X | None
         hint = next(a for a in args if a is not type(None))
         origin, args = get_origin(hint), get_args(hint)
+    if origin is dict and dataclasses.is_dataclass(args[1]):  # named tables: [sensors.NAME.inputs.X]
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ConfigError(path, key, "must be a table of tables")
+        return {name: _build(args[1], table, path, f"{key}.{name}", base, strings) for name, table in value.items()}
     if dataclasses.is_dataclass(hint):  # a nested table such as [sensors.NAME.replay]
         if not isinstance(value, dict):
             raise ConfigError(path, key, "must be a table")
@@ -584,15 +794,43 @@ def _check_semantics(cfg: Config, path: Path) -> None:
     if d.restart_backoff_max_s < d.restart_backoff_initial_s:
         raise ConfigError(path, "daemon.restart_backoff_max_s", "must be >= restart_backoff_initial_s")
 
+    names = {t.name for t in cfg.sensors}
+    pins: dict[int, str] = {}
     for s in cfg.sensors:
         key = f"sensors.{s.name}"
         s.check(path, key)
         for other in s.subscribes_to():
-            if other not in {t.name for t in cfg.sensors}:
+            if other not in names:
                 # name the key that holds the reference, when one does
                 where = next((f.name for f in dataclasses.fields(s) if f.name != "name" and getattr(s, f.name) == other), "")
                 raise ConfigError(path, f"{key}.{where}" if where else key,
                                   f"refers to sensor {other!r}, which is not configured (or not enabled)")
+        for sub, targets in s.capture_targets().items():
+            for other in targets:
+                if other not in names:
+                    raise ConfigError(path, f"{key}.{sub}", f"no sensor {other!r} is configured (or enabled); "
+                                      f"configured: {', '.join(sorted(names))}")
+        for sub, pin in s.gpio_pins().items():
+            if pin in pins:
+                raise ConfigError(path, f"{key}.{sub}", f"GPIO{pin} is already used by {pins[pin]}")
+            pins[pin] = f"{key}.{sub}"
+
+    sensors = {s.name: s for s in cfg.sensors}
+    for p in cfg.processors:
+        key = f"processors.{p.name}"
+        # A processor's records go to staging/<name>/ and it is supervised under its name: both must
+        # be free.
+        if p.name in sensors or p.name in ("aggregator", "uploader", "orchestrator"):
+            raise ConfigError(path, key, f"name {p.name!r} is already taken by a sensor or a daemon worker")
+        if p.sensor not in sensors:
+            raise ConfigError(path, f"{key}.sensor", f"{p.sensor!r} is not a configured (enabled) sensor; "
+                                                    f"sensors: {', '.join(sensors)}")
+        if p.filename_template:
+            try:
+                archive.check_template(p.filename_template)
+            except archive.TemplateError as e:
+                raise ConfigError(path, f"{key}.filename_template", str(e)) from None
+        p.check(path, key, sensors[p.sensor])
 
 
 def _signer(b: BundleConfig) -> str:
@@ -611,6 +849,10 @@ def summary(cfg: Config) -> str:
     lines.append(f"  bundles: every {b.max_duration_s:g} s or {b.max_bytes} bytes, "
                  f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}, "
                  + (f"signed by {_signer(b)}" if b.signing_key_path() is not None else "unsigned"))
+    for p in cfg.processors:
+        lines.append(f"  processor {p.name}: {p.type} of {p.sensor}, {p.describe()}")
+    m = cfg.metrics
+    lines.append(f"  metrics: http://{m.address}:{m.port}/metrics" if m.enabled else "  metrics: off")
     u = cfg.upload
     if u.protocol == "none":
         lines.append("  upload: none (bundles stay in the outbox)")

@@ -41,6 +41,11 @@ SAMPLE, CAPTURE_REQUEST = "sample", "capture_request"
 # OUTBOX: the uploader's view of its queue, sent after each scan and upload:
 # ``data = {"files": int, "bytes": int, "last_upload": unix time or None}`` (STATUS= lines, metrics).
 OUTBOX = "outbox"
+# ALERT: a processor's alarm, ``data = {"sensor": source sensor, "alert": kind ("swarm"), ...details}``
+# (a warning in the log and a JSON record as well; counted in beemond_alerts_total).
+ALERT = "alert"
+# SAMPLE events may carry ``labels = {name: value}`` beside ``values``: extra metric labels for every
+# value (a processor's ``band="100-300"``).
 
 
 @dataclass
@@ -149,6 +154,11 @@ def _make_worker(role: str, name: str, cfg, channel: Channel):
 
         sensor = next(s for s in cfg.sensors if s.name == name)
         return make_sensor_worker(cfg, sensor, channel)
+    if role == "processor":
+        from beemond.processors import make_processor_worker
+
+        proc = next(p for p in cfg.processors if p.name == name)
+        return make_processor_worker(cfg, proc, channel)
     if role == "aggregator":
         from beemond.aggregator import Aggregator
 

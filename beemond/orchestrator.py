@@ -28,9 +28,11 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.config import EX_CONFIG
@@ -42,7 +44,7 @@ HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
 
 @dataclass
 class Worker:
-    role: str                    # sensor | aggregator | uploader
+    role: str                    # sensor | processor | aggregator | uploader
     name: str
     process: multiprocessing.process.BaseProcess | None = None
     commands: object = None
@@ -54,6 +56,8 @@ class Worker:
     restarts: collections.deque = field(default_factory=collections.deque)
     restart_at: float = 0.0
     last_event: dict = field(default_factory=dict)
+    starts: int = 0              # process starts since the daemon started (restarts = starts - 1)
+    paused: bool = False         # stopped by `beemond pause` (a restarted process records again)
 
 
 class Orchestrator:
@@ -76,6 +80,12 @@ class Orchestrator:
         for sensor in cfg.sensors:
             for source in sensor.subscribes_to():
                 self.subscribers[source].append(sensor.name)
+        # sensor name -> processors that read its records and samples (beemond.processors)
+        self.processor_feeds: dict[str, list[str]] = collections.defaultdict(list)
+        for proc in cfg.processors:
+            self.processor_feeds[proc.sensor].append(proc.name)
+        self.health = None
+        self.status_server = None
 
     # ---- lifecycle
     def run(self) -> int:
@@ -101,6 +111,8 @@ class Orchestrator:
         self._add(Worker("uploader", "uploader"))
         for sensor in self.cfg.sensors:
             self._add(Worker("sensor", sensor.name))
+        self._add_processors()
+        self._start_health()
         end_at = time.monotonic() + self.duration if self.duration else None
         try:
             while not self.stopping:
@@ -110,6 +122,7 @@ class Orchestrator:
                 self._step(self._next_timer(end_at))
             self._shutdown()
         finally:
+            self._stop_health()
             self._restore_signals()
         log.info("beemond stopped (status %d)", self.exit_status)
         return self.exit_status
@@ -156,8 +169,74 @@ class Orchestrator:
         writer.close()  # so a dead worker's pipe reads as EOF here
         w.events = reader
         w.state, w.started = "running", time.monotonic()
+        w.starts += 1
+        w.paused = False
         w.last_heartbeat = w.started
         log.info("started worker %s (%s, pid %d)", w.name, w.role, w.process.pid)
+
+    # ---- processors (beemond.processors)
+    def _add_processors(self) -> None:
+        from beemond.processors.base import inbox_dir
+
+        names = {p.name for p in self.cfg.processors}
+        root = self.cfg.spool / "processing"
+        if root.is_dir():  # inboxes of processors no longer configured hold only links: drop them
+            for d in root.iterdir():
+                if d.is_dir() and d.name not in names:
+                    shutil.rmtree(d, ignore_errors=True)
+        for proc in self.cfg.processors:
+            inbox_dir(self.cfg.spool, proc.name).mkdir(parents=True, exist_ok=True)
+            self._add(Worker("processor", proc.name))
+
+    def _feed_processors(self, w: Worker, ev: ipc.Event) -> None:
+        """A sensor's *record ready* or *sample* to the processors that read that sensor. A record is
+        hard-linked into the processor's inbox first, so it survives the aggregator bundling and
+        deleting the staged original, and a processor in backoff finds it at its restart."""
+        from beemond.processors.base import link_record
+
+        for name in self.processor_feeds.get(w.name, ()):
+            target = self.workers.get(name)
+            if target is None or target.state in ("failed", "stopped"):
+                continue
+            if ev.kind == ipc.READY_EVENT:
+                try:
+                    link = link_record(self.cfg.spool, name, Path(ev.data["path"]))
+                except OSError as e:
+                    log.warning("cannot pass record %s to processor %s: %s", ev.data["path"], name, e)
+                    continue
+                self._command(name, ipc.Command(ipc.RECORD_READY, {"path": str(link), "sensor": w.name}))
+            else:
+                self._command(name, ipc.Command(ipc.SAMPLE, {**ev.data, "time": ev.time}))
+
+    # ---- health: /metrics and the status socket (beemond.metrics, beemond.status)
+    def _start_health(self) -> None:
+        from beemond import metrics, status
+
+        self.health = metrics.Health(self.cfg, self.workers)
+        self.observers.append(self.health)
+        self.health.start_http()
+        self.status_server = status.StatusServer(self.cfg.spool / status.SOCKET_NAME, self.health.status,
+                                                 self._control)
+        self.status_server.start()
+
+    def _control(self, kind: str, name: str) -> tuple[bool, str]:
+        """``beemond pause|resume NAME`` (status socket thread): STOP/START to a sensor or processor.
+        Only a queue put, which is thread-safe; the worker's state is read, never written, here."""
+        w = self.workers.get(name)
+        if w is None or w.role not in ("sensor", "processor"):
+            choices = ", ".join(n for n, x in self.workers.items() if x.role in ("sensor", "processor"))
+            return False, f"no sensor or processor {name!r} (have: {choices})"
+        if not self._command(name, ipc.Command(ipc.STOP if kind == "stop" else ipc.START, {"reason": "beemond CLI"})):
+            return False, f"{name} is {w.state}, not running"
+        w.paused = kind == "stop"  # a plain attribute store: the main loop only reads it
+        log.info("%s sent to %s from the command line", kind, name)
+        return True, f"{'paused' if kind == 'stop' else 'resumed'} {name}"
+
+    def _stop_health(self) -> None:
+        if self.status_server is not None:
+            self.status_server.stop()
+        if self.health is not None:
+            self.health.stop_http()
 
     # ---- the wait loop
     def _next_timer(self, end_at: float | None) -> float:
@@ -195,6 +274,8 @@ class Orchestrator:
 
     def _on_event(self, w: Worker, ev: ipc.Event) -> None:
         w.last_heartbeat = time.monotonic()
+        if ev.kind in (ipc.READY_EVENT, ipc.SAMPLE):
+            self._feed_processors(w, ev)  # first: the aggregator may delete a staged record at once
         if ev.kind == ipc.READY_EVENT:
             agg = self.workers.get("aggregator")
             if agg is not None and agg.state == "running":
@@ -250,7 +331,7 @@ class Orchestrator:
             w.state = "failed"
             log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
                       w.name, why, len(w.restarts), self.d.crash_loop_window_s)
-            if w.role != "sensor":
+            if w.role in ("aggregator", "uploader"):
                 log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
                 self.exit_status = 1
                 self.stopping = True
@@ -316,7 +397,9 @@ class Orchestrator:
         for w in self.workers.values():
             if w.state == "backoff":
                 w.state = "stopped"
-        phases = [("sensor", budget * 0.3), ("aggregator", budget * 0.4),
+        # Processors after the sensors (their last records reach them), before the aggregator (their
+        # last outputs are sealed).
+        phases = [("sensor", budget * 0.3), ("processor", budget * 0.2), ("aggregator", budget * 0.4),
                   ("uploader", self.cfg.upload.shutdown_grace_s + 10)]
         for role, limit in phases:
             group = [w for w in self.workers.values() if w.role == role and w.state == "running"]

@@ -110,7 +110,7 @@ def derive_config(tmp: Path, name: str, recipient: Path, upload: dict, idle: boo
         if replay and "file" in replay:
             replay["file"] = str((CONFIG.parent / replay["file"]).resolve())
     if idle:
-        cfg["sensors"] = {k: v for k, v in cfg["sensors"].items() if v["type"] != "audio"}
+        cfg["sensors"] = {k: v for k, v in cfg["sensors"].items() if v["type"] == "sht3x"}
         for sensor in cfg["sensors"].values():
             sensor["interval_s"] = 30
             sensor["record_window_s"] = 60

@@ -21,6 +21,7 @@ import collections
 import csv
 import io
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -71,8 +72,13 @@ def main() -> int:
         cfg["bundle"]["recipients"] = [str(keys / "recipient.txt")]
         cfg["bundle"]["signing_key"] = str(device / crypto.DEVICE_KEY_NAME)
         cfg["upload"].update(port=port, password_file=str(password))
+        with socket.socket() as probe:  # a free port for /metrics, so a running beemond is no obstacle
+            probe.bind(("127.0.0.1", 0))
+            cfg["metrics"]["port"] = probe.getsockname()[1]
         config = RUN / "beemond.toml"
         config.write_text(tomli_w.dumps(cfg))
+        print(f"demo: while it runs: curl http://127.0.0.1:{cfg['metrics']['port']}/metrics, "
+              f"or {sys.executable} -m beemond status --config {config}")
 
         print(f"demo: running beemond for {args.seconds:g} s (config {config})\n")
         status = subprocess.call([sys.executable, "-m", "beemond", "run", "--config", str(config),

@@ -104,6 +104,7 @@ def make_config(tmp_path: Path, keys, password_file: Path, port: int, **over) ->
     clim["replay"]["file"] = str(DATA)
     cfg["sensors"]["hive_audio"].update(segment_s=1, sample_rate_hz=8000)
     cfg["bundle"].update(max_duration_s=3, recipients=[str(keys["recipient"])])
+    cfg.setdefault("metrics", {})["port"] = free_port()  # daemons of parallel runs never share a port
     cfg["upload"].update(port=port, password_file=str(password_file), backoff_initial_s=0.2, backoff_max_s=1,
                          shutdown_grace_s=10)
     for dotted, value in over.items():

@@ -9,6 +9,8 @@ import importlib
 DRIVERS = {
     "sht3x": "beemond.sensors.sht3x:SHT3xWorker",
     "audio": "beemond.sensors.audio:AudioWorker",
+    "camera": "beemond.sensors.camera:CameraWorker",
+    "gpio": "beemond.sensors.gpio:GpioWorker",
     "scale": "beemond.sensors.scale:ScaleWorker",
 }
 

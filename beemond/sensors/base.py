@@ -26,6 +26,7 @@ from beemond.sensors.periodic import PeriodicValuePoller
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 5
+EVENT_COUNTS = ("overflows", "errors", "missed")   # record metadata copied into its READY_EVENT
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
@@ -55,6 +56,10 @@ class PolledSensorWorker:
         self.missed = 0
         self.consecutive_failures = 0
         self.paused = False
+        from beemond.sensors.gpio import power_switch
+
+        # power_pin: the sensor's supply is switched on power_lead_s before each measurement, off after
+        self.power = power_switch(sensor, channel.beat)
 
     # -- for subclasses
     def read(self) -> tuple:
@@ -114,20 +119,23 @@ class PolledSensorWorker:
         finally:
             self.flush()
             self.close()
+            self.power.close()
 
     def measure_once(self) -> None:
-        stamp = datetime.now(timezone.utc)
-        for attempt in range(self.sensor.max_retries + 1):
-            try:
-                reading = self.read()
-                break
-            except OSError as e:
-                self.errors += 1
-                last_error = e
-                log.debug("measurement attempt %d failed: %s", attempt + 1, e)
-                if attempt < self.sensor.max_retries:
-                    time.sleep(min(0.5, 0.02 * 2 ** attempt))
-        else:
+        reading = last_error = None
+        with self.power:
+            stamp = datetime.now(timezone.utc)  # after the lead: the time the sensor was read
+            for attempt in range(self.sensor.max_retries + 1):
+                try:
+                    reading = self.read()
+                    break
+                except OSError as e:
+                    self.errors += 1
+                    last_error = e
+                    log.debug("measurement attempt %d failed: %s", attempt + 1, e)
+                    if attempt < self.sensor.max_retries:
+                        time.sleep(min(0.5, 0.02 * 2 ** attempt))
+        if reading is None:
             self.missed += 1
             self.consecutive_failures += 1
             log.warning("measurement failed after %d attempts (%d in a row): %s",
@@ -176,13 +184,18 @@ class PolledSensorWorker:
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
-                 tmp: Path | None = None) -> Path:
-    """Render the record's name, write it durably into staging and announce it to the orchestrator."""
+                 tmp: Path | None = None, ext: str | None = None, split_index: int = 0) -> Path:
+    """Render the record's name, write it durably into staging and announce it to the orchestrator.
+
+    *ext* overrides ``worker.ext`` (a worker that writes more than one kind of record). *split_index*
+    is the template's ``_split_index``: the position of this record among the records made from one
+    array (``archive.ArrayArchiver`` with ``split_data_array``); 0 otherwise.
+    """
     cfg, sensor = worker.cfg, worker.sensor
     metadata = archive.with_default_metadata(cfg.archive.default_metadata, metadata)
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
-                 "end": archive.utc_stamp(end), "ext": worker.ext, "date": start.strftime("%Y-%m-%d"),
-                 "metadata": metadata, "_split_index": 0}
+                 "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
+                 "metadata": metadata, "_split_index": split_index}
     try:
         rel = archive.render_name(worker.template, **variables)
     except archive.TemplateError as e:
@@ -192,7 +205,10 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
         rel = archive.render_name(DEFAULT_TEMPLATE, **variables)
     rel = _unique(worker.staging, rel)
     path = archive.write_record(worker.staging, rel, metadata, data_writer=data_writer, tmp=tmp)
-    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path))
+    # Non-zero counters ride along for the metrics (audio overflows, missed measurements), so the
+    # orchestrator never has to read a sidecar.
+    counts = {k: metadata[k] for k in EVENT_COUNTS if isinstance(metadata.get(k), int) and metadata[k]}
+    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path), **counts)
     return path
 
 

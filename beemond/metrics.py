@@ -1,0 +1,325 @@
+"""Daemon and hive health: a Prometheus registry fed by the orchestrator's events, and the status
+snapshot behind ``beemond status``.
+
+:class:`Health` is registered in ``Orchestrator.observers`` and sees every event of every worker in
+the orchestrator's thread; prometheus_client's HTTP server thread and the status socket's thread read
+it under one lock. Workers never touch the registry (no multiprocess directory): their readings come
+up the event pipes as ``sample`` events.
+
+Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, base units):
+
+- ``beemond_<quantity>{sensor, ...}``: the latest reading per sensor and quantity, named as in the
+  ``sample`` event (``beemond_temperature_celsius``, ``beemond_relative_humidity_percent``,
+  ``beemond_pressure_pascals``, ``beemond_audio_band_power_ratio{band}``, ``beemond_audio_rms_ratio``)
+  except where Prometheus's base unit differs from the event's: mass is exported in grams
+  (``weight_kilograms`` -> ``beemond_weight_grams``, ``swarm_drop_kilograms`` ->
+  ``beemond_swarm_drop_grams``), because ``promtool check metrics`` rejects ``_kilograms``
+  ("use base unit grams"); see :data:`PROMETHEUS_UNITS`. A reading older than
+  ``[metrics] staleness_s`` is not exported: :meth:`Health.collect` yields only fresh ones, so a dead
+  sensor's series vanish instead of repeating a last value (Prometheus then marks them stale).
+- counters: ``beemond_records_total{sensor}`` (records, i.e. captures), ``beemond_errors_total{worker}``,
+  ``beemond_audio_overflows_total{sensor}``, ``beemond_readings_missed_total{sensor}``,
+  ``beemond_alerts_total{sensor, alert}``, ``beemond_bundles_sealed_total``,
+  ``beemond_uploaded_files_total``, ``beemond_uploaded_bytes_total``, ``beemond_upload_errors_total``,
+  ``beemond_worker_restarts_total{worker, role}``.
+- gauges: ``beemond_worker_up{worker, role}``, ``beemond_worker_state{worker, role, state}`` (1 for
+  the current of running, backoff, failed, stopped), ``beemond_staging_files``, ``beemond_staging_bytes``,
+  ``beemond_outbox_files``, ``beemond_outbox_bytes``, ``beemond_last_upload_timestamp_seconds``,
+  ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (when known),
+  ``beemond_build_info{version, python}``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import platform
+import re
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from beemond import __version__, archive, ipc
+
+log = logging.getLogger(__name__)
+
+QUANTITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# sample-event unit suffix -> (Prometheus base-unit suffix, factor). Events keep the units a beekeeper
+# thinks in; the exposition follows Prometheus's base units so promtool's lint passes.
+PROMETHEUS_UNITS = {"_kilograms": ("_grams", 1000.0)}
+SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scrapes come every 15 s or so)
+STATES = ("running", "backoff", "failed", "stopped")
+
+
+def clock_synchronised() -> bool | None:
+    """True/False when the system clock's NTP state is known, None otherwise.
+
+    Hook: ``beemond.clock`` (issue 6) owns the clock; when it provides ``synchronised()`` that answer
+    is used, otherwise the state is unknown and ``beemond_clock_synchronised`` is not exported.
+    """
+    try:
+        from beemond import clock  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    probe = getattr(clock, "synchronised", None) or getattr(clock, "is_synchronised", None)
+    try:
+        return None if probe is None else bool(probe())
+    except Exception:  # a probe failing must never break a scrape
+        return None
+
+
+def prometheus_unit(quantity: str, value: float) -> tuple[str, float]:
+    """A sample's quantity and value in Prometheus's base unit (``weight_kilograms`` -> ``weight_grams``)."""
+    for suffix, (base, factor) in PROMETHEUS_UNITS.items():
+        if quantity.endswith(suffix):
+            return quantity[: -len(suffix)] + base, value * factor
+    return quantity, value
+
+
+def dir_usage(root: Path, pattern: re.Pattern | None = None) -> tuple[int, int]:
+    """(files, bytes) under *root*: data files only (no sidecars, temps or hidden files) for the
+    count, every visible file for the bytes; *pattern* limits both to matching names."""
+    files = size = 0
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not archive.is_internal(d)]
+        for name in names:
+            if archive.is_internal(name) or (pattern is not None and not pattern.match(name)):
+                continue
+            try:
+                size += os.stat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                continue  # bundled or uploaded meanwhile
+            if not name.endswith(archive.META_SUFFIX):
+                files += 1
+    return files, size
+
+
+class Health:
+    """Orchestrator observer, Prometheus collector and status snapshot. *workers* is the
+    orchestrator's live ``{name: Worker}`` dict (read, never written)."""
+
+    def __init__(self, cfg, workers: dict):
+        from beemond.aggregator import BUNDLE_RE
+
+        self.cfg = cfg
+        self.host = cfg.daemon.host
+        self.workers = workers
+        self.staleness_s = cfg.metrics.staleness_s
+        self.lock = threading.Lock()        # the event counters and readings
+        self._scan_lock = threading.Lock()  # the staging/outbox walk, kept out of the event path
+        # (quantity, sensor, ((label, value), ...)) -> (value, monotonic, wall time)
+        self.readings: dict[tuple, tuple[float, float, float]] = {}
+        self.records: collections.Counter = collections.Counter()
+        self.errors: collections.Counter = collections.Counter()
+        self.overflows: collections.Counter = collections.Counter()
+        self.missed: collections.Counter = collections.Counter()
+        self.alerts: collections.Counter = collections.Counter()
+        self.last_error: dict[str, tuple[str, float]] = {}
+        self.sealed = self.uploaded_files = self.uploaded_bytes = self.upload_errors = 0
+        self.outbox_event: tuple[int, int] | None = None
+        self.last_upload: float | None = None
+        self.started = time.time()
+        self._bundle_re = BUNDLE_RE
+        self._usage: dict[str, tuple[float, tuple[int, int]]] = {}
+        self.http = None
+        # Series that exist from the start at 0, so dashboards and alert rules see them before the
+        # first event (a counter appearing late loses its first increase in rate()).
+        for s in cfg.sensors:
+            self.records[s.name] = 0
+            (self.overflows if s.type == "audio" else self.missed)[s.name] = 0
+        for p in cfg.processors:
+            self.records[p.name] = 0
+            if p.type == "swarm":
+                self.alerts[(p.sensor, "swarm")] = 0
+
+    # ---- observer (orchestrator thread)
+    def __call__(self, w, ev: ipc.Event) -> None:
+        with self.lock:
+            kind, data = ev.kind, ev.data
+            if kind == ipc.SAMPLE:
+                labels = tuple(sorted((k, str(v)) for k, v in (data.get("labels") or {}).items() if LABEL_RE.match(k)))
+                sensor = str(data.get("sensor", w.name))
+                now = time.monotonic()
+                for quantity, value in (data.get("values") or {}).items():
+                    if QUANTITY_RE.match(quantity) and isinstance(value, (int, float)):
+                        self.readings[(quantity, sensor, labels)] = (float(value), now, ev.time)
+            elif kind == ipc.READY_EVENT:
+                sensor = str(data.get("sensor", w.name))
+                self.records[sensor] += 1
+                # Sent only when non-zero (sensors.base.EVENT_COUNTS): a series appears with its first.
+                if data.get("overflows"):
+                    self.overflows[sensor] += int(data["overflows"])
+                if data.get("missed"):
+                    self.missed[sensor] += int(data["missed"])
+            elif kind == ipc.ERROR:
+                self.errors[w.name] += 1
+                self.last_error[w.name] = (str(data.get("message", "")), ev.time)
+                if w.role == "uploader":
+                    self.upload_errors += 1
+            elif kind == ipc.BUNDLE_SEALED:
+                self.sealed += 1
+            elif kind == ipc.UPLOADED:
+                self.uploaded_files += 1
+                self.uploaded_bytes += int(data.get("bytes", 0) or 0)
+                self.last_upload = ev.time
+            elif kind == ipc.OUTBOX:
+                self.outbox_event = (int(data.get("files", 0)), int(data.get("bytes", 0)))
+                if data.get("last_upload"):
+                    self.last_upload = max(self.last_upload or 0.0, float(data["last_upload"]))
+            elif kind == ipc.ALERT:
+                self.alerts[(str(data.get("sensor", w.name)), str(data.get("alert", "alert")))] += 1
+
+    # ---- helpers (any thread, lock held by the caller)
+    def _fresh(self):
+        now = time.monotonic()
+        for (quantity, sensor, labels), (value, mono, wall) in sorted(self.readings.items()):
+            if now - mono <= self.staleness_s:
+                yield quantity, sensor, labels, value, now - mono, wall
+
+    def _scan(self, which: str) -> tuple[int, int]:
+        """(files, bytes) waiting in spool/*which*. Called without ``self.lock`` held, so a slow SD
+        card never holds up the orchestrator's events."""
+        outbox_event = self.outbox_event
+        if which == "outbox" and outbox_event is not None:
+            return outbox_event  # the uploader's own view of its queue
+        with self._scan_lock:
+            cached = self._usage.get(which)
+            if cached is not None and time.monotonic() - cached[0] < SCAN_CACHE_S:
+                return cached[1]
+            got = dir_usage(Path(self.cfg.spool) / which, self._bundle_re if which == "outbox" else None)
+            self._usage[which] = (time.monotonic(), got)
+            return got
+
+    # ---- Prometheus collector (HTTP server thread)
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        h = self.host
+        usage = {which: self._scan(which) for which in ("staging", "outbox")}
+        with self.lock:
+            yield _gauge(GaugeMetricFamily, "beemond_build_info", "beemond version and Python, value 1",
+                         ["host", "version", "python"], [([h, __version__, platform.python_version()], 1)])
+            families: dict[str, tuple[list, object]] = {}
+            for quantity, sensor, labels, value, _age, _wall in self._fresh():
+                quantity, value = prometheus_unit(quantity, value)
+                name = f"beemond_{quantity}"
+                keys = ["host", "sensor", *(k for k, _ in labels)]
+                if name not in families:
+                    families[name] = (keys, GaugeMetricFamily(name, f"latest {quantity.replace('_', ' ')} reading",
+                                                              labels=keys))
+                if families[name][0] != keys:  # one quantity sent with two label sets: keep the first
+                    continue
+                families[name][1].add_metric([h, sensor, *(v for _, v in labels)], value)
+            yield from (fam for _, fam in families.values())
+            for name, doc, label, counter in (
+                    ("beemond_records_total", "records (captures) written", "sensor", self.records),
+                    ("beemond_errors_total", "errors reported by each worker", "worker", self.errors),
+                    ("beemond_audio_overflows_total", "audio input overflows (xruns)", "sensor", self.overflows),
+                    ("beemond_readings_missed_total", "measurements lost after retries", "sensor", self.missed)):
+                yield _counter(CounterMetricFamily, name, doc, ["host", label],
+                               [([h, k], v) for k, v in sorted(counter.items())])
+            yield _counter(CounterMetricFamily, "beemond_alerts_total", "alerts raised by processors",
+                           ["host", "sensor", "alert"], [([h, s, a], v) for (s, a), v in sorted(self.alerts.items())])
+            for name, doc, value in (("beemond_bundles_sealed_total", "bundles sealed", self.sealed),
+                                     ("beemond_uploaded_files_total", "bundles uploaded", self.uploaded_files),
+                                     ("beemond_uploaded_bytes_total", "bytes uploaded", self.uploaded_bytes),
+                                     ("beemond_upload_errors_total", "failed upload attempts", self.upload_errors)):
+                yield _counter(CounterMetricFamily, name, doc, ["host"], [([h], value)])
+            workers = list(self.workers.values())
+            yield _gauge(GaugeMetricFamily, "beemond_worker_up", "1 while the worker process runs",
+                         ["host", "worker", "role"], [([h, w.name, w.role], int(w.state == "running")) for w in workers])
+            yield _gauge(GaugeMetricFamily, "beemond_worker_state", "1 for the worker's current state",
+                         ["host", "worker", "role", "state"],
+                         [([h, w.name, w.role, s], int(w.state == s)) for w in workers for s in STATES])
+            yield _counter(CounterMetricFamily, "beemond_worker_restarts_total", "restarts of each worker",
+                           ["host", "worker", "role"], [([h, w.name, w.role], max(0, w.starts - 1)) for w in workers])
+            for which, (files, size) in usage.items():
+                yield _gauge(GaugeMetricFamily, f"beemond_{which}_files", f"files waiting in spool/{which}",
+                             ["host"], [([h], files)])
+                yield _gauge(GaugeMetricFamily, f"beemond_{which}_bytes", f"bytes waiting in spool/{which}",
+                             ["host"], [([h], size)])
+            if self.last_upload is not None:
+                yield _gauge(GaugeMetricFamily, "beemond_last_upload_timestamp_seconds",
+                             "time of the last successful upload", ["host"], [([h], self.last_upload)])
+                yield _gauge(GaugeMetricFamily, "beemond_seconds_since_last_upload",
+                             "seconds since the last successful upload", ["host"],
+                             [([h], max(0.0, time.time() - self.last_upload))])
+            synced = clock_synchronised()
+            if synced is not None:
+                yield _gauge(GaugeMetricFamily, "beemond_clock_synchronised", "1 when the system clock is synchronised",
+                             ["host"], [([h], int(synced))])
+
+    # ---- HTTP endpoint
+    def start_http(self) -> None:
+        """Serve /metrics on ``[metrics] address:port`` in a daemon thread. A port in use is logged,
+        not fatal: the hive keeps recording without its dashboard."""
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        m = self.cfg.metrics
+        if not m.enabled:
+            return
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        try:
+            got = start_http_server(m.port, addr=m.address, registry=registry)
+        except OSError as e:
+            log.error("metrics: cannot listen on %s:%d (%s); /metrics is off", m.address, m.port, e.strerror or e)
+            return
+        self.http = got[0] if isinstance(got, tuple) else None
+        log.info("metrics on http://%s:%d/metrics", m.address, m.port)
+
+    def stop_http(self) -> None:
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+
+    # ---- status snapshot (status socket thread)
+    def status(self) -> dict:
+        """The daemon's state as JSON-able data (``beemond status --json`` prints it)."""
+        now_m, now = time.monotonic(), time.time()
+        staging, outbox = self._scan("staging"), self._scan("outbox")
+        with self.lock:
+            readings: dict[str, dict] = collections.defaultdict(dict)
+            for quantity, sensor, labels, value, age, _wall in self._fresh():
+                key = quantity + "".join(f"{{{k}={v}}}" for k, v in labels)
+                readings[sensor][key] = {"value": value, "age_s": round(age, 1)}
+            workers = []
+            for w in list(self.workers.values()):
+                entry = {"name": w.name, "role": w.role, "state": w.state, "paused": w.paused,
+                         "pid": w.process.pid if w.process is not None and w.state == "running" else None,
+                         "restarts": max(0, w.starts - 1), "errors": self.errors.get(w.name, 0),
+                         "readings": readings.get(w.name, {})}
+                if w.state == "running":
+                    entry["up_s"] = round(now_m - w.started, 1)
+                if w.state == "backoff":
+                    entry["restart_in_s"] = round(max(0.0, w.restart_at - now_m), 1)
+                if w.name in self.last_error:
+                    msg, t = self.last_error[w.name]
+                    entry["last_error"] = {"message": msg, "age_s": round(now - t, 1)}
+                workers.append(entry)
+            return {
+                "host": self.host, "version": __version__, "pid": os.getpid(),
+                "uptime_s": round(now - self.started, 1), "workers": workers,
+                "staging": {"files": staging[0], "bytes": staging[1]},
+                "outbox": {"files": outbox[0], "bytes": outbox[1]},
+                "last_upload": archive.utc_iso(datetime.fromtimestamp(self.last_upload, timezone.utc))
+                if self.last_upload else None,
+                "last_upload_age_s": round(now - self.last_upload, 1) if self.last_upload else None,
+                "uploaded": {"files": self.uploaded_files, "bytes": self.uploaded_bytes, "errors": self.upload_errors},
+                "alerts": [{"sensor": s, "alert": a, "count": n} for (s, a), n in sorted(self.alerts.items())],
+                "clock": {"synchronised": clock_synchronised()},
+            }
+
+
+def _gauge(cls, name, doc, labels, rows):
+    fam = cls(name, doc, labels=labels)
+    for values, v in rows:
+        fam.add_metric(values, v)
+    return fam
+
+
+_counter = _gauge  # CounterMetricFamily takes the same arguments and appends _total itself

@@ -1,0 +1,234 @@
+"""GPIO through gpiozero: capture triggers (button, PIR, IR beam), a status LED, sensor power switches.
+
+Inputs: each ``[sensors.NAME.inputs.INPUT]`` is a gpiozero ``Button`` (kind ``button``), ``MotionSensor``
+(``motion``: a PIR's output, active high) or ``DigitalInputDevice`` (``beam``: an IR break-beam
+receiver's open-collector output, pulled up, active low when the beam is broken). gpiozero calls
+``when_activated`` from its own thread; the callback only puts a command into this worker's own
+command queue, so the run loop wakes at once and does the rest in one thread: the cooldown, an
+``ipc.CAPTURE_REQUEST`` (the orchestrator turns it into ``capture_now`` for each target) and a row in
+the CSV record of input events (``time,input,kind,pin,action``; action ``sent``, ``cooldown`` or
+``paused``).
+
+Outputs: ``status_led_pin`` blinks 0.1 s on / 1.9 s off while the run loop runs, 0.1 s / 0.1 s after
+an error of this worker (a record it could not write) until the next good record. A per-sensor
+``power_pin`` (any sensor type, see :class:`PowerSwitch`) switches a sensor's supply around each
+measurement or capture.
+
+Pins are BCM numbers. ``backend = "simulated"`` uses gpiozero's ``MockFactory`` (``trigger_every_s``
+on an input drives its mock pin like a person pressing a button); ``hardware`` uses gpiozero's default
+pin factory (lgpio on Raspberry Pi OS bookworm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from beemond import archive, ipc
+from beemond.sensors.base import write_staged
+
+log = logging.getLogger(__name__)
+
+INPUT = "gpio_input"            # a command this worker sends itself from gpiozero's callback thread
+BLINK_OK = (0.1, 1.9)           # LED (on, off) seconds while running
+BLINK_ERROR = (0.1, 0.1)        # after an error of this worker
+COLUMNS = ("time", "input", "kind", "pin", "action")
+MAX_HELD_EVENTS = 10_000        # input events kept in memory while records cannot be written
+
+
+def pin_factory(backend: str):
+    """gpiozero's ``MockFactory`` for the simulated backend; ``None`` (gpiozero's default) on hardware."""
+    if backend == "simulated":
+        from gpiozero.pins.mock import MockFactory
+
+        return MockFactory()
+    return None
+
+
+class PowerSwitch:
+    """A sensor's power-enable pin: on ``lead_s`` seconds before a measurement, off after it.
+
+    Use as a context manager around one measurement or capture. The lead wait calls *beat* (the
+    worker's ``Channel.beat``) so a long warm-up never looks like a hung worker. Nested use keeps the
+    power on until the outermost block ends.
+    """
+
+    def __init__(self, pin: int, lead_s: float = 0.0, active_high: bool = True, factory=None, beat=None):
+        from gpiozero import DigitalOutputDevice
+
+        self.device = DigitalOutputDevice(pin, active_high=active_high, initial_value=False, pin_factory=factory)
+        self.lead_s = lead_s
+        self.beat = beat or (lambda: None)
+        self.depth = 0
+
+    def __enter__(self) -> "PowerSwitch":
+        self.depth += 1
+        if self.depth == 1:
+            self.device.on()
+            until = time.monotonic() + self.lead_s
+            while (left := until - time.monotonic()) > 0:
+                self.beat()
+                time.sleep(min(left, 0.5))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.device.off()
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def power_switch(sensor, beat=None, factory=None):
+    """The sensor's :class:`PowerSwitch`, or a do-nothing context (with ``close``) if it has no power_pin."""
+    if sensor.power_pin is None:
+        return _NoPower()
+    if factory is None:
+        factory = pin_factory(sensor.backend)
+    return PowerSwitch(sensor.power_pin, sensor.power_lead_s, sensor.power_active_high, factory, beat)
+
+
+class _NoPower(contextlib.nullcontext):
+    def close(self) -> None:
+        pass
+
+
+class GpioWorker:
+    """Inputs that send capture requests, a status LED; CSV records of input events."""
+
+    ext = "csv"
+
+    def __init__(self, cfg, sensor, channel: ipc.Channel):
+        import gpiozero
+
+        self.cfg, self.sensor, self.channel = cfg, sensor, channel
+        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.template = cfg.template_for(sensor)
+        self.factory = pin_factory(sensor.backend)
+        self.power = power_switch(sensor, channel.beat, self.factory)
+        self.devices: dict[str, gpiozero.InputDevice] = {}
+        classes = {"button": gpiozero.Button, "motion": gpiozero.MotionSensor, "beam": gpiozero.DigitalInputDevice}
+        for name, inp in sensor.inputs.items():
+            pull_up = inp.pull_up if inp.pull_up is not None else inp.kind != "motion"
+            kwargs = {"pull_up": pull_up, "pin_factory": self.factory}
+            if inp.kind == "motion":
+                # MotionSensor samples into a queue; a queue of 1 reacts to the first active sample.
+                kwargs.update(queue_len=1)
+            else:
+                kwargs.update(bounce_time=inp.bounce_s or None)
+            dev = classes[inp.kind](inp.pin, **kwargs)
+            dev.when_activated = self._callback(name)
+            self.devices[name] = dev
+        self.led = None
+        if sensor.status_led_pin is not None:
+            self.led = gpiozero.LED(sensor.status_led_pin, pin_factory=self.factory)
+        self.pattern: tuple[float, float] | None = None
+        self.last_sent: dict[str, float] = {}
+        self.rows: list[list[str]] = []
+        self.window_opened: float | None = None
+        self.paused = False
+        self.errors = 0
+        self.pulsers = []
+
+    def _callback(self, name: str):
+        def activated(device=None) -> None:  # gpiozero's thread: hand over, nothing else
+            self.channel.commands.put(ipc.Command(INPUT, {"input": name, "time": time.time()}))
+        return activated
+
+    def _blink(self, pattern: tuple[float, float]) -> None:
+        if self.led is not None and pattern != self.pattern:
+            self.led.blink(on_time=pattern[0], off_time=pattern[1], background=True)
+            self.pattern = pattern
+
+    def run(self) -> None:
+        log.info("gpio: %s", self.sensor.describe())
+        self._blink(BLINK_OK)
+        if self.sensor.backend == "simulated":
+            from beemond.sensors.emulators.gpio import PinPulser
+
+            for name, inp in self.sensor.inputs.items():
+                if inp.trigger_every_s:
+                    dev = self.devices[name]
+                    self.pulsers.append(PinPulser(dev.pin, active_low=dev.pull_up, every_s=inp.trigger_every_s))
+        try:
+            while True:
+                timeout = self.cfg.daemon.heartbeat_interval_s
+                if self.window_opened is not None:
+                    timeout = max(0.0, self.window_opened + self.sensor.record_window_s - time.monotonic())
+                cmd = self.channel.receive(timeout=timeout)
+                if cmd is not None:
+                    if cmd.kind == ipc.SHUTDOWN:
+                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
+                        break
+                    if cmd.kind == ipc.STOP:
+                        self.paused = True
+                    elif cmd.kind == ipc.START:
+                        self.paused = False
+                    elif cmd.kind == INPUT:
+                        self._on_input(cmd.args["input"], cmd.args["time"])
+                    # capture_now: a GPIO sensor has nothing to capture
+                if self.window_opened is not None and time.monotonic() - self.window_opened >= self.sensor.record_window_s:
+                    self.flush()
+        finally:
+            for p in self.pulsers:
+                p.stop()
+            self.flush()
+            for dev in self.devices.values():
+                dev.close()
+            if self.led is not None:
+                self.led.off()  # stops the blink thread; a closed pin may otherwise stay lit
+                self.led.close()
+            self.power.close()
+
+    def _on_input(self, name: str, stamp: float) -> None:
+        inp = self.sensor.inputs[name]
+        now = time.monotonic()
+        if self.paused:
+            action = "paused"
+        elif name in self.last_sent and now - self.last_sent[name] < inp.cooldown_s:
+            action = "cooldown"
+        else:
+            action = "sent"
+            self.last_sent[name] = now
+            if inp.targets:
+                self.channel.send(ipc.CAPTURE_REQUEST, targets=list(inp.targets),
+                                  reason=f"{self.sensor.name}.{name} ({inp.kind})")
+        log.info("input %s (%s, GPIO%d) activated: %s", name, inp.kind, inp.pin, action)
+        if self.window_opened is None:
+            self.window_opened = now
+        self.rows.append([archive.utc_iso(datetime.fromtimestamp(stamp, timezone.utc)), name, inp.kind,
+                          str(inp.pin), action])
+
+    def flush(self) -> None:
+        """Write the input events of the open window as one CSV record (nothing if there are none)."""
+        if not self.rows:
+            self.window_opened = None
+            return
+        rows = self.rows
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+        start, end = archive.parse_iso(rows[0][0]), archive.parse_iso(rows[-1][0])
+        metadata = {"sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
+                    "start": rows[0][0], "end": rows[-1][0], "rows": len(rows), "columns": list(COLUMNS),
+                    "errors": self.errors}
+        try:
+            write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
+        except OSError as e:  # keep the events and retry at the next window
+            self.errors += 1
+            del self.rows[:-MAX_HELD_EVENTS]  # bounded while the disk refuses writes
+            self.window_opened = time.monotonic()
+            log.error("cannot write a record (%s); keeping %d event(s) to retry", e, len(rows))
+            self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
+            self._blink(BLINK_ERROR)
+            return
+        self.rows, self.window_opened, self.errors = [], None, 0
+        self._blink(BLINK_OK)

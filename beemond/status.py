@@ -1,0 +1,164 @@
+"""``beemond status``: the running daemon's state over a unix socket in the spool.
+
+Why a unix socket rather than the /metrics endpoint: it works with metrics disabled or bound
+elsewhere, it carries what Prometheus series cannot say well (a worker's last error, time to its
+next restart, reading ages), and access follows the spool directory's permissions instead of being
+open to anything that can reach a TCP port.
+
+Protocol: connect to ``SPOOL/status.sock``, send one JSON line and shut down the writing side; the
+daemon answers one JSON document and closes. ``{"cmd": "status"}`` (or an empty request) answers
+:meth:`beemond.metrics.Health.status`; ``{"cmd": "stop" | "start", "worker": NAME}`` sends that
+command to a sensor or processor (``beemond pause`` / ``beemond resume``: e.g. silence the microphone
+during a hive inspection) and answers ``{"ok": bool, "message": str}``. The server is a daemon thread
+of the orchestrator blocked in ``accept()``: no polling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "status.sock"
+EXIT_NOT_RUNNING = 3   # LSB init-script convention for "program is not running"
+
+
+class NotRunning(Exception):
+    """No daemon answers on the spool's status socket."""
+
+
+class StatusServer:
+    def __init__(self, path: Path, snapshot, control=None):
+        """*snapshot()* -> status dict; *control(kind, worker)* -> (ok, message) for start/stop."""
+        self.path = Path(path)
+        self.snapshot = snapshot
+        self.control = control
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        """Bind and serve. Failure (a path longer than AF_UNIX allows, a read-only spool) is logged:
+        the daemon records without its status socket."""
+        try:
+            # We hold the spool lock, so a socket file left here belongs to a dead daemon.
+            self.path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o660)
+            sock.listen(8)
+        except OSError as e:
+            log.error("status socket %s unavailable (%s); `beemond status` will not answer", self.path, e)
+            return
+        self.sock = sock
+        threading.Thread(target=self._serve, name="status", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed by stop()
+            try:
+                with conn:
+                    conn.settimeout(5)
+                    conn.sendall(json.dumps(self._answer(_read_request(conn))).encode())
+            except Exception as e:  # one bad client (gone, slow) must not end the server
+                log.debug("status client: %s", e)
+
+    def _answer(self, req: dict) -> dict:
+        cmd = req.get("cmd", "status")
+        if cmd == "status":
+            return self.snapshot()
+        if cmd in ("start", "stop") and self.control is not None and isinstance(req.get("worker"), str):
+            ok, message = self.control(cmd, req["worker"])
+            return {"ok": ok, "message": message}
+        return {"ok": False, "message": f"unknown request {req!r}"}
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            except OSError:
+                pass
+            self.sock.close()
+            self.sock = None
+            self.path.unlink(missing_ok=True)
+
+
+def _read_request(conn: socket.socket) -> dict:
+    data = b""
+    while len(data) < 4096 and (chunk := conn.recv(4096)):
+        data += chunk
+    try:
+        req = json.loads(data) if data.strip() else {}
+    except ValueError:
+        return {"cmd": "invalid"}
+    return req if isinstance(req, dict) else {"cmd": "invalid"}
+
+
+def query(spool: Path, timeout: float = 5.0, request: dict | None = None) -> dict:
+    """Send *request* (default: status) to the running daemon; its answer. Raises :class:`NotRunning`."""
+    path = Path(spool) / SOCKET_NAME
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(json.dumps(request or {"cmd": "status"}).encode() + b"\n")
+            s.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NotRunning(f"beemond is not running (no daemon answers on {path})") from None
+    except OSError as e:
+        raise NotRunning(f"beemond status: cannot reach {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        raise NotRunning(f"beemond status: garbled answer on {path}") from None
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _ago(s: float | None) -> str:
+    return "never" if s is None else f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago"
+
+
+def format_status(st: dict) -> str:
+    """A short human summary of :func:`query`'s answer."""
+    clock = st["clock"]["synchronised"]
+    lines = [f"beemond {st['version']} on {st['host']}: up {st['uptime_s']:.0f} s, pid {st['pid']}, clock "
+             + {True: "synchronised", False: "NOT synchronised", None: "state unknown"}[clock]]
+    width = max(len(w["name"]) for w in st["workers"])
+    for w in st["workers"]:
+        state = w["state"]
+        if state == "running" and w.get("paused"):
+            state = "paused"
+        if state == "backoff":
+            state += f" (restart in {w['restart_in_s']:.0f} s)"
+        line = f"  {w['name']:<{width}}  {w['role']:<10} {state:<12} restarts {w['restarts']}"
+        if w["readings"]:
+            line += "  " + " ".join(f"{k}={v['value']:.4g}" for k, v in sorted(w["readings"].items()))
+            line += f" ({_ago(min(v['age_s'] for v in w['readings'].values()))})"
+        if w.get("last_error") and w["state"] != "running":
+            line += f"  last error: {w['last_error']['message']}"
+        lines.append(line)
+    lines.append(f"backlog: staging {st['staging']['files']} record(s), {_size(st['staging']['bytes'])}; "
+                 f"outbox {st['outbox']['files']} bundle(s), {_size(st['outbox']['bytes'])}")
+    up = st["uploaded"]
+    lines.append(f"last upload: {st['last_upload'] or 'none since start'}"
+                 + (f" ({_ago(st['last_upload_age_s'])})" if st["last_upload"] else "")
+                 + f"; uploaded {up['files']} bundle(s), {_size(up['bytes'])}, {up['errors']} failed attempt(s)")
+    for a in st["alerts"]:
+        lines.append(f"ALERT {a['alert']} on {a['sensor']}: {a['count']} since start")
+    return "\n".join(lines)
