@@ -49,6 +49,7 @@ CHUNK = 1 << 20
 QUEUE_CHUNKS = 8
 ORPHAN_GRACE_S = 60.0
 RETRY_SEAL_S = 30.0
+QUOTA_CHECK_S = 10.0   # spool quota check interval, besides one after every seal
 BUNDLE_RE = re.compile(r"^(?P<host>.+)_(?P<start>\d{8}T\d{6}Z)_(?P<group>[A-Za-z0-9_-]+)_(?P<digest>[0-9a-f]{12})\.tar\.age$")
 
 
@@ -398,11 +399,15 @@ class Aggregator:
         self.signing_key = crypto.load_signing_key(key_path) if key_path is not None else None
         self.open: dict[str, _Open] = {}
         self.known: set[Path] = set()
+        self.quota_at = 0.0
+        self.quota_stuck = False
 
     def run(self) -> None:
         self.rescan()
         while True:
-            cmd = self.channel.receive(timeout=self._next_deadline())
+            if time.monotonic() >= self.quota_at:
+                self.enforce_quota()
+            cmd = self.channel.receive(timeout=min(self._next_deadline(), max(0.0, self.quota_at - time.monotonic())))
             if cmd is not None:
                 if cmd.kind == ipc.SHUTDOWN:
                     self.rescan(final=True)
@@ -497,9 +502,11 @@ class Aggregator:
                 del self.open[group]
             return
         except Exception as e:
-            ob.retry_at = time.monotonic() + RETRY_SEAL_S
+            retry = min(RETRY_SEAL_S, self.cfg.bundle.max_duration_s)
+            ob.retry_at = time.monotonic() + retry
             log.error("sealing %d record(s) failed, records stay staged, retry in %g s: %s",
-                      len(ob.records), RETRY_SEAL_S, e)
+                      len(ob.records), retry, e)
+            self.enforce_quota()  # disk full: make room for the retry
             self.channel.send(ipc.ERROR, message=f"seal failed: {e}")
             return
         del self.open[group]
@@ -514,6 +521,58 @@ class Aggregator:
         log.info("sealed %s: %d record(s), %d bytes in %.2f s", path.name, len(ob.records), size,
                  time.monotonic() - t0)
         self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)
+        self.enforce_quota()
+
+    # ---- disk full
+    def spool_usage(self) -> tuple[int, int]:
+        """(bytes in staging and outbox, bytes free on the spool's file system for us)."""
+        used = 0
+        for root in (self.staging, self.outbox):
+            for dirpath, _dirs, files in os.walk(root):
+                for name in files:
+                    try:
+                        used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                    except FileNotFoundError:
+                        pass
+        st = os.statvfs(self.outbox)
+        return used, st.f_bavail * st.f_frsize
+
+    def enforce_quota(self) -> None:
+        """Keep the spool within ``daemon.spool_max_bytes`` and ``daemon.spool_min_free_bytes`` by
+        dropping the oldest sealed bundles from the outbox (the retention policy: the newest data is
+        kept). Staged records are never dropped here: they are not yet encrypted anywhere else."""
+        self.quota_at = time.monotonic() + QUOTA_CHECK_S
+        d = self.cfg.daemon
+        try:
+            used, free = self.spool_usage()
+        except OSError as e:
+            log.warning("cannot measure the spool: %s", e)
+            return
+        over = lambda: (d.spool_max_bytes and used > d.spool_max_bytes) or free < d.spool_min_free_bytes  # noqa: E731
+        if not over():
+            if self.quota_stuck:
+                log.info("spool back within its quota: %d bytes used, %d free", used, free)
+            self.quota_stuck = False
+            return
+        bundles = sorted((p for p in self.outbox.iterdir() if BUNDLE_RE.match(p.name)), key=_bundle_age)
+        dropped = 0
+        while over() and bundles:
+            victim = bundles.pop(0)
+            try:
+                size = victim.stat().st_blocks * 512
+                victim.unlink()
+            except FileNotFoundError:
+                continue  # uploaded meanwhile
+            used, free, dropped = used - size, free + size, dropped + 1
+            log.error("spool full (limit %d bytes used / %d bytes free): dropped the oldest bundle %s "
+                      "(%d bytes, never uploaded)", d.spool_max_bytes, d.spool_min_free_bytes, victim.name, size)
+            self.channel.send(ipc.ERROR, message=f"spool full: dropped bundle {victim.name}")
+        if dropped:
+            archive.fsync_dir(self.outbox)
+        if over() and not self.quota_stuck:
+            log.error("spool still over its quota with no bundle left to drop: %d bytes used, %d free; "
+                      "records stay staged until space returns", used, free)
+        self.quota_stuck = bool(over())
 
     def _set_aside(self, rec: Record, error: OSError) -> None:
         self.known.discard(rec.path)
@@ -530,6 +589,15 @@ class Aggregator:
         log.error("record %s is unreadable (%s); moved to %s, the others are sealed without it",
                   rec.path.name, error.strerror or error, dest.parent)
         self.channel.send(ipc.ERROR, message=f"record set aside: {rec.member}: {error}")
+
+
+def _bundle_age(path: Path) -> tuple:
+    """Sort key, oldest first: the start in the name, then the time it was sealed."""
+    try:
+        sealed = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        sealed = 0
+    return BUNDLE_RE.match(path.name)["start"], sealed
 
 
 def _age(path: Path, now: float) -> float:

@@ -13,14 +13,15 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
 
     [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
-               crash_loop_window_s, shutdown_timeout_s
+               crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes
     [archive]  filename_template, default_metadata (a table)
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, host, port, user, password_file, password_credential, remote_dir, layout,
                timeout_s, backoff_initial_s, backoff_max_s, shutdown_grace_s, backlog_order
-    [sensors.NAME]          type = "sht3x" | "audio" | "camera" | "gpio" | "scale", backend = "hardware" | "simulated",
-                            power_pin, power_lead_s, power_active_high, ...
-    [sensors.NAME.replay]   (sht3x, simulated) file, time_column, temperature_column, ...
+    [sensors.NAME]          type = "sht3x" | "bme280" | "ds18b20" | "audio" | "camera" | "gpio" | "scale",
+                            backend = "hardware" | "simulated", power_pin, power_lead_s, power_active_high, ...
+    [sensors.NAME.replay]   (sht3x, bme280, ds18b20; simulated) file, time_column, temperature_column, ...
+    [sensors.NAME.probes]   (ds18b20) position = "28-xxxxxxxxxxxx", one per probe
     [sensors.NAME.inputs.INPUT]  (gpio) pin, kind, targets, pull_up, bounce_s, cooldown_s, trigger_every_s
     [metrics]  enabled, address, port, staleness_s
     [processors.NAME]       type = "audio_bands" | "swarm", sensor = "NAME", min_input_spacing,
@@ -79,6 +80,10 @@ class DaemonConfig:
     crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
     crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
+    spool_max_bytes: int = _opt(0, min=0, max=2**50,
+                                doc="0: no quota; else the oldest bundles in the outbox are dropped to stay under it")
+    spool_min_free_bytes: int = _opt(32 * 2**20, min=0, max=2**50,
+                                     doc="free space kept on the spool's file system by dropping the oldest bundles")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class ReplayConfig:
     time_column: str = _opt("Date")
     temperature_column: str = _opt("temperature")
     humidity_column: str = _opt("humidity")
+    pressure_column: str = _opt("", doc="bme280: a column of pressures in Pa (default: the sensor's pressure_pa)")
     filter_column: str = _opt("", doc="only rows whose column equals filter_value")
     filter_value: str = _opt("")
     start: str = _opt("", doc="ISO 8601 time of the first row to replay (default: the first row)")
@@ -141,14 +147,16 @@ class SensorConfig:
 
 
 @dataclass(frozen=True)
-class SHT3xConfig(SensorConfig):
-    bus: int = _opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
-    address: int = _opt(0x44, min=0x44, max=0x45, doc="0x44 (ADDR low) or 0x45 (ADDR high)")
-    repeatability: str = _opt("high", choices=("high", "medium", "low"))
+class PolledSensorConfig(SensorConfig):
+    """Keys of a sensor measured at an interval (``beemond.sensors.base.PolledSensorWorker``)."""
+
     interval_s: float = _opt(60.0, min=0.05, max=86400, doc="time between measurements")
     record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="readings batched per CSV record")
     max_retries: int = _opt(3, min=0, max=100, doc="retries of a failed measurement before it counts as lost")
     replay: ReplayConfig | None = _opt(None)
+
+    # ReplayConfig columns a simulated backend of this type reads
+    replay_columns = ("time_column", "temperature_column", "humidity_column", "filter_column")
 
     def check(self, path: Path, key: str) -> None:
         if self.record_window_s < self.interval_s:
@@ -156,13 +164,92 @@ class SHT3xConfig(SensorConfig):
         if self.backend == "simulated":
             if self.replay is None:
                 raise ConfigError(path, f"{key}.replay", f"a simulated {self.type} needs a [replay] table with a CSV file")
-            _check_replay(self.replay, path, f"{key}.replay",
-                          ("time_column", "temperature_column", "humidity_column", "filter_column"))
+            _check_replay(self.replay, path, f"{key}.replay", self.replay_columns)
         elif self.replay is not None:
             raise ConfigError(path, f"{key}.replay", "only a simulated backend replays a file")
 
     def describe(self) -> str:
         return f"every {self.interval_s:g} s, a record per {self.record_window_s:g} s"
+
+
+@dataclass(frozen=True)
+class SHT3xConfig(PolledSensorConfig):
+    bus: int = _opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
+    address: int = _opt(0x44, min=0x44, max=0x45, doc="0x44 (ADDR low) or 0x45 (ADDR high)")
+    repeatability: str = _opt("high", choices=("high", "medium", "low"))
+
+
+OVERSAMPLING = (0, 1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class BME280Config(PolledSensorConfig):
+    bus: int = _opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
+    address: int = _opt(0x76, min=0x76, max=0x77, doc="0x76 (SDO low) or 0x77 (SDO high)")
+    temperature_oversampling: int = _opt(1, min=1, max=16, doc="1, 2, 4, 8 or 16")
+    pressure_oversampling: int = _opt(1, min=0, max=16, doc="0 (skip), 1, 2, 4, 8 or 16")
+    humidity_oversampling: int = _opt(1, min=0, max=16, doc="0 (skip), 1, 2, 4, 8 or 16")
+    pressure_pa: float = _opt(101325.0, min=30000, max=110000,
+                              doc="simulated: pressure when the replay has no pressure_column")
+
+    replay_columns = (*PolledSensorConfig.replay_columns, "pressure_column")
+
+    def check(self, path: Path, key: str) -> None:
+        for name in ("temperature_oversampling", "pressure_oversampling", "humidity_oversampling"):
+            value = getattr(self, name)
+            if value not in OVERSAMPLING:
+                allowed = ", ".join(str(v) for v in OVERSAMPLING if v or name != "temperature_oversampling")
+                raise ConfigError(path, f"{key}.{name}", f"allowed: {allowed}; got {value}")
+        super().check(path, key)
+
+    def describe(self) -> str:
+        osrs = f"oversampling T x{self.temperature_oversampling} P x{self.pressure_oversampling} " \
+               f"H x{self.humidity_oversampling}"
+        return f"0x{self.address:02x} on bus {self.bus}, {osrs}, {super().describe()}"
+
+
+W1_ID_RE = re.compile(r"^28-[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True)
+class DS18B20Config(PolledSensorConfig):
+    base_path: Path | None = _opt(None, path=True, doc="sysfs 1-Wire devices directory "
+                                  "(default /sys/bus/w1/devices; simulated: a temporary directory)")
+    probes: dict[str, str] = _opt(factory=dict, doc="position -> ROM id as the kernel names it (28-0316a2794eff)")
+    replay_filter_values: dict[str, str] = _opt(
+        factory=dict, doc="simulated: position -> replay filter_value of the rows that drive that probe")
+
+    def check(self, path: Path, key: str) -> None:
+        if not self.probes:
+            raise ConfigError(path, f"{key}.probes", 'at least one probe: position = "28-xxxxxxxxxxxx"')
+        seen: dict[str, str] = {}
+        for position, rom in self.probes.items():
+            if not NAME_RE.match(position):
+                raise ConfigError(path, f"{key}.probes.{position}", f"position must match {NAME_RE.pattern}")
+            if not W1_ID_RE.match(rom):
+                raise ConfigError(path, f"{key}.probes.{position}",
+                                  f'must be a DS18B20 id "28-" and 12 lowercase hex digits, got {rom!r}')
+            if rom in seen:
+                raise ConfigError(path, f"{key}.probes.{position}", f"{rom} is already probe {seen[rom]!r}")
+            seen[rom] = position
+        for position in self.replay_filter_values:
+            if position not in self.probes:
+                raise ConfigError(path, f"{key}.replay_filter_values.{position}", "not a position in probes")
+        if self.replay_filter_values and self.backend != "simulated":
+            raise ConfigError(path, f"{key}.replay_filter_values", "only a simulated backend replays a file")
+        super().check(path, key)
+        if self.replay is not None:
+            from beemond.sensors.emulators.replay import CsvReplay
+
+            for position, value in self.replay_filter_values.items():
+                try:
+                    CsvReplay.from_config(dataclasses.replace(self.replay, filter_value=value))
+                except ValueError as e:
+                    raise ConfigError(path, f"{key}.replay_filter_values.{position}", str(e)) from None
+
+    def describe(self) -> str:
+        where = self.base_path or ("a temporary tree" if self.backend == "simulated" else "/sys/bus/w1/devices")
+        return f"{len(self.probes)} probe(s) ({', '.join(self.probes)}) in {where}, {super().describe()}"
 
 
 def _check_replay(replay: ReplayConfig, path: Path, key: str, columns: tuple[str, ...]) -> None:
@@ -410,6 +497,8 @@ class ScaleConfig(SensorConfig):
 # type = "..." -> its config class. One line per driver (the worker is in beemond.sensors.DRIVERS).
 SENSOR_TYPES: dict[str, type[SensorConfig]] = {
     "sht3x": SHT3xConfig,
+    "bme280": BME280Config,
+    "ds18b20": DS18B20Config,
     "audio": AudioConfig,
     "camera": CameraConfig,
     "gpio": GpioConfig,
@@ -727,6 +816,10 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
         if meta.get("max") is not None and value > meta["max"]:
             raise ConfigError(path, key, f"must be <= {meta['max']}, got {value!r}")
         return hint(value)
+    if origin is dict:  # a table of strings, such as [sensors.NAME.probes]
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise bad("a table of strings")
+        return dict(value)
     if origin is tuple:
         if strings and isinstance(value, str):
             value = [v.strip() for v in re.split(r"[,\n]", value) if v.strip()]

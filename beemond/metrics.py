@@ -202,18 +202,21 @@ class Health:
         with self.lock:
             yield _gauge(GaugeMetricFamily, "beemond_build_info", "beemond version and Python, value 1",
                          ["host", "version", "python"], [([h, __version__, platform.python_version()], 1)])
-            families: dict[str, tuple[list, object]] = {}
-            for quantity, sensor, labels, value, _age, _wall in self._fresh():
-                quantity, value = prometheus_unit(quantity, value)
-                name = f"beemond_{quantity}"
-                keys = ["host", "sensor", *(k for k, _ in labels)]
+            fresh = [(*prometheus_unit(q, v), sensor, dict(labels)) for q, sensor, labels, v, _a, _w in self._fresh()]
+            # One family has one set of label names: the union of its series' extra labels (a DS18B20's
+            # position beside a BME280's none); a series without one exports it empty, which
+            # Prometheus reads as the label being absent.
+            extra: dict[str, set] = collections.defaultdict(set)
+            for quantity, _value, _sensor, labels in fresh:
+                extra[quantity].update(labels)
+            families: dict[str, object] = {}
+            for quantity, value, sensor, labels in fresh:
+                name, keys = f"beemond_{quantity}", sorted(extra[quantity])
                 if name not in families:
-                    families[name] = (keys, GaugeMetricFamily(name, f"latest {quantity.replace('_', ' ')} reading",
-                                                              labels=keys))
-                if families[name][0] != keys:  # one quantity sent with two label sets: keep the first
-                    continue
-                families[name][1].add_metric([h, sensor, *(v for _, v in labels)], value)
-            yield from (fam for _, fam in families.values())
+                    families[name] = GaugeMetricFamily(name, f"latest {quantity.replace('_', ' ')} reading",
+                                                       labels=["host", "sensor", *keys])
+                families[name].add_metric([h, sensor, *(labels.get(k, "") for k in keys)], value)
+            yield from families.values()
             for name, doc, label, counter in (
                     ("beemond_records_total", "records (captures) written", "sensor", self.records),
                     ("beemond_errors_total", "errors reported by each worker", "worker", self.errors),

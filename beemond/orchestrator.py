@@ -15,6 +15,15 @@ children start fast and share those pages; never ``fork`` from a process with li
 It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
 and a signal wake-up pipe, with a timeout set by the next timer: no polling.
 
+Under systemd (``Type=notify``, :mod:`beemond.notify`) it sends ``READY=1`` once every worker has
+reported in, a ``STATUS=`` summary line when it changes, and ``WATCHDOG=1`` every half
+``WatchdogSec=`` but only while every running worker's heartbeat is fresh: a hung worker is killed and
+restarted here, a hung orchestrator by systemd.
+
+SIGHUP reloads the config file: an invalid file is logged (file, key) and the running config kept; a
+valid one restarts only the workers whose settings changed, starts added sensors and stops removed
+ones (their records flushed). ``spool_dir`` and ``host`` need a full restart and are kept.
+
 Shutdown (SIGTERM, SIGINT, ``--duration``) is ordered so that nothing is left unsealed: sensors flush
 their open records first, then the aggregator seals every staged record, then the uploader uploads
 for up to ``shutdown_grace_s``. Exit status 0.
@@ -23,6 +32,7 @@ for up to ``shutdown_grace_s``. Exit status 0.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
 import logging
 import multiprocessing
@@ -34,12 +44,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beemond import archive, ipc
-from beemond.config import EX_CONFIG
+from beemond import archive, ipc, notify
+from beemond.config import EX_CONFIG, ConfigError
 
 log = logging.getLogger(__name__)
 
 HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
+STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
+# Worker states in which a process exists: "restarting" (stopping to come back with a reloaded
+# config) and "removing" (its sensor left the config) are still read, watched and reaped.
+ALIVE = ("running", "restarting", "removing")
+# [daemon] keys the workers themselves read; a change restarts them all.
+WORKER_DAEMON_KEYS = ("heartbeat_interval_s", "log_level")
+# [daemon] keys that only a full restart can change (the spool lock, names of everything on disk).
+RESTART_ONLY_KEYS = ("spool_dir", "host")
+# Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
+# ``shutdown_grace_s`` + 10 s. The unit's TimeoutStopSec must cover the sum (tests/test_service.py).
+SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("aggregator", 0.4))
 
 
 @dataclass
@@ -58,6 +79,7 @@ class Worker:
     last_event: dict = field(default_factory=dict)
     starts: int = 0              # process starts since the daemon started (restarts = starts - 1)
     paused: bool = False         # stopped by `beemond pause` (a restarted process records again)
+    reported: bool = False       # has sent an event since its last start (READY=1 waits for all)
 
 
 class Orchestrator:
@@ -77,6 +99,20 @@ class Orchestrator:
         self.observers: list = []
         # sensor name -> names of the workers that receive its SAMPLE events as commands
         self.subscribers: dict[str, list[str]] = collections.defaultdict(list)
+        self._subscribe(cfg)
+        # sd_notify: the orchestrator alone speaks for the service; workers must not inherit the socket.
+        self.notifier = notify.Notifier()
+        notify.strip_environment()
+        self.ready_sent = False
+        self.outbox = {"files": None, "bytes": None, "last_upload": None}   # from the uploader's OUTBOX events
+        self._watchdog_at = 0.0
+        self._status_text, self._status_at = "", 0.0
+        self._reload_requested = False
+        self.health = None
+        self.status_server = None
+
+    def _subscribe(self, cfg) -> None:
+        self.subscribers.clear()
         for sensor in cfg.sensors:
             for source in sensor.subscribes_to():
                 self.subscribers[source].append(sensor.name)
@@ -84,8 +120,6 @@ class Orchestrator:
         self.processor_feeds: dict[str, list[str]] = collections.defaultdict(list)
         for proc in cfg.processors:
             self.processor_feeds[proc.sensor].append(proc.name)
-        self.health = None
-        self.status_server = None
 
     # ---- lifecycle
     def run(self) -> int:
@@ -120,6 +154,10 @@ class Orchestrator:
                     log.info("run duration of %g s reached", self.duration)
                     break
                 self._step(self._next_timer(end_at))
+                if self._reload_requested and not self.stopping:
+                    self._reload_requested = False
+                    self.reload()
+            self.notifier.stopping()
             self._shutdown()
         finally:
             self._stop_health()
@@ -172,6 +210,7 @@ class Orchestrator:
         w.starts += 1
         w.paused = False
         w.last_heartbeat = w.started
+        w.reported = False
         log.info("started worker %s (%s, pid %d)", w.name, w.role, w.process.pid)
 
     # ---- processors (beemond.processors)
@@ -242,13 +281,15 @@ class Orchestrator:
     def _next_timer(self, end_at: float | None) -> float:
         now = time.monotonic()
         timers = [now + self.d.heartbeat_interval_s]
+        if self.notifier.watchdog_interval_s:
+            timers.append(self._watchdog_at)
         timers += [w.restart_at for w in self.workers.values() if w.state == "backoff"]
         if end_at is not None:
             timers.append(end_at)
         return max(0.0, min(timers) - now)
 
     def _step(self, timeout: float) -> None:
-        live = [w for w in self.workers.values() if w.state == "running"]
+        live = [w for w in self.workers.values() if w.state in ALIVE]
         waitables = [self._wake_r]
         waitables += [w.events for w in live if w.events is not None]
         waitables += [w.process.sentinel for w in live]
@@ -263,6 +304,7 @@ class Orchestrator:
                 self._reap(w)
         self._check_heartbeats()
         self._restart_due()
+        self._notify_systemd()
 
     def _read_events(self, w: Worker) -> None:
         try:
@@ -274,6 +316,7 @@ class Orchestrator:
 
     def _on_event(self, w: Worker, ev: ipc.Event) -> None:
         w.last_heartbeat = time.monotonic()
+        w.reported = True
         if ev.kind in (ipc.READY_EVENT, ipc.SAMPLE):
             self._feed_processors(w, ev)  # first: the aggregator may delete a staged record at once
         if ev.kind == ipc.READY_EVENT:
@@ -285,6 +328,8 @@ class Orchestrator:
             w.last_event = {"error": ev.data.get("message", ""), "time": ev.time}
         elif ev.kind in (ipc.BUNDLE_SEALED, ipc.UPLOADED):
             w.last_event = {ev.kind: ev.data, "time": ev.time}
+        elif ev.kind == ipc.OUTBOX:
+            self.outbox = {k: ev.data.get(k) for k in ("files", "bytes", "last_upload")}
         elif ev.kind == ipc.SAMPLE:
             for name in self.subscribers.get(w.name, ()):
                 self._command(name, ipc.Command(ipc.SAMPLE, ev.data))
@@ -315,8 +360,17 @@ class Orchestrator:
                 w.events.close()
                 w.events = None
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"status {code}"
+        if w.state == "removing":
+            log.info("worker %s stopped (%s): removed from the config", w.name, how)
+            del self.workers[w.name]
+            _discard_queue(w.commands)
+            return
         if self.stopping:
             w.state = "stopped"
+            return
+        if w.state == "restarting":
+            log.info("worker %s stopped (%s); starting it with the new config", w.name, how)
+            self._spawn(w)
             return
         self._schedule_restart(w, f"exited with {how}")
 
@@ -344,7 +398,7 @@ class Orchestrator:
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         for w in self.workers.values():
-            if w.state == "running" and now - w.last_heartbeat > self.d.heartbeat_timeout_s:
+            if w.state in ALIVE and now - w.last_heartbeat > self.d.heartbeat_timeout_s:
                 log.error("worker %s silent for %.0f s (pid %d): killing it", w.name, now - w.last_heartbeat,
                           w.process.pid)
                 w.process.kill()
@@ -383,7 +437,7 @@ class Orchestrator:
         while self._signals:
             signum = self._signals.pop(0)
             if signum == signal.SIGHUP:
-                log.warning("SIGHUP: configuration reload is not supported yet; restart the service instead")
+                self._reload_requested = True  # handled in the run loop, outside _step
                 continue
             if not self.stopping:
                 log.info("%s received: shutting down", signal.Signals(signum).name)
@@ -399,28 +453,167 @@ class Orchestrator:
                 w.state = "stopped"
         # Processors after the sensors (their last records reach them), before the aggregator (their
         # last outputs are sealed).
-        phases = [("sensor", budget * 0.3), ("processor", budget * 0.2), ("aggregator", budget * 0.4),
+        phases = [*((role, budget * share) for role, share in SHUTDOWN_SHARES),
                   ("uploader", self.cfg.upload.shutdown_grace_s + 10)]
         for role, limit in phases:
-            group = [w for w in self.workers.values() if w.role == role and w.state == "running"]
+            group = [w for w in self.workers.values() if w.role == role and w.state in ALIVE]
             for w in group:
                 try:
                     w.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "daemon stopping"}))
                 except (OSError, ValueError):
                     pass
             deadline = time.monotonic() + limit
-            while any(w.state == "running" for w in group) and time.monotonic() < deadline:
+            while any(w.state in ALIVE for w in group) and time.monotonic() < deadline:
                 self._step(min(0.5, max(0.0, deadline - time.monotonic())))
             for w in group:
-                if w.state == "running":
+                if w.state in ALIVE:
                     log.error("worker %s did not stop within %.0f s: killing it", w.name, limit)
                     w.process.kill()
                     w.process.join(5)
                     w.state = "stopped"
-        for w in self.workers.values():
+        for w in list(self.workers.values()):
             if w.commands is not None:
                 _discard_queue(w.commands)
         log.info("all workers stopped in %.1f s", time.monotonic() - t0)
+
+
+    # ---- systemd: READY=1, STATUS=, WATCHDOG=1
+    def _notify_systemd(self) -> None:
+        if not self.notifier.enabled:
+            return
+        now = time.monotonic()
+        if not self.ready_sent and all(w.reported or w.state not in ALIVE for w in self.workers.values()):
+            self.ready_sent = True
+            self._status_text, self._status_at = self.status_line(), now
+            self.notifier.ready(self._status_text)
+            log.info("every worker is up: notified systemd (READY=1)")
+        interval = self.notifier.watchdog_interval_s
+        if interval and now >= self._watchdog_at:
+            stale = self.stale_workers(now)
+            if not stale:
+                self.notifier.watchdog()
+                self._watchdog_at = now + interval
+            else:
+                # No ping: if the orchestrator cannot recover the worker (kill + restart), systemd will.
+                log.debug("withholding WATCHDOG=1: stale heartbeat from %s", ", ".join(stale))
+                self._watchdog_at = now + min(interval, self.d.heartbeat_interval_s)
+        if self.ready_sent:
+            text = self.status_line()
+            if text != self._status_text or now - self._status_at >= STATUS_EVERY_S:
+                self._status_text, self._status_at = text, now
+                self.notifier.status(text)
+
+    def stale_workers(self, now: float) -> list[str]:
+        """Running workers whose last heartbeat is older than three heartbeat intervals (capped at
+        ``heartbeat_timeout_s``): while any exists the watchdog is not fed."""
+        limit = min(self.d.heartbeat_timeout_s, 3 * self.d.heartbeat_interval_s)
+        return [w.name for w in self.workers.values() if w.state in ALIVE and now - w.last_heartbeat > limit]
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: sensors ok/backoff/failed, then the upload backlog.
+        E.g. ``2 sensors ok, backlog 3 bundles / 12.0 MB, last upload 40 s ago``."""
+        sensors = [w for w in self.workers.values() if w.role == "sensor"]
+        ok = sum(1 for w in sensors if w.state in ALIVE)
+        parts = [f"{ok} sensor{'' if ok == 1 else 's'} ok"]
+        units = [w for w in self.workers.values() if w.role in ("sensor", "processor")]
+        for state in ("backoff", "failed"):
+            names = [w.name for w in units if w.state == state]
+            if names:
+                parts.append(f"{state}: {' '.join(names)}")
+        broken = [w.name for w in self.workers.values() if w not in units and w.state not in ALIVE]
+        if broken:
+            parts.append(f"down: {' '.join(broken)}")
+        if self.outbox["files"] is not None:
+            parts.append(f"backlog {self.outbox['files']} bundle{'' if self.outbox['files'] == 1 else 's'}"
+                         f" / {(self.outbox['bytes'] or 0) / 1e6:.1f} MB")
+        if self.outbox["last_upload"]:
+            parts.append(f"last upload {max(0, time.time() - self.outbox['last_upload']):.0f} s ago")
+        return ", ".join(parts)
+
+    # ---- SIGHUP: reload the config
+    def reload(self) -> None:
+        """Load and validate the config file again and apply what changed (see the module docstring)."""
+        from beemond import config
+
+        self.notifier.reloading()
+        try:
+            new = config.load(self.cfg.source)
+        except ConfigError as e:
+            log.error("SIGHUP: new config rejected, keeping the running one: %s: %s: %s", e.file, e.key or "-",
+                      e.message)
+            self.notifier.ready(self.status_line())
+            return
+        old = self.cfg
+        kept = {k: getattr(old.daemon, k) for k in RESTART_ONLY_KEYS}
+        for key, value in kept.items():
+            if getattr(new.daemon, key) != value:
+                log.warning("SIGHUP: daemon.%s changed to %s; that needs a restart of the service, keeping %s",
+                            key, getattr(new.daemon, key), value)
+        new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept))
+        if new.metrics != old.metrics:
+            log.warning("SIGHUP: [metrics] changed; that needs a restart of the service, keeping the old one")
+            new = dataclasses.replace(new, metrics=old.metrics)
+        restart = self._changed_workers(old, new)
+        old_units, new_units = _units(old), _units(new)
+        removed = sorted(set(old_units) - set(new_units))
+        self.cfg, self.d = new, new.daemon
+        self._subscribe(new)
+        if new.daemon.log_level != old.daemon.log_level:
+            logging.getLogger().setLevel(new.daemon.log_level.upper())
+        for name in removed:
+            log.info("SIGHUP: %s %s removed", old_units[name], name)
+            self._stop_worker(name, "removing")
+        for name in restart:
+            self._stop_worker(name, "restarting")
+        for name, role in new_units.items():
+            if name not in old_units:
+                log.info("SIGHUP: %s %s added", role, name)
+                if role == "processor":
+                    from beemond.processors.base import inbox_dir
+
+                    inbox_dir(new.spool, name).mkdir(parents=True, exist_ok=True)
+                self._add(Worker(role, name))
+        log.info("SIGHUP: config %s reloaded: restarting %s; removed %s", new.source,
+                 ", ".join(restart) or "none", ", ".join(removed) or "none")
+        self.notifier.ready(self.status_line())
+
+    @staticmethod
+    def _changed_workers(old, new) -> list[str]:
+        """Workers whose settings differ between two configs (sensors and processors present in both)."""
+        every = any(getattr(old.daemon, k) != getattr(new.daemon, k) for k in WORKER_DAEMON_KEYS)
+        names = []
+        if every or old.bundle != new.bundle or old.archive != new.archive:
+            names.append("aggregator")
+        if every or old.upload != new.upload:
+            names.append("uploader")
+        before = {s.name: s for s in (*old.sensors, *old.processors)}
+        for s in (*new.sensors, *new.processors):
+            if s.name in before and (every or before[s.name] != s or old.template_for(s) != new.template_for(s)):
+                names.append(s.name)
+        return names
+
+    def _stop_worker(self, name: str, state: str) -> None:
+        """Ask worker *name* to stop (its records flushed); when reaped it is restarted with the current
+        config (``restarting``) or forgotten (``removing``)."""
+        w = self.workers.get(name)
+        if w is None:
+            return
+        if w.state in ALIVE:
+            w.state = state
+            try:
+                w.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "config reloaded"}))
+            except (OSError, ValueError):
+                w.process.kill()
+        elif state == "removing":
+            del self.workers[name]  # in backoff or failed: nothing runs
+        else:
+            w.failures, w.restarts = 0, collections.deque()
+            self._spawn(w)  # a failed sensor gets a fresh start with its new settings
+
+
+def _units(cfg) -> dict[str, str]:
+    """Name -> role of the configured sensors and processors."""
+    return {**{s.name: "sensor" for s in cfg.sensors}, **{p.name: "processor" for p in cfg.processors}}
 
 
 def _discard_queue(q) -> None:

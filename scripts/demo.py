@@ -67,8 +67,9 @@ def main() -> int:
         source = ROOT / "config" / "simulated.toml"
         cfg = tomllib.loads(source.read_text())
         cfg["daemon"]["spool_dir"] = str(RUN / "spool")
-        replay = cfg["sensors"]["hive_climate"]["replay"]
-        replay["file"] = str((source.parent / replay["file"]).resolve())
+        for sensor in cfg["sensors"].values():
+            if "replay" in sensor:
+                sensor["replay"]["file"] = str((source.parent / sensor["replay"]["file"]).resolve())
         cfg["bundle"]["recipients"] = [str(keys / "recipient.txt")]
         cfg["bundle"]["signing_key"] = str(device / crypto.DEVICE_KEY_NAME)
         cfg["upload"].update(port=port, password_file=str(password))

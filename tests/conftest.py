@@ -101,7 +101,9 @@ def make_config(tmp_path: Path, keys, password_file: Path, port: int, **over) ->
                          restart_backoff_initial_s=0.5, restart_backoff_max_s=2, shutdown_timeout_s=30)
     clim = cfg["sensors"]["hive_climate"]
     clim.update(interval_s=0.2, record_window_s=2)
-    clim["replay"]["file"] = str(DATA)
+    for sensor in cfg["sensors"].values():   # the copy lives elsewhere: every replay reads the UrBAN file
+        if "replay" in sensor:
+            sensor["replay"]["file"] = str(DATA)
     cfg["sensors"]["hive_audio"].update(segment_s=1, sample_rate_hz=8000)
     cfg["bundle"].update(max_duration_s=3, recipients=[str(keys["recipient"])])
     cfg.setdefault("metrics", {})["port"] = free_port()  # daemons of parallel runs never share a port

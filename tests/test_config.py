@@ -206,7 +206,7 @@ BAD = [
     ("unknown-key-in-replay", _replay("colum", "x"), f"{CLIMATE}.replay.colum"),
     ("unknown-section", _set("logging", {"level": "debug"}), "logging"),
     ("section-not-a-table", _set("daemon", "fast"), "daemon"),
-    ("unknown-sensor-type", _climate("type", "bme280"), f"{CLIMATE}.type"),
+    ("unknown-sensor-type", _climate("type", "bme680"), f"{CLIMATE}.type"),
     ("missing-sensor-type", _del("sensors", "hive_climate", "type"), f"{CLIMATE}.type"),
     ("bad-sensor-name", _rename_sensor("hive_climate", "hive climate"), "sensors.hive climate"),
     ("string-for-number", _climate("interval_s", "fast"), f"{CLIMATE}.interval_s"),

@@ -86,7 +86,10 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
     assert {s[0]["worker"]: s[1] for s in got["beemond_worker_up"]}["hive_bands"] == 1
     assert got["beemond_uploaded_files_total"][0][1] >= 1 and got["beemond_uploaded_bytes_total"][0][1] > 0
     assert 0 <= got["beemond_seconds_since_last_upload"][0][1] < 60
-    assert "beemond_temperature_celsius" not in got, "a sensor that never read exports no reading"
+    temperatures = got.get("beemond_temperature_celsius", [])
+    assert not [s for s in temperatures if s[0]["sensor"] == "hive_climate"], "a sensor that never read exports no reading"
+    # the simulated DS18B20 probes: one series per position
+    assert {s[0].get("position") for s in temperatures if s[0]["sensor"] == "hive_frames"} == {"brood", "middle", "top"}
     assert 30_000 < got["beemond_weight_grams"][0][1] < 60_000, "the simulated scale's 42 kg, in grams"
     assert {s[0]["worker"]: s[1] for s in got["beemond_worker_up"]}["hive_swarm"] == 1
 
@@ -124,7 +127,8 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
     assert beemond("resume", "hive_audio", "--config", str(cfg)).returncode == 0
     d.wait_log(r"hive_audio INFO capture started by command")
     bad = beemond("pause", "uploader", "--config", str(cfg))
-    assert bad.returncode == 1 and "no sensor or processor 'uploader' (have: hive_climate, hive_audio," in bad.stderr
+    assert bad.returncode == 1 and "no sensor or processor 'uploader' (have: hive_climate, " in bad.stderr
+    assert "hive_audio" in bad.stderr.split("(have:")[1]
 
     assert d.terminate() == 0, d.log()
     gone = beemond("status", "--config", str(cfg))

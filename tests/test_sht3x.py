@@ -4,27 +4,22 @@ end to end, in process, with a real ipc.Channel."""
 
 from __future__ import annotations
 
-import csv
 import errno
-import json
-import multiprocessing
-import queue
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import tomli_w
 from smbus2 import i2c_msg
 
-from beemond import config, crypto, ipc
+import polled_peers
+from beemond import ipc
 from beemond.sensors import sht3x
 from beemond.sensors.emulators.i2c import EmulatedSMBus
 from beemond.sensors.emulators.replay import CsvReplay, load_rows
 from beemond.sensors.emulators.sht3x import SHT3xChip, encode
-from beemond.sensors.sht3x import SHT3x, SHT3xWorker
-
-URBAN = Path(__file__).resolve().parents[2] / "shared/data/urban-2021/hive_temperature_humidity_2021.csv"
+from beemond.sensors.sht3x import SHT3x
+from polled_peers import URBAN, expand
 HIVE = "3629"
 ADDR = 0x44
 
@@ -112,6 +107,18 @@ def test_corrupted_word_raises_crc_error_then_recovers():
     assert "temperature" in str(info.value)
     t, rh = dev.measure()          # only the next result was corrupted
     assert round(t, 2) == 30.0 and round(rh, 2) == 40.0
+
+
+@pytest.mark.parametrize("byte,word", [(0, "temperature"), (1, "temperature"), (2, "temperature"),
+                                       (3, "humidity"), (4, "humidity"), (5, "humidity")])
+def test_every_corrupted_result_byte_is_rejected(byte, word):
+    """A flipped bit in any of the six bytes (data or CRC) is a CRCError naming the word, never a value."""
+    chip = SHT3xChip(Fixed(30.0, 40.0))
+    dev = SHT3x(EmulatedSMBus(1, {ADDR: chip}), ADDR, repeatability="low")
+    chip.corrupt_next, chip.corrupt_byte = 1, byte
+    with pytest.raises(sht3x.CRCError, match=word):
+        dev.measure()
+    assert tuple(round(v, 2) for v in dev.measure()) == (30.0, 40.0)
 
 
 def test_read_too_early_without_clock_stretching_is_nacked():
@@ -247,73 +254,27 @@ def test_load_rows_filters_dedups_and_loops(tmp_path: Path):
 
 # ------------------------------------------------------------------------------------------ worker
 
-def write_config(tmp_path: Path, **climate) -> Path:
-    crypto.keygen(tmp_path / "keys")
+def sht3x_table(**climate) -> dict:
     sensor = {"type": "sht3x", "backend": "simulated", "address": ADDR, "repeatability": "low",
               "interval_s": 3600.0, "record_window_s": 3600.0, "max_retries": 3,
               "replay": {"file": str(URBAN), "filter_column": "Tag number", "filter_value": HIVE,
                          "start": "2021-06-19T00:00:00Z", "speedup": 0.0}}
     sensor.update(climate)
-    tree = {"daemon": {"host": "test-hive", "spool_dir": "spool", "heartbeat_interval_s": 0.2,
-                       "heartbeat_timeout_s": 5.0},
-            "sensors": {"hive_climate": sensor},
-            "bundle": {"recipients": ["keys/recipient.txt"]},
-            "upload": {"protocol": "none"}}
-    path = tmp_path / "beemond.toml"
-    path.write_text(tomli_w.dumps(tree))
-    return path
+    return sensor
 
 
-class Harness:
-    """A worker with a real command queue and a real event pipe, run in a thread."""
+class Harness(polled_peers.Harness):
+    """The SHT3x worker with a real command queue and a real event pipe, run in a thread."""
 
     def __init__(self, tmp_path: Path, **climate):
         assert URBAN.is_file(), f"test data missing: {URBAN}"
-        self.cfg = config.load(write_config(tmp_path, **climate))
-        self.sensor = self.cfg.sensors[0]
-        self.commands = queue.Queue()
-        self.events_r, self.events_w = multiprocessing.Pipe(duplex=False)
-        self.channel = ipc.Channel(self.sensor.name, commands=self.commands, events=self.events_w,
-                                   heartbeat_interval_s=self.cfg.daemon.heartbeat_interval_s)
-        self.worker = SHT3xWorker(self.cfg, self.sensor, self.channel)
-        self.staging = Path(self.cfg.spool) / "staging" / self.sensor.name
+        super().__init__(tmp_path, "hive_climate", sht3x_table(**climate))
 
     def run(self, captures: int, timeout: float = 20.0) -> list[ipc.Event]:
-        for _ in range(captures):
-            self.commands.put(ipc.Command(ipc.CAPTURE_NOW))
-        self.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "test"}))
-        failure: list[BaseException] = []
-
-        def target():
-            try:
-                self.worker.run()
-            except BaseException as e:  # surfaced below
-                failure.append(e)
-
-        t = threading.Thread(target=target, daemon=True)
-        t.start()
-        t.join(timeout)
-        assert not t.is_alive(), "worker did not shut down"
-        if failure:
-            raise failure[0]
-        events = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.events_r.poll(0.05):
-            events.append(self.events_r.recv())
+        events = super().run(captures, timeout)
+        if self.failure:
+            raise self.failure
         return events
-
-    def record(self) -> tuple[Path, list[list[str]], dict]:
-        data = sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json"))
-        assert len(data) == 1, data
-        path = data[0]
-        with open(path, newline="") as f:
-            table = list(csv.reader(f))
-        meta = json.loads((path.parent / (path.name + ".meta.json")).read_text())
-        return path, table, meta
-
-
-def expand(ranges: list[list[int]]) -> list[int]:
-    return [i for a, b in ranges for i in range(a, b + 1)]
 
 
 def test_worker_capture_now_writes_the_urban_rows(tmp_path: Path, urban_rows):

@@ -8,6 +8,8 @@ import importlib
 # beemond.config.SENSOR_TYPES. Imported lazily so a worker loads only its own driver's libraries.
 DRIVERS = {
     "sht3x": "beemond.sensors.sht3x:SHT3xWorker",
+    "bme280": "beemond.sensors.bme280:BME280Worker",
+    "ds18b20": "beemond.sensors.ds18b20:DS18B20Worker",
     "audio": "beemond.sensors.audio:AudioWorker",
     "camera": "beemond.sensors.camera:CameraWorker",
     "gpio": "beemond.sensors.gpio:GpioWorker",

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.clock import Clock
 from beemond.sensors.base import write_staged
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class AudioWorker:
         self.last_block = time.monotonic()
         self.writer_error: BaseException | None = None
         self.overflows_total = 0
+        self.clock = Clock()  # segment starts never precede the previous segment's end (clock steps)
 
     # ---- PortAudio's thread: copy and return, nothing else (no allocation-heavy work, no I/O)
     def _callback(self, indata, frames, time_info, status) -> None:
@@ -124,7 +126,7 @@ class AudioWorker:
                     if segment is None:
                         start = datetime.fromtimestamp(arrived, timezone.utc) - timedelta(
                             seconds=len(block) / self.sensor.sample_rate_hz)
-                        segment = _Segment(self, start)
+                        segment = _Segment(self, self.clock.floor(start))
                     if overflow:
                         segment.overflows += 1
                         overflow = False
@@ -167,7 +169,7 @@ class _Segment:
     def close(self) -> None:
         self.file.close()
         s = self.w.sensor
-        end = self.start + timedelta(seconds=self.frames / s.sample_rate_hz)
+        end = self.w.clock.floor(self.start + timedelta(seconds=self.frames / s.sample_rate_hz))
         metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
                     "start": archive.utc_iso(self.start), "end": archive.utc_iso(end),
                     "sample_rate_hz": s.sample_rate_hz, "channels": s.channels, "frames": self.frames,

@@ -1,7 +1,8 @@
 """The run loop shared by sensors that are polled at an interval (I2C, 1-Wire, serial).
 
 A polled sensor measures every ``interval_s`` on the monotonic clock (no drift, and immune to the
-wall-clock jumps of a Pi without an RTC), stamps each reading with UTC wall time, and batches the
+wall-clock jumps of a Pi without an RTC), stamps each reading with UTC wall time (:class:`beemond.clock.Clock`: never backwards, even when
+the clock of a Pi without an RTC steps back), and batches the
 readings of a ``record_window_s`` into one CSV record in ``spool/staging/<sensor>/``.
 
 Transient errors (``OSError``: bus errors, CRC mismatches) are retried a few times with a short
@@ -16,10 +17,12 @@ import csv
 import io
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.clock import Clock
+from beemond.clock import synchronized as clock_synchronized
 from beemond.config import DEFAULT_TEMPLATE
 from beemond.sensors.periodic import PeriodicValuePoller
 
@@ -43,8 +46,12 @@ class PolledSensorWorker:
     quantities: tuple[str, ...] = ()
     ext = "csv"
 
-    def __init__(self, cfg, sensor, channel: ipc.Channel):
+    def __init__(self, cfg, sensor, channel: ipc.Channel, clock: Clock | None = None):
         self.cfg = cfg
+        # The wall-clock source of every stamp; a test passes a Clock with its own time functions.
+        self.clock = clock or Clock()
+        self.unsynchronized = 0   # readings of the open window stamped before the clock was synchronised
+        self.clamped_at_open = 0
         self.sensor = sensor
         self.channel = channel
         self.staging = Path(cfg.spool) / "staging" / sensor.name
@@ -75,6 +82,13 @@ class PolledSensorWorker:
     def extra_metadata(self, readings: list[tuple]) -> dict:
         """Metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         return {}
+
+    def samples(self, reading: tuple) -> list[dict]:
+        """The data of the SAMPLE events of a good reading (``ipc.SAMPLE``: ``sensor``, ``values``, and
+        optional ``labels``). One event by default; a sensor with several probes of one quantity sends
+        one per probe, told apart by a label."""
+        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
+        return [{"sensor": self.sensor.name, "values": values}] if values else []
 
     def on_sample(self, sample: dict) -> None:
         """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
@@ -124,7 +138,8 @@ class PolledSensorWorker:
     def measure_once(self) -> None:
         reading = last_error = None
         with self.power:
-            stamp = datetime.now(timezone.utc)  # after the lead: the time the sensor was read
+            stamp = self.clock.now()  # after the lead: the time the sensor was read
+            synced = self.clock.synchronized()
             for attempt in range(self.sensor.max_retries + 1):
                 try:
                     reading = self.read()
@@ -147,10 +162,11 @@ class PolledSensorWorker:
         self.consecutive_failures = 0
         if self.window_opened is None:
             self.window_opened = time.monotonic()
+        if not synced:
+            self.unsynchronized += 1
         self.readings.append((stamp, reading, self.tag()))
-        values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
-        if values:
-            self.channel.send(ipc.SAMPLE, sensor=self.sensor.name, values=values)
+        for data in self.samples(reading):
+            self.channel.send(ipc.SAMPLE, **data)
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""
@@ -158,6 +174,8 @@ class PolledSensorWorker:
             self.window_opened = None
             return
         readings, self.readings, self.window_opened = self.readings, [], None
+        unsynced, self.unsynchronized = self.unsynchronized, 0
+        clamped, self.clamped_at_open = self.clock.clamped - self.clamped_at_open, self.clock.clamped
         start, end = readings[0][0], readings[-1][0]
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -168,6 +186,8 @@ class PolledSensorWorker:
             "sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
             "start": archive.utc_iso(start), "end": archive.utc_iso(end), "rows": len(readings),
             "columns": ["time", *self.columns], "errors": self.errors, "missed": self.missed,
+            "clock_synchronized": unsynced == 0,
+            **({"clock_clamped": clamped} if clamped else {}),
             **self.extra_metadata(readings),
         }
         try:
@@ -176,11 +196,64 @@ class PolledSensorWorker:
             kept = readings[-MAX_HELD_READINGS:]
             self.readings = kept + self.readings
             self.window_opened = time.monotonic()
+            self.unsynchronized += unsynced
+            self.clamped_at_open -= clamped
             log.error("cannot write a record (%s); holding %d reading(s) in memory to retry", e, len(kept))
             self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
             return
         self.errors = self.missed = 0
         log.debug("record %s: %d readings", path.name, len(readings))
+
+
+class I2CWorker(PolledSensorWorker):
+    """A polled chip on an I2C bus: ``/dev/i2c-N`` through ``smbus2.SMBus``, or with ``backend =
+    "simulated"`` the chip emulator that :meth:`emulated_chip` builds, behind an ``EmulatedSMBus``
+    and driven by the sensor's CSV replay. The sensor config has ``bus``, ``address``, ``replay``."""
+
+    def __init__(self, cfg, sensor, channel, **kw):
+        super().__init__(cfg, sensor, channel, **kw)
+        self.chip = None
+        if sensor.backend == "simulated":
+            from beemond.sensors.emulators.i2c import EmulatedSMBus
+            from beemond.sensors.emulators.replay import CsvReplay
+
+            self.chip = self.emulated_chip(CsvReplay.from_config(sensor.replay))
+            self.bus = EmulatedSMBus(sensor.bus, {sensor.address: self.chip})
+        else:
+            from smbus2 import SMBus
+
+            self.bus = SMBus(sensor.bus)
+
+    def emulated_chip(self, replay):
+        """The emulator for the simulated backend; it records each value's replay row in ``served``."""
+        raise NotImplementedError
+
+    def tag(self):
+        if self.chip is None:
+            return None
+        row = self.chip.served[-1]  # the row behind the measurement that just succeeded
+        del self.chip.served[:-1]
+        return row
+
+    def extra_metadata(self, readings: list[tuple]) -> dict:
+        meta = {"address": f"0x{self.sensor.address:02x}"}
+        if self.chip is not None:
+            meta["replay"] = {"file": self.sensor.replay.file.name, "rows": ranges([t for _, _, t in readings])}
+        return meta
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def ranges(indices: list[int]) -> list[list[int]]:
+    """Compress sorted-ish row indices into inclusive ``[first, last]`` runs."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
@@ -190,8 +263,14 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
     *ext* overrides ``worker.ext`` (a worker that writes more than one kind of record). *split_index*
     is the template's ``_split_index``: the position of this record among the records made from one
     array (``archive.ArrayArchiver`` with ``split_data_array``); 0 otherwise.
+
+    *metadata* gains ``clock_synchronized`` (bool, from the worker's ``clock`` or
+    :func:`beemond.clock.synchronized`) unless the caller set it for the record's whole span.
     """
     cfg, sensor = worker.cfg, worker.sensor
+    if "clock_synchronized" not in metadata:
+        wc = getattr(worker, "clock", None)
+        metadata["clock_synchronized"] = wc.synchronized() if wc is not None else clock_synchronized()
     metadata = archive.with_default_metadata(cfg.archive.default_metadata, metadata)
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
                  "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),

@@ -19,7 +19,7 @@ import time
 
 from smbus2 import i2c_msg
 
-from beemond.sensors.base import PolledSensorWorker
+from beemond.sensors.base import I2CWorker, ranges  # noqa: F401  (ranges lived here first)
 
 # (repeatability, clock stretching) -> 16-bit command, datasheet table 9
 COMMANDS = {
@@ -90,60 +90,27 @@ class SHT3x:
         return convert(*self.read_raw())
 
 
-def ranges(indices: list[int]) -> list[list[int]]:
-    """Compress sorted-ish row indices into inclusive ``[first, last]`` runs."""
-    out: list[list[int]] = []
-    for i in indices:
-        if out and i == out[-1][1] + 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    return out
-
-
-class SHT3xWorker(PolledSensorWorker):
+class SHT3xWorker(I2CWorker):
     """An SHT3x polled at ``interval_s``; CSV records of (UTC time, °C, %RH)."""
 
     columns = ("temperature_c", "humidity_rh")
     quantities = ("temperature_celsius", "relative_humidity_percent")
 
-    def __init__(self, cfg, sensor, channel):
-        super().__init__(cfg, sensor, channel)
-        self.chip = None
-        if sensor.backend == "simulated":
-            from beemond.sensors.emulators.i2c import EmulatedSMBus
-            from beemond.sensors.emulators.replay import CsvReplay
-            from beemond.sensors.emulators.sht3x import SHT3xChip
-
-            replay = CsvReplay.from_config(sensor.replay)
-
-            def source():
-                row = replay.next_row()
-                return row.temperature_c, row.humidity_rh, row.index
-
-            self.chip = SHT3xChip(source)
-            self.bus = EmulatedSMBus(sensor.bus, {sensor.address: self.chip})
-        else:
-            from smbus2 import SMBus
-
-            self.bus = SMBus(sensor.bus)
+    def __init__(self, cfg, sensor, channel, **kw):
+        super().__init__(cfg, sensor, channel, **kw)  # kw: clock (a test's time source)
         self.device = SHT3x(self.bus, sensor.address, sensor.repeatability)
+
+    def emulated_chip(self, replay):
+        from beemond.sensors.emulators.sht3x import SHT3xChip
+
+        def source():
+            row = replay.next_row()
+            return row.temperature_c, row.humidity_rh, row.index
+
+        return SHT3xChip(source)
 
     def read(self) -> tuple:
         return self.device.measure()
 
-    def tag(self):
-        if self.chip is None:
-            return None
-        row = self.chip.served[-1]  # the row behind the measurement that just succeeded
-        del self.chip.served[:-1]
-        return row
-
     def extra_metadata(self, readings: list[tuple]) -> dict:
-        meta = {"address": f"0x{self.sensor.address:02x}", "repeatability": self.sensor.repeatability}
-        if self.chip is not None:
-            meta["replay"] = {"file": self.sensor.replay.file.name, "rows": ranges([t for _, _, t in readings])}
-        return meta
-
-    def close(self) -> None:
-        self.bus.close()
+        return {**super().extra_metadata(readings), "repeatability": self.sensor.repeatability}

@@ -32,6 +32,7 @@ class Row:
     time: datetime      # UTC
     temperature_c: float
     humidity_rh: float
+    pressure_pa: float | None = None   # only with a pressure column
 
 
 def _parse_time(text: str) -> datetime:
@@ -58,7 +59,7 @@ class CsvReplay:
     @classmethod
     def from_config(cls, rc) -> "CsvReplay":
         return cls(load_rows(rc.file, rc.time_column, rc.temperature_column, rc.humidity_column,
-                             rc.filter_column, rc.filter_value),
+                             rc.filter_column, rc.filter_value, rc.pressure_column),
                    start=_parse_time(rc.start) if rc.start else None, speedup=rc.speedup, loop=rc.loop)
 
     def next_row(self) -> Row:
@@ -86,13 +87,15 @@ def read_header(path: Path) -> list[str]:
 
 
 def load_rows(path: Path, time_column: str, temperature_column: str, humidity_column: str,
-              filter_column: str = "", filter_value: str = "") -> list[Row]:
-    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset)."""
+              filter_column: str = "", filter_value: str = "", pressure_column: str = "") -> list[Row]:
+    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset);
+    *pressure_column* (Pa), if given, fills ``Row.pressure_pa``."""
     rows: list[Row] = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        for col in (time_column, temperature_column, humidity_column, *([filter_column] if filter_column else [])):
+        optional = [c for c in (filter_column, pressure_column) if c]
+        for col in (time_column, temperature_column, humidity_column, *optional):
             if col not in header:
                 raise ValueError(f"column {col!r} not in {path.name} (has: {', '.join(header)})")
         for n, rec in enumerate(reader, start=2):
@@ -100,9 +103,11 @@ def load_rows(path: Path, time_column: str, temperature_column: str, humidity_co
                 continue
             try:
                 rows.append(Row(len(rows), _parse_time(rec[time_column]),
-                                float(rec[temperature_column]), float(rec[humidity_column])))
+                                float(rec[temperature_column]), float(rec[humidity_column]),
+                                float(rec[pressure_column]) if pressure_column else None))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{path.name} line {n}: {e}") from None
     # The UrBAN subset lists each row of a hive twice; a sensor measures a moment once.
-    unique = sorted({(r.time, r.temperature_c, r.humidity_rh) for r in rows})
-    return [Row(i, t, temp, hum) for i, (t, temp, hum) in enumerate(unique)]
+    unique = sorted({(r.time, r.temperature_c, r.humidity_rh, r.pressure_pa) for r in rows},
+                    key=lambda u: (*u[:3], u[3] or 0.0))
+    return [Row(i, *u) for i, u in enumerate(unique)]

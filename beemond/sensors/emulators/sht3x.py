@@ -8,7 +8,8 @@ stretching is still running. Values come from a *source* callable (a :class:`Csv
 fixed value) and are encoded into raw ticks exactly as the chip would: ``S_T = (T + 45) / 175 *
 (2^16 - 1)``, ``S_RH = RH / 100 * (2^16 - 1)``.
 
-Fault injection for tests: ``corrupt_next`` flips a bit in the next result's CRC-protected data.
+Fault injection for tests: ``corrupt_next`` flips a bit in the next result's CRC-protected data
+(byte ``corrupt_byte`` of the six, default the temperature MSB).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class SHT3xChip:
         self._pending_read = b""
         self.status = 0x0000
         self.corrupt_next = 0         # tests: number of upcoming results to corrupt
+        self.corrupt_byte = 0         # tests: which of the 6 result bytes is corrupted
         self.served: list = []        # tags of the values served, in order
 
     def write(self, data: bytes) -> None:
@@ -53,7 +55,8 @@ class SHT3xChip:
             out = b"".join(w + bytes([crc8(w)]) for w in words)
             if self.corrupt_next > 0:
                 self.corrupt_next -= 1
-                out = bytes([out[0] ^ 0x01]) + out[1:]
+                i = self.corrupt_byte
+                out = out[:i] + bytes([out[i] ^ 0x01]) + out[i + 1:]
             self.served.append(tag)
             self._result = out
             self._stretch = _STRETCH[cmd]
