@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import soundfile
 
+from audio_peers import AudioThread
 from beemond import config, ipc
 from beemond.sensors.audio import AudioWorker
 from conftest import make_config, wait_for
@@ -52,3 +53,15 @@ def test_segments_stop_start_and_spectrum(tmp_path, keys, password_file):
         events.append(reader.recv())
     ready = [e for e in events if e.kind == ipc.READY_EVENT]
     assert len(ready) == len(files), "one record-ready event per segment"
+
+
+def test_input_overflows_are_counted_per_segment(tmp_path, keys, password_file):
+    # The PortAudio input_overflow flag on every 5th block: 10 blocks per 0.5 s segment -> 2 each.
+    with AudioThread(make_config(tmp_path, keys, password_file, 21, **{
+            "sensors.hive_audio.segment_s": 0.5, "sensors.hive_audio.block_s": 0.05,
+            "sensors.hive_audio.overflow_every": 5})) as run:
+        wait_for(lambda: len(run.metadata()) >= 2, 10, "two segments")
+    metas = run.metadata()
+    full = [m for m in metas if m["frames"] == 4000]
+    assert full and all(m["overflows"] == 2 for m in full), [(m["frames"], m["overflows"]) for m in metas]
+    assert run.worker.overflows_total == sum(m["overflows"] for m in metas)

@@ -1,13 +1,28 @@
-"""Audio capture through ``sounddevice.InputStream`` into fixed-length FLAC or WAV segments.
+"""Audio capture through ``sounddevice.InputStream`` into FLAC (or WAV) records.
 
 The PortAudio callback only copies each block into a queue; a writer thread appends blocks to the
 open segment (``soundfile``, written to a temporary name in staging), and when a segment holds
-exactly ``round(segment_s * sample_rate_hz)`` frames it is closed, fsynced and renamed, its sidecar
-written, and *record ready* sent. Input overflows (xruns: PortAudio's ``input_overflow`` flag) are
-counted per segment into the record's metadata.
+``round(segment_s * sample_rate_hz)`` frames, or its capture ends, it is closed, fsynced and renamed,
+its sidecar written, and *record ready* sent. Input overflows (xruns: PortAudio's
+``paInputOverflow``, ``CallbackFlags.input_overflow``) are counted per segment into its metadata.
 
-Segment times: ``start`` is the host's UTC clock when the segment's first block arrived, less that
-block's duration; ``end`` is ``start`` plus frames / sample rate.
+Schedule (``schedule`` key): ``continuous`` keeps one stream open and cuts it into segments;
+``window`` opens the device for ``capture_s`` every ``every_s`` inside a daily local-time window
+(:mod:`beemond.sensors.schedule`; AppMAIS: 60 s every 300 s, 08:00-20:00) and closes it in between,
+which saves power and CPU on a Pi. ``capture_now`` starts a capture of ``capture_s`` at once.
+
+Device: ``device`` is a case-insensitive substring of an input device's name, or its PortAudio index
+(empty: the default input). PortAudio lists devices only when it initialises, so it is initialised
+afresh before each opening: a USB microphone that was re-plugged (perhaps as another card) is found
+again. A device that is missing is a transient error: retried ``open_retries`` times with a doubling
+backoff, each failure sent as an ERROR event, then the worker exits non-zero and the orchestrator
+restarts it. A name matching several devices, or settings the device cannot record
+(``sounddevice.check_input_settings``), end the worker at once with the reason.
+
+Sample format: PCM_16 is read from PortAudio as int16, PCM_24 as int32 (libsndfile keeps the top 24
+bits). Segment times: ``start`` is estimated from the host's UTC clock at each block's arrival less the
+audio before it in the segment, taking the earliest estimate (blocks are delivered late, in bursts
+after a stall, never early); ``end`` is ``start`` plus frames / sample rate.
 
 ``backend = "simulated"`` swaps only the stream class for
 :class:`beemond.sensors.emulators.audio.SimulatedInputStream`; this module's code is the same.
@@ -19,17 +34,65 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.clock import Clock
-from beemond.sensors.base import write_staged
+from beemond.sensors.base import SensorFailure, write_staged
 
 log = logging.getLogger(__name__)
 
 _DTYPE = {"PCM_16": "int16", "PCM_24": "int32"}
-_CLOSE_SEGMENT = object()
+_CLOSE = object()          # writer marker: the capture (stream) ended; close the open segment
+MAX_BACKOFF_S = 30.0
+
+
+class DeviceMissing(OSError):
+    """No input device matches (unplugged, or the sound server is not up yet): transient."""
+
+
+class DeviceError(ValueError):
+    """The device spec is ambiguous, or the device cannot record these settings: persistent."""
+
+
+def find_input_device(spec: str, devices) -> int | None:
+    """The PortAudio index of the input device *spec* names, from ``sounddevice.query_devices()``.
+
+    *spec*: ``""`` (the default input: returns ``None``), an index (``"3"``), or a case-insensitive
+    substring of the device name; a name equal to *spec* wins over other substring matches. Devices
+    without input channels are never chosen. Raises :class:`DeviceMissing` when nothing matches and
+    :class:`DeviceError` when several devices do (listing them).
+    """
+    if not spec:
+        return None
+    inputs = [(i, d["name"]) for i, d in enumerate(devices) if d["max_input_channels"] > 0]
+    listing = ", ".join(f"[{i}] {name}" for i, name in inputs) or "none"
+    if spec.strip().isdigit():
+        index = int(spec)
+        if any(i == index for i, _ in inputs):
+            return index
+        raise DeviceMissing(f"no input device with index {index} (inputs: {listing})")
+    want = spec.lower()
+    matches = [(i, name) for i, name in inputs if want in name.lower()]
+    exact = [i for i, name in matches if name.lower() == want]
+    if len(matches) == 1 or len(exact) == 1:
+        return exact[0] if exact else matches[0][0]
+    if not matches:
+        raise DeviceMissing(f"no input device matching {spec!r} (inputs: {listing})")
+    raise DeviceError(f"device {spec!r} matches several input devices: "
+                      + ", ".join(f"[{i}] {name}" for i, name in matches)
+                      + "; use a longer name substring or the index")
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """One opening of the stream, as the writer sees it."""
+
+    frames: int | None              # frames to record; None: until the stream stops (continuous)
+    trigger: str                    # continuous | schedule | capture_now
+    slot: datetime | None = None    # the schedule slot it was started for
 
 
 class AudioWorker:
@@ -46,94 +109,245 @@ class AudioWorker:
         self.staging = Path(cfg.spool) / "staging" / sensor.name
         self.staging.mkdir(parents=True, exist_ok=True)
         self.frames_per_segment = round(sensor.segment_s * sensor.sample_rate_hz)
+        self.frames_per_capture = round(sensor.capture_s * sensor.sample_rate_hz)
         self.blocksize = max(1, round(sensor.block_s * sensor.sample_rate_hz))
+        self.window = sensor.capture_window()   # None: continuous
         self.blocks: queue.Queue = queue.Queue()
         self.last_block = time.monotonic()
         self.writer_error: BaseException | None = None
         self.overflows_total = 0
+        self.stream = None                      # open only while capturing
+        self.device_name = ""
+        self.capture_done = threading.Event()   # set by the writer after a capture's last frame
+        self.capture_ends = 0.0                 # monotonic time a limited capture should end
+        self.pending: _Capture | None = None    # a capture waiting for the device to come back
+        self.retry_at = 0.0
+        self.open_failures = 0
         self.clock = Clock()  # segment starts never precede the previous segment's end (clock steps)
+        from beemond.sensors.gpio import power_switch
+
+        # power_pin (a USB microphone behind a load switch): on power_lead_s before each opening of
+        # the device, off once it is closed again.
+        self.power = power_switch(sensor, channel.beat)
+        self.powered = False
+
+    def _power(self, on: bool) -> None:
+        if on and not self.powered:
+            self.power.__enter__()  # waits power_lead_s (beating) for the device to come up
+        elif self.powered and not on:
+            self.power.__exit__(None, None, None)
+        self.powered = on
 
     # ---- PortAudio's thread: copy and return, nothing else (no allocation-heavy work, no I/O)
     def _callback(self, indata, frames, time_info, status) -> None:
         self.blocks.put((indata.copy(), bool(status and status.input_overflow), time.time()))
 
     def _open_stream(self):
+        """A new, unstarted input stream. Raises DeviceMissing (transient) or DeviceError."""
         s = self.sensor
         kwargs = dict(samplerate=s.sample_rate_hz, blocksize=self.blocksize, channels=s.channels,
                       dtype=_DTYPE[s.subtype], callback=self._callback)
         if s.backend == "simulated":
             from beemond.sensors.emulators.audio import SimulatedInputStream
 
-            return SimulatedInputStream(tone_hz=s.tone_hz, noise=s.noise, **kwargs)
-        import sounddevice
+            self.device_name = "simulated"
+            return SimulatedInputStream(tone_hz=s.tone_hz, noise=s.noise, overflow_every=s.overflow_every, **kwargs)
+        import sounddevice as sd
 
-        device = int(s.device) if s.device.isdigit() else (s.device or None)
-        return sounddevice.InputStream(device=device, **kwargs)
+        try:
+            # PortAudio enumerates devices once, in Pa_Initialize: re-initialise (no stream is open
+            # here) so that a re-plugged microphone is seen.
+            if sd._initialized:
+                sd._terminate()
+            sd._initialize()
+            index = find_input_device(s.device, sd.query_devices())
+            name = sd.query_devices(index, kind="input")["name"]
+        except sd.PortAudioError as e:  # e.g. no default input at all
+            raise DeviceMissing(f"no input device: {e}") from None
+        try:
+            sd.check_input_settings(device=index, channels=s.channels, dtype=kwargs["dtype"],
+                                    samplerate=s.sample_rate_hz)
+        except (sd.PortAudioError, ValueError) as e:
+            raise DeviceError(f"input device {name!r} cannot record {s.sample_rate_hz} Hz x{s.channels} "
+                              f"{kwargs['dtype']} ({s.subtype}): {e}") from None
+        self.device_name = name
+        try:
+            return sd.InputStream(device=index, **kwargs)
+        except sd.PortAudioError as e:  # gone between the check and the opening
+            raise DeviceMissing(f"cannot open input device {name!r}: {e}") from None
+
+    def _begin(self, cap: _Capture) -> None:
+        """Open the device and start *cap*; on a transient failure keep it pending for a retry."""
+        self._power(True)
+        try:
+            stream = self._open_stream()
+            self.capture_done.clear()
+            self.blocks.put(cap)  # before start(): every block of this stream follows the marker
+            try:
+                stream.start()
+            except Exception as e:
+                self.blocks.put(_CLOSE)
+                stream.close()
+                raise DeviceMissing(f"cannot start input device {self.device_name!r}: {e}") from None
+        except DeviceMissing as e:
+            self._power(False)
+            self.open_failures += 1
+            self.channel.send(ipc.ERROR, message=f"audio device: {e}")
+            if self.open_failures > self.sensor.open_retries:
+                raise SensorFailure(f"audio device unavailable after {self.open_failures} attempt(s): {e}") from None
+            delay = min(MAX_BACKOFF_S, self.sensor.open_backoff_s * 2 ** (self.open_failures - 1))
+            log.warning("%s; retry %d of %d in %.1f s", e, self.open_failures, self.sensor.open_retries, delay)
+            self.pending, self.retry_at = cap, time.monotonic() + delay
+            return
+        self.stream, self.pending, self.open_failures = stream, None, 0
+        self.last_block = time.monotonic()
+        # 0: until stopped (continuous); else when the writer should have the capture's last frame
+        self.capture_ends = 0.0 if cap.frames is None else self.last_block + cap.frames / self.sensor.sample_rate_hz
+        log.info("%s capture from %r: %d Hz x%d %s%s", cap.trigger, self.device_name, self.sensor.sample_rate_hz,
+                 self.sensor.channels, self.sensor.subtype,
+                 f", {self.sensor.capture_s:g} s" if cap.frames is not None else
+                 f" in {self.sensor.segment_s:g} s {self.sensor.format} segments")
+
+    def _end(self) -> None:
+        """Stop and close the stream; the open segment becomes a (possibly shorter) record."""
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        try:
+            stream.stop()  # returns after the last callback: its blocks are queued before _CLOSE
+        finally:
+            stream.close()
+            self.blocks.put(_CLOSE)
+            self._power(False)
+
+    def _timeout(self, paused: bool, due: datetime | None) -> float:
+        now = time.monotonic()
+        if self.stream is not None:
+            if self.capture_ends <= 0:
+                return self.cfg.daemon.heartbeat_interval_s
+            return max(0.02, self.capture_ends - now)  # then short waits for the writer to finish
+        if self.pending is not None:
+            return max(0.0, self.retry_at - now)
+        if paused or due is None:
+            return self.cfg.daemon.heartbeat_interval_s
+        return self.window.wait_s(datetime.now(timezone.utc), due)
 
     def run(self) -> None:
-        stream = self._open_stream()
         writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
         writer.start()
-        stream.start()
-        log.info("recording %d Hz x%d %s in %g s segments", self.sensor.sample_rate_hz,
-                 self.sensor.channels, self.sensor.format, self.sensor.segment_s)
+        if self.window is None:
+            log.info("recording continuously")
+        else:
+            log.info("capturing %g s every %g s from %s to %s (%s)", self.sensor.capture_s, self.sensor.every_s,
+                     self.sensor.window_start, self.sensor.window_end, self.sensor.timezone or "local time")
         stall_s = max(5.0, 20 * self.sensor.block_s)
         paused = False
+        due: datetime | None = None   # the schedule slot we wait for (UTC)
+        looked = time.monotonic()     # when this loop last ran
         try:
             while True:
-                cmd = self.channel.receive(timeout=self.cfg.daemon.heartbeat_interval_s)
+                if self.stream is None and not paused:
+                    if self.pending is not None:
+                        if time.monotonic() >= self.retry_at:
+                            self._begin(self.pending)
+                    elif self.window is None:
+                        self._begin(_Capture(None, "continuous"))
+                    else:
+                        due = self._schedule(due)
+                timeout = self._timeout(paused, due)
+                cmd = self.channel.receive(timeout=timeout)
                 if cmd is not None:
                     if cmd.kind == ipc.SHUTDOWN:
                         log.info("shutting down (%s)", cmd.args.get("reason", "command"))
                         break
                     if cmd.kind == ipc.STOP and not paused:
-                        stream.stop()
-                        self.blocks.put(_CLOSE_SEGMENT)  # the segment so far becomes a (shorter) record
-                        paused = True
+                        self._end()
+                        self.pending, paused = None, True
                         log.info("capture stopped by command")
                     elif cmd.kind == ipc.START and paused:
-                        self.last_block = time.monotonic()
-                        stream.start()
-                        paused = False
+                        paused, due = False, None  # slots missed while stopped are not made up
                         log.info("capture started by command")
-                    # capture_now: audio records continuously; nothing to add.
+                    elif cmd.kind == ipc.CAPTURE_NOW:
+                        if self.window is None and not paused:
+                            log.debug("capture_now: already recording continuously")
+                        elif self.stream is not None or self.pending is not None:
+                            log.info("capture_now: a capture is already running")
+                        else:
+                            self._begin(_Capture(self.frames_per_capture, "capture_now"))
                 if self.writer_error is not None:
                     raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
-                if not paused and time.monotonic() - self.last_block > stall_s:
-                    raise RuntimeError(f"no audio block for {stall_s:g} s: the input stream stalled")
+                now = time.monotonic()
+                if now - looked > min(timeout, self.channel.heartbeat_interval_s) + stall_s / 2:
+                    # This process itself was not running (SIGSTOP, a swap storm): the blocks are
+                    # probably queued behind us. Do not blame the device for our own stall.
+                    self.last_block = max(self.last_block, now)
+                looked = now
+                if self.stream is not None:
+                    if self.capture_done.is_set():
+                        self._end()
+                    elif now - self.last_block > stall_s:
+                        raise RuntimeError(f"no audio block for {stall_s:g} s: the input stream stalled")
         finally:
-            stream.stop()
-            stream.close()
-            self.blocks.put(None)  # the writer closes the partial segment as a shorter record
-            writer.join(timeout=30)
+            try:
+                self._end()
+            finally:
+                self.blocks.put(None)  # the writer closes the partial segment as a shorter record
+                writer.join(timeout=30)
+                self._power(False)
+                self.power.close()
+
+    def _schedule(self, due: datetime | None) -> datetime:
+        """Start the capture for slot *due* if it has come; return the slot to wait for next."""
+        now = datetime.now(timezone.utc)
+        capture, new_due = self.window.step(now, due)
+        if capture:
+            self._begin(_Capture(self.frames_per_capture, "schedule", due))
+            return self.window.after(due)
+        if due is not None and now > due and new_due > due:
+            log.warning("skipped the capture due at %s (the clock jumped, or the worker was busy)",
+                        archive.utc_iso(due))
+        return new_due
 
     # ---- writer thread
     def _write_loop(self) -> None:
         segment = None
+        cap: _Capture | None = None    # None: drop blocks (after a capture's last frame)
+        remaining: int | None = None
         try:
             while True:
                 item = self.blocks.get()
                 if item is None:
                     break
-                if item is _CLOSE_SEGMENT:
+                if item is _CLOSE or isinstance(item, _Capture):
                     if segment is not None:
                         segment.close()
                         segment = None
+                    cap = item if isinstance(item, _Capture) else None
+                    remaining = cap.frames if cap is not None else None
+                    continue
+                if cap is None:
                     continue
                 self.last_block = time.monotonic()
                 block, overflow, arrived = item
+                if remaining is not None:
+                    block = block[:remaining]
+                    remaining -= len(block)
                 while len(block):
                     if segment is None:
-                        start = datetime.fromtimestamp(arrived, timezone.utc) - timedelta(
-                            seconds=len(block) / self.sensor.sample_rate_hz)
-                        segment = _Segment(self, self.clock.floor(start))
+                        segment = _Segment(self, arrived - len(block) / self.sensor.sample_rate_hz, cap)
                     if overflow:
                         segment.overflows += 1
                         overflow = False
-                    block = segment.write(block)
+                    block = segment.write(block, arrived)
                     if segment.frames == self.frames_per_segment:
                         segment.close()
                         segment = None
+                if remaining == 0:
+                    if segment is not None:
+                        segment.close()
+                        segment = None
+                    cap = None
+                    self.capture_done.set()
         except BaseException as e:  # reported by the main loop, which exits non-zero
             self.writer_error = e
             log.exception("segment writer failed")
@@ -148,33 +362,54 @@ class AudioWorker:
 class _Segment:
     """One segment being written to its temporary name."""
 
-    def __init__(self, worker: AudioWorker, start: datetime):
+    def __init__(self, worker: AudioWorker, start: float, capture: _Capture):
         self.w = worker
-        self.start = start
+        self.start_ts = start          # UTC seconds; refined by write()
+        self.capture = capture
         self.frames = 0
         self.overflows = 0
         s = worker.sensor
-        self.tmp = archive.temp_name(worker.staging, f"segment-{archive.utc_stamp(start)}")
+        self.tmp = archive.temp_name(worker.staging, f"segment-{archive.utc_stamp(self.start)}")
         self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
                                                subtype=s.subtype, format=s.format.upper())
 
-    def write(self, block):
-        """Append as much of *block* as fits; return the rest."""
+    @property
+    def start(self) -> datetime:
+        return datetime.fromtimestamp(self.start_ts, timezone.utc)
+
+    def write(self, block, arrived: float):
+        """Append as much of *block* (whose last frame arrived at UTC *arrived*) as fits; return the rest.
+
+        Blocks arrive late, never early: after a stall the sound server delivers buffered blocks in a
+        burst. So the segment's start is the earliest of the estimates "arrival of a block less the
+        duration of the segment up to that block's end", the one with the least delivery delay."""
         room = self.w.frames_per_segment - self.frames
         head, rest = block[:room], block[room:]
         self.file.write(head)
         self.frames += len(head)
+        self.start_ts = min(self.start_ts, arrived - len(rest) / self.w.sensor.sample_rate_hz
+                            - self.frames / self.w.sensor.sample_rate_hz)
         return rest
 
     def close(self) -> None:
         self.file.close()
         s = self.w.sensor
-        end = self.w.clock.floor(self.start + timedelta(seconds=self.frames / s.sample_rate_hz))
+        start = self.w.clock.floor(self.start)  # never before the previous segment's end (clock steps)
+        end = self.w.clock.floor(start + timedelta(seconds=self.frames / s.sample_rate_hz))
         metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
-                    "start": archive.utc_iso(self.start), "end": archive.utc_iso(end),
+                    "start": archive.utc_iso(start), "end": archive.utc_iso(end),
                     "sample_rate_hz": s.sample_rate_hz, "channels": s.channels, "frames": self.frames,
-                    "format": s.format, "subtype": s.subtype, "overflows": self.overflows}
+                    "format": s.format, "subtype": s.subtype, "overflows": self.overflows,
+                    "device": self.w.device_name, "trigger": self.capture.trigger, "schedule": self._schedule()}
         self.w.overflows_total += self.overflows
         if self.overflows:
             log.warning("segment had %d input overflow(s)", self.overflows)
-        write_staged(self.w, self.start, end, metadata, tmp=self.tmp)
+        write_staged(self.w, start, end, metadata, tmp=self.tmp)
+
+    def _schedule(self) -> dict:
+        s = self.w.sensor
+        if s.schedule == "continuous":
+            return {"mode": "continuous", "segment_s": s.segment_s}
+        return {"mode": "window", "window_start": s.window_start, "window_end": s.window_end,
+                "timezone": s.timezone or "local", "capture_s": s.capture_s, "every_s": s.every_s,
+                "slot": archive.utc_iso(self.capture.slot) if self.capture.slot else None}
