@@ -216,8 +216,13 @@ def bundle_name(host: str, group: str, records: list[Record]) -> str:
 
 
 def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
-         progress=None) -> tuple[Path, dict, int]:
+         progress=None, signing_key=None) -> tuple[Path, dict, int]:
     """Write the encrypted bundle of *records* into *outbox* durably. Returns (path, manifest, bytes).
+
+    With *signing_key* (an Ed25519 private key, :func:`crypto.load_signing_key`) the manifest names
+    its fingerprint (``signing_key``) and the detached signature ``NAME.sig`` (:func:`crypto.sign_digest`,
+    over the SHA-512 of the ciphertext as it streams out of age) is renamed into the outbox before the
+    bundle, so a bundle at its final name always has its signature beside it.
 
     Raises ``OSError`` (disk full, ...) or ``pyrage.EncryptError``; the outbox is then unchanged.
     """
@@ -228,14 +233,26 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
     base = {"format": FORMAT, "host": host, "software": f"beemond {__version__}", "name": name, "group": group,
             "created": archive.utc_iso(datetime.now(timezone.utc)),
             "start": min(starts) if starts else "", "end": max(ends) if ends else ""}
+    if signing_key is not None:
+        base["signing_key"] = crypto.fingerprint(signing_key.public_key())
     stream = TarStream(records, base, progress)
+    sig_path = outbox / (name + crypto.SIG_SUFFIX)
     try:
         with archive.atomic_writer(outbox / name, "wb", buffering=0) as out:
-            crypto.encrypt_stream(stream, out, recipients)
+            sink = crypto.HashingWriter(out) if signing_key is not None else out
+            crypto.encrypt_stream(stream, sink, recipients)
             if not stream.finished:  # checked before the rename: a short bundle never reaches the outbox
                 raise BundleError("the tar stream ended before its manifest; bundle not sealed")
             size = out.tell()  # not stat() after the rename: the uploader may have taken it already
+            if signing_key is not None:
+                signature = crypto.sign_digest(signing_key, sink.digest(), size)
+                with archive.atomic_writer(sig_path, "wb") as f:  # durable, rename included, before the bundle's
+                    f.write(signature)
     except Exception:
+        # A signature without its bundle is removed; beside an older twin of the bundle (a reseal after
+        # a crash) it stays: the records are still staged, and the retry writes a matching pair.
+        if signing_key is not None and not (outbox / name).exists():
+            sig_path.unlink(missing_ok=True)
         if stream.error is not None:
             raise stream.error from None
         raise
@@ -246,11 +263,12 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
 
 # ------------------------------------------------------------------------------------------ reading
 
-def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.PathLike) -> dict:
+def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.PathLike, check=None) -> dict:
     """Decrypt *bundle*, check it against its manifest, and move its records into *out_dir*.
 
     Members are first extracted into a temporary directory inside *out_dir*; only a bundle whose every
-    member matches the manifest (size and SHA-256, none missing, none extra) is moved into place.
+    member matches the manifest (size and SHA-256, none missing, none extra) is moved into place, and
+    only after ``check(manifest)`` (optional; it raises :class:`BundleError` to refuse) returned.
     Returns the manifest. Raises :class:`BundleError` (verification), :class:`crypto.DecryptError`
     (wrong key, damaged or truncated ciphertext), ``tarfile.TarError``.
     """
@@ -259,6 +277,8 @@ def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.Path
     work = Path(tempfile.mkdtemp(prefix=".beemond-extract-", dir=out_dir))
     try:
         manifest, seen = _extract_verified(Path(bundle), identities, work)
+        if check is not None:
+            check(manifest)
         for rel in seen:
             dest = out_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +392,11 @@ class Aggregator:
         self.outbox = Path(cfg.spool) / "outbox"
         self.staging.mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
+        # Read at start: a restart (the orchestrator's reload) seals later bundles for the new recipients
+        # and with the new device key.
         self.recipients = crypto.load_recipients(cfg.bundle.recipients, base=cfg.source.parent)
+        key_path = cfg.bundle.signing_key_path()
+        self.signing_key = crypto.load_signing_key(key_path) if key_path is not None else None
         self.open: dict[str, _Open] = {}
         self.known: set[Path] = set()
         self.quota_at = 0.0
@@ -465,7 +489,7 @@ class Aggregator:
         t0 = time.monotonic()
         try:
             path, _manifest, size = seal(ob.records, self.outbox, self.recipients, self.cfg.daemon.host, group,
-                                         progress=self.channel.beat)
+                                         progress=self.channel.beat, signing_key=self.signing_key)
         except RecordError as e:
             # One unreadable record must not hold back the rest of the hive's data: set it aside in
             # failed/ (never deleted) and seal the others at once.

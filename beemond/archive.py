@@ -20,14 +20,19 @@ import collections
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+log = logging.getLogger(__name__)
 
 META_SUFFIX = ".meta.json"
 TMP_MARK = ".tmp-"
@@ -226,3 +231,161 @@ def remove_stale_temps(root: Path) -> int:
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1
     return removed
+
+
+# ------------------------------------------------------------------------------------------ record writers
+
+def member_name(sensor: str, start: datetime, end: datetime, ext: str) -> str:
+    """A record's name in a bundle, ``<sensor>_<from>_<to><ext>`` (UTC, ISO 8601 basic, e.g.
+    ``hive_climate_20210619T000458Z_20210619T001458Z.csv``); *ext* starts with a dot. It is what the
+    default ``filename_template`` renders (wacryptolib's TarfileRecordAggregator names its members so)."""
+    if not ext.startswith("."):
+        raise ValueError(f"extension must start with a dot, got {ext!r}")
+    return safe_relative(f"{sensor}_{utc_stamp(start)}_{utc_stamp(end)}{ext}")
+
+
+def with_default_metadata(default: dict, metadata: dict) -> dict:
+    """*metadata* merged over *default* (``[archive] default_metadata``): a record's own keys win, and a
+    table present in both is merged one level down the same way."""
+    merged = dict(default)
+    for key, value in metadata.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+class JsonArchiver:
+    """A JSON record writer. With ``merge_metadata`` (the default) the record's metadata is stored in
+    the JSON record itself under the key ``"metadata"`` (a dict record gains that key; any other record
+    becomes ``{"data": record, "metadata": ...}``); without it the file holds the record alone and the
+    metadata lives only in the ``NAME.meta.json`` sidecar. UTF-8, keys sorted; values JSON cannot hold
+    (datetimes) are written with ``str()``."""
+
+    ext = "json"
+
+    def __init__(self, merge_metadata: bool = True):
+        self.merge_metadata = merge_metadata
+
+    def render(self, data, metadata: dict) -> bytes:
+        if self.merge_metadata:
+            if isinstance(data, dict):
+                if "metadata" in data:
+                    raise ValueError("a record with its own 'metadata' key cannot take merged metadata")
+                data = {**data, "metadata": metadata}
+            else:
+                data = {"data": data, "metadata": metadata}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+    def data_writer(self, data, metadata: dict):
+        """A ``data_writer`` for :func:`write_record` / :class:`BackgroundWriter`."""
+        body = self.render(data, metadata)
+        return lambda f: f.write(body)
+
+
+class BackgroundWriter:
+    """Writes records on a thread, so a sensor's loop never waits on the SD card, and never drops one.
+
+    ``write(relname, metadata, data_writer)`` is any writer callable (e.g. :func:`write_record` bound to
+    a staging directory, or a sensor's ``write_staged``); it raises ``OSError`` on failure. A failed write
+    is re-queued after ``retry_delay_s`` (doubling) up to ``max_retries`` times; after the last retry the
+    record is written to *failed_dir* (``spool/failed/<sensor>/``) with ``write_error`` in its metadata
+    and an ERROR log line. If even that fails (the disk is gone) the record stays queued and both are
+    tried again every ``max_retry_delay_s``; one still queued when :meth:`close` gives up is logged as
+    lost, by name. *data_writer* is called once per attempt, so it must be repeatable (bytes in memory).
+    """
+
+    def __init__(self, write, failed_dir: Path, max_retries: int = 3, retry_delay_s: float = 1.0,
+                 max_retry_delay_s: float = 60.0, name: str = "record-writer"):
+        self.write, self.failed_dir = write, Path(failed_dir)
+        self.max_retries, self.retry_delay_s, self.max_retry_delay_s = max_retries, retry_delay_s, max_retry_delay_s
+        self.written: list[Path] = []
+        self.failed: list[Path] = []
+        self._jobs: list[dict] = []
+        self._seq = 0
+        self._closing = False
+        self._busy = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, relname: str, metadata: dict, data_writer) -> None:
+        with self._cv:
+            self._seq += 1
+            self._jobs.append({"relname": relname, "metadata": metadata, "data_writer": data_writer,
+                               "attempts": 0, "due": 0.0, "seq": self._seq})
+            self._cv.notify()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._jobs) + self._busy
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Finish the queue (retries included) within *timeout* s; then log what is left as lost.
+        Returns the number of records lost."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        with self._cv:
+            lost, self._jobs = self._jobs, []
+            self._closing = True
+        for job in lost:
+            log.error("record %s could not be written before shutdown (%d attempt(s)); lost", job["relname"],
+                      job["attempts"])
+        return len(lost)
+
+    def _run(self) -> None:
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                ready = [j for j in self._jobs if j["due"] <= now]
+                if not ready:
+                    if self._closing and not self._jobs:
+                        return
+                    wait = min((j["due"] for j in self._jobs), default=None)
+                    self._cv.wait(None if wait is None else max(0.0, wait - now))
+                    continue
+                job = min(ready, key=lambda j: j["seq"])
+                self._jobs.remove(job)
+                self._busy = True
+                self._cv.release()
+                try:
+                    again = self._attempt(job)
+                finally:
+                    self._cv.acquire()
+                    self._busy = False
+                if again:
+                    self._jobs.append(job)
+
+    def _attempt(self, job: dict) -> bool:
+        """One try; True to re-queue."""
+        if job["attempts"] <= self.max_retries:
+            try:
+                self.written.append(self.write(job["relname"], job["metadata"], job["data_writer"]))
+                return False
+            except OSError as e:
+                job["attempts"] += 1
+                job["error"] = e
+                if job["attempts"] <= self.max_retries:
+                    delay = min(self.max_retry_delay_s, self.retry_delay_s * 2 ** (job["attempts"] - 1))
+                    job["due"] = time.monotonic() + delay
+                    log.warning("writing record %s failed (%s); retry %d of %d in %g s", job["relname"],
+                                   e.strerror or e, job["attempts"], self.max_retries, delay)
+                    return True
+        error = job["error"]
+        try:
+            path = write_record(self.failed_dir, job["relname"], {**job["metadata"], "write_error": str(error)},
+                                data_writer=job["data_writer"])
+        except OSError as e:
+            job["due"] = time.monotonic() + self.max_retry_delay_s
+            log.error("record %s: staging failed %d times (%s) and %s is not writable either (%s); "
+                         "kept in memory, retrying in %g s", job["relname"], job["attempts"],
+                         error.strerror or error, self.failed_dir, e.strerror or e, self.max_retry_delay_s)
+            job["attempts"] = 0  # a later success may still go to staging
+            return True
+        self.failed.append(path)
+        log.error("record %s could not be written after %d attempts (%s); moved to %s", job["relname"],
+                     job["attempts"], error.strerror or error, path)
+        return False

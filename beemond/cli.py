@@ -1,4 +1,5 @@
-"""Command line: ``beemond run | status | pause | resume | check-config | keygen | decrypt | upload --backlog``.
+"""Command line: ``beemond run | status | pause | resume | check-config | keygen | decrypt | verify | ingest |
+upload --backlog``.
 
 Exit status: 0 success; 1 runtime failure; 3 (``status``) the daemon is not running; 65 (``EX_DATAERR``)
 a bundle that fails verification; 75 (``EX_TEMPFAIL``) ``upload --backlog`` while the daemon holds the
@@ -76,6 +77,19 @@ def cmd_check_config(args) -> int:
 def cmd_keygen(args) -> int:
     from beemond import crypto
 
+    if args.device:
+        import socket
+
+        try:
+            priv, pub, line = crypto.device_keygen(args.out, comment=socket.gethostname().split(".")[0])
+        except FileExistsError:
+            print(f"beemond: {os.path.join(args.out, crypto.DEVICE_KEY_NAME)} exists; refusing to overwrite a "
+                  "device key", file=sys.stderr)
+            return 1
+        print(f"device signing key (stays on the device; [bundle] signing_key): {priv}")
+        print(f"public key (give it to the lab: ingest --trusted-devices DIR): {pub}")
+        print(line)
+        return 0
     try:
         ident, rcpt, public = crypto.keygen(args.out)
     except FileExistsError:
@@ -88,14 +102,55 @@ def cmd_keygen(args) -> int:
     return 0
 
 
+def _trusted(path: str):
+    from beemond import crypto
+
+    try:
+        return crypto.load_trusted_keys(path)
+    except (OSError, ValueError) as e:
+        print(f"beemond: device key: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _verify(bundle: str, trusted, signature: str | None = None) -> str | None:
+    """The signer's fingerprint, or None (reported) for a bad signature."""
+    from beemond import crypto
+
+    try:
+        fp, label, _digest = crypto.verify_file(bundle, trusted, signature)
+    except crypto.SignatureError as e:
+        print(f"beemond: {bundle}: signature check failed ({e.reason}): {e}", file=sys.stderr)
+        return None
+    except FileNotFoundError as e:
+        print(f"beemond: {e.filename}: no such file", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"{bundle}: good signature by {label} ({fp})")
+    return fp
+
+
+def cmd_verify(args) -> int:
+    return 0 if _verify(args.bundle, _trusted(args.device_key), args.signature) else EX_DATAERR
+
+
 def cmd_decrypt(args) -> int:
     import tarfile
 
     from beemond import aggregator, crypto
 
+    signer = None
+    if args.device_key is not None:  # refuse a bad signature before any decryption
+        signer = _verify(args.bundle, _trusted(args.device_key))
+        if signer is None:
+            return EX_DATAERR
+
+    def same_signer(manifest: dict) -> None:  # before anything is moved into --out
+        if signer is not None and manifest.get("signing_key") != signer:
+            raise aggregator.BundleError(f"the manifest names signing key {manifest.get('signing_key')!r}, "
+                                         f"not {signer}, the key that signed the bundle")
+
     try:
         identities = crypto.load_identities(args.identity)
-        manifest = aggregator.extract_bundle(args.bundle, identities, args.out)
+        manifest = aggregator.extract_bundle(args.bundle, identities, args.out, check=same_signer)
     except crypto.IdentityError as e:
         print(f"beemond: {e}", file=sys.stderr)
         return 1
@@ -113,6 +168,19 @@ def cmd_decrypt(args) -> int:
     print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest['start']} .. {manifest['end']}, "
           f"all hashes match; written to {args.out}")
     return 0
+
+
+def cmd_ingest(args) -> int:
+    from beemond import crypto, ingest
+
+    try:
+        report = ingest.run(args.upload_tree, args.identity, args.trusted_devices, args.out)
+    except (crypto.IdentityError, ValueError, OSError) as e:
+        print(f"beemond: {e}", file=sys.stderr)
+        return 1
+    print(f"ingested {len(report.ingested)} bundle(s), {report.records} record(s), {report.rows} new row(s); "
+          f"{len(report.skipped)} already ingested; {len(report.rejected)} rejected")
+    return EX_DATAERR if report.rejected else 0
 
 
 def cmd_upload(args) -> int:
@@ -148,15 +216,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     c.set_defaults(func=cmd_check_config)
 
-    k = sub.add_parser("keygen", help="create an age identity (for the lab) and its recipient")
+    k = sub.add_parser("keygen", help="create an age identity (for the lab) and its recipient, or with "
+                                      "--device the device's Ed25519 signing key")
     k.add_argument("--out", required=True, metavar="DIR")
+    k.add_argument("--device", action="store_true",
+                   help="create DIR/device_ed25519 (mode 0600) and DIR/device_ed25519.pub (OpenSSH formats)")
     k.set_defaults(func=cmd_keygen)
 
     d = sub.add_parser("decrypt", help="decrypt a bundle, unpack it and check every manifest hash")
     d.add_argument("bundle")
     d.add_argument("--identity", required=True, metavar="FILE")
     d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--device-key", metavar="PUB", help="verify BUNDLE.sig against this public key file (or "
+                   "directory of *.pub) first; refuse to decrypt on a bad signature")
     d.set_defaults(func=cmd_decrypt)
+
+    v = sub.add_parser("verify", help="check a bundle's detached signature (BUNDLE.sig)")
+    v.add_argument("bundle")
+    v.add_argument("--device-key", required=True, metavar="PUB",
+                   help="the device's public key file (device_ed25519.pub), or a directory of *.pub files")
+    v.add_argument("--signature", metavar="SIG", help="signature file (default BUNDLE.sig)")
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("ingest", help="verify, decrypt and unpack every bundle of an upload tree into a data tree")
+    i.add_argument("upload_tree")
+    i.add_argument("--identity", required=True, metavar="FILE")
+    i.add_argument("--trusted-devices", required=True, metavar="DIR", help="directory of device *.pub files")
+    i.add_argument("--out", required=True, metavar="DATA_DIR")
+    i.set_defaults(func=cmd_ingest)
 
     u = sub.add_parser("upload", help="upload the outbox's backlog in the foreground (daemon stopped)")
     u.add_argument("--backlog", action="store_true", required=True, help="upload every bundle waiting in the outbox")

@@ -14,8 +14,8 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
                crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes
-    [archive]  filename_template
-    [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor
+    [archive]  filename_template, default_metadata (a table)
+    [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, host, port, user, password_file, password_credential, ca_file, key_file,
                key_credential, known_hosts, remote_dir, layout, timeout_s, backoff_initial_s,
                backoff_max_s, shutdown_grace_s, backlog_order, rate_limit_bytes_per_s,
@@ -92,6 +92,8 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class ArchiveConfig:
     filename_template: str = _opt(DEFAULT_TEMPLATE, doc="sandboxed Jinja2 template of a record's name")
+    default_metadata: dict = _opt(factory=dict, doc="metadata every record carries, under its own keys "
+                                                    "(e.g. apiary, hive, site); strings, numbers, booleans")
 
 
 @dataclass(frozen=True)
@@ -564,6 +566,17 @@ class BundleConfig:
     max_bytes: int = _opt(100_000_000, min=1024, max=2**40, doc="seal a bundle once its records reach this size")
     recipients: tuple[str, ...] = _opt(factory=tuple, doc="age1... / ssh-... public keys or files of them")
     split_by_sensor: bool = _opt(True, doc="one bundle per sensor (AppMAIS layout, per-sensor upload windows); false: one for all")
+    signing_key: Path | None = _opt(None, path=True, secret=True,
+                                    doc="Ed25519 device key (beemond keygen --device) signing every bundle")
+    signing_key_credential: str = _opt("", doc="name of a systemd credential holding the device key")
+
+    def signing_key_path(self) -> Path | None:
+        """The device key's file: ``signing_key``, or the credential in ``$CREDENTIALS_DIRECTORY``; None: unsigned."""
+        if self.signing_key is not None:
+            return self.signing_key
+        if self.signing_key_credential:
+            return Path(os.environ.get("CREDENTIALS_DIRECTORY", "")) / self.signing_key_credential
+        return None
 
 
 WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
@@ -885,6 +898,15 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
     def bad(expected: str):
         return ConfigError(path, key, f"must be {expected}, got {value!r}")
 
+    if hint is dict:  # a free-form table of plain values (INI: a section's keys, as strings)
+        if not isinstance(value, dict):
+            raise bad("a table")
+        for k, v in value.items():
+            ok = isinstance(v, (str, int, float, bool)) or (isinstance(v, dict) and all(
+                isinstance(x, (str, int, float, bool)) for x in v.values()))
+            if not ok:
+                raise ConfigError(path, f"{key}.{k}", f"must be a string, number, boolean or a table of them, got {v!r}")
+        return dict(value)
     if hint is bool:
         if strings and isinstance(value, str):
             low = value.strip().lower()
@@ -958,6 +980,16 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         except crypto.RecipientError as e:
             raise ConfigError(path, f"bundle.recipients[{i}]", str(e)) from None
 
+    b = cfg.bundle
+    if b.signing_key is not None and b.signing_key_credential:
+        raise ConfigError(path, "bundle.signing_key_credential", "set signing_key or signing_key_credential, not both")
+    if b.signing_key_path() is not None:
+        try:
+            crypto.load_signing_key(b.signing_key_path())
+        except crypto.SigningKeyError as e:
+            key = "bundle.signing_key" if b.signing_key is not None else "bundle.signing_key_credential"
+            raise ConfigError(path, key, str(e)) from None
+
     cfg.upload.check(path)
 
     d = cfg.daemon
@@ -1003,6 +1035,12 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         p.check(path, key, sensors[p.sensor])
 
 
+def _signer(b: BundleConfig) -> str:
+    from beemond import crypto
+
+    return crypto.fingerprint(crypto.load_signing_key(b.signing_key_path()).public_key())
+
+
 def summary(cfg: Config) -> str:
     """A short human summary for ``beemond check-config`` (never shows secrets)."""
     lines = [f"config {cfg.source}: ok",
@@ -1011,7 +1049,8 @@ def summary(cfg: Config) -> str:
         lines.append(f"  sensor {s.name}: {s.type} ({s.backend}), {s.describe()}")
     b = cfg.bundle
     lines.append(f"  bundles: every {b.max_duration_s:g} s or {b.max_bytes} bytes, "
-                 f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}")
+                 f"{len(b.recipients)} recipient entr{'y' if len(b.recipients) == 1 else 'ies'}, "
+                 + (f"signed by {_signer(b)}" if b.signing_key_path() is not None else "unsigned"))
     for p in cfg.processors:
         lines.append(f"  processor {p.name}: {p.type} of {p.sensor}, {p.describe()}")
     m = cfg.metrics

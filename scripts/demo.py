@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """The beemond demo (run it through ``scripts/demo``, which sets up .venv first).
 
-1. Makes a lab key pair (``beemond keygen``) and starts an FTP server (pyftpdlib) on 127.0.0.1.
+1. Makes a lab key pair (``beemond keygen``) and a device signing key (``beemond keygen --device``),
+   and starts an FTP server (pyftpdlib) on 127.0.0.1.
 2. Runs the real daemon, ``beemond run --duration SECONDS``, on ``config/simulated.toml``: an emulated
    SHT3x replaying real in-hive temperature and humidity of UrBAN hive 3629
    (``shared/data/urban-2021/README.md``; Abdollahi et al. 2024, CC BY 4.0) and a simulated microphone.
 3. Decrypts every bundle that reached the server, checks every manifest hash, and prints what
    arrived: bundles, records per sensor, and the first and last climate readings next to the UrBAN
-   rows they replayed. Exits 1 if anything does not match.
+   rows they replayed, then ingests the server's tree as a lab would (``beemond ingest``: signatures,
+   manifest hashes, one CSV per day). Exits 1 if anything does not match.
 
 Everything lives in ``demo-run/`` (git-ignored); each run starts with an empty spool and server.
 """
@@ -40,11 +42,14 @@ def main() -> int:
     from beemond import config as config_mod
     from beemond.sensors.emulators.replay import CsvReplay
 
-    for sub in ("spool", "ftp-root", "received"):
+    for sub in ("spool", "ftp-root", "received", "lab-data"):
         shutil.rmtree(RUN / sub, ignore_errors=True)
     keys = RUN / "keys"
     if not (keys / "identity.txt").exists():
         crypto.keygen(keys)
+    device = RUN / "device"
+    if not (device / crypto.DEVICE_KEY_NAME).exists():
+        crypto.device_keygen(device, "demo-hive")
     password = RUN / "ftp-password"
     password.write_text("demo-hive-password\n")
     password.chmod(0o600)
@@ -66,6 +71,7 @@ def main() -> int:
             if "replay" in sensor:
                 sensor["replay"]["file"] = str((source.parent / sensor["replay"]["file"]).resolve())
         cfg["bundle"]["recipients"] = [str(keys / "recipient.txt")]
+        cfg["bundle"]["signing_key"] = str(device / crypto.DEVICE_KEY_NAME)
         cfg["upload"].update(port=port, password_file=str(password))
         with socket.socket() as probe:  # a free port for /metrics, so a running beemond is no obstacle
             probe.bind(("127.0.0.1", 0))
@@ -122,6 +128,20 @@ def main() -> int:
     print(f"  {len(readings)} climate readings, {mismatched} differ from the replayed rows")
     print(f"\ndemo: decrypted records are in {RUN / 'received'}; "
           f"decrypt by hand with: age -d -i {keys / 'identity.txt'} BUNDLE | tar tv")
+
+    # ---- the lab's side: verify every signature, decrypt, check, merge the readings per day
+    from beemond import ingest
+
+    if not any((RUN / "ftp-root").rglob("*.tar.age.sig")):
+        print("demo: no signatures reached the server (this uploader does not send NAME.sig); ingest skipped")
+        return 0 if ok and mismatched == 0 else 1
+    report = ingest.run(RUN / "ftp-root", keys / "identity.txt", device, RUN / "lab-data", print=lambda _l: None)
+    days = sorted((RUN / "lab-data").glob("*/*/hive_climate/*@*.csv"))
+    print(f"demo: beemond ingest: {len(report.ingested)} bundle(s) verified and unpacked, {len(report.rejected)} "
+          f"rejected, {report.rows} readings in {', '.join(str(d.relative_to(RUN)) for d in days) or 'no daily CSV'}")
+    for name, _reason, message in report.rejected:
+        print(f"  rejected {name}: {message}")
+    ok &= not report.rejected
     return 0 if ok and mismatched == 0 else 1
 
 

@@ -24,6 +24,7 @@ from beemond import archive, ipc
 from beemond.clock import Clock
 from beemond.clock import synchronized as clock_synchronized
 from beemond.config import DEFAULT_TEMPLATE
+from beemond.sensors.periodic import PeriodicValuePoller
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,12 @@ class PolledSensorWorker:
     # -- loop
     def run(self) -> None:
         interval = self.sensor.interval_s
-        next_due = time.monotonic()
+        poller = PeriodicValuePoller(interval, self.measure_once)
         log.info("recording every %g s, a record per %g s", interval, self.sensor.record_window_s)
         try:
             while True:
                 now = time.monotonic()
-                deadlines = [next_due]
+                deadlines = [poller.due()]
                 if self.window_opened is not None:
                     deadlines.append(self.window_opened + self.sensor.record_window_s)
                 cmd = self.channel.receive(timeout=max(0.0, min(deadlines) - now))
@@ -116,19 +117,17 @@ class PolledSensorWorker:
                         self.flush()
                     elif cmd.kind == ipc.START:
                         self.paused = False
-                        next_due = time.monotonic()
+                        poller.restart()
                     elif cmd.kind == ipc.CAPTURE_NOW:
                         self.measure_once()
                     elif cmd.kind == ipc.SAMPLE:
                         self.on_sample(cmd.args)
                 now = time.monotonic()
-                if not self.paused and now >= next_due:
-                    self.measure_once()
-                    next_due += interval
-                    if next_due < now:  # fell behind (a long stall): skip, do not burst
-                        skipped = int((now - next_due) // interval) + 1
-                        log.warning("fell behind by %d interval(s); skipping them", skipped)
-                        next_due += skipped * interval
+                if not self.paused and now >= poller.due():
+                    skipped = poller.skipped
+                    poller.poll(now)  # measures; the grid stays fixed and a long stall is skipped, not burst
+                    if poller.skipped > skipped:
+                        log.warning("fell behind by %d interval(s); skipping them", poller.skipped - skipped)
                 if self.window_opened is not None and now - self.window_opened >= self.sensor.record_window_s:
                     self.flush()
         finally:
@@ -272,6 +271,7 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
     if "clock_synchronized" not in metadata:
         wc = getattr(worker, "clock", None)
         metadata["clock_synchronized"] = wc.synchronized() if wc is not None else clock_synchronized()
+    metadata = archive.with_default_metadata(cfg.archive.default_metadata, metadata)
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
                  "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
                  "metadata": metadata, "_split_index": split_index}
