@@ -394,7 +394,8 @@ def test_daemon_bundles_round_trip_through_age_and_ingest(tmp_path, keys, passwo
     ftp = FtpServer(tmp_path / "ftp-root", password_file).start()
     try:
         cfg = make_config(tmp_path, keys, password_file, ftp.port,
-                          **{"bundle.signing_key": str(device["key"]), "sensors.hive_audio.enabled": False})
+                          **{"bundle.signing_key": str(device["key"]), "sensors.hive_audio.enabled": False,
+                             "processors": None})  # hive_bands reads the disabled hive_audio
         d = daemons(cfg, tmp_path / "daemon.log")
         d.wait_log(r"aggregator INFO sealed ", count=2, timeout=60)
         assert d.terminate() == 0, d.log()
