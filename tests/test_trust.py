@@ -378,18 +378,8 @@ def test_several_recipients_and_a_change_applies_after_restart(tmp_path, keys, p
 
 # ------------------------------------------------------------------------------------------ end to end
 
-def _uploader_sends_signatures() -> bool:
-    # The .sig upload is the upload helper's half of the contract (issue 5); until it lands this test
-    # cannot pass, and says so instead of failing.
-    import inspect
-
-    from beemond.upload import uploader
-    return ".sig" in inspect.getsource(uploader)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(AGE is None, reason="needs the stock age CLI")
-@pytest.mark.skipif(not _uploader_sends_signatures(), reason="the uploader does not upload NAME.sig yet")
 def test_daemon_bundles_round_trip_through_age_and_ingest(tmp_path, keys, password_file, device, daemons):
     ftp = FtpServer(tmp_path / "ftp-root", password_file).start()
     try:
