@@ -400,6 +400,28 @@ def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploa
     assert u.counts["quarantined"] == u.counts["failures"] == 0 and not (cfg.spool / "quarantine").exists()
 
 
+def test_bundle_dropped_mid_upload_is_not_quarantined(tmp_path, keys):
+    """The aggregator's drop_oldest_when_full may delete a bundle (then its .sig) while it is being sent:
+    the open file still reaches the server whole, and the uploader neither quarantines nor fails."""
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
+                                        "upload.password_file": None, "upload.keep_uploaded_bytes": 10**6,
+                                        "upload.rate_limit_bytes_per_s": 300_000})
+    made = make_bundles(outbox_of(cfg), 1, 600_000)
+    name = next(iter(made))
+    (outbox_of(cfg) / (name + ".sig")).write_bytes(b"s" * 64)
+    with Running(cfg) as r:
+        wait_for(lambda: any(p.stat().st_size > 0 for p in nas.rglob(name + ".part")), 20, "the bundle in transfer")
+        (outbox_of(cfg) / name).unlink()  # as Aggregator.enforce_quota drops: the bundle, then its .sig
+        (outbox_of(cfg) / (name + ".sig")).unlink()
+        wait_for(lambda: r.uploader.counts["uploaded"] == 1, 20, "the upload to finish")
+    assert on_server(nas) == made
+    assert r.uploader.counts["quarantined"] == r.uploader.counts["failures"] == 0
+    assert not (cfg.spool / "quarantine").exists() and list((cfg.spool / "uploaded").iterdir()) == []
+    assert r.uploader.kept == [] and not r.uploader.known
+
+
 def test_cli_upload_backlog_progress_summary_and_lock(tmp_path, keys):
     nas = tmp_path / "nas"
     nas.mkdir()
