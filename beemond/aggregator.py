@@ -390,6 +390,7 @@ class Aggregator:
         self.channel = channel
         self.staging = Path(cfg.spool) / "staging"
         self.outbox = Path(cfg.spool) / "outbox"
+        self.uploaded = Path(cfg.spool) / "uploaded"
         self.staging.mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
         # Read at start: a restart (the orchestrator's reload) seals later bundles for the new recipients
@@ -400,7 +401,8 @@ class Aggregator:
         self.open: dict[str, _Open] = {}
         self.known: set[Path] = set()
         self.quota_at = 0.0
-        self.quota_stuck = False
+        self.quota_stuck = False   # over a limit at the last check (one error when it starts, one line when it ends)
+        self.dropped = 0           # un-uploaded bundles dropped since start (drop_oldest_when_full)
 
     def run(self) -> None:
         self.rescan()
@@ -523,11 +525,12 @@ class Aggregator:
         self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)
         self.enforce_quota()
 
-    # ---- disk full
+    # ---- disk full: the one space policy (daemon.spool_max_bytes, spool_min_free_bytes, drop_oldest_when_full)
     def spool_usage(self) -> tuple[int, int]:
-        """(bytes in staging and outbox, bytes free on the spool's file system for us)."""
+        """(bytes allocated to staging, outbox and uploaded copies; bytes free for us on the spool's
+        file system). Quarantined and set-aside files are a human's to clear and are not counted."""
         used = 0
-        for root in (self.staging, self.outbox):
+        for root in (self.staging, self.outbox, self.uploaded):
             for dirpath, _dirs, files in os.walk(root):
                 for name in files:
                     try:
@@ -538,55 +541,85 @@ class Aggregator:
         return used, st.f_bavail * st.f_frsize
 
     def enforce_quota(self) -> None:
-        """Keep the spool within ``daemon.spool_max_bytes`` and ``daemon.spool_min_free_bytes`` by
-        dropping the oldest sealed bundles from the outbox (the retention policy: the newest data is
-        kept). Staged records are never dropped here: they are not yet encrypted anywhere else."""
+        """Keep the spool within ``daemon.spool_max_bytes`` (0: none) and ``daemon.spool_min_free_bytes``.
+
+        Over a limit: uploaded copies (``spool/uploaded/``, kept under ``upload.keep_uploaded_bytes``)
+        go first, oldest first; then, only with ``daemon.drop_oldest_when_full``, the oldest un-uploaded
+        bundles in the outbox (never the newest), each logged at error level and reported as an
+        ``ERROR`` event (counted in ``beemond_errors_total``). Without it no un-uploaded data is ever deleted: one error says the
+        spool is full, and on a truly full file system the sensors' writes fail and they hold and retry
+        until space returns (logged too). Staged records are never deleted: they exist nowhere else.
+        Never raises."""
         self.quota_at = time.monotonic() + QUOTA_CHECK_S
         d = self.cfg.daemon
         try:
+            self._sweep_orphan_signatures()
             used, free = self.spool_usage()
-        except OSError as e:
-            log.warning("cannot measure the spool: %s", e)
+            over = lambda: bool(d.spool_max_bytes and used > d.spool_max_bytes) or free < d.spool_min_free_bytes  # noqa: E731
+            if over():
+                for victim in self._bundles(self.uploaded):
+                    if not over():
+                        break
+                    # Signature first: an uploaded copy without its .sig is harmless, an orphan .sig clutter.
+                    size = _delete(victim.with_name(victim.name + crypto.SIG_SUFFIX), victim)
+                    used, free = used - size, free + size
+                    log.info("spool over its limits: deleted the uploaded copy %s (%d bytes)", victim.name, size)
+            if over() and d.drop_oldest_when_full:
+                dropped = 0
+                # The newest bundle always stays: a limit smaller than one bundle must not cost all data.
+                for victim in self._bundles(self.outbox)[:-1]:
+                    if not over():
+                        break
+                    # The bundle before its .sig: a power cut between leaves an orphan .sig (swept at the
+                    # next check), never a bundle that would be uploaded without its signature.
+                    size = _delete(victim)
+                    if not size:
+                        continue  # uploaded meanwhile
+                    size += _delete(victim.with_name(victim.name + crypto.SIG_SUFFIX))
+                    used, free, dropped = used - size, free + size, dropped + 1
+                    self.dropped += 1
+                    log.error("spool full (%s): dropped the oldest un-uploaded bundle %s (%d bytes; "
+                              "daemon.drop_oldest_when_full); %d dropped so far",
+                              self._limits(used, free), victim.name, size, self.dropped)
+                    self.channel.send(ipc.ERROR, message=f"spool full: dropped bundle {victim.name}")
+                if dropped:
+                    archive.fsync_dir(self.outbox)
+        except OSError as e:  # EIO, a read-only remount: the next check tries again
+            log.warning("cannot enforce the spool limits: %s", e)
             return
-        over = lambda: (d.spool_max_bytes and used > d.spool_max_bytes) or free < d.spool_min_free_bytes  # noqa: E731
-        if not over():
-            if self.quota_stuck:
-                log.info("spool back within its quota: %d bytes used, %d free", used, free)
-            self.quota_stuck = False
-            return
-        # Copies already on the server (kept under [upload] keep_uploaded_bytes) go before any bundle
-        # that was never uploaded; they free disk space only (they do not count as used).
-        uploaded = self.outbox.parent / "uploaded"
-        kept = sorted((p for p in uploaded.iterdir() if BUNDLE_RE.match(p.name)), key=_bundle_age) \
-            if uploaded.is_dir() else []
-        while over() and kept:
-            victim = kept.pop(0)
-            for p in (victim.with_name(victim.name + ".sig"), victim):
-                try:
-                    free += p.stat().st_blocks * 512
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
-            log.warning("spool file system low (%d bytes free): deleted the uploaded copy %s", free, victim.name)
-        bundles = sorted((p for p in self.outbox.iterdir() if BUNDLE_RE.match(p.name)), key=_bundle_age)
-        dropped = 0
-        while over() and bundles:
-            victim = bundles.pop(0)
-            try:
-                size = victim.stat().st_blocks * 512
-                victim.unlink()
-            except FileNotFoundError:
-                continue  # uploaded meanwhile
-            used, free, dropped = used - size, free + size, dropped + 1
-            log.error("spool full (limit %d bytes used / %d bytes free): dropped the oldest bundle %s "
-                      "(%d bytes, never uploaded)", d.spool_max_bytes, d.spool_min_free_bytes, victim.name, size)
-            self.channel.send(ipc.ERROR, message=f"spool full: dropped bundle {victim.name}")
-        if dropped:
-            archive.fsync_dir(self.outbox)
-        if over() and not self.quota_stuck:
-            log.error("spool still over its quota with no bundle left to drop: %d bytes used, %d free; "
-                      "records stay staged until space returns", used, free)
-        self.quota_stuck = bool(over())
+        full = over()
+        if full and not self.quota_stuck:
+            if d.drop_oldest_when_full:
+                log.error("spool full (%s) with only the newest bundle left to drop; it and the staged "
+                          "records are kept until space returns", self._limits(used, free))
+            else:
+                log.error("spool full (%s): no uploaded copy left to delete and un-uploaded data is kept "
+                          "(daemon.drop_oldest_when_full = false); if the file system fills, sensors hold "
+                          "their records and retry until space returns", self._limits(used, free))
+            self.channel.send(ipc.ERROR, message="spool full")
+        elif not full and self.quota_stuck:
+            log.info("spool space returned (%s)", self._limits(used, free))
+        self.quota_stuck = full
+
+    def _limits(self, used: int, free: int) -> str:
+        d = self.cfg.daemon
+        cap = f" of spool_max_bytes {d.spool_max_bytes}" if d.spool_max_bytes else ""
+        return f"{used} bytes used{cap}, {free} free, spool_min_free_bytes {d.spool_min_free_bytes}"
+
+    def _bundles(self, directory: Path) -> list[Path]:
+        """The bundles in *directory*, oldest first (by the start in the name, then the seal time)."""
+        if not directory.is_dir():
+            return []
+        return sorted((p for p in directory.iterdir() if BUNDLE_RE.match(p.name)), key=_bundle_age)
+
+    def _sweep_orphan_signatures(self) -> None:
+        """Delete an outbox ``NAME.sig`` whose bundle is gone (a power cut inside a drop). Safe here: this
+        process is the one that writes a signature ahead of its bundle, and it is not sealing now."""
+        for sig in self.outbox.iterdir():
+            if sig.name.endswith(crypto.SIG_SUFFIX) and BUNDLE_RE.match(sig.name[:-len(crypto.SIG_SUFFIX)]) \
+                    and not sig.with_name(sig.name[:-len(crypto.SIG_SUFFIX)]).exists():
+                sig.unlink(missing_ok=True)
+                log.warning("deleted the signature %s, whose bundle is gone", sig.name)
 
     def _set_aside(self, rec: Record, error: OSError) -> None:
         self.known.discard(rec.path)
@@ -612,6 +645,19 @@ def _bundle_age(path: Path) -> tuple:
     except FileNotFoundError:
         sealed = 0
     return BUNDLE_RE.match(path.name)["start"], sealed
+
+
+def _delete(*paths: Path) -> int:
+    """Unlink *paths* in order (missing ones skipped). Returns the bytes freed."""
+    freed = 0
+    for p in paths:
+        try:
+            size = p.stat().st_blocks * 512
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
+    return freed
 
 
 def _age(path: Path, now: float) -> float:

@@ -13,13 +13,14 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
 
     [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
-               crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes
+               crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes,
+               drop_oldest_when_full
     [archive]  filename_template, default_metadata (a table)
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, host, port, user, password_file, password_credential, ca_file, key_file,
                key_credential, known_hosts, remote_dir, layout, timeout_s, backoff_initial_s,
                backoff_max_s, shutdown_grace_s, backlog_order, rate_limit_bytes_per_s,
-               keep_uploaded_bytes, min_free_bytes, drop_oldest_when_full
+               keep_uploaded_bytes
     [upload.windows]  SENSOR = "HH:MM-HH:MM"
     [sensors.NAME]          type = "sht3x" | "bme280" | "ds18b20" | "audio" | "camera" | "gpio" | "scale",
                             backend = "hardware" | "simulated", power_pin, power_lead_s, power_active_high, ...
@@ -83,10 +84,14 @@ class DaemonConfig:
     crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
     crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
+    # The one space policy (enforced by the aggregator, see Aggregator.enforce_quota): over a limit,
+    # uploaded copies go first, un-uploaded bundles only with drop_oldest_when_full.
     spool_max_bytes: int = _opt(0, min=0, max=2**50,
-                                doc="0: no quota; else the oldest bundles in the outbox are dropped to stay under it")
+                                doc="0: no limit; else the most the spool (staging, outbox, uploaded copies) may hold")
     spool_min_free_bytes: int = _opt(32 * 2**20, min=0, max=2**50,
-                                     doc="free space kept on the spool's file system by dropping the oldest bundles")
+                                     doc="free space to keep on the spool's file system")
+    drop_oldest_when_full: bool = _opt(False, doc="over a limit, delete the oldest un-uploaded bundles too "
+                                                  "(each logged and counted); false: keep all data")
 
 
 @dataclass(frozen=True)
@@ -619,10 +624,8 @@ class UploadConfig:
     backlog_order: str = _opt("oldest", choices=("oldest", "newest"))
     rate_limit_bytes_per_s: int = _opt(0, min=0, max=2**40, doc="0: unlimited")
     windows: dict[str, str] = _opt(factory=dict, doc='sensor -> "HH:MM-HH:MM" local time when its bundles may go')
-    keep_uploaded_bytes: int = _opt(0, min=0, max=2**50, doc="keep uploaded copies in spool/uploaded/ up to this size")
-    min_free_bytes: int = _opt(50_000_000, min=0, max=2**50,
-                               doc="below this free space on the spool's filesystem, evict uploaded copies first")
-    drop_oldest_when_full: bool = _opt(False, doc="then also delete the oldest un-uploaded bundles (logged, counted)")
+    keep_uploaded_bytes: int = _opt(0, min=0, max=2**50, doc="keep uploaded copies in spool/uploaded/ up to this "
+                                                             "size (the [daemon] spool limits evict them first)")
 
     def password(self) -> str:
         """The password from ``password_file`` or the systemd credential; ``""`` if neither."""
@@ -867,12 +870,19 @@ def _typed_tables(path: Path, tree: dict, section: str, what: str, types: dict, 
     return tuple(out)
 
 
+# Keys that moved (never released where they were): a clear pointer beats "unknown key".
+MOVED = {"upload.min_free_bytes": "daemon.spool_min_free_bytes",
+         "upload.drop_oldest_when_full": "daemon.drop_oldest_when_full"}
+
+
 def _build(cls, table: dict, path: Path, prefix: str, base: Path, strings: bool):
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in table.items():
         full = f"{prefix}.{key}"
+        if full in MOVED:
+            raise ConfigError(path, full, f"moved to {MOVED[full]}")
         if key not in fields:
             allowed = ", ".join(n for n in fields if n != "name")
             raise ConfigError(path, full, f"unknown key; allowed: {allowed}")

@@ -1,6 +1,7 @@
-"""Disk full: the spool quota (daemon.spool_max_bytes / spool_min_free_bytes) keeps the newest bundles
-and the daemon running; on a real 2 MB tmpfs, ENOSPC is survived and recording resumes when space
-returns."""
+"""Disk full, the one space policy ([daemon] spool_max_bytes, spool_min_free_bytes, drop_oldest_when_full):
+with drop_oldest_when_full the oldest bundles go and the newest stay; without it no un-uploaded bundle is
+ever deleted, one error says the spool is full, and all resumes when space returns; on a real 2 MB tmpfs,
+ENOSPC is survived and recording resumes when space returns."""
 
 from __future__ import annotations
 
@@ -25,18 +26,23 @@ def outbox(spool: Path) -> list[Path]:
     return sorted(p for p in (spool / "outbox").glob("*.tar.age") if not p.name.startswith("."))
 
 
+def sealed(log: str) -> list[str]:
+    return re.findall(r"sealed (\S+\.tar\.age):", log)
+
+
 def test_spool_quota_drops_the_oldest_bundles_and_keeps_running(tmp_path, keys, password_file, daemons):
     quota = 600_000
     port = free_port()  # nothing listens: every upload fails, the outbox grows
-    cfg = make_config(tmp_path, keys, password_file, port, **LOUD, **{"daemon.spool_max_bytes": quota})
+    cfg = make_config(tmp_path, keys, password_file, port, **LOUD, **{"daemon.spool_max_bytes": quota,
+                                                                      "daemon.drop_oldest_when_full": True})
     spool = tmp_path / "spool"
     d = daemons(cfg, tmp_path / "daemon.log")
     first = {p.name for p in wait_for(lambda: outbox(spool), 30, "a first bundle")}
-    d.wait_log(r"spool full \(limit %d bytes used / \d+ bytes free\): dropped the oldest bundle (\S+)" % quota,
-               timeout=40)
-    dropped = re.findall(r"dropped the oldest bundle (\S+)", d.log())
+    d.wait_log(r"spool full \(\d+ bytes used of spool_max_bytes %d, .*\): dropped the oldest un-uploaded bundle"
+               % quota, timeout=40)
+    dropped = re.findall(r"dropped the oldest un-uploaded bundle (\S+)", d.log())
     assert dropped[0] in first, "the oldest bundle goes first"
-    d.wait_log(r"dropped the oldest bundle", count=3, timeout=30)
+    d.wait_log(r"dropped the oldest un-uploaded bundle", count=3, timeout=30)
     kept = outbox(spool)
     assert kept and not first & {p.name for p in kept}
     # The newest bundles stay: every kept one is newer than every dropped one.
@@ -50,6 +56,37 @@ def test_spool_quota_drops_the_oldest_bundles_and_keeps_running(tmp_path, keys, 
     assert "Traceback" not in log
     assert d.proc.poll() is None
     assert d.terminate() == 0, d.log()
+    assert not list((spool / "outbox").glob("*.sig")), "no signature outlives its bundle"
+
+
+def test_full_spool_without_drop_keeps_every_bundle_and_resumes(tmp_path, keys, password_file, daemons):
+    quota = 400_000
+    port = free_port()  # nothing listens yet: the outbox grows past the quota
+    cfg = make_config(tmp_path, keys, password_file, port, **LOUD, **{"daemon.spool_max_bytes": quota})
+    spool = tmp_path / "spool"
+    d = daemons(cfg, tmp_path / "daemon.log")
+    d.wait_log(r"spool full \(.*\): no uploaded copy left to delete and un-uploaded data is kept", timeout=40)
+    mark = len(d.log())
+    wait_for(lambda: len(sealed(d.log()[mark:])) >= 2, 20, "recording and sealing go on while full")
+    ftp = FtpServer(tmp_path / "ftp-root", password_file, port=port).start()
+    try:
+        d.wait_log(r"spool space returned", timeout=40)
+        mark = len(d.log())
+        after = wait_for(lambda: sealed(d.log()[mark:]), 20, "a bundle sealed after space returned")
+        wait_for(lambda: after[0] in {p.name for p in ftp.bundles()}, 30, "its upload")
+        assert d.proc.poll() is None
+        assert d.terminate() == 0, d.log()
+    finally:
+        ftp.stop()
+    log = d.log()
+    assert len(re.findall(r"spool full", log)) == 1, "one error for the whole episode, not one per check"
+    assert "dropped" not in log
+    # Every bundle ever sealed is on the server or still in the outbox: none was deleted for space.
+    everything = sealed(log)
+    assert len(everything) >= 5
+    assert set(everything) <= {p.name for p in outbox(spool)} | {p.name for p in ftp.bundles()}
+    assert len(re.findall(r"started worker aggregator", log)) == 1, "the aggregator never restarted"
+    assert "Traceback" not in log
 
 
 def _mount_tmpfs(where: Path, size: str) -> str | None:
@@ -73,11 +110,11 @@ def test_tiny_tmpfs_spool_survives_enospc_and_resumes(tmp_path, keys, password_f
         port = free_port()
         cfg = make_config(tmp_path, keys, password_file, port, **LOUD, **{
             "daemon.spool_dir": str(mnt / "spool"), "daemon.spool_min_free_bytes": 700_000,
-            "daemon.crash_loop_limit": 100})
+            "daemon.drop_oldest_when_full": True, "daemon.crash_loop_limit": 100})
         spool = mnt / "spool"
         d = daemons(cfg, tmp_path / "daemon.log")
         # 2 MB, 700 KB kept free: the quota starts dropping bundles well before ENOSPC.
-        d.wait_log(r"dropped the oldest bundle", timeout=40)
+        d.wait_log(r"dropped the oldest un-uploaded bundle", timeout=40)
         # Now take (almost) all of the rest: writes fail with ENOSPC.
         filler = mnt / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -89,7 +126,7 @@ def test_tiny_tmpfs_spool_survives_enospc_and_resumes(tmp_path, keys, password_f
         finally:
             os.close(fd)
         n_log = len(d.log())
-        wait_for(lambda: re.search(r"No space left on device|spool still over its quota", d.log()[n_log:]), 30,
+        wait_for(lambda: re.search(r"No space left on device|spool full \(.*\) with only the newest bundle left", d.log()[n_log:]), 30,
                  "the daemon noticing the full disk")
         assert d.proc.poll() is None
         filler.unlink()

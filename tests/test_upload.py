@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import ssl
 import subprocess
 import sys
@@ -322,10 +323,9 @@ def test_upload_windows_and_rate_limit(tmp_path, keys):
 def test_retention_evicts_oldest_uploaded_never_unuploaded(tmp_path, keys, caplog):
     nas = tmp_path / "nas"
     nas.mkdir()
-    over = {"upload.protocol": "local", "upload.remote_dir": str(nas), "upload.password_file": None,
-            "upload.windows": {"video": _window_excluding_now()}, "upload.keep_uploaded_bytes": 25_000,
-            "upload.min_free_bytes": 0}
-    cfg = load(tmp_path, keys, None, **over)
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
+                                        "upload.password_file": None, "upload.keep_uploaded_bytes": 25_000,
+                                        "upload.windows": {"video": _window_excluding_now()}})
     made = make_bundles(outbox_of(cfg), 5, 10_000)
     waiting = make_bundles(outbox_of(cfg), 2, 10_000, sensor="video", start=-10)  # the oldest of all
     with Running(cfg) as r:
@@ -335,37 +335,91 @@ def test_retention_evicts_oldest_uploaded_never_unuploaded(tmp_path, keys, caplo
     assert r.uploader.counts["evicted"] == 3
     assert bundles_left(cfg) == sorted(waiting), "un-uploaded bundles are never evicted, however old"
 
-    # The filesystem "fills": every uploaded copy may go, but without drop_oldest_when_full nothing else.
-    full = load(tmp_path, keys, None, **{**over, "upload.min_free_bytes": 2**49})
-    u = Uploader(full, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
-    u.scan()
-    assert list((cfg.spool / "uploaded").iterdir()) == []
-    assert bundles_left(cfg) == sorted(waiting)
-    assert u.counts["dropped"] == 0
 
-    # With drop_oldest_when_full the waiting bundles go too, oldest first, each logged and counted.
-    drop = load(tmp_path, keys, None, **{**over, "upload.min_free_bytes": 2**49, "upload.drop_oldest_when_full": True})
-    u = Uploader(drop, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
-    u.scan()
-    assert bundles_left(cfg) == [] and u.counts["dropped"] == 2
-    first, second = sorted(waiting)
-    log = caplog.text
-    assert log.index(f"deleted un-uploaded bundle {first}") < log.index(f"deleted un-uploaded bundle {second}")
+def _channel(name: str):
+    """A real channel whose events are read back from the pipe's other end."""
+    events_r, events_w = multiprocessing.Pipe(False)
+    return ipc.Channel(name, queue.Queue(), events_w, 60), events_r
 
 
-def test_aggregator_quota_takes_uploaded_copies_before_unuploaded_bundles(tmp_path, keys, password_file, caplog):
+def _errors(events_r) -> list[str]:
+    out = []
+    while events_r.poll():
+        ev = events_r.recv()
+        if ev.kind == ipc.ERROR:
+            out.append(ev.data["message"])
+    return out
+
+
+def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploaded(tmp_path, keys, password_file,
+                                                                                      caplog):
+    """The one space policy (Aggregator.enforce_quota): uploaded copies first, however new; un-uploaded
+    bundles only with daemon.drop_oldest_when_full, oldest first, each bundle before its .sig, each
+    counted; an uploader that had them queued forgets them without quarantine or backoff."""
     from beemond import aggregator
 
-    cfg = load(tmp_path, keys, password_file, 21, **{"daemon.spool_min_free_bytes": 2**49})
+    caplog.set_level(logging.INFO)
+    over = {"daemon.spool_min_free_bytes": 2**49, "upload.protocol": "local", "upload.remote_dir": str(tmp_path),
+            "upload.password_file": None}
+    cfg = load(tmp_path, keys, password_file, **over)
     kept = make_bundles(cfg.spool / "uploaded", 2, 10_000, start=20)  # newer than the waiting ones
-    waiting = make_bundles(outbox_of(cfg), 2, 10_000)
-    a = aggregator.Aggregator(cfg, ipc.Channel("aggregator", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    waiting = sorted(make_bundles(outbox_of(cfg), 3, 10_000))
+    for name in waiting:
+        (outbox_of(cfg) / (name + ".sig")).write_bytes(b"s" * 64)
+    (outbox_of(cfg) / (waiting[0][:-20] + "0" * 12 + ".tar.age.sig")).write_bytes(b"orphan")  # a power cut inside a drop
+
+    # Without drop_oldest_when_full: the uploaded copies go, every un-uploaded bundle stays; ONE error.
+    channel, events = _channel("aggregator")
+    a = aggregator.Aggregator(cfg, channel)
+    for _ in range(3):
+        a.enforce_quota()
+    assert list((cfg.spool / "uploaded").iterdir()) == []
+    assert sorted(p.name for p in outbox_of(cfg).iterdir()) == sorted(waiting + [n + ".sig" for n in waiting])
+    assert len(re.findall(r"spool full \(.*\): no uploaded copy left", caplog.text)) == 1
+    assert _errors(events) == ["spool full"] and a.dropped == 0
+    assert all(f"deleted the uploaded copy {n}" in caplog.text for n in kept)
+
+    # An uploader that already queued the outbox, then the same limits with drop_oldest_when_full.
+    cfg = load(tmp_path, keys, password_file, **{**over, "daemon.drop_oldest_when_full": True})
+    u = Uploader(cfg, _channel("uploader")[0])
+    u.scan()
+    assert len(u.known) == 3
+    caplog.clear()
+    channel, events = _channel("aggregator")
+    a = aggregator.Aggregator(cfg, channel)
     a.enforce_quota()
-    assert list((cfg.spool / "uploaded").iterdir()) == [] and bundles_left(cfg) == []
+    assert sorted(p.name for p in outbox_of(cfg).iterdir()) == [waiting[-1], waiting[-1] + ".sig"], \
+        "all but the newest bundle dropped with their signatures, no orphan .sig left"
     log = caplog.text
-    last_copy = max(log.index(f"deleted the uploaded copy {n}") for n in kept)
-    assert all(last_copy < log.index(f"dropped the oldest bundle {n}") for n in waiting), \
-        "uploaded copies go first, however new"
+    at = [log.index(f"dropped the oldest un-uploaded bundle {n}") for n in waiting[:-1]]
+    assert at == sorted(at), "oldest first"
+    assert "spool full" in log and "with only the newest bundle left" in log
+    assert a.dropped == 2 and _errors(events) == [f"spool full: dropped bundle {n}" for n in waiting[:-1]] + ["spool full"]
+    assert u.upload_next() and u.upload_next()
+    assert u.counts["vanished"] == 2 and list(u.known) == [outbox_of(cfg) / waiting[-1]]
+    assert u.counts["quarantined"] == u.counts["failures"] == 0 and not (cfg.spool / "quarantine").exists()
+
+
+def test_bundle_dropped_mid_upload_is_not_quarantined(tmp_path, keys):
+    """The aggregator's drop_oldest_when_full may delete a bundle (then its .sig) while it is being sent:
+    the open file still reaches the server whole, and the uploader neither quarantines nor fails."""
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
+                                        "upload.password_file": None, "upload.keep_uploaded_bytes": 10**6,
+                                        "upload.rate_limit_bytes_per_s": 300_000})
+    made = make_bundles(outbox_of(cfg), 1, 600_000)
+    name = next(iter(made))
+    (outbox_of(cfg) / (name + ".sig")).write_bytes(b"s" * 64)
+    with Running(cfg) as r:
+        wait_for(lambda: any(p.stat().st_size > 0 for p in nas.rglob(name + ".part")), 20, "the bundle in transfer")
+        (outbox_of(cfg) / name).unlink()  # as Aggregator.enforce_quota drops: the bundle, then its .sig
+        (outbox_of(cfg) / (name + ".sig")).unlink()
+        wait_for(lambda: r.uploader.counts["uploaded"] == 1, 20, "the upload to finish")
+    assert on_server(nas) == made
+    assert r.uploader.counts["quarantined"] == r.uploader.counts["failures"] == 0
+    assert not (cfg.spool / "quarantine").exists() and list((cfg.spool / "uploaded").iterdir()) == []
+    assert r.uploader.kept == [] and not r.uploader.known
 
 
 def test_cli_upload_backlog_progress_summary_and_lock(tmp_path, keys):
@@ -414,3 +468,11 @@ def test_upload_config_rules(tmp_path, keys, password_file, over, key):
         config.load(make_config(tmp_path, keys, password_file, 21, **over))
     assert e.value.key == key
     assert "hive-secret" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, where", [("upload.min_free_bytes", "daemon.spool_min_free_bytes"),
+                                        ("upload.drop_oldest_when_full", "daemon.drop_oldest_when_full")])
+def test_space_keys_moved_to_daemon(tmp_path, keys, password_file, key, where):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(make_config(tmp_path, keys, password_file, 21, **{key: 1}))
+    assert e.value.key == key and f"moved to {where}" in str(e.value)

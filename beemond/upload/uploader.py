@@ -21,9 +21,10 @@ refuses the file: FTP 550/553, SFTP permission denied; or the local file cannot 
 once on a fresh connection, then the bundle is moved to ``spool/quarantine/`` with an error line and
 counted: never retried forever, never deleted.
 
-Retention (``enforce_retention``): uploaded copies beyond ``keep_uploaded_bytes`` go oldest first;
-below ``min_free_bytes`` free on the spool's filesystem every uploaded copy may go, oldest first, and
-only with ``drop_oldest_when_full`` the oldest un-uploaded bundles too, each logged and counted.
+Retention (``enforce_retention``): uploaded copies beyond ``keep_uploaded_bytes`` go, oldest first.
+Space on the spool is the aggregator's (``Aggregator.enforce_quota``, the ``[daemon]`` spool limits):
+it may delete uploaded copies, and with ``drop_oldest_when_full`` un-uploaded bundles, under our feet.
+A bundle that vanishes before or while it is sent is forgotten (logged), never quarantined or retried.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Uploader:
         self.next_try = 0.0
         self.window_check = 0.0
         self.strikes: dict[Path, int] = {}  # permanent errors per bundle (quarantined at the second)
-        self.counts = collections.Counter()  # uploaded, bytes, quarantined, evicted, dropped, failures
+        self.counts = collections.Counter()  # uploaded, bytes, quarantined, evicted, vanished, failures
         self.last_upload: float | None = None
         self.windows = {name: parse_window(spec) for name, spec in self.up.windows.items()}
         self.bucket = TokenBucket(self.up.rate_limit_bytes_per_s)
@@ -129,7 +130,7 @@ class Uploader:
         while self.fresh or self.backlog:
             path = self.fresh.popleft() if self.fresh else self.backlog.pop(0)
             if path not in self.known:
-                continue  # dropped by retention meanwhile
+                continue  # dropped by the spool limits meanwhile
             if self._window_open(path):
                 return path
             if not self.deferred:
@@ -144,7 +145,7 @@ class Uploader:
         # files/bytes/last_upload as ipc.OUTBOX defines; the counts since start ride along for status.
         self.channel.send(ipc.OUTBOX, files=len(self.known), bytes=sum(self.known.values()),
                           last_upload=self.last_upload, quarantined=self.counts["quarantined"],
-                          dropped=self.counts["dropped"], evicted=self.counts["evicted"])
+                          evicted=self.counts["evicted"])
 
     # ---- watchdog
     def _start_observer(self) -> None:
@@ -224,23 +225,47 @@ class Uploader:
         if path is None:
             return True
         if not path.exists():
-            self.known.pop(path, None)
+            self._vanished(path)
             return True
         try:
             self._upload(path)
+        except FileNotFoundError as e:
+            if path.exists():  # the server's "no such directory" (local transport), not our bundle
+                return self._transient_or_refused(path, e)
+            self._vanished(path)
+            return True
         except (PermanentError, archive.TemplateError) as e:  # TemplateError: the layout cannot name it
             return self._refused(path, e)
         except (TransportError, OSError, EOFError, *self.transport.errors) as e:
-            if self.transport.permanent(e):
-                return self._refused(path, e)
-            self._failed(path, e)
-            return False
+            return self._transient_or_refused(path, e)
         self.strikes.pop(path, None)
         if self.failures:
             log.info("upload link restored after %d failure(s)", self.failures)
             self.failures = 0
             self.scan()  # the secondary queue: anything an event did not announce during the outage
         return True
+
+    def _transient_or_refused(self, path: Path, e: BaseException) -> bool:
+        if self.transport.permanent(e):
+            return self._refused(path, e)
+        self._failed(path, e)
+        return False
+
+    def _vanished(self, path: Path) -> None:
+        """*path* left the outbox before it was sent: dropped by the spool policy (the aggregator's
+        ``drop_oldest_when_full``), which logged and counted it. Nothing to retry or quarantine."""
+        self.known.pop(path, None)
+        self.strikes.pop(path, None)
+        self.counts["vanished"] += 1
+        log.info("bundle %s left the outbox before it was uploaded (dropped by the spool limits)", path.name)
+        self.report()
+
+    def _forget_vanished(self) -> None:
+        """Drop from the queues' accounting the bundles no longer in the outbox (the OUTBOX event's
+        counts stay true while the link is down and the aggregator drops bundles)."""
+        present = set(self.outbox.iterdir())
+        for path in [p for p in self.known if p not in present]:
+            self.known.pop(path, None)
 
     def _failed(self, path: Path, e: BaseException) -> None:
         self.failures += 1
@@ -253,7 +278,8 @@ class Uploader:
         self.channel.send(ipc.ERROR, message=f"upload failed: {type(e).__name__}: {str(e).strip()}")
         self.transport.close()
         self.backlog.insert(0, path)  # fresh first on the next try, but this one is not forgotten
-        self.enforce_retention()  # the link may stay down for hours while the spool fills
+        self._forget_vanished()
+        self.report()
 
     def _refused(self, path: Path, e: BaseException) -> bool:
         """A permanent error: once more on a fresh connection (a stale directory cache, a server
@@ -345,56 +371,42 @@ class Uploader:
     # ---- retention
     def _release(self, path: Path, sig: Path | None) -> None:
         """Delete (or keep, under the quota) an uploaded bundle: its signature first, so a power cut
-        between the two leaves a bundle that is simply uploaded again, never an orphan signature."""
+        between the two leaves a bundle that is simply uploaded again, never an orphan signature.
+        Either may already be gone (the aggregator's spool limits): it is on the server, that is fine."""
         if self.up.keep_uploaded_bytes > 0:
             self.uploaded_dir.mkdir(exist_ok=True)
-            if sig is not None:
-                os.replace(sig, self.uploaded_dir / sig.name)
-            os.replace(path, self.uploaded_dir / path.name)
-            archive.fsync_dir(self.uploaded_dir)
-            self._keep(self.uploaded_dir / path.name)
+            try:
+                if sig is not None:
+                    os.replace(sig, self.uploaded_dir / sig.name)
+                os.replace(path, self.uploaded_dir / path.name)
+                archive.fsync_dir(self.uploaded_dir)
+                self._keep(self.uploaded_dir / path.name)
+            except FileNotFoundError:
+                (self.uploaded_dir / (path.name + SIG)).unlink(missing_ok=True)  # no copy to go with
         else:
             if sig is not None:
-                sig.unlink()
-            path.unlink()
+                sig.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         archive.fsync_dir(self.outbox)
 
     def _keep(self, path: Path) -> None:
-        size = path.stat().st_size
-        sig = path.with_name(path.name + SIG)
-        if sig.exists():
-            size += sig.stat().st_size
+        try:
+            size = path.stat().st_size
+            sig = path.with_name(path.name + SIG)
+            if sig.exists():
+                size += sig.stat().st_size
+        except FileNotFoundError:
+            return  # evicted by the aggregator's spool limits meanwhile
         bisect.insort(self.kept, (sort_key(path), path, size))
         self.kept_bytes += size
 
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.spool)
-        return st.f_bavail * st.f_frsize
-
     def enforce_retention(self) -> None:
-        """Quota on uploaded copies; on a full filesystem uploaded copies go first, and un-uploaded
-        bundles only if ``drop_oldest_when_full``. Oldest (by bundle start) first."""
+        """Uploaded copies beyond ``keep_uploaded_bytes`` go, oldest (by bundle start) first."""
+        if any(not p.exists() for _k, p, _s in self.kept):  # the aggregator's spool limits took some
+            self.kept = [k for k in self.kept if k[1].exists()]
+            self.kept_bytes = sum(k[2] for k in self.kept)
         while self.kept and self.kept_bytes > self.up.keep_uploaded_bytes:
             self._evict("over keep_uploaded_bytes")
-        if self.free_bytes() >= self.up.min_free_bytes:
-            return
-        while self.kept and self.free_bytes() < self.up.min_free_bytes:
-            self._evict("spool filesystem below min_free_bytes")
-        if not self.up.drop_oldest_when_full:
-            return
-        waiting = sorted(self.known, key=sort_key)
-        dropped = False
-        while waiting and self.free_bytes() < self.up.min_free_bytes:
-            path = waiting.pop(0)
-            self.known.pop(path, None)
-            for p in (path.with_name(path.name + SIG), path):
-                p.unlink(missing_ok=True)
-            dropped = True
-            self.counts["dropped"] += 1
-            log.error("spool filesystem below min_free_bytes (%d bytes free): deleted un-uploaded bundle %s "
-                      "(drop_oldest_when_full); %d dropped so far", self.free_bytes(), path.name, self.counts["dropped"])
-        if dropped:
-            archive.fsync_dir(self.outbox)
 
     def _evict(self, why: str) -> None:
         _key, path, size = self.kept.pop(0)
