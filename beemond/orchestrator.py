@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fcntl
+import hashlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -108,6 +109,7 @@ class Orchestrator:
         self._watchdog_at = 0.0
         self._status_text, self._status_at = "", 0.0
         self._reload_requested = False
+        self._bundle_keys = _bundle_key_files(cfg)   # what the aggregator reads at its start
         self.health = None
         self.status_server = None
 
@@ -554,6 +556,12 @@ class Orchestrator:
             log.warning("SIGHUP: [metrics] changed; that needs a restart of the service, keeping the old one")
             new = dataclasses.replace(new, metrics=old.metrics)
         restart = self._changed_workers(old, new)
+        keys = _bundle_key_files(new)
+        if keys != self._bundle_keys and "aggregator" not in restart:
+            # Same [bundle] text, edited recipients file or device key: only a restarted aggregator reads them.
+            log.info("SIGHUP: a recipients file or the signing key changed")
+            restart.insert(0, "aggregator")
+        self._bundle_keys = keys
         old_units, new_units = _units(old), _units(new)
         removed = sorted(set(old_units) - set(new_units))
         self.cfg, self.d = new, new.daemon
@@ -609,6 +617,26 @@ class Orchestrator:
         else:
             w.failures, w.restarts = 0, collections.deque()
             self._spawn(w)  # a failed sensor gets a fresh start with its new settings
+
+
+def _bundle_key_files(cfg) -> str:
+    """SHA-256 over the contents of the files the aggregator loads keys from (recipients files, the
+    signing key), so a reload notices an edited file behind an unchanged path. Pyrage stays out of this
+    process; nothing but the digest is kept. An unreadable file counts as its error text."""
+    h = hashlib.sha256()
+    key = cfg.bundle.signing_key_path()
+    for item in (*cfg.bundle.recipients, *([str(key)] if key is not None else [])):
+        item = item.strip()
+        h.update(item.encode() + b"\0")
+        if item.startswith(("age1", "ssh-")):
+            continue
+        path = Path(os.path.expanduser(item))
+        try:
+            h.update((path if path.is_absolute() else cfg.source.parent / path).read_bytes())
+        except OSError as e:
+            h.update(str(e).encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def _units(cfg) -> dict[str, str]:

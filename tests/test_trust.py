@@ -11,7 +11,9 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -373,6 +375,38 @@ def test_several_recipients_and_a_change_applies_after_restart(tmp_path, keys, p
     decrypt_with_age(second, backup[0])
     for ident in (lab[0], third[0]):
         r = subprocess.run([AGE, "-d", "-i", str(ident), str(second)], capture_output=True)
+        assert r.returncode != 0 and b"no identity matched" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(AGE is None, reason="needs the stock age CLI")
+def test_edited_recipients_file_applies_to_bundles_sealed_after_sighup(tmp_path, keys, password_file, daemons):
+    """The Pi's config names a recipients file; the lab edits only that file and reloads: the config text
+    is unchanged, yet every bundle the restarted aggregator seals is for the new recipients only."""
+    backup = crypto.keygen(tmp_path / "backup")
+    rfile = tmp_path / "recipients.txt"
+    rfile.write_text(f"# lab\n{keys['public']}\n")
+    cfg = make_config(tmp_path, keys, password_file, 21, **{
+        "bundle.recipients": [str(rfile)], "upload.protocol": "none", "sensors.hive_audio.enabled": False,
+        "processors": None})
+    d = daemons(cfg, tmp_path / "daemon.log")
+    d.wait_log(r"aggregator INFO sealed ", timeout=60)
+    rfile.write_text(f"# backup only\n{backup[2]}\n")
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_log(r"SIGHUP: config \S+ reloaded: restarting aggregator;")
+    restarted = d.wait_log(r"started worker aggregator ", count=2)[1].end()
+    wait_for(lambda: re.search(r"aggregator INFO sealed ", d.log()[restarted:]), 60, "a bundle sealed after the reload")
+    assert d.terminate() == 0, d.log()
+    log_text = d.log()
+    before = re.findall(r"aggregator INFO sealed (\S+):", log_text[:log_text.index("SIGHUP: config")])
+    after = re.findall(r"aggregator INFO sealed (\S+):", log_text[restarted:])
+    assert before and after
+    outbox = tmp_path / "spool" / "outbox"
+    for name in before:
+        decrypt_with_age(outbox / name, keys["identity"])
+    for name in after:
+        decrypt_with_age(outbox / name, backup[0])
+        r = subprocess.run([AGE, "-d", "-i", str(keys["identity"]), str(outbox / name)], capture_output=True)
         assert r.returncode != 0 and b"no identity matched" in r.stderr
 
 
