@@ -13,7 +13,9 @@ For every ``*.tar.age`` under the upload tree (``.part`` files and hidden names 
    time column, sorted by time, no duplicate rows; a column added later joins the header (empty before).
 
 A bundle failing any check is moved with its signature to ``DATA_DIR/rejected/`` beside
-``NAME.reason`` (the check and the sentence), and the run continues.
+``NAME.reason`` (the check and the sentence), and the run continues. One that cannot be moved (an upload
+tree the lab's user may only read) stays where it is, its ``NAME.reason`` written all the same, and is
+reported again by every run.
 
 Idempotent and crash-safe: records are renamed into place, each day's CSV is rewritten under a temporary
 name and renamed, a ``sync()`` makes the batch durable, and only then is the ledger ``DATA_DIR/ingested.json`` ({SHA-512: {name, host, records,
@@ -25,6 +27,7 @@ tree are never deleted.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -172,7 +175,9 @@ class Ingest:
             return
         header, body = rows[0], rows[1:]
         for row in body:
-            day = _date_of(row[0]) if row else None
+            if not any(row):
+                continue  # a blank line is no reading
+            day = _date_of(row[0])
             key = (host, sensor, day or date)
             cur = self.pending_days.get(key)
             if cur is None:
@@ -230,9 +235,38 @@ class Ingest:
         sig = bundle.with_name(bundle.name + crypto.SIG_SUFFIX)
         with archive.atomic_writer(dest.with_name(dest.name + ".reason"), "w") as f:
             f.write(f"reason: {reason}\n{message}\nfrom: {bundle}\nat: {archive.utc_iso(datetime.now(timezone.utc))}\n")
-        if sig.exists():
-            shutil.move(sig, dest.with_name(dest.name + crypto.SIG_SUFFIX))
-        shutil.move(bundle, dest)
+        # The bundle before its signature: a crash between leaves a stray .sig (never scanned), not a
+        # bundle that the next run would call unsigned.
+        try:
+            _move_aside(bundle, dest)
+        except OSError as e:  # an upload tree the lab's user may only read (the FTP server's): report, go on
+            self.print(f"  {bundle.name} left in place (cannot move it aside: {e.strerror or e}); "
+                       f"reason in {dest.name}.reason")
+            log.warning("cannot move rejected %s to %s: %s", bundle, dest_dir, e)
+            return
+        try:
+            if sig.exists():
+                _move_aside(sig, dest.with_name(dest.name + crypto.SIG_SUFFIX))
+        except OSError as e:
+            log.warning("cannot move the signature of rejected %s: %s", bundle, e)
+
+
+def _move_aside(src: Path, dest: Path) -> None:
+    """Rename *src* to *dest*; across file systems a durable copy, then the unlink. Raises ``OSError``
+    and then leaves *src* as it was and no copy behind (never two of one bundle)."""
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    with open(src, "rb") as f, archive.atomic_writer(dest, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+    try:
+        os.unlink(src)
+    except OSError:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 def _replace(path: Path, data: bytes) -> None:

@@ -325,6 +325,35 @@ def test_ingest_merges_days_and_is_idempotent(tmp_path, keys, device):
         {k: v for k, v in before.items() if k != "ingested.json" and not k.endswith(".meta.json")}
 
 
+CHATTR = shutil.which("chattr")
+
+
+@pytest.mark.skipif(CHATTR is None, reason="chattr (e2fsprogs) is not installed")
+def test_ingest_goes_on_when_the_upload_tree_is_read_only(tmp_path, keys, device):
+    """The lab's ingest user may only read the FTP server's tree: a rejected bundle stays in place,
+    is reported with its reason, the good one is ingested; a rerun reports it again and adds nothing."""
+    upload = tmp_path / "upload" / "hive-07"
+    good = seal_one(tmp_path, keys, device, ROWS_B, name="good.csv", outbox=upload)
+    bad = seal_one(tmp_path, keys, device, ROWS_A, name="bad.csv", outbox=upload)
+    bad.with_name(bad.name + ".sig").unlink()
+    if subprocess.run([CHATTR, "+i", str(upload)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable attribute")
+    try:
+        out = tmp_path / "data"
+        runs = [cli("ingest", tmp_path / "upload", "--identity", keys["identity"], "--trusted-devices",
+                    device["trusted"], "--out", out) for _ in range(2)]
+    finally:
+        subprocess.run([CHATTR, "-i", str(upload)], check=True)
+    for r in runs:
+        assert r.returncode == 65, r.stdout + r.stderr
+        assert f"rejected {bad.name}: no signature" in r.stdout and f"{bad.name} left in place" in r.stdout
+    assert f"ok {good.name}" in runs[0].stdout and f"skip {good.name}" in runs[1].stdout
+    assert bad.exists() and good.exists()
+    assert sorted(p.name for p in (out / "rejected").iterdir()) == [bad.name + ".reason"]
+    assert (out / "rejected" / (bad.name + ".reason")).read_text().startswith("reason: unsigned\n")
+    assert (out / "hive-07" / "2021-06-20" / "hive_climate" / "good.csv").exists()
+
+
 def test_ingest_csv_merge_joins_a_new_column(tmp_path, keys, device):
     upload = tmp_path / "upload"
     seal_one(tmp_path, keys, device, ROWS_B, name="a.csv", outbox=upload)
