@@ -3,7 +3,8 @@ upload --backlog``.
 
 Exit status: 0 success; 1 runtime failure; 3 (``status``) the daemon is not running; 65 (``EX_DATAERR``)
 a bundle that fails verification; 75 (``EX_TEMPFAIL``) ``upload --backlog`` while the daemon holds the
-spool; 78 (``EX_CONFIG``) a bad configuration, with one line naming the file, the key and what is allowed.
+spool, ``ingest`` while another ingest holds the data directory; 78 (``EX_CONFIG``) a bad configuration,
+with one line naming the file, the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from beemond import __version__
 
 EX_DATAERR = 65
+EX_TEMPFAIL = 75
 DEFAULT_CONFIG = "/etc/beemond/beemond.toml"
 
 
@@ -175,6 +177,9 @@ def cmd_ingest(args) -> int:
 
     try:
         report = ingest.run(args.upload_tree, args.identity, args.trusted_devices, args.out)
+    except ingest.Busy as e:
+        print(f"beemond: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (crypto.IdentityError, ValueError, OSError) as e:
         print(f"beemond: {e}", file=sys.stderr)
         return 1

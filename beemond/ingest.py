@@ -21,13 +21,15 @@ Idempotent and crash-safe: records are renamed into place, each day's CSV is rew
 name and renamed, a ``sync()`` makes the batch durable, and only then is the ledger ``DATA_DIR/ingested.json`` ({SHA-512: {name, host, records,
 signer, ingested}}) rewritten atomically. A crash before the ledger write makes the next run redo those
 bundles, which rewrites the same files and adds no row (merging is a set union). Bundles in the upload
-tree are never deleted.
+tree are never deleted. One run at a time per data tree: a second one finds ``DATA_DIR/.ingest.lock`` held
+and stops (:class:`Busy`) before touching anything.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -46,8 +48,13 @@ from beemond.config import HOST_RE, NAME_RE
 log = logging.getLogger(__name__)
 
 LEDGER = "ingested.json"
+LOCK = ".ingest.lock"
 REJECTED = "rejected"
 FLUSH_EVERY = 200          # bundles between ledger writes: bounds memory and the work a crash repeats
+
+
+class Busy(RuntimeError):
+    """Another ingest holds the data directory's lock (``DATA_DIR/.ingest.lock``)."""
 
 
 class Rejected(Exception):
@@ -82,6 +89,14 @@ class Ingest:
         self.tree, self.identities, self.trusted, self.out = Path(upload_tree), identities, trusted, Path(out)
         self.print = print
         self.out.mkdir(parents=True, exist_ok=True)
+        # One run per data tree (a cron job overlapping a long first run): a second one would delete the
+        # first's work directories below and race it on the daily CSVs and the ledger.
+        self._lock = open(self.out / LOCK, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise Busy(f"another beemond ingest is running on {self.out} (it holds {self.out / LOCK})") from None
         for stale in self.out.glob(".ingest-*"):  # a crashed run's work directories
             shutil.rmtree(stale, ignore_errors=True)
         archive.remove_stale_temps(self.out)
@@ -102,11 +117,14 @@ class Ingest:
         return found
 
     def run(self) -> Report:
-        for i, bundle in enumerate(self.bundles(), 1):
-            self.one(bundle)
-            if i % FLUSH_EVERY == 0:
-                self.flush()
-        self.flush()
+        try:
+            for i, bundle in enumerate(self.bundles(), 1):
+                self.one(bundle)
+                if i % FLUSH_EVERY == 0:
+                    self.flush()
+            self.flush()
+        finally:
+            self._lock.close()  # releases the flock
         return self.report
 
     def one(self, bundle: Path) -> None:

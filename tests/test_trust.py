@@ -354,6 +354,27 @@ def test_ingest_goes_on_when_the_upload_tree_is_read_only(tmp_path, keys, device
     assert (out / "hive-07" / "2021-06-20" / "hive_climate" / "good.csv").exists()
 
 
+def test_a_second_ingest_on_the_same_data_tree_stops_before_touching_it(tmp_path, keys, device):
+    """A cron job overlapping a long run: the second ingest finds the lock held, exits 75 and leaves the
+    first run's work directory and the tree alone; once the lock is free the bundle is ingested."""
+    import fcntl
+
+    upload, out = tmp_path / "upload", tmp_path / "data"
+    seal_one(tmp_path, keys, device, ROWS_A, outbox=upload)
+    out.mkdir()
+    work = out / ".ingest-inflight"  # the first run's work directory
+    work.mkdir()
+    args = ("ingest", upload, "--identity", keys["identity"], "--trusted-devices", device["trusted"], "--out", out)
+    with open(out / ingest.LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = cli(*args)
+        assert r.returncode == 75 and "another beemond ingest is running" in r.stderr, r.stdout + r.stderr
+        assert work.is_dir() and sorted(p.name for p in out.iterdir()) == sorted([ingest.LOCK, work.name])
+    r = cli(*args)
+    assert r.returncode == 0 and "ingested 1 bundle(s)" in r.stdout, r.stdout + r.stderr
+    assert not work.exists()  # a crashed run's leftovers go once nobody holds the lock
+
+
 def test_ingest_csv_merge_joins_a_new_column(tmp_path, keys, device):
     upload = tmp_path / "upload"
     seal_one(tmp_path, keys, device, ROWS_B, name="a.csv", outbox=upload)
