@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from beemond import config, ipc, metrics
+from beemond import clock, config, ipc, metrics
 from beemond.orchestrator import Worker
 
 from conftest import ROOT, free_port, make_config, wait_for
@@ -229,7 +229,38 @@ def test_grafana_dashboard_parses_and_queries_only_exported_metrics(health):
     queried = {m for e in exprs for m in re.findall(r"\bbeemond_[a-z0-9_]+", e)}
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
     exported = set(samples(generate_latest(health[1]).decode()))
-    # The clock series exists only where beemond.clock can tell the state (see metrics.clock_synchronised).
-    optional = {"beemond_clock_synchronised"} if metrics.clock_synchronised() is None else set()
-    missing = queried - exported - optional
+    missing = queried - exported
     assert not missing, f"the dashboard queries metrics the daemon does not export: {sorted(missing)}"
+
+
+def test_clock_and_outbox_series_follow_beemond_clock_and_the_uploaders_outbox_events(tmp_path, keys, password_file):
+    flag = tmp_path / "timesync-synchronized"   # systemd-timesyncd's flag file, as beemond.clock reads it
+    cfg = config.load(make_config(tmp_path, keys, password_file, 21))
+    uploader = Worker("uploader", "uploader", state="running", starts=1)
+    h = metrics.Health(cfg, {"uploader": uploader}, clock_check=lambda: clock.synchronized(str(flag)))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(h)
+    outbox = tmp_path / "spool" / "outbox"
+    outbox.mkdir(parents=True, exist_ok=True)
+    (outbox / "demo-hive_20260101T000000Z_all_0123456789ab.tar.age").write_bytes(b"x" * 321)
+
+    def scrape():
+        text = generate_latest(registry).decode()
+        promtool_check(text)
+        return samples(text)
+
+    # No flag file: the kernel's adjtimex state decides, the same answer records carry in their metadata.
+    assert scrape()["beemond_clock_synchronised"][0][1] == int(clock.synchronized(str(flag)))
+    flag.touch()
+    assert scrape()["beemond_clock_synchronised"][0][1] == 1
+    assert h.status()["clock"]["synchronised"] is True
+
+    # The outbox series are the uploader's own count (ipc.OUTBOX), not a walk of the directory...
+    h(uploader, ipc.Event(ipc.OUTBOX, "uploader", {"files": 7, "bytes": 7000, "last_upload": 1.7e9}))
+    got = scrape()
+    assert got["beemond_outbox_files"][0][1] == 7 and got["beemond_outbox_bytes"][0][1] == 7000
+    assert got["beemond_last_upload_timestamp_seconds"][0][1] == 1.7e9
+    # ...while the uploader runs. Down, its last word goes stale: the directory is counted instead.
+    uploader.state = "backoff"
+    got = scrape()
+    assert got["beemond_outbox_files"][0][1] == 1 and got["beemond_outbox_bytes"][0][1] == 321
