@@ -284,3 +284,19 @@ def test_clock_and_outbox_series_follow_beemond_clock_and_the_uploaders_outbox_e
     uploader.state = "backoff"
     got = scrape()
     assert got["beemond_outbox_files"][0][1] == 1 and got["beemond_outbox_bytes"][0][1] == 321
+
+
+def test_metrics_port_in_use_is_logged_and_the_daemon_records_on(tmp_path, keys, password_file, caplog):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{"metrics.port": port}))
+        h = metrics.Health(cfg, {})
+        with caplog.at_level("ERROR", logger="beemond.metrics"):
+            h.start_http()  # must not raise: /metrics is a convenience, recording is the job
+        assert h.http is None
+        assert f"metrics: cannot listen on 127.0.0.1:{port} (Address already in use); /metrics is off" in caplog.text
+        h.stop_http()
