@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 QUANTITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # sample-event unit suffix -> (Prometheus base-unit suffix, factor). Events keep the units a beekeeper
-# thinks in; the exposition follows Prometheus's base units so promtool's lint passes.
+# thinks in; the exposition follows Prometheus's base units so promtool's lint passes: promtool 2.42
+# exits 3 on ``beemond_weight_kilograms`` ('use base unit "grams" instead of "kilograms"'), and the
+# naming practice's base-unit table (prometheus.io/docs/practices/naming) lists Mass: grams, "preferred
+# over kilograms to avoid issues with the kilo prefix".
 PROMETHEUS_UNITS = {"_kilograms": ("_grams", 1000.0)}
 SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scrapes come every 15 s or so)
 STATES = ("running", "backoff", "failed", "stopped")
