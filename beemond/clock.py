@@ -7,7 +7,8 @@ NTP synchronises, forwards or, rarely, backwards. Two consequences handled here:
   before synchronisation carry ``"clock_synchronized": false`` in their metadata. Sources, first
   that answers: systemd-timesyncd's flag file ``/run/systemd/timesync/synchronized`` (exists once it
   synchronised; systemd-timesyncd.service(8)); otherwise the kernel NTP state from ``adjtimex(2)``
-  with ``modes = 0`` (read only): unsynchronised when it returns ``TIME_ERROR`` or ``status`` has
+  with ``modes = 0`` (read only; systemd/beemond.service allows this call back in its seccomp filter
+  and so has no ProtectClock=): unsynchronised when it returns ``TIME_ERROR`` or ``status`` has
   ``STA_UNSYNC`` (chronyd and ntpd clear it once they discipline the clock).
 - :class:`Clock` hands out per-sensor UTC stamps that never go backwards: after a backwards step of
   the wall clock, a stamp is the previous stamp plus the monotonic time elapsed since it (so

@@ -3,6 +3,7 @@ reload, the install script, clock steps and the synchronisation flag."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -84,6 +86,42 @@ def test_unit_verifies_and_scores_at_most_2_0(tmp_path):
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", res.stdout)
     assert m, res.stdout[-2000:] + res.stderr
     assert res.returncode == 0 and float(m.group(1)) <= 2.0, m.group(0)
+
+
+STRACE = shutil.which("strace")
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None or STRACE is None or SETPRIV is None,
+                    reason="needs systemd-analyze, strace and setpriv")
+def test_unit_lets_the_clock_query_through_but_not_a_clock_change(tmp_path):
+    """Under the unit, beemond/clock.py must still learn from the kernel whether the clock is
+    synchronised (chrony, ntpd: no timesyncd flag file), and must still be unable to set it."""
+    s = unit_settings()
+    # ProtectClock= adds a seccomp filter of its own that refuses even a read-only adjtimex.
+    assert "ProtectClock" not in s
+    # systemd's own reading of the SystemCallFilter= lines (their order matters): @clock is allowed back.
+    unit = unit_for_this_machine(tmp_path)
+    res = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", str(unit)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert re.search(r"SystemCallFilter=~@clock .*adjtimex is allowed", res.stdout), res.stdout
+    assert re.search(r"✓ CapabilityBoundingSet=~CAP_SYS_TIME ", res.stdout), res.stdout
+    allowed_back = set(s["SystemCallFilter"][-1].split())
+    # The calls clock.py really makes (glibc turns adjtimex() into clock_adjtime) are all allowed back.
+    probe = "from beemond import clock; print(clock.kernel_synchronized())"
+    res = subprocess.run([STRACE, "-f", "-qq", "-e", "trace=/adjtime", sys.executable, "-c", probe],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    made = set(re.findall(r"^(?:\[pid +\d+\] )?(\w*adjtime\w*)\(", res.stderr, re.M))
+    assert made and made <= allowed_back, (made, allowed_back, res.stderr[-2000:])
+    # As the unit runs it (a user without capabilities): the query answers, a change is refused.
+    change = ("import ctypes; from beemond import clock; clock.kernel_synchronized(); tx = clock._Timex(); "
+              "tx.modes = 1; print(clock._libc.adjtimex(ctypes.byref(tx)), ctypes.get_errno())")
+    unprivileged = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all",
+                    "--inh-caps=-all", sys.executable, "-c"]
+    res = subprocess.run(unprivileged + [probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.stdout.strip() in ("True", "False"), res.stdout + res.stderr
+    res = subprocess.run(unprivileged + [change], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.stdout.split() == ["-1", str(errno.EPERM)], res.stdout + res.stderr  # ADJ_OFFSET needs CAP_SYS_TIME
 
 
 def test_udev_rules_cover_the_devices():
