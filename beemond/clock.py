@@ -61,11 +61,26 @@ def kernel_synchronized() -> bool | None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         tx = _Timex()  # modes = 0: query only, needs no privilege
         state = _libc.adjtimex(ctypes.byref(tx))
-    except (OSError, AttributeError):
+    except (OSError, AttributeError) as e:
+        _warn_unreadable(str(e))
         return None
     if state < 0:
+        _warn_unreadable(os.strerror(ctypes.get_errno()))
         return None
     return state != TIME_ERROR and not tx.status & STA_UNSYNC
+
+
+_warned = False
+
+
+def _warn_unreadable(why: str) -> None:
+    """Say once per process why records will say ``clock_synchronized: false`` (e.g. EPERM from a
+    seccomp filter such as ProtectClock=yes in a drop-in)."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("cannot read the kernel clock state (adjtimex: %s); without %s every record says "
+                    "clock_synchronized=false", why, TIMESYNC_FLAG)
 
 
 def synchronized(flag_file: str = TIMESYNC_FLAG) -> bool:
