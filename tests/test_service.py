@@ -239,8 +239,9 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
     h.worker = SHT3xWorker(h.cfg, h.sensor, h.channel,
                            clock=Clock(wall=src.wall, monotonic=src.monotonic, sync_check=src.synchronized))
     # Reading 0 comes at start; STOP flushes a first record of readings 0-2; the clock steps back an
-    # hour at reading 4; the shutdown flushes the second record (readings 3-7).
-    for kind in [ipc.CAPTURE_NOW, ipc.CAPTURE_NOW, ipc.STOP] + [ipc.CAPTURE_NOW] * 5:
+    # hour at reading 4; STOP flushes the second record (readings 3-7); the shutdown flushes the third
+    # (readings 8-9, after synchronisation).
+    for kind in [ipc.CAPTURE_NOW, ipc.CAPTURE_NOW, ipc.STOP] + [ipc.CAPTURE_NOW] * 5 + [ipc.STOP] + [ipc.CAPTURE_NOW] * 2:
         h.commands.put(ipc.Command(kind))
     h.run(captures=0)
     records = []
@@ -248,16 +249,17 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
         meta = json.loads(archive.sidecar_of(path).read_text())
         times = [archive.parse_iso(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
         records.append((meta, times))
-    assert [m["rows"] for m, _ in records] == [3, 5]
+    assert [m["rows"] for m, _ in records] == [3, 5, 2]
     all_times = [t for _, times in records for t in times]
     assert all(b > a for a, b in zip(all_times, all_times[1:])), all_times  # strictly increasing, across records
-    (first, _), (second, times2) = records
+    (first, _), (second, times2), (third, _) = records
     assert archive.parse_iso(first["end"]) < archive.parse_iso(second["start"]) <= archive.parse_iso(second["end"])
     assert second["clock_clamped"] >= 1 and "clock_clamped" not in first
     # Intervals stay true while clamped: one second per reading, on the monotonic clock.
     assert [(b - a).total_seconds() for a, b in zip(times2, times2[1:])] == [1.0] * 4
     assert first["clock_synchronized"] is False  # all three before sync
     assert second["clock_synchronized"] is False  # readings 3-5 were before sync
+    assert third["clock_synchronized"] is True  # all after sync
 
 
 def test_synchronisation_sources(tmp_path):
