@@ -422,3 +422,28 @@ def test_sighup_reload_invalid_then_valid(tmp_path, keys, password_file, ftp, da
     # Every staged record was sealed at SIGTERM, the removed sensor's last segment included.
     spool = Path(good["daemon"]["spool_dir"]) / "staging"
     assert not [p for p in spool.rglob("*") if p.is_file()], list(spool.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------ credentials
+
+def test_upload_password_from_the_units_credential(tmp_path, keys, password_file, ftp, monkeypatch, caplog):
+    """LoadCredential=upload-password: the uploader logs in with $CREDENTIALS_DIRECTORY/upload-password;
+    without the credential (started outside systemd) it retries and says which file, never the secret."""
+    from test_upload import Running, bundles_left, load, make_bundles, on_server, outbox_of
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    cfg = load(tmp_path, keys, None, ftp.port, **{"upload.password_credential": "upload-password"})
+    made = make_bundles(outbox_of(cfg), 2, 10_000)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    caplog.set_level("INFO")
+    with Running(cfg) as r:  # no credential file yet: a failure naming it, bundles kept
+        wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "a failed login")
+        assert len(bundles_left(cfg)) == 2
+    assert str(creds / "upload-password") in caplog.text
+    (creds / "upload-password").write_text(password_file.read_text())  # as systemd writes it, 0400
+    (creds / "upload-password").chmod(0o400)
+    with Running(cfg):
+        wait_for(lambda: not bundles_left(cfg), 20, "the outbox to empty")
+    assert on_server(ftp.root) == made
+    assert password_file.read_text().strip() not in caplog.text
