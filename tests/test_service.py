@@ -321,6 +321,7 @@ def test_sd_notify_ready_status_watchdog_and_a_hung_worker(tmp_path, keys, passw
         log = d.log()
         ready_at = sock.times("READY=1")[0]
         assert "every worker is up" in log
+        assert "WatchdogSec=1 of the unit is not above daemon.heartbeat_timeout_s=4" in log
         sensors = list(tomllib.loads(cfg.read_text())["sensors"])
         for name in ("aggregator", "uploader", *sensors):
             assert f"started worker {name}" in log
