@@ -178,8 +178,10 @@ def test_worker_retries_a_no_crc_line_then_uses_the_good_read(tmp_path, hives):
 def test_worker_probe_that_keeps_failing_leaves_its_cell_empty(tmp_path, hives):
     h = Harness(tmp_path, "hive_temps", sensor_table(max_retries=2))
     h.worker.tree.faults[PROBES["top"]] = ["no", "zeros", "missing"]        # all three attempts
-    h.run(captures=2)
+    events = h.run(captures=2)
     assert h.failure is None
+    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"probe top ({PROBES['top']}) failed after 3 attempts")
     _path, table, meta = h.record()
     first, second = table[1], table[2]
     assert first[3] == "" and first[1] != "" and first[2] != ""            # empty, not carried forward
