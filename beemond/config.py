@@ -368,8 +368,9 @@ class CameraConfig(SensorConfig):
     on_capture_now: str = _opt("still", choices=("still", "clip"), doc="what a capture_now (a GPIO trigger) takes")
     stall_timeout_s: float = _opt(10.0, min=0.5, max=600, doc="no frame for this long: close and reopen the camera")
     daylight_only: bool = _opt(False, doc="scheduled captures only between sunrise and sunset")
-    latitude: float = _opt(0.0, min=-90, max=90, doc="degrees north, for the daylight schedule")
-    longitude: float = _opt(0.0, min=-180, max=180, doc="degrees east, for the daylight schedule")
+    # No default: 0,0 is the Gulf of Guinea, whose sunrise and sunset would silently rule the schedule.
+    latitude: float | None = _opt(None, min=-90, max=90, doc="degrees north, for the daylight schedule")
+    longitude: float | None = _opt(None, min=-180, max=180, doc="degrees east, for the daylight schedule")
     sunrise_offset_min: float = _opt(0.0, min=-720, max=720, doc="start this many minutes after sunrise")
     sunset_offset_min: float = _opt(0.0, min=-720, max=720, doc="stop this many minutes after sunset")
 
@@ -382,6 +383,11 @@ class CameraConfig(SensorConfig):
             raise ConfigError(path, f"{key}.clip_interval_s", "must be 0 (off) or >= clip_s")
         if self.width % 2 or self.height % 2:
             raise ConfigError(path, f"{key}.width", "width and height must be even (H.264 4:2:0)")
+        if self.daylight_only:
+            for name in ("latitude", "longitude"):
+                if getattr(self, name) is None:
+                    raise ConfigError(path, f"{key}.{name}", "required with daylight_only = true: the hive's "
+                                      "position in degrees (north/east positive), e.g. latitude = 50.63")
 
     def describe(self) -> str:
         stills = f"a {self.format} still every {self.still_interval_s:g} s" if self.still_interval_s else "no scheduled stills"
