@@ -207,6 +207,18 @@ def test_worker_all_probes_failing_is_a_missed_measurement(tmp_path):
     assert sum(e.kind == ipc.ERROR for e in events) == 1
 
 
+def test_slow_conversions_keep_the_heartbeat_going(tmp_path):
+    # 3 probes x 0.3 s (the kernel blocks ~750 ms per read on a Pi): 0.9 s per measurement, 4.5
+    # heartbeat intervals (0.2 s, polled_peers.write_config) that must not pass in silence.
+    h = Harness(tmp_path, "hive_temps", sensor_table())
+    h.worker.tree.conversion_s = 0.3
+    events = h.run(captures=1)
+    assert h.failure is None and h.worker.tree.conversions >= 3
+    beats = [e.time for e in events if e.kind == ipc.HEARTBEAT]
+    assert len(beats) >= 3, beats
+    assert max(b - a for a, b in zip(beats, beats[1:])) < 1.0, beats
+
+
 def test_worker_exits_when_every_probe_stays_gone(tmp_path):
     h = Harness(tmp_path, "hive_temps", sensor_table(max_retries=0))
     for rom in PROBES.values():

@@ -151,6 +151,9 @@ class DS18B20Worker(PolledSensorWorker):
 
     def _read_probe(self, position: str) -> float:
         rom = self.sensor.probes[position]
+        # Each read blocks for a conversion (~750 ms): many probes times their retries can outlast
+        # heartbeat_timeout_s, and a worker that is only slow must not be killed as hung.
+        self.channel.beat()
         if self.tree is not None:
             # the emulated kernel converts on each read, as the real one does
             self._tags[position] = self.tree.convert(rom)
