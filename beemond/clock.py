@@ -7,7 +7,8 @@ NTP synchronises, forwards or, rarely, backwards. Two consequences handled here:
   before synchronisation carry ``"clock_synchronized": false`` in their metadata. Sources, first
   that answers: systemd-timesyncd's flag file ``/run/systemd/timesync/synchronized`` (exists once it
   synchronised; systemd-timesyncd.service(8)); otherwise the kernel NTP state from ``adjtimex(2)``
-  with ``modes = 0`` (read only): unsynchronised when it returns ``TIME_ERROR`` or ``status`` has
+  with ``modes = 0`` (read only; systemd/beemond.service allows this call back in its seccomp filter
+  and so has no ProtectClock=): unsynchronised when it returns ``TIME_ERROR`` or ``status`` has
   ``STA_UNSYNC`` (chronyd and ntpd clear it once they discipline the clock).
 - :class:`Clock` hands out per-sensor UTC stamps that never go backwards: after a backwards step of
   the wall clock, a stamp is the previous stamp plus the monotonic time elapsed since it (so
@@ -60,11 +61,26 @@ def kernel_synchronized() -> bool | None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         tx = _Timex()  # modes = 0: query only, needs no privilege
         state = _libc.adjtimex(ctypes.byref(tx))
-    except (OSError, AttributeError):
+    except (OSError, AttributeError) as e:
+        _warn_unreadable(str(e))
         return None
     if state < 0:
+        _warn_unreadable(os.strerror(ctypes.get_errno()))
         return None
     return state != TIME_ERROR and not tx.status & STA_UNSYNC
+
+
+_warned = False
+
+
+def _warn_unreadable(why: str) -> None:
+    """Say once per process why records will say ``clock_synchronized: false`` (e.g. EPERM from a
+    seccomp filter such as ProtectClock=yes in a drop-in)."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("cannot read the kernel clock state (adjtimex: %s); without %s every record says "
+                    "clock_synchronized=false", why, TIMESYNC_FLAG)
 
 
 def synchronized(flag_file: str = TIMESYNC_FLAG) -> bool:

@@ -668,13 +668,15 @@ class UploadConfig:
                                                              "size (the [daemon] spool limits evict them first)")
 
     def password(self) -> str:
-        """The password from ``password_file`` or the systemd credential; ``""`` if neither."""
-        if self.password_file is not None:
-            return self.password_file.read_text().strip()
-        if self.password_credential:
-            creds = os.environ.get("CREDENTIALS_DIRECTORY", "")
-            return (Path(creds) / self.password_credential).read_text().strip()
-        return ""
+        """The password from ``password_file`` or the systemd credential; ``""`` if neither.
+
+        Raises ``beemond.upload.TransportError`` if a credential is named but ``$CREDENTIALS_DIRECTORY``
+        is unset (not a file of that name in the working directory), ``OSError`` if it cannot be read.
+        """
+        from beemond.upload import read_secret
+
+        path = read_secret(self.password_file, self.password_credential)
+        return path.read_text().strip() if path is not None else ""
 
     def check(self, path: Path, key: str = "upload") -> None:
         """Rules across keys and files. Raises :class:`ConfigError`; never quotes a secret."""

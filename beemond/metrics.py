@@ -25,7 +25,7 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
 - gauges: ``beemond_worker_up{worker, role}``, ``beemond_worker_state{worker, role, state}`` (1 for
   the current of running, backoff, failed, stopped), ``beemond_staging_files``, ``beemond_staging_bytes``,
   ``beemond_outbox_files``, ``beemond_outbox_bytes``, ``beemond_last_upload_timestamp_seconds``,
-  ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (when known),
+  ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (beemond.clock's answer),
   ``beemond_build_info{version, python}``.
 """
 
@@ -48,26 +48,25 @@ log = logging.getLogger(__name__)
 QUANTITY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # sample-event unit suffix -> (Prometheus base-unit suffix, factor). Events keep the units a beekeeper
-# thinks in; the exposition follows Prometheus's base units so promtool's lint passes.
+# thinks in; the exposition follows Prometheus's base units so promtool's lint passes: promtool 2.42
+# exits 3 on ``beemond_weight_kilograms`` ('use base unit "grams" instead of "kilograms"'), and the
+# naming practice's base-unit table (prometheus.io/docs/practices/naming) lists Mass: grams, "preferred
+# over kilograms to avoid issues with the kilo prefix".
 PROMETHEUS_UNITS = {"_kilograms": ("_grams", 1000.0)}
 SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scrapes come every 15 s or so)
 STATES = ("running", "backoff", "failed", "stopped")
 
 
-def clock_synchronised() -> bool | None:
-    """True/False when the system clock's NTP state is known, None otherwise.
+def clock_synchronised(check=None) -> bool | None:
+    """True/False: whether the system clock is synchronised, by :func:`beemond.clock.synchronized`
+    (timesyncd's flag file, else the kernel NTP state; unknown counts as not synchronised), the same
+    answer the records' ``clock_synchronized`` metadata carries. *check* replaces that function (a
+    test passes it its own flag file). None only if the probe itself fails: a scrape never breaks."""
+    from beemond import clock
 
-    Hook: ``beemond.clock`` (issue 6) owns the clock; when it provides ``synchronised()`` that answer
-    is used, otherwise the state is unknown and ``beemond_clock_synchronised`` is not exported.
-    """
     try:
-        from beemond import clock  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    probe = getattr(clock, "synchronised", None) or getattr(clock, "is_synchronised", None)
-    try:
-        return None if probe is None else bool(probe())
-    except Exception:  # a probe failing must never break a scrape
+        return bool((check or clock.synchronized)())
+    except Exception:
         return None
 
 
@@ -101,7 +100,7 @@ class Health:
     """Orchestrator observer, Prometheus collector and status snapshot. *workers* is the
     orchestrator's live ``{name: Worker}`` dict (read, never written)."""
 
-    def __init__(self, cfg, workers: dict):
+    def __init__(self, cfg, workers: dict, clock_check=None):
         from beemond.aggregator import BUNDLE_RE
 
         self.cfg = cfg
@@ -125,6 +124,7 @@ class Health:
         self._bundle_re = BUNDLE_RE
         self._usage: dict[str, tuple[float, tuple[int, int]]] = {}
         self.http = None
+        self.clock_check = clock_check  # None: beemond.clock.synchronized
         # Series that exist from the start at 0, so dashboards and alert rules see them before the
         # first event (a counter appearing late loses its first increase in rate()).
         for s in cfg.sensors:
@@ -183,8 +183,11 @@ class Health:
         """(files, bytes) waiting in spool/*which*. Called without ``self.lock`` held, so a slow SD
         card never holds up the orchestrator's events."""
         outbox_event = self.outbox_event
-        if which == "outbox" and outbox_event is not None:
-            return outbox_event  # the uploader's own view of its queue
+        uploader = self.workers.get("uploader")
+        if which == "outbox" and outbox_event is not None and uploader is not None and uploader.state == "running":
+            # The uploader's own view of its queue (ipc.OUTBOX); while it is down its last word goes
+            # stale as the aggregator keeps sealing, so the directory is counted instead.
+            return outbox_event
         with self._scan_lock:
             cached = self._usage.get(which)
             if cached is not None and time.monotonic() - cached[0] < SCAN_CACHE_S:
@@ -250,7 +253,7 @@ class Health:
                 yield _gauge(GaugeMetricFamily, "beemond_seconds_since_last_upload",
                              "seconds since the last successful upload", ["host"],
                              [([h], max(0.0, time.time() - self.last_upload))])
-            synced = clock_synchronised()
+            synced = clock_synchronised(self.clock_check)
             if synced is not None:
                 yield _gauge(GaugeMetricFamily, "beemond_clock_synchronised", "1 when the system clock is synchronised",
                              ["host"], [([h], int(synced))])
@@ -314,7 +317,7 @@ class Health:
                 "last_upload_age_s": round(now - self.last_upload, 1) if self.last_upload else None,
                 "uploaded": {"files": self.uploaded_files, "bytes": self.uploaded_bytes, "errors": self.upload_errors},
                 "alerts": [{"sensor": s, "alert": a, "count": n} for (s, a), n in sorted(self.alerts.items())],
-                "clock": {"synchronised": clock_synchronised()},
+                "clock": {"synchronised": clock_synchronised(self.clock_check)},
             }
 
 

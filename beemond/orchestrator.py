@@ -141,6 +141,11 @@ class Orchestrator:
             log.info("removed %d temporary file(s) left by an earlier crash", removed)
         self._install_signals()
         log.info("beemond starting: host %s, spool %s, %d sensor(s)", self.d.host, spool, len(self.cfg.sensors))
+        watchdog_s = self.notifier.watchdog_usec / 1e6
+        if watchdog_s and self.d.heartbeat_timeout_s >= watchdog_s:
+            # systemd would kill the whole daemon for one hung worker before we restart that worker.
+            log.warning("WatchdogSec=%g of the unit is not above daemon.heartbeat_timeout_s=%g: a hung worker "
+                        "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
         self._add(Worker("aggregator", "aggregator"))
         self._add(Worker("uploader", "uploader"))
         for sensor in self.cfg.sensors:

@@ -3,11 +3,15 @@
 What is measured (one run of each, servers are the tests' real peers on 127.0.0.1)
   small files: 200 x 10 kB bundles through ``Uploader.upload_next`` with one connection reused, then the
         same with the connection closed after every file (the seed's design: connect + log in per file).
-        Same code path either way (.part, size check, rename, local delete + fsync). Over SFTP to OpenSSH
-        sshd (the lab's usual server; a connection costs a key exchange and public-key authentication):
-        ``small_files_speedup`` = per-file time / reused time. The same over FTP to pyftpdlib is
-        ``ftp_small_files_speedup``: on loopback an FTP login costs ~4 round trips of ~0, so expect ~1.5x
-        there; on a mobile link (RTT 100+ ms) each saved round trip counts.
+        Same code path either way (.part, size check, rename, local delete + fsync). The seed uploaded
+        over plain FTP, so the issue's ``small_files_speedup`` is FTP to pyftpdlib: per-file time / reused
+        time. On loopback an FTP login costs ~5 round trips of ~0 s, so expect ~1.5-2x there (the goal,
+        >= 5, is not reachable for FTP on loopback; on a mobile link each saved round trip counts, but a
+        reused upload itself takes ~8 round trips against ~21 per file with the AppMAIS layout's MKDs,
+        so ~2-3x there too: counted, not measured). The same over FTPS
+        (pyftpdlib with TLS, certificate verified: a TLS handshake per connection) is
+        ``ftps_small_files_speedup``, and over SFTP to OpenSSH sshd (a key exchange and public-key
+        authentication per connection, in paramiko's Python) ``sftp_small_files_speedup``.
   sftp: one 200 MB bundle through ``Uploader`` (SftpTransport: .part, stat, posix-rename) to OpenSSH sshd,
         against ``sftp -b`` (OpenSSH's client, ``put`` of the same file) to the same server.
         ``sftp_ratio`` = our MB/s / OpenSSH's MB/s.
@@ -44,7 +48,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from beemond import config, crypto, ipc  # noqa: E402
 from beemond.upload.uploader import Uploader  # noqa: E402
 from conftest import FtpServer, make_config  # noqa: E402
-from upload_peers import Sshd  # noqa: E402
+from upload_peers import Sshd, ftps_server, make_cert  # noqa: E402
 
 SFTP, CURL = shutil.which("sftp"), shutil.which("curl")
 
@@ -123,13 +127,15 @@ def main() -> int:
         print("bench/upload.py needs sshd, sftp and curl", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="bench-upload-"))
-    ftp = sshd = None
+    ftp = ftps = sshd = None
     try:
         _ident, rcpt, _ = crypto.keygen(tmp / "keys")
         keys = {"recipient": rcpt}
         pw = tmp / "ftp-password"
         pw.write_text("bench-secret\n")
         ftp = FtpServer(tmp / "ftp-root", pw).start()
+        cert, cert_key = make_cert(tmp / "tls")
+        ftps = ftps_server(tmp / "ftps-root", pw, cert, cert_key)
         sshd = Sshd(tmp / "sshd").start()
         sftp_root = tmp / "sftp-root"
         sftp_root.mkdir()
@@ -144,13 +150,16 @@ def main() -> int:
                              "upload.remote_dir": str(sftp_root / name)})
             else:
                 over["upload.remote_dir"] = name
-            cfg = config.load(make_config(d, keys, pw, ftp.port if protocol == "ftp" else sshd.port, **over))
+            if protocol == "ftps":
+                over.update({"upload.protocol": "ftps", "upload.ca_file": str(cert)})
+            port = {"ftp": ftp.port, "ftps": ftps.port, "sftp": sshd.port}[protocol]
+            cfg = config.load(make_config(d, keys, pw, port, **over))
             (cfg.spool / "outbox").mkdir(parents=True)
             return cfg
 
         # ---- small files
         results = {}
-        for proto in ("ftp", "sftp"):
+        for proto in ("ftp", "ftps", "sftp"):
             reused = run_small(cfg_for(f"small-{proto}-reused", proto), args.small, True)
             per_file = run_small(cfg_for(f"small-{proto}-per-file", proto), args.small, False)
             results[proto] = (reused, per_file)
@@ -165,9 +174,13 @@ def main() -> int:
         mb = size / 1e6
         batch = tmp / "batch"
         (sftp_root / "openssh").mkdir()
-        batch.write_text(f"put {src} {sftp_root / 'openssh' / 'big.tar.age'}\n")
 
+        # Every run, theirs as ours, writes a new file on the server (overwriting one instead changes
+        # what the server's filesystem does), and each is deleted at the end of its repeat.
         def openssh_run() -> float:
+            target = sftp_root / "openssh" / f"big-{time.monotonic_ns()}.tar.age"
+            batch.write_text(f"put {src} {target}\n")
+            checks.append(target)
             t0 = time.perf_counter()
             subprocess.run([SFTP, "-b", str(batch), "-P", str(sshd.port), "-i", str(sshd.client_key),
                             "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
@@ -176,9 +189,11 @@ def main() -> int:
             return time.perf_counter() - t0
 
         def curl_run() -> float:
+            name = f"big-{time.monotonic_ns()}.tar.age"
+            checks.append(tmp / "ftp-root" / "curl" / name)
             t0 = time.perf_counter()
             subprocess.run([CURL, "-s", "-S", "--ftp-create-dirs", "-u", f"beemond:{pw.read_text().strip()}",
-                            "-T", str(src), f"ftp://127.0.0.1:{ftp.port}/curl/big.tar.age"], check=True)
+                            "-T", str(src), f"ftp://127.0.0.1:{ftp.port}/curl/{name}"], check=True)
             return time.perf_counter() - t0
 
         def ours_run(proto: str, remote_root: Path):
@@ -204,7 +219,7 @@ def main() -> int:
                 for name in (pair if i % 2 == 0 else pair[::-1]):
                     os.sync()
                     times[name].append(runs[name]())
-            ok = warm(checks[-1]) == digest
+            ok = all(warm(p) == digest for p in checks)  # every copy on the server, ours and theirs
             for p in checks:  # keep the disk from filling with copies
                 p.unlink()
             checks.clear()
@@ -215,13 +230,14 @@ def main() -> int:
         for k, v in times.items():
             print(f"{k:8s} {mb:.0f} MB: " + " ".join(f"{t:.2f}" for t in v) + f" s; median {mb / med[k]:.0f} MB/s")
         ours_sftp, openssh, ours_ftp, curl = med["sftp"], med["openssh"], med["ftp"], med["curl"]
-        ftp_r, sftp_r = results["ftp"], results["sftp"]
-        print(f"small_files_speedup={sftp_r[1] / sftp_r[0]:.1f} ftp_small_files_speedup={ftp_r[1] / ftp_r[0]:.1f} "
+        speedup = {k: per_file / reused for k, (reused, per_file) in results.items()}
+        print(f"small_files_speedup={speedup['ftp']:.1f} ftps_small_files_speedup={speedup['ftps']:.1f} "
+              f"sftp_small_files_speedup={speedup['sftp']:.1f} "
               f"sftp_mb_s={mb / ours_sftp:.0f} openssh_sftp_mb_s={mb / openssh:.0f} sftp_ratio={openssh / ours_sftp:.2f} "
               f"ftp_mb_s={mb / ours_ftp:.0f} curl_mb_s={mb / curl:.0f} ftp_ratio={curl / ours_ftp:.2f}")
         return 0
     finally:
-        for server in (ftp, sshd):
+        for server in (ftp, ftps, sshd):
             if server is not None:
                 server.stop()
         shutil.rmtree(tmp, ignore_errors=True)

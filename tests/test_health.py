@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from beemond import config, ipc, metrics
+from beemond import clock, config, ipc, metrics
 from beemond.orchestrator import Worker
 
 from conftest import ROOT, free_port, make_config, wait_for
@@ -53,9 +53,17 @@ def beemond(*args, timeout=30) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, password_file, ftp, daemons):
     port = free_port()
+    # The scale replays a swarm, looped: 3 s at 45 kg, 3 s at 42 kg (hive_swarm: drop_kg 1, window_s 10),
+    # so the detector sees a drop however late its worker starts.
+    swarm_csv = tmp_path / "swarm.csv"
+    swarm_csv.write_text("time,weight_kg\n" + "".join(
+        f"2021-06-19T11:{i // 2:02d}:{30 * (i % 2):02d}Z,{45.0 if i < 12 else 42.0}\n" for i in range(24)))
     # The climate sensor is an SHT3x on a bus that does not exist: it fails at every start and spends
     # its time in backoff, while the audio sensor, its band-power processor and the upload carry on.
     cfg = make_config(tmp_path, keys, password_file, ftp.port, **{
+        "sensors.hive_scale.simulation": None, "sensors.hive_scale.replay": {"file": str(swarm_csv), "loop": True},
+        "sensors.hive_scale.interval_s": 0.25, "sensors.hive_scale.samples": 1,
+        "sensors.hive_scale.record_window_s": 2,
         "metrics.port": port, "daemon.crash_loop_limit": 50, "daemon.restart_backoff_initial_s": 4,
         "daemon.restart_backoff_max_s": 4,
         "sensors.hive_climate.backend": "hardware", "sensors.hive_climate.bus": 250,
@@ -73,9 +81,11 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
 
     def scraped_all():
         t = scrape()
-        return t if "beemond_audio_band_power_ratio" in t and "beemond_last_upload_timestamp_seconds" in t else None
+        alerted = [v for labels, v in samples(t).get("beemond_alerts_total", []) if labels["alert"] == "swarm"]
+        return t if ("beemond_audio_band_power_ratio" in t and "beemond_last_upload_timestamp_seconds" in t
+                     and alerted and alerted[0] >= 1) else None
 
-    text = wait_for(scraped_all, 20, "band power and an upload in a scrape")
+    text = wait_for(scraped_all, 20, "band power, an upload and a swarm alert in a scrape")
     promtool_check(text)
     got = samples(text)
     bands = {s[0]["band"]: s[1] for s in got["beemond_audio_band_power_ratio"]}
@@ -90,8 +100,13 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
     assert not [s for s in temperatures if s[0]["sensor"] == "hive_climate"], "a sensor that never read exports no reading"
     # the simulated DS18B20 probes: one series per position
     assert {s[0].get("position") for s in temperatures if s[0]["sensor"] == "hive_frames"} == {"brood", "middle", "top"}
-    assert 30_000 < got["beemond_weight_grams"][0][1] < 60_000, "the simulated scale's 42 kg, in grams"
+    assert got["beemond_weight_grams"][0][1] in (42_000, 45_000), "the replayed scale's kg, in grams"
     assert {s[0]["worker"]: s[1] for s in got["beemond_worker_up"]}["hive_swarm"] == 1
+    # the replayed drop: an alert counted, a warning logged (its JSON record is checked at the server below)
+    assert [s[0] for s in got["beemond_alerts_total"]] == [{"host": "demo-hive", "sensor": "hive_scale", "alert": "swarm"}]
+    d.wait_log(r"hive_swarm WARNING SWARM ALERT on hive_scale: weight fell 3\.00 kg \(45\.00 -> 42\.00 kg\)")
+    # beemond.clock's answer, the same one the records' clock_synchronized metadata carries
+    assert got["beemond_clock_synchronised"] == [({"host": "demo-hive"}, float(clock.synchronized()))]
 
     # status: the climate worker in backoff, with its restarts and last error
     def climate_in_backoff():
@@ -141,11 +156,16 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
     from beemond import aggregator, crypto
 
     ids = crypto.load_identities(str(keys["identity"]))
-    found = []
+    found, alerts = [], []
     for b in ftp.bundles():
         man = aggregator.extract_bundle(b, ids, tmp_path / "out" / b.name)
         found += [r for r in man["records"] if r["sensor"] == "hive_bands"]
+        alerts += [r for r in man["records"] if r["sensor"] == "hive_swarm"]
     assert found, "band-power records reach the server"
+    assert alerts, "swarm alert records reach the server"
+    alert = json.loads(next((tmp_path / "out").rglob(Path(alerts[0]["path"]).name)).read_text())
+    assert alert["source"] == "hive_scale" and alert["result"]["alert"] == "swarm"
+    assert alert["result"]["drop_kg"] == pytest.approx(3.0)
     body = json.loads((tmp_path / "out").rglob(Path(found[0]["path"]).name).__next__().read_text())
     assert body["source"] == "hive_audio" and set(body["result"]["bands"]) == {"100-300", "300-600"}
 
@@ -229,7 +249,54 @@ def test_grafana_dashboard_parses_and_queries_only_exported_metrics(health):
     queried = {m for e in exprs for m in re.findall(r"\bbeemond_[a-z0-9_]+", e)}
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
     exported = set(samples(generate_latest(health[1]).decode()))
-    # The clock series exists only where beemond.clock can tell the state (see metrics.clock_synchronised).
-    optional = {"beemond_clock_synchronised"} if metrics.clock_synchronised() is None else set()
-    missing = queried - exported - optional
+    missing = queried - exported
     assert not missing, f"the dashboard queries metrics the daemon does not export: {sorted(missing)}"
+
+
+def test_clock_and_outbox_series_follow_beemond_clock_and_the_uploaders_outbox_events(tmp_path, keys, password_file):
+    flag = tmp_path / "timesync-synchronized"   # systemd-timesyncd's flag file, as beemond.clock reads it
+    cfg = config.load(make_config(tmp_path, keys, password_file, 21))
+    uploader = Worker("uploader", "uploader", state="running", starts=1)
+    h = metrics.Health(cfg, {"uploader": uploader}, clock_check=lambda: clock.synchronized(str(flag)))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(h)
+    outbox = tmp_path / "spool" / "outbox"
+    outbox.mkdir(parents=True, exist_ok=True)
+    (outbox / "demo-hive_20260101T000000Z_all_0123456789ab.tar.age").write_bytes(b"x" * 321)
+
+    def scrape():
+        text = generate_latest(registry).decode()
+        promtool_check(text)
+        return samples(text)
+
+    # No flag file: the kernel's adjtimex state decides, the same answer records carry in their metadata.
+    assert scrape()["beemond_clock_synchronised"][0][1] == int(clock.synchronized(str(flag)))
+    flag.touch()
+    assert scrape()["beemond_clock_synchronised"][0][1] == 1
+    assert h.status()["clock"]["synchronised"] is True
+
+    # The outbox series are the uploader's own count (ipc.OUTBOX), not a walk of the directory...
+    h(uploader, ipc.Event(ipc.OUTBOX, "uploader", {"files": 7, "bytes": 7000, "last_upload": 1.7e9}))
+    got = scrape()
+    assert got["beemond_outbox_files"][0][1] == 7 and got["beemond_outbox_bytes"][0][1] == 7000
+    assert got["beemond_last_upload_timestamp_seconds"][0][1] == 1.7e9
+    # ...while the uploader runs. Down, its last word goes stale: the directory is counted instead.
+    uploader.state = "backoff"
+    got = scrape()
+    assert got["beemond_outbox_files"][0][1] == 1 and got["beemond_outbox_bytes"][0][1] == 321
+
+
+def test_metrics_port_in_use_is_logged_and_the_daemon_records_on(tmp_path, keys, password_file, caplog):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{"metrics.port": port}))
+        h = metrics.Health(cfg, {})
+        with caplog.at_level("ERROR", logger="beemond.metrics"):
+            h.start_http()  # must not raise: /metrics is a convenience, recording is the job
+        assert h.http is None
+        assert f"metrics: cannot listen on 127.0.0.1:{port} (Address already in use); /metrics is off" in caplog.text
+        h.stop_http()

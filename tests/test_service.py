@@ -3,6 +3,7 @@ reload, the install script, clock steps and the synchronisation flag."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -84,6 +86,72 @@ def test_unit_verifies_and_scores_at_most_2_0(tmp_path):
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", res.stdout)
     assert m, res.stdout[-2000:] + res.stderr
     assert res.returncode == 0 and float(m.group(1)) <= 2.0, m.group(0)
+
+
+STRACE = shutil.which("strace")
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None or STRACE is None or SETPRIV is None,
+                    reason="needs systemd-analyze, strace and setpriv")
+def test_unit_lets_the_clock_query_through_but_not_a_clock_change(tmp_path):
+    """Under the unit, beemond/clock.py must still learn from the kernel whether the clock is
+    synchronised (chrony, ntpd: no timesyncd flag file), and must still be unable to set it."""
+    s = unit_settings()
+    # ProtectClock= adds a seccomp filter of its own that refuses even a read-only adjtimex.
+    assert "ProtectClock" not in s
+    # systemd's own reading of the SystemCallFilter= lines (their order matters): @clock is allowed back.
+    unit = unit_for_this_machine(tmp_path)
+    res = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", str(unit)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert re.search(r"SystemCallFilter=~@clock .*adjtimex is allowed", res.stdout), res.stdout
+    assert re.search(r"✓ CapabilityBoundingSet=~CAP_SYS_TIME ", res.stdout), res.stdout
+    allowed_back = set(s["SystemCallFilter"][-1].split())
+    # The calls clock.py really makes (glibc turns adjtimex() into clock_adjtime) are all allowed back.
+    probe = "from beemond import clock; print(clock.kernel_synchronized())"
+    res = subprocess.run([STRACE, "-f", "-qq", "-e", "trace=/adjtime", sys.executable, "-c", probe],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    made = set(re.findall(r"^(?:\[pid +\d+\] )?(\w*adjtime\w*)\(", res.stderr, re.M))
+    assert made and made <= allowed_back, (made, allowed_back, res.stderr[-2000:])
+    # As the unit runs it (a user without capabilities): the query answers, a change is refused.
+    change = ("import ctypes; from beemond import clock; clock.kernel_synchronized(); tx = clock._Timex(); "
+              "tx.modes = 1; print(clock._libc.adjtimex(ctypes.byref(tx)), ctypes.get_errno())")
+    unprivileged = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all",
+                    "--inh-caps=-all", sys.executable, "-c"]
+    res = subprocess.run(unprivileged + [probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.stdout.strip() in ("True", "False"), res.stdout + res.stderr
+    res = subprocess.run(unprivileged + [change], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.stdout.split() == ["-1", str(errno.EPERM)], res.stdout + res.stderr  # ADJ_OFFSET needs CAP_SYS_TIME
+
+
+# Under a seccomp filter like ProtectClock=yes's (adjtimex, clock_adjtime -> EPERM), in a child process:
+# a classic BPF program on the syscall number, installed with prctl(2) (seccomp(2), "SECCOMP_RET_ERRNO").
+CLOCK_SYSCALLS = {"x86_64": (159, 305), "aarch64": (171, 266)}  # adjtimex, clock_adjtime
+SECCOMP_CHILD = """
+import ctypes, logging, os, platform, sys
+class F(ctypes.Structure): _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class P(ctypes.Structure): _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(F))]
+a, b = %r[platform.machine()]
+prog = (F * 5)(F(0x20, 0, 0, 0), F(0x15, 2, 0, a), F(0x15, 1, 0, b), F(0x06, 0, 0, 0x7fff0000), F(0x06, 0, 0, 0x00050001))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(P(5, prog)), 0, 0) == 0, ctypes.get_errno()
+logging.basicConfig(stream=sys.stdout, format="%%(levelname)s %%(message)s")
+from beemond import clock
+print(clock.kernel_synchronized(), clock.synchronized(sys.argv[1]), clock.synchronized(sys.argv[2]))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in CLOCK_SYSCALLS, reason="syscall numbers known for x86_64, aarch64")
+def test_clock_state_unreadable_under_a_seccomp_filter_falls_back_and_says_why(tmp_path):
+    flag = tmp_path / "synchronized"
+    flag.touch()
+    res = subprocess.run([sys.executable, "-c", SECCOMP_CHILD % CLOCK_SYSCALLS, str(flag), str(tmp_path / "absent")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "None True False"  # unknown; timesyncd's flag file still counts; else "not synchronised"
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "Operation not permitted" in warnings[0], lines  # once, with the reason
 
 
 def test_udev_rules_cover_the_devices():
@@ -171,8 +239,9 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
     h.worker = SHT3xWorker(h.cfg, h.sensor, h.channel,
                            clock=Clock(wall=src.wall, monotonic=src.monotonic, sync_check=src.synchronized))
     # Reading 0 comes at start; STOP flushes a first record of readings 0-2; the clock steps back an
-    # hour at reading 4; the shutdown flushes the second record (readings 3-7).
-    for kind in [ipc.CAPTURE_NOW, ipc.CAPTURE_NOW, ipc.STOP] + [ipc.CAPTURE_NOW] * 5:
+    # hour at reading 4; STOP flushes the second record (readings 3-7); the shutdown flushes the third
+    # (readings 8-9, after synchronisation).
+    for kind in [ipc.CAPTURE_NOW, ipc.CAPTURE_NOW, ipc.STOP] + [ipc.CAPTURE_NOW] * 5 + [ipc.STOP] + [ipc.CAPTURE_NOW] * 2:
         h.commands.put(ipc.Command(kind))
     h.run(captures=0)
     records = []
@@ -180,16 +249,17 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
         meta = json.loads(archive.sidecar_of(path).read_text())
         times = [archive.parse_iso(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
         records.append((meta, times))
-    assert [m["rows"] for m, _ in records] == [3, 5]
+    assert [m["rows"] for m, _ in records] == [3, 5, 2]
     all_times = [t for _, times in records for t in times]
     assert all(b > a for a, b in zip(all_times, all_times[1:])), all_times  # strictly increasing, across records
-    (first, _), (second, times2) = records
+    (first, _), (second, times2), (third, _) = records
     assert archive.parse_iso(first["end"]) < archive.parse_iso(second["start"]) <= archive.parse_iso(second["end"])
     assert second["clock_clamped"] >= 1 and "clock_clamped" not in first
     # Intervals stay true while clamped: one second per reading, on the monotonic clock.
     assert [(b - a).total_seconds() for a, b in zip(times2, times2[1:])] == [1.0] * 4
     assert first["clock_synchronized"] is False  # all three before sync
     assert second["clock_synchronized"] is False  # readings 3-5 were before sync
+    assert third["clock_synchronized"] is True  # all after sync
 
 
 def test_synchronisation_sources(tmp_path):
@@ -251,14 +321,16 @@ def test_sd_notify_ready_status_watchdog_and_a_hung_worker(tmp_path, keys, passw
         log = d.log()
         ready_at = sock.times("READY=1")[0]
         assert "every worker is up" in log
+        assert "WatchdogSec=1 of the unit is not above daemon.heartbeat_timeout_s=4" in log
         sensors = list(tomllib.loads(cfg.read_text())["sensors"])
         for name in ("aggregator", "uploader", *sensors):
             assert f"started worker {name}" in log
         wait_for(lambda: len(sock.times("WATCHDOG=1")) >= 4, 10, "WATCHDOG=1 pings")
         assert sock.values("STATUS=")[0].startswith(f"{len(sensors)} sensors ok")
-        if _uploader_reports_outbox():
-            wait_for(lambda: any("backlog" in v for v in sock.values("STATUS=")), 30,
-                     "a STATUS= line with the upload backlog")
+        # The uploader's OUTBOX events put the backlog on the line ("..., backlog 2 bundles / 0.1 MB").
+        backlog = re.compile(r"^\d+ sensors ok(, .*)?, backlog \d+ bundles? / \d+\.\d MB(, |$)")
+        wait_for(lambda: [v for v in sock.values("STATUS=") if backlog.match(v)], 30,
+                 "a STATUS= line with the upload backlog")
 
         pid = int(re.search(r"started worker hive_climate \(sensor, pid (\d+)\)", log).group(1))
         os.kill(pid, signal.SIGSTOP)
@@ -280,11 +352,6 @@ def test_sd_notify_ready_status_watchdog_and_a_hung_worker(tmp_path, keys, passw
         assert sock.times("STOPPING=1")
     finally:
         sock.close()
-
-
-def _uploader_reports_outbox() -> bool:
-    """OUTBOX events come from the uploader (issue 5); check the STATUS backlog once it sends them."""
-    return "ipc.OUTBOX" in (ROOT / "beemond" / "upload" / "uploader.py").read_text()
 
 
 def test_notifier_sends_to_a_path_socket_and_respects_watchdog_pid(tmp_path):
@@ -356,3 +423,28 @@ def test_sighup_reload_invalid_then_valid(tmp_path, keys, password_file, ftp, da
     # Every staged record was sealed at SIGTERM, the removed sensor's last segment included.
     spool = Path(good["daemon"]["spool_dir"]) / "staging"
     assert not [p for p in spool.rglob("*") if p.is_file()], list(spool.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------ credentials
+
+def test_upload_password_from_the_units_credential(tmp_path, keys, password_file, ftp, monkeypatch, caplog):
+    """LoadCredential=upload-password: the uploader logs in with $CREDENTIALS_DIRECTORY/upload-password;
+    without the credential (started outside systemd) it retries and says which file, never the secret."""
+    from test_upload import Running, bundles_left, load, make_bundles, on_server, outbox_of
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    cfg = load(tmp_path, keys, None, ftp.port, **{"upload.password_credential": "upload-password"})
+    made = make_bundles(outbox_of(cfg), 2, 10_000)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    caplog.set_level("INFO")
+    with Running(cfg) as r:  # no credential file yet: a failure naming it, bundles kept
+        wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "a failed login")
+        assert len(bundles_left(cfg)) == 2
+    assert str(creds / "upload-password") in caplog.text
+    (creds / "upload-password").write_text(password_file.read_text())  # as systemd writes it, 0400
+    (creds / "upload-password").chmod(0o400)
+    with Running(cfg):
+        wait_for(lambda: not bundles_left(cfg), 20, "the outbox to empty")
+    assert on_server(ftp.root) == made
+    assert password_file.read_text().strip() not in caplog.text

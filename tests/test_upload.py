@@ -476,3 +476,85 @@ def test_space_keys_moved_to_daemon(tmp_path, keys, password_file, key, where):
     with pytest.raises(config.ConfigError) as e:
         config.load(make_config(tmp_path, keys, password_file, 21, **{key: 1}))
     assert e.value.key == key and f"moved to {where}" in str(e.value)
+
+
+def _uploaded_order(events_r) -> list[str]:
+    names = []
+    while events_r.poll():
+        ev = events_r.recv()
+        if ev.kind == ipc.UPLOADED:
+            names.append(ev.data["name"])
+    return names
+
+
+@pytest.mark.parametrize("order", ["oldest", "newest"])
+def test_fresh_bundle_first_then_backlog_in_configured_order(tmp_path, keys, order):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
+                                        "upload.backlog_order": order})
+    backlog = sorted(make_bundles(outbox_of(cfg), 3, 1_000))  # sorted by name = by start
+    channel, events = _channel("uploader")
+    u = Uploader(cfg, channel)
+    u.scan()  # the secondary queue, as at start
+    # Sealed after the scan, the oldest start of all: announced as the watchdog handler announces it.
+    fresh = next(iter(make_bundles(tmp_path / "sealing", 1, 1_000, start=-30)))
+    os.replace(tmp_path / "sealing" / fresh, outbox_of(cfg) / fresh)
+    u._on_file(outbox_of(cfg) / fresh)
+    while u.known:
+        assert u.upload_next()
+    expected = [fresh] + (backlog if order == "oldest" else backlog[::-1])
+    assert _uploaded_order(events) == expected
+    assert len(on_server(nas)) == 4
+
+
+def test_days_offline_backoff_stays_capped_jittered_and_nothing_is_deleted(tmp_path, keys, password_file, caplog):
+    """1100 failures in a row (a link down for ~3 days at a 300 s cap): 2 ** 1024 would overflow a float."""
+    from conftest import free_port
+
+    caplog.set_level(logging.ERROR)  # 1100 warnings are not the point here
+    cfg = load(tmp_path, keys, password_file, free_port(),  # nothing listens: every connect is refused
+               **{"upload.backoff_initial_s": 0.01, "upload.backoff_max_s": 0.04})
+    made = make_bundles(outbox_of(cfg), 2, 1_000)
+    channel, events = _channel("uploader")
+    u = Uploader(cfg, channel)
+    u.scan()
+    delays = []
+    for _ in range(1100):
+        assert u.upload_next() is False, "a refused connection is transient"
+        delays.append(u.next_try - time.monotonic())
+        while events.poll():  # as the orchestrator drains the pipe
+            events.recv()
+    assert u.failures == u.counts["failures"] == 1100
+    assert max(delays) <= 0.04, "capped at backoff_max_s"
+    assert min(delays[-200:]) >= 0.015, "at the cap, the delay stays within [max/2, max]"
+    assert len({round(d, 5) for d in delays[-200:]}) > 50, "jittered: a fleet must not retry in step"
+    assert bundles_left(cfg) == sorted(made) and u.counts["quarantined"] == 0
+
+
+def test_password_credential_needs_credentials_directory(tmp_path, keys, password_file, monkeypatch):
+    """``password_credential`` without systemd's $CREDENTIALS_DIRECTORY is a clear error, and a file of
+    that name in the working directory is never read instead."""
+    root = tmp_path / "ftp-root"
+    ftp = FtpServer(root, password_file).start()
+    try:
+        cfg = load(tmp_path, keys, None, ftp.port, **{"upload.password_credential": "upload-password"})
+        made = make_bundles(outbox_of(cfg), 1, 1_000)
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "upload-password").write_text("hive-secret\n")  # right secret, wrong place
+        channel, events = _channel("uploader")
+        u = Uploader(cfg, channel)
+        u.scan()
+        assert u.upload_next() is False
+        errors = _errors(events)
+        assert len(errors) == 1 and "$CREDENTIALS_DIRECTORY is not set" in errors[0]
+        assert "hive-secret" not in errors[0]
+        creds = tmp_path / "creds"
+        creds.mkdir()
+        (creds / "upload-password").write_text("hive-secret\n")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+        assert u.upload_next() and not bundles_left(cfg)
+    finally:
+        ftp.stop()
+    assert on_server(root) == made

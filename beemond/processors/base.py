@@ -54,7 +54,8 @@ class Spacing:
       unprocessed. This bounds the CPU a burst costs (a backlog of records after a restart).
     - :meth:`output_ok` (``min_output_spacing``): a result whose data time is less than the spacing
       after the last *written* result is not written as a record. Its metrics are still sent (the
-      latest value is always exported). Swarm alerts follow the same rule.
+      latest value is always exported). A swarm alert's record follows the same rule; its warning
+      line and ``alert`` event (``beemond_alerts_total``) are sent for every alert.
     """
 
     def __init__(self, min_input: float, min_step: float, min_output: float):

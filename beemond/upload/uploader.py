@@ -16,7 +16,7 @@ fsynced. A power cut between rename and delete uploads the bundle again: same na
 still exists once on the server.
 
 Failures: a transient one closes the connection, puts the bundle back at the head of the backlog
-and backs off exponentially with full jitter, up to ``backoff_max_s``. A permanent one (the server
+and backs off exponentially with jitter (uniform in [d/2, d]), up to ``backoff_max_s``. A permanent one (the server
 refuses the file: FTP 550/553, SFTP permission denied; or the local file cannot be read) is retried
 once on a fresh connection, then the bundle is moved to ``spool/quarantine/`` with an error line and
 counted: never retried forever, never deleted.
@@ -270,7 +270,8 @@ class Uploader:
     def _failed(self, path: Path, e: BaseException) -> None:
         self.failures += 1
         self.counts["failures"] += 1
-        delay = min(self.up.backoff_max_s, self.up.backoff_initial_s * 2 ** (self.failures - 1))
+        # The exponent is capped: a link down for days (1025+ failures) must not overflow a float.
+        delay = min(self.up.backoff_max_s, self.up.backoff_initial_s * 2.0 ** min(self.failures - 1, 64))
         delay = random.uniform(delay / 2, delay)  # jitter: a fleet of hives must not retry in step
         self.next_try = time.monotonic() + delay
         log.warning("upload of %s to %s failed (%s: %s); retry %d in %.1f s", path.name,
