@@ -121,8 +121,12 @@ class ReplayConfig:
 @dataclass(frozen=True)
 class SensorConfig:
     """Keys every sensor has. A sensor type is a subclass registered in :data:`SENSOR_TYPES`; it may
-    override :meth:`check` (cross-key rules), :meth:`describe` (its ``check-config`` line) and
-    :meth:`subscribes_to` (other sensors whose readings the orchestrator must forward to it)."""
+    override :meth:`check` (cross-key rules), :meth:`describe` (its ``check-config`` line),
+    :meth:`subscribes_to` (other sensors whose readings the orchestrator must forward to it) and
+    :meth:`check_sources` (rules about those sensors)."""
+
+    # Sends ``temperature_celsius`` samples (a scale's temperature_sensor must be such a sensor).
+    measures_temperature = False
 
     name: str = _opt("")
     type: str = _opt("")
@@ -144,6 +148,10 @@ class SensorConfig:
     def subscribes_to(self) -> tuple[str, ...]:
         """Names of sensors whose ``sample`` events this sensor receives as ``sample`` commands."""
         return ()
+
+    def check_sources(self, path: Path, key: str, sensors: dict[str, "SensorConfig"]) -> None:
+        """Raise :class:`ConfigError` when a sensor named by :meth:`subscribes_to` (configured, in
+        *sensors* by name) cannot give what this one needs."""
 
     def gpio_pins(self) -> dict[str, int]:
         """BCM pins this sensor claims, by key (relative to the sensor's table); each pin once per host."""
@@ -182,6 +190,7 @@ class PolledSensorConfig(SensorConfig):
 
 @dataclass(frozen=True)
 class SHT3xConfig(PolledSensorConfig):
+    measures_temperature = True
     bus: int = _opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
     address: int = _opt(0x44, min=0x44, max=0x45, doc="0x44 (ADDR low) or 0x45 (ADDR high)")
     repeatability: str = _opt("high", choices=("high", "medium", "low"))
@@ -192,6 +201,7 @@ OVERSAMPLING = (0, 1, 2, 4, 8, 16)
 
 @dataclass(frozen=True)
 class BME280Config(PolledSensorConfig):
+    measures_temperature = True
     bus: int = _opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
     address: int = _opt(0x76, min=0x76, max=0x77, doc="0x76 (SDO low) or 0x77 (SDO high)")
     temperature_oversampling: int = _opt(1, min=1, max=16, doc="1, 2, 4, 8 or 16")
@@ -221,6 +231,7 @@ W1_ID_RE = re.compile(r"^28-[0-9a-f]{12}$")
 
 @dataclass(frozen=True)
 class DS18B20Config(PolledSensorConfig):
+    measures_temperature = True
     base_path: Path | None = _opt(None, path=True, doc="sysfs 1-Wire devices directory "
                                   "(default /sys/bus/w1/devices; simulated: a temporary directory)")
     probes: dict[str, str] = _opt(factory=dict, doc="position -> ROM id as the kernel names it (28-0316a2794eff)")
@@ -368,8 +379,9 @@ class CameraConfig(SensorConfig):
     on_capture_now: str = _opt("still", choices=("still", "clip"), doc="what a capture_now (a GPIO trigger) takes")
     stall_timeout_s: float = _opt(10.0, min=0.5, max=600, doc="no frame for this long: close and reopen the camera")
     daylight_only: bool = _opt(False, doc="scheduled captures only between sunrise and sunset")
-    latitude: float = _opt(0.0, min=-90, max=90, doc="degrees north, for the daylight schedule")
-    longitude: float = _opt(0.0, min=-180, max=180, doc="degrees east, for the daylight schedule")
+    # No default: 0,0 is the Gulf of Guinea, whose sunrise and sunset would silently rule the schedule.
+    latitude: float | None = _opt(None, min=-90, max=90, doc="degrees north, for the daylight schedule")
+    longitude: float | None = _opt(None, min=-180, max=180, doc="degrees east, for the daylight schedule")
     sunrise_offset_min: float = _opt(0.0, min=-720, max=720, doc="start this many minutes after sunrise")
     sunset_offset_min: float = _opt(0.0, min=-720, max=720, doc="stop this many minutes after sunset")
 
@@ -382,6 +394,11 @@ class CameraConfig(SensorConfig):
             raise ConfigError(path, f"{key}.clip_interval_s", "must be 0 (off) or >= clip_s")
         if self.width % 2 or self.height % 2:
             raise ConfigError(path, f"{key}.width", "width and height must be even (H.264 4:2:0)")
+        if self.daylight_only:
+            for name in ("latitude", "longitude"):
+                if getattr(self, name) is None:
+                    raise ConfigError(path, f"{key}.{name}", "required with daylight_only = true: the hive's "
+                                      "position in degrees (north/east positive), e.g. latitude = 50.63")
 
     def describe(self) -> str:
         stills = f"a {self.format} still every {self.still_interval_s:g} s" if self.still_interval_s else "no scheduled stills"
@@ -495,6 +512,8 @@ class ScaleConfig(SensorConfig):
     record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="readings batched per CSV record")
     max_retries: int = _opt(3, min=0, max=100, doc="retries of a failed reading before it counts as lost")
     temperature_sensor: str = _opt("", doc="climate sensor whose temperature compensates the weight")
+    temperature_position: str = _opt("", doc="the probe position to use when temperature_sensor is a "
+                                             "ds18b20 with several probes")
     compensation_kg_per_c: float = _opt(0.0, min=-100, max=100, doc="weight drift per °C above the reference")
     reference_temperature_c: float = _opt(20.0, min=-50, max=100)
     max_temperature_age_s: float = _opt(300.0, min=0.01, max=86400, doc="an older temperature is not used")
@@ -544,13 +563,34 @@ class ScaleConfig(SensorConfig):
 
     def describe(self) -> str:
         where = "emulated on a pty" if self.backend == "simulated" else f"{self.port} at {self.baudrate} baud"
-        comp = (f", {self.compensation_kg_per_c:g} kg/°C from {self.temperature_sensor}"
-                if self.compensation_kg_per_c else "")
+        source = self.temperature_sensor + (f".{self.temperature_position}" if self.temperature_position else "")
+        comp = f", {self.compensation_kg_per_c:g} kg/°C from {source}" if self.compensation_kg_per_c else ""
         return (f"{where}, median of {self.samples} every {self.interval_s:g} s, "
                 f"a record per {self.record_window_s:g} s{comp}")
 
     def subscribes_to(self) -> tuple[str, ...]:
         return (self.temperature_sensor,) if self.temperature_sensor else ()
+
+    def check_sources(self, path: Path, key: str, sensors: dict[str, SensorConfig]) -> None:
+        if not self.temperature_sensor:
+            if self.temperature_position:
+                raise ConfigError(path, f"{key}.temperature_position", "needs temperature_sensor")
+            return
+        source = sensors[self.temperature_sensor]
+        if not source.measures_temperature:
+            kinds = ", ".join(t for t, c in SENSOR_TYPES.items() if c.measures_temperature)
+            raise ConfigError(path, f"{key}.temperature_sensor", f"{source.name!r} is a {source.type} sensor, "
+                              f"which measures no temperature (types that do: {kinds})")
+        probes = getattr(source, "probes", None) or {}
+        if self.temperature_position:
+            if self.temperature_position not in probes:
+                where = f"one of {', '.join(probes)}" if probes else f"only for a sensor with probes, not {source.type}"
+                raise ConfigError(path, f"{key}.temperature_position",
+                                  f"{self.temperature_position!r} is not a probe of {source.name}: {where}")
+        elif len(probes) > 1:
+            # Each probe sends its own temperature: without a choice the scale would mix them.
+            raise ConfigError(path, f"{key}.temperature_position", f"required: {source.name} has "
+                              f"{len(probes)} probes, name the one to use ({', '.join(probes)})")
 
 
 # type = "..." -> its config class. One line per driver (the worker is in beemond.sensors.DRIVERS).
@@ -1009,6 +1049,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         raise ConfigError(path, "daemon.restart_backoff_max_s", "must be >= restart_backoff_initial_s")
 
     names = {t.name for t in cfg.sensors}
+    by_name = {t.name: t for t in cfg.sensors}
     pins: dict[int, str] = {}
     for s in cfg.sensors:
         key = f"sensors.{s.name}"
@@ -1019,6 +1060,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
                 where = next((f.name for f in dataclasses.fields(s) if f.name != "name" and getattr(s, f.name) == other), "")
                 raise ConfigError(path, f"{key}.{where}" if where else key,
                                   f"refers to sensor {other!r}, which is not configured (or not enabled)")
+        s.check_sources(path, key, by_name)
         for sub, targets in s.capture_targets().items():
             for other in targets:
                 if other not in names:

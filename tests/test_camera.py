@@ -200,7 +200,8 @@ def test_daylight_only_skips_scheduled_stills_at_night_but_not_capture_now(tmp_p
     dark = [lat for lat in (90.0, -90.0) if not Daylight(lat, 0).is_daylight(now)]
     if not dark:
         pytest.skip("both poles are lit (equinox); the night case is covered by the polar test")
-    rig = Rig(tmp_path, keys, password_file, still_interval_s=0.1, daylight_only=True, latitude=dark[0]).start()
+    rig = Rig(tmp_path, keys, password_file, still_interval_s=0.1, daylight_only=True, latitude=dark[0],
+              longitude=0.0).start()
     try:
         wait_for(lambda: rig.worker.skipped_night >= 3, 10, "skipped night stills")
         assert not rig.records("*.jpg")
@@ -240,3 +241,13 @@ def test_power_pin_around_each_still_and_a_fresh_camera_each_time(tmp_path, keys
     assert [s.state for s in pin.states] == [False, True, False, True, False]
     assert all(pin.states[i].timestamp >= 0.2 for i in (2, 4)), "on for at least the lead time"
     assert len(rig.backend.cameras) == 2 and all(c.closed for c in rig.backend.cameras)
+
+
+@pytest.mark.parametrize("missing", ["latitude", "longitude"])
+def test_daylight_only_without_the_hives_position_is_a_config_error(tmp_path, keys, password_file, missing):
+    # A default of 0,0 would silently follow the sun of the Gulf of Guinea.
+    over = {"sensors.cam.type": "camera", "sensors.cam.backend": "simulated", "sensors.cam.daylight_only": True,
+            "sensors.cam.latitude": 50.63, "sensors.cam.longitude": 3.06, f"sensors.cam.{missing}": None}
+    with pytest.raises(config.ConfigError) as err:
+        config.load(make_config(tmp_path, keys, password_file, 21, **over))
+    assert err.value.key == f"sensors.cam.{missing}" and "daylight_only" in err.value.message

@@ -178,8 +178,10 @@ def test_worker_retries_a_no_crc_line_then_uses_the_good_read(tmp_path, hives):
 def test_worker_probe_that_keeps_failing_leaves_its_cell_empty(tmp_path, hives):
     h = Harness(tmp_path, "hive_temps", sensor_table(max_retries=2))
     h.worker.tree.faults[PROBES["top"]] = ["no", "zeros", "missing"]        # all three attempts
-    h.run(captures=2)
+    events = h.run(captures=2)
     assert h.failure is None
+    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"probe top ({PROBES['top']}) failed after 3 attempts")
     _path, table, meta = h.record()
     first, second = table[1], table[2]
     assert first[3] == "" and first[1] != "" and first[2] != ""            # empty, not carried forward
@@ -203,6 +205,18 @@ def test_worker_all_probes_failing_is_a_missed_measurement(tmp_path):
     assert len(table) - 1 == meta["rows"] >= 1
     assert all(c != "" for row in table[1:] for c in row)
     assert sum(e.kind == ipc.ERROR for e in events) == 1
+
+
+def test_slow_conversions_keep_the_heartbeat_going(tmp_path):
+    # 3 probes x 0.3 s (the kernel blocks ~750 ms per read on a Pi): 0.9 s per measurement, 4.5
+    # heartbeat intervals (0.2 s, polled_peers.write_config) that must not pass in silence.
+    h = Harness(tmp_path, "hive_temps", sensor_table())
+    h.worker.tree.conversion_s = 0.3
+    events = h.run(captures=1)
+    assert h.failure is None and h.worker.tree.conversions >= 3
+    beats = [e.time for e in events if e.kind == ipc.HEARTBEAT]
+    assert len(beats) >= 3, beats
+    assert max(b - a for a, b in zip(beats, beats[1:])) < 1.0, beats
 
 
 def test_worker_exits_when_every_probe_stays_gone(tmp_path):

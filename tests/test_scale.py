@@ -27,6 +27,7 @@ from beemond.sensors.scale import ScaleWorker, calibrate, compensate, parse_line
 from conftest import AGE, DATA, ROOT, climate_rows, decrypt_with_age, make_config, wait_for
 
 REGEX = re.compile(DEFAULT_SCALE_REGEX)
+FRAME_PROBES = {"brood": "28-0316a2794eff", "top": "28-0416b1a2c3d4"}
 
 
 # ------------------------------------------------------------------------------------------ lines
@@ -114,7 +115,12 @@ def write_config(tmp_path: Path, **scale) -> Path:
             "sensors": {"hive_scale": sensor,
                         "hive_climate": {"type": "sht3x", "backend": "simulated", "interval_s": 60,
                                          "replay": {"file": str(DATA), "filter_column": "Tag number",
-                                                    "filter_value": "3629"}}},
+                                                    "filter_value": "3629"}},
+                        "hive_frames": {"type": "ds18b20", "backend": "simulated", "interval_s": 60,
+                                        "probes": FRAME_PROBES,
+                                        "replay": {"file": str(DATA), "filter_column": "Tag number",
+                                                   "filter_value": "3629"}},
+                        "hive_audio": {"type": "audio", "backend": "simulated"}},
             "bundle": {"recipients": ["keys/recipient.txt"]},
             "upload": {"protocol": "none"}}
     path = tmp_path / "beemond.toml"
@@ -233,6 +239,38 @@ def test_temperature_compensation_from_a_forwarded_sample(tmp_path: Path):
     assert weights(h.events) == pytest.approx([41.85, 41.85])
     assert meta["compensation"] == {"temperature_sensor": "hive_climate", "kg_per_c": 0.01, "reference_c": 20.0,
                                     "max_temperature_age_s": 60.0, "uncompensated_rows": [], "reasons": []}
+
+
+def test_temperature_of_the_chosen_ds18b20_probe_only(tmp_path: Path):
+    h = Harness(tmp_path, Series(42.0), temperature_sensor="hive_frames", temperature_position="top",
+                compensation_kg_per_c=0.01, reference_temperature_c=20.0)
+    # hive_frames sends one SAMPLE per probe, told apart by the position label (DS18B20Worker.samples)
+    for position, celsius in (("top", 25.0), ("brood", 35.0)):
+        h.commands.put(ipc.Command(ipc.SAMPLE, {"sensor": "hive_frames", "values": {"temperature_celsius": celsius},
+                                                "labels": {"position": position}}))
+    h.start()
+    h.wait_events(ipc.SAMPLE, 1)
+    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))       # after both probes' samples were taken in
+    h.wait_events(ipc.SAMPLE, 2)
+    h.stop()
+    body, meta = h.record()
+    assert [row[1:] for row in body] == [["41.950", "42.000", "25.00", "3"]] * 2   # top's 25 °C, never brood's 35
+    assert meta["compensation"]["uncompensated_rows"] == []
+
+
+@pytest.mark.parametrize("change,key,message", [
+    ({"temperature_sensor": "hive_audio"}, "temperature_sensor", "measures no temperature"),
+    ({"temperature_sensor": "hive_frames"}, "temperature_position", "required: hive_frames has 2 probes, name the one to use (brood, top)"),
+    ({"temperature_sensor": "hive_frames", "temperature_position": "middle"}, "temperature_position",
+     "one of brood, top"),
+    ({"temperature_sensor": "hive_climate", "temperature_position": "top"}, "temperature_position",
+     "only for a sensor with probes"),
+    ({"temperature_position": "top"}, "temperature_position", "needs temperature_sensor"),
+], ids=["not-a-thermometer", "which-probe", "no-such-probe", "sht3x-has-no-probes", "position-alone"])
+def test_temperature_source_must_give_one_temperature(tmp_path: Path, change, key, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write_config(tmp_path, **change))
+    assert err.value.key == f"sensors.hive_scale.{key}" and message in err.value.message, str(err.value)
 
 
 def test_stale_or_missing_temperature_is_not_used_and_is_flagged(tmp_path: Path):

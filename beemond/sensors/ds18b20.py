@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from beemond import ipc
 from beemond.sensors.base import PolledSensorWorker, ranges
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,9 @@ class DS18B20Worker(PolledSensorWorker):
 
     def _read_probe(self, position: str) -> float:
         rom = self.sensor.probes[position]
+        # Each read blocks for a conversion (~750 ms): many probes times their retries can outlast
+        # heartbeat_timeout_s, and a worker that is only slow must not be killed as hung.
+        self.channel.beat()
         if self.tree is not None:
             # the emulated kernel converts on each read, as the real one does
             self._tags[position] = self.tree.convert(rom)
@@ -181,8 +185,12 @@ class DS18B20Worker(PolledSensorWorker):
                 self.probe_errors[position] += 1
             raise OSError(errno.EIO, "every probe failed: " + "; ".join(f"{p}: {e}" for p, e in failures.items()))
         for position in pending:
-            log.warning("probe %s (%s) failed after %d attempts: %s", position, self.sensor.probes[position],
-                        self.sensor.max_retries + 1, failures[position])
+            # Reported, not only logged: a dead probe among live ones must show in beemond_errors_total
+            # and `beemond status` (its series just goes stale otherwise).
+            message = (f"probe {position} ({self.sensor.probes[position]}) failed after "
+                       f"{self.sensor.max_retries + 1} attempts: {failures[position]}")
+            log.warning("%s", message)
+            self.channel.send(ipc.ERROR, message=message)
         self._good_tags = {p: self._tags.get(p) for p in self.positions if values[p] is not None}
         return tuple(values[p] for p in self.positions)
 

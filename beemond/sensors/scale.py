@@ -18,7 +18,8 @@ true kg / shown kg after taring (AppMAIS's ``weight_multiple``). If an old setup
 multiple before subtracting its offset (``raw * m - o``), use ``tare_offset_kg = o / m``.
 
 Temperature compensation (load cells drift with temperature) uses the latest ``temperature_celsius``
-of ``temperature_sensor``, which the orchestrator forwards as ``sample`` commands. A temperature
+of ``temperature_sensor`` (of its probe ``temperature_position`` for a DS18B20 sensor with several),
+which the orchestrator forwards as ``sample`` commands. A temperature
 older than ``max_temperature_age_s`` (or none yet) is never used: the reading is recorded
 uncompensated, its ``temperature_c`` cell is empty, and the record's metadata lists it under
 ``uncompensated_rows`` with the reason.
@@ -219,6 +220,9 @@ class ScaleWorker(PolledSensorWorker):
     def on_sample(self, sample: dict) -> None:
         if sample.get("sensor") != self.sensor.temperature_sensor:
             return
+        position = self.sensor.temperature_position
+        if position and (sample.get("labels") or {}).get("position") != position:
+            return  # another probe of a DS18B20 sensor
         celsius = (sample.get("values") or {}).get("temperature_celsius")
         if isinstance(celsius, (int, float)) and math.isfinite(celsius):
             self.temperature = (float(celsius), time.monotonic())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from pathlib import Path
 
 from beemond.sensors.ds18b20 import crc8
@@ -63,6 +64,7 @@ class W1Tree:
         self.faults: dict[str, list[str]] = {}         # rom id -> queued faults
         self.last_good: dict[str, bytes] = {}
         self.conversions = 0
+        self.conversion_s = 0.0      # how long a conversion blocks the reader (the kernel's ~750 ms at 12 bit)
 
     @classmethod
     def from_replay(cls, base: Path, sensor) -> "W1Tree":
@@ -126,6 +128,8 @@ class W1Tree:
         """Emulate the conversion the kernel runs when ``w1_slave`` is read; returns the tag of the
         value written (None for a fault or a probe without a source)."""
         self.conversions += 1
+        if self.conversion_s:
+            time.sleep(self.conversion_s)
         queued = self.faults.get(rom)
         if queued:
             self.write_fault(rom, queued.pop(0))
