@@ -28,7 +28,7 @@ def records(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.json") if not p.name.endswith(archive.META_SUFFIX))
 
 
-def write_config(tmp_path: Path, processors: dict, sensors: dict | None = None) -> Path:
+def write_config(tmp_path: Path, processors: dict, sensors: dict | None = None, archive_table: dict | None = None) -> Path:
     _, rcpt, _ = crypto.keygen(tmp_path / "keys")
     tree = {
         "daemon": {"host": "hive", "spool_dir": str(tmp_path / "spool")},
@@ -39,6 +39,7 @@ def write_config(tmp_path: Path, processors: dict, sensors: dict | None = None) 
             "hive_scale": {"type": "scale", "backend": "hardware"},
         },
         "processors": processors,
+        **({"archive": archive_table} if archive_table else {}),
     }
     path = tmp_path / "beemond.toml"
     path.write_text(tomli_w.dumps(tree))
@@ -247,6 +248,20 @@ def test_swarm_alert_is_a_warning_an_event_and_a_record(tmp_path, caplog):
     assert rec["result"]["alert"] == "swarm" and rec["result"]["drop_kg"] == pytest.approx(1.8)
     drops = [e.data["values"]["swarm_drop_kilograms"] for e in sink.of(ipc.SAMPLE, 8)]
     assert drops[:6] == [0.0] * 5 + [0.0] and max(drops) < 1.5  # median of 3 needs two low readings
+
+
+def test_output_record_carries_its_metadata_under_metadata_like_the_seeds_json_archiver(tmp_path):
+    cfg = config.load(write_config(tmp_path, {"swarm": {"type": "swarm", "sensor": "hive_scale", "drop_kg": 1.5}},
+                                   archive_table={"default_metadata": {"apiary": "north", "source": "overridden"}}))
+    w = SwarmWorker(cfg, cfg.processors[0], Sink("swarm").channel)
+    for i, kg in enumerate([42.0] * 5 + [40.2] * 3):
+        w.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": kg}, "time": 1_700_000_000 + 60 * i}))
+    [path] = records(tmp_path / "spool/staging/swarm")
+    rec, sidecar = json.loads(path.read_text()), json.loads(archive.sidecar_of(path).read_text())
+    assert rec["metadata"] == sidecar, "the record holds its sidecar's metadata under 'metadata'"
+    # default_metadata lies under the record's own keys; the fields the lab reads stay at the top
+    assert sidecar["apiary"] == "north" and sidecar["source"] == "hive_scale"
+    assert rec["source"] == "hive_scale" and rec["start"] == sidecar["start"] and rec["result"]["alert"] == "swarm"
 
 
 # ------------------------------------------------------------------------------------------ config

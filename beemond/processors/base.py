@@ -18,7 +18,10 @@ A processor reads one sensor's output and writes derived records (JSON) and metr
   ``time`` (the event's UTC time, s since the epoch) added.
 - **Outputs.** A result becomes a JSON record in ``spool/staging/<processor>/`` through
   :func:`beemond.sensors.base.write_staged` (temp, fsync, rename, sidecar, *record ready* to the
-  aggregator) and ``sample`` events that the metrics registry exports.
+  aggregator) and ``sample`` events that the metrics registry exports. The record is
+  ``{"sensor", "type", "source", "start", "end", "skipped", "result": {...}, "metadata": {...}}``:
+  :class:`beemond.archive.JsonArchiver` puts the record's full metadata (its sidecar's, with
+  ``[archive] default_metadata`` and ``clock_synchronized``) under ``"metadata"``.
 
 Spacing (seconds, 0 turns each off; see :class:`Spacing` for the exact rules): ``min_input_spacing``
 thins inputs by their *data* time, ``min_step_spacing`` limits the processing rate by *run* time,
@@ -36,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
-from beemond.sensors.base import write_staged
+from beemond.sensors.base import staged_metadata, write_staged
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ class ProcessorWorker:
         self.paused = False
         self.skipped = {"paused": 0, "input": 0, "step": 0, "output": 0}
         self.outputs = 0
+        self.archiver = archive.JsonArchiver(merge_metadata=True)
 
     # -- for subclasses
     def process_record(self, path: Path, metadata: dict) -> dict | None:
@@ -229,9 +233,12 @@ class ProcessorWorker:
             self.skipped["output"] += 1
             return None
         t0, t1 = (datetime.fromtimestamp(t, timezone.utc) for t in (start, end))
-        metadata = {"sensor": self.proc.name, "type": self.proc.type, "source": self.proc.sensor,
-                    "start": archive.utc_iso(t0), "end": archive.utc_iso(t1), "skipped": dict(self.skipped)}
-        body = json.dumps({**metadata, "result": result}, indent=1, sort_keys=True).encode()
+        fields = {"sensor": self.proc.name, "type": self.proc.type, "source": self.proc.sensor,
+                  "start": archive.utc_iso(t0), "end": archive.utc_iso(t1), "skipped": dict(self.skipped)}
+        metadata = staged_metadata(self, dict(fields))
+        # The seeds' JsonArchiver: the record's full metadata (default_metadata included) under
+        # "metadata". The top-level fields and "result" stay as before, so the lab's readers still work.
+        body = self.archiver.render({**fields, "result": result}, metadata)
         try:
             path = write_staged(self, t0, t1, metadata, data_writer=lambda f: f.write(body))
         except OSError as e:

@@ -266,28 +266,48 @@ def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_wr
 
     *metadata* gains ``clock_synchronized`` (bool, from the worker's ``clock`` or
     :func:`beemond.clock.synchronized`) unless the caller set it for the record's whole span.
+    Raises ``OSError`` when the record cannot be written (nothing is announced then).
     """
-    cfg, sensor = worker.cfg, worker.sensor
+    metadata = staged_metadata(worker, metadata)
+    rel = staged_name(worker, start, end, metadata, ext=ext, split_index=split_index)
+    return stage(worker, rel, metadata, data_writer=data_writer, tmp=tmp)
+
+
+def staged_metadata(worker, metadata: dict) -> dict:
+    """A record's final metadata: ``clock_synchronized`` added (see :func:`write_staged`) and
+    ``[archive] default_metadata`` under the record's own keys."""
     if "clock_synchronized" not in metadata:
         wc = getattr(worker, "clock", None)
         metadata["clock_synchronized"] = wc.synchronized() if wc is not None else clock_synchronized()
-    metadata = archive.with_default_metadata(cfg.archive.default_metadata, metadata)
+    return archive.with_default_metadata(worker.cfg.archive.default_metadata, metadata)
+
+
+def staged_name(worker, start: datetime, end: datetime, metadata: dict, ext: str | None = None,
+                split_index: int = 0) -> str:
+    """The record's name relative to staging, rendered from the sandboxed filename template."""
+    cfg, sensor = worker.cfg, worker.sensor
     variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
                  "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
                  "metadata": metadata, "_split_index": split_index}
     try:
-        rel = archive.render_name(worker.template, **variables)
+        return archive.render_name(worker.template, **variables)
     except archive.TemplateError as e:
         # Checked at load with sample values; a template reading record metadata can still fail on a
         # real record. Never drop the record for its name.
         log.error("filename template failed for this record (%s); using the default name", e)
-        rel = archive.render_name(DEFAULT_TEMPLATE, **variables)
-    rel = _unique(worker.staging, rel)
-    path = archive.write_record(worker.staging, rel, metadata, data_writer=data_writer, tmp=tmp)
+        return archive.render_name(DEFAULT_TEMPLATE, **variables)
+
+
+def stage(worker, rel: str, metadata: dict, data_writer=None, tmp: Path | None = None) -> Path:
+    """Write one record named *rel* durably into ``worker.staging`` (never over a staged record of the
+    same name) and send its READY_EVENT. The ``write`` of a :class:`beemond.archive.BackgroundWriter`.
+    Raises ``OSError``."""
+    path = archive.write_record(worker.staging, _unique(worker.staging, rel), metadata,
+                                data_writer=data_writer, tmp=tmp)
     # Non-zero counters ride along for the metrics (audio overflows, missed measurements), so the
     # orchestrator never has to read a sidecar.
     counts = {k: metadata[k] for k in EVENT_COUNTS if isinstance(metadata.get(k), int) and metadata[k]}
-    worker.channel.send(ipc.READY_EVENT, sensor=sensor.name, path=str(path), **counts)
+    worker.channel.send(ipc.READY_EVENT, sensor=worker.sensor.name, path=str(path), **counts)
     return path
 
 
