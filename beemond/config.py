@@ -15,7 +15,7 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
                crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes,
                drop_oldest_when_full
-    [archive]  filename_template, default_metadata (a table)
+    [archive]  filename_template, default_metadata (a table), max_retries
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, host, port, user, password_file, password_credential, ca_file, key_file,
                key_credential, known_hosts, remote_dir, layout, timeout_s, backoff_initial_s,
@@ -99,6 +99,8 @@ class ArchiveConfig:
     filename_template: str = _opt(DEFAULT_TEMPLATE, doc="sandboxed Jinja2 template of a record's name")
     default_metadata: dict = _opt(factory=dict, doc="metadata every record carries, under its own keys "
                                                     "(e.g. apiary, hive, site); strings, numbers, booleans")
+    max_retries: int = _opt(3, min=0, max=20, doc="retries of a failed derived-record write (1, 2, 4... s "
+                                                  "apart) before it goes to spool/failed/NAME/")
 
 
 @dataclass(frozen=True)

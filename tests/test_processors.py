@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 import tomli_w
+from conftest import wait_for
 
 from beemond import archive, config, crypto, ipc
 from beemond.processors.audio_bands import AudioBandsWorker, band_power
@@ -262,6 +263,40 @@ def test_output_record_carries_its_metadata_under_metadata_like_the_seeds_json_a
     # default_metadata lies under the record's own keys; the fields the lab reads stay at the top
     assert sidecar["apiary"] == "north" and sidecar["source"] == "hive_scale"
     assert rec["source"] == "hive_scale" and rec["start"] == sidecar["start"] and rec["result"]["alert"] == "swarm"
+
+
+def _swarm_alert(tmp_path: Path, max_retries: int):
+    """A swarm worker whose staging directory refuses every write (a regular file stands in its place,
+    so creating a record there fails with an OSError even as root), fed one swarm."""
+    cfg = config.load(write_config(tmp_path, {"swarm": {"type": "swarm", "sensor": "hive_scale", "drop_kg": 1.5}},
+                                   archive_table={"max_retries": max_retries}))
+    sink = Sink("swarm")
+    w = SwarmWorker(cfg, cfg.processors[0], sink.channel)
+    w.staging.rmdir()
+    w.staging.write_bytes(b"")
+    for i, kg in enumerate([42.0] * 5 + [40.2] * 3):
+        w.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": kg}, "time": 1_700_000_000 + 60 * i}))
+    assert "record write failed" in sink.of(ipc.ERROR, 1)[0].data["message"]
+    return w, sink
+
+
+def test_an_output_that_cannot_be_written_goes_to_failed_after_the_last_retry(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        w, _ = _swarm_alert(tmp_path, max_retries=1)
+        failed = wait_for(lambda: records(tmp_path / "spool/failed/swarm"), 10, "the record in failed/")
+    rec, sidecar = json.loads(failed[0].read_text()), json.loads(archive.sidecar_of(failed[0]).read_text())
+    assert rec["result"]["alert"] == "swarm" and "write_error" in sidecar
+    assert "could not be written after 2 attempts" in caplog.text and "moved to" in caplog.text
+    assert w.writer.pending() == 0 and w.writer.close(timeout=1) == 0
+
+
+def test_an_output_write_that_fails_once_is_retried_into_staging(tmp_path):
+    w, sink = _swarm_alert(tmp_path, max_retries=3)
+    w.staging.unlink()  # the disk recovers: a retry (1, then 2 s later) stages the record
+    w.staging.mkdir()
+    path = Path(wait_for(lambda: sink.of(ipc.READY_EVENT, 1, timeout=0), 10, "the retried record")[0].data["path"])
+    assert path.parent == w.staging and json.loads(path.read_text())["result"]["alert"] == "swarm"
+    assert w.writer.close(timeout=1) == 0 and not (tmp_path / "spool/failed/swarm").exists()
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.processors.base import ProcessorWorker
-from beemond.sensors.base import write_staged
+from beemond.sensors.base import staged_metadata
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,12 @@ class AudioBandsWorker(ProcessorWorker):
         log.debug("%s: rms %.4f, bands %s", path.name, got["rms"], bands)
         return {**got, "bands": bands, "record": path.name}
 
-    def emit(self, result: dict, start: float, end: float) -> Path | None:
+    def emit(self, result: dict, start: float, end: float) -> bool:
         written = super().emit(result, start, end)
-        if written is not None and self.spectrogram is not None:
+        if written and self.spectrogram is not None:
             t0, t1 = (datetime.fromtimestamp(t, timezone.utc) for t in (start, end))
-            png = spectrogram_png(self.spectrogram)
             meta = {"sensor": self.proc.name, "type": self.proc.type, "source": self.proc.sensor,
                     "start": archive.utc_iso(t0), "end": archive.utc_iso(t1), "image": "spectrogram",
                     "max_hz": self.proc.spectrogram_max_hz, "range_db": SPECTROGRAM_RANGE_DB}
-            try:
-                write_staged(self, t0, t1, meta, data_writer=lambda f: f.write(png), ext="png")
-            except OSError as e:
-                log.error("cannot write a spectrogram record: %s", e)
+            self.write_output(t0, t1, staged_metadata(self, meta), spectrogram_png(self.spectrogram), ext="png")
         return written

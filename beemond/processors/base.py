@@ -39,9 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
-from beemond.sensors.base import staged_metadata, write_staged
+from beemond.sensors.base import stage, staged_metadata, staged_name
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_WRITE_S = 5.0   # at shutdown, time left to records whose write is being retried
 
 
 class Spacing:
@@ -132,6 +134,11 @@ class ProcessorWorker:
         self.skipped = {"paused": 0, "input": 0, "step": 0, "output": 0}
         self.outputs = 0
         self.archiver = archive.JsonArchiver(merge_metadata=True)
+        # A derived record whose write fails is retried off the processing loop, then kept in
+        # spool/failed/<processor>/ with a log line: never dropped, and never blocking the next input.
+        self.writer = archive.BackgroundWriter(lambda rel, meta, dw: stage(self, rel, meta, dw),
+                                               Path(cfg.spool) / "failed" / proc.name,
+                                               max_retries=cfg.archive.max_retries, name=f"{proc.name}-writer")
 
     # -- for subclasses
     def process_record(self, path: Path, metadata: dict) -> dict | None:
@@ -145,13 +152,17 @@ class ProcessorWorker:
     # -- loop
     def run(self) -> None:
         log.info("processing %s's %s", self.proc.sensor, "records" if self.uses_records() else "samples")
-        for path in self.leftovers():
-            self.handle_record(path)
-            self.channel.beat()  # a long backlog must not look like a hung worker
-        while True:
-            cmd = self.channel.receive(timeout=3600)
-            if cmd is not None and not self.handle(cmd):
-                return
+        try:
+            for path in self.leftovers():
+                self.handle_record(path)
+                self.channel.beat()  # a long backlog must not look like a hung worker
+            while True:
+                cmd = self.channel.receive(timeout=3600)
+                if cmd is not None and not self.handle(cmd):
+                    return
+        finally:
+            # Within the processors' share of the shutdown; a record still queued after it is logged as lost.
+            self.writer.close(timeout=SHUTDOWN_WRITE_S)
 
     def uses_records(self) -> bool:
         return type(self).process_record is not ProcessorWorker.process_record
@@ -227,25 +238,36 @@ class ProcessorWorker:
         if result is not None:
             self.emit(result, data_time, data_time)
 
-    def emit(self, result: dict, start: float, end: float) -> Path | None:
-        """Write *result* as a JSON record unless the output spacing says to skip it."""
+    def emit(self, result: dict, start: float, end: float) -> bool:
+        """Write *result* as a JSON record unless the output spacing says to skip it; True if it was
+        written or queued for a retry (see :meth:`write_output`)."""
         if not self.spacing.output_ok(start):
             self.skipped["output"] += 1
-            return None
+            return False
         t0, t1 = (datetime.fromtimestamp(t, timezone.utc) for t in (start, end))
         fields = {"sensor": self.proc.name, "type": self.proc.type, "source": self.proc.sensor,
                   "start": archive.utc_iso(t0), "end": archive.utc_iso(t1), "skipped": dict(self.skipped)}
         metadata = staged_metadata(self, dict(fields))
         # The seeds' JsonArchiver: the record's full metadata (default_metadata included) under
         # "metadata". The top-level fields and "result" stay as before, so the lab's readers still work.
-        body = self.archiver.render({**fields, "result": result}, metadata)
-        try:
-            path = write_staged(self, t0, t1, metadata, data_writer=lambda f: f.write(body))
-        except OSError as e:
-            log.error("cannot write an output record: %s", e)
-            self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
-            return None
+        self.write_output(t0, t1, metadata, self.archiver.render({**fields, "result": result}, metadata))
         self.outputs += 1
         for k in self.skipped:
             self.skipped[k] = 0
-        return path
+        return True
+
+    def write_output(self, t0: datetime, t1: datetime, metadata: dict, body: bytes, ext: str | None = None) -> None:
+        """Write one derived record (*metadata* from :func:`staged_metadata`) into staging now; if that
+        fails (``OSError``: disk full, read-only remount) send an ERROR event and hand it to the
+        background writer, which retries ``[archive] max_retries`` times and then moves it to
+        ``spool/failed/<processor>/`` with a log line."""
+        rel = staged_name(self, t0, t1, metadata, ext=ext)
+
+        def data_writer(f):
+            f.write(body)
+        try:
+            stage(self, rel, metadata, data_writer)
+        except OSError as e:
+            log.error("cannot write output record %s (%s); retrying in the background", rel, e.strerror or e)
+            self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
+            self.writer.submit(rel, metadata, data_writer)
