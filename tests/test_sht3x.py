@@ -5,6 +5,7 @@ end to end, in process, with a real ipc.Channel."""
 from __future__ import annotations
 
 import errno
+import re
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from smbus2 import i2c_msg
 
 import polled_peers
-from beemond import ipc
+from beemond import archive, ipc
 from beemond.sensors import sht3x
 from beemond.sensors.emulators.i2c import EmulatedSMBus
 from beemond.sensors.emulators.replay import CsvReplay, load_rows
@@ -374,3 +375,26 @@ def test_worker_holds_readings_when_a_record_cannot_be_written(tmp_path: Path, u
     assert len(indices) == len(body), (meta["replay"], len(body))
     for (_stamp, t_c, rh), i in zip(body, indices):
         assert (float(t_c), float(rh)) == (urban_rows[i].temperature_c, urban_rows[i].humidity_rh)
+
+
+class HoldsTwo(sht3x.SHT3xWorker):
+    max_held_readings = 2   # the in-memory hold of MAX_HELD_READINGS, made small enough to overflow
+
+
+def test_readings_dropped_from_a_full_hold_are_logged_and_reported(tmp_path: Path, caplog):
+    h = Harness(tmp_path)
+    h.worker.close()
+    h.worker = HoldsTwo(h.cfg, h.sensor, h.channel)
+    h.staging.rmdir()
+    h.staging.write_bytes(b"")        # every record write fails (ENOTDIR), so readings pile up in memory
+    with caplog.at_level("ERROR"):
+        events = h.run(captures=4)    # the flush at shutdown fails: 4 readings, room for 2
+    readings = sum(e.kind == ipc.SAMPLE for e in events)   # one per good reading (the start one too)
+    held = h.worker.readings          # the newest two, still held for the next write
+    assert readings >= 4 and len(held) == 2
+    dropped = [re.match(r"dropped (\d+) held reading\(s\) from (\S+Z) to (\S+Z): record writes keep failing",
+                        e.data["message"]) for e in events if e.kind == ipc.ERROR and e.data["message"].startswith("dropped ")]
+    assert dropped and all(dropped), events
+    assert sum(int(m[1]) for m in dropped) == readings - 2, "every dropped reading is counted, once"
+    assert all(m[2] <= m[3] < archive.utc_iso(held[0][0]) for m in dropped), "the oldest are the ones dropped"
+    assert caplog.text.count("oldest held reading(s)") == len(dropped)

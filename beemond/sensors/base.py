@@ -45,6 +45,7 @@ class PolledSensorWorker:
     # (e.g. "temperature_celsius"); "" for a column that is not a quantity.
     quantities: tuple[str, ...] = ()
     ext = "csv"
+    max_held_readings = MAX_HELD_READINGS   # per worker class (a test subclass may hold fewer)
 
     def __init__(self, cfg, sensor, channel: ipc.Channel, clock: Clock | None = None):
         self.cfg = cfg
@@ -193,7 +194,15 @@ class PolledSensorWorker:
         try:
             path = write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
         except OSError as e:  # disk full, read-only remount: keep the readings and try again later
-            kept = readings[-MAX_HELD_READINGS:]
+            kept = readings[-self.max_held_readings:]
+            if len(kept) < len(readings):
+                # Memory is bounded: the oldest readings go, and that loss is reported, never silent.
+                lost = readings[:len(readings) - len(kept)]
+                first, last = archive.utc_iso(lost[0][0]), archive.utc_iso(lost[-1][0])
+                log.error("record writes keep failing; dropped the %d oldest held reading(s), %s to %s",
+                          len(lost), first, last)
+                self.channel.send(ipc.ERROR, message=f"dropped {len(lost)} held reading(s) from {first} to {last}: "
+                                                     f"record writes keep failing ({e})")
             self.readings = kept + self.readings
             self.window_opened = time.monotonic()
             self.unsynchronized += unsynced
