@@ -5,7 +5,8 @@ What it does
   Runs ``beemond run`` (the simulated hive of config/simulated.toml, sped up as in tests/conftest:
   the SHT3x emulator replaying UrBAN hive 3629, the audio emulator, age to a fresh key) uploading to a
   local pyftpdlib server (scripts/ftp_server.py). --kills times: start the daemon in its own session,
-  let it run a random 0.5..--max-gap s, SIGKILL the process group (orchestrator, forkserver, every
+  let it run a random 0.5..--max-gap s counted from the moment its climate worker started (so a slow,
+  loaded machine still kills working daemons rather than Python start-ups), SIGKILL the process group (orchestrator, forkserver, every
   worker). What was durable is snapshotted every 0.25 s while it runs and right after the kill: every
   record file in ``spool/staging`` (its climate readings parsed), and every bundle in ``spool/outbox``. Then one graceful run (--final-s, SIGTERM)
   drains the spool.
@@ -69,6 +70,17 @@ def start(cfg: Path, log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
+def _wait_worker_started(log: Path, offset: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until this run's log (from *offset*) says the climate worker started, or the daemon exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            if b"started worker hive_climate" in f.read():
+                return
+        time.sleep(0.05)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=50)
@@ -97,8 +109,11 @@ def main() -> int:
         spool = work / "spool"
         expected_records: dict[str, bytes] = {}
         expected_bundles: set[str] = set()
+        log = work / "daemon.log"
         for i in range(args.kills):
-            proc = start(cfg, work / "daemon.log")
+            offset = log.stat().st_size if log.exists() else 0
+            proc = start(cfg, log)
+            _wait_worker_started(log, offset, proc)
             kill_at = time.monotonic() + rng.uniform(0.5, args.max_gap)
             while time.monotonic() < kill_at:  # what is durable while it runs must survive too
                 expected_records.update(staged_records(spool))
