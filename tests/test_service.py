@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import signal
 import socket
 import subprocess
@@ -116,12 +117,24 @@ def test_unit_lets_the_clock_query_through_but_not_a_clock_change(tmp_path):
     # As the unit runs it (a user without capabilities): the query answers, a change is refused.
     change = ("import ctypes; from beemond import clock; clock.kernel_synchronized(); tx = clock._Timex(); "
               "tx.modes = 1; print(clock._libc.adjtimex(ctypes.byref(tx)), ctypes.get_errno())")
-    unprivileged = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all",
-                    "--inh-caps=-all", sys.executable, "-c"]
-    res = subprocess.run(unprivileged + [probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert res.stdout.strip() in ("True", "False"), res.stdout + res.stderr
-    res = subprocess.run(unprivileged + [change], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert res.stdout.split() == ["-1", str(errno.EPERM)], res.stdout + res.stderr  # ADJ_OFFSET needs CAP_SYS_TIME
+    # The checkout (and its venv) may sit in a directory that user cannot enter (CI clones into a 0700
+    # mktemp dir), so the unprivileged runs import a copy of clock.py (stdlib-only) from a readable one.
+    readable = Path(tempfile.mkdtemp(prefix="beemond-clock-"))
+    try:
+        readable.chmod(0o755)
+        shutil.copy(ROOT / "beemond" / "clock.py", readable / "clock.py")
+        (readable / "clock.py").chmod(0o644)
+        unprivileged = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all",
+                        "--inh-caps=-all", sys.executable, "-I", "-c"]
+        local = f"import sys; sys.path.insert(0, {str(readable)!r}); import clock; "
+        res = subprocess.run(unprivileged + [local + "print(clock.kernel_synchronized())"], capture_output=True,
+                             text=True, cwd=readable, timeout=60)
+        assert res.stdout.strip() in ("True", "False"), res.stdout + res.stderr
+        res = subprocess.run(unprivileged + [local + change.replace("from beemond import clock; ", "")],
+                             capture_output=True, text=True, cwd=readable, timeout=60)
+        assert res.stdout.split() == ["-1", str(errno.EPERM)], res.stdout + res.stderr  # ADJ_OFFSET needs CAP_SYS_TIME
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
 
 
 # Under a seccomp filter like ProtectClock=yes's (adjtimex, clock_adjtime -> EPERM), in a child process:
