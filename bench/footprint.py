@@ -111,6 +111,7 @@ def derive_config(tmp: Path, name: str, recipient: Path, upload: dict, idle: boo
             replay["file"] = str((CONFIG.parent / replay["file"]).resolve())
     if idle:
         cfg["sensors"] = {k: v for k, v in cfg["sensors"].items() if v["type"] == "sht3x"}
+        cfg.pop("processors", None)  # they read the audio and the scale, which are gone
         for sensor in cfg["sensors"].values():
             sensor["interval_s"] = 30
             sensor["record_window_s"] = 60
