@@ -293,7 +293,7 @@ def test_an_output_that_cannot_be_written_goes_to_failed_after_the_last_retry(tm
 def test_an_output_write_that_fails_once_is_retried_into_staging(tmp_path):
     w, sink = _swarm_alert(tmp_path, max_retries=3)
     w.staging.unlink()  # the disk recovers: a retry (1, then 2 s later) stages the record
-    w.staging.mkdir()
+    w.staging.mkdir(exist_ok=True)  # a retry due at this very moment may create it first
     path = Path(wait_for(lambda: sink.of(ipc.READY_EVENT, 1, timeout=0), 10, "the retried record")[0].data["path"])
     assert path.parent == w.staging and json.loads(path.read_text())["result"]["alert"] == "swarm"
     assert w.writer.close(timeout=1) == 0 and not (tmp_path / "spool/failed/swarm").exists()
