@@ -13,6 +13,7 @@ Every message is a plain dataclass of built-in types, so the forkserver pickles 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import logging
 import os
 import queue
@@ -168,3 +169,13 @@ def _make_worker(role: str, name: str, cfg, channel: Channel):
 
         return Uploader(cfg, channel)
     raise ValueError(f"unknown worker role {role!r}")
+
+
+def load_worker_class(registry: dict[str, str], kind: str, what: str):
+    """The class named ``"module:Class"`` by ``registry[kind]``, imported now (so a worker loads only
+    its own driver's libraries). Raises ``ValueError`` for a kind the registry lacks."""
+    try:
+        module, cls = registry[kind].split(":")
+    except KeyError:
+        raise ValueError(f"no {what} of type {kind!r}") from None
+    return getattr(importlib.import_module(module), cls)

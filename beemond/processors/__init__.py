@@ -3,7 +3,7 @@ metrics (audio band power, swarm alerts). See :mod:`beemond.processors.base` for
 
 from __future__ import annotations
 
-import importlib
+from beemond.ipc import load_worker_class
 
 # type = "..." -> "module:WorkerClass". One line per processor; the config class is in
 # beemond.config.PROCESSOR_TYPES. Imported lazily so each worker loads only its own libraries.
@@ -15,8 +15,4 @@ PROCESSORS = {
 
 def make_processor_worker(cfg, proc, channel):
     """The worker object for *proc* (a ``ProcessorConfig``). Raises ``ValueError`` for an unknown type."""
-    try:
-        module, cls = PROCESSORS[proc.type].split(":")
-    except KeyError:
-        raise ValueError(f"no processor of type {proc.type!r}") from None
-    return getattr(importlib.import_module(module), cls)(cfg, proc, channel)
+    return load_worker_class(PROCESSORS, proc.type, "processor")(cfg, proc, channel)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from beemond.ipc import load_worker_class
 
 # type = "..." -> "module:WorkerClass". One line per driver; the config class is in
 # beemond.config.SENSOR_TYPES. Imported lazily so a worker loads only its own driver's libraries.
@@ -19,8 +19,4 @@ DRIVERS = {
 
 def make_sensor_worker(cfg, sensor, channel):
     """The worker object for *sensor* (a ``SensorConfig``). Raises ``ValueError`` for an unknown type."""
-    try:
-        module, cls = DRIVERS[sensor.type].split(":")
-    except KeyError:
-        raise ValueError(f"no driver for sensor type {sensor.type!r}") from None
-    return getattr(importlib.import_module(module), cls)(cfg, sensor, channel)
+    return load_worker_class(DRIVERS, sensor.type, "sensor driver")(cfg, sensor, channel)
