@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "urban-2021" / "hive_temperature_humidity_2021.csv"
+DATA = ROOT / "data" / "urban-2021" / "hive_temperature_humidity_2021.csv"  # a copy of ../shared/data: data/README.md
 AGE = shutil.which("age")
 
 

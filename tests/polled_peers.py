@@ -17,7 +17,7 @@ import tomli_w
 from beemond import config, crypto, ipc
 from beemond.sensors import make_sensor_worker
 
-URBAN = Path(__file__).resolve().parents[2] / "shared/data/urban-2021/hive_temperature_humidity_2021.csv"
+URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 
 
 def write_config(tmp_path: Path, name: str, sensor: dict) -> Path:

@@ -15,7 +15,7 @@ import tomli_w
 
 from beemond import config, crypto
 
-URBAN = Path(__file__).resolve().parents[2] / "shared/data/urban-2021/hive_temperature_humidity_2021.csv"
+URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 
 
 def run_check(path: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from beemond.processors.audio_bands import AudioBandsWorker, band_power
 from beemond.processors.base import Spacing, link_record
 from beemond.processors.swarm import SwarmDetector, SwarmWorker
 
-URBAN = Path(__file__).resolve().parents[2] / "shared/data/urban-2021/hive_temperature_humidity_2021.csv"
+URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 
 
 def records(directory: Path) -> list[Path]:
