@@ -28,6 +28,8 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [sensors.NAME.probes]   (ds18b20) position = "28-xxxxxxxxxxxx", one per probe
     [sensors.NAME.inputs.INPUT]  (gpio) pin, kind, targets, pull_up, bounce_s, cooldown_s, trigger_every_s
     [metrics]  enabled, address, port, staleness_s
+    [telemetry]  enabled, broker, port, tls, ca_file, user, password_file, password_credential, client_id,
+               layout ("beemond" | "kotori"), topic, status_topic, home_assistant, ... (beemond.telemetry)
     [processors.NAME]       type = "audio_bands" | "swarm", sensor = "NAME", min_input_spacing,
                             min_step_spacing, min_output_spacing, ... (see beemond.processors)
 """
@@ -723,6 +725,72 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """``[telemetry]``: live readings over MQTT (beemond.telemetry). Bundles stay the record of truth."""
+
+    enabled: bool = _opt(False, doc="publish every reading and alert to an MQTT broker")
+    broker: str = _opt("", doc="the broker's host name or address (required when enabled)")
+    port: int = _opt(0, min=0, max=65535, doc="0: 1883, or 8883 with tls")
+    tls: bool = _opt(False, doc="TLS to the broker (system CAs, or ca_file)")
+    ca_file: Path | None = _opt(None, path=True, doc="PEM CA bundle trusted instead of the system CAs")
+    user: str = _opt("", doc="user name; empty: anonymous")
+    password_file: Path | None = _opt(None, path=True, secret=True)
+    password_credential: str = _opt("", doc="name of a systemd credential in $CREDENTIALS_DIRECTORY")
+    client_id: str = _opt("", doc="MQTT client id (default beemond-HOST); the persistent session is keyed on it")
+    keepalive_s: int = _opt(60, min=5, max=3600)
+    session_expiry_s: int = _opt(7 * 86400, min=0, max=2**32 - 1,
+                                 doc="how long the broker keeps the session (MQTT v5 Session Expiry Interval)")
+    reconnect_max_s: int = _opt(120, min=1, max=3600, doc="longest wait between reconnection attempts")
+    layout: str = _opt("beemond", choices=("beemond", "kotori"), doc="topic and payload layout")
+    topic: str = _opt("beemond/{{ host }}/{{ sensor }}", doc="sandboxed Jinja2 template; /state and /alert are appended")
+    status_topic: str = _opt("beemond/{{ host }}/status", doc="retained online/offline (the Last Will)")
+    home_assistant: bool = _opt(True, doc="publish Home Assistant MQTT discovery configs (layout beemond)")
+    discovery_prefix: str = _opt("homeassistant")
+    expire_after_s: int = _opt(0, min=0, max=86400 * 7,
+                               doc="Home Assistant marks a value unavailable this long after it; 0: 3 intervals of its sensor")
+    kotori_realm: str = _opt("hiveeyes")
+    kotori_network: str = _opt("", doc="layout kotori: the network (Hiveeyes: your user name); required")
+    kotori_gateway: str = _opt("", doc="layout kotori: the gateway (apiary); default: host")
+    kotori_node: str = _opt("", doc="layout kotori: the node (hive); default: host")
+    max_buffer_bytes: int = _opt(16 * 2**20, min=65536, max=2**40,
+                                 doc="readings kept in spool/telemetry/ while the broker is away; over it the oldest go")
+
+    def password(self) -> str:
+        """The password from ``password_file`` or the credential; ``""`` if neither (see UploadConfig.password)."""
+        from beemond.upload import read_secret
+
+        path = read_secret(self.password_file, self.password_credential)
+        return path.read_text().strip() if path is not None else ""
+
+    def check(self, path: Path, key: str = "telemetry") -> None:
+        if not self.enabled:
+            return
+        if not self.broker:
+            raise ConfigError(path, f"{key}.broker", "required when telemetry is enabled: the broker's host name or address")
+        for name in ("password_file", "ca_file"):
+            value = getattr(self, name)
+            if value is not None and not (os.access(value, os.R_OK) and value.is_file()):
+                raise ConfigError(path, f"{key}.{name}", f"cannot read {value}")
+        if self.password_file is not None and self.password_credential:
+            raise ConfigError(path, f"{key}.password_credential", "set password_file or password_credential, not both")
+        if self.ca_file is not None and not self.tls:
+            raise ConfigError(path, f"{key}.ca_file", "only used with tls = true")
+        if self.layout == "kotori" and not self.kotori_network:
+            raise ConfigError(path, f"{key}.kotori_network", "required with layout = \"kotori\"")
+        from beemond import archive
+        from beemond.telemetry.messages import check_topic
+
+        for name in ("topic", "status_topic"):
+            try:
+                check_topic(getattr(self, name))
+            except archive.TemplateError as e:
+                raise ConfigError(path, f"{key}.{name}", str(e)) from None
+        for name in ("discovery_prefix", "kotori_realm", "kotori_network", "kotori_gateway", "kotori_node"):
+            if any(c in getattr(self, name) for c in "/+#"):
+                raise ConfigError(path, f"{key}.{name}", "one topic level: no /, + or #")
+
+
+@dataclass(frozen=True)
 class ProcessorConfig:
     """Keys every processor has (``beemond.processors``). A processor type is a subclass registered in
     :data:`PROCESSOR_TYPES`. The three spacings (seconds, 0 = off) are defined exactly in
@@ -809,6 +877,7 @@ class Config:
     sensors: tuple[SensorConfig, ...]
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     processors: tuple[ProcessorConfig, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     @property
     def spool(self) -> Path:
@@ -821,7 +890,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------- load
 
 _SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleConfig, "upload": UploadConfig,
-             "metrics": MetricsConfig}
+             "metrics": MetricsConfig, "telemetry": TelemetryConfig}
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -888,7 +957,7 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     processors = _typed_tables(path, tree, "processors", "processor", PROCESSOR_TYPES, base, strings)
     cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
                  upload=built["upload"], sensors=tuple(sensors), metrics=built["metrics"],
-                 processors=processors)
+                 processors=processors, telemetry=built["telemetry"])
     _check_semantics(cfg, path)
     return cfg
 
@@ -1045,6 +1114,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
             raise ConfigError(path, key, str(e)) from None
 
     cfg.upload.check(path)
+    cfg.telemetry.check(path)
 
     d = cfg.daemon
     if d.restart_backoff_max_s < d.restart_backoff_initial_s:
@@ -1078,7 +1148,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         key = f"processors.{p.name}"
         # A processor's records go to staging/<name>/ and it is supervised under its name: both must
         # be free.
-        if p.name in sensors or p.name in ("aggregator", "uploader", "orchestrator"):
+        if p.name in sensors or p.name in ("aggregator", "uploader", "orchestrator", "telemetry"):
             raise ConfigError(path, key, f"name {p.name!r} is already taken by a sensor or a daemon worker")
         if p.sensor not in sensors:
             raise ConfigError(path, f"{key}.sensor", f"{p.sensor!r} is not a configured (enabled) sensor; "
@@ -1109,6 +1179,10 @@ def summary(cfg: Config) -> str:
                  + (f"signed by {_signer(b)}" if b.signing_key_path() is not None else "unsigned"))
     for p in cfg.processors:
         lines.append(f"  processor {p.name}: {p.type} of {p.sensor}, {p.describe()}")
+    t = cfg.telemetry
+    if t.enabled:
+        lines.append(f"  telemetry: mqtt{'s' if t.tls else ''}://{t.broker}:{t.port or (8883 if t.tls else 1883)} "
+                     f"layout {t.layout}{', Home Assistant discovery' if t.home_assistant and t.layout == 'beemond' else ''}")
     m = cfg.metrics
     lines.append(f"  metrics: http://{m.address}:{m.port}/metrics" if m.enabled else "  metrics: off")
     u = cfg.upload

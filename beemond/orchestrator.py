@@ -61,12 +61,12 @@ WORKER_DAEMON_KEYS = ("heartbeat_interval_s", "log_level")
 RESTART_ONLY_KEYS = ("spool_dir", "host")
 # Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
 # ``shutdown_grace_s`` + 10 s. The unit's TimeoutStopSec must cover the sum (tests/test_service.py).
-SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("aggregator", 0.4))
+SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("telemetry", 0.1), ("aggregator", 0.4))
 
 
 @dataclass
 class Worker:
-    role: str                    # sensor | processor | aggregator | uploader
+    role: str                    # sensor | processor | aggregator | uploader | telemetry
     name: str
     process: multiprocessing.process.BaseProcess | None = None
     commands: object = None
@@ -150,6 +150,8 @@ class Orchestrator:
                         "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
         self._add(Worker("aggregator", "aggregator"))
         self._add(Worker("uploader", "uploader"))
+        if self.cfg.telemetry.enabled:
+            self._add(Worker("telemetry", "telemetry"))
         for sensor in self.cfg.sensors:
             self._add(Worker("sensor", sensor.name))
         self._add_processors()
@@ -344,6 +346,9 @@ class Orchestrator:
             for name in ev.data.get("targets", ()):
                 if not self._command(name, ipc.Command(ipc.CAPTURE_NOW, {"reason": ev.data.get("reason", w.name)})):
                     log.warning("%s asked %s to capture, but it is not running", w.name, name)
+        if ev.kind in (ipc.SAMPLE, ipc.ALERT) and "telemetry" in self.workers:
+            # The event's time is the measurement's (sent as the reading is taken) unless it says otherwise.
+            self._command("telemetry", ipc.Command(ev.kind, {"time": ev.time, **ev.data}))
         for observer in self.observers:
             observer(w, ev)
 
@@ -578,6 +583,12 @@ class Orchestrator:
             self._stop_worker(name, "removing")
         for name in restart:
             self._stop_worker(name, "restarting")
+        if new.telemetry.enabled != old.telemetry.enabled:
+            log.info("SIGHUP: telemetry %s", "enabled" if new.telemetry.enabled else "disabled")
+            if new.telemetry.enabled:
+                self._add(Worker("telemetry", "telemetry"))
+            else:
+                self._stop_worker("telemetry", "removing")
         for name, role in new_units.items():
             if name not in old_units:
                 log.info("SIGHUP: %s %s added", role, name)
@@ -599,6 +610,8 @@ class Orchestrator:
             names.append("aggregator")
         if every or old.upload != new.upload:
             names.append("uploader")
+        if old.telemetry.enabled and new.telemetry.enabled and (every or old.telemetry != new.telemetry):
+            names.append("telemetry")
         before = {s.name: s for s in (*old.sensors, *old.processors)}
         for s in (*new.sensors, *new.processors):
             if s.name in before and (every or before[s.name] != s or old.template_for(s) != new.template_for(s)):
