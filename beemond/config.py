@@ -17,7 +17,7 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
                drop_oldest_when_full
     [archive]  filename_template, default_metadata (a table), max_retries
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
-    [upload]   protocol, host, port, user, password_file, password_credential, ca_file, key_file,
+    [upload]   protocol, endpoint, bucket, region (s3), host, port, user, password_file, password_credential, ca_file, key_file,
                key_credential, known_hosts, remote_dir, layout, timeout_s, backoff_initial_s,
                backoff_max_s, shutdown_grace_s, backlog_order, rate_limit_bytes_per_s,
                keep_uploaded_bytes
@@ -647,8 +647,11 @@ def parse_window(spec: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class UploadConfig:
-    protocol: str = _opt("ftp", choices=("ftp", "ftps", "sftp", "local", "none"),
+    protocol: str = _opt("ftp", choices=("ftp", "ftps", "sftp", "s3", "local", "none"),
                          doc="none keeps bundles in the outbox; local copies to a mounted remote_dir")
+    endpoint: str = _opt("", doc="s3: the service's URL, e.g. https://s3.eu-central-1.amazonaws.com or http://10.0.0.5:8333")
+    bucket: str = _opt("", doc="s3: the bucket (path-style requests); remote_dir is a key prefix in it")
+    region: str = _opt("us-east-1", doc="s3: the region signed into every request")
     host: str = _opt("127.0.0.1")
     port: int = _opt(0, min=0, max=65535, doc="0: the protocol's own (21 for ftp and ftps, 22 for sftp)")
     user: str = _opt("anonymous")
@@ -712,6 +715,17 @@ class UploadConfig:
         if self.protocol == "sftp" and self.known_hosts is None:
             raise ConfigError(path, f"{key}.known_hosts", "required for sftp: an OpenSSH known_hosts file with "
                               "the server's host key (unknown keys are refused, never added)")
+        if self.protocol == "s3":
+            if not re.match(r"^https?://[^/\s]+(/\S*)?$", self.endpoint):
+                raise ConfigError(path, f"{key}.endpoint", "required for s3: http(s)://HOST[:PORT], e.g. "
+                                  "https://s3.eu-central-1.amazonaws.com")
+            if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", self.bucket):
+                raise ConfigError(path, f"{key}.bucket", "required for s3: 3-63 lowercase letters, digits, dots, hyphens")
+            if self.user in ("", "anonymous") or (self.password_file is None and not self.password_credential):
+                raise ConfigError(path, f"{key}.user", "s3 needs user (the access key id) and password_file or "
+                                  "password_credential (the secret access key)")
+        elif self.endpoint or self.bucket:
+            raise ConfigError(path, f"{key}.{'endpoint' if self.endpoint else 'bucket'}", "only used with protocol = \"s3\"")
         if self.protocol == "local" and not os.path.isabs(self.remote_dir):
             raise ConfigError(path, f"{key}.remote_dir", "protocol = \"local\" needs the absolute path of a mounted directory")
 
@@ -728,8 +742,8 @@ class MetricsConfig:
 class TelemetryConfig:
     """``[telemetry]``: live readings over MQTT (beemond.telemetry). Bundles stay the record of truth."""
 
-    enabled: bool = _opt(False, doc="publish every reading and alert to an MQTT broker")
-    broker: str = _opt("", doc="the broker's host name or address (required when enabled)")
+    enabled: bool = _opt(True, doc="false: no telemetry even with a broker set")
+    broker: str = _opt("", doc="the broker's host name or address; set, it turns telemetry on")
     port: int = _opt(0, min=0, max=65535, doc="0: 1883, or 8883 with tls")
     tls: bool = _opt(False, doc="TLS to the broker (system CAs, or ca_file)")
     ca_file: Path | None = _opt(None, path=True, doc="PEM CA bundle trusted instead of the system CAs")
@@ -762,11 +776,14 @@ class TelemetryConfig:
         path = read_secret(self.password_file, self.password_credential)
         return path.read_text().strip() if path is not None else ""
 
+    @property
+    def active(self) -> bool:
+        """Telemetry runs: a broker is set and it is not turned off."""
+        return self.enabled and bool(self.broker)
+
     def check(self, path: Path, key: str = "telemetry") -> None:
-        if not self.enabled:
+        if not self.active:
             return
-        if not self.broker:
-            raise ConfigError(path, f"{key}.broker", "required when telemetry is enabled: the broker's host name or address")
         for name in ("password_file", "ca_file"):
             value = getattr(self, name)
             if value is not None and not (os.access(value, os.R_OK) and value.is_file()):
@@ -1180,7 +1197,7 @@ def summary(cfg: Config) -> str:
     for p in cfg.processors:
         lines.append(f"  processor {p.name}: {p.type} of {p.sensor}, {p.describe()}")
     t = cfg.telemetry
-    if t.enabled:
+    if t.active:
         lines.append(f"  telemetry: mqtt{'s' if t.tls else ''}://{t.broker}:{t.port or (8883 if t.tls else 1883)} "
                      f"layout {t.layout}{', Home Assistant discovery' if t.home_assistant and t.layout == 'beemond' else ''}")
     m = cfg.metrics
@@ -1189,7 +1206,8 @@ def summary(cfg: Config) -> str:
     if u.protocol == "none":
         lines.append("  upload: none (bundles stay in the outbox)")
     else:
-        where = u.remote_dir if u.protocol == "local" else f"{u.protocol}://{u.user}@{u.host}:{u.port or 'default'}/{u.remote_dir.strip('/')}"
+        where = u.remote_dir if u.protocol == "local" else f"s3://{u.bucket}/{u.remote_dir.strip('/')} at {u.endpoint}" \
+            if u.protocol == "s3" else f"{u.protocol}://{u.user}@{u.host}:{u.port or 'default'}/{u.remote_dir.strip('/')}"
         lines.append(f"  upload: {where} layout {u.layout}")
         if u.rate_limit_bytes_per_s:
             lines.append(f"  upload rate limit: {u.rate_limit_bytes_per_s} bytes/s")

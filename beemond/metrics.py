@@ -263,7 +263,7 @@ class Health:
                 yield _gauge(GaugeMetricFamily, "beemond_seconds_since_last_upload",
                              "seconds since the last successful upload", ["host"],
                              [([h], max(0.0, time.time() - self.last_upload))])
-            if self.cfg.telemetry.enabled:
+            if self.cfg.telemetry.active:
                 tm = self.telemetry
                 yield _counter(CounterMetricFamily, "beemond_telemetry_published_total",
                                "readings the MQTT broker acknowledged", ["host"], [([h], tm["published"])])

@@ -150,7 +150,7 @@ class Orchestrator:
                         "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
         self._add(Worker("aggregator", "aggregator"))
         self._add(Worker("uploader", "uploader"))
-        if self.cfg.telemetry.enabled:
+        if self.cfg.telemetry.active:
             self._add(Worker("telemetry", "telemetry"))
         for sensor in self.cfg.sensors:
             self._add(Worker("sensor", sensor.name))
@@ -583,9 +583,9 @@ class Orchestrator:
             self._stop_worker(name, "removing")
         for name in restart:
             self._stop_worker(name, "restarting")
-        if new.telemetry.enabled != old.telemetry.enabled:
-            log.info("SIGHUP: telemetry %s", "enabled" if new.telemetry.enabled else "disabled")
-            if new.telemetry.enabled:
+        if new.telemetry.active != old.telemetry.active:
+            log.info("SIGHUP: telemetry %s", "on" if new.telemetry.active else "off")
+            if new.telemetry.active:
                 self._add(Worker("telemetry", "telemetry"))
             else:
                 self._stop_worker("telemetry", "removing")
@@ -610,7 +610,7 @@ class Orchestrator:
             names.append("aggregator")
         if every or old.upload != new.upload:
             names.append("uploader")
-        if old.telemetry.enabled and new.telemetry.enabled and (every or old.telemetry != new.telemetry):
+        if old.telemetry.active and new.telemetry.active and (every or old.telemetry != new.telemetry):
             names.append("telemetry")
         before = {s.name: s for s in (*old.sensors, *old.processors)}
         for s in (*new.sensors, *new.processors):

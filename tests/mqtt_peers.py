@@ -22,14 +22,25 @@ class Mosquitto:
     """``mosquitto -c CONF`` in the foreground; persistence on, so sessions and queued messages
     survive a restart on the same port."""
 
-    def __init__(self, directory: Path, port: int):
+    def __init__(self, directory: Path, port: int, tls: tuple[Path, Path] | None = None,
+                 login: tuple[str, str] | None = None):
+        """*tls*: (certificate, key) to require TLS; *login*: (user, password), the only one accepted."""
         if MOSQUITTO is None:
             pytest.skip("mosquitto is not installed (scripts/setup installs it)")
         self.dir, self.port = directory, port
         self.dir.mkdir(parents=True, exist_ok=True)
         self.conf = self.dir / "mosquitto.conf"
-        lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence true",
+        lines = [f"listener {port} 127.0.0.1", "persistence true",
                  f"persistence_location {self.dir}/", "log_dest stderr", "log_type error", "log_type warning"]
+        if tls is not None:
+            lines += [f"certfile {tls[0]}", f"keyfile {tls[1]}"]
+        if login is not None:
+            passwd = self.dir / "passwd"
+            passwd.touch()
+            subprocess.run(["mosquitto_passwd", "-b", str(passwd), *login], check=True, capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {passwd}"]
+        else:
+            lines.append("allow_anonymous true")
         if os.geteuid() == 0:
             lines.append("user root")
         self.conf.write_text("\n".join(lines) + "\n")
@@ -50,7 +61,8 @@ class Subscriber:
     """Collects every message under *topic* (QoS 1, MQTT v5, clean_start=False with a session expiry,
     so what is published while it is away reaches it after its reconnect)."""
 
-    def __init__(self, port: int, topic: str = "#", client_id: str = "test-subscriber"):
+    def __init__(self, port: int, topic: str = "#", client_id: str = "test-subscriber", ca: Path | None = None,
+                 login: tuple[str, str] | None = None):
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
@@ -59,6 +71,10 @@ class Subscriber:
         self.lock = threading.Lock()
         self.topic = topic
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if ca is not None:
+            c.tls_set(ca_certs=str(ca))
+        if login is not None:
+            c.username_pw_set(*login)
         c.on_message = self._on_message
         c.on_connect = lambda client, u, flags, rc, props: client.subscribe(self.topic, qos=1)
         c.reconnect_delay_set(0.2, 1)

@@ -155,7 +155,7 @@ def test_every_reading_reaches_the_subscriber_through_outages_and_a_kill(tmp_pat
     cfg = make_config(tmp_path, keys, password_file, 0, **off, **{
         "upload.protocol": "none", "daemon.host": "hive1",
         "sensors.hive_frames.interval_s": 0.5, "sensors.hive_frames.record_window_s": 2,
-        "telemetry": {"enabled": True, "broker": "127.0.0.1", "port": port, "reconnect_max_s": 1}})
+        "telemetry": {"broker": "127.0.0.1", "port": port, "reconnect_max_s": 1}})   # a broker is all it takes
     spool = tmp_path / "spool"
 
     # 1. The broker is absent at start: readings wait in the spool.
@@ -233,8 +233,52 @@ def test_every_reading_reaches_the_subscriber_through_outages_and_a_kill(tmp_pat
     assert os.listdir(spool / "telemetry") in (["cursor"], [])   # everything acknowledged, nothing left
 
 
+def test_tls_and_a_password_from_a_systemd_credential(tmp_path, keys, password_file, monkeypatch):
+    """The worker alone (as its process runs it) against a Mosquitto requiring TLS and a login."""
+    import multiprocessing
+    import queue
+    import threading
+
+    from beemond import config, ipc
+    from beemond.telemetry.worker import TelemetryWorker
+    from upload_peers import make_cert
+
+    cert, key = make_cert(tmp_path / "tls")
+    login = ("hive1", "mqtt-secret-7")
+    broker = Mosquitto(tmp_path / "mosquitto", free_port(), tls=(cert, key), login=login).start()
+    sub = Subscriber(broker.port, "beemond/#", ca=cert, login=login)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text(login[1] + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{"daemon.host": "hive1", "telemetry": {
+        "enabled": True, "broker": "127.0.0.1", "port": broker.port, "tls": True, "ca_file": str(cert),
+        "user": login[0], "password_credential": "mqtt-password"}}))
+    commands = queue.Queue()
+    events_r, events_w = multiprocessing.Pipe(duplex=False)
+    worker = TelemetryWorker(cfg, ipc.Channel("telemetry", commands, events_w, 0.5))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        commands.put(ipc.Command(ipc.SAMPLE, {"sensor": "hive_climate", "time": 1624060800.25,
+                                              "values": {"temperature_celsius": 34.5}}))
+        states = wait_until(lambda: sub.states("hive_climate"), 20, "a reading over TLS with the login")
+        assert states[0]["time"] == "2021-06-19T00:00:00.250Z" and states[0]["values"] == {"temperature_celsius": 34.5}
+    finally:
+        commands.put(ipc.Command(ipc.SHUTDOWN))
+        thread.join(15)
+    assert not thread.is_alive()
+    wait_until(lambda: sub.received("/status") and sub.received("/status")[-1][1] == b"offline", 10,
+               "status offline at the clean stop")
+    events = []
+    while events_r.poll():
+        events.append(events_r.recv())
+    assert any(e.kind == ipc.TELEMETRY and e.data["connected"] == 1 for e in events)
+    sub.close()
+    broker.stop()
+
+
 @pytest.mark.parametrize("telemetry, key", [
-    ({"enabled": True}, "telemetry.broker"),
     ({"enabled": True, "broker": "b", "layout": "kotori"}, "telemetry.kotori_network"),
     ({"enabled": True, "broker": "b", "topic": "beemond/+/{{ sensor }}"}, "telemetry.topic"),
     ({"enabled": True, "broker": "b", "ca_file": "/nonexistent.pem", "tls": True}, "telemetry.ca_file"),
