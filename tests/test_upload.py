@@ -409,6 +409,15 @@ def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploa
     assert u.counts["quarantined"] == u.counts["failures"] == 0 and not (cfg.spool / "quarantine").exists()
 
 
+def test_spool_limits_never_drop_the_bundle_in_flight(tmp_path, keys):
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "none", "upload.password_file": None,
+                                        "daemon.spool_min_free_bytes": 2**49, "daemon.drop_oldest_when_full": True})
+    made = sorted(make_bundles(outbox_of(cfg), 3, 1_000))
+    u = Uploader(cfg, _channel("uploader")[0])
+    u.enforce_spool_limits(in_flight=outbox_of(cfg) / made[0])
+    assert bundles_left(cfg) == [made[0], made[2]], "the oldest is being sent: the next oldest goes instead"
+
+
 def _events(events_r) -> list[ipc.Event]:
     out = []
     while events_r.poll():

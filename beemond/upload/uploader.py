@@ -416,7 +416,7 @@ class Uploader:
         log.info("evicted uploaded copy %s (%s)", path.name, why)
         return freed
 
-    def enforce_spool_limits(self) -> None:
+    def enforce_spool_limits(self, in_flight: Path | None = None) -> None:
         """Keep the spool within ``daemon.spool_max_bytes`` (0: none) and ``daemon.spool_min_free_bytes``.
 
         Over a limit: uploaded copies (kept under ``upload.keep_uploaded_bytes``) go first, oldest
@@ -425,8 +425,9 @@ class Uploader:
         (counted in ``beemond_errors_total{worker="uploader"}``). Without it no un-uploaded data is ever
         deleted: one error says the spool is full, and on a truly full file system the sensors' writes
         and the aggregator's seals fail and are retried until space returns (logged too). Staged
-        records are never deleted: they exist nowhere else. Runs between transfers, so the bundle in
-        flight is never the one dropped. Never raises."""
+        records are never deleted: they exist nowhere else. The loop runs it between transfers; a
+        caller inside a transfer passes the bundle being sent as *in_flight*, which is never dropped.
+        Never raises."""
         self.limits_at = time.monotonic() + SPOOL_CHECK_S
         d = self.cfg.daemon
         try:
@@ -444,6 +445,8 @@ class Uploader:
                 for victim in self.spool.bundles()[:-1]:
                     if not over():
                         break
+                    if victim == in_flight:
+                        continue
                     size = self._drop(victim)
                     used, free, dropped = used - size, free + size, dropped + 1
                     log.error("spool full (%s): dropped the oldest un-uploaded bundle %s (%d bytes; "
