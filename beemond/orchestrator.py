@@ -130,7 +130,8 @@ class Orchestrator:
     def run(self) -> int:
         spool = self.cfg.spool
         try:
-            for sub in (Spool(spool).staging, Spool(spool).outbox):
+            layout = Spool(spool)
+            for sub in (layout.staging, layout.outbox):
                 sub.mkdir(parents=True, exist_ok=True)
             probe = temp_name(spool, "write-test")
             probe.write_bytes(b"")
