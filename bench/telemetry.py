@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from beemond import crypto  # noqa: E402
+from beemond.spool import Spool  # noqa: E402
 from beemond.telemetry.messages import iso  # noqa: E402
 from conftest import Daemon, climate_rows, decrypt_with_age, free_port, make_config  # noqa: E402
 from mqtt_peers import Mosquitto, Subscriber, wait_until  # noqa: E402
@@ -35,7 +36,7 @@ from mqtt_peers import Mosquitto, Subscriber, wait_until  # noqa: E402
 
 def buffered(spool: Path) -> tuple[set[str], int]:
     times, size = set(), 0
-    for seg in sorted((spool / "telemetry").glob("*.jsonl")):
+    for seg in sorted(Spool(spool).telemetry.glob("*.jsonl")):
         data = seg.read_bytes()
         size += len(data)
         times |= {iso(json.loads(x)["time"]) for x in data.splitlines() if b'"hive_climate"' in x}
@@ -118,7 +119,7 @@ def main() -> int:
     received = {(s["time"], f"{s['values']['temperature_celsius']:.2f}", f"{s['values']['relative_humidity_percent']:.2f}")
                 for s in states}
     recorded = set()
-    for bundle in sorted((spool / "outbox").glob("*.tar.age")):
+    for bundle in Spool(spool).bundles():
         recorded |= set(climate_rows(decrypt_with_age(bundle, ident)["members"]))
     lost = len(recorded - received) + len(held - {s["time"] for s in states})
     duplicates = len(states) - len({s["time"] for s in states})

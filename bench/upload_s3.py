@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from beemond import config  # noqa: E402
+from beemond.spool import Spool  # noqa: E402
 from conftest import make_config  # noqa: E402
 from s3_peers import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS  # noqa: E402
 
@@ -55,7 +56,7 @@ def bench_s3(args, tmp: Path, keys: dict, pw: Path, make_bundle, run_small, run_
                 "daemon.spool_dir": str(d / "spool"), "upload.layout": "{{ sensor }}/{{ name }}",
                 "upload.protocol": "s3", "upload.endpoint": weed.endpoint, "upload.bucket": BUCKET,
                 "upload.user": ACCESS_KEY, "upload.remote_dir": name}))
-            (cfg.spool / "outbox").mkdir(parents=True)
+            Spool(cfg.spool).outbox.mkdir(parents=True)
             return cfg
 
         small = run_small(cfg_for("s3-small"), args.small, True)
@@ -80,7 +81,7 @@ def bench_s3(args, tmp: Path, keys: dict, pw: Path, make_bundle, run_small, run_
         def ours_run() -> float:
             name = f"ours-{time.monotonic_ns()}"
             cfg = cfg_for(name)
-            local = cfg.spool / "outbox" / src.name
+            local = Spool(cfg.spool).outbox / src.name
             os.link(src, local)
             dt = run_one(cfg, local)
             made.append(f"{name}/audio/{src.name}")   # layout {{ sensor }}/{{ name }}

@@ -44,6 +44,7 @@ DEVICE_CLASSES = {"temperature_celsius": "temperature", "relative_humidity_perce
                   "swarm_drop_kilograms": "weight", "co2_ppm": "carbon_dioxide"}
 _OBJECT_ID = re.compile(r"[^A-Za-z0-9_-]+")
 _WILDCARDS = ("+", "#")
+STATE, ALERT = "state", "alert"   # the last topic level of a reading and of an alert
 
 
 def unit_of(quantity: str) -> str:
@@ -92,12 +93,12 @@ class Layout:
         when = iso(entry["time"])
         if entry["kind"] == "alert":
             body = {"time": when, **{k: v for k, v in entry.items() if k not in ("kind", "time", "labels")}}
-            return [(f"{topic}/alert", _json(body))]
+            return [(f"{topic}/{ALERT}", _json(body))]
         values = entry["values"]
         body = {"time": when, "values": values, "units": {q: unit_of(q) for q in values}}
         if entry.get("labels"):
             body["labels"] = entry["labels"]
-        return [(f"{topic}/state", _json(body))]
+        return [(f"{topic}/{STATE}", _json(body))]
 
     def _kotori(self, entry: dict) -> tuple[str, bytes]:
         t = self.t
@@ -123,7 +124,7 @@ class Layout:
             config = {
                 "name": f"{name} {_words(quantity)}",
                 "unique_id": f"{node}_{object_id}",
-                "state_topic": f"{self.base(entry)}/state",
+                "state_topic": f"{self.base(entry)}/{STATE}",
                 # Subscript, not attribute: in Jinja, value_json.values is the dict's method.
                 "value_template": f"{{{{ value_json['values']['{quantity}'] }}}}",
                 "state_class": "measurement",

@@ -26,9 +26,8 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from pathlib import Path
-
 from beemond import archive, ipc
+from beemond.spool import Spool
 from beemond.telemetry.buffer import ReadingBuffer
 from beemond.telemetry.messages import Layout
 
@@ -59,7 +58,7 @@ class TelemetryWorker:
         self.cfg, self.t, self.channel = cfg, cfg.telemetry, channel
         self.host = cfg.daemon.host
         self.layout = Layout(self.t, self.host, expire_after(cfg))
-        self.buffer = ReadingBuffer(Path(cfg.spool) / "telemetry", self.t.max_buffer_bytes)
+        self.buffer = ReadingBuffer(Spool(cfg.spool).telemetry, self.t.max_buffer_bytes)
         self.port = self.t.port or (8883 if self.t.tls else 1883)
         self.connected = False
         self.inflight: dict[int, tuple[int, int]] = {}   # paho mid -> buffer position
