@@ -337,8 +337,10 @@ class Orchestrator:
                 if not self._command(name, ipc.Command(ipc.CAPTURE_NOW, {"reason": ev.data.get("reason", w.name)})):
                     log.warning("%s asked %s to capture, but it is not running", w.name, name)
         if ev.kind in (ipc.SAMPLE, ipc.ALERT) and "telemetry" in self.workers:
-            # The event's time is the measurement's (sent as the reading is taken) unless it says otherwise.
-            self._command("telemetry", ipc.Command(ev.kind, {"time": ev.time, **ev.data}))
+            # The event's time is the measurement's (sent as the reading is taken) unless it says otherwise;
+            # a processor's readings are published as its own series.
+            self._command("telemetry", ipc.Command(ev.kind, {"time": ev.time, **ev.data,
+                                                             **({"processor": w.name} if w.role == "processor" else {})}))
         for observer in self.observers:
             observer(w, ev)
 

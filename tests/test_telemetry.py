@@ -291,3 +291,32 @@ def test_a_bad_telemetry_section_names_its_key(tmp_path, keys, password_file, te
     with pytest.raises(config.ConfigError) as err:
         config.load(path)
     assert err.value.key == key
+
+
+def test_a_processors_readings_are_a_series_of_their_own_and_alerts_stay_with_the_sensor():
+    t = TelemetryConfig(broker="x")
+    layout = Layout(t, "hive1", {"hive_swarm": 600})
+    drop = {"kind": "state", "sensor": "hive_scale", "processor": "hive_swarm", "time": 1624060800.0,
+            "values": {"swarm_drop_kilograms": 0.2}}
+    (ctopic, cpayload), = layout.discovery(drop)
+    config = json.loads(cpayload)
+    assert config["state_topic"] == "beemond/hive1/hive_swarm/state" and config["expire_after"] == 600
+    assert layout.messages(drop)[0][0] == "beemond/hive1/hive_swarm/state"
+    alert = {"kind": "alert", "sensor": "hive_scale", "processor": "hive_swarm", "time": 1624060800.0,
+             "alert": "swarm", "drop_kg": 1.2}
+    topic, payload = layout.messages(alert)[0]
+    assert topic == "beemond/hive1/hive_scale/alert" and "processor" not in json.loads(payload)
+
+
+def test_a_reload_restarts_the_telemetry_worker_only_when_its_settings_change(tmp_path, keys, password_file):
+    from beemond import config
+    from beemond.orchestrator import Orchestrator
+
+    def cfg(**telemetry):
+        return config.load(make_config(tmp_path, keys, password_file, 21, telemetry=telemetry))
+
+    off, on, other = cfg(), cfg(broker="a"), cfg(broker="b")
+    assert not off.telemetry.active and on.telemetry.active
+    assert "telemetry" in Orchestrator._changed_workers(on, other)
+    assert "telemetry" not in Orchestrator._changed_workers(on, on)
+    assert "telemetry" not in Orchestrator._changed_workers(off, on)   # started by reload(), not restarted

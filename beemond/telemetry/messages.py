@@ -11,7 +11,8 @@ Layouts (``[telemetry] layout``):
   "units": {...}}`` (plus ``"labels"`` when the reading has some), ``<topic>/alert`` with
   ``{"time", "alert", ...details}``; ``<topic>`` is rendered from ``[telemetry] topic``
   (default ``beemond/{{ host }}/{{ sensor }}``). A sensor that sends one series per probe or band
-  (DS18B20 positions, audio bands) gets its label values as further topic levels: ``.../brood/top``.
+  (DS18B20 positions, audio bands) gets its label values as further topic levels: ``.../brood/top``;
+  a processor's readings (``swarm_drop_kilograms``, band powers) go under the processor's name.
 - ``kotori``: Kotori/Hiveeyes' ``REALM/NETWORK/GATEWAY/NODE/data.json`` with a flat object of
   fields and Kotori's ``time`` field, and alerts as Grafana annotations on ``.../event.json``
   (``title``, ``text``, ``tags``, ``time``); see Kotori's handbook, "Timestamp formats" and
@@ -55,10 +56,17 @@ def iso(t: float) -> str:
     return archive.utc_iso(datetime.fromtimestamp(float(t), timezone.utc))
 
 
+def origin(entry: dict) -> str:
+    """Who measured it: the processor that derived a reading (``hive_swarm``), else its sensor."""
+    return entry.get("processor") or entry["sensor"]
+
+
 def series(entry: dict) -> str:
-    """The sensor name, then its label values as further levels (``brood/top``)."""
+    """The origin, then the label values as further levels (``hive_frames/top``): each series gets a
+    topic of its own, so every message on a topic has the same quantities (Home Assistant's value
+    template of one quantity never meets a message without it)."""
     labels = entry.get("labels") or {}
-    return "/".join([entry["sensor"], *(str(labels[k]) for k in sorted(labels))])
+    return "/".join([origin(entry), *(str(labels[k]) for k in sorted(labels))])
 
 
 def render_topic(template: str, **variables) -> str:
@@ -83,7 +91,9 @@ class Layout:
         self.status_topic = render_topic(t.status_topic, host=host)
 
     def base(self, entry: dict) -> str:
-        return render_topic(self.t.topic, host=self.host, sensor=series(entry))
+        """The topic before /state (per series) or /alert (per sensor: the scale's swarm alert)."""
+        who = entry["sensor"] if entry["kind"] == "alert" else series(entry)
+        return render_topic(self.t.topic, host=self.host, sensor=who)
 
     def messages(self, entry: dict) -> list[tuple[str, bytes]]:
         """The messages of one entry, the reading's own last (its PUBACK retires the entry)."""
@@ -92,7 +102,7 @@ class Layout:
         topic = self.base(entry)
         when = iso(entry["time"])
         if entry["kind"] == "alert":
-            body = {"time": when, **{k: v for k, v in entry.items() if k not in ("kind", "time", "labels")}}
+            body = {"time": when, **{k: v for k, v in entry.items() if k not in ("kind", "time", "labels", "processor")}}
             return [(f"{topic}/{ALERT}", _json(body))]
         values = entry["values"]
         body = {"time": when, "values": values, "units": {q: unit_of(q) for q in values}}
@@ -106,7 +116,7 @@ class Layout:
         field = _OBJECT_ID.sub("_", series(entry))
         when = iso(entry["time"])
         if entry["kind"] == "alert":
-            details = {k: v for k, v in entry.items() if k not in ("kind", "time", "sensor", "alert", "labels")}
+            details = {k: v for k, v in entry.items() if k not in ("kind", "time", "sensor", "alert", "labels", "processor")}
             return (f"{base}/event.json", _json({
                 "time": when, "title": f"{entry['alert']} alert on {entry['sensor']}",
                 "text": json.dumps(details, sort_keys=True), "tags": f"beemond,alert,{entry['alert']}"}))
@@ -128,7 +138,7 @@ class Layout:
                 # Subscript, not attribute: in Jinja, value_json.values is the dict's method.
                 "value_template": f"{{{{ value_json['values']['{quantity}'] }}}}",
                 "state_class": "measurement",
-                "expire_after": self.expire_after.get(entry["sensor"], self.t.expire_after_s or 900),
+                "expire_after": self.expire_after.get(origin(entry), self.t.expire_after_s or 900),
                 "availability": [{"topic": self.status_topic, "payload_available": "online",
                                   "payload_not_available": "offline"}],
                 "device": {"identifiers": [node], "name": f"beemond {self.host}", "manufacturer": "beemond",

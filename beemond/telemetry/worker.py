@@ -43,13 +43,15 @@ CONNECTED, DISCONNECTED, ACKED = "mqtt_connected", "mqtt_disconnected", "mqtt_ac
 
 
 def expire_after(cfg) -> dict[str, int]:
-    """Sensor name -> Home Assistant ``expire_after`` (s): ``expire_after_s``, or three of the sensor's
-    intervals (at least 300 s), so a value is marked unavailable once three readings are missing."""
+    """Sensor or processor name -> Home Assistant ``expire_after`` (s): ``expire_after_s``, or three of
+    the sensor's intervals (at least 300 s), so a value is marked unavailable once three readings are missing."""
     out = {}
     for s in cfg.sensors:
         interval = next((getattr(s, k) for k in ("interval_s", "segment_s", "still_interval_s")
                          if getattr(s, k, 0)), 300.0)
         out[s.name] = cfg.telemetry.expire_after_s or int(max(300, 3 * interval))
+    for p in cfg.processors:   # a processor's readings come at its sensor's pace (or slower: spacing)
+        out[p.name] = cfg.telemetry.expire_after_s or int(max(out.get(p.sensor, 300), 3 * p.min_output_spacing))
     return out
 
 
