@@ -185,3 +185,16 @@ def test_sigv4_matches_the_aws_documented_example():
     assert h["authorization"].endswith("SignedHeaders=host;range;x-amz-content-sha256;x-amz-date,"
                                        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
     assert hashlib.sha256(b"").hexdigest() == EMPTY_SHA256
+
+
+def test_s3_a_connection_idle_too_long_is_replaced_before_the_next_request(tmp_path, keys, secret_file, shared_s3,
+                                                                          monkeypatch):
+    from beemond.upload import s3 as s3_mod
+
+    monkeypatch.setattr(s3_mod, "IDLE_REOPEN_S", 0.0)   # every request on a fresh connection
+    cfg = load(tmp_path, keys, secret_file, **s3_over(shared_s3.port, "idle"))
+    made = make_bundles(outbox_of(cfg), 3, 1_200_000)   # HEAD, then PUT: two requests per bundle
+    with Running(cfg) as r:
+        wait_for(lambda: not bundles_left(cfg), 30, "the uploads")
+    assert r.uploader.counts["failures"] == 0
+    assert shared_s3.objects("idle/") == keyed("idle", made)

@@ -49,6 +49,7 @@ import logging
 import os
 import posixpath
 import re
+import time
 import urllib.parse
 
 from beemond.upload import LocalFileError, PermanentError, TransportError
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 
 BLOCK = 1024 * 1024
 HEAD_FIRST_BYTES = 1024 * 1024   # a larger file is looked up before it is sent (a HEAD costs one round trip)
+# A kept connection idle this long is replaced before the next request: servers drop idle keep-alive
+# connections (S3 after some seconds), and a request on a dropped one would count as a failed upload.
+IDLE_REOPEN_S = 10.0
 MAX_PUT_BYTES = 5 * 2**30        # S3's limit for a single PUT
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 PERMANENT_CODES = ("InvalidKey", "KeyTooLongError", "InvalidObjectName")
@@ -108,6 +112,7 @@ class S3Transport:
         self.base = u.path.rstrip("/")
         self.conn: http.client.HTTPConnection | None = None
         self._secret = ""
+        self._used = 0.0   # monotonic time of the last response on self.conn
 
     @property
     def connected(self) -> bool:
@@ -128,14 +133,7 @@ class S3Transport:
 
     def connect(self) -> None:
         self._secret = self.up.password()   # read now: a rotated credential is picked up on reconnect
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.hostname, self.port, timeout=self.up.timeout_s)
-        try:
-            conn.connect()
-        except BaseException:
-            conn.close()
-            raise
-        self.conn = conn
+        self._open()
         status, headers, body = self._request("HEAD", "")
         if status == 404:
             self.close()
@@ -150,6 +148,18 @@ class S3Transport:
         if conn is not None:
             conn.close()
 
+    def _open(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.hostname, self.port, timeout=self.up.timeout_s)
+        try:
+            conn.connect()
+        except BaseException:
+            conn.close()
+            raise
+        self.close()
+        self.conn, self._used = conn, time.monotonic()
+        return conn
+
     # ---- requests
     def _target(self, key: str) -> str:
         return urllib.parse.quote(f"{self.base}/{self.up.bucket}" + (f"/{key}" if key else ""), safe="/-_.~")
@@ -162,6 +172,8 @@ class S3Transport:
                                self.up.user, self._secret, self.up.region,
                                datetime.datetime.now(datetime.timezone.utc))
         conn = self.conn
+        if conn is None or time.monotonic() - self._used > IDLE_REOPEN_S:
+            conn = self._open()   # the server closed the last one, or may have while it idled
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for k, v in signed.items():
             conn.putheader(k, v)
@@ -173,6 +185,7 @@ class S3Transport:
                 conn.send(data)
         resp = conn.getresponse()
         payload = resp.read()
+        self._used = time.monotonic()
         if resp.will_close:
             self.close()
         return resp.status, resp.headers, payload
