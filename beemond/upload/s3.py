@@ -100,6 +100,7 @@ class S3Transport:
 
     errors: tuple[type[BaseException], ...] = (http.client.HTTPException,)
     stores_whole = True
+    resumable = False   # a PUT cannot continue where a cut one stopped (see the module docstring)
 
     def __init__(self, up):
         self.up = up
@@ -130,6 +131,20 @@ class S3Transport:
 
     def ensure_dir(self, path: str) -> None:
         """Object keys need no directories."""
+
+    def part_size(self, remote: str) -> int | None:
+        """No ``.part`` objects here: None. (A ``.sig`` sent again meets If-None-Match and a HEAD.)"""
+        return None
+
+    def abort(self) -> None:
+        """From another thread: shut the socket down so that a blocked send or read returns."""
+        conn = self.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(2)   # socket.SHUT_RDWR
+            except OSError:
+                pass
 
     def connect(self) -> None:
         self._secret = self.up.password()   # read now: a rotated credential is picked up on reconnect
