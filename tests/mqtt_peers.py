@@ -57,6 +57,22 @@ class Mosquitto:
         self.proc = None
 
 
+@pytest.fixture
+def mqtt_peers():
+    """Keeps the brokers and subscribers a test makes (``mqtt_peers.append(x)`` returns *x*) and stops
+    them at teardown, also when the test failed half-way."""
+    made: list = []
+
+    class Peers:
+        def append(self, peer):
+            made.append(peer)
+            return peer
+
+    yield Peers()
+    for peer in reversed(made):
+        (peer.close if isinstance(peer, Subscriber) else peer.stop)()
+
+
 class Subscriber:
     """Collects every message under *topic* (QoS 1, MQTT v5, clean_start=False with a session expiry,
     so what is published while it is away reaches it after its reconnect)."""
@@ -97,8 +113,10 @@ class Subscriber:
         return [json.loads(p) for t, p, _r in self.received(f"/{sensor}/state")]
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.client = None
 
 
 def wait_until(predicate, timeout: float, what: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import climate_rows, decrypt_with_age, free_port, make_config
-from mqtt_peers import Mosquitto, Subscriber, wait_until
+from mqtt_peers import Mosquitto, Subscriber, mqtt_peers, wait_until  # noqa: F401 (a fixture)
 
 from beemond.config import TelemetryConfig
 from beemond.telemetry.buffer import ReadingBuffer
@@ -144,10 +144,11 @@ def buffered_times(spool: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_every_reading_reaches_the_subscriber_through_outages_and_a_kill(tmp_path, keys, password_file, daemons):
+def test_every_reading_reaches_the_subscriber_through_outages_and_a_kill(tmp_path, keys, password_file, daemons,
+                                                                          mqtt_peers):
     port = free_port()
-    broker = Mosquitto(tmp_path / "mosquitto", port).start()
-    sub = Subscriber(port, "#")           # its persistent session exists before the daemon ever publishes
+    broker = mqtt_peers.append(Mosquitto(tmp_path / "mosquitto", port).start())
+    sub = mqtt_peers.append(Subscriber(port, "#"))   # its persistent session exists before the daemon publishes
     wait_until(lambda: sub.client.is_connected(), 10, "the subscriber to connect")
     broker.stop()
     off = {f"sensors.{s}.enabled": False for s in ("hive_air", "hive_audio", "hive_cam", "hive_gpio", "hive_scale")}
@@ -222,18 +223,15 @@ def test_every_reading_reaches_the_subscriber_through_outages_and_a_kill(tmp_pat
     assert one["units"] == {"temperature_celsius": "°C", "relative_humidity_percent": "%"}
     assert {s["labels"]["position"] for s in sub.states("top")} == {"top"}
     # Retained: the status ends offline (a clean stop), discovery configs stay for Home Assistant.
-    retained = Subscriber(port, "#", client_id="late-reader")
+    retained = mqtt_peers.append(Subscriber(port, "#", client_id="late-reader"))
     wait_until(lambda: retained.received("/status"), 10, "the retained status")
     assert retained.received("/status")[-1][1] == b"offline"
     configs = wait_until(lambda: retained.received("/config"), 10, "retained discovery configs")
     assert any("hive_climate_temperature_celsius" in t for t, _p, _r in configs)
-    retained.close()
-    sub.close()
-    broker.stop()
     assert os.listdir(spool / "telemetry") in (["cursor"], [])   # everything acknowledged, nothing left
 
 
-def test_tls_and_a_password_from_a_systemd_credential(tmp_path, keys, password_file, monkeypatch):
+def test_tls_and_a_password_from_a_systemd_credential(tmp_path, keys, password_file, monkeypatch, mqtt_peers):
     """The worker alone (as its process runs it) against a Mosquitto requiring TLS and a login."""
     import multiprocessing
     import queue
@@ -245,8 +243,8 @@ def test_tls_and_a_password_from_a_systemd_credential(tmp_path, keys, password_f
 
     cert, key = make_cert(tmp_path / "tls")
     login = ("hive1", "mqtt-secret-7")
-    broker = Mosquitto(tmp_path / "mosquitto", free_port(), tls=(cert, key), login=login).start()
-    sub = Subscriber(broker.port, "beemond/#", ca=cert, login=login)
+    broker = mqtt_peers.append(Mosquitto(tmp_path / "mosquitto", free_port(), tls=(cert, key), login=login).start())
+    sub = mqtt_peers.append(Subscriber(broker.port, "beemond/#", ca=cert, login=login))
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "mqtt-password").write_text(login[1] + "\n")
@@ -274,8 +272,6 @@ def test_tls_and_a_password_from_a_systemd_credential(tmp_path, keys, password_f
     while events_r.poll():
         events.append(events_r.recv())
     assert any(e.kind == ipc.TELEMETRY and e.data["connected"] == 1 for e in events)
-    sub.close()
-    broker.stop()
 
 
 @pytest.mark.parametrize("telemetry, key", [

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -49,6 +50,8 @@ import logging
 import os
 import posixpath
 import re
+import struct
+import termios
 import time
 import urllib.parse
 
@@ -57,6 +60,9 @@ from beemond.upload import LocalFileError, PermanentError, TransportError
 log = logging.getLogger(__name__)
 
 BLOCK = 1024 * 1024
+# Bytes per socket write: Python's socket timeout bounds a whole sendall(), so a piece must cross the
+# slowest link well within timeout_s (64 KiB: 6.5 s at 10 KB/s); the timeout then means "no progress".
+SEND_PIECE = 64 * 1024
 HEAD_FIRST_BYTES = 1024 * 1024   # a larger file is looked up before it is sent (a HEAD costs one round trip)
 # A kept connection idle this long is replaced before the next request: servers drop idle keep-alive
 # connections (S3 after some seconds), and a request on a dropped one would count as a failed upload.
@@ -87,6 +93,14 @@ def sigv4_headers(method: str, host: str, path: str, query: str, headers: dict[s
     out["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope},SignedHeaders={';'.join(signed)},"
                             f"Signature={signature}")
     return out
+
+
+def _unacked(sock) -> int:
+    """Bytes queued on TCP socket *sock* not yet acknowledged by the peer (Linux SIOCOUTQ; 0 if unknown)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _error_code(body: bytes) -> str:
@@ -197,13 +211,29 @@ class S3Transport:
         conn.endheaders()
         if body is not None:
             while data := body.read(BLOCK):
-                conn.send(data)
+                view = memoryview(data)
+                for i in range(0, len(view), SEND_PIECE):
+                    conn.send(view[i:i + SEND_PIECE])
+            self._drain(conn.sock)
         resp = conn.getresponse()
         payload = resp.read()
         self._used = time.monotonic()
         if resp.will_close:
             self.close()
         return resp.status, resp.headers, payload
+
+    def _drain(self, sock) -> None:
+        """After a body: wait while the kernel's send queue still shrinks. On a slow link it holds many
+        seconds of data (autotuned to megabytes), and the reply's timeout must start only once the
+        server has had every byte; a queue that stops shrinking for ``timeout_s`` is a stall."""
+        last, since = _unacked(sock), time.monotonic()
+        while last > 0:
+            time.sleep(min(0.05, last / 1e6))
+            queued = _unacked(sock)
+            if queued < last:
+                last, since = queued, time.monotonic()
+            elif time.monotonic() - since > self.up.timeout_s:
+                raise TransportError(f"no progress for {self.up.timeout_s:g} s ({last} bytes not acknowledged)")
 
     def store(self, f, reader, key: str, size: int) -> None:
         """Store the open local file *f* (read through *reader*, which rate-limits and reports
