@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -50,6 +51,8 @@ import logging
 import os
 import posixpath
 import re
+import select
+import socket
 import struct
 import termios
 import time
@@ -227,8 +230,13 @@ class S3Transport:
         seconds of data (autotuned to megabytes), and the reply's timeout must start only once the
         server has had every byte; a queue that stops shrinking for ``timeout_s`` is a stall."""
         last, since = _unacked(sock), time.monotonic()
+        poll = select.poll()
+        poll.register(sock, select.POLLERR | select.POLLHUP)
         while last > 0:
-            time.sleep(min(0.05, last / 1e6))
+            # A reset leaves the queue as it was: it is seen here at once, not after timeout_s.
+            if poll.poll(int(min(50, last / 1000))):
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+                raise ConnectionResetError(err, os.strerror(err))
             queued = _unacked(sock)
             if queued < last:
                 last, since = queued, time.monotonic()
