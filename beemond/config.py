@@ -83,6 +83,8 @@ class DaemonConfig:
     restart_backoff_max_s: float = _opt(300.0, min=0.0, max=86400)
     crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
     crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
+    failed_retry_s: float = _opt(3600.0, min=1, max=7 * 86400,
+                                 doc="a sensor or processor failed by its crash loop is tried again this often")
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
     # The one space policy (enforced by the aggregator, see Aggregator.enforce_quota): over a limit,
     # uploaded copies go first, un-uploaded bundles only with drop_oldest_when_full.

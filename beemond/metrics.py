@@ -23,7 +23,8 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
   ``beemond_uploaded_files_total``, ``beemond_uploaded_bytes_total``, ``beemond_upload_errors_total``,
   ``beemond_worker_restarts_total{worker, role}``.
 - gauges: ``beemond_worker_up{worker, role}``, ``beemond_worker_state{worker, role, state}`` (1 for
-  the current of running, backoff, failed, stopped), ``beemond_staging_files``, ``beemond_staging_bytes``,
+  the current of running, backoff, failed, stopped), ``beemond_worker_next_retry_timestamp_seconds{worker,
+  role}`` (when a worker in backoff restarts, or a failed one is tried again), ``beemond_staging_files``, ``beemond_staging_bytes``,
   ``beemond_outbox_files``, ``beemond_outbox_bytes``, ``beemond_last_upload_timestamp_seconds``,
   ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (beemond.clock's answer),
   ``beemond_build_info{version, python}``.
@@ -55,6 +56,7 @@ LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 PROMETHEUS_UNITS = {"_kilograms": ("_grams", 1000.0)}
 SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scrapes come every 15 s or so)
 STATES = ("running", "backoff", "failed", "stopped")
+RETRIED = ("backoff", "failed")   # states with a next start (orchestrator.Worker.restart_at)
 
 
 def clock_synchronised(check=None) -> bool | None:
@@ -240,6 +242,10 @@ class Health:
             yield _gauge(GaugeMetricFamily, "beemond_worker_state", "1 for the worker's current state",
                          ["host", "worker", "role", "state"],
                          [([h, w.name, w.role, s], int(w.state == s)) for w in workers for s in STATES])
+            yield _gauge(GaugeMetricFamily, "beemond_worker_next_retry_timestamp_seconds",
+                         "when a worker in backoff restarts or a failed one is tried again",
+                         ["host", "worker", "role"],
+                         [([h, w.name, w.role], next_start_wall(w)) for w in workers if w.state in RETRIED])
             yield _counter(CounterMetricFamily, "beemond_worker_restarts_total", "restarts of each worker",
                            ["host", "worker", "role"], [([h, w.name, w.role], max(0, w.starts - 1)) for w in workers])
             for which, (files, size) in usage.items():
@@ -301,7 +307,7 @@ class Health:
                          "readings": readings.get(w.name, {})}
                 if w.state == "running":
                     entry["up_s"] = round(now_m - w.started, 1)
-                if w.state == "backoff":
+                if w.state in RETRIED:
                     entry["restart_in_s"] = round(max(0.0, w.restart_at - now_m), 1)
                 if w.name in self.last_error:
                     msg, t = self.last_error[w.name]
@@ -319,6 +325,11 @@ class Health:
                 "alerts": [{"sensor": s, "alert": a, "count": n} for (s, a), n in sorted(self.alerts.items())],
                 "clock": {"synchronised": clock_synchronised(self.clock_check)},
             }
+
+
+def next_start_wall(w) -> float:
+    """A worker's next start (monotonic ``restart_at``) as a Unix time, for the exposition."""
+    return time.time() + max(0.0, w.restart_at - time.monotonic())
 
 
 def _gauge(cls, name, doc, labels, rows):
