@@ -19,6 +19,7 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
   sensor's series vanish instead of repeating a last value (Prometheus then marks them stale).
 - counters: ``beemond_records_total{sensor}`` (records, i.e. captures), ``beemond_errors_total{worker}``,
   ``beemond_audio_overflows_total{sensor}``, ``beemond_readings_missed_total{sensor}``,
+  ``beemond_readings_rejected_total{sensor}`` (physically implausible values, never recorded),
   ``beemond_alerts_total{sensor, alert}``, ``beemond_bundles_sealed_total``,
   ``beemond_uploaded_files_total``, ``beemond_uploaded_bytes_total``, ``beemond_upload_errors_total``,
   ``beemond_worker_restarts_total{worker, role}``.
@@ -117,6 +118,7 @@ class Health:
         self.errors: collections.Counter = collections.Counter()
         self.overflows: collections.Counter = collections.Counter()
         self.missed: collections.Counter = collections.Counter()
+        self.rejected: collections.Counter = collections.Counter()
         self.alerts: collections.Counter = collections.Counter()
         self.last_error: dict[str, tuple[str, float]] = {}
         self.sealed = self.uploaded_files = self.uploaded_bytes = self.upload_errors = 0
@@ -132,6 +134,8 @@ class Health:
         for s in cfg.sensors:
             self.records[s.name] = 0
             (self.overflows if s.type == "audio" else self.missed)[s.name] = 0
+            if s.type != "audio":
+                self.rejected[s.name] = 0
         for p in cfg.processors:
             self.records[p.name] = 0
             if p.type == "swarm":
@@ -156,6 +160,8 @@ class Health:
                     self.overflows[sensor] += int(data["overflows"])
                 if data.get("missed"):
                     self.missed[sensor] += int(data["missed"])
+                if data.get("rejected"):
+                    self.rejected[sensor] += int(data["rejected"])
             elif kind == ipc.ERROR:
                 self.errors[w.name] += 1
                 self.last_error[w.name] = (str(data.get("message", "")), ev.time)
@@ -226,7 +232,9 @@ class Health:
                     ("beemond_records_total", "records (captures) written", "sensor", self.records),
                     ("beemond_errors_total", "errors reported by each worker", "worker", self.errors),
                     ("beemond_audio_overflows_total", "audio input overflows (xruns)", "sensor", self.overflows),
-                    ("beemond_readings_missed_total", "measurements lost after retries", "sensor", self.missed)):
+                    ("beemond_readings_missed_total", "measurements lost after retries", "sensor", self.missed),
+                    ("beemond_readings_rejected_total", "physically implausible values rejected", "sensor",
+                     self.rejected)):
                 yield _counter(CounterMetricFamily, name, doc, ["host", label],
                                [([h, k], v) for k, v in sorted(counter.items())])
             yield _counter(CounterMetricFamily, "beemond_alerts_total", "alerts raised by processors",
