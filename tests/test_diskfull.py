@@ -5,14 +5,17 @@ ENOSPC is survived and recording resumes when space returns."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import av
 import pytest
 
+from beemond import ipc
 from conftest import FtpServer, free_port, make_config, wait_for
 
 pytestmark = pytest.mark.slow
@@ -147,3 +150,79 @@ def test_tiny_tmpfs_spool_survives_enospc_and_resumes(tmp_path, keys, password_f
         if ftp is not None:
             ftp.stop()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A 3 MB tmpfs at tmp_path/tiny (skipped where mount is not allowed), unmounted afterwards."""
+    mnt = tmp_path / "tiny"
+    why = _mount_tmpfs(mnt, "3m")
+    if why:
+        pytest.skip(why)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(path: Path, leave: int = 0) -> None:
+    """Write *path* until its file system has about *leave* bytes free (0: until ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            st = os.statvfs(path)
+            room = st.f_bavail * st.f_frsize - leave
+            if room <= 0:
+                break
+            os.write(fd, b"\xff" * min(room, 65536))
+    except OSError:  # ENOSPC: full
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporaries(d: Path) -> list[Path]:
+    return [p for p in d.glob(".*") if p.is_file()]
+
+
+def test_camera_clip_on_a_full_disk_is_skipped_not_a_crash(tmp_path, keys, password_file, tiny):
+    """The simulated camera's clip path died with SIGSEGV three times in 60 s on a full tmpfs: PyAV
+    flushed the encoder into a container whose write had failed. Now a clip is not started without
+    room for it, a write that fails mid-clip is reported and its temporary file removed at once, and
+    neither counts as a camera fault; the next clip after space returns is recorded."""
+    from test_camera import Rig
+
+    rig = Rig(tmp_path, keys, password_file, width=320, height=240, framerate_fps=25, clip_s=3.0,
+              on_capture_now="clip", bitrate_bps=1_000_000)
+    rig.cfg = dataclasses.replace(rig.cfg, daemon=dataclasses.replace(
+        rig.cfg.daemon, spool_dir=tiny / "spool", spool_min_free_bytes=0))
+    rig.worker = type(rig.worker)(rig.cfg, rig.sensor, rig.channel, backend=rig.backend)
+    rig.staging = tiny / "spool" / "staging" / "cam"
+    rig.start()
+    filler = tiny / "filler"
+    try:
+        # 1. full before the clip: refused before the encoder is involved, several times in a row
+        fill(filler)
+        for n in range(1, 7):   # more than MAX_CONSECUTIVE_FAILURES
+            rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
+            wait_for(lambda: sum("camera clip skipped" in e.data.get("message", "") for e in rig.drain()
+                                 if e.kind == ipc.ERROR) >= n, 20, f"skip {n}")
+        assert rig.thread.is_alive() and rig.error is None
+        assert not rig.backend.cameras or all(c.calls.count("start_recording") == 0 for c in rig.backend.cameras)
+        # 2. room at the start (the check passes), the disk fills while the clip is written
+        filler.unlink()
+        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
+        wait_for(lambda: temporaries(rig.staging), 20, "the clip's temporary file")
+        fill(filler)
+        wait_for(lambda: any("writing the clip failed" in e.data.get("message", "") for e in rig.drain()
+                             if e.kind == ipc.ERROR), 20, "the failed clip reported")
+        assert temporaries(rig.staging) == [], "removed at once, not at the next start"
+        assert rig.thread.is_alive() and rig.error is None
+        # 3. space returns: the next clip is recorded
+        filler.unlink()
+        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
+        wait_for(lambda: rig.records("*.mp4"), 30, "a clip after space returned")
+    finally:
+        rig.stop()
+    assert rig.error is None
+    clip = rig.records("*.mp4")[0]
+    with av.open(str(clip)) as container:
+        assert sum(1 for _ in container.decode(container.streams.video[0])) >= 50
