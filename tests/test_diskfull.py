@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import av
@@ -226,3 +227,45 @@ def test_camera_clip_on_a_full_disk_is_skipped_not_a_crash(tmp_path, keys, passw
     clip = rig.records("*.mp4")[0]
     with av.open(str(clip)) as container:
         assert sum(1 for _ in container.decode(container.streams.video[0])) >= 50
+
+
+def test_audio_on_a_full_disk_drops_segments_at_once_and_resumes_within_seconds(tmp_path, keys, password_file,
+                                                                                   tiny):
+    """No crash and no backoff: while the spool's file system is full the audio worker keeps its
+    stream, discards the failed segment's temporary file at once, and records again within about a
+    second of space returning; the first segment after says how much audio was lost."""
+    from audio_peers import AudioThread
+
+    cfg = make_config(tmp_path, keys, password_file, 21, **{
+        "daemon.spool_dir": str(tiny / "spool"), "sensors.hive_audio.segment_s": 0.5,
+        "sensors.hive_audio.block_s": 0.05, "sensors.hive_audio.sample_rate_hz": 48000,
+        "sensors.hive_audio.noise": 0.9})
+    filler = tiny / "filler"
+    with AudioThread(cfg) as run:
+        wait_for(lambda: len(run.records()) >= 2, 20, "two segments")
+        fill(filler)
+        wait_for(lambda: any(e.kind == ipc.ERROR and "no space for audio" in e.data["message"]
+                             for e in drain(run)), 20, "the full disk reported")
+        n_full = len(run.records())
+        # every failed segment's temporary file goes at once: none accumulate while the disk is full
+        for _ in range(10):
+            assert len(temporaries(run.staging)) <= 1, temporaries(run.staging)
+            time.sleep(0.2)
+        assert run.thread.is_alive() and run.error is None
+        filler.unlink()
+        returned = time.monotonic()
+        wait_for(lambda: len(run.records()) > n_full, 10, "a segment after space returned")
+        resumed_in = time.monotonic() - returned
+    assert run.error is None
+    assert resumed_in < 5, f"recording resumed {resumed_in:.1f} s after space returned"
+    lost = [m["lost_to_full_disk_s"] for m in run.metadata() if "lost_to_full_disk_s" in m]
+    assert len(lost) == 1 and lost[0] >= 1.0, lost
+    assert temporaries(run.staging) == []
+    errors = [e for e in run.events if e.kind == ipc.ERROR]
+    assert len(errors) == 1, [e.data for e in errors]   # one report for the whole episode
+
+
+def drain(run) -> list:
+    while run.reader.poll():
+        run.events.append(run.reader.recv())
+    return run.events

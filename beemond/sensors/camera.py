@@ -288,14 +288,14 @@ class CameraWorker:
             if write_errors:
                 e = write_errors[0]
                 raise OSError(getattr(e, "errno", None) or errno.EIO, f"writing the clip failed: {e}") from e
+            end = datetime.now(timezone.utc)
+            meta = self._metadata(start, end, reason, kind="clip", format="mp4", codec="h264",
+                                  framerate_fps=s.framerate_fps, bitrate_bps=s.bitrate_bps, frames_seen=frames)
+            return [write_staged(self, start, end, meta, tmp=tmp, ext="mp4")]
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()   # now, not at the next start: on a full disk its space is what is missing
             raise
-        end = datetime.now(timezone.utc)
-        meta = self._metadata(start, end, reason, kind="clip", format="mp4", codec="h264",
-                              framerate_fps=s.framerate_fps, bitrate_bps=s.bitrate_bps, frames_seen=frames)
-        return [write_staged(self, start, end, meta, tmp=tmp, ext="mp4")]
 
     def _metadata(self, start, end, reason, **extra) -> dict:
         s = self.sensor
