@@ -78,11 +78,19 @@ def test_failed_scale_is_tried_again_and_records_once_plugged_back(tmp_path, key
 
     w = wait_for(failed_status, 30, "hive_scale failed in beemond status")
     assert 0 <= w["restart_in_s"] <= 3
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    line = re.search(r'^beemond_worker_next_retry_timestamp_seconds\{[^}]*worker="hive_scale"[^}]*\} (\S+)$',
-                     metrics, re.M)
-    assert line, metrics
-    assert time.time() - 1 <= float(line.group(1)) <= time.time() + 4   # the next try, as a Unix time
+    human = subprocess.run([sys.executable, "-m", "beemond", "status", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=30).stdout
+    assert re.search(r"^  hive_scale\s+sensor\s+(failed \(next try in \d s\)|running|backoff)", human, re.M), human
+
+    def next_retry():   # exported while it waits (it is retried every 3 s, so poll)
+        scraped = time.time()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        line = re.search(r'^beemond_worker_next_retry_timestamp_seconds\{[^}]*worker="hive_scale"[^}]*\} (\S+)$',
+                         metrics, re.M)
+        return line and (scraped, float(line.group(1)))
+
+    scraped, at = wait_for(next_retry, 30, "the next retry in /metrics")
+    assert scraped - 1 <= at <= scraped + 4   # the next try, as a Unix time
 
     scale = ScaleEmulator(lambda: (42.5, None), link=link, request=b"W\r\n", period_s=0.02).start()  # plugged back
     try:
