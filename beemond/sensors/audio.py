@@ -380,8 +380,11 @@ class AudioWorker:
             if segment is not None:
                 try:
                     segment.close()
-                except Exception:
-                    log.exception("could not close the last segment")
+                except Exception as e:
+                    if self._out_of_space(e):
+                        self._drop_segment(segment, 0, e)
+                    else:
+                        log.exception("could not close the last segment")
 
 
     def _out_of_space(self, e: Exception) -> bool:
