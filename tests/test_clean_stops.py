@@ -66,7 +66,7 @@ def iter_queue(q: queue.Queue):
 
 @pytest.mark.slow
 def test_three_clean_stops_of_the_daemon_log_no_error():
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "clean_stops.py"), "--stops", "3", "--jitter", "1"],
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "clean_stops.py"), "--stops", "3", "--jitter", "0.5"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     last = res.stdout.strip().splitlines()[-1]
     values = dict(kv.split("=", 1) for kv in last.split())
