@@ -86,7 +86,7 @@ class DaemonConfig:
     failed_retry_s: float = _opt(3600.0, min=1, max=7 * 86400,
                                  doc="a sensor or processor failed by its crash loop is tried again this often")
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
-    # The one space policy (enforced by the aggregator, see Aggregator.enforce_quota): over a limit,
+    # The one space policy (enforced by the uploader, see Uploader.enforce_spool_limits): over a limit,
     # uploaded copies go first, un-uploaded bundles only with drop_oldest_when_full.
     spool_max_bytes: int = _opt(0, min=0, max=2**50,
                                 doc="0: no limit; else the most the spool (staging, outbox, uploaded copies) may hold")

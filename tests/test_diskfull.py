@@ -1,4 +1,5 @@
-"""Disk full, the one space policy ([daemon] spool_max_bytes, spool_min_free_bytes, drop_oldest_when_full):
+"""Disk full, the one space policy ([daemon] spool_max_bytes, spool_min_free_bytes, drop_oldest_when_full,
+enforced by the uploader, the only process that deletes from the outbox):
 with drop_oldest_when_full the oldest bundles go and the newest stay; without it no un-uploaded bundle is
 ever deleted, one error says the spool is full, and all resumes when space returns; on a real 4 MB tmpfs,
 ENOSPC is survived and recording resumes when space returns."""
@@ -18,6 +19,7 @@ import av
 import pytest
 
 from beemond import ipc
+from beemond.spool import Spool
 from conftest import FtpServer, free_port, make_config, wait_for
 
 pytestmark = pytest.mark.slow
@@ -58,6 +60,7 @@ def test_spool_quota_drops_the_oldest_bundles_and_keeps_running(tmp_path, keys, 
     assert used <= quota + 2 * biggest + 64 * 1024, (used, quota, biggest)
     log = d.log()
     assert len(re.findall(r"started worker aggregator", log)) == 1, "the aggregator never restarted"
+    assert len(re.findall(r"started worker uploader", log)) == 1, "the uploader never restarted"
     assert "Traceback" not in log
     assert d.proc.poll() is None
     assert d.terminate() == 0, d.log()
@@ -199,7 +202,7 @@ def test_camera_clip_on_a_full_disk_is_skipped_not_a_crash(tmp_path, keys, passw
     rig.cfg = dataclasses.replace(rig.cfg, daemon=dataclasses.replace(
         rig.cfg.daemon, spool_dir=tiny / "spool", spool_min_free_bytes=0))
     rig.worker = type(rig.worker)(rig.cfg, rig.sensor, rig.channel, backend=rig.backend)
-    rig.staging = tiny / "spool" / "staging" / "cam"
+    rig.staging = Spool(tiny / "spool").staging_dir("cam")
     rig.start()
     filler = tiny / "filler"
     try:

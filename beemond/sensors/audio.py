@@ -41,17 +41,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.clock import Clock
 from beemond.sensors.base import SensorFailure, write_staged
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,8 @@ class AudioWorker:
         self.channel = channel
         self.ext = sensor.format
         self.template = cfg.template_for(sensor)
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.spool = Spool(cfg.spool)
+        self.staging = self.spool.staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.frames_per_segment = round(sensor.segment_s * sensor.sample_rate_hz)
         self.frames_per_capture = round(sensor.capture_s * sensor.sample_rate_hz)
@@ -391,10 +391,10 @@ class AudioWorker:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         try:
-            st = os.statvfs(self.staging)
+            free = self.spool.free_bytes()
         except OSError:
             return False
-        return isinstance(e, (OSError, RuntimeError)) and st.f_bavail * st.f_frsize < NO_SPACE_FREE_BYTES
+        return isinstance(e, (OSError, RuntimeError)) and free < NO_SPACE_FREE_BYTES
 
     def _drop_segment(self, segment: "_Segment | None", unwritten: int, e: Exception) -> None:
         """The disk is full: discard *segment* and its temporary file now, count what is lost, and

@@ -46,7 +46,6 @@ import contextlib
 import errno
 import io
 import logging
-import os
 import queue
 import threading
 import time
@@ -55,6 +54,7 @@ from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.sensors.base import MAX_CONSECUTIVE_FAILURES, SensorFailure, write_staged
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ class CameraWorker:
         from beemond.sensors.gpio import power_switch
 
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.spool = Spool(cfg.spool)
+        self.staging = self.spool.staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         if backend is None:
@@ -253,8 +254,7 @@ class CameraWorker:
         """Raise ``OSError(ENOSPC)`` unless staging's file system has room for a whole clip."""
         s = self.sensor
         need = int(s.bitrate_bps / 8 * s.clip_s * 1.5) + 2**20 + self.cfg.daemon.spool_min_free_bytes
-        st = os.statvfs(self.staging)
-        free = st.f_bavail * st.f_frsize
+        free = self.spool.free_bytes()
         if free < need:
             raise OSError(errno.ENOSPC, f"{free} bytes free on the spool's file system; a {s.clip_s:g} s clip "
                                         f"needs about {need} (with daemon.spool_min_free_bytes kept free)")
