@@ -11,21 +11,31 @@ What it counts
   ``error_lines``: log lines at ERROR or above over all runs (a traceback's lines count once, on its
   first line); ``bad_exits``: runs whose exit status was not 0. Both must be 0. Each offending line is
   printed with its run number.
+  The cause it guards against is rare in whole-daemon runs, so it is also measured directly
+  (--observer-cycles): an outbox observer started and stopped N times while a thread reads a bundle
+  in that directory (as a transfer does), counting watchdog's ERROR records, once with watchdog's
+  default event mask (``default_mask_errors``) and once through the uploader's own
+  ``_start_observer``/``_stop_observer`` (``uploader_observer_errors``, goal 0).
 
 Reproduce (from the repo root):  .venv/bin/python bench/clean_stops.py [--stops 20] [--seed 1]
-Ends with one line: stops= error_lines= bad_exits= seconds=
+Ends with one line: stops= error_lines= bad_exits= default_mask_errors= uploader_observer_errors= seconds=
 Exit status 1 if error_lines or bad_exits is not 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import multiprocessing
+import os
+import queue
 import random
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +44,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import FtpServer, make_config  # noqa: E402
 
-from beemond import crypto  # noqa: E402
+from beemond import config, crypto, ipc  # noqa: E402
+from beemond.upload.uploader import Uploader  # noqa: E402
 
 # A human-format log line's level comes after the time stamp and the worker name (beemond.journal).
 ERROR_RE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) ", re.M)
@@ -67,6 +78,69 @@ def one_run(work: Path, n: int, ftp: FtpServer, keys: dict, password: Path, jitt
     return [m.string[m.start():text.find("\n", m.start())] for m in ERROR_RE.finditer(text)], status
 
 
+class _Errors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += 1
+
+
+def observer_stops(work: Path, cycles: int) -> tuple[int, int]:
+    """(watchdog ERROR records with the default event mask, with the uploader's observer) over
+    *cycles* start/stop cycles each, while a thread keeps reading a bundle in the outbox."""
+    from watchdog.events import FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    ident, rcpt, public = crypto.keygen(work / "obs-keys")
+    password = work / "obs-password"
+    password.write_text("x\n")
+    cfg = config.load(make_config(work, {"identity": ident, "recipient": rcpt, "public": public}, password, 21))
+    up = Uploader(cfg, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    bundle = up.outbox / "bundle.tar.age"
+    bundle.write_bytes(os.urandom(64 * 1024))
+    done = threading.Event()
+
+    def read_bundle():
+        while not done.is_set():
+            with open(bundle, "rb") as f:
+                while f.read(8192):
+                    pass
+
+    def default_mask():
+        o = Observer()
+        o.schedule(FileSystemEventHandler(), str(up.outbox), recursive=False)
+        o.daemon = True
+        o.start()
+        time.sleep(0.01)   # the emitter in its read loop, as in a running uploader
+        o.stop()
+        o.join(5)
+
+    def uploaders():
+        up._start_observer()
+        time.sleep(0.01)
+        up._stop_observer()
+
+    reader = threading.Thread(target=read_bundle, daemon=True)
+    reader.start()
+    counts = []
+    try:
+        for cycle in (default_mask, uploaders):
+            handler = _Errors()
+            logging.getLogger().addHandler(handler)
+            try:
+                for _ in range(cycles):
+                    cycle()
+            finally:
+                logging.getLogger().removeHandler(handler)
+            counts.append(handler.count)
+    finally:
+        done.set()
+        reader.join(5)
+    return counts[0], counts[1]
+
+
 def clean_stops(stops: int, seed: int = 1, jitter: float = 3.0) -> dict:
     rng = random.Random(seed)
     t0 = time.monotonic()
@@ -90,7 +164,7 @@ def clean_stops(stops: int, seed: int = 1, jitter: float = 3.0) -> dict:
                     print(f"run {n}: exit status {status}")
         finally:
             ftp.stop()
-    return {"stops": stops, "error_lines": errors, "bad_exits": bad, "seconds": round(time.monotonic() - t0, 1)}
+    return {"stops": stops, "error_lines": errors, "bad_exits": bad}
 
 
 def main() -> int:
@@ -98,10 +172,17 @@ def main() -> int:
     ap.add_argument("--stops", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--jitter", type=float, default=3.0, help="random extra run time after the first upload, s")
+    ap.add_argument("--observer-cycles", type=int, default=300, help="0: skip the direct observer measurement")
     args = ap.parse_args()
+    t0 = time.monotonic()
     result = clean_stops(args.stops, args.seed, args.jitter)
+    if args.observer_cycles:
+        with tempfile.TemporaryDirectory(prefix="beemond-observer-") as tmp:
+            result["default_mask_errors"], result["uploader_observer_errors"] = observer_stops(Path(tmp),
+                                                                                             args.observer_cycles)
+    result["seconds"] = round(time.monotonic() - t0, 1)
     print(" ".join(f"{k}={v}" for k, v in result.items()))
-    return 1 if result["error_lines"] or result["bad_exits"] else 0
+    return 1 if result["error_lines"] or result["bad_exits"] or result.get("uploader_observer_errors") else 0
 
 
 if __name__ == "__main__":

@@ -157,8 +157,8 @@ class Uploader:
         event mask): watchdog's default mask also reports every open, read, close and delete, so our
         own reads of the bundle being uploaded kept its emitter thread busy, and stopping the observer
         while that thread held one of those events made watchdog log "InotifyEmitter.queue_events()
-        called when the thread is inactive" at ERROR (43 of 300 stops with a reader busy in the
-        directory; 0 of 300 with the narrow mask). A quiet emitter is blocked in its read and stops
+        called when the thread is inactive" at ERROR (10 to 43 of 300 stops with a reader busy in the
+        directory, 0 with the narrow mask: ``bench/clean_stops.py --observer-cycles 300``). A quiet emitter is blocked in its read and stops
         cleanly. It also spares a Pi a thread wake-up per read."""
         from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
         from watchdog.observers import Observer
