@@ -30,6 +30,9 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
   ``beemond_outbox_files``, ``beemond_outbox_bytes``, ``beemond_last_upload_timestamp_seconds``,
   ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (beemond.clock's answer),
   ``beemond_build_info{version, python}``.
+- telemetry (with ``[telemetry] enabled``): ``beemond_telemetry_published_total`` (readings the broker
+  acknowledged), ``beemond_telemetry_dropped_total`` (readings dropped from the full buffer),
+  ``beemond_telemetry_buffered_readings`` (waiting for the broker), ``beemond_telemetry_connected``.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class Health:
         self.last_error: dict[str, tuple[str, float]] = {}
         self.sealed = self.uploaded_files = self.uploaded_bytes = self.upload_errors = 0
         self.outbox_event: tuple[int, int] | None = None
+        # from the telemetry worker's events (ipc.TELEMETRY): counters summed, gauges as last reported
+        self.telemetry = {"published": 0, "dropped": 0, "buffered": 0, "connected": 0}
         self.last_upload: float | None = None
         self.started = time.time()
         self._usage: dict[str, tuple[float, tuple[int, int]]] = {}
@@ -157,6 +162,11 @@ class Health:
                 self.outbox_event = (int(data.get("files", 0)), int(data.get("bytes", 0)))
                 if data.get("last_upload"):
                     self.last_upload = max(self.last_upload or 0.0, float(data["last_upload"]))
+            elif kind == ipc.TELEMETRY:
+                for key in ("published", "dropped"):
+                    self.telemetry[key] += int(data.get(key, 0) or 0)
+                for key in ("buffered", "connected"):
+                    self.telemetry[key] = int(data.get(key, 0) or 0)
             elif kind == ipc.ALERT:
                 self.alerts[(str(data.get("sensor", w.name)), str(data.get("alert", "alert")))] += 1
 
@@ -247,6 +257,16 @@ class Health:
                 yield _gauge(GaugeMetricFamily, "beemond_seconds_since_last_upload",
                              "seconds since the last successful upload", ["host"],
                              [([h], max(0.0, time.time() - self.last_upload))])
+            if self.cfg.telemetry.active:
+                tm = self.telemetry
+                yield _counter(CounterMetricFamily, "beemond_telemetry_published_total",
+                               "readings the MQTT broker acknowledged", ["host"], [([h], tm["published"])])
+                yield _counter(CounterMetricFamily, "beemond_telemetry_dropped_total",
+                               "readings dropped from the full telemetry buffer", ["host"], [([h], tm["dropped"])])
+                yield _gauge(GaugeMetricFamily, "beemond_telemetry_buffered_readings",
+                             "readings waiting for the MQTT broker", ["host"], [([h], tm["buffered"])])
+                yield _gauge(GaugeMetricFamily, "beemond_telemetry_connected",
+                             "1 while connected to the MQTT broker", ["host"], [([h], tm["connected"])])
             synced = clock_synchronised(self.clock_check)
             if synced is not None:
                 yield _gauge(GaugeMetricFamily, "beemond_clock_synchronised", "1 when the system clock is synchronised",

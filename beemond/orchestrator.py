@@ -64,12 +64,12 @@ SPOOL_LIMIT_KEYS = ("spool_max_bytes", "spool_min_free_bytes", "drop_oldest_when
 RESTART_ONLY_KEYS = ("spool_dir", "host")
 # Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
 # ``shutdown_grace_s`` + 10 s. The unit's TimeoutStopSec must cover the sum (tests/test_service.py).
-SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("aggregator", 0.4))
+SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("telemetry", 0.1), ("aggregator", 0.4))
 
 
 @dataclass
 class Worker:
-    role: str                    # sensor | processor | aggregator | uploader
+    role: str                    # sensor | processor | aggregator | uploader | telemetry
     name: str
     process: multiprocessing.process.BaseProcess | None = None
     commands: object = None
@@ -154,6 +154,8 @@ class Orchestrator:
                         "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
         self._add(Worker("aggregator", "aggregator"))
         self._add(Worker("uploader", "uploader"))
+        if self.cfg.telemetry.active:
+            self._add(Worker("telemetry", "telemetry"))
         for sensor in self.cfg.sensors:
             self._add(Worker("sensor", sensor.name))
         self._add_processors()
@@ -334,6 +336,11 @@ class Orchestrator:
             for name in ev.data.get("targets", ()):
                 if not self._command(name, ipc.Command(ipc.CAPTURE_NOW, {"reason": ev.data.get("reason", w.name)})):
                     log.warning("%s asked %s to capture, but it is not running", w.name, name)
+        if ev.kind in (ipc.SAMPLE, ipc.ALERT) and "telemetry" in self.workers:
+            # The event's time is the measurement's (sent as the reading is taken) unless it says otherwise;
+            # a processor's readings are published as its own series.
+            self._command("telemetry", ipc.Command(ev.kind, {"time": ev.time, **ev.data,
+                                                             **({"processor": w.name} if w.role == "processor" else {})}))
         for observer in self.observers:
             observer(w, ev)
 
@@ -572,6 +579,12 @@ class Orchestrator:
             self._stop_worker(name, "removing")
         for name in restart:
             self._stop_worker(name, "restarting")
+        if new.telemetry.active != old.telemetry.active:
+            log.info("SIGHUP: telemetry %s", "on" if new.telemetry.active else "off")
+            if new.telemetry.active:
+                self._add(Worker("telemetry", "telemetry"))
+            else:
+                self._stop_worker("telemetry", "removing")
         for name, role in new_units.items():
             if name not in old_units:
                 log.info("SIGHUP: %s %s added", role, name)
@@ -592,6 +605,8 @@ class Orchestrator:
         if every or old.upload != new.upload or any(getattr(old.daemon, k) != getattr(new.daemon, k)
                                                     for k in SPOOL_LIMIT_KEYS):
             names.append("uploader")
+        if old.telemetry.active and new.telemetry.active and (every or old.telemetry != new.telemetry):
+            names.append("telemetry")
         before = {s.name: s for s in (*old.sensors, *old.processors)}
         for s in (*new.sensors, *new.processors):
             if s.name in before and (every or before[s.name] != s or old.template_for(s) != new.template_for(s)):

@@ -17,6 +17,8 @@ Layout under ``[daemon] spool_dir`` (each directory has one writer role and one 
                                       them (a worker's record writer, the aggregator), deleted by a human
     processing/<processor>/NAME       hard links of records for a processor: written by the orchestrator's
                                       router, deleted by that processor
+    telemetry/NNNNNNNNNN.jsonl, cursor  readings waiting for the MQTT broker's acknowledgement: the
+                                      telemetry worker, both ways (beemond.telemetry.buffer)
     .lock, .workers.lock              the spool locks (:meth:`Spool.lock`, :meth:`Spool.hold_worker_lock`)
 
 Every file is written to a hidden temporary name (``.NAME.tmp-PID``), fsynced, renamed and its
@@ -45,6 +47,7 @@ UPLOADED = "uploaded"
 QUARANTINE = "quarantine"
 FAILED = "failed"
 PROCESSING = "processing"
+TELEMETRY = "telemetry"
 LOCK = ".lock"
 WORKERS_LOCK = ".workers.lock"
 JOURNAL = "readings.journal"
@@ -140,6 +143,11 @@ class Spool:
     def processing_dir(self, processor: str) -> Path:
         """``processing/<processor>/``: hard links of the records *processor* has still to read."""
         return self.processing / processor
+
+    @property
+    def telemetry(self) -> Path:
+        """``telemetry/``: the telemetry worker's queue of readings for the MQTT broker."""
+        return self.root / TELEMETRY
 
     # ---- locks
     def lock(self, wait_workers_s: float = 0.0, hold_workers: bool = False) -> SpoolLock:

@@ -207,7 +207,7 @@ class PolledSensorWorker:
             self.unsynchronized += 1
         self.readings.append((stamp, reading, self.tag()))
         for data in self.samples(reading):
-            self.channel.send(ipc.SAMPLE, **data)
+            self.channel.send(ipc.SAMPLE, time=stamp.timestamp(), **data)   # the reading's own time
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""

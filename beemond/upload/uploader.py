@@ -13,7 +13,8 @@ a crash is overwritten), its remote size compared with the local one, and rename
 (``[upload] layout``). Only after the bundle's rename is confirmed are the local signature and then
 the bundle deleted (or moved to the spool's ``uploaded/`` under ``keep_uploaded_bytes``) and the outbox
 fsynced. A power cut between rename and delete uploads the bundle again: same name, replaced, so it
-still exists once on the server.
+still exists once on the server. S3 (:mod:`beemond.upload.s3`) has no ``.part`` and no rename: one PUT of
+the final key that the server checks (SHA-256) and never lets replace an object (If-None-Match).
 
 Failures: a transient one closes the connection, puts the bundle back at the head of the backlog
 and backs off exponentially with jitter (uniform in [d/2, d]), up to ``backoff_max_s``. A permanent one (the server
@@ -339,6 +340,10 @@ class Uploader:
         except OSError as e:
             raise LocalFileError(f"cannot open {local.name}: {e.strerror or e}") from None
         with f:
+            if getattr(self.transport, "stores_whole", False):
+                # S3: one conditional, checksummed PUT of the final object; the server verified the bytes.
+                self.transport.store(f, BundleReader(f, self.bucket, self._progress), remote, size)
+                return size
             part = remote + ".part"
             reader = BundleReader(f, self.bucket, self._progress)
             self.transport.put(reader, part)
