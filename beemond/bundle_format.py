@@ -50,7 +50,7 @@ CHUNK = 1 << 20
 
 class BundleError(Exception):
     """A bundle that fails verification. ``reason``: ``manifest`` (bad manifest, missing or extra member,
-    hash mismatch), ``unsafe`` (a member name or type no bundle has), ``oversize`` (over a
+    hash mismatch), ``signer`` (the manifest names another key than the one that signed), ``unsafe`` (a member name or type no bundle has), ``oversize`` (over a
     :class:`Limits` bound or the ciphertext's own size)."""
 
     def __init__(self, message: str, reason: str = "manifest"):
@@ -147,7 +147,7 @@ def read_bundle(bundle: str | os.PathLike, identities, work: str | os.PathLike, 
     _check_manifest(manifest, sizes)
     if sig is not None and manifest.get("signing_key") != sig.fingerprint:
         raise BundleError(f"the manifest names signing key {manifest.get('signing_key')!r} but the bundle is "
-                          f"signed by {sig.fingerprint}")
+                          f"signed by {sig.fingerprint}", "signer")
     return Verified(manifest, list(sizes), src.size, src.hash.hexdigest(),
                     sig.fingerprint if sig else None, sig.label if sig else None,
                     {rel: s for rel, (s, _h) in sizes.items()})

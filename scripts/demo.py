@@ -135,7 +135,7 @@ def main() -> int:
           f"decrypt by hand with: age -d -i {keys / 'identity.txt'} BUNDLE | tar tv")
 
     # ---- the lab's side: verify every signature, decrypt, check, merge the readings per day
-    from beemond import ingest
+    from beemond.lab import ingest
 
     report = ingest.run(RUN / "ftp-root", keys / "identity.txt", device, RUN / "lab-data", print=lambda _l: None)
     days = sorted((RUN / "lab-data").glob("*/*/*/*@*.csv"))
