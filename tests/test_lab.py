@@ -327,3 +327,12 @@ def test_progress_bar_on_a_terminal_and_quiet_under_cron(tmp_path, lab):
     os.close(master)
     text = seen.decode()
     assert p.returncode == 0 and "12/12 files" in text and "MB" in text and "files/s" in text and "ETA" in text, text
+
+
+def test_the_lab_side_imports_no_device_side_worker():
+    code = ("import sys, beemond.lab.ingest, beemond.lab.report, beemond.bundle_format; "
+            "print(sorted(m for m in sys.modules if m.startswith('beemond')))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.orchestrator",
+                        "beemond.processors", "beemond.ipc"):
+        assert f"'{device_side}" not in got, got
