@@ -66,11 +66,15 @@ class Limits:
     ``max_member_bytes``: one record; ``max_total_bytes``: all records of a bundle together (each also
     bounded by the ciphertext's size); ``max_manifest_bytes``: ``manifest.json``, held in memory;
     ``max_path_depth``/``max_path_bytes``: a member name's components and length.
+
+    Defaults: 1 GiB (ten times the device's default ``[bundle] max_bytes``). Python's tar reader holds a
+    pax extended header in memory whole, so a hostile bundle can make the reader hold up to its own size:
+    ``max_bundle_bytes`` bounds that too.
     """
 
-    max_bundle_bytes: int = 4 << 30
-    max_member_bytes: int = 2 << 30
-    max_total_bytes: int = 4 << 30
+    max_bundle_bytes: int = 1 << 30
+    max_member_bytes: int = 1 << 30
+    max_total_bytes: int = 1 << 30
     max_manifest_bytes: int = 16 << 20
     max_path_depth: int = 8
     max_path_bytes: int = 1024

@@ -310,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _limit_args(p) -> None:
     p.add_argument("--max-bundle-bytes", type=int, default=0, metavar="N",
-                   help="refuse a bundle, or a bundle's records together, over N bytes (default 4 GiB)")
+                   help="refuse a bundle, or a bundle's records together, over N bytes (default 1 GiB)")
     p.add_argument("--max-record-bytes", type=int, default=0, metavar="N",
-                   help="refuse a bundle with a record over N bytes (default 2 GiB)")
+                   help="refuse a bundle with a record over N bytes (default 1 GiB)")
 
 
 def main(argv: list[str] | None = None) -> int:
