@@ -148,3 +148,19 @@ def test_push_to_victoria_metrics_and_every_dashboard_query(tmp_path, lab, vm): 
     labels = json.loads(urllib.request.urlopen(f"{vm}/api/v1/label/host/values?{q}", timeout=30).read())["data"]
     assert dash["templating"]["list"][1]["query"]["query"] == "label_values(beemond_temperature_c, host)"
     assert sorted(labels) == ["hive-07", "hive-08"]
+
+
+def test_a_push_that_fails_is_kept_and_sent_by_the_next_run(tmp_path, lab, vm):  # noqa: F811
+    for host, recs in fleet_records(T0, 10).items():
+        seal(tmp_path, lab, host, recs)
+    args = ("ingest", lab["upload"], "--identity", lab["identity"], "--trusted-devices", lab["trusted"], "--out", lab["out"])
+    dead = f"http://127.0.0.1:{free_port()}/write"  # nothing listens there
+    r = cli(*args, "--push", dead)
+    assert r.returncode == 1 and "push failed (kept for the next run)" in r.stderr, r.stdout + r.stderr
+    assert "0 reading(s) pushed" in r.stdout and len(list((lab["out"] / ".push-pending").glob("*.lp"))) >= 1
+    again = cli(*args, "--push", vm + "/write")  # nothing new to ingest; the kept readings go now
+    assert again.returncode == 0 and "40 reading(s) pushed" in again.stdout, again.stdout + again.stderr
+    assert not list((lab["out"] / ".push-pending").glob("*.lp"))
+    urllib.request.urlopen(vm + "/internal/force_flush", timeout=30).read()
+    want = csv_values(lab["out"], "temperature_c")
+    wait_for(lambda: series(vm, "beemond_temperature_c") == want, 30, "the kept readings in VictoriaMetrics")

@@ -579,15 +579,16 @@ def line_protocol(host: str, sensor: str, header: list[str], rows) -> list[str]:
     return lines
 
 
-def push(url: str, lines: list[str], pending: Path, report: Report, chunk: int = 20000) -> int:
-    """POST *lines* (and any batch an earlier run could not send, kept in *pending*) to *url*; a failed
-    batch is kept in *pending* for the next run. Returns the number of lines sent."""
+def push(url: str, lines: list[str], pending: Path, report: Report, chunk: int = 20000, resend: bool = False) -> int:
+    """POST *lines* to *url* in batches; a failed batch is kept as a file in *pending* (and its error in
+    ``report.push_errors``). With *resend*, first send the batches kept there by earlier runs (one process
+    only: the end of a run). Returns the number of lines sent."""
     import urllib.error
     import urllib.request
 
     sent = 0
     batches = [(None, lines[i:i + chunk]) for i in range(0, len(lines), chunk)]
-    if pending.is_dir():
+    if resend and pending.is_dir():
         batches = [(p, p.read_text().splitlines()) for p in sorted(pending.glob("*.lp"))] + batches
     for path, batch in batches:
         try:
@@ -648,6 +649,8 @@ def run(upload_tree, identity_file, trusted_dir, out, print=print, jobs: int = 1
         else:
             report.merge(_run_parallel(items, jobs, out, identity_file, trusted_dir, names, options, print, bar))
         bar.close()
+        if options.push:  # what an earlier run (or a worker above) could not send
+            report.pushed += push(options.push, [], out / PUSH_PENDING, report, resend=True)
         write_readme(out, options.licence)
         (out / DIRTY).unlink(missing_ok=True)
     finally:
