@@ -674,47 +674,57 @@ def partition(items: list[Candidate], jobs: int) -> list[list[Candidate]]:
     return [p for p in parts if p]
 
 
-def _job(items, out, identity_file, trusted_dir, names, options, q) -> None:
+def _job(index, items, out, identity_file, trusted_dir, names, options, q) -> None:
     def emit_line(text):
-        q.put(("line", text))
+        q.put((index, "line", text))
 
     def emit_progress(files, nbytes):
-        q.put(("progress", (files, nbytes)))
+        q.put((index, "progress", (files, nbytes)))
 
     try:
         w = Worker(Path(out), crypto.load_identities(identity_file), crypto.load_trusted_keys(trusted_dir), names,
                    options, emit_line, emit_progress)
-        q.put(("done", w.run(items)))
+        q.put((index, "done", w.run(items)))
     except BaseException as e:  # reported by the parent as this job's failure
-        q.put(("failed", f"{type(e).__name__}: {e}"))
+        q.put((index, "failed", f"{type(e).__name__}: {e}"))
 
 
 def _run_parallel(items, jobs, out, identity_file, trusted_dir, names, options, print, bar) -> Report:
     import multiprocessing
+    import queue
 
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = multiprocessing.get_context("forkserver")  # no fork of a process that may hold threads
     q = ctx.Queue()
     parts = partition(items, jobs)
-    procs = [ctx.Process(target=_job, args=(p, str(out), str(identity_file), str(trusted_dir), names, options, q),
+    procs = [ctx.Process(target=_job, args=(i, p, str(out), str(identity_file), str(trusted_dir), names, options, q),
                          name=f"ingest-{i}") for i, p in enumerate(parts)]
     for p in procs:
         p.start()
-    report, left, failures = Report(), len(procs), []
-    while left:
-        kind, payload = q.get()
+    report, finished, failures = Report(), set(), []
+    while len(finished) < len(procs):
+        try:
+            index, kind, payload = q.get(timeout=1.0)
+        except queue.Empty:
+            # A job killed from outside (OOM killer, SIGKILL) sends nothing more: do not wait for it forever.
+            for i, p in enumerate(procs):
+                if i not in finished and p.exitcode is not None and q.empty():
+                    finished.add(i)
+                    failures.append(f"{p.name} ended with exit status {p.exitcode} before it reported")
+            continue
         if kind == "line":
             print(payload)
         elif kind == "progress":
             bar.add(*payload)
         elif kind == "done":
             report.merge(payload)
-            left -= 1
+            finished.add(index)
         else:
             failures.append(payload)
-            left -= 1
+            finished.add(index)
     for p in procs:
         p.join()
     if failures:
+        # What the other jobs did is committed; the failed job's bundles are redone by the next run.
         raise OSError(errno.EIO, f"{len(failures)} ingest job(s) failed: {failures[0]}")
     return report
 
