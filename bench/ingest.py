@@ -39,19 +39,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import json
+import multiprocessing
 import os
+import shutil
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-
-import io
-import json
-import multiprocessing
-import shutil
-import tarfile
 
 import pyrage
 
