@@ -204,7 +204,7 @@ def scan(tree: Path, out: Path, ledger: Ledger, report: Report, print=print) -> 
     holds their rejection, as rejected again) without reading them."""
     out_resolved = out.resolve()
     found: list[Candidate] = []
-    stack = [str(tree)]
+    stack = [os.path.abspath(tree)]  # the same key in the ledger however the tree was named
     while stack:
         d = stack.pop()
         try:
