@@ -289,7 +289,7 @@ def test_gaps_from_metadata_and_from_timestamps(tmp_path, lab):
 
 
 def test_parquet_mirror_read_back_by_duckdb(tmp_path, lab):
-    duckdb = pytest.importorskip("duckdb")  # installed by scripts/setup (beemond[lab] in the test extra)
+    import duckdb  # beemond[lab], in the test extra: scripts/setup installs it
     _fleet(tmp_path, lab)
     r = run_ingest(lab, "--parquet", "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
