@@ -38,7 +38,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from beemond import archive, crypto
@@ -95,7 +95,6 @@ class Verified:
     digest: str
     signer: str | None = None
     label: str | None = None
-    sizes: dict[str, int] = field(default_factory=dict)
 
 
 class _HashingReader:
@@ -153,8 +152,7 @@ def read_bundle(bundle: str | os.PathLike, identities, work: str | os.PathLike, 
         raise BundleError(f"the manifest names signing key {manifest.get('signing_key')!r} but the bundle is "
                           f"signed by {sig.fingerprint}", "signer")
     return Verified(manifest, list(sizes), src.size, src.hash.hexdigest(),
-                    sig.fingerprint if sig else None, sig.label if sig else None,
-                    {rel: s for rel, (s, _h) in sizes.items()})
+                    sig.fingerprint if sig else None, sig.label if sig else None)
 
 
 def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.PathLike, check=None,
