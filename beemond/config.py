@@ -85,6 +85,8 @@ class DaemonConfig:
     restart_backoff_max_s: float = _opt(300.0, min=0.0, max=86400)
     crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
     crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
+    failed_retry_s: float = _opt(3600.0, min=1, max=7 * 86400,
+                                 doc="a sensor or processor failed by its crash loop is tried again this often")
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
     # The one space policy (enforced by the uploader, see Uploader.enforce_spool_limits): over a limit,
     # uploaded copies go first, un-uploaded bundles only with drop_oldest_when_full.
@@ -511,6 +513,8 @@ class ScaleConfig(SensorConfig):
     tare_offset_kg: float = _opt(0.0, min=-10_000, max=10_000, doc="subtracted from the raw weight")
     calibration_factor: float = _opt(1.0, min=1e-6, max=1e6, doc="multiplies the tared weight")
     samples: int = _opt(5, min=1, max=99, doc="lines per reading; the reading is their median")
+    min_kg: float = _opt(-5.0, min=-10_000, max=10_000, doc="a lighter weight is implausible: rejected, counted")
+    max_kg: float = _opt(300.0, min=-10_000, max=10_000, doc="a heavier weight is implausible: rejected, counted")
     read_timeout_s: float = _opt(2.0, min=0.01, max=60, doc="longest wait for one line")
     interval_s: float = _opt(60.0, min=0.05, max=86400, doc="time between readings")
     record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="readings batched per CSV record")
@@ -537,6 +541,8 @@ class ScaleConfig(SensorConfig):
             self.request_bytes()
         except ValueError as e:  # UnicodeError is one
             raise ConfigError(path, f"{key}.request", f"must be latin-1 text with valid escapes: {e}") from None
+        if self.max_kg <= self.min_kg:
+            raise ConfigError(path, f"{key}.max_kg", "must be > min_kg")
         if self.stopbits not in (1.0, 1.5, 2.0):
             raise ConfigError(path, f"{key}.stopbits", f"allowed: 1, 1.5, 2; got {self.stopbits:g}")
         try:

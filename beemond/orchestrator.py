@@ -9,8 +9,9 @@ children start fast and share those pages; never ``fork`` from a process with li
   is restarted after an exponential backoff (``restart_backoff_initial_s`` doubling up to
   ``restart_backoff_max_s``);
 - more than ``crash_loop_limit`` restarts within ``crash_loop_window_s`` marks the worker failed; the
-  others keep recording. A failed aggregator or uploader ends the daemon with status 1, so that
-  systemd's ``Restart=on-failure`` takes over.
+  others keep recording, and a failed sensor or processor is tried again every ``failed_retry_s``
+  for as long as the daemon runs (:mod:`beemond.restart` decides). A failed aggregator or uploader
+  ends the daemon with status 1, so that systemd's ``Restart=on-failure`` takes over.
 
 It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
 and a signal wake-up pipe, with a timeout set by the next timer: no polling.
@@ -46,11 +47,11 @@ from pathlib import Path
 
 from beemond import ipc, notify
 from beemond.config import EX_CONFIG, ConfigError
+from beemond.restart import RestartPolicy, RestartState
 from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
 
-HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
 STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
 # Worker states in which a process exists: "restarting" (stopping to come back with a reloaded
 # config) and "removing" (its sensor left the config) are still read, watched and reaped.
@@ -76,9 +77,8 @@ class Worker:
     state: str = "starting"      # running | backoff | failed | stopped
     started: float = 0.0
     last_heartbeat: float = 0.0
-    failures: int = 0            # consecutive, for the backoff
-    restarts: collections.deque = field(default_factory=collections.deque)
-    restart_at: float = 0.0
+    history: RestartState = field(default_factory=RestartState)
+    restart_at: float = 0.0      # monotonic time of the next start (in backoff, or the retry of a failed one)
     last_event: dict = field(default_factory=dict)
     starts: int = 0              # process starts since the daemon started (restarts = starts - 1)
     paused: bool = False         # stopped by `beemond pause` (a restarted process records again)
@@ -282,7 +282,7 @@ class Orchestrator:
         timers = [now + self.d.heartbeat_interval_s]
         if self.notifier.watchdog_interval_s:
             timers.append(self._watchdog_at)
-        timers += [w.restart_at for w in self.workers.values() if w.state == "backoff"]
+        timers += [w.restart_at for w in self.workers.values() if w.state in ("backoff", "failed")]
         if end_at is not None:
             timers.append(end_at)
         return max(0.0, min(timers) - now)
@@ -379,25 +379,23 @@ class Orchestrator:
         self._schedule_restart(w, f"exited with {how}")
 
     def _schedule_restart(self, w: Worker, why: str) -> None:
-        now = time.monotonic()
-        if now - w.started >= HEALTHY_AFTER_S:
-            w.failures = 0
-        w.failures += 1
-        while w.restarts and now - w.restarts[0] > self.d.crash_loop_window_s:
-            w.restarts.popleft()
-        if len(w.restarts) >= self.d.crash_loop_limit:
-            w.state = "failed"
-            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
-                      w.name, why, len(w.restarts), self.d.crash_loop_window_s)
-            if w.role in ("aggregator", "uploader"):
-                log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
-                self.exit_status = 1
-                self.stopping = True
+        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started, time.monotonic())
+        w.state, w.restart_at = decision.state, decision.at
+        if decision.state == "backoff":
+            log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, decision.delay,
+                        len(w.history.restarts))
             return
-        delay = min(self.d.restart_backoff_max_s, self.d.restart_backoff_initial_s * 2 ** (w.failures - 1))
-        w.state, w.restart_at = "backoff", now + delay
-        w.restarts.append(now)
-        log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, delay, len(w.restarts))
+        if w.role in ("aggregator", "uploader"):
+            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
+                      w.name, why, len(w.history.restarts), self.d.crash_loop_window_s)
+            log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
+            self.exit_status = 1
+            self.stopping = True
+        elif decision.crash_loop:
+            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop); next try in %.0f s",
+                      w.name, why, len(w.history.restarts), self.d.crash_loop_window_s, decision.delay)
+        else:
+            log.warning("worker %s %s again on its retry; next try in %.0f s", w.name, why, decision.delay)
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -411,7 +409,13 @@ class Orchestrator:
     def _restart_due(self) -> None:
         now = time.monotonic()
         for w in self.workers.values():
-            if w.state == "backoff" and now >= w.restart_at and not self.stopping:
+            if self.stopping or now < w.restart_at:
+                continue
+            if w.state == "backoff":
+                self._spawn(w)
+            elif w.state == "failed" and w.role in ("sensor", "processor"):
+                log.info("trying failed worker %s again (every %g s while it fails)", w.name, self.d.failed_retry_s)
+                RestartPolicy.retry(w.history)
                 self._spawn(w)
 
     # ---- signals
@@ -624,7 +628,7 @@ class Orchestrator:
         elif state == "removing":
             del self.workers[name]  # in backoff or failed: nothing runs
         else:
-            w.failures, w.restarts = 0, collections.deque()
+            RestartPolicy.reset(w.history)
             self._spawn(w)  # a failed sensor gets a fresh start with its new settings
 
 

@@ -316,7 +316,8 @@ def atomic_writer(final: str | os.PathLike, mode: str = "wb", *, sync_dir: bool 
         if sync_dir:
             fsync_dir(final.parent)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()   # flushes what the failed write left buffered: fails again on a full disk
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
@@ -364,7 +365,9 @@ def write_record(staging: Path, relname: str, metadata: dict, data_writer=None, 
 
     Either *data_writer* is called with an open binary temporary file, or *tmp* names a temporary
     file already written in *staging* (a stream written over minutes), which is fsynced and renamed.
-    Returns the data file's path.
+    Returns the data file's path. Raises ``OSError``; then no record is left under *relname* (a
+    data file without its sidecar would never be bundled, and a retry would write it twice): *tmp*
+    is renamed back for the caller to retry or remove, a written data file is removed.
     """
     final = staging / relname
     if tmp is not None:
@@ -375,7 +378,14 @@ def write_record(staging: Path, relname: str, metadata: dict, data_writer=None, 
     else:
         with atomic_writer(final, sync_dir=False) as f:
             data_writer(f)
-    write_sidecar(final, metadata)
+    try:
+        write_sidecar(final, metadata)
+    except BaseException:
+        if tmp is not None:
+            os.replace(final, tmp)
+        else:
+            final.unlink(missing_ok=True)
+        raise
     return final
 
 
