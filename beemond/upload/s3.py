@@ -154,6 +154,12 @@ class S3Transport:
         """No ``.part`` objects here: None. (A ``.sig`` sent again meets If-None-Match and a HEAD.)"""
         return None
 
+    def in_flight(self) -> int:
+        """Bytes written to the connection and not yet acknowledged by the server: the uploader's stall
+        guard counts a shrinking queue as progress (a PUT's last megabytes drain for minutes at 10 KB/s)."""
+        conn = self.conn
+        return _unacked(conn.sock) if conn is not None and conn.sock is not None else 0
+
     def abort(self) -> None:
         """From another thread: shut the socket down so that a blocked send or read returns."""
         conn = self.conn
@@ -214,6 +220,9 @@ class S3Transport:
             conn.putheader("content-length", str(length))
         conn.endheaders()
         if body is not None:
+            # A BundleReader paces its chunks by what the socket still holds (about a second's worth
+            # each on a slow link), so the stall guard sees steady progress.
+            body.sock = conn.sock
             while data := body.read(BLOCK):
                 view = memoryview(data)
                 for i in range(0, len(view), SEND_PIECE):
