@@ -67,6 +67,25 @@ RESTART_ONLY_KEYS = ("spool_dir", "host", "status_socket")
 SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("aggregator", 0.4))
 
 
+# Imported by the forkserver before it forks the workers, so that their pages are shared (and frozen
+# out of the garbage collector's reach: beemond.preload, last). Always: beemond's modules every worker
+# uses (archive brings Jinja2). Libraries only where at least two configured workers import them: one
+# worker gains nothing from sharing, and the forkserver would carry the library for nobody.
+PRELOAD_ALWAYS = ("beemond.ipc", "beemond.config", "beemond.journal", "beemond.archive", "beemond.clock",
+                  "beemond.sensors.base")
+PRELOAD_SHARED = {"audio": ("numpy", "soundfile"), "audio_bands": ("numpy", "soundfile"),
+                  "camera": ("numpy",)}
+
+
+def forkserver_preload(cfg) -> list[str]:
+    """Module names for ``set_forkserver_preload``: :data:`PRELOAD_ALWAYS`, the :data:`PRELOAD_SHARED`
+    libraries of the configured sensor and processor types used by two or more of them, then
+    ``beemond.preload`` (``gc.freeze()``)."""
+    users = collections.Counter(lib for unit in (*cfg.sensors, *cfg.processors)
+                                for lib in PRELOAD_SHARED.get(unit.type, ()))
+    return [*PRELOAD_ALWAYS, *sorted(lib for lib, n in users.items() if n >= 2), "beemond.preload"]
+
+
 @dataclass
 class Worker:
     role: str                    # sensor | processor | aggregator | uploader
@@ -93,7 +112,10 @@ class Orchestrator:
         self.duration = duration
         self.workers: dict[str, Worker] = {}
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["beemond.ipc", "beemond.config", "beemond.journal", "beemond.archive"])
+        # One BLAS thread: the workers' NumPy work is small FFTs and array copies, and each extra
+        # OpenBLAS thread is a stack and a buffer in every process that imports NumPy.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        self.ctx.set_forkserver_preload(forkserver_preload(cfg))
         self.stopping = False
         self.exit_status = 0
         self._signals: list[int] = []
