@@ -180,3 +180,26 @@ def test_status_for_the_group_and_for_outsiders(tmp_path, keys, password_file, d
         assert gone.returncode == 3 and "beemond is not running" in gone.stderr
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_status_socket_location_reads_only_two_keys(tmp_path):
+    """The clients find the socket from ``spool_dir`` and ``status_socket`` alone: a config whose other
+    parts would not validate (recipients unreadable, unknown keys) still gives the location."""
+    from beemond import config
+
+    toml = tmp_path / "beemond.toml"
+    toml.write_text('[daemon]\nspool_dir = "spool"\n[bundle]\nrecipients = ["/root/nowhere.txt"]\n[nonsense]\nx = 1\n')
+    assert config.status_socket(toml) == tmp_path / "spool" / "status.sock"
+    toml.write_text('[daemon]\nstatus_socket = "/run/beemond/status.sock"\n')
+    assert config.status_socket(toml) == Path("/run/beemond/status.sock")
+    toml.write_text("[daemon]\n")
+    assert config.status_socket(toml) == Path("/var/lib/beemond/spool/status.sock")
+    ini = tmp_path / "beemond.ini"
+    ini.write_text("[daemon]\nspool_dir = /srv/spool\n")
+    assert config.status_socket(ini) == Path("/srv/spool/status.sock")
+    toml.write_text("[daemon]\nstatus_socket = 5\n")
+    with pytest.raises(config.ConfigError, match=r"daemon\.status_socket: must be a non-empty path string"):
+        config.status_socket(toml)
+    with pytest.raises(config.ConfigError, match="cannot read file") as e:
+        config.status_socket(tmp_path / "missing.toml")
+    assert isinstance(e.value.__cause__, FileNotFoundError)
