@@ -74,6 +74,10 @@ def test_unit_declares_the_service_contract():
     stop_needed = shares * cfg["daemon"]["shutdown_timeout_s"] + cfg["upload"]["shutdown_grace_s"] + 10
     assert int(s["TimeoutStopSec"][0]) > stop_needed
     assert s["KillMode"] == ["mixed"]  # SIGTERM to the orchestrator alone, which orders the stop
+    # `systemctl reload` waits for the daemon's verdict; the socket lives where group beemond may reach it.
+    assert s["ExecReload"] == ["/opt/beemond/venv/bin/beemond reload --config /etc/beemond/beemond.toml"]
+    assert s["RuntimeDirectory"] == ["beemond"] and s["RuntimeDirectoryMode"] == ["0750"]
+    assert cfg["daemon"]["status_socket"] == "/run/beemond/status.sock"
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
