@@ -1,5 +1,5 @@
-"""Command line: ``beemond run | status | reload | pause | resume | check-config | keygen | decrypt | verify | ingest |
-upload --backlog``.
+"""Command line: ``beemond run | status | reload | pause | resume | check-config | keygen | decrypt | verify |
+ingest | report | upload --backlog``.
 
 Exit status: 0 success; 1 runtime failure; 3 (``status``, ``reload``, ``pause``, ``resume``) the daemon is not
 running; 77 (``EX_NOPERM``) not allowed to reach the daemon's socket or read the config; 65 (``EX_DATAERR``)
@@ -162,36 +162,30 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decrypt(args) -> int:
-    import tarfile
+    from beemond import bundle_format, crypto
 
-    from beemond import aggregator, crypto
-
-    signer = None
-    if args.device_key is not None:  # refuse a bad signature before any decryption
-        signer = _verify(args.bundle, _trusted(args.device_key))
-        if signer is None:
-            return EX_DATAERR
-
-    def same_signer(manifest: dict) -> None:  # before anything is moved into --out
-        if signer is not None and manifest.get("signing_key") != signer:
-            raise aggregator.BundleError(f"the manifest names signing key {manifest.get('signing_key')!r}, "
-                                         f"not {signer}, the key that signed the bundle")
-
+    trusted = _trusted(args.device_key) if args.device_key is not None else None
     try:
         identities = crypto.load_identities(args.identity)
-        manifest = aggregator.extract_bundle(args.bundle, identities, args.out, check=same_signer)
+        # One read: the signature (with --device-key) is checked over the very bytes decrypted, and
+        # nothing reaches --out before it and every manifest hash matched.
+        manifest = bundle_format.extract_bundle(args.bundle, identities, args.out, trusted=trusted,
+                                                limits=_limits(args))
     except crypto.IdentityError as e:
         print(f"beemond: {e}", file=sys.stderr)
         return 1
     except FileNotFoundError as e:
         print(f"beemond: {e.filename}: no such file", file=sys.stderr)
         return 1
+    except crypto.SignatureError as e:
+        print(f"beemond: {args.bundle}: signature check failed ({e.reason}): {e}", file=sys.stderr)
+        return EX_DATAERR
     except crypto.DecryptError as e:
         print(f"beemond: {args.bundle}: cannot decrypt (wrong identity, or a damaged or truncated file): {e}",
               file=sys.stderr)
         return EX_DATAERR
-    except (aggregator.BundleError, tarfile.TarError, ValueError) as e:
-        print(f"beemond: {args.bundle}: verification failed: {e}", file=sys.stderr)
+    except bundle_format.BundleError as e:
+        print(f"beemond: {args.bundle}: verification failed ({e.reason}): {e}", file=sys.stderr)
         return EX_DATAERR
     n = len(manifest["records"])
     print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest['start']} .. {manifest['end']}, "
@@ -199,20 +193,64 @@ def cmd_decrypt(args) -> int:
     return 0
 
 
-def cmd_ingest(args) -> int:
-    from beemond import crypto, ingest
+def _limits(args):
+    from beemond import bundle_format
 
+    d = bundle_format.DEFAULT_LIMITS
+    return bundle_format.Limits(max_bundle_bytes=args.max_bundle_bytes or d.max_bundle_bytes,
+                                max_member_bytes=args.max_record_bytes or d.max_member_bytes,
+                                max_total_bytes=args.max_bundle_bytes or d.max_total_bytes)
+
+
+def cmd_ingest(args) -> int:
+    from beemond import crypto
+    from beemond.lab import ingest
+
+    if args.parquet:
+        try:
+            import duckdb  # noqa: F401
+        except ImportError:
+            print("beemond: --parquet needs DuckDB: pip install 'beemond[lab]'", file=sys.stderr)
+            return 1
+    verbose = args.verbose
+
+    def show(line: str) -> None:
+        if verbose or line.startswith(("rejected", "  ", "error", "ledger")):
+            print(line, flush=True)
+
+    opts = ingest.Options(parquet=args.parquet, push=args.push, limits=_limits(args), licence=args.licence)
     try:
-        report = ingest.run(args.upload_tree, args.identity, args.trusted_devices, args.out)
+        report = ingest.run(args.upload_tree, args.identity, args.trusted_devices, args.out, print=show,
+                            jobs=args.jobs, options=opts)
     except ingest.Busy as e:
         print(f"beemond: {e}", file=sys.stderr)
         return EX_TEMPFAIL
     except (crypto.IdentityError, ValueError, OSError) as e:
         print(f"beemond: {e}", file=sys.stderr)
         return 1
+    push = f"; {report.pushed} reading(s) pushed" if args.push else ""
     print(f"ingested {len(report.ingested)} bundle(s), {report.records} record(s), {report.rows} new row(s); "
-          f"{len(report.skipped)} already ingested; {len(report.rejected)} rejected")
-    return EX_DATAERR if report.rejected else 0
+          f"{len(report.skipped)} already ingested; {len(report.rejected)} rejected{push}")
+    for e in sorted(set(report.push_errors))[:3]:
+        print(f"beemond: push failed (kept for the next run): {e}", file=sys.stderr)
+    if report.rejected:
+        return EX_DATAERR
+    return 1 if report.push_errors else 0
+
+
+def cmd_report(args) -> int:
+    try:
+        from beemond.lab import report
+    except ImportError as e:
+        print(f"beemond: report needs the lab extra ({e.name}): pip install 'beemond[lab]'", file=sys.stderr)
+        return 1
+    try:
+        index = report.build(args.data_dir, args.out)
+    except OSError as e:
+        print(f"beemond: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {index}")
+    return 0
 
 
 def cmd_upload(args) -> int:
@@ -265,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--identity", required=True, metavar="FILE")
     d.add_argument("--out", required=True, metavar="DIR")
     d.add_argument("--device-key", metavar="PUB", help="verify BUNDLE.sig against this public key file (or "
-                   "directory of *.pub) first; refuse to decrypt on a bad signature")
+                   "directory of *.pub) over the same bytes; write nothing on a bad signature")
+    _limit_args(d)
     d.set_defaults(func=cmd_decrypt)
 
     v = sub.add_parser("verify", help="check a bundle's detached signature (BUNDLE.sig)")
@@ -280,13 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--identity", required=True, metavar="FILE")
     i.add_argument("--trusted-devices", required=True, metavar="DIR", help="directory of device *.pub files")
     i.add_argument("--out", required=True, metavar="DATA_DIR")
+    i.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (one host per process)")
+    i.add_argument("--parquet", action="store_true", help="mirror the daily CSVs as Parquet (beemond[lab])")
+    i.add_argument("--push", metavar="URL", help="send new readings as InfluxDB line protocol to URL "
+                   "(e.g. http://127.0.0.1:8428/write)")
+    i.add_argument("--licence", default="", help="the data's licence, named in DATA_DIR/README.md")
+    i.add_argument("-v", "--verbose", action="store_true", help="one line per bundle")
+    _limit_args(i)
     i.set_defaults(func=cmd_ingest)
+
+    rp = sub.add_parser("report", help="plots per hive and day, and an HTML index of the fleet (beemond[lab])")
+    rp.add_argument("data_dir", metavar="DATA_DIR")
+    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.set_defaults(func=cmd_report)
 
     u = sub.add_parser("upload", help="upload the outbox's backlog in the foreground (daemon stopped)")
     u.add_argument("--backlog", action="store_true", required=True, help="upload every bundle waiting in the outbox")
     u.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     u.set_defaults(func=cmd_upload)
     return p
+
+
+def _limit_args(p) -> None:
+    p.add_argument("--max-bundle-bytes", type=int, default=0, metavar="N",
+                   help="refuse a bundle, or a bundle's records together, over N bytes (default 1 GiB)")
+    p.add_argument("--max-record-bytes", type=int, default=0, metavar="N",
+                   help="refuse a bundle with a record over N bytes (default 1 GiB)")
 
 
 def main(argv: list[str] | None = None) -> int:

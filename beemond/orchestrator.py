@@ -9,8 +9,9 @@ children start fast and share those pages; never ``fork`` from a process with li
   is restarted after an exponential backoff (``restart_backoff_initial_s`` doubling up to
   ``restart_backoff_max_s``);
 - more than ``crash_loop_limit`` restarts within ``crash_loop_window_s`` marks the worker failed; the
-  others keep recording. A failed aggregator or uploader ends the daemon with status 1, so that
-  systemd's ``Restart=on-failure`` takes over.
+  others keep recording, and a failed sensor or processor is tried again every ``failed_retry_s``
+  for as long as the daemon runs (:mod:`beemond.restart` decides). A failed aggregator or uploader
+  ends the daemon with status 1, so that systemd's ``Restart=on-failure`` takes over.
 
 It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
 and a signal wake-up pipe, with a timeout set by the next timer: no polling.
@@ -49,11 +50,11 @@ from pathlib import Path
 
 from beemond import ipc, notify
 from beemond.config import EX_CONFIG, ConfigError
+from beemond.restart import RestartPolicy, RestartState
 from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
 
-HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
 STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
 # Worker states in which a process exists: "restarting" (stopping to come back with a reloaded
 # config) and "removing" (its sensor left the config) are still read, watched and reaped.
@@ -66,7 +67,7 @@ SPOOL_LIMIT_KEYS = ("spool_max_bytes", "spool_min_free_bytes", "drop_oldest_when
 RESTART_ONLY_KEYS = ("spool_dir", "host", "status_socket")
 # Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
 # ``shutdown_grace_s`` + 10 s. The unit's TimeoutStopSec must cover the sum (tests/test_service.py).
-SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("aggregator", 0.4))
+SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("telemetry", 0.1), ("aggregator", 0.4))
 
 
 # Imported by the forkserver before it forks the workers, so that their pages are shared (and frozen
@@ -90,7 +91,7 @@ def forkserver_preload(cfg) -> list[str]:
 
 @dataclass
 class Worker:
-    role: str                    # sensor | processor | aggregator | uploader
+    role: str                    # sensor | processor | aggregator | uploader | telemetry
     name: str
     process: multiprocessing.process.BaseProcess | None = None
     commands: object = None
@@ -98,9 +99,8 @@ class Worker:
     state: str = "starting"      # running | backoff | failed | stopped
     started: float = 0.0
     last_heartbeat: float = 0.0
-    failures: int = 0            # consecutive, for the backoff
-    restarts: collections.deque = field(default_factory=collections.deque)
-    restart_at: float = 0.0
+    history: RestartState = field(default_factory=RestartState)
+    restart_at: float = 0.0      # monotonic time of the next start (in backoff, or the retry of a failed one)
     last_event: dict = field(default_factory=dict)
     starts: int = 0              # process starts since the daemon started (restarts = starts - 1)
     paused: bool = False         # stopped by `beemond pause` (a restarted process records again)
@@ -180,6 +180,8 @@ class Orchestrator:
                         "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
         self._add(Worker("aggregator", "aggregator"))
         self._add(Worker("uploader", "uploader"))
+        if self.cfg.telemetry.active:
+            self._add(Worker("telemetry", "telemetry"))
         for sensor in self.cfg.sensors:
             self._add(Worker("sensor", sensor.name))
         self._add_processors()
@@ -340,7 +342,7 @@ class Orchestrator:
         timers = [now + self.d.heartbeat_interval_s]
         if self.notifier.watchdog_interval_s:
             timers.append(self._watchdog_at)
-        timers += [w.restart_at for w in self.workers.values() if w.state == "backoff"]
+        timers += [w.restart_at for w in self.workers.values() if w.state in ("backoff", "failed")]
         if end_at is not None:
             timers.append(end_at)
         return max(0.0, min(timers) - now)
@@ -394,6 +396,11 @@ class Orchestrator:
             for name in ev.data.get("targets", ()):
                 if not self._command(name, ipc.Command(ipc.CAPTURE_NOW, {"reason": ev.data.get("reason", w.name)})):
                     log.warning("%s asked %s to capture, but it is not running", w.name, name)
+        if ev.kind in (ipc.SAMPLE, ipc.ALERT) and "telemetry" in self.workers:
+            # The event's time is the measurement's (sent as the reading is taken) unless it says otherwise;
+            # a processor's readings are published as its own series.
+            self._command("telemetry", ipc.Command(ev.kind, {"time": ev.time, **ev.data,
+                                                             **({"processor": w.name} if w.role == "processor" else {})}))
         for observer in self.observers:
             observer(w, ev)
 
@@ -432,25 +439,23 @@ class Orchestrator:
         self._schedule_restart(w, f"exited with {how}")
 
     def _schedule_restart(self, w: Worker, why: str) -> None:
-        now = time.monotonic()
-        if now - w.started >= HEALTHY_AFTER_S:
-            w.failures = 0
-        w.failures += 1
-        while w.restarts and now - w.restarts[0] > self.d.crash_loop_window_s:
-            w.restarts.popleft()
-        if len(w.restarts) >= self.d.crash_loop_limit:
-            w.state = "failed"
-            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
-                      w.name, why, len(w.restarts), self.d.crash_loop_window_s)
-            if w.role in ("aggregator", "uploader"):
-                log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
-                self.exit_status = 1
-                self.stopping = True
+        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started, time.monotonic())
+        w.state, w.restart_at = decision.state, decision.at
+        if decision.state == "backoff":
+            log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, decision.delay,
+                        len(w.history.restarts))
             return
-        delay = min(self.d.restart_backoff_max_s, self.d.restart_backoff_initial_s * 2 ** (w.failures - 1))
-        w.state, w.restart_at = "backoff", now + delay
-        w.restarts.append(now)
-        log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, delay, len(w.restarts))
+        if w.role in ("aggregator", "uploader"):
+            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
+                      w.name, why, len(w.history.restarts), self.d.crash_loop_window_s)
+            log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
+            self.exit_status = 1
+            self.stopping = True
+        elif decision.crash_loop:
+            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop); next try in %.0f s",
+                      w.name, why, len(w.history.restarts), self.d.crash_loop_window_s, decision.delay)
+        else:
+            log.warning("worker %s %s again on its retry; next try in %.0f s", w.name, why, decision.delay)
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -464,7 +469,13 @@ class Orchestrator:
     def _restart_due(self) -> None:
         now = time.monotonic()
         for w in self.workers.values():
-            if w.state == "backoff" and now >= w.restart_at and not self.stopping:
+            if self.stopping or now < w.restart_at:
+                continue
+            if w.state == "backoff":
+                self._spawn(w)
+            elif w.state == "failed" and w.role in ("sensor", "processor"):
+                log.info("trying failed worker %s again (every %g s while it fails)", w.name, self.d.failed_retry_s)
+                RestartPolicy.retry(w.history)
                 self._spawn(w)
 
     # ---- signals
@@ -635,6 +646,12 @@ class Orchestrator:
         for name in restart:
             self._stop_worker(name, "restarting")
         added = [name for name in new_units if name not in old_units]
+        if new.telemetry.active != old.telemetry.active:
+            log.info("%s: telemetry %s", why, "on" if new.telemetry.active else "off")
+            if new.telemetry.active:
+                self._add(Worker("telemetry", "telemetry"))
+            else:
+                self._stop_worker("telemetry", "removing")
         for name, role in new_units.items():
             if name not in old_units:
                 log.info("%s: %s %s added", why, role, name)
@@ -660,6 +677,8 @@ class Orchestrator:
         if every or old.upload != new.upload or any(getattr(old.daemon, k) != getattr(new.daemon, k)
                                                     for k in SPOOL_LIMIT_KEYS):
             names.append("uploader")
+        if old.telemetry.active and new.telemetry.active and (every or old.telemetry != new.telemetry):
+            names.append("telemetry")
         before = {s.name: s for s in (*old.sensors, *old.processors)}
         for s in (*new.sensors, *new.processors):
             if s.name in before and (every or before[s.name] != s or old.template_for(s) != new.template_for(s)):
@@ -681,7 +700,7 @@ class Orchestrator:
         elif state == "removing":
             del self.workers[name]  # in backoff or failed: nothing runs
         else:
-            w.failures, w.restarts = 0, collections.deque()
+            RestartPolicy.reset(w.history)
             self._spawn(w)  # a failed sensor gets a fresh start with its new settings
 
 

@@ -167,6 +167,10 @@ def _ago(s: float | None) -> str:
     return "never" if s is None else f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago"
 
 
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
 def format_status(st: dict) -> str:
     """A short human summary of :func:`query`'s answer."""
     clock = st["clock"]["synchronised"]
@@ -179,6 +183,8 @@ def format_status(st: dict) -> str:
             state = "paused"
         if state == "backoff":
             state += f" (restart in {w['restart_in_s']:.0f} s)"
+        elif state == "failed" and "restart_in_s" in w:
+            state += f" (next try in {_duration(w['restart_in_s'])})"
         line = f"  {w['name']:<{width}}  {w['role']:<10} {state:<12} restarts {w['restarts']}"
         if w["readings"]:
             line += "  " + " ".join(f"{k}={v['value']:.4g}" for k, v in sorted(w["readings"].items()))

@@ -35,13 +35,13 @@ DESTDIR=${DESTDIR:-}
 GROUPS_WANTED=(i2c gpio audio video dialout)
 # The venv's own needs, then the libraries beemond imports that Debian 12 ships at versions that satisfy
 # pyproject.toml (checked against bookworm: numpy 1.24, jinja2 3.1, cryptography 38, soundfile 0.12,
-# smbus2 0.4, pyserial 3.5, pillow 9.4, tomli-w 1.0, watchdog 2.2, prometheus-client 0.16). Not here, so
-# from PyPI: pyrage and sounddevice (not packaged), astral (bookworm's 1.6 has another API), paramiko
-# (bookworm's 2.12 lacks the Terrapin fix, CVE-2023-48795), gpiozero on plain Debian (1.6 has no lgpio
-# pin factory; Raspberry Pi OS ships 2.0).
+# smbus2 0.4, pyserial 3.5, pillow 9.4, tomli-w 1.0, prometheus-client 0.16). Not here, so from PyPI:
+# pyrage and sounddevice (not packaged), astral (bookworm's 1.6 has another API), paramiko (bookworm's
+# 2.12 lacks the Terrapin fix, CVE-2023-48795), watchdog (2.2: no event_filter), paho-mqtt (1.6: the
+# 1.x API), gpiozero on plain Debian (1.6 has no lgpio pin factory; Raspberry Pi OS ships 2.0).
 APT_PACKAGES=(python3-venv python3-setuptools python3-wheel python3-packaging libportaudio2 libsndfile1
               python3-numpy python3-jinja2 python3-cryptography python3-soundfile python3-smbus2 python3-serial
-              python3-pil python3-tomli-w python3-watchdog python3-prometheus-client python3-cffi
+              python3-pil python3-tomli-w python3-prometheus-client python3-cffi
               python3-bcrypt python3-nacl python3-colorzero python3-gpiozero)
 # Only where the distribution has them (Raspberry Pi OS): the lgpio pin factory's library.
 APT_OPTIONAL=(python3-lgpio)

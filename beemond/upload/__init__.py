@@ -6,7 +6,8 @@ A transport is a small object with ``connect()``, ``ensure_dir(path)``, ``put(re
 path of a layout path) and ``describe()`` (a URL without secrets). It raises :class:`TransportError`
 (transient: retried with backoff), :class:`PermanentError` (this file will never go: quarantined),
 ``OSError`` or one of its library's ``errors``; ``permanent(exc)`` says which library errors are
-permanent. :mod:`beemond.upload.uploader` owns the queues, the retries and the rule that nothing is
+permanent. A transport with ``stores_whole = True`` (S3) instead has ``store(f, reader, remote, size)``:
+one server-verified write of the final object, no ``.part`` or rename. :mod:`beemond.upload.uploader` owns the queues, the retries and the rule that nothing is
 deleted before the server confirmed it.
 
 Everything here is transport independent: the secret readers and the token-bucket reader that
@@ -150,6 +151,10 @@ def make_transport(up):
         from beemond.upload.sftp import SftpTransport
 
         return SftpTransport(up)
+    if up.protocol == "s3":
+        from beemond.upload.s3 import S3Transport
+
+        return S3Transport(up)
     if up.protocol == "local":
         from beemond.upload.local import LocalTransport
 
