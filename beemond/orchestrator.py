@@ -229,6 +229,7 @@ class Orchestrator:
             self._add(Worker("sensor", sensor.name))
         self._add_processors()
         self._start_health()
+        ipc.trim_heap()  # the start-up's garbage (config parsed, workers' arguments pickled)
         end_at = time.monotonic() + self.duration if self.duration else None
         try:
             while not self.stopping:
