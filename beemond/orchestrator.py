@@ -127,7 +127,11 @@ class Orchestrator:
         from beemond import config
 
         orch = cls(config.load(path, semantics=False), duration)
-        orch.check_config(orch.cfg.source)
+        try:
+            orch.check_config(orch.cfg.source)
+        except ConfigError:
+            stop_multiprocessing_helpers(timeout=10)  # the check started them; nothing else will stop them
+            raise
         return orch
 
     def check_config(self, path, timeout: float = 120.0) -> None:
@@ -208,8 +212,10 @@ class Orchestrator:
         except OSError as e:
             log.error("%s: daemon.spool_dir: cannot create or write %s: %s", self.cfg.source, spool,
                       e.strerror or e)
+            stop_multiprocessing_helpers(timeout=10)  # started by from_file's config check
             return EX_CONFIG
         if not self._lock_spool():
+            stop_multiprocessing_helpers(timeout=10)
             return 1
         removed = remove_stale_temps(spool)
         if removed:
