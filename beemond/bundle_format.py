@@ -287,6 +287,8 @@ def _check_manifest(manifest, hashes: dict[str, tuple[int, str]]) -> None:
     if not isinstance(manifest.get("host"), str):
         raise BundleError("manifest.json: no host")
     listed = {rec["path"]: (rec["size"], rec["sha256"]) for rec in records}
+    if len(listed) != len(records):  # the second of a pair would be missing when moved into place
+        raise BundleError("manifest.json lists a record twice")
     for rel, (size, digest) in hashes.items():
         if rel not in listed:
             raise BundleError(f"{rel}: in the bundle but not in the manifest")

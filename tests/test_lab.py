@@ -336,3 +336,49 @@ def test_the_lab_side_imports_no_device_side_worker():
     for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.orchestrator",
                         "beemond.processors", "beemond.ipc"):
         assert f"'{device_side}" not in got, got
+
+
+# ------------------------------------------------------------------------------------------ review (issue 15)
+
+def test_a_record_named_like_the_daily_csv_or_gaps_cannot_replace_them(tmp_path, lab):
+    day = "2021-06-19"
+    seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes(day, ["00:00", "00:01"]), [30.0, 30.1]),
+                                     f"{day}T00:00:00.000Z", f"{day}T00:01:00.000Z", {})])
+    first = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert len(first.ingested) == 1
+    folder = lab["out"] / "hive-07" / day / "hive_climate"
+    daily = folder / f"hive-07@{day}.csv"
+    before = daily.read_bytes()
+    # A trusted device's bundle whose records are named like the lab's own files of that folder.
+    for name in (f"hive-07@{day}.csv", "gaps.csv"):
+        seal(tmp_path, lab, "hive-07", [("hive_climate", name, b"time,temperature_c\n", f"{day}T00:05:00.000Z",
+                                         f"{day}T00:05:00.000Z", {})])
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert sorted(r[1] for r in report.rejected) == ["unsafe", "unsafe"], report.rejected
+    assert daily.read_bytes() == before  # the readings of the first bundle are still there
+    assert not (folder / "gaps.csv").exists()
+
+
+def test_a_manifest_listing_a_record_twice_is_rejected_before_anything_is_published(tmp_path, lab):
+    body = climate(minutes("2021-06-19", ["00:00"]), [30.0])
+    d = tmp_path / "dup"
+    d.mkdir()
+    tar = d / "bundle.tar"
+    rec = {"path": "s/a.csv", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+           "start": "2021-06-19T00:00:00.000Z", "metadata": {}}
+    fp = crypto.fingerprint(lab["devices"]["hive-07"].public_key())
+    manifest = json.dumps({**json.loads(_manifest([rec, rec])), "signing_key": fp}).encode()
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in (("s/a.csv", body), ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    bundle = lab["upload"] / "hive-07" / "hive-07_20210619T000000Z_dup_000000000000.tar.age"
+    bundle.parent.mkdir(parents=True)
+    subprocess.run([AGE, "-R", str(lab["recipient"]), "-o", str(bundle), str(tar)], check=True, timeout=60)
+    data = bundle.read_bytes()
+    bundle.with_name(bundle.name + ".sig").write_bytes(
+        crypto.sign_digest(lab["devices"]["hive-07"], hashlib.sha512(data).digest(), len(data)))
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert [r[1] for r in report.rejected] == ["manifest"], report.rejected
+    assert not (lab["out"] / "hive-07").exists()

@@ -360,6 +360,10 @@ class Worker:
                 if not NAME_RE.match(sensor) or not rec["path"].startswith(sensor + "/"):
                     raise Rejected("unsafe", f"record {rec['path']!r} has an invalid sensor {sensor!r}")
                 date = _date_of(rec.get("start", "")) or _date_of(manifest.get("start", "")) or "unknown-date"
+                if rec["path"][len(sensor) + 1:] in (f"{host}@{date}.csv", GAPS):
+                    # moved into place, it would replace the day's merged readings or gaps
+                    raise Rejected("unsafe", f"record {rec['path']!r} is named like the lab's own {host}@{date}.csv "
+                                             f"or {GAPS}")
                 moves.append((rec, date, sensor, rec["path"][len(sensor) + 1:]))
             for rec, date, sensor, rel in moves:
                 dest = self.out / host / date / sensor / rel
