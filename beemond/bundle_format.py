@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
@@ -130,8 +131,12 @@ def read_bundle(bundle: str | os.PathLike, identities, work: str | os.PathLike, 
     if trusted is not None:
         sig = crypto.read_signature(Path(signature) if signature else bundle.with_name(bundle.name + crypto.SIG_SUFFIX),
                                     trusted)
-    with open(bundle, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it.
+    with open(os.open(bundle, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):  # a device or FIFO never ends (/dev/zero) or never starts
+            raise BundleError(f"{bundle.name} is not a regular file", "unsafe")
+        size = st.st_size
         if sig is not None and sig.claimed is not None and size < sig.claimed:
             raise crypto.SignatureError("truncated", f"truncated: {size} of the {sig.claimed} bytes the device signed")
         if size > limits.max_bundle_bytes:

@@ -382,3 +382,26 @@ def test_a_manifest_listing_a_record_twice_is_rejected_before_anything_is_publis
     report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
     assert [r[1] for r in report.rejected] == ["manifest"], report.rejected
     assert not (lab["out"] / "hive-07").exists()
+
+
+def test_a_bundle_that_is_no_regular_file_is_rejected_without_hanging(tmp_path, lab):
+    # Anyone who may upload can copy a device's public .sig beside a symlink to /dev/zero or a FIFO:
+    # reading either never ends (or never starts).
+    good = seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes("2021-06-19", ["00:00"]), [30.0]),
+                                            "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:00.000Z", {})],
+                outbox=tmp_path / "elsewhere")
+    folder = lab["upload"] / "hive-07"
+    folder.mkdir(parents=True)
+    zero, fifo = folder / "hive-07_a_zero.tar.age", folder / "hive-07_b_fifo.tar.age"
+    zero.symlink_to("/dev/zero")
+    os.mkfifo(fifo)
+    for b in (zero, fifo):
+        sig = good.with_name(good.name + ".sig").read_text()
+        b.with_name(b.name + ".sig").write_text(sig.split("Size:")[0])  # the size line is not signed
+        r = cli("decrypt", b, "--identity", lab["identity"], "--out", tmp_path / "dec", "--device-key", lab["trusted"],
+                timeout=30)
+        assert r.returncode == 65 and "(unsafe)" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = run_ingest(lab)
+    assert r.returncode == 65 and "2 rejected" in r.stdout, r.stdout + r.stderr
+    for b in (zero, fifo):
+        assert (lab["out"] / "rejected" / (b.name + ".reason")).read_text().startswith("reason: unsafe\n")
