@@ -405,3 +405,25 @@ def test_a_bundle_that_is_no_regular_file_is_rejected_without_hanging(tmp_path, 
     assert r.returncode == 65 and "2 rejected" in r.stdout, r.stdout + r.stderr
     for b in (zero, fifo):
         assert (lab["out"] / "rejected" / (b.name + ".reason")).read_text().startswith("reason: unsafe\n")
+
+
+def test_jobs_keep_a_host_with_two_keys_in_one_process(tmp_path, lab):
+    # A device whose key was replaced: hive-07.pub holds the old key and the new one, and the upload
+    # tree bundles signed by each. Both write hive-07's daily CSV, so both belong to one process.
+    priv, pub, line = crypto.device_keygen(tmp_path / "devices" / "hive-07-new", comment="hive-07")
+    with open(lab["trusted"] / "hive-07.pub", "a") as f:
+        f.write(line + "\n")
+    old, lab["devices"]["hive-07"] = lab["devices"]["hive-07"], crypto.load_signing_key(priv)
+    for k, key in enumerate((old, lab["devices"]["hive-07"])):
+        lab["devices"]["hive-07"] = key
+        for n in range(2):
+            hhmm = [f"{10 + 2 * k + n:02d}:00"]
+            seal(tmp_path, lab, "hive-07", [("hive_climate", f"c{k}{n}.csv", climate(minutes("2021-06-19", hhmm), [20.0]),
+                                             minutes("2021-06-19", hhmm)[0], minutes("2021-06-19", hhmm)[0], {})])
+    items = ingest.scan(lab["upload"], tmp_path / "x", ingest.Ledger(tmp_path / "empty.sqlite"), ingest.Report(),
+                        print=lambda _: None)
+    assert len(items) == 4
+    parts = ingest.partition(items, 2, ingest.device_names(lab["trusted"]))
+    assert len(parts) == 1, [[Path(c.path).name for c in p] for p in parts]
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None, jobs=2)
+    assert len(report.ingested) == 4 and report.rows == 4, report

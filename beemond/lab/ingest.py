@@ -43,6 +43,7 @@ shared ledger (SQLite serialises the commits).
 
 from __future__ import annotations
 
+import base64
 import csv
 import errno
 import fcntl
@@ -252,7 +253,7 @@ def scan(tree: Path, out: Path, ledger: Ledger, report: Report, print=print) -> 
 def _partition_key(sig_bytes: bytes, name: str) -> str:
     try:
         pub = crypto._parse_signature(sig_bytes)[0]
-        return hashlib.sha256(pub).hexdigest()
+        return "SHA256:" + base64.b64encode(hashlib.sha256(pub).digest()).decode().rstrip("=")  # its fingerprint
     except crypto.SignatureError:
         return "name:" + name.split("_", 1)[0]
 
@@ -663,12 +664,14 @@ def run(upload_tree, identity_file, trusted_dir, out, print=print, jobs: int = 1
     return report
 
 
-def partition(items: list[Candidate], jobs: int) -> list[list[Candidate]]:
-    """Split *items* into at most *jobs* lists, all of one key (signer, so host) in one list, balanced
-    by bytes (largest group first onto the lightest list)."""
+def partition(items: list[Candidate], jobs: int, names: dict[str, str] | None = None) -> list[list[Candidate]]:
+    """Split *items* into at most *jobs* lists, all of one host in one list (the device name of the
+    signer in *names*, {fingerprint: name}: a host whose key was replaced has two), balanced by bytes
+    (largest group first onto the lightest list)."""
+    names = names or {}
     groups: dict[str, list[Candidate]] = {}
     for c in items:
-        groups.setdefault(c.key, []).append(c)
+        groups.setdefault(names.get(c.key, c.key), []).append(c)
     parts: list[list[Candidate]] = [[] for _ in range(jobs)]
     load = [0] * jobs
     for g in sorted(groups.values(), key=lambda g: -sum(c.size for c in g)):
@@ -699,7 +702,7 @@ def _run_parallel(items, jobs, out, identity_file, trusted_dir, names, options, 
 
     ctx = multiprocessing.get_context("forkserver")  # no fork of a process that may hold threads
     q = ctx.Queue()
-    parts = partition(items, jobs)
+    parts = partition(items, jobs, names)
     procs = [ctx.Process(target=_job, args=(i, p, str(out), str(identity_file), str(trusted_dir), names, options, q),
                          name=f"ingest-{i}") for i, p in enumerate(parts)]
     for p in procs:
