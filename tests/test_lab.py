@@ -427,3 +427,57 @@ def test_jobs_keep_a_host_with_two_keys_in_one_process(tmp_path, lab):
     assert len(parts) == 1, [[Path(c.path).name for c in p] for p in parts]
     report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None, jobs=2)
     assert len(report.ingested) == 4 and report.rows == 4, report
+
+
+@pytest.fixture
+def cut_disk(tmp_path):
+    """An ext4 image on a loop device where unsynced data and metadata stay in the page cache
+    (TESTBED.md, power cuts). Yields (mount point, cut): ``cut()`` keeps only what reached the image
+    (after a journal commit forced by an unrelated fsync, as any other writer on the disk would cause),
+    then fsck and mount again."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and loop devices")
+    img, mnt = tmp_path / "disk.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    opts = "loop,data=writeback,noauto_da_alloc,commit=60"
+    subprocess.run(["mount", "-o", opts, str(img), str(mnt)], check=True)
+
+    def cut():
+        other = mnt / "other"
+        with open(other, "wb") as f:
+            f.write(b"x")
+            os.fsync(f.fileno())
+        subprocess.run(["cp", "--sparse=always", str(img), str(img) + ".cut"], check=True)
+        subprocess.run(["umount", str(mnt)], check=True)
+        os.replace(str(img) + ".cut", img)
+        subprocess.run(["e2fsck", "-p", "-f", str(img)], capture_output=True)
+        subprocess.run(["mount", "-o", opts, str(img), str(mnt)], check=True)
+
+    yield mnt, cut
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
+def test_a_power_cut_before_the_batch_is_synced_loses_no_earlier_reading(tmp_path, lab, cut_disk):
+    mnt, cut = cut_disk
+    lab["out"] = mnt / "data"
+    day = "2021-06-19"
+    seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes(day, ["00:00", "00:01"]), [30.0, 30.1]),
+                                     f"{day}T00:00:00.000Z", f"{day}T00:01:00.000Z", {})])
+    assert run_ingest(lab).returncode == 0
+    subprocess.run(["sync"], check=True)  # the first run is on the disk, ledger included
+    seal(tmp_path, lab, "hive-07", [("hive_climate", "b.csv", climate(minutes(day, ["00:02"]), [30.2]),
+                                     f"{day}T00:02:00.000Z", f"{day}T00:02:00.000Z", {})])
+    # The power goes as the second run asks for its batch to be made durable (its first sync()).
+    r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=sync",
+                        "-e", "inject=sync:signal=SIGKILL:error=ENOSYS", *CLI, "ingest", str(lab["upload"]),
+                        "--identity", str(lab["identity"]), "--trusted-devices", str(lab["trusted"]),
+                        "--out", str(lab["out"])], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
+    cut()
+    assert run_ingest(lab).returncode == 0
+    rows = list(csv.reader(open(lab["out"] / "hive-07" / day / "hive_climate" / f"hive-07@{day}.csv")))
+    assert [row[0] for row in rows] == ["time", *minutes(day, ["00:00", "00:01", "00:02"])], rows

@@ -30,7 +30,8 @@ tree the lab's user may only read) stays where it is, its ``NAME.reason`` writte
 reported again by every run (from the ledger: it is not read again until it changes).
 
 Idempotent and crash-safe: records are renamed into place, each day's CSV is rewritten under a temporary
-name and renamed, a ``sync()`` makes the batch durable, and only then does the ledger
+name, a ``sync()`` makes the batch durable, the CSVs are renamed over their predecessors and synced again,
+and only then does the ledger
 (``DATA_DIR/ledger.sqlite``, SQLite in WAL mode; an ``ingested.json`` from older versions is migrated once)
 commit the batch. A crash before the commit makes the next run redo those bundles, which rewrites the
 same files and adds no row (merging is a set union). Bundles in the upload tree are never deleted. One
@@ -432,7 +433,13 @@ class Worker:
 
     def flush(self) -> None:
         """Write the pending days' CSVs, gaps and mirrors, make every new file durable, then commit the
-        batch to the ledger, then push its new readings."""
+        batch to the ledger, then push its new readings.
+
+        A day's CSV and gaps.csv also hold what earlier, committed batches merged, which no rerun would
+        redo: each replaces its predecessor only once its own data is on the disk (written under a
+        temporary name, ``sync()``, renamed, ``sync()`` again before the ledger commit)."""
+        staged: list[tuple[Path, Path]] = []
+        mirrors: list[tuple[str, str, str, Path]] = []
         for (host, sensor, date), day in sorted(self.pending_days.items()):
             folder = self.out / host / date / sensor
             path = folder / f"{host}@{date}.csv"
@@ -452,22 +459,27 @@ class Worker:
                 w.writerow(header)
                 ordered = sorted(rows)
                 w.writerows(ordered)
-                _replace(path, buf.getvalue().encode())
-                self.touched.add(path)
+                staged.append((_stage(path, buf.getvalue().encode()), path))
                 if self.opt.parquet:
-                    self._parquet(host, sensor, date, path)
+                    mirrors.append((host, sensor, date, path))
                 if self.opt.push and len(rows) > before:
                     new = rows - _union(old[0], old_rows, header)[1] if old_rows else rows
                     self.push_lines += line_protocol(host, sensor, header, new)
             else:
                 ordered = []
-            self._write_gaps(folder, header, ordered, day.gaps)
+            self._write_gaps(folder, header, ordered, day.gaps, staged)
         self.pending_days.clear()
-        if self.touched:
+        if self.touched or staged:
             # One sync() for the batch instead of an fsync per file: thousands of small files per run,
             # and the ledger below must not claim a bundle whose files are still in the page cache.
             os.sync()
             self.touched.clear()
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        for mirror in mirrors:
+            self._parquet(*mirror)
+        if staged or mirrors:
+            os.sync()
         b, f = self.pending_bundles, self.pending_files
         for i in range(0, max(len(b), len(f)), COMMIT_BUNDLES):
             self.ledger.commit(b[i:i + COMMIT_BUNDLES], f[i:i + COMMIT_BUNDLES])
@@ -476,7 +488,8 @@ class Worker:
             lines, self.push_lines = self.push_lines, []
             self.report.pushed += push(self.opt.push, lines, self.out / PUSH_PENDING, self.report)
 
-    def _write_gaps(self, folder: Path, header: list[str], rows: list[tuple], declared: set) -> None:
+    def _write_gaps(self, folder: Path, header: list[str], rows: list[tuple], declared: set,
+                    staged: list[tuple[Path, Path]]) -> None:
         path = folder / GAPS
         kept = set(declared)
         if path.exists():
@@ -489,8 +502,7 @@ class Worker:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["start", "end", "duration_s", "source"])
         w.writerows(sorted(kept | set(holes)))
-        _replace(path, buf.getvalue().encode())
-        self.touched.add(path)
+        staged.append((_stage(path, buf.getvalue().encode()), path))
 
     def _parquet(self, host: str, sensor: str, date: str, csv_path: Path) -> None:
         if self._duck is None:
@@ -844,9 +856,14 @@ def _move_aside(src: Path, dest: Path) -> None:
 
 def _replace(path: Path, data: bytes) -> None:
     """Temp name, then rename: a reader never sees half a file; durability comes from flush's sync()."""
+    os.replace(_stage(path, data), path)
+
+
+def _stage(path: Path, data: bytes) -> Path:
+    """*data* written under a temporary name beside *path* (swept by the next run after a crash)."""
     tmp = archive.temp_name(path.parent, path.name)
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    return tmp
 
 
 def _union(header: list[str], rows: set, other: list[str], other_rows: set = frozenset()):
