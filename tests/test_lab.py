@@ -481,3 +481,20 @@ def test_a_power_cut_before_the_batch_is_synced_loses_no_earlier_reading(tmp_pat
     assert run_ingest(lab).returncode == 0
     rows = list(csv.reader(open(lab["out"] / "hive-07" / day / "hive_climate" / f"hive-07@{day}.csv")))
     assert [row[0] for row in rows] == ["time", *minutes(day, ["00:00", "00:01", "00:02"])], rows
+
+
+def test_decrypt_onto_a_full_disk_ends_in_one_line_not_a_traceback(tmp_path, lab):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    body = os.urandom(600_000)
+    b = seal(tmp_path, lab, "hive-07", [("mic", "a.bin", body, "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:10.000Z", {})])
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], check=True)
+    try:
+        r = cli("decrypt", b, "--identity", lab["identity"], "--out", full / "out", "--device-key", lab["trusted"])
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "No space left on device" in r.stderr, r.stderr
+        assert not [p for p in (full / "out").rglob("*")]  # the partial record went with the work directory
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
