@@ -498,3 +498,24 @@ def test_decrypt_onto_a_full_disk_ends_in_one_line_not_a_traceback(tmp_path, lab
         assert not [p for p in (full / "out").rglob("*")]  # the partial record went with the work directory
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_bundle_with_odd_fields_or_an_unreadable_csv_does_not_stop_the_run(tmp_path, lab):
+    day = "2021-06-19"
+    good = seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes(day, ["00:00"]), [30.0]),
+                                            f"{day}T00:00:00.000Z", f"{day}T00:00:00.000Z", {})])
+    # a start that is no string: the bundle's own start dates it
+    odd = seal(tmp_path, lab, "hive-07", [("hive_climate", "b.csv", climate(minutes(day, ["00:01"]), [30.1]),
+                                           None, None, {"gap_s": 60})])
+    bad = {kind: seal(tmp_path, lab, "hive-08", [("hive_climate", f"{kind}.csv", body, f"{day}T00:02:00.000Z",
+                                                  f"{day}T00:02:00.000Z", {})])
+           for kind, body in (("latin1", "time,t\n2021-06-19T00:02:00.000Z,\xe9\n".encode("latin-1")),
+                              ("huge-field", b"time,t\n2021-06-19T00:02:00.000Z," + b"9" * 200_000 + b"\n"))}
+    r = run_ingest(lab)
+    assert r.returncode == 65 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert "ingested 2 bundle(s)" in r.stdout and "2 rejected" in r.stdout, r.stdout
+    rows = list(csv.reader(open(lab["out"] / "hive-07" / day / "hive_climate" / f"hive-07@{day}.csv")))
+    assert [row[0] for row in rows[1:]] == minutes(day, ["00:00", "00:01"]), (good, odd, rows)
+    for b in bad.values():
+        assert (lab["out"] / "rejected" / (b.name + ".reason")).read_text().startswith("reason: csv\n")
+    assert not (lab["out"] / "hive-08").exists()  # nothing of a rejected bundle is published

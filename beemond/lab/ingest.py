@@ -92,7 +92,7 @@ class Rejected(Exception):
     """A bundle that fails a check. ``reason``: ``unsigned``, ``malformed``, ``untrusted``, ``truncated``,
     ``mismatch`` (signature); ``undecryptable``; ``manifest`` (hashes, members, signing key); ``oversize``
     (over a limit, or more than the bundle can hold); ``unsafe`` (a member name or type, or a host or
-    sensor name unfit for a path); ``host`` (the manifest's host is not the signing device's name)."""
+    sensor name unfit for a path); ``csv`` (a CSV record that is not UTF-8 CSV); ``host`` (the manifest's host is not the signing device's name)."""
 
     def __init__(self, reason: str, message: str):
         self.reason = reason
@@ -367,6 +367,9 @@ class Worker:
                     raise Rejected("unsafe", f"record {rec['path']!r} is named like the lab's own {host}@{date}.csv "
                                              f"or {GAPS}")
                 moves.append((rec, date, sensor, rec["path"][len(sensor) + 1:]))
+            # Read before anything is published: a CSV that cannot be read rejects the whole bundle.
+            tables = {rec["path"]: _read_csv(work / rec["path"]) for rec, *_ in moves
+                      if Path(rec["path"]).suffix.lower() == ".csv"}
             for rec, date, sensor, rel in moves:
                 dest = self.out / host / date / sensor / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -375,8 +378,8 @@ class Worker:
                 meta = {**rec, "bundle": manifest.get("name", bundle.name), "signing_key": fp}
                 _replace(archive.sidecar_of(dest), json.dumps(meta, indent=1, sort_keys=True).encode())
                 self._gap_from_metadata(host, sensor, date, rec)
-                if dest.suffix.lower() == ".csv":
-                    self._merge_rows(host, sensor, date, dest)
+                if rec["path"] in tables:
+                    self._merge_rows(host, sensor, date, tables[rec["path"]])
             self.digests.add(got.digest)
             self.pending_bundles.append((got.digest, bundle.name, host, len(moves), fp,
                                          archive.utc_iso(datetime.now(timezone.utc))))
@@ -398,6 +401,8 @@ class Worker:
         ``after_restart``: the first record after a restart) ends at the record's start."""
         meta = rec.get("metadata") or {}
         gap_s, restart = meta.get("gap_s"), meta.get("after_restart") is True
+        if not isinstance(rec.get("start"), str):
+            return
         if not isinstance(gap_s, (int, float)) or isinstance(gap_s, bool) or not math.isfinite(gap_s) or gap_s < 0:
             gap_s = None
         if gap_s is None and not restart:
@@ -411,9 +416,7 @@ class Worker:
         day.gaps.add((archive.utc_iso(start), archive.utc_iso(end), "" if gap_s is None else f"{gap_s:g}",
                       "after_restart" if restart else "device"))
 
-    def _merge_rows(self, host: str, sensor: str, date: str, record: Path) -> None:
-        with open(record, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+    def _merge_rows(self, host: str, sensor: str, date: str, rows: list[list[str]]) -> None:
         if not rows:
             return
         header, body = rows[0], rows[1:]
@@ -859,6 +862,15 @@ def _replace(path: Path, data: bytes) -> None:
     os.replace(_stage(path, data), path)
 
 
+def _read_csv(path: Path) -> list[list[str]]:
+    """The rows of a CSV record. Raises :class:`Rejected` (``csv``) for one that is not UTF-8 CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise Rejected("csv", f"{path.name} is not a UTF-8 CSV: {str(e)[:80]}") from None
+
+
 def _stage(path: Path, data: bytes) -> Path:
     """*data* written under a temporary name beside *path* (swept by the next run after a crash)."""
     tmp = archive.temp_name(path.parent, path.name)
@@ -886,7 +898,9 @@ def _union(header: list[str], rows: set, other: list[str], other_rows: set = fro
 
 
 def _date_of(text: str) -> str | None:
-    """``YYYY-MM-DD`` (UTC) of an ISO 8601 time, or None."""
+    """``YYYY-MM-DD`` (UTC) of an ISO 8601 time, or None (also for a manifest's null or number)."""
+    if not isinstance(text, str):
+        return None
     try:
         return archive.parse_iso(text).strftime("%Y-%m-%d")
     except (ValueError, TypeError):
