@@ -507,15 +507,30 @@ def test_a_bundle_with_odd_fields_or_an_unreadable_csv_does_not_stop_the_run(tmp
     # a start that is no string: the bundle's own start dates it
     odd = seal(tmp_path, lab, "hive-07", [("hive_climate", "b.csv", climate(minutes(day, ["00:01"]), [30.1]),
                                            None, None, {"gap_s": 60})])
+    far = seal(tmp_path, lab, "hive-07", [("hive_climate", "c.csv", b"time,temperature_c,humidity_rh\n",  # a gap
+                                           f"{day}T00:01:00.000Z", f"{day}T00:01:00.000Z", {"gap_s": 1e20})])  # < year 1
     bad = {kind: seal(tmp_path, lab, "hive-08", [("hive_climate", f"{kind}.csv", body, f"{day}T00:02:00.000Z",
                                                   f"{day}T00:02:00.000Z", {})])
            for kind, body in (("latin1", "time,t\n2021-06-19T00:02:00.000Z,\xe9\n".encode("latin-1")),
                               ("huge-field", b"time,t\n2021-06-19T00:02:00.000Z," + b"9" * 200_000 + b"\n"))}
     r = run_ingest(lab)
     assert r.returncode == 65 and "Traceback" not in r.stderr, r.stdout + r.stderr
-    assert "ingested 2 bundle(s)" in r.stdout and "2 rejected" in r.stdout, r.stdout
+    assert "ingested 3 bundle(s)" in r.stdout and "2 rejected" in r.stdout, r.stdout
     rows = list(csv.reader(open(lab["out"] / "hive-07" / day / "hive_climate" / f"hive-07@{day}.csv")))
-    assert [row[0] for row in rows[1:]] == minutes(day, ["00:00", "00:01"]), (good, odd, rows)
+    assert [row[0] for row in rows[1:]] == minutes(day, ["00:00", "00:01"]), (good, odd, far, rows)
     for b in bad.values():
         assert (lab["out"] / "rejected" / (b.name + ".reason")).read_text().startswith("reason: csv\n")
     assert not (lab["out"] / "hive-08").exists()  # nothing of a rejected bundle is published
+
+
+def test_parquet_mirror_of_a_column_that_turns_to_text_late_in_the_day(tmp_path, lab):
+    import duckdb
+    day = "2021-06-19"
+    times = [f"{day}T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}.000Z" for i in range(21_001)]
+    body = "time,state\n" + "".join(f"{t},{i}\n" for i, t in enumerate(times[:-1])) + f"{times[-1]},swarming\n"
+    seal(tmp_path, lab, "hive-07", [("hive_state", "s.csv", body.encode(), times[0], times[-1], {})])
+    r = run_ingest(lab, "--parquet")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    got = duckdb.connect().execute(f"SELECT count(*), max(CASE WHEN state = 'swarming' THEN 1 ELSE 0 END) FROM "
+                                   f"read_parquet('{lab['out']}/parquet/**/*.parquet')").fetchone()
+    assert got == (21_001, 1)

@@ -411,7 +411,10 @@ class Worker:
             end = archive.parse_iso(rec.get("start", ""))
         except (ValueError, TypeError):
             return
-        start = end if gap_s is None else datetime.fromtimestamp(end.timestamp() - gap_s, timezone.utc)
+        try:
+            start = end if gap_s is None else datetime.fromtimestamp(end.timestamp() - gap_s, timezone.utc)
+        except (OverflowError, ValueError, OSError):  # a gap reaching before year 1: no such gap
+            return
         day = self._day(host, sensor, date)
         day.gaps.add((archive.utc_iso(start), archive.utc_iso(end), "" if gap_s is None else f"{gap_s:g}",
                       "after_restart" if restart else "device"))
@@ -516,8 +519,10 @@ class Worker:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = archive.temp_name(dest.parent, dest.name)
         # Names are checked (HOST_RE, NAME_RE, a date): safe inside SQL string literals.
-        self._duck.execute(f"COPY (SELECT * FROM read_csv('{csv_path}', header=true, auto_detect=true)) "
-                           f"TO '{tmp}' (FORMAT parquet)")
+        # sample_size=-1: column types from every row, so a column that turns to text late in the day
+        # is text, not a conversion error on every run from then on.
+        self._duck.execute(f"COPY (SELECT * FROM read_csv('{csv_path}', header=true, auto_detect=true, "
+                           f"sample_size=-1)) TO '{tmp}' (FORMAT parquet)")
         os.replace(tmp, dest)
         self.touched.add(dest)
 
