@@ -131,6 +131,18 @@ def hostile_tar(kind: str, d: Path) -> Path:
             add("s/big.bin", body)
             add("manifest.json", _manifest([{"path": "s/big.bin", "sensor": "s", "size": len(body),
                                              "sha256": hashlib.sha256(body).hexdigest(), "metadata": {}}]))
+        elif kind in LINKS:  # a member that is no plain file, or names a place outside the bundle's tree
+            info = tarfile.TarInfo(LINKS[kind][0])
+            info.type, info.linkname = LINKS[kind][1], "/etc/passwd"
+            t.addfile(info)
+            add("manifest.json", _manifest([]))
+        elif kind == "duplicate-member":
+            add("s/a.csv", b"x\n")
+            add("s/a.csv", b"y\n")
+            add("manifest.json", _manifest([]))
+        elif kind == "after-manifest":
+            add("manifest.json", _manifest([]))
+            add("s/a.csv", b"x\n")
     if kind == "lying-header":  # a header claiming 1 GiB, followed by 10 KB: more than the bundle can hold
         info = tarfile.TarInfo("s/big.bin")
         info.size = 1 << 30
@@ -138,7 +150,21 @@ def hostile_tar(kind: str, d: Path) -> Path:
     return tar
 
 
+LINKS = {"symlink": ("s/a.csv", tarfile.SYMTYPE), "hardlink": ("s/a.csv", tarfile.LNKTYPE),
+         "device": ("s/a.csv", tarfile.CHRTYPE), "fifo": ("s/a.csv", tarfile.FIFOTYPE),
+         "dot-dot": ("s/../../ledger.sqlite", tarfile.REGTYPE), "absolute": ("/tmp/ledger.sqlite", tarfile.REGTYPE),
+         "hidden": ("s/.ingest.lock", tarfile.REGTYPE)}
+
 HOSTILE = {  # kind: (reason, words in the one-line message)
+    "symlink": ("unsafe", "only plain files"),
+    "hardlink": ("unsafe", "only plain files"),
+    "device": ("unsafe", "only plain files"),
+    "fifo": ("unsafe", "only plain files"),
+    "dot-dot": ("unsafe", "unsafe member name"),
+    "absolute": ("unsafe", "unsafe member name"),
+    "hidden": ("unsafe", "unsafe member name"),
+    "duplicate-member": ("manifest", "duplicate member"),
+    "after-manifest": ("unsafe", "after the manifest"),
     "sparse-member-gnu": ("unsafe", "only plain files"),
     "sparse-member-pax": ("unsafe", "only plain files"),
     "sparse-manifest": ("unsafe", "only plain files"),
