@@ -475,6 +475,15 @@ class Worker:
                 ordered = []
             self._write_gaps(folder, header, ordered, day.gaps, staged)
         self.pending_days.clear()
+        kept = None
+        if self.push_lines:
+            # Kept on disk before any CSV shows these rows: once a CSV holds them they are no longer new,
+            # so a run killed while pushing would otherwise never send them. Renamed first, so a CSV
+            # rename that survives a crash implies this one did.
+            kept = self.out / PUSH_PENDING / f"{time.time_ns()}-{os.getpid()}.lp"
+            kept.parent.mkdir(exist_ok=True)
+            staged.insert(0, (_stage(kept, ("\n".join(self.push_lines) + "\n").encode()), kept))
+            self.push_lines = []
         if self.touched or staged:
             # One sync() for the batch instead of an fsync per file: thousands of small files per run,
             # and the ledger below must not claim a bundle whose files are still in the page cache.
@@ -490,9 +499,8 @@ class Worker:
         for i in range(0, max(len(b), len(f)), COMMIT_BUNDLES):
             self.ledger.commit(b[i:i + COMMIT_BUNDLES], f[i:i + COMMIT_BUNDLES])
         self.pending_bundles, self.pending_files = [], []
-        if self.push_lines:
-            lines, self.push_lines = self.push_lines, []
-            self.report.pushed += push(self.opt.push, lines, self.out / PUSH_PENDING, self.report)
+        if kept is not None:
+            self.report.pushed += push(self.opt.push, kept.parent, self.report, files=[kept])
 
     def _write_gaps(self, folder: Path, header: list[str], rows: list[tuple], declared: set,
                     staged: list[tuple[Path, Path]]) -> None:
@@ -604,31 +612,33 @@ def line_protocol(host: str, sensor: str, header: list[str], rows) -> list[str]:
     return lines
 
 
-def push(url: str, lines: list[str], pending: Path, report: Report, chunk: int = 20000, resend: bool = False) -> int:
-    """POST *lines* to *url* in batches; a failed batch is kept as a file in *pending* (and its error in
-    ``report.push_errors``). With *resend*, first send the batches kept there by earlier runs (one process
-    only: the end of a run). Returns the number of lines sent."""
+def push(url: str, pending: Path, report: Report, chunk: int = 20000, files: list[Path] | None = None) -> int:
+    """POST the line-protocol files *files* (default: every ``*.lp`` kept in *pending*; one process
+    only, the end of a run) to *url* in batches of *chunk* lines. A file is removed once all its lines
+    were accepted, and kept for the next run otherwise (the error in ``report.push_errors``): at least
+    once, since a point sent twice has the same series and time. Returns the number of lines sent."""
     import urllib.error
     import urllib.request
 
     sent = 0
-    batches = [(None, lines[i:i + chunk]) for i in range(0, len(lines), chunk)]
-    if resend and pending.is_dir():
-        batches = [(p, p.read_text().splitlines()) for p in sorted(pending.glob("*.lp"))] + batches
-    for path, batch in batches:
-        try:
-            req = urllib.request.Request(url, data=("\n".join(batch) + "\n").encode(), method="POST")
-            with urllib.request.urlopen(req, timeout=60) as r:
-                r.read()
-        except (urllib.error.URLError, OSError) as e:
-            report.push_errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
-            if path is None:
-                with archive.atomic_writer(pending / f"{time.time_ns()}-{os.getpid()}.lp", "w") as f:
-                    f.write("\n".join(batch) + "\n")
-            continue
-        sent += len(batch)
-        if path is not None:
-            path.unlink()
+    if files is None:
+        files = sorted(pending.glob("*.lp")) if pending.is_dir() else []
+    for path in files:
+        lines, failed = path.read_text().splitlines(), False
+        for i in range(0, len(lines), chunk):
+            batch = lines[i:i + chunk]
+            try:
+                req = urllib.request.Request(url, data=("\n".join(batch) + "\n").encode(), method="POST")
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    r.read()
+            except (urllib.error.URLError, OSError) as e:
+                report.push_errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
+                failed = True
+                break
+            sent += len(batch)
+        if failed:  # the server is down or stalls: the rest waits for the next run too
+            break
+        path.unlink()
     return sent
 
 
@@ -675,7 +685,7 @@ def run(upload_tree, identity_file, trusted_dir, out, print=print, jobs: int = 1
             report.merge(_run_parallel(items, jobs, out, identity_file, trusted_dir, names, options, print, bar))
         bar.close()
         if options.push:  # what an earlier run (or a worker above) could not send
-            report.pushed += push(options.push, [], out / PUSH_PENDING, report, resend=True)
+            report.pushed += push(options.push, out / PUSH_PENDING, report)
         write_readme(out, options.licence)
         (out / DIRTY).unlink(missing_ok=True)
     finally:
