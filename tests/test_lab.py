@@ -560,3 +560,30 @@ def test_parquet_mirror_of_a_column_that_turns_to_text_late_in_the_day(tmp_path,
     got = duckdb.connect().execute(f"SELECT count(*), max(CASE WHEN state = 'swarming' THEN 1 ELSE 0 END) FROM "
                                    f"read_parquet('{lab['out']}/parquet/**/*.parquet')").fetchone()
     assert got == (21_001, 1)
+
+
+def test_a_signature_that_is_no_regular_file_is_rejected_without_hanging(tmp_path, lab):
+    import resource
+
+    def capped():  # a regression would read /dev/zero into memory: fail with MemoryError, not take the machine
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    folder = lab["upload"] / "hive-07"
+    bundles = []
+    for kind in ("zero", "fifo"):
+        b = seal(tmp_path, lab, "hive-07", [("hive_climate", f"{kind}.csv", climate(minutes("2021-06-19", ["00:00"]),
+                                                                                   [30.0]),
+                                             "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:00.000Z", {})])
+        sig = b.with_name(b.name + ".sig")
+        sig.unlink()
+        sig.symlink_to("/dev/zero") if kind == "zero" else os.mkfifo(sig)
+        bundles.append(b)
+        r = subprocess.run([*CLI, "decrypt", str(b), "--identity", str(lab["identity"]), "--out", str(tmp_path / "dec"),
+                            "--device-key", str(lab["trusted"])], capture_output=True, text=True, timeout=30,
+                           preexec_fn=capped)
+        assert r.returncode == 65 and "(malformed)" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = subprocess.run([*CLI, "ingest", str(lab["upload"]), "--identity", str(lab["identity"]), "--trusted-devices",
+                        str(lab["trusted"]), "--out", str(lab["out"])], capture_output=True, text=True, timeout=30,
+                       preexec_fn=capped)
+    assert r.returncode == 65 and "2 rejected" in r.stdout, r.stdout + r.stderr
+    assert folder.exists()

@@ -230,10 +230,9 @@ def scan(tree: Path, out: Path, ledger: Ledger, report: Report, print=print) -> 
             sig_bytes = b""
             if sig_name in names:
                 try:
-                    with open(os.path.join(d, sig_name), "rb") as f:
-                        sig_bytes = f.read(1 << 16)
-                except OSError:
-                    pass
+                    sig_bytes = crypto.read_signature_bytes(Path(d, sig_name))
+                except (OSError, crypto.SignatureError):
+                    pass  # read again, and judged, with the bundle
             sig = hashlib.sha256(sig_bytes).hexdigest() if sig_bytes else ""
             if known is None:
                 known = ledger.known_files(d)
