@@ -587,3 +587,11 @@ def test_a_signature_that_is_no_regular_file_is_rejected_without_hanging(tmp_pat
                        preexec_fn=capped)
     assert r.returncode == 65 and "2 rejected" in r.stdout, r.stdout + r.stderr
     assert folder.exists()
+
+
+def test_a_bundle_gone_or_dangling_during_the_scan_does_not_stop_the_run(tmp_path, lab):
+    good = seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes("2021-06-19", ["00:00"]), [30.0]),
+                                            "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:00.000Z", {})])
+    (good.parent / "hive-07_0_gone.tar.age").symlink_to(tmp_path / "nowhere")  # as if removed after the listing
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert report.ingested == [good.name]

@@ -225,7 +225,11 @@ def scan(tree: Path, out: Path, ledger: Ledger, report: Report, print=print) -> 
                 continue
             if not e.name.endswith(".tar.age"):
                 continue
-            st = e.stat()
+            try:
+                st = e.stat()
+            except OSError as err:  # gone since the listing (an uploader's rename), or a dangling symlink
+                print(f"error {e.name}: {err.strerror or err}; skipped")
+                continue
             sig_name = e.name + crypto.SIG_SUFFIX
             sig_bytes = b""
             if sig_name in names:
