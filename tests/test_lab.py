@@ -595,3 +595,24 @@ def test_a_bundle_gone_or_dangling_during_the_scan_does_not_stop_the_run(tmp_pat
     (good.parent / "hive-07_0_gone.tar.age").symlink_to(tmp_path / "nowhere")  # as if removed after the listing
     report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
     assert report.ingested == [good.name]
+
+
+def test_a_record_name_seen_before_with_other_content_keeps_both_records(tmp_path, lab):
+    # After the device's clock stepped back (NTP), a new record can get the name of one ingested before.
+    day = "2021-06-19"
+    first, second = b"RIFF first recording", b"RIFF second recording, another hour"
+    for body in (first, second):
+        seal(tmp_path, lab, "hive-07", [("mic", "r.wav", body, f"{day}T10:00:00.000Z", f"{day}T10:01:00.000Z", {})])
+        report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+        assert len(report.ingested) == 1
+    folder = lab["out"] / "hive-07" / day / "mic"
+    records = sorted(p for p in folder.iterdir() if not p.name.endswith(archive.META_SUFFIX))
+    assert sorted(p.read_bytes() for p in records) == sorted([first, second]), records
+    for p in records:  # each beside its own manifest entry
+        assert json.loads(archive.sidecar_of(p).read_text())["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    # a rerun over the same bundles (the ledger lost) adds no third copy
+    (lab["out"] / ingest.LEDGER).unlink()
+    for p in lab["out"].glob(ingest.LEDGER + "-*"):
+        p.unlink()
+    ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert len(list(folder.iterdir())) == 4

@@ -374,7 +374,7 @@ class Worker:
             tables = {rec["path"]: _read_csv(work / rec["path"]) for rec, *_ in moves
                       if Path(rec["path"]).suffix.lower() == ".csv"}
             for rec, date, sensor, rel in moves:
-                dest = self.out / host / date / sensor / rel
+                dest = _free_name(self.out / host / date / sensor / rel, rec["sha256"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(work / rec["path"], dest)
                 self.touched.add(dest)
@@ -878,6 +878,21 @@ def _move_aside(src: Path, dest: Path) -> None:
 def _replace(path: Path, data: bytes) -> None:
     """Temp name, then rename: a reader never sees half a file; durability comes from flush's sync()."""
     os.replace(_stage(path, data), path)
+
+
+def _free_name(dest: Path, sha256: str) -> Path:
+    """Where a record of SHA-256 *sha256* (hex) goes: *dest*, unless that holds another record (a name
+    the device used again after its clock stepped back), then ``NAME~<sha256[:12]>.EXT`` beside it.
+    Only a name that is taken costs a read of the file there."""
+    for candidate in (dest, dest.with_name(f"{dest.stem}~{sha256[:12]}{dest.suffix}")):
+        if not candidate.exists() or _sha256_of(candidate) == sha256:
+            return candidate
+    return candidate  # the same 48 bits of two different records: overwrite the alternate, not the first
+
+
+def _sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_csv(path: Path) -> list[list[str]]:
