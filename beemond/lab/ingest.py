@@ -833,6 +833,7 @@ Licence: {licence or "not stated yet: add the licence under which this data is s
 - `<host>/<date>/<sensor>/<record>`: each record as the device wrote it (CSV readings, FLAC/WAV audio,
   JSON analysis results such as audio band power or alerts, JPEG/MP4 images), beside
   `<record>.meta.json` (its manifest entry: sensor, start, end, size, sha256, metadata; bundle; signing key).
+  A record whose name another record of that day already had is `NAME~<first 12 hex digits of its SHA-256>.EXT`.
 - `<host>/<date>/<sensor>/<host>@<date>.csv`: every reading of that sensor on that UTC day, one row per
   reading, sorted by `time`, no duplicates; archival format, with the FLAC audio.
 - `<host>/<date>/<sensor>/gaps.csv`: `start,end,duration_s,source`: stretches without readings.
