@@ -616,3 +616,21 @@ def test_a_record_name_seen_before_with_other_content_keeps_both_records(tmp_pat
         p.unlink()
     ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
     assert len(list(folder.iterdir())) == 4
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
+def test_jobs_killed_before_their_commit_fail_the_run_and_the_next_run_completes_it(tmp_path, lab):
+    _fleet(tmp_path, lab)
+    # Each job process is killed as it asks for its first batch to be made durable (CSVs written, no commit).
+    r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=sync",
+                        "-e", "inject=sync:signal=SIGKILL:error=ENOSYS", *CLI, "ingest", str(lab["upload"]),
+                        "--identity", str(lab["identity"]), "--trusted-devices", str(lab["trusted"]),
+                        "--out", str(lab["out"]), "--jobs", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "ingest job(s) failed" in r.stderr and "Traceback" not in r.stderr, r.stdout + r.stderr
+    again = run_ingest(lab, "--jobs", "2")
+    assert again.returncode == 0 and "ingested 12 bundle(s)" in again.stdout, again.stdout + again.stderr
+    for daily in lab["out"].glob("hive-*/*/hive_climate/hive-*@*.csv"):
+        rows = list(csv.reader(open(daily)))[1:]
+        assert len(rows) == 20 and len(set(map(tuple, rows))) == 20, daily
+    third = run_ingest(lab, "--jobs", "2")
+    assert "ingested 0 bundle(s)" in third.stdout and "12 already ingested" in third.stdout, third.stdout
