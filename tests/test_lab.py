@@ -385,29 +385,44 @@ def test_a_record_named_like_the_daily_csv_or_gaps_cannot_replace_them(tmp_path,
     assert not (folder / "gaps.csv").exists()
 
 
-def test_a_manifest_listing_a_record_twice_is_rejected_before_anything_is_published(tmp_path, lab):
-    body = climate(minutes("2021-06-19", ["00:00"]), [30.0])
-    d = tmp_path / "dup"
-    d.mkdir()
-    tar = d / "bundle.tar"
-    rec = {"path": "s/a.csv", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
-           "start": "2021-06-19T00:00:00.000Z", "metadata": {}}
-    fp = crypto.fingerprint(lab["devices"]["hive-07"].public_key())
-    manifest = json.dumps({**json.loads(_manifest([rec, rec])), "signing_key": fp}).encode()
-    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in (("s/a.csv", body), ("manifest.json", manifest)):
+def forge_signed(tmp_path, lab, kind: str, members: list[tuple[str, bytes]], manifest: dict) -> Path:
+    """A bundle of *members* and *manifest* (with hive-07's signing key named), encrypted with the stock age
+    CLI and signed with hive-07's key: what a device that went wrong, or whose key was stolen, could send."""
+    d = tmp_path / "forge" / kind
+    d.mkdir(parents=True)
+    manifest = {**manifest, "signing_key": crypto.fingerprint(lab["devices"]["hive-07"].public_key())}
+    with tarfile.open(d / "bundle.tar", "w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in [*members, ("manifest.json", json.dumps(manifest).encode())]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
-    bundle = lab["upload"] / "hive-07" / "hive-07_20210619T000000Z_dup_000000000000.tar.age"
-    bundle.parent.mkdir(parents=True)
-    subprocess.run([AGE, "-R", str(lab["recipient"]), "-o", str(bundle), str(tar)], check=True, timeout=60)
+    bundle = lab["upload"] / "hive-07" / f"hive-07_20210619T000000Z_{kind}_000000000000.tar.age"
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([AGE, "-R", str(lab["recipient"]), "-o", str(bundle), str(d / "bundle.tar")], check=True, timeout=60)
     data = bundle.read_bytes()
     bundle.with_name(bundle.name + ".sig").write_bytes(
         crypto.sign_digest(lab["devices"]["hive-07"], hashlib.sha512(data).digest(), len(data)))
+    return bundle
+
+
+def test_a_manifest_listing_a_record_twice_is_rejected_before_anything_is_published(tmp_path, lab):
+    body = climate(minutes("2021-06-19", ["00:00"]), [30.0])
+    rec = {"path": "s/a.csv", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+           "start": "2021-06-19T00:00:00.000Z", "metadata": {}}
+    forge_signed(tmp_path, lab, "dup", [("s/a.csv", body)], json.loads(_manifest([rec, rec])))
     report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
     assert [r[1] for r in report.rejected] == ["manifest"], report.rejected
     assert not (lab["out"] / "hive-07").exists()
+
+
+def test_decrypt_of_a_manifest_without_times_ends_in_its_summary_line(tmp_path, lab):
+    body = b"x\n"
+    rec = {"path": "s/a.bin", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    b = forge_signed(tmp_path, lab, "no-times", [("s/a.bin", body)],
+                     {"format": "beemond-bundle/1", "host": "hive-07", "records": [rec]})
+    r = cli("decrypt", b, "--identity", lab["identity"], "--out", tmp_path / "dec", "--device-key", lab["trusted"])
+    assert r.returncode == 0 and "1 record(s) from hive-07" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "dec" / "s" / "a.bin").read_bytes() == body
 
 
 def test_a_bundle_that_is_no_regular_file_is_rejected_without_hanging(tmp_path, lab):
