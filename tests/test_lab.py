@@ -140,6 +140,10 @@ def hostile_tar(kind: str, d: Path) -> Path:
             add("s/a.csv", b"x\n")
             add("s/a.csv", b"y\n")
             add("manifest.json", _manifest([]))
+        elif kind == "file-and-dir":  # unpacking the second needs the first to be a directory
+            add("s/a", b"x\n")
+            add("s/a/b.csv", b"y\n")
+            add("manifest.json", _manifest([]))
         elif kind == "after-manifest":
             add("manifest.json", _manifest([]))
             add("s/a.csv", b"x\n")
@@ -165,6 +169,7 @@ HOSTILE = {  # kind: (reason, words in the one-line message)
     "hidden": ("unsafe", "unsafe member name"),
     "duplicate-member": ("manifest", "duplicate member"),
     "after-manifest": ("unsafe", "after the manifest"),
+    "file-and-dir": ("unsafe", "both a file and a directory"),
     "sparse-member-gnu": ("unsafe", "only plain files"),
     "sparse-member-pax": ("unsafe", "only plain files"),
     "sparse-manifest": ("unsafe", "only plain files"),
