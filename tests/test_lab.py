@@ -654,3 +654,18 @@ def test_jobs_killed_before_their_commit_fail_the_run_and_the_next_run_completes
         assert len(rows) == 20 and len(set(map(tuple, rows))) == 20, daily
     third = run_ingest(lab, "--jobs", "2")
     assert "ingested 0 bundle(s)" in third.stdout and "12 already ingested" in third.stdout, third.stdout
+
+
+def test_a_record_whose_folder_is_an_earlier_record_is_rejected_before_anything_is_published(tmp_path, lab):
+    day = "2021-06-19"
+    seal(tmp_path, lab, "hive-07", [("s", "a", b"x\n", f"{day}T00:00:00.000Z", f"{day}T00:00:00.000Z", {})])
+    assert len(ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None).ingested) == 1
+    body = climate(minutes(day, ["00:05"]), [30.0])
+    b = forge_signed(tmp_path, lab, "through-a-file", [("s/b.csv", body), ("s/a/c.bin", b"y\n")],
+                     json.loads(_manifest([{"path": "s/b.csv", "sensor": "s", "size": len(body), "start": f"{day}T00:05:00.000Z",
+                                            "sha256": hashlib.sha256(body).hexdigest(), "metadata": {}},
+                                           {"path": "s/a/c.bin", "sensor": "s", "size": 2, "start": f"{day}T00:05:00.000Z",
+                                            "sha256": hashlib.sha256(b"y\n").hexdigest(), "metadata": {}}])))
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert [r[:2] for r in report.rejected] == [(b.name, "unsafe")], report.rejected
+    assert not (lab["out"] / "hive-07" / day / "s" / "b.csv").exists()

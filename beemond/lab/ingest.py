@@ -370,6 +370,9 @@ class Worker:
                     raise Rejected("unsafe", f"record {rec['path']!r} is named like the lab's own {host}@{date}.csv "
                                              f"or {GAPS}")
                 moves.append((rec, date, sensor, rec["path"][len(sensor) + 1:]))
+                in_the_way = _in_the_way(self.out / host / date / sensor / moves[-1][3], self.out / host)
+                if in_the_way is not None:
+                    raise Rejected("unsafe", f"record {rec['path']!r} cannot go where {in_the_way} is")
             # Read before anything is published: a CSV that cannot be read rejects the whole bundle.
             tables = {rec["path"]: _read_csv(work / rec["path"]) for rec, *_ in moves
                       if Path(rec["path"]).suffix.lower() == ".csv"}
@@ -879,6 +882,19 @@ def _move_aside(src: Path, dest: Path) -> None:
 def _replace(path: Path, data: bytes) -> None:
     """Temp name, then rename: a reader never sees half a file; durability comes from flush's sync()."""
     os.replace(_stage(path, data), path)
+
+
+def _in_the_way(dest: Path, top: Path) -> Path | None:
+    """What keeps a record from *dest*: a directory there, or a file where one of its folders below
+    *top* would be (an earlier record ``s/a`` for ``s/a/b``). None when nothing does."""
+    if dest.is_dir():
+        return dest
+    for folder in dest.parents:
+        if folder == top:
+            return None
+        if folder.exists() and not folder.is_dir():
+            return folder
+    return None
 
 
 def _free_name(dest: Path, sha256: str) -> Path:
