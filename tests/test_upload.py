@@ -720,3 +720,26 @@ def test_vsftpd_resumes_with_rest_stor(tmp_path, keys):
     assert u.transport.resumable
     assert u.counts["resumed"] == 1 and sum(sent) == 60_000
     assert on_server(vs.incoming) == made
+
+
+def test_sftp_reset_during_handshake_is_one_warning_line(tmp_path, keys, caplog):
+    """Resets in the SSH banner and key exchange: paramiko's transport thread would log them at ERROR
+    with a traceback; the uploader's one WARNING line per failure is all that shows."""
+    caplog.set_level(logging.DEBUG)
+    sshd = Sshd(tmp_path / "sshd").start()
+    proxy = ResetProxy(sshd.port, min_bytes=30, max_bytes=4_000, resets=6, seed=7).start()
+    try:
+        cfg = _sftp_cfg(tmp_path, keys, sshd, proxy.port, **{"upload.backoff_initial_s": 0.01,
+                                                             "upload.backoff_max_s": 0.05})
+        made = make_bundles(outbox_of(cfg), 2, 5_000)
+        with Running(cfg) as r:
+            wait_for(lambda: not bundles_left(cfg), 60, "the bundles after the resets")
+    finally:
+        proxy.stop()
+        sshd.stop()
+    assert on_server(tmp_path / "sftp-root") == made
+    assert proxy.resets == 6 and r.uploader.counts["failures"] >= 6
+    warnings = _one_line_warnings_no_errors(caplog)
+    failed = [w for w in warnings if w.name == "beemond.upload.uploader" and "failed" in w.getMessage()]
+    assert len(failed) == r.uploader.counts["failures"]
+    assert not [w for w in warnings if w.name.startswith("paramiko")]
