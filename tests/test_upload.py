@@ -612,8 +612,9 @@ def test_large_bundle_resumes_over_a_slow_resetting_link(tmp_path, keys, passwor
         server.stop()
     assert on_server(root) == made and not list(root.rglob("*.part"))
     assert proxy.resets >= 2 and r.uploader.counts["resumed"] >= 2, (proxy.resets, r.uploader.counts)
-    # Everything the client sent up (logins, commands, the bundle's attempts) over the bundle's size.
-    assert proxy.sent_up / size < 1.25, proxy.sent_up / size
+    # Everything the client sent up (logins, commands, the bundle's attempts) over the bundle's size:
+    # each reset loses what was in flight (at most ~2 s of the link) and a login; from 0 it never ends.
+    assert proxy.sent_up / size < 1.5, proxy.sent_up / size
     warnings = _one_line_warnings_no_errors(caplog)
     assert len([w for w in warnings if "failed" in w.getMessage()]) == r.uploader.counts["failures"]
 

@@ -116,6 +116,7 @@ class BundleReader:
         self.paused = False
         self.t0 = time.monotonic()
         self.sock = None  # set by a transport: its socket's send queue paces the reads (see drain)
+        self.rate = 0.0  # bytes/s the peer acknowledged so far (0 during the first second)
 
     def read(self, n: int = -1) -> bytes:
         if self.pause is not None and self.sent and self.pause():
@@ -124,7 +125,9 @@ class BundleReader:
         elapsed = time.monotonic() - self.t0
         # The link's rate: what the peer acknowledged, not what the kernel took (see drain).
         delivered = self.sent - (in_flight(self.sock) if self.sock is not None else 0)
-        cap = max(self.MIN_CHUNK, int(delivered / elapsed * self.CHUNK_S)) if elapsed > 1 else self.FIRST_CHUNK
+        if elapsed > 1:
+            self.rate = delivered / elapsed
+        cap = max(self.MIN_CHUNK, int(self.rate * self.CHUNK_S)) if elapsed > 1 else self.FIRST_CHUNK
         if self.bucket.rate > 0:
             # At most a second's worth per read: a slow limit must not starve the heartbeat.
             cap = min(cap, max(1024, int(min(self.bucket.burst, self.bucket.rate))))
@@ -158,11 +161,16 @@ class BundleReader:
             raise EOFError("connection closed")
         poll = select.poll()
         poll.register(sock, select.POLLERR | select.POLLHUP)  # not POLLIN: another thread may read it
-        while in_flight(sock) > limit:
+        while (queued := in_flight(sock)) > limit:
             if self.guard is not None and self.guard.aborted:
                 raise TransportError(f"no progress for {self.guard.timeout_s:g} s")
-            if poll.poll(50):  # a reset leaves the queue as it was: never wait for it to drain
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            # Wake about when the excess should have gone at the measured rate: ~1 ms on loopback.
+            wait_ms = min(50, max(1, int(1000 * (queued - limit) / max(self.rate, 1.0))))
+            if poll.poll(wait_ms):  # a reset leaves the queue as it was: never wait for it to drain
+                try:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                except OSError:  # POLLNVAL: the library closed the socket after the reset
+                    err = 0
                 raise ConnectionResetError(err or errno.ECONNRESET, os.strerror(err or errno.ECONNRESET))
 
 
