@@ -107,7 +107,7 @@ class BundleReader:
 
     CHUNK_S = 1.0
     MIN_CHUNK = 16 * 1024
-    FIRST_CHUNK = 32 * 1024  # before the first second's measurement (paramiko's default request size)
+    FIRST_CHUNK = 32 * 1024  # the first chunk (paramiko's default request size)
 
     def __init__(self, f, bucket: TokenBucket, progress=None, pause=None, guard: "StallGuard | None" = None):
         self.f, self.bucket, self.progress, self.pause = f, bucket, progress, pause
@@ -116,7 +116,8 @@ class BundleReader:
         self.paused = False
         self.t0 = time.monotonic()
         self.sock = None  # set by a transport: its socket's send queue paces the reads (see drain)
-        self.rate = 0.0  # bytes/s the peer acknowledged so far (0 during the first second)
+        self.rate = 0.0  # bytes/s the peer acknowledged so far (0 until something was)
+        self.cap = self.FIRST_CHUNK // 2  # the chunk size: doubles while the link keeps up, then follows the rate
 
     def read(self, n: int = -1) -> bytes:
         if self.pause is not None and self.sent and self.pause():
@@ -124,10 +125,13 @@ class BundleReader:
             return b""
         elapsed = time.monotonic() - self.t0
         # The link's rate: what the peer acknowledged, not what the kernel took (see drain).
-        delivered = self.sent - (in_flight(self.sock) if self.sock is not None else 0)
-        if elapsed > 1:
-            self.rate = delivered / elapsed
-        cap = max(self.MIN_CHUNK, int(self.rate * self.CHUNK_S)) if elapsed > 1 else self.FIRST_CHUNK
+        queued = in_flight(self.sock) if self.sock is not None else 0
+        if elapsed > 0.05:
+            self.rate = (self.sent - queued) / elapsed
+        # At most doubling per chunk: the kernel's buffers take the first bytes at once, so the early
+        # rate is too high on a slow link; by the time it matters it has come down to the link's.
+        target = max(self.MIN_CHUNK, int(self.rate * self.CHUNK_S)) if self.rate else self.FIRST_CHUNK
+        cap = self.cap = min(target, 2 * self.cap)
         if self.bucket.rate > 0:
             # At most a second's worth per read: a slow limit must not starve the heartbeat.
             cap = min(cap, max(1024, int(min(self.bucket.burst, self.bucket.rate))))
@@ -164,9 +168,13 @@ class BundleReader:
         while (queued := in_flight(sock)) > limit:
             if self.guard is not None and self.guard.aborted:
                 raise TransportError(f"no progress for {self.guard.timeout_s:g} s")
-            # Wake about when the excess should have gone at the measured rate: ~1 ms on loopback.
-            wait_ms = min(50, max(1, int(1000 * (queued - limit) / max(self.rate, 1.0))))
-            if poll.poll(wait_ms):  # a reset leaves the queue as it was: never wait for it to drain
+            # Wake about when the excess should have gone at the measured rate (microseconds on a
+            # LAN, where a millisecond's nap per chunk would cost two thirds of the throughput).
+            wait = min(0.05, (queued - limit) / self.rate) if self.rate else 0.001
+            if wait < 0.001:
+                time.sleep(wait)
+                continue
+            if poll.poll(int(wait * 1000)):  # a reset leaves the queue as it was: never wait for it to drain
                 try:
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 except OSError:  # POLLNVAL: the library closed the socket after the reset
