@@ -10,7 +10,10 @@ One connection is kept open across files.
 Per bundle: if a detached signature ``NAME.sig`` sits beside it (written before the bundle entered
 the outbox), the signature goes first (skipped if already on the server at its size). Each file is
 uploaded to ``REMOTE.part``, its remote size compared with the local one, and renamed to its final
-path (``[upload] layout``).
+path (``[upload] layout``). Only after the bundle's rename is confirmed are the local signature and then
+the bundle deleted (or moved to ``spool/uploaded/`` under ``keep_uploaded_bytes``) and the outbox
+fsynced. A power cut between rename and delete uploads the bundle again: same name, replaced, so it
+still exists once on the server.
 
 Slow links. A transfer times out only when it stops moving (``timeout_s`` without progress, see
 :class:`beemond.upload.StallGuard`, which also keeps the heartbeat while a library call blocks), never
@@ -29,10 +32,7 @@ pause costs one transfer's setup and a size check (FTP: ``PASV``, ``REST``, ``ST
 data connection, about 200 bytes and 3-4 round trips, plus a TLS session resumption with FTPS; SFTP:
 open, stat and close of a handle, about 300 bytes), about a second on a mobile link, once per
 bundle window: no second connection (a second login, and two transfers halving each other's rate),
-no split bundles for the lab to join. Only after the bundle's rename is confirmed are the local signature and then
-the bundle deleted (or moved to ``spool/uploaded/`` under ``keep_uploaded_bytes``) and the outbox
-fsynced. A power cut between rename and delete uploads the bundle again: same name, replaced, so it
-still exists once on the server.
+no split bundles for the lab to join.
 
 Failures: a transient one closes the connection, puts the bundle back at the head of the backlog
 and backs off exponentially with jitter (uniform in [d/2, d]), up to ``backoff_max_s``. A permanent one (the server
