@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from beemond import config, crypto, ipc  # noqa: E402
+from beemond.spool import Spool  # noqa: E402
 from beemond.upload.uploader import Uploader  # noqa: E402
 from conftest import FtpServer, make_config  # noqa: E402
 from link_proxy import LinkProxy  # noqa: E402
@@ -98,7 +99,7 @@ def measure(args) -> dict:
                          "upload.key_file": str(server.client_key), "upload.known_hosts": str(kh),
                          "upload.remote_dir": str(remote_root)})
         cfg = config.load(make_config(tmp, {"recipient": rcpt}, pw, proxy.port, **over))
-        outbox = cfg.spool / "outbox"
+        outbox = Spool(cfg.spool).outbox
         outbox.mkdir(parents=True)
         large = dict(_bundle(outbox, _stamp(i), "hive_audio", args.upload_large_bytes)
                      for i in range(args.upload_large))

@@ -45,12 +45,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import FtpServer, climate_rows, decrypt_with_age, make_config, urban_rows  # noqa: E402
 
 from beemond import archive, crypto  # noqa: E402
+from beemond.spool import Spool  # noqa: E402
 
 
 def staged_records(spool: Path) -> dict[str, bytes]:
     """Record files durable in staging now: member name (``sensor/name``) -> contents."""
     out = {}
-    staging = spool / "staging"
+    staging = Spool(spool).staging
     for path in staging.rglob("*"):
         if path.is_file() and not archive.is_internal(path.name) and not path.name.endswith(archive.META_SUFFIX):
             try:
@@ -61,7 +62,7 @@ def staged_records(spool: Path) -> dict[str, bytes]:
 
 
 def outbox_bundles(spool: Path) -> list[Path]:
-    return sorted(p for p in (spool / "outbox").glob("*.tar.age") if not archive.is_internal(p.name))
+    return sorted(Spool(spool).bundles())
 
 
 def start(cfg: Path, log: Path) -> subprocess.Popen:

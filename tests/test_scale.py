@@ -23,6 +23,7 @@ from beemond import config, crypto, ipc
 from beemond.config import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
 from beemond.sensors.emulators.scale import ScaleEmulator, SyntheticHiveWeight
 from beemond.sensors.scale import ScaleWorker, calibrate, compensate, parse_line
+from beemond.spool import Spool
 
 from conftest import AGE, DATA, ROOT, climate_rows, decrypt_with_age, make_config, wait_for
 
@@ -143,7 +144,7 @@ class Harness:
         self.channel = ipc.Channel(self.sensor.name, commands=self.commands, events=self.events_w,
                                    heartbeat_interval_s=self.cfg.daemon.heartbeat_interval_s)
         self.worker = ScaleWorker(self.cfg, self.sensor, self.channel)
-        self.staging = Path(self.cfg.spool) / "staging" / self.sensor.name
+        self.staging = Spool(self.cfg.spool).staging_dir(self.sensor.name)
         self.events: list[ipc.Event] = []
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -36,11 +36,11 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.clock import Clock
 from beemond.sensors.base import SensorFailure, write_staged
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class AudioWorker:
         self.channel = channel
         self.ext = sensor.format
         self.template = cfg.template_for(sensor)
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.frames_per_segment = round(sensor.segment_s * sensor.sample_rate_hz)
         self.frames_per_capture = round(sensor.capture_s * sensor.sample_rate_hz)

@@ -25,6 +25,7 @@ from beemond.clock import Clock
 from beemond.clock import synchronized as clock_synchronized
 from beemond.config import DEFAULT_TEMPLATE
 from beemond.sensors.periodic import PeriodicValuePoller
+from beemond.spool import Spool, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class PolledSensorWorker:
         self.clamped_at_open = 0
         self.sensor = sensor
         self.channel = channel
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         self.readings: list[tuple] = []
@@ -311,21 +312,10 @@ def stage(worker, rel: str, metadata: dict, data_writer=None, tmp: Path | None =
     """Write one record named *rel* durably into ``worker.staging`` (never over a staged record of the
     same name) and send its READY_EVENT. The ``write`` of a :class:`beemond.archive.BackgroundWriter`.
     Raises ``OSError``."""
-    path = archive.write_record(worker.staging, _unique(worker.staging, rel), metadata,
+    path = archive.write_record(worker.staging, unique_name(worker.staging, rel), metadata,
                                 data_writer=data_writer, tmp=tmp)
     # Non-zero counters ride along for the metrics (audio overflows, missed measurements), so the
     # orchestrator never has to read a sidecar.
     counts = {k: metadata[k] for k in EVENT_COUNTS if isinstance(metadata.get(k), int) and metadata[k]}
     worker.channel.send(ipc.READY_EVENT, sensor=worker.sensor.name, path=str(path), **counts)
     return path
-
-
-def _unique(directory: Path, rel: str) -> str:
-    """Never overwrite a staged record that has not been bundled yet (two records, one name)."""
-    if not (directory / rel).exists():
-        return rel
-    stem, dot, ext = rel.rpartition(".") if "." in rel.rsplit("/", 1)[-1] else (rel, "", "")
-    n = 1
-    while (directory / f"{stem}-{n}{dot}{ext}").exists():
-        n += 1
-    return f"{stem}-{n}{dot}{ext}"

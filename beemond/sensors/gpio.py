@@ -27,10 +27,10 @@ import io
 import logging
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.sensors.base import write_staged
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class GpioWorker:
         import gpiozero
 
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         self.factory = pin_factory(sensor.backend)
