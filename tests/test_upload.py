@@ -794,3 +794,29 @@ def test_sftp_reset_during_handshake_is_one_warning_line(tmp_path, keys, caplog)
     failed = [w for w in warnings if w.name == "beemond.upload.uploader" and "failed" in w.getMessage()]
     assert len(failed) == r.uploader.counts["failures"]
     assert not [w for w in warnings if w.name.startswith("paramiko")]
+
+
+def test_shutdown_pauses_a_long_transfer_and_the_next_start_resumes_it(tmp_path, keys, password_file):
+    """A shutdown in the middle of a 10 s transfer stops the uploader at the next chunk (not after the
+    bundle); the .part stays on the server and the next start continues it from its size."""
+    server = FtpServer(tmp_path / "ftp-root", password_file).start()
+    proxy = LinkProxy(server.port, rate=20_000, ftp=True).start()
+    size = 200_000
+    try:
+        cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port, **{"upload.shutdown_grace_s": 0})
+        made = make_bundles(outbox_of(cfg), 1, size)
+        r = Running(cfg).__enter__()
+        wait_for(lambda: any(p.stat().st_size > 30_000 for p in server.parts()), 30, "the transfer going")
+        t0 = time.monotonic()
+        r.__exit__(None, None, None)
+        assert time.monotonic() - t0 < 5, "stopped at the next chunk"
+        cut = [p.stat().st_size for p in server.parts()]
+        assert cut and 30_000 <= cut[0] < size and bundles_left(cfg) == sorted(made)
+        with Running(cfg) as r2:
+            wait_for(lambda: not bundles_left(cfg), 30, "the rest after the restart")
+    finally:
+        proxy.stop()
+        server.stop()
+    assert on_server(server.root) == made
+    assert r.uploader.counts["paused"] == 1 and r2.uploader.counts["resumed"] == 1
+    assert proxy.sent_up < 1.1 * size
