@@ -224,7 +224,8 @@ class StallGuard:
         self.last = time.monotonic()
         self._queued = 0
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # set by stop()
+        self._active = threading.Event()  # set while a transfer is watched: an idle uploader never wakes
         self._thread: threading.Thread | None = None
 
     def moved(self) -> None:
@@ -234,6 +235,7 @@ class StallGuard:
         """Context manager: watch *transport* for the duration of the block."""
         with self._lock:
             self.transport, self.aborted, self.last, self._queued = transport, False, time.monotonic(), 0
+        self._active.set()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="upload-stall-guard", daemon=True)
             self._thread.start()
@@ -245,12 +247,14 @@ class StallGuard:
     def __exit__(self, *exc) -> None:
         with self._lock:
             self.transport = None
+            self._active.clear()
 
     def stop(self) -> None:
         self._wake.set()
+        self._active.set()
 
     def _run(self) -> None:
-        while not self._wake.wait(self.tick_s):
+        while self._active.wait() and not self._wake.wait(self.tick_s):
             with self._lock:
                 t = self.transport
                 if t is None or self.aborted:
