@@ -729,12 +729,15 @@ def test_local_transport_resumes_and_starts_over_on_doubt(tmp_path, keys):
     remote.mkdir()
     cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(remote),
                                         "upload.layout": "{{ name }}"})
-    made = make_bundles(outbox_of(cfg), 3, 50_000)
+    made = make_bundles(outbox_of(cfg), 4, 100_000)
+    made.update(make_bundles(outbox_of(cfg), 1, 50_000, start=9))
     names = sorted(made)
     body = {n: (outbox_of(cfg) / n).read_bytes() for n in names}
-    (remote / (names[0] + ".part")).write_bytes(body[names[0]][:20_000])  # a cut transfer: resumed
+    (remote / (names[0] + ".part")).write_bytes(body[names[0]][:40_000])  # a cut transfer: resumed
     (remote / (names[1] + ".part")).write_bytes(body[names[1]] + b"x" * 10)  # larger: from the start
-    (remote / (names[2] + ".part")).write_bytes(b"?" * 20_000)  # not a prefix: detected by nothing but size
+    # Not a prefix: nothing but the size can tell (the names are digests, so this takes a forged .part).
+    (remote / (names[2] + ".part")).write_bytes(b"?" * 40_000)
+    (remote / (names[4] + ".part")).write_bytes(body[names[4]][:20_000])  # small: sent whole, no question asked
     u = Uploader(cfg, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
     u.scan()
     sent = []
@@ -742,9 +745,9 @@ def test_local_transport_resumes_and_starts_over_on_doubt(tmp_path, keys):
     while u.backlog:
         assert u.upload_next()
     assert sorted(p.name for p in remote.iterdir()) == names
-    assert u.counts["resumed"] == 2 and sum(sent) == 30_000 + 50_000 + 30_000
-    assert (remote / names[0]).read_bytes() == body[names[0]]
-    assert (remote / names[1]).read_bytes() == body[names[1]]
+    assert u.counts["resumed"] == 2 and sum(sent) == 60_000 + 100_000 + 60_000 + 100_000 + 50_000
+    for i in (0, 1, 3, 4):
+        assert (remote / names[i]).read_bytes() == body[names[i]]
 
 
 def test_vsftpd_resumes_with_rest_stor(tmp_path, keys):
