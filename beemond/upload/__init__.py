@@ -173,7 +173,7 @@ class BundleReader:
             wait = min(0.05, (queued - limit) / self.rate) if self.rate else 0.001
             if wait < 0.001:
                 time.sleep(wait)
-                continue
+                wait = 0.0
             if poll.poll(int(wait * 1000)):  # a reset leaves the queue as it was: never wait for it to drain
                 try:
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
