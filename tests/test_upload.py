@@ -649,8 +649,8 @@ def test_large_bundle_resumes_over_a_slow_resetting_link(tmp_path, keys, passwor
     else:
         server = Sshd(tmp_path / "sshd").start()
         root = tmp_path / "sftp-root"
-    size, rate = 200_000, 25_000  # 8 s of link time; a reset every 3 s
-    proxy = LinkProxy(server.port, rate=rate, reset_every_s=3, ftp=protocol == "ftp").start()
+    size, rate = 200_000, 40_000  # 5 s of link time; a reset every 2 s
+    proxy = LinkProxy(server.port, rate=rate, reset_every_s=2, ftp=protocol == "ftp").start()
     try:
         cfg = (_ftp_cfg(tmp_path, keys, password_file, proxy.port) if protocol == "ftp"
                else _sftp_cfg(tmp_path, keys, server, proxy.port))
@@ -670,18 +670,18 @@ def test_large_bundle_resumes_over_a_slow_resetting_link(tmp_path, keys, passwor
 
 
 def test_stalled_link_times_out_on_no_progress_and_keeps_the_heartbeat(tmp_path, keys):
-    """SFTP at 20 KB/s: a transfer far longer than timeout_s goes on while it moves, with heartbeats
+    """SFTP at 30 KB/s: a transfer far longer than timeout_s goes on while it moves, with heartbeats
     all along (the orchestrator killed the uploader as silent mid-transfer before); a link that
     carries nothing for timeout_s is aborted, and the retry resumes."""
     sshd = Sshd(tmp_path / "sshd").start()
-    proxy = LinkProxy(sshd.port, rate=20_000).start()
-    size = 200_000  # 10 s at 20 KB/s, timeout_s 2
+    proxy = LinkProxy(sshd.port, rate=30_000).start()
+    size = 150_000  # 5 s at 30 KB/s, timeout_s 2
     try:
         cfg = _sftp_cfg(tmp_path, keys, sshd, proxy.port, **{"upload.timeout_s": 2})
         made = make_bundles(outbox_of(cfg), 1, size)
         with Running(cfg) as r:
             part = lambda: [p.stat().st_size for p in (tmp_path / "sftp-root").rglob("*.part")]  # noqa: E731
-            wait_for(lambda: any(s > 60_000 for s in part()), 30, "a third of the bundle on the server")
+            wait_for(lambda: any(s > 50_000 for s in part()), 30, "a third of the bundle on the server")
             proxy.stalled.set()
             wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "the stall noticed")
             proxy.stalled.clear()
@@ -701,8 +701,8 @@ def test_fresh_small_bundles_interleave_with_a_large_one(tmp_path, keys, passwor
     """A large bundle in flight pauses for fresh small ones and resumes where it stopped: the small
     one arrives while the large one is still partial, and the large one is sent about once."""
     server = FtpServer(tmp_path / "ftp-root", password_file).start()
-    proxy = LinkProxy(server.port, rate=20_000, ftp=True).start()
-    size = 200_000  # 10 s at 20 KB/s
+    proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
+    size = 150_000  # 5 s at 30 KB/s
     try:
         cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port)
         made = make_bundles(outbox_of(cfg), 1, size)
@@ -781,7 +781,7 @@ def test_sftp_reset_during_handshake_is_one_warning_line(tmp_path, keys, caplog)
     with a traceback; the uploader's one WARNING line per failure is all that shows."""
     caplog.set_level(logging.DEBUG)
     sshd = Sshd(tmp_path / "sshd").start()
-    proxy = ResetProxy(sshd.port, min_bytes=30, max_bytes=4_000, resets=6, seed=7).start()
+    proxy = ResetProxy(sshd.port, min_bytes=30, max_bytes=4_000, resets=4, seed=7).start()
     try:
         cfg = _sftp_cfg(tmp_path, keys, sshd, proxy.port, **{"upload.backoff_initial_s": 0.01,
                                                              "upload.backoff_max_s": 0.05})
@@ -792,7 +792,7 @@ def test_sftp_reset_during_handshake_is_one_warning_line(tmp_path, keys, caplog)
         proxy.stop()
         sshd.stop()
     assert on_server(tmp_path / "sftp-root") == made
-    assert proxy.resets == 6 and r.uploader.counts["failures"] >= 6
+    assert proxy.resets == 4 and r.uploader.counts["failures"] >= 4
     warnings = _one_line_warnings_no_errors(caplog)
     failed = [w for w in warnings if w.name == "beemond.upload.uploader" and "failed" in w.getMessage()]
     assert len(failed) == r.uploader.counts["failures"]
@@ -800,11 +800,11 @@ def test_sftp_reset_during_handshake_is_one_warning_line(tmp_path, keys, caplog)
 
 
 def test_shutdown_pauses_a_long_transfer_and_the_next_start_resumes_it(tmp_path, keys, password_file):
-    """A shutdown in the middle of a 10 s transfer stops the uploader at the next chunk (not after the
+    """A shutdown in the middle of a 5 s transfer stops the uploader at the next chunk (not after the
     bundle); the .part stays on the server and the next start continues it from its size."""
     server = FtpServer(tmp_path / "ftp-root", password_file).start()
-    proxy = LinkProxy(server.port, rate=20_000, ftp=True).start()
-    size = 200_000
+    proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
+    size = 150_000
     try:
         cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port, **{"upload.shutdown_grace_s": 0})
         made = make_bundles(outbox_of(cfg), 1, size)
