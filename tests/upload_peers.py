@@ -162,6 +162,10 @@ class ResetProxy:
 
     def stop(self) -> None:
         self.stopped.set()
+        try:   # close() alone does not wake a thread blocked in accept() on Linux
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.thread.join(5)
 
@@ -175,6 +179,10 @@ class ResetProxy:
             budget = self.rng.randint(self.min_bytes, self.max_bytes) if self.resets < self.max_resets else None
             threading.Thread(target=self._pump, args=(client, budget), daemon=True).start()
 
+    def tamper(self, data: bytes, offset: int) -> bytes:
+        """The client's bytes *data*, starting at *offset* of its stream, as the server gets them."""
+        return data
+
     def _pump(self, client: socket.socket, budget: int | None) -> None:
         try:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
@@ -184,13 +192,15 @@ class ResetProxy:
         sel = selectors.DefaultSelector()
         sel.register(client, selectors.EVENT_READ, upstream)
         sel.register(upstream, selectors.EVENT_READ, client)
-        moved = 0
+        moved = sent = 0
         try:
             while not self.stopped.is_set():
                 for key, _ in sel.select(0.5):
                     data = key.fileobj.recv(65536)
                     if not data:
                         return
+                    if key.fileobj is client:
+                        data, sent = self.tamper(data, sent), sent + len(data)
                     if budget is not None and moved + len(data) >= budget:
                         key.data.sendall(data[: budget - moved])
                         self.resets += 1

@@ -5,13 +5,15 @@ A transport is a small object with ``connect()``, ``ensure_dir(path)``, ``put(re
 *offset*: 0 creates or truncates it, more resumes a cut transfer), ``part_size(remote) -> int | None``
 (bytes; None if there is no such file), ``size(remote) -> int``, ``rename(src, dst)`` (replacing
 *dst*), ``close()``, ``abort()`` (called from another thread: shut the sockets down so that a blocked
-call returns), ``in_flight() -> int | None`` (bytes handed to the kernel and not yet acknowledged
-by the peer), ``resumable`` (True once connected if ``put`` may start past 0), ``path(relative) -> str``
+call returns), ``in_flight() -> int`` (bytes handed to the kernel and not yet acknowledged by the
+peer), ``resumable`` (True once connected if ``put`` may start past 0), ``path(relative) -> str``
 (the absolute remote path of a layout path) and ``describe()`` (a URL without secrets). It raises
 :class:`TransportError` (transient: retried with backoff), :class:`PermanentError` (this file will
 never go: quarantined), ``OSError`` or one of its library's ``errors``; ``permanent(exc)`` says which
-library errors are permanent. :mod:`beemond.upload.uploader` owns the queues, the retries and the
-rule that nothing is deleted before the server confirmed it.
+library errors are permanent. A transport with ``stores_whole = True`` (S3) instead has
+``store(f, reader, remote, size)``: one server-verified write of the final object, no ``.part`` or
+rename. :mod:`beemond.upload.uploader` owns the queues, the retries and the rule that nothing is
+deleted before the server confirmed it.
 
 Everything here is transport independent: the secret readers, the token-bucket reader that enforces
 ``rate_limit_bytes_per_s``, reports progress and can pause a transfer between chunks, and the
@@ -259,7 +261,8 @@ class StallGuard:
                 t = self.transport
                 if t is None or self.aborted:
                     continue
-                queued = t.in_flight() or 0
+                probe = getattr(t, "in_flight", None)  # S3 has none: its progress is the chunks read
+                queued = (probe() or 0) if probe is not None else 0
                 if queued < self._queued:
                     self.last = time.monotonic()
                 self._queued = queued
@@ -326,6 +329,10 @@ def make_transport(up):
         from beemond.upload.sftp import SftpTransport
 
         return SftpTransport(up)
+    if up.protocol == "s3":
+        from beemond.upload.s3 import S3Transport
+
+        return S3Transport(up)
     if up.protocol == "local":
         from beemond.upload.local import LocalTransport
 
