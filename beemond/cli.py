@@ -177,6 +177,10 @@ def cmd_decrypt(args) -> int:
     except FileNotFoundError as e:
         print(f"beemond: {e.filename}: no such file", file=sys.stderr)
         return 1
+    except OSError as e:  # the lab's own disk (full, read-only), an unreadable bundle: nothing was published
+        print(f"beemond: {args.bundle}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""),
+              file=sys.stderr)
+        return 1
     except crypto.SignatureError as e:
         print(f"beemond: {args.bundle}: signature check failed ({e.reason}): {e}", file=sys.stderr)
         return EX_DATAERR
