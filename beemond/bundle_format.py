@@ -40,7 +40,7 @@ import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from beemond import archive, crypto
 
@@ -224,6 +224,7 @@ def _unpack(src: _HashingReader, identities, work: Path, budget: int, limits: Li
     t = threading.Thread(target=decrypt, name="decrypt", daemon=True)
     t.start()
     hashes: dict[str, tuple[int, str]] = {}
+    dirs: set[str] = set()
     manifest = None
     written = 0
     tar_error: BaseException | None = None
@@ -246,6 +247,11 @@ def _unpack(src: _HashingReader, identities, work: Path, budget: int, limits: Li
                 rel = _member_path(member.name, limits)
                 if rel in hashes:
                     raise BundleError(f"duplicate member {rel}")
+                parents = [str(p) for p in PurePosixPath(rel).parents][:-1]
+                if rel in dirs or any(p in hashes for p in parents):
+                    # refused here, or the mkdir below fails like a full disk would (not the bundle's fault)
+                    raise BundleError(f"member {rel} is both a file and a directory in the bundle", "unsafe")
+                dirs.update(parents)
                 if member.size > limits.max_member_bytes or written + member.size > budget:
                     raise BundleError(f"member {rel} claims {member.size} bytes: more than the bundle can hold "
                                       f"({budget - written} left of {budget}; limit {limits.max_member_bytes} each)",

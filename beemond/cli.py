@@ -192,7 +192,7 @@ def cmd_decrypt(args) -> int:
         print(f"beemond: {args.bundle}: verification failed ({e.reason}): {e}", file=sys.stderr)
         return EX_DATAERR
     n = len(manifest["records"])
-    print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest['start']} .. {manifest['end']}, "
+    print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest.get('start')} .. {manifest.get('end')}, "
           f"all hashes match; written to {args.out}")
     return 0
 

@@ -674,7 +674,8 @@ class UploadConfig:
     remote_dir: str = _opt("", doc="directory on the server under which the layout starts (local: absolute path)")
     layout: str = _opt("{{ host }}/{{ date }}/{{ sensor }}/{{ name }}",
                        doc="sandboxed Jinja2 template of the remote path (default: AppMAIS layout)")
-    timeout_s: float = _opt(30.0, min=1, max=3600)
+    timeout_s: float = _opt(30.0, min=1, max=3600, doc="a connection that moves no byte this long is dropped "
+                                                      "(a transfer may take hours as long as it moves)")
     backoff_initial_s: float = _opt(2.0, min=0.01, max=3600)
     backoff_max_s: float = _opt(300.0, min=0.01, max=86400)
     shutdown_grace_s: float = _opt(10.0, min=0.0, max=3600, doc="time to keep uploading at shutdown")

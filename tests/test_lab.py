@@ -140,6 +140,10 @@ def hostile_tar(kind: str, d: Path) -> Path:
             add("s/a.csv", b"x\n")
             add("s/a.csv", b"y\n")
             add("manifest.json", _manifest([]))
+        elif kind == "file-and-dir":  # unpacking the second needs the first to be a directory
+            add("s/a", b"x\n")
+            add("s/a/b.csv", b"y\n")
+            add("manifest.json", _manifest([]))
         elif kind == "after-manifest":
             add("manifest.json", _manifest([]))
             add("s/a.csv", b"x\n")
@@ -165,6 +169,7 @@ HOSTILE = {  # kind: (reason, words in the one-line message)
     "hidden": ("unsafe", "unsafe member name"),
     "duplicate-member": ("manifest", "duplicate member"),
     "after-manifest": ("unsafe", "after the manifest"),
+    "file-and-dir": ("unsafe", "both a file and a directory"),
     "sparse-member-gnu": ("unsafe", "only plain files"),
     "sparse-member-pax": ("unsafe", "only plain files"),
     "sparse-manifest": ("unsafe", "only plain files"),
@@ -385,29 +390,44 @@ def test_a_record_named_like_the_daily_csv_or_gaps_cannot_replace_them(tmp_path,
     assert not (folder / "gaps.csv").exists()
 
 
-def test_a_manifest_listing_a_record_twice_is_rejected_before_anything_is_published(tmp_path, lab):
-    body = climate(minutes("2021-06-19", ["00:00"]), [30.0])
-    d = tmp_path / "dup"
-    d.mkdir()
-    tar = d / "bundle.tar"
-    rec = {"path": "s/a.csv", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
-           "start": "2021-06-19T00:00:00.000Z", "metadata": {}}
-    fp = crypto.fingerprint(lab["devices"]["hive-07"].public_key())
-    manifest = json.dumps({**json.loads(_manifest([rec, rec])), "signing_key": fp}).encode()
-    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in (("s/a.csv", body), ("manifest.json", manifest)):
+def forge_signed(tmp_path, lab, kind: str, members: list[tuple[str, bytes]], manifest: dict) -> Path:
+    """A bundle of *members* and *manifest* (with hive-07's signing key named), encrypted with the stock age
+    CLI and signed with hive-07's key: what a device that went wrong, or whose key was stolen, could send."""
+    d = tmp_path / "forge" / kind
+    d.mkdir(parents=True)
+    manifest = {**manifest, "signing_key": crypto.fingerprint(lab["devices"]["hive-07"].public_key())}
+    with tarfile.open(d / "bundle.tar", "w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in [*members, ("manifest.json", json.dumps(manifest).encode())]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
-    bundle = lab["upload"] / "hive-07" / "hive-07_20210619T000000Z_dup_000000000000.tar.age"
-    bundle.parent.mkdir(parents=True)
-    subprocess.run([AGE, "-R", str(lab["recipient"]), "-o", str(bundle), str(tar)], check=True, timeout=60)
+    bundle = lab["upload"] / "hive-07" / f"hive-07_20210619T000000Z_{kind}_000000000000.tar.age"
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([AGE, "-R", str(lab["recipient"]), "-o", str(bundle), str(d / "bundle.tar")], check=True, timeout=60)
     data = bundle.read_bytes()
     bundle.with_name(bundle.name + ".sig").write_bytes(
         crypto.sign_digest(lab["devices"]["hive-07"], hashlib.sha512(data).digest(), len(data)))
+    return bundle
+
+
+def test_a_manifest_listing_a_record_twice_is_rejected_before_anything_is_published(tmp_path, lab):
+    body = climate(minutes("2021-06-19", ["00:00"]), [30.0])
+    rec = {"path": "s/a.csv", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+           "start": "2021-06-19T00:00:00.000Z", "metadata": {}}
+    forge_signed(tmp_path, lab, "dup", [("s/a.csv", body)], json.loads(_manifest([rec, rec])))
     report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
     assert [r[1] for r in report.rejected] == ["manifest"], report.rejected
     assert not (lab["out"] / "hive-07").exists()
+
+
+def test_decrypt_of_a_manifest_without_times_ends_in_its_summary_line(tmp_path, lab):
+    body = b"x\n"
+    rec = {"path": "s/a.bin", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    b = forge_signed(tmp_path, lab, "no-times", [("s/a.bin", body)],
+                     {"format": "beemond-bundle/1", "host": "hive-07", "records": [rec]})
+    r = cli("decrypt", b, "--identity", lab["identity"], "--out", tmp_path / "dec", "--device-key", lab["trusted"])
+    assert r.returncode == 0 and "1 record(s) from hive-07" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "dec" / "s" / "a.bin").read_bytes() == body
 
 
 def test_a_bundle_that_is_no_regular_file_is_rejected_without_hanging(tmp_path, lab):
@@ -595,3 +615,57 @@ def test_a_bundle_gone_or_dangling_during_the_scan_does_not_stop_the_run(tmp_pat
     (good.parent / "hive-07_0_gone.tar.age").symlink_to(tmp_path / "nowhere")  # as if removed after the listing
     report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
     assert report.ingested == [good.name]
+
+
+def test_a_record_name_seen_before_with_other_content_keeps_both_records(tmp_path, lab):
+    # After the device's clock stepped back (NTP), a new record can get the name of one ingested before.
+    day = "2021-06-19"
+    first, second = b"RIFF first recording", b"RIFF second recording, another hour"
+    for body in (first, second):
+        seal(tmp_path, lab, "hive-07", [("mic", "r.wav", body, f"{day}T10:00:00.000Z", f"{day}T10:01:00.000Z", {})])
+        report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+        assert len(report.ingested) == 1
+    folder = lab["out"] / "hive-07" / day / "mic"
+    records = sorted(p for p in folder.iterdir() if not p.name.endswith(archive.META_SUFFIX))
+    assert sorted(p.read_bytes() for p in records) == sorted([first, second]), records
+    for p in records:  # each beside its own manifest entry
+        assert json.loads(archive.sidecar_of(p).read_text())["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    # a rerun over the same bundles (the ledger lost) adds no third copy
+    (lab["out"] / ingest.LEDGER).unlink()
+    for p in lab["out"].glob(ingest.LEDGER + "-*"):
+        p.unlink()
+    ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert len(list(folder.iterdir())) == 4
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
+def test_jobs_killed_before_their_commit_fail_the_run_and_the_next_run_completes_it(tmp_path, lab):
+    _fleet(tmp_path, lab)
+    # Each job process is killed as it asks for its first batch to be made durable (CSVs written, no commit).
+    r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=sync",
+                        "-e", "inject=sync:signal=SIGKILL:error=ENOSYS", *CLI, "ingest", str(lab["upload"]),
+                        "--identity", str(lab["identity"]), "--trusted-devices", str(lab["trusted"]),
+                        "--out", str(lab["out"]), "--jobs", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "ingest job(s) failed" in r.stderr and "Traceback" not in r.stderr, r.stdout + r.stderr
+    again = run_ingest(lab, "--jobs", "2")
+    assert again.returncode == 0 and "ingested 12 bundle(s)" in again.stdout, again.stdout + again.stderr
+    for daily in lab["out"].glob("hive-*/*/hive_climate/hive-*@*.csv"):
+        rows = list(csv.reader(open(daily)))[1:]
+        assert len(rows) == 20 and len(set(map(tuple, rows))) == 20, daily
+    third = run_ingest(lab, "--jobs", "2")
+    assert "ingested 0 bundle(s)" in third.stdout and "12 already ingested" in third.stdout, third.stdout
+
+
+def test_a_record_whose_folder_is_an_earlier_record_is_rejected_before_anything_is_published(tmp_path, lab):
+    day = "2021-06-19"
+    seal(tmp_path, lab, "hive-07", [("s", "a", b"x\n", f"{day}T00:00:00.000Z", f"{day}T00:00:00.000Z", {})])
+    assert len(ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None).ingested) == 1
+    body = climate(minutes(day, ["00:05"]), [30.0])
+    b = forge_signed(tmp_path, lab, "through-a-file", [("s/b.csv", body), ("s/a/c.bin", b"y\n")],
+                     json.loads(_manifest([{"path": "s/b.csv", "sensor": "s", "size": len(body), "start": f"{day}T00:05:00.000Z",
+                                            "sha256": hashlib.sha256(body).hexdigest(), "metadata": {}},
+                                           {"path": "s/a/c.bin", "sensor": "s", "size": 2, "start": f"{day}T00:05:00.000Z",
+                                            "sha256": hashlib.sha256(b"y\n").hexdigest(), "metadata": {}}])))
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert [r[:2] for r in report.rejected] == [(b.name, "unsafe")], report.rejected
+    assert not (lab["out"] / "hive-07" / day / "s" / "b.csv").exists()

@@ -370,11 +370,14 @@ class Worker:
                     raise Rejected("unsafe", f"record {rec['path']!r} is named like the lab's own {host}@{date}.csv "
                                              f"or {GAPS}")
                 moves.append((rec, date, sensor, rec["path"][len(sensor) + 1:]))
+                in_the_way = _in_the_way(self.out / host / date / sensor / moves[-1][3], self.out / host)
+                if in_the_way is not None:
+                    raise Rejected("unsafe", f"record {rec['path']!r} cannot go where {in_the_way} is")
             # Read before anything is published: a CSV that cannot be read rejects the whole bundle.
             tables = {rec["path"]: _read_csv(work / rec["path"]) for rec, *_ in moves
                       if Path(rec["path"]).suffix.lower() == ".csv"}
             for rec, date, sensor, rel in moves:
-                dest = self.out / host / date / sensor / rel
+                dest = _free_name(self.out / host / date / sensor / rel, rec["sha256"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(work / rec["path"], dest)
                 self.touched.add(dest)
@@ -833,6 +836,7 @@ Licence: {licence or "not stated yet: add the licence under which this data is s
 - `<host>/<date>/<sensor>/<record>`: each record as the device wrote it (CSV readings, FLAC/WAV audio,
   JSON analysis results such as audio band power or alerts, JPEG/MP4 images), beside
   `<record>.meta.json` (its manifest entry: sensor, start, end, size, sha256, metadata; bundle; signing key).
+  A record whose name another record of that day already had is `NAME~<first 12 hex digits of its SHA-256>.EXT`.
 - `<host>/<date>/<sensor>/<host>@<date>.csv`: every reading of that sensor on that UTC day, one row per
   reading, sorted by `time`, no duplicates; archival format, with the FLAC audio.
 - `<host>/<date>/<sensor>/gaps.csv`: `start,end,duration_s,source`: stretches without readings.
@@ -878,6 +882,34 @@ def _move_aside(src: Path, dest: Path) -> None:
 def _replace(path: Path, data: bytes) -> None:
     """Temp name, then rename: a reader never sees half a file; durability comes from flush's sync()."""
     os.replace(_stage(path, data), path)
+
+
+def _in_the_way(dest: Path, top: Path) -> Path | None:
+    """What keeps a record from *dest*: a directory there, or a file where one of its folders below
+    *top* would be (an earlier record ``s/a`` for ``s/a/b``). None when nothing does."""
+    if dest.is_dir():
+        return dest
+    for folder in dest.parents:
+        if folder == top:
+            return None
+        if folder.exists() and not folder.is_dir():
+            return folder
+    return None
+
+
+def _free_name(dest: Path, sha256: str) -> Path:
+    """Where a record of SHA-256 *sha256* (hex) goes: *dest*, unless that holds another record (a name
+    the device used again after its clock stepped back), then ``NAME~<sha256[:12]>.EXT`` beside it.
+    Only a name that is taken costs a read of the file there."""
+    for candidate in (dest, dest.with_name(f"{dest.stem}~{sha256[:12]}{dest.suffix}")):
+        if not candidate.exists() or _sha256_of(candidate) == sha256:
+            return candidate
+    return candidate  # the same 48 bits of two different records: overwrite the alternate, not the first
+
+
+def _sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_csv(path: Path) -> list[list[str]]:
