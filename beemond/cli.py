@@ -23,11 +23,11 @@ EX_TEMPFAIL = 75
 DEFAULT_CONFIG = "/etc/beemond/beemond.toml"
 
 
-def _load_config(path: str):
+def _load_config(path: str, loader=None):
     from beemond import config
 
     try:
-        return config.load(path)
+        return (loader or config.load)(path)
     except config.ConfigError as e:
         print(f"beemond: config error: {e}", file=sys.stderr)
         raise SystemExit(config.EX_CONFIG) from None
@@ -37,9 +37,9 @@ def cmd_run(args) -> int:
     from beemond import journal
     from beemond.orchestrator import Orchestrator
 
-    cfg = _load_config(args.config)
-    journal.setup("orchestrator", cfg.daemon.log_level)
-    return Orchestrator(cfg, duration=args.duration).run()
+    orch = _load_config(args.config, lambda path: Orchestrator.from_file(path, duration=args.duration))
+    journal.setup("orchestrator", orch.cfg.daemon.log_level)
+    return orch.run()
 
 
 def _ask(args, request: dict, timeout: float = 5.0) -> dict:

@@ -925,10 +925,15 @@ _SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleC
              "metrics": MetricsConfig, "telemetry": TelemetryConfig}
 
 
-def load(path: str | os.PathLike) -> Config:
-    """Read, validate and type a config file. Raises :class:`ConfigError`."""
+def load(path: str | os.PathLike, *, semantics: bool = True) -> Config:
+    """Read, validate and type a config file. Raises :class:`ConfigError`.
+
+    *semantics* False skips the cross-field checks (:func:`_check_semantics`: templates compiled with
+    Jinja2, recipients parsed with pyrage, the signing key, replay files read): the daemon runs the full
+    load in a short-lived child instead (``Orchestrator.from_file``), so that the orchestrator, which
+    lives for months, never imports those libraries."""
     path = Path(path)
-    return _from_tree(path, *_read_tree(path))
+    return _from_tree(path, *_read_tree(path), semantics=semantics)
 
 
 def _read_tree(path: Path) -> tuple[dict, bool]:
@@ -982,7 +987,7 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
     return tree
 
 
-def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
+def _from_tree(path: Path, tree: dict, strings: bool, semantics: bool = True) -> Config:
     base = path.parent.resolve()
     unknown = set(tree) - set(_SECTIONS) - {"sensors", "processors"}
     if unknown:
@@ -1009,7 +1014,8 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
                  upload=built["upload"], sensors=tuple(sensors), metrics=built["metrics"],
                  processors=processors, telemetry=built["telemetry"])
-    _check_semantics(cfg, path)
+    if semantics:
+        _check_semantics(cfg, path)
     return cfg
 
 

@@ -107,7 +107,54 @@ class Worker:
     reported: bool = False       # has sent an event since its last start (READY=1 waits for all)
 
 
+def _check_config(path: str, verdict) -> None:
+    """In a short-lived forkserver child: the full :func:`beemond.config.load` of *path*; sends ``None``
+    or the ``ConfigError``'s (file, key, message) down the *verdict* pipe."""
+    from beemond import config
+
+    try:
+        config.load(path)
+        verdict.send(None)
+    except ConfigError as e:
+        verdict.send((e.file, e.key, e.message))
+
+
 class Orchestrator:
+    @classmethod
+    def from_file(cls, path, duration: float | None = None) -> Orchestrator:
+        """The daemon's start: *path* typed here (``config.load(semantics=False)``), then validated in
+        full in a child (:meth:`check_config`). Raises ``ConfigError``."""
+        from beemond import config
+
+        orch = cls(config.load(path, semantics=False), duration)
+        try:
+            orch.check_config(orch.cfg.source)
+        except ConfigError:
+            stop_multiprocessing_helpers(timeout=10)  # the check started them; nothing else will stop them
+            raise
+        return orch
+
+    def check_config(self, path, timeout: float = 120.0) -> None:
+        """Run the full validation of the config file *path* in a forkserver child and raise its
+        ``ConfigError`` here. The checks import Jinja2, pyrage and the replay files' readers, whose
+        memory (about 8 MB) would otherwise stay in the orchestrator for good; the child is forked from
+        the forkserver, which has most of them preloaded, so it takes a fraction of a second."""
+        reader, writer = self.ctx.Pipe(duplex=False)
+        child = self.ctx.Process(target=_check_config, args=(str(path), writer), name="beemond-check-config")
+        child.start()
+        writer.close()
+        try:
+            verdict = reader.recv() if reader.poll(timeout) else (str(path), "", f"not validated within {timeout:g} s")
+        except EOFError:
+            verdict = None
+        finally:
+            reader.close()
+        child.join(timeout)
+        if verdict is None and child.exitcode != 0:
+            verdict = (str(path), "", f"the validating process failed (exit status {child.exitcode}); see the log")
+        if verdict is not None:
+            raise ConfigError(*verdict)
+
     def __init__(self, cfg, duration: float | None = None):
         self.cfg = cfg
         self.d = cfg.daemon
@@ -165,8 +212,10 @@ class Orchestrator:
         except OSError as e:
             log.error("%s: daemon.spool_dir: cannot create or write %s: %s", self.cfg.source, spool,
                       e.strerror or e)
+            stop_multiprocessing_helpers(timeout=10)  # started by from_file's config check
             return EX_CONFIG
         if not self._lock_spool():
+            stop_multiprocessing_helpers(timeout=10)
             return 1
         removed = remove_stale_temps(spool)
         if removed:
@@ -186,6 +235,7 @@ class Orchestrator:
             self._add(Worker("sensor", sensor.name))
         self._add_processors()
         self._start_health()
+        ipc.trim_heap()  # the start-up's garbage (config parsed, workers' arguments pickled)
         end_at = time.monotonic() + self.duration if self.duration else None
         try:
             while not self.stopping:
@@ -261,7 +311,7 @@ class Orchestrator:
         """A sensor's *record ready* or *sample* to the processors that read that sensor. A record is
         hard-linked into the processor's inbox first, so it survives the aggregator bundling and
         deleting the staged original, and a processor in backoff finds it at its restart."""
-        from beemond.processors.base import link_record
+        from beemond.spool import link_record
 
         for name in self.processor_feeds.get(w.name, ()):
             target = self.workers.get(name)
@@ -608,7 +658,8 @@ class Orchestrator:
 
         self.notifier.reloading()
         try:
-            new = config.load(self.cfg.source)
+            new = config.load(self.cfg.source, semantics=False)
+            self.check_config(new.source)
         except ConfigError as e:
             log.error("%s: new config rejected, keeping the running one: %s: %s: %s", why, e.file, e.key or "-",
                       e.message)

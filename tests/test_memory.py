@@ -15,9 +15,10 @@ from conftest import ROOT, make_config
 
 # Libraries and modules only workers need. The orchestrator outlives every worker restart: whatever it
 # imports it holds for months, in a process of its own (nothing it imports is shared with the workers).
-# Not listed: pyrage and Jinja2, which the config's validation needs (recipients parsed, templates
-# compiled), at start and at every reload, in the orchestrator.
-WORKER_ONLY = ("numpy", "soundfile", "sounddevice", "av", "PIL", "paramiko", "watchdog", "gpiozero",
+# The config's full validation (templates compiled with Jinja2, recipients parsed with pyrage, replay
+# files read) runs in a short-lived child at start and at every reload, so those stay out too.
+WORKER_ONLY = ("jinja2", "pyrage", "beemond.archive", "beemond.crypto", "beemond.sensors.emulators.replay",
+               "numpy", "soundfile", "sounddevice", "av", "PIL", "paramiko", "watchdog", "gpiozero",
                "serial", "smbus2", "astral", "cryptography", "beemond.aggregator", "beemond.upload.uploader",
                "beemond.sensors.audio", "beemond.sensors.camera", "beemond.processors.audio_bands")
 
@@ -38,9 +39,8 @@ RUN = textwrap.dedent("""
         return ""
 
     if __name__ == "__main__":
-        cfg = config.load(sys.argv[1])
         journal.setup("orchestrator", "warning")
-        orch = Orchestrator(cfg, duration=float(sys.argv[2]))
+        orch = Orchestrator.from_file(sys.argv[1], duration=float(sys.argv[2]))  # as `beemond run` does
         seen = {}
         timer = threading.Timer(float(sys.argv[2]) - 1, lambda: seen.update(maps=forkserver_maps()))
         timer.start()
@@ -103,3 +103,38 @@ def test_a_stills_only_camera_does_not_import_pyav(tmp_path):
     for arg, expected in (("stills", "False False"), ("clips", "True True")):
         res = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert res.stdout.strip() == expected, res.stdout + res.stderr
+
+
+# The daemon's start and reload as the orchestrator runs them: the config typed in the process, the full
+# validation in a forkserver child whose verdict comes back here.
+RELOAD = textwrap.dedent("""
+    import json, sys
+    from beemond.orchestrator import Orchestrator
+
+    if __name__ == "__main__":
+        orch = Orchestrator.from_file(sys.argv[1])
+        with open(sys.argv[2]) as new, open(sys.argv[1], "w") as f:
+            f.write(new.read())
+        verdict = orch.reload("test")
+        print(json.dumps({"verdict": verdict, "modules": [m for m in ("jinja2", "pyrage") if m in sys.modules]}))
+""")
+
+
+def test_the_full_validation_runs_in_a_child_and_its_verdict_comes_back(tmp_path, keys, password_file):
+    path = make_config(tmp_path, keys, password_file, 21, **{"upload.protocol": "none"})
+    cfg = tomllib.loads(path.read_text())
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tomli_w.dumps({**cfg, "bundle": {**cfg["bundle"], "recipients": ["age1notarecipient"]}}))
+    res = subprocess.run([sys.executable, "-m", "beemond", "run", "--config", str(bad), "--duration", "5"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 78, res.stderr
+    assert res.stderr.startswith(f"beemond: config error: {bad}: bundle.recipients[0]: "), res.stderr
+    assert "Traceback" not in res.stderr
+
+    # A reload whose file only the child's checks refuse (a template Jinja2 cannot compile).
+    bad.write_text(tomli_w.dumps({**cfg, "archive": {"filename_template": "{{ oops"}}))
+    res = subprocess.run([sys.executable, "-c", RELOAD, str(path), str(bad)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got["verdict"]["ok"] is False and got["verdict"]["key"] == "archive.filename_template", got
+    assert got["modules"] == []
