@@ -35,11 +35,12 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from beemond import archive, crypto
 
@@ -130,8 +131,12 @@ def read_bundle(bundle: str | os.PathLike, identities, work: str | os.PathLike, 
     if trusted is not None:
         sig = crypto.read_signature(Path(signature) if signature else bundle.with_name(bundle.name + crypto.SIG_SUFFIX),
                                     trusted)
-    with open(bundle, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it.
+    with open(os.open(bundle, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):  # a device or FIFO never ends (/dev/zero) or never starts
+            raise BundleError(f"{bundle.name} is not a regular file", "unsafe")
+        size = st.st_size
         if sig is not None and sig.claimed is not None and size < sig.claimed:
             raise crypto.SignatureError("truncated", f"truncated: {size} of the {sig.claimed} bytes the device signed")
         if size > limits.max_bundle_bytes:
@@ -219,6 +224,7 @@ def _unpack(src: _HashingReader, identities, work: Path, budget: int, limits: Li
     t = threading.Thread(target=decrypt, name="decrypt", daemon=True)
     t.start()
     hashes: dict[str, tuple[int, str]] = {}
+    dirs: set[str] = set()
     manifest = None
     written = 0
     tar_error: BaseException | None = None
@@ -241,6 +247,11 @@ def _unpack(src: _HashingReader, identities, work: Path, budget: int, limits: Li
                 rel = _member_path(member.name, limits)
                 if rel in hashes:
                     raise BundleError(f"duplicate member {rel}")
+                parents = [str(p) for p in PurePosixPath(rel).parents][:-1]
+                if rel in dirs or any(p in hashes for p in parents):
+                    # refused here, or the mkdir below fails like a full disk would (not the bundle's fault)
+                    raise BundleError(f"member {rel} is both a file and a directory in the bundle", "unsafe")
+                dirs.update(parents)
                 if member.size > limits.max_member_bytes or written + member.size > budget:
                     raise BundleError(f"member {rel} claims {member.size} bytes: more than the bundle can hold "
                                       f"({budget - written} left of {budget}; limit {limits.max_member_bytes} each)",
@@ -287,6 +298,8 @@ def _check_manifest(manifest, hashes: dict[str, tuple[int, str]]) -> None:
     if not isinstance(manifest.get("host"), str):
         raise BundleError("manifest.json: no host")
     listed = {rec["path"]: (rec["size"], rec["sha256"]) for rec in records}
+    if len(listed) != len(records):  # the second of a pair would be missing when moved into place
+        raise BundleError("manifest.json lists a record twice")
     for rel, (size, digest) in hashes.items():
         if rel not in listed:
             raise BundleError(f"{rel}: in the bundle but not in the manifest")

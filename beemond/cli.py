@@ -1,10 +1,12 @@
-"""Command line: ``beemond run | status | pause | resume | check-config | keygen | decrypt | verify | ingest |
-report | upload --backlog``.
+"""Command line: ``beemond run | status | reload | pause | resume | check-config | keygen | decrypt | verify |
+ingest | report | upload --backlog``.
 
-Exit status: 0 success; 1 runtime failure; 3 (``status``) the daemon is not running; 65 (``EX_DATAERR``)
+Exit status: 0 success; 1 runtime failure; 3 (``status``, ``reload``, ``pause``, ``resume``) the daemon is not
+running; 77 (``EX_NOPERM``) not allowed to reach the daemon's socket or read the config; 65 (``EX_DATAERR``)
 a bundle that fails verification; 75 (``EX_TEMPFAIL``) ``upload --backlog`` while the daemon holds the
 spool, ``ingest`` while another ingest holds the data directory; 78 (``EX_CONFIG``) a bad configuration,
-with one line naming the file, the key and what is allowed.
+with one line naming the file, the key and what is allowed (``reload``: the daemon rejected the file and
+keeps its running config).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ EX_TEMPFAIL = 75
 DEFAULT_CONFIG = "/etc/beemond/beemond.toml"
 
 
-def _load_config(path: str):
+def _load_config(path: str, loader=None):
     from beemond import config
 
     try:
-        return config.load(path)
+        return (loader or config.load)(path)
     except config.ConfigError as e:
         print(f"beemond: config error: {e}", file=sys.stderr)
         raise SystemExit(config.EX_CONFIG) from None
@@ -35,9 +37,32 @@ def cmd_run(args) -> int:
     from beemond import journal
     from beemond.orchestrator import Orchestrator
 
-    cfg = _load_config(args.config)
-    journal.setup("orchestrator", cfg.daemon.log_level)
-    return Orchestrator(cfg, duration=args.duration).run()
+    orch = _load_config(args.config, lambda path: Orchestrator.from_file(path, duration=args.duration))
+    journal.setup("orchestrator", orch.cfg.daemon.log_level)
+    return orch.run()
+
+
+def _ask(args, request: dict, timeout: float = 5.0) -> dict:
+    """*request* to the daemon whose config is ``args.config``. Reads only the socket's location from
+    the config (no recipients, no keys), so members of group beemond can ask. Exits 3 when no daemon
+    answers, 77 without permission, 78 when the config names no usable location."""
+    from beemond import config, status
+
+    try:
+        path = config.status_socket(args.config)
+        return status.query(path, timeout=timeout, request=request)
+    except config.ConfigError as e:
+        if isinstance(e.__cause__, PermissionError):
+            print(status.no_permission(args.config), file=sys.stderr)
+            raise SystemExit(status.EXIT_NO_PERMISSION) from None
+        print(f"beemond: config error: {e}", file=sys.stderr)
+        raise SystemExit(config.EX_CONFIG) from None
+    except status.NoPermission as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(status.EXIT_NO_PERMISSION) from None
+    except status.NotRunning as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(status.EXIT_NOT_RUNNING) from None
 
 
 def cmd_status(args) -> int:
@@ -45,28 +70,30 @@ def cmd_status(args) -> int:
 
     from beemond import status
 
-    cfg = _load_config(args.config)
-    try:
-        st = status.query(cfg.spool)
-    except status.NotRunning as e:
-        print(e, file=sys.stderr)
-        return status.EXIT_NOT_RUNNING
+    st = _ask(args, {"cmd": "status"})
     print(json.dumps(st, indent=1, sort_keys=True) if args.json else status.format_status(st))
     return 0
 
 
 def cmd_control(args) -> int:
-    from beemond import status
-
-    cfg = _load_config(args.config)
-    try:
-        got = status.query(cfg.spool, request={"cmd": "stop" if args.command == "pause" else "start",
-                                                "worker": args.worker})
-    except status.NotRunning as e:
-        print(e, file=sys.stderr)
-        return status.EXIT_NOT_RUNNING
+    got = _ask(args, {"cmd": "stop" if args.command == "pause" else "start", "worker": args.worker})
     print(got.get("message", got), file=sys.stdout if got.get("ok") else sys.stderr)
     return 0 if got.get("ok") else 1
+
+
+def cmd_reload(args) -> int:
+    from beemond import config, status
+
+    got = _ask(args, {"cmd": "reload"}, timeout=status.RELOAD_TIMEOUT_S + 10)
+    if got.get("ok"):
+        print(got.get("message", "reloaded"))
+        return 0
+    if "file" in got:
+        print(f"beemond: reload rejected, the running config is kept: {got['file']}: {got.get('key') or '-'}: "
+              f"{got.get('message')}", file=sys.stderr)
+        return config.EX_CONFIG
+    print(f"beemond: reload failed: {got.get('message', got)}", file=sys.stderr)
+    return 1
 
 
 def cmd_check_config(args) -> int:
@@ -150,6 +177,10 @@ def cmd_decrypt(args) -> int:
     except FileNotFoundError as e:
         print(f"beemond: {e.filename}: no such file", file=sys.stderr)
         return 1
+    except OSError as e:  # the lab's own disk (full, read-only), an unreadable bundle: nothing was published
+        print(f"beemond: {args.bundle}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""),
+              file=sys.stderr)
+        return 1
     except crypto.SignatureError as e:
         print(f"beemond: {args.bundle}: signature check failed ({e.reason}): {e}", file=sys.stderr)
         return EX_DATAERR
@@ -161,7 +192,7 @@ def cmd_decrypt(args) -> int:
         print(f"beemond: {args.bundle}: verification failed ({e.reason}): {e}", file=sys.stderr)
         return EX_DATAERR
     n = len(manifest["records"])
-    print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest['start']} .. {manifest['end']}, "
+    print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest.get('start')} .. {manifest.get('end')}, "
           f"all hashes match; written to {args.out}")
     return 0
 
@@ -247,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     s.add_argument("--json", action="store_true", help="print the full status as JSON")
     s.set_defaults(func=cmd_status)
+
+    rl = sub.add_parser("reload", help="make the running daemon load its config file again and wait for "
+                                       "the verdict (systemctl reload runs this)")
+    rl.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    rl.set_defaults(func=cmd_reload)
 
     for name, what in (("pause", "stop recording or processing (the open record is closed)"),
                        ("resume", "start a paused sensor or processor again")):

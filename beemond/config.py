@@ -14,7 +14,7 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
                crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes,
-               drop_oldest_when_full
+               drop_oldest_when_full, status_socket
     [archive]  filename_template, default_metadata (a table), max_retries
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
     [upload]   protocol, endpoint, bucket, region (s3), host, port, user, password_file, password_credential, ca_file, key_file,
@@ -96,6 +96,10 @@ class DaemonConfig:
                                      doc="free space to keep on the spool's file system")
     drop_oldest_when_full: bool = _opt(False, doc="over a limit, delete the oldest un-uploaded bundles too "
                                                   "(each logged and counted); false: keep all data")
+    # Where `beemond status` / `reload` / `pause` reach the daemon. Under systemd the example config puts
+    # it in the unit's RuntimeDirectory=beemond (0750, group beemond), so that members of the group can
+    # ask; the spool itself stays 0700.
+    status_socket: Path | None = _opt(None, path=True, doc="unix socket of the daemon (default SPOOL/status.sock)")
 
 
 @dataclass(frozen=True)
@@ -670,7 +674,8 @@ class UploadConfig:
     remote_dir: str = _opt("", doc="directory on the server under which the layout starts (local: absolute path)")
     layout: str = _opt("{{ host }}/{{ date }}/{{ sensor }}/{{ name }}",
                        doc="sandboxed Jinja2 template of the remote path (default: AppMAIS layout)")
-    timeout_s: float = _opt(30.0, min=1, max=3600)
+    timeout_s: float = _opt(30.0, min=1, max=3600, doc="a connection that moves no byte this long is dropped "
+                                                      "(a transfer may take hours as long as it moves)")
     backoff_initial_s: float = _opt(2.0, min=0.01, max=3600)
     backoff_max_s: float = _opt(300.0, min=0.01, max=86400)
     shutdown_grace_s: float = _opt(10.0, min=0.0, max=3600, doc="time to keep uploading at shutdown")
@@ -906,6 +911,10 @@ class Config:
     def spool(self) -> Path:
         return self.daemon.spool_dir
 
+    @property
+    def status_socket(self) -> Path:
+        return self.daemon.status_socket or self.daemon.spool_dir / "status.sock"
+
     def template_for(self, sensor: SensorConfig) -> str:
         return sensor.filename_template or self.archive.filename_template
 
@@ -916,23 +925,47 @@ _SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleC
              "metrics": MetricsConfig, "telemetry": TelemetryConfig}
 
 
-def load(path: str | os.PathLike) -> Config:
-    """Read, validate and type a config file. Raises :class:`ConfigError`."""
+def load(path: str | os.PathLike, *, semantics: bool = True) -> Config:
+    """Read, validate and type a config file. Raises :class:`ConfigError`.
+
+    *semantics* False skips the cross-field checks (:func:`_check_semantics`: templates compiled with
+    Jinja2, recipients parsed with pyrage, the signing key, replay files read): the daemon runs the full
+    load in a short-lived child instead (``Orchestrator.from_file``), so that the orchestrator, which
+    lives for months, never imports those libraries."""
     path = Path(path)
+    return _from_tree(path, *_read_tree(path), semantics=semantics)
+
+
+def _read_tree(path: Path) -> tuple[dict, bool]:
+    """The parsed file and whether its values are INI strings. Raises :class:`ConfigError`, whose
+    ``__cause__`` is the ``OSError`` (e.g. ``PermissionError``) when the file could not be read."""
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from None
+        raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from e
     if path.suffix.lower() in (".ini", ".conf", ".cfg"):
-        tree = _ini_tree(path, raw)
-        strings = True
-    else:
-        try:
-            tree = tomllib.loads(raw.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(path, "", f"not valid TOML: {e}") from None
-        strings = False
-    return _from_tree(path, tree, strings)
+        return _ini_tree(path, raw), True
+    try:
+        return tomllib.loads(raw.decode("utf-8")), False
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+
+
+def status_socket(path: str | os.PathLike) -> Path:
+    """The daemon's status socket as *path* configures it (``daemon.status_socket``, else
+    ``SPOOL/status.sock``), reading only those two keys: the command-line clients need nothing else,
+    so a user who may read the config but not the recipients or the signing key can still ask.
+    Raises :class:`ConfigError` (unreadable file, not TOML/INI, a bad value of these keys)."""
+    path = Path(path)
+    tree, strings = _read_tree(path)
+    table = tree.get("daemon", {})
+    if not isinstance(table, dict):
+        raise ConfigError(path, "daemon", "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+    hints = get_type_hints(DaemonConfig)
+    found = {k: _coerce(hints[k], fields[k], table[k], path, f"daemon.{k}", path.parent.resolve(), strings)
+             for k in ("spool_dir", "status_socket") if k in table}
+    return found.get("status_socket") or found.get("spool_dir", fields["spool_dir"].default) / "status.sock"
 
 
 def _ini_tree(path: Path, raw: bytes) -> dict:
@@ -954,7 +987,7 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
     return tree
 
 
-def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
+def _from_tree(path: Path, tree: dict, strings: bool, semantics: bool = True) -> Config:
     base = path.parent.resolve()
     unknown = set(tree) - set(_SECTIONS) - {"sensors", "processors"}
     if unknown:
@@ -981,7 +1014,8 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
                  upload=built["upload"], sensors=tuple(sensors), metrics=built["metrics"],
                  processors=processors, telemetry=built["telemetry"])
-    _check_semantics(cfg, path)
+    if semantics:
+        _check_semantics(cfg, path)
     return cfg
 
 

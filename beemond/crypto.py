@@ -157,11 +157,13 @@ def decrypt_stream(reader, writer, identities) -> None:
 
 import base64  # noqa: E402  (kept beside the code that uses it)
 import hashlib  # noqa: E402
+import stat  # noqa: E402
 import struct  # noqa: E402
 
 from beemond.spool import SIG_SUFFIX  # noqa: E402,F401  (a bundle name; the spool owns them)
 SIG_NAMESPACE = b"beemond-bundle"
 SIG_HASH = "sha512"
+MAX_SIG_BYTES = 1 << 16
 DEVICE_KEY_NAME = "device_ed25519"
 _SSHSIG_MAGIC = b"SSHSIG"
 _ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
@@ -397,12 +399,25 @@ class Signature:
                                              "file: altered after signing") from None
 
 
+def read_signature_bytes(sig_path: Path) -> bytes:
+    """The bytes of the ``.sig`` file *sig_path*. Raises :class:`SignatureError` (``malformed``) for one
+    that is no regular file (a FIFO, a symlink to ``/dev/zero``) or is over :data:`MAX_SIG_BYTES`, and ``OSError``."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it.
+    with open(os.open(sig_path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero would be read until memory ends
+            raise SignatureError("malformed", f"{sig_path.name} is not a regular file")
+        text = f.read(MAX_SIG_BYTES + 1)
+    if len(text) > MAX_SIG_BYTES:
+        raise SignatureError("malformed", f"{sig_path.name} is over {MAX_SIG_BYTES} bytes (a signature is ~300)")
+    return text
+
+
 def read_signature(sig_path: str | os.PathLike, trusted: dict) -> Signature:
     """Read and parse the detached signature *sig_path*, and look its key up in *trusted*
     (:func:`load_trusted_keys`). Raises :class:`SignatureError` (``unsigned``, ``malformed``, ``untrusted``)."""
     sig_path = Path(sig_path)
     try:
-        text = sig_path.read_bytes()
+        text = read_signature_bytes(sig_path)
     except FileNotFoundError:
         raise SignatureError("unsigned", f"no signature: {sig_path.name} is missing") from None
     pub, hash_alg, sig, claimed = _parse_signature(text)

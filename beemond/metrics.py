@@ -46,7 +46,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from beemond import __version__, archive, ipc
+from beemond import __version__, ipc
+from beemond.clock import utc_iso
 from beemond.spool import OUTBOX, STAGING, Spool
 
 log = logging.getLogger(__name__)
@@ -326,7 +327,7 @@ class Health:
                 "uptime_s": round(now - self.started, 1), "workers": workers,
                 "staging": {"files": staging[0], "bytes": staging[1]},
                 "outbox": {"files": outbox[0], "bytes": outbox[1]},
-                "last_upload": archive.utc_iso(datetime.fromtimestamp(self.last_upload, timezone.utc))
+                "last_upload": utc_iso(datetime.fromtimestamp(self.last_upload, timezone.utc))
                 if self.last_upload else None,
                 "last_upload_age_s": round(now - self.last_upload, 1) if self.last_upload else None,
                 "uploaded": {"files": self.uploaded_files, "bytes": self.uploaded_bytes, "errors": self.upload_errors},

@@ -21,13 +21,15 @@ reported in, a ``STATUS=`` summary line when it changes, and ``WATCHDOG=1`` ever
 ``WatchdogSec=`` but only while every running worker's heartbeat is fresh: a hung worker is killed and
 restarted here, a hung orchestrator by systemd.
 
-SIGHUP reloads the config file: an invalid file is logged (file, key) and the running config kept; a
-valid one restarts only the workers whose settings changed, starts added sensors and stops removed
-ones (their records flushed). ``spool_dir`` and ``host`` need a full restart and are kept.
+SIGHUP, or ``beemond reload`` over the status socket (which waits for the verdict: ``ExecReload=``),
+reloads the config file: an invalid file is logged (file, key) and the running config kept; a valid one
+restarts only the workers whose settings changed, starts added sensors and stops removed ones (their
+records flushed). ``spool_dir``, ``host`` and ``status_socket`` need a full restart and are kept.
 
 Shutdown (SIGTERM, SIGINT, ``--duration``) is ordered so that nothing is left unsealed: sensors flush
 their open records first, then the aggregator seals every staged record, then the uploader uploads
-for up to ``shutdown_grace_s``. Exit status 0.
+for up to ``shutdown_grace_s``. Then the forkserver and the resource tracker are stopped and waited
+for, so the orchestrator exits last and systemd finds nothing left to SIGKILL. Exit status 0.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +64,29 @@ WORKER_DAEMON_KEYS = ("heartbeat_interval_s", "log_level")
 # [daemon] keys the uploader reads (it enforces the spool limits); a change restarts it.
 SPOOL_LIMIT_KEYS = ("spool_max_bytes", "spool_min_free_bytes", "drop_oldest_when_full")
 # [daemon] keys that only a full restart can change (the spool lock, names of everything on disk).
-RESTART_ONLY_KEYS = ("spool_dir", "host")
+RESTART_ONLY_KEYS = ("spool_dir", "host", "status_socket")
 # Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
 # ``shutdown_grace_s`` + 10 s. The unit's TimeoutStopSec must cover the sum (tests/test_service.py).
 SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("telemetry", 0.1), ("aggregator", 0.4))
+
+
+# Imported by the forkserver before it forks the workers, so that their pages are shared (and frozen
+# out of the garbage collector's reach: beemond.preload, last). Always: beemond's modules every worker
+# uses (archive brings Jinja2). Libraries only where at least two configured workers import them: one
+# worker gains nothing from sharing, and the forkserver would carry the library for nobody.
+PRELOAD_ALWAYS = ("beemond.ipc", "beemond.config", "beemond.journal", "beemond.spool", "beemond.archive",
+                  "beemond.clock", "beemond.sensors.base")
+PRELOAD_SHARED = {"audio": ("numpy", "soundfile"), "audio_bands": ("numpy", "soundfile"),
+                  "camera": ("numpy",)}
+
+
+def forkserver_preload(cfg) -> list[str]:
+    """Module names for ``set_forkserver_preload``: :data:`PRELOAD_ALWAYS`, the :data:`PRELOAD_SHARED`
+    libraries of the configured sensor and processor types used by two or more of them, then
+    ``beemond.preload`` (``gc.freeze()``)."""
+    users = collections.Counter(lib for unit in (*cfg.sensors, *cfg.processors)
+                                for lib in PRELOAD_SHARED.get(unit.type, ()))
+    return [*PRELOAD_ALWAYS, *sorted(lib for lib, n in users.items() if n >= 2), "beemond.preload"]
 
 
 @dataclass
@@ -85,15 +107,64 @@ class Worker:
     reported: bool = False       # has sent an event since its last start (READY=1 waits for all)
 
 
+def _check_config(path: str, verdict) -> None:
+    """In a short-lived forkserver child: the full :func:`beemond.config.load` of *path*; sends ``None``
+    or the ``ConfigError``'s (file, key, message) down the *verdict* pipe."""
+    from beemond import config
+
+    try:
+        config.load(path)
+        verdict.send(None)
+    except ConfigError as e:
+        verdict.send((e.file, e.key, e.message))
+
+
 class Orchestrator:
+    @classmethod
+    def from_file(cls, path, duration: float | None = None) -> Orchestrator:
+        """The daemon's start: *path* typed here (``config.load(semantics=False)``), then validated in
+        full in a child (:meth:`check_config`). Raises ``ConfigError``."""
+        from beemond import config
+
+        orch = cls(config.load(path, semantics=False), duration)
+        try:
+            orch.check_config(orch.cfg.source)
+        except ConfigError:
+            stop_multiprocessing_helpers(timeout=10)  # the check started them; nothing else will stop them
+            raise
+        return orch
+
+    def check_config(self, path, timeout: float = 120.0) -> None:
+        """Run the full validation of the config file *path* in a forkserver child and raise its
+        ``ConfigError`` here. The checks import Jinja2, pyrage and the replay files' readers, whose
+        memory (about 8 MB) would otherwise stay in the orchestrator for good; the child is forked from
+        the forkserver, which has most of them preloaded, so it takes a fraction of a second."""
+        reader, writer = self.ctx.Pipe(duplex=False)
+        child = self.ctx.Process(target=_check_config, args=(str(path), writer), name="beemond-check-config")
+        child.start()
+        writer.close()
+        try:
+            verdict = reader.recv() if reader.poll(timeout) else (str(path), "", f"not validated within {timeout:g} s")
+        except EOFError:
+            verdict = None
+        finally:
+            reader.close()
+        child.join(timeout)
+        if verdict is None and child.exitcode != 0:
+            verdict = (str(path), "", f"the validating process failed (exit status {child.exitcode}); see the log")
+        if verdict is not None:
+            raise ConfigError(*verdict)
+
     def __init__(self, cfg, duration: float | None = None):
         self.cfg = cfg
         self.d = cfg.daemon
         self.duration = duration
         self.workers: dict[str, Worker] = {}
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["beemond.ipc", "beemond.config", "beemond.journal", "beemond.spool",
-                                         "beemond.archive"])
+        # One BLAS thread: the workers' NumPy work is small FFTs and array copies, and each extra
+        # OpenBLAS thread is a stack and a buffer in every process that imports NumPy.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        self.ctx.set_forkserver_preload(forkserver_preload(cfg))
         self.stopping = False
         self.exit_status = 0
         self._signals: list[int] = []
@@ -112,6 +183,8 @@ class Orchestrator:
         self._watchdog_at = 0.0
         self._status_text, self._status_at = "", 0.0
         self._reload_requested = False
+        self._reload_lock = threading.Lock()
+        self._reload_waiters: list[tuple[threading.Event, dict]] = []   # `beemond reload` requests
         self._bundle_keys = _bundle_key_files(cfg)   # what the aggregator reads at its start
         self.health = None
         self.status_server = None
@@ -139,8 +212,10 @@ class Orchestrator:
         except OSError as e:
             log.error("%s: daemon.spool_dir: cannot create or write %s: %s", self.cfg.source, spool,
                       e.strerror or e)
+            stop_multiprocessing_helpers(timeout=10)  # started by from_file's config check
             return EX_CONFIG
         if not self._lock_spool():
+            stop_multiprocessing_helpers(timeout=10)
             return 1
         removed = remove_stale_temps(spool)
         if removed:
@@ -160,6 +235,7 @@ class Orchestrator:
             self._add(Worker("sensor", sensor.name))
         self._add_processors()
         self._start_health()
+        ipc.trim_heap()  # the start-up's garbage (config parsed, workers' arguments pickled)
         end_at = time.monotonic() + self.duration if self.duration else None
         try:
             while not self.stopping:
@@ -169,12 +245,17 @@ class Orchestrator:
                 self._step(self._next_timer(end_at))
                 if self._reload_requested and not self.stopping:
                     self._reload_requested = False
-                    self.reload()
+                    self.reload("SIGHUP")
+                self._answer_reloads()
             self.notifier.stopping()
             self._shutdown()
         finally:
             self._stop_health()
+            self._answer_reloads()
             self._restore_signals()
+            left = stop_multiprocessing_helpers(timeout=10)
+            if left:
+                log.warning("still running after 10 s: %s; systemd will kill them", ", ".join(left))
         log.info("beemond stopped (status %d)", self.exit_status)
         return self.exit_status
 
@@ -230,7 +311,7 @@ class Orchestrator:
         """A sensor's *record ready* or *sample* to the processors that read that sensor. A record is
         hard-linked into the processor's inbox first, so it survives the aggregator bundling and
         deleting the staged original, and a processor in backoff finds it at its restart."""
-        from beemond.processors.base import link_record
+        from beemond.spool import link_record
 
         for name in self.processor_feeds.get(w.name, ()):
             target = self.workers.get(name)
@@ -253,9 +334,38 @@ class Orchestrator:
         self.health = metrics.Health(self.cfg, self.workers)
         self.observers.append(self.health)
         self.health.start_http()
-        self.status_server = status.StatusServer(self.cfg.spool / status.SOCKET_NAME, self.health.status,
-                                                 self._control)
+        self.status_server = status.StatusServer(self.cfg.status_socket, self.health.status, self._control,
+                                                 self.request_reload)
         self.status_server.start()
+
+    def request_reload(self, timeout: float) -> dict:
+        """``beemond reload`` (status socket thread): have the main loop reload and wait for its verdict."""
+        done, verdict = threading.Event(), {}
+        if self.stopping:
+            return {"ok": False, "message": "beemond is stopping"}
+        with self._reload_lock:
+            self._reload_waiters.append((done, verdict))
+        try:
+            os.write(self._wake_w, b"r")  # wakes the main loop's wait; a full pipe is awake already
+        except OSError:
+            pass
+        if not done.wait(timeout):
+            return {"ok": False, "message": f"no verdict within {timeout:g} s"}
+        return verdict
+
+    def _answer_reloads(self) -> None:
+        """Serve pending ``beemond reload`` requests: one reload answers all of them."""
+        with self._reload_lock:
+            waiters, self._reload_waiters = self._reload_waiters, []
+        if not waiters:
+            return
+        if self.stopping:
+            verdict = {"ok": False, "message": "beemond is stopping"}
+        else:
+            verdict = self.reload("reload")
+        for done, out in waiters:
+            out.update(verdict)
+            done.set()
 
     def _control(self, kind: str, name: str) -> tuple[bool, str]:
         """``beemond pause|resume NAME`` (status socket thread): STOP/START to a sensor or processor.
@@ -538,34 +648,41 @@ class Orchestrator:
             parts.append(f"last upload {max(0, time.time() - self.outbox['last_upload']):.0f} s ago")
         return ", ".join(parts)
 
-    # ---- SIGHUP: reload the config
-    def reload(self) -> None:
-        """Load and validate the config file again and apply what changed (see the module docstring)."""
+    # ---- SIGHUP, `beemond reload`: reload the config
+    def reload(self, why: str = "SIGHUP") -> dict:
+        """Load and validate the config file again and apply what changed (see the module docstring).
+        Returns the verdict sent to ``beemond reload``: ``{"ok": False, "file", "key", "message"}``
+        when the file is rejected (nothing changes), else ``{"ok": True, "restarted", "removed",
+        "added", "kept", "message"}`` (``kept``: changes that need a restart of the service)."""
         from beemond import config
 
         self.notifier.reloading()
         try:
-            new = config.load(self.cfg.source)
+            new = config.load(self.cfg.source, semantics=False)
+            self.check_config(new.source)
         except ConfigError as e:
-            log.error("SIGHUP: new config rejected, keeping the running one: %s: %s: %s", e.file, e.key or "-",
+            log.error("%s: new config rejected, keeping the running one: %s: %s: %s", why, e.file, e.key or "-",
                       e.message)
             self.notifier.ready(self.status_line())
-            return
+            return {"ok": False, "file": e.file, "key": e.key, "message": e.message}
         old = self.cfg
         kept = {k: getattr(old.daemon, k) for k in RESTART_ONLY_KEYS}
+        needs_restart = []
         for key, value in kept.items():
             if getattr(new.daemon, key) != value:
-                log.warning("SIGHUP: daemon.%s changed to %s; that needs a restart of the service, keeping %s",
-                            key, getattr(new.daemon, key), value)
+                needs_restart.append(f"daemon.{key}")
+                log.warning("%s: daemon.%s changed to %s; that needs a restart of the service, keeping %s",
+                            why, key, getattr(new.daemon, key), value)
         new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept))
         if new.metrics != old.metrics:
-            log.warning("SIGHUP: [metrics] changed; that needs a restart of the service, keeping the old one")
+            needs_restart.append("metrics")
+            log.warning("%s: [metrics] changed; that needs a restart of the service, keeping the old one", why)
             new = dataclasses.replace(new, metrics=old.metrics)
         restart = self._changed_workers(old, new)
         keys = _bundle_key_files(new)
         if keys != self._bundle_keys and "aggregator" not in restart:
             # Same [bundle] text, edited recipients file or device key: only a restarted aggregator reads them.
-            log.info("SIGHUP: a recipients file or the signing key changed")
+            log.info("%s: a recipients file or the signing key changed", why)
             restart.insert(0, "aggregator")
         self._bundle_keys = keys
         old_units, new_units = _units(old), _units(new)
@@ -575,25 +692,31 @@ class Orchestrator:
         if new.daemon.log_level != old.daemon.log_level:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
         for name in removed:
-            log.info("SIGHUP: %s %s removed", old_units[name], name)
+            log.info("%s: %s %s removed", why, old_units[name], name)
             self._stop_worker(name, "removing")
         for name in restart:
             self._stop_worker(name, "restarting")
+        added = [name for name in new_units if name not in old_units]
         if new.telemetry.active != old.telemetry.active:
-            log.info("SIGHUP: telemetry %s", "on" if new.telemetry.active else "off")
+            log.info("%s: telemetry %s", why, "on" if new.telemetry.active else "off")
             if new.telemetry.active:
                 self._add(Worker("telemetry", "telemetry"))
             else:
                 self._stop_worker("telemetry", "removing")
         for name, role in new_units.items():
             if name not in old_units:
-                log.info("SIGHUP: %s %s added", role, name)
+                log.info("%s: %s %s added", why, role, name)
                 if role == "processor":
                     Spool(new.spool).processing_dir(name).mkdir(parents=True, exist_ok=True)
                 self._add(Worker(role, name))
-        log.info("SIGHUP: config %s reloaded: restarting %s; removed %s", new.source,
-                 ", ".join(restart) or "none", ", ".join(removed) or "none")
+        message = (f"config {new.source} reloaded: restarting {', '.join(restart) or 'none'}; "
+                   f"removed {', '.join(removed) or 'none'}")
+        log.info("%s: %s", why, message)
         self.notifier.ready(self.status_line())
+        if needs_restart:
+            message += f"; {', '.join(needs_restart)} changed: kept until the service restarts"
+        return {"ok": True, "restarted": restart, "removed": removed, "added": added, "kept": needs_restart,
+                "message": message}
 
     @staticmethod
     def _changed_workers(old, new) -> list[str]:
@@ -661,3 +784,48 @@ def _discard_queue(q) -> None:
     """Drop a dead worker's command queue without waiting on its feeder thread (whose reader is gone)."""
     q.cancel_join_thread()
     q.close()
+
+
+def stop_multiprocessing_helpers(timeout: float) -> list[str]:
+    """Stop the forkserver and the resource tracker and wait for them (at most *timeout* s each).
+    Returns the names of any still running.
+
+    Left alone they end only when the orchestrator's exit closes their pipes, a moment after the main
+    process is gone; systemd (``KillMode=mixed``) SIGKILLs whatever is left in the cgroup then and logs
+    "Killing process ... with signal SIGKILL". CPython 3.11-3.13 have no public call for this:
+    ``ForkServer._stop()`` and ``ResourceTracker._stop()`` close the pipe and ``waitpid`` without a
+    deadline, so their attributes are used here with one. Order matters: the forkserver holds a copy of
+    the tracker's pipe, so the tracker sees EOF only after the forkserver has gone. Semaphores still
+    registered (queues of workers) are unlinked first through multiprocessing's own finalizers, which
+    would otherwise start a new tracker at interpreter exit to unregister them."""
+    import gc
+    from multiprocessing import forkserver, resource_tracker, util
+
+    gc.collect()
+    util._run_finalizers(0)  # what atexit would run: SemLock._cleanup unregisters with the live tracker
+    left = []
+    for name, obj, pid_attr, fd_attr in (
+            ("forkserver", forkserver._forkserver, "_forkserver_pid", "_forkserver_alive_fd"),
+            ("resource tracker", resource_tracker._resource_tracker, "_pid", "_fd")):
+        pid, fd = getattr(obj, pid_attr, None), getattr(obj, fd_attr, None)
+        if pid is None:
+            continue
+        if fd is not None:
+            os.close(fd)  # EOF: the forkserver leaves its accept loop, the tracker its read loop
+            setattr(obj, fd_attr, None)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                done = True
+            if done:
+                setattr(obj, pid_attr, None)
+                break
+            if time.monotonic() > deadline:
+                left.append(f"{name} (pid {pid})")
+                break
+            time.sleep(0.02)
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
+        forkserver._forkserver._forkserver_address = None
+    return left

@@ -399,3 +399,21 @@ def unique_name(directory: Path, rel: str) -> str:
     while (directory / f"{stem}-{n}{dot}{ext}").exists():
         n += 1
     return f"{stem}-{n}{dot}{ext}"
+
+
+def link_record(spool: Path, processor: str, record: Path) -> Path:
+    """Hard-link *record* and its sidecar into the processor's inbox (the orchestrator's router calls this).
+
+    Returns the linked data path. Raises ``OSError``. The sidecar is linked first and the data last,
+    so a data link in the inbox always has its metadata beside it.
+    """
+    inbox = Spool(spool).processing_dir(processor)
+    inbox.mkdir(parents=True, exist_ok=True)
+    name, n = record.name, 0
+    while (inbox / name).exists() or sidecar_of(inbox / name).exists():
+        n += 1
+        name = f"{n}-{record.name}"
+    dest = inbox / name
+    os.link(sidecar_of(record), sidecar_of(dest))
+    os.link(record, dest)
+    return dest

@@ -131,6 +131,22 @@ def hostile_tar(kind: str, d: Path) -> Path:
             add("s/big.bin", body)
             add("manifest.json", _manifest([{"path": "s/big.bin", "sensor": "s", "size": len(body),
                                              "sha256": hashlib.sha256(body).hexdigest(), "metadata": {}}]))
+        elif kind in LINKS:  # a member that is no plain file, or names a place outside the bundle's tree
+            info = tarfile.TarInfo(LINKS[kind][0])
+            info.type, info.linkname = LINKS[kind][1], "/etc/passwd"
+            t.addfile(info)
+            add("manifest.json", _manifest([]))
+        elif kind == "duplicate-member":
+            add("s/a.csv", b"x\n")
+            add("s/a.csv", b"y\n")
+            add("manifest.json", _manifest([]))
+        elif kind == "file-and-dir":  # unpacking the second needs the first to be a directory
+            add("s/a", b"x\n")
+            add("s/a/b.csv", b"y\n")
+            add("manifest.json", _manifest([]))
+        elif kind == "after-manifest":
+            add("manifest.json", _manifest([]))
+            add("s/a.csv", b"x\n")
     if kind == "lying-header":  # a header claiming 1 GiB, followed by 10 KB: more than the bundle can hold
         info = tarfile.TarInfo("s/big.bin")
         info.size = 1 << 30
@@ -138,7 +154,22 @@ def hostile_tar(kind: str, d: Path) -> Path:
     return tar
 
 
+LINKS = {"symlink": ("s/a.csv", tarfile.SYMTYPE), "hardlink": ("s/a.csv", tarfile.LNKTYPE),
+         "device": ("s/a.csv", tarfile.CHRTYPE), "fifo": ("s/a.csv", tarfile.FIFOTYPE),
+         "dot-dot": ("s/../../ledger.sqlite", tarfile.REGTYPE), "absolute": ("/tmp/ledger.sqlite", tarfile.REGTYPE),
+         "hidden": ("s/.ingest.lock", tarfile.REGTYPE)}
+
 HOSTILE = {  # kind: (reason, words in the one-line message)
+    "symlink": ("unsafe", "only plain files"),
+    "hardlink": ("unsafe", "only plain files"),
+    "device": ("unsafe", "only plain files"),
+    "fifo": ("unsafe", "only plain files"),
+    "dot-dot": ("unsafe", "unsafe member name"),
+    "absolute": ("unsafe", "unsafe member name"),
+    "hidden": ("unsafe", "unsafe member name"),
+    "duplicate-member": ("manifest", "duplicate member"),
+    "after-manifest": ("unsafe", "after the manifest"),
+    "file-and-dir": ("unsafe", "both a file and a directory"),
     "sparse-member-gnu": ("unsafe", "only plain files"),
     "sparse-member-pax": ("unsafe", "only plain files"),
     "sparse-manifest": ("unsafe", "only plain files"),
@@ -336,3 +367,305 @@ def test_the_lab_side_imports_no_device_side_worker():
     for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.orchestrator",
                         "beemond.processors", "beemond.ipc"):
         assert f"'{device_side}" not in got, got
+
+
+# ------------------------------------------------------------------------------------------ review (issue 15)
+
+def test_a_record_named_like_the_daily_csv_or_gaps_cannot_replace_them(tmp_path, lab):
+    day = "2021-06-19"
+    seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes(day, ["00:00", "00:01"]), [30.0, 30.1]),
+                                     f"{day}T00:00:00.000Z", f"{day}T00:01:00.000Z", {})])
+    first = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert len(first.ingested) == 1
+    folder = lab["out"] / "hive-07" / day / "hive_climate"
+    daily = folder / f"hive-07@{day}.csv"
+    before = daily.read_bytes()
+    # A trusted device's bundle whose records are named like the lab's own files of that folder.
+    for name in (f"hive-07@{day}.csv", "gaps.csv"):
+        seal(tmp_path, lab, "hive-07", [("hive_climate", name, b"time,temperature_c\n", f"{day}T00:05:00.000Z",
+                                         f"{day}T00:05:00.000Z", {})])
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert sorted(r[1] for r in report.rejected) == ["unsafe", "unsafe"], report.rejected
+    assert daily.read_bytes() == before  # the readings of the first bundle are still there
+    assert not (folder / "gaps.csv").exists()
+
+
+def forge_signed(tmp_path, lab, kind: str, members: list[tuple[str, bytes]], manifest: dict) -> Path:
+    """A bundle of *members* and *manifest* (with hive-07's signing key named), encrypted with the stock age
+    CLI and signed with hive-07's key: what a device that went wrong, or whose key was stolen, could send."""
+    d = tmp_path / "forge" / kind
+    d.mkdir(parents=True)
+    manifest = {**manifest, "signing_key": crypto.fingerprint(lab["devices"]["hive-07"].public_key())}
+    with tarfile.open(d / "bundle.tar", "w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in [*members, ("manifest.json", json.dumps(manifest).encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    bundle = lab["upload"] / "hive-07" / f"hive-07_20210619T000000Z_{kind}_000000000000.tar.age"
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([AGE, "-R", str(lab["recipient"]), "-o", str(bundle), str(d / "bundle.tar")], check=True, timeout=60)
+    data = bundle.read_bytes()
+    bundle.with_name(bundle.name + ".sig").write_bytes(
+        crypto.sign_digest(lab["devices"]["hive-07"], hashlib.sha512(data).digest(), len(data)))
+    return bundle
+
+
+def test_a_manifest_listing_a_record_twice_is_rejected_before_anything_is_published(tmp_path, lab):
+    body = climate(minutes("2021-06-19", ["00:00"]), [30.0])
+    rec = {"path": "s/a.csv", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+           "start": "2021-06-19T00:00:00.000Z", "metadata": {}}
+    forge_signed(tmp_path, lab, "dup", [("s/a.csv", body)], json.loads(_manifest([rec, rec])))
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert [r[1] for r in report.rejected] == ["manifest"], report.rejected
+    assert not (lab["out"] / "hive-07").exists()
+
+
+def test_decrypt_of_a_manifest_without_times_ends_in_its_summary_line(tmp_path, lab):
+    body = b"x\n"
+    rec = {"path": "s/a.bin", "sensor": "s", "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    b = forge_signed(tmp_path, lab, "no-times", [("s/a.bin", body)],
+                     {"format": "beemond-bundle/1", "host": "hive-07", "records": [rec]})
+    r = cli("decrypt", b, "--identity", lab["identity"], "--out", tmp_path / "dec", "--device-key", lab["trusted"])
+    assert r.returncode == 0 and "1 record(s) from hive-07" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "dec" / "s" / "a.bin").read_bytes() == body
+
+
+def test_a_bundle_that_is_no_regular_file_is_rejected_without_hanging(tmp_path, lab):
+    # Anyone who may upload can copy a device's public .sig beside a symlink to /dev/zero or a FIFO:
+    # reading either never ends (or never starts).
+    good = seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes("2021-06-19", ["00:00"]), [30.0]),
+                                            "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:00.000Z", {})],
+                outbox=tmp_path / "elsewhere")
+    folder = lab["upload"] / "hive-07"
+    folder.mkdir(parents=True)
+    zero, fifo = folder / "hive-07_a_zero.tar.age", folder / "hive-07_b_fifo.tar.age"
+    zero.symlink_to("/dev/zero")
+    os.mkfifo(fifo)
+    for b in (zero, fifo):
+        sig = good.with_name(good.name + ".sig").read_text()
+        b.with_name(b.name + ".sig").write_text(sig.split("Size:")[0])  # the size line is not signed
+        r = cli("decrypt", b, "--identity", lab["identity"], "--out", tmp_path / "dec", "--device-key", lab["trusted"],
+                timeout=30)
+        assert r.returncode == 65 and "(unsafe)" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = run_ingest(lab)
+    assert r.returncode == 65 and "2 rejected" in r.stdout, r.stdout + r.stderr
+    for b in (zero, fifo):
+        assert (lab["out"] / "rejected" / (b.name + ".reason")).read_text().startswith("reason: unsafe\n")
+
+
+def test_jobs_keep_a_host_with_two_keys_in_one_process(tmp_path, lab):
+    # A device whose key was replaced: hive-07.pub holds the old key and the new one, and the upload
+    # tree bundles signed by each. Both write hive-07's daily CSV, so both belong to one process.
+    priv, pub, line = crypto.device_keygen(tmp_path / "devices" / "hive-07-new", comment="hive-07")
+    with open(lab["trusted"] / "hive-07.pub", "a") as f:
+        f.write(line + "\n")
+    old, lab["devices"]["hive-07"] = lab["devices"]["hive-07"], crypto.load_signing_key(priv)
+    for k, key in enumerate((old, lab["devices"]["hive-07"])):
+        lab["devices"]["hive-07"] = key
+        for n in range(2):
+            hhmm = [f"{10 + 2 * k + n:02d}:00"]
+            seal(tmp_path, lab, "hive-07", [("hive_climate", f"c{k}{n}.csv", climate(minutes("2021-06-19", hhmm), [20.0]),
+                                             minutes("2021-06-19", hhmm)[0], minutes("2021-06-19", hhmm)[0], {})])
+    items = ingest.scan(lab["upload"], tmp_path / "x", ingest.Ledger(tmp_path / "empty.sqlite"), ingest.Report(),
+                        print=lambda _: None)
+    assert len(items) == 4
+    parts = ingest.partition(items, 2, ingest.device_names(lab["trusted"]))
+    assert len(parts) == 1, [[Path(c.path).name for c in p] for p in parts]
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None, jobs=2)
+    assert len(report.ingested) == 4 and report.rows == 4, report
+
+
+@pytest.fixture
+def cut_disk(tmp_path):
+    """An ext4 image on a loop device where unsynced data and metadata stay in the page cache
+    (TESTBED.md, power cuts). Yields (mount point, cut): ``cut()`` keeps only what reached the image
+    (after a journal commit forced by an unrelated fsync, as any other writer on the disk would cause),
+    then fsck and mount again."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and loop devices")
+    img, mnt = tmp_path / "disk.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    opts = "loop,data=writeback,noauto_da_alloc,commit=60"
+    subprocess.run(["mount", "-o", opts, str(img), str(mnt)], check=True)
+
+    def cut():
+        other = mnt / "other"
+        with open(other, "wb") as f:
+            f.write(b"x")
+            os.fsync(f.fileno())
+        subprocess.run(["cp", "--sparse=always", str(img), str(img) + ".cut"], check=True)
+        subprocess.run(["umount", str(mnt)], check=True)
+        os.replace(str(img) + ".cut", img)
+        subprocess.run(["e2fsck", "-p", "-f", str(img)], capture_output=True)
+        subprocess.run(["mount", "-o", opts, str(img), str(mnt)], check=True)
+
+    yield mnt, cut
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
+def test_a_power_cut_before_the_batch_is_synced_loses_no_earlier_reading(tmp_path, lab, cut_disk):
+    mnt, cut = cut_disk
+    lab["out"] = mnt / "data"
+    day = "2021-06-19"
+    seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes(day, ["00:00", "00:01"]), [30.0, 30.1]),
+                                     f"{day}T00:00:00.000Z", f"{day}T00:01:00.000Z", {})])
+    assert run_ingest(lab).returncode == 0
+    subprocess.run(["sync"], check=True)  # the first run is on the disk, ledger included
+    seal(tmp_path, lab, "hive-07", [("hive_climate", "b.csv", climate(minutes(day, ["00:02"]), [30.2]),
+                                     f"{day}T00:02:00.000Z", f"{day}T00:02:00.000Z", {})])
+    # The power goes as the second run asks for its batch to be made durable (its first sync()).
+    r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=sync",
+                        "-e", "inject=sync:signal=SIGKILL:error=ENOSYS", *CLI, "ingest", str(lab["upload"]),
+                        "--identity", str(lab["identity"]), "--trusted-devices", str(lab["trusted"]),
+                        "--out", str(lab["out"])], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
+    cut()
+    assert run_ingest(lab).returncode == 0
+    rows = list(csv.reader(open(lab["out"] / "hive-07" / day / "hive_climate" / f"hive-07@{day}.csv")))
+    assert [row[0] for row in rows] == ["time", *minutes(day, ["00:00", "00:01", "00:02"])], rows
+
+
+def test_decrypt_onto_a_full_disk_ends_in_one_line_not_a_traceback(tmp_path, lab):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    body = os.urandom(600_000)
+    b = seal(tmp_path, lab, "hive-07", [("mic", "a.bin", body, "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:10.000Z", {})])
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], check=True)
+    try:
+        r = cli("decrypt", b, "--identity", lab["identity"], "--out", full / "out", "--device-key", lab["trusted"])
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "No space left on device" in r.stderr, r.stderr
+        assert not [p for p in (full / "out").rglob("*")]  # the partial record went with the work directory
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_bundle_with_odd_fields_or_an_unreadable_csv_does_not_stop_the_run(tmp_path, lab):
+    day = "2021-06-19"
+    good = seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes(day, ["00:00"]), [30.0]),
+                                            f"{day}T00:00:00.000Z", f"{day}T00:00:00.000Z", {})])
+    # a start that is no string: the bundle's own start dates it
+    odd = seal(tmp_path, lab, "hive-07", [("hive_climate", "b.csv", climate(minutes(day, ["00:01"]), [30.1]),
+                                           None, None, {"gap_s": 60})])
+    far = seal(tmp_path, lab, "hive-07", [("hive_climate", "c.csv", b"time,temperature_c,humidity_rh\n",  # a gap
+                                           f"{day}T00:01:00.000Z", f"{day}T00:01:00.000Z", {"gap_s": 1e20})])  # < year 1
+    bad = {kind: seal(tmp_path, lab, "hive-08", [("hive_climate", f"{kind}.csv", body, f"{day}T00:02:00.000Z",
+                                                  f"{day}T00:02:00.000Z", {})])
+           for kind, body in (("latin1", "time,t\n2021-06-19T00:02:00.000Z,\xe9\n".encode("latin-1")),
+                              ("huge-field", b"time,t\n2021-06-19T00:02:00.000Z," + b"9" * 200_000 + b"\n"))}
+    r = run_ingest(lab)
+    assert r.returncode == 65 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert "ingested 3 bundle(s)" in r.stdout and "2 rejected" in r.stdout, r.stdout
+    rows = list(csv.reader(open(lab["out"] / "hive-07" / day / "hive_climate" / f"hive-07@{day}.csv")))
+    assert [row[0] for row in rows[1:]] == minutes(day, ["00:00", "00:01"]), (good, odd, far, rows)
+    for b in bad.values():
+        assert (lab["out"] / "rejected" / (b.name + ".reason")).read_text().startswith("reason: csv\n")
+    assert not (lab["out"] / "hive-08").exists()  # nothing of a rejected bundle is published
+
+
+def test_parquet_mirror_of_a_column_that_turns_to_text_late_in_the_day(tmp_path, lab):
+    import duckdb
+    day = "2021-06-19"
+    times = [f"{day}T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}.000Z" for i in range(21_001)]
+    body = "time,state\n" + "".join(f"{t},{i}\n" for i, t in enumerate(times[:-1])) + f"{times[-1]},swarming\n"
+    seal(tmp_path, lab, "hive-07", [("hive_state", "s.csv", body.encode(), times[0], times[-1], {})])
+    r = run_ingest(lab, "--parquet")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    got = duckdb.connect().execute(f"SELECT count(*), max(CASE WHEN state = 'swarming' THEN 1 ELSE 0 END) FROM "
+                                   f"read_parquet('{lab['out']}/parquet/**/*.parquet')").fetchone()
+    assert got == (21_001, 1)
+
+
+def test_a_signature_that_is_no_regular_file_is_rejected_without_hanging(tmp_path, lab):
+    import resource
+
+    def capped():  # a regression would read /dev/zero into memory: fail with MemoryError, not take the machine
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    folder = lab["upload"] / "hive-07"
+    bundles = []
+    for kind in ("zero", "fifo"):
+        b = seal(tmp_path, lab, "hive-07", [("hive_climate", f"{kind}.csv", climate(minutes("2021-06-19", ["00:00"]),
+                                                                                   [30.0]),
+                                             "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:00.000Z", {})])
+        sig = b.with_name(b.name + ".sig")
+        sig.unlink()
+        sig.symlink_to("/dev/zero") if kind == "zero" else os.mkfifo(sig)
+        bundles.append(b)
+        r = subprocess.run([*CLI, "decrypt", str(b), "--identity", str(lab["identity"]), "--out", str(tmp_path / "dec"),
+                            "--device-key", str(lab["trusted"])], capture_output=True, text=True, timeout=30,
+                           preexec_fn=capped)
+        assert r.returncode == 65 and "(malformed)" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = subprocess.run([*CLI, "ingest", str(lab["upload"]), "--identity", str(lab["identity"]), "--trusted-devices",
+                        str(lab["trusted"]), "--out", str(lab["out"])], capture_output=True, text=True, timeout=30,
+                       preexec_fn=capped)
+    assert r.returncode == 65 and "2 rejected" in r.stdout, r.stdout + r.stderr
+    assert folder.exists()
+
+
+def test_a_bundle_gone_or_dangling_during_the_scan_does_not_stop_the_run(tmp_path, lab):
+    good = seal(tmp_path, lab, "hive-07", [("hive_climate", "a.csv", climate(minutes("2021-06-19", ["00:00"]), [30.0]),
+                                            "2021-06-19T00:00:00.000Z", "2021-06-19T00:00:00.000Z", {})])
+    (good.parent / "hive-07_0_gone.tar.age").symlink_to(tmp_path / "nowhere")  # as if removed after the listing
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert report.ingested == [good.name]
+
+
+def test_a_record_name_seen_before_with_other_content_keeps_both_records(tmp_path, lab):
+    # After the device's clock stepped back (NTP), a new record can get the name of one ingested before.
+    day = "2021-06-19"
+    first, second = b"RIFF first recording", b"RIFF second recording, another hour"
+    for body in (first, second):
+        seal(tmp_path, lab, "hive-07", [("mic", "r.wav", body, f"{day}T10:00:00.000Z", f"{day}T10:01:00.000Z", {})])
+        report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+        assert len(report.ingested) == 1
+    folder = lab["out"] / "hive-07" / day / "mic"
+    records = sorted(p for p in folder.iterdir() if not p.name.endswith(archive.META_SUFFIX))
+    assert sorted(p.read_bytes() for p in records) == sorted([first, second]), records
+    for p in records:  # each beside its own manifest entry
+        assert json.loads(archive.sidecar_of(p).read_text())["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    # a rerun over the same bundles (the ledger lost) adds no third copy
+    (lab["out"] / ingest.LEDGER).unlink()
+    for p in lab["out"].glob(ingest.LEDGER + "-*"):
+        p.unlink()
+    ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert len(list(folder.iterdir())) == 4
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (scripts/setup)")
+def test_jobs_killed_before_their_commit_fail_the_run_and_the_next_run_completes_it(tmp_path, lab):
+    _fleet(tmp_path, lab)
+    # Each job process is killed as it asks for its first batch to be made durable (CSVs written, no commit).
+    r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=sync",
+                        "-e", "inject=sync:signal=SIGKILL:error=ENOSYS", *CLI, "ingest", str(lab["upload"]),
+                        "--identity", str(lab["identity"]), "--trusted-devices", str(lab["trusted"]),
+                        "--out", str(lab["out"]), "--jobs", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "ingest job(s) failed" in r.stderr and "Traceback" not in r.stderr, r.stdout + r.stderr
+    again = run_ingest(lab, "--jobs", "2")
+    assert again.returncode == 0 and "ingested 12 bundle(s)" in again.stdout, again.stdout + again.stderr
+    for daily in lab["out"].glob("hive-*/*/hive_climate/hive-*@*.csv"):
+        rows = list(csv.reader(open(daily)))[1:]
+        assert len(rows) == 20 and len(set(map(tuple, rows))) == 20, daily
+    third = run_ingest(lab, "--jobs", "2")
+    assert "ingested 0 bundle(s)" in third.stdout and "12 already ingested" in third.stdout, third.stdout
+
+
+def test_a_record_whose_folder_is_an_earlier_record_is_rejected_before_anything_is_published(tmp_path, lab):
+    day = "2021-06-19"
+    seal(tmp_path, lab, "hive-07", [("s", "a", b"x\n", f"{day}T00:00:00.000Z", f"{day}T00:00:00.000Z", {})])
+    assert len(ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None).ingested) == 1
+    body = climate(minutes(day, ["00:05"]), [30.0])
+    b = forge_signed(tmp_path, lab, "through-a-file", [("s/b.csv", body), ("s/a/c.bin", b"y\n")],
+                     json.loads(_manifest([{"path": "s/b.csv", "sensor": "s", "size": len(body), "start": f"{day}T00:05:00.000Z",
+                                            "sha256": hashlib.sha256(body).hexdigest(), "metadata": {}},
+                                           {"path": "s/a/c.bin", "sensor": "s", "size": 2, "start": f"{day}T00:05:00.000Z",
+                                            "sha256": hashlib.sha256(b"y\n").hexdigest(), "metadata": {}}])))
+    report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
+    assert [r[:2] for r in report.rejected] == [(b.name, "unsafe")], report.rejected
+    assert not (lab["out"] / "hive-07" / day / "s" / "b.csv").exists()

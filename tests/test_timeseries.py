@@ -164,3 +164,36 @@ def test_a_push_that_fails_is_kept_and_sent_by_the_next_run(tmp_path, lab, vm): 
     urllib.request.urlopen(vm + "/internal/force_flush", timeout=30).read()
     want = csv_values(lab["out"], "temperature_c")
     wait_for(lambda: series(vm, "beemond_temperature_c") == want, 30, "the kept readings in VictoriaMetrics")
+
+
+def test_readings_of_a_run_killed_while_pushing_are_sent_by_the_next_run(tmp_path, lab, vm):  # noqa: F811
+    import os
+    import signal
+    import socket
+    import sys
+
+    for host, recs in fleet_records(T0, 10).items():
+        seal(tmp_path, lab, host, recs)
+    args = ["ingest", lab["upload"], "--identity", lab["identity"], "--trusted-devices", lab["trusted"], "--out", lab["out"]]
+    stall = socket.socket()  # answers nothing: the POST waits there until the run is killed (cron's timeout, a reboot)
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(4)
+    stall.settimeout(60)
+    p = subprocess.Popen([sys.executable, "-m", "beemond", *map(str, args), "--push",
+                          f"http://127.0.0.1:{stall.getsockname()[1]}/write"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        conn, _ = stall.accept()
+        conn.recv(65536)  # the batch is on its way: the ledger has committed it
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+        conn.close()
+    finally:
+        stall.close()
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    again = cli(*args, "--push", vm + "/write")  # nothing new to ingest; the killed run's readings go now
+    assert again.returncode == 0 and "40 reading(s) pushed" in again.stdout, again.stdout + again.stderr
+    urllib.request.urlopen(vm + "/internal/force_flush", timeout=30).read()
+    want = csv_values(lab["out"], "temperature_c")
+    wait_for(lambda: series(vm, "beemond_temperature_c") == want, 30, "the killed run's readings in VictoriaMetrics")

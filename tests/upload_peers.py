@@ -9,7 +9,6 @@ import random
 import selectors
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FtpServer, free_port
+from link_proxy import reset_socket
 
 VSFTPD = shutil.which("vsftpd") or ("/usr/sbin/vsftpd" if os.path.exists("/usr/sbin/vsftpd") else None)
 SSHD = "/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None
@@ -141,15 +141,6 @@ class Sshd:
         stop(self.proc)
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the kernel sends RST instead of FIN, like a dropped mobile link."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
-
-
 class ResetProxy:
     """A TCP proxy on 127.0.0.1 to *target_port* that resets each connection (both sides) after a
     random number of bytes in [min_bytes, max_bytes], until *resets* connections have been reset."""
@@ -196,7 +187,7 @@ class ResetProxy:
         try:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
         except OSError:
-            _reset(client)
+            reset_socket(client)
             return
         sel = selectors.DefaultSelector()
         sel.register(client, selectors.EVENT_READ, upstream)
@@ -220,5 +211,5 @@ class ResetProxy:
             pass
         finally:
             sel.close()
-            _reset(client)
-            _reset(upstream)
+            reset_socket(client)
+            reset_socket(upstream)

@@ -30,7 +30,8 @@ tree the lab's user may only read) stays where it is, its ``NAME.reason`` writte
 reported again by every run (from the ledger: it is not read again until it changes).
 
 Idempotent and crash-safe: records are renamed into place, each day's CSV is rewritten under a temporary
-name and renamed, a ``sync()`` makes the batch durable, and only then does the ledger
+name, a ``sync()`` makes the batch durable, the CSVs are renamed over their predecessors and synced again,
+and only then does the ledger
 (``DATA_DIR/ledger.sqlite``, SQLite in WAL mode; an ``ingested.json`` from older versions is migrated once)
 commit the batch. A crash before the commit makes the next run redo those bundles, which rewrites the
 same files and adds no row (merging is a set union). Bundles in the upload tree are never deleted. One
@@ -43,6 +44,7 @@ shared ledger (SQLite serialises the commits).
 
 from __future__ import annotations
 
+import base64
 import csv
 import errno
 import fcntl
@@ -90,7 +92,7 @@ class Rejected(Exception):
     """A bundle that fails a check. ``reason``: ``unsigned``, ``malformed``, ``untrusted``, ``truncated``,
     ``mismatch`` (signature); ``undecryptable``; ``manifest`` (hashes, members, signing key); ``oversize``
     (over a limit, or more than the bundle can hold); ``unsafe`` (a member name or type, or a host or
-    sensor name unfit for a path); ``host`` (the manifest's host is not the signing device's name)."""
+    sensor name unfit for a path); ``csv`` (a CSV record that is not UTF-8 CSV); ``host`` (the manifest's host is not the signing device's name)."""
 
     def __init__(self, reason: str, message: str):
         self.reason = reason
@@ -223,15 +225,18 @@ def scan(tree: Path, out: Path, ledger: Ledger, report: Report, print=print) -> 
                 continue
             if not e.name.endswith(".tar.age"):
                 continue
-            st = e.stat()
+            try:
+                st = e.stat()
+            except OSError as err:  # gone since the listing (an uploader's rename), or a dangling symlink
+                print(f"error {e.name}: {err.strerror or err}; skipped")
+                continue
             sig_name = e.name + crypto.SIG_SUFFIX
             sig_bytes = b""
             if sig_name in names:
                 try:
-                    with open(os.path.join(d, sig_name), "rb") as f:
-                        sig_bytes = f.read(1 << 16)
-                except OSError:
-                    pass
+                    sig_bytes = crypto.read_signature_bytes(Path(d, sig_name))
+                except (OSError, crypto.SignatureError):
+                    pass  # read again, and judged, with the bundle
             sig = hashlib.sha256(sig_bytes).hexdigest() if sig_bytes else ""
             if known is None:
                 known = ledger.known_files(d)
@@ -252,7 +257,7 @@ def scan(tree: Path, out: Path, ledger: Ledger, report: Report, print=print) -> 
 def _partition_key(sig_bytes: bytes, name: str) -> str:
     try:
         pub = crypto._parse_signature(sig_bytes)[0]
-        return hashlib.sha256(pub).hexdigest()
+        return "SHA256:" + base64.b64encode(hashlib.sha256(pub).digest()).decode().rstrip("=")  # its fingerprint
     except crypto.SignatureError:
         return "name:" + name.split("_", 1)[0]
 
@@ -360,17 +365,27 @@ class Worker:
                 if not NAME_RE.match(sensor) or not rec["path"].startswith(sensor + "/"):
                     raise Rejected("unsafe", f"record {rec['path']!r} has an invalid sensor {sensor!r}")
                 date = _date_of(rec.get("start", "")) or _date_of(manifest.get("start", "")) or "unknown-date"
+                if rec["path"][len(sensor) + 1:] in (f"{host}@{date}.csv", GAPS):
+                    # moved into place, it would replace the day's merged readings or gaps
+                    raise Rejected("unsafe", f"record {rec['path']!r} is named like the lab's own {host}@{date}.csv "
+                                             f"or {GAPS}")
                 moves.append((rec, date, sensor, rec["path"][len(sensor) + 1:]))
+                in_the_way = _in_the_way(self.out / host / date / sensor / moves[-1][3], self.out / host)
+                if in_the_way is not None:
+                    raise Rejected("unsafe", f"record {rec['path']!r} cannot go where {in_the_way} is")
+            # Read before anything is published: a CSV that cannot be read rejects the whole bundle.
+            tables = {rec["path"]: _read_csv(work / rec["path"]) for rec, *_ in moves
+                      if Path(rec["path"]).suffix.lower() == ".csv"}
             for rec, date, sensor, rel in moves:
-                dest = self.out / host / date / sensor / rel
+                dest = _free_name(self.out / host / date / sensor / rel, rec["sha256"])
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(work / rec["path"], dest)
                 self.touched.add(dest)
                 meta = {**rec, "bundle": manifest.get("name", bundle.name), "signing_key": fp}
                 _replace(archive.sidecar_of(dest), json.dumps(meta, indent=1, sort_keys=True).encode())
                 self._gap_from_metadata(host, sensor, date, rec)
-                if dest.suffix.lower() == ".csv":
-                    self._merge_rows(host, sensor, date, dest)
+                if rec["path"] in tables:
+                    self._merge_rows(host, sensor, date, tables[rec["path"]])
             self.digests.add(got.digest)
             self.pending_bundles.append((got.digest, bundle.name, host, len(moves), fp,
                                          archive.utc_iso(datetime.now(timezone.utc))))
@@ -392,6 +407,8 @@ class Worker:
         ``after_restart``: the first record after a restart) ends at the record's start."""
         meta = rec.get("metadata") or {}
         gap_s, restart = meta.get("gap_s"), meta.get("after_restart") is True
+        if not isinstance(rec.get("start"), str):
+            return
         if not isinstance(gap_s, (int, float)) or isinstance(gap_s, bool) or not math.isfinite(gap_s) or gap_s < 0:
             gap_s = None
         if gap_s is None and not restart:
@@ -400,14 +417,15 @@ class Worker:
             end = archive.parse_iso(rec.get("start", ""))
         except (ValueError, TypeError):
             return
-        start = end if gap_s is None else datetime.fromtimestamp(end.timestamp() - gap_s, timezone.utc)
+        try:
+            start = end if gap_s is None else datetime.fromtimestamp(end.timestamp() - gap_s, timezone.utc)
+        except (OverflowError, ValueError, OSError):  # a gap reaching before year 1: no such gap
+            return
         day = self._day(host, sensor, date)
         day.gaps.add((archive.utc_iso(start), archive.utc_iso(end), "" if gap_s is None else f"{gap_s:g}",
                       "after_restart" if restart else "device"))
 
-    def _merge_rows(self, host: str, sensor: str, date: str, record: Path) -> None:
-        with open(record, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+    def _merge_rows(self, host: str, sensor: str, date: str, rows: list[list[str]]) -> None:
         if not rows:
             return
         header, body = rows[0], rows[1:]
@@ -427,7 +445,13 @@ class Worker:
 
     def flush(self) -> None:
         """Write the pending days' CSVs, gaps and mirrors, make every new file durable, then commit the
-        batch to the ledger, then push its new readings."""
+        batch to the ledger, then push its new readings.
+
+        A day's CSV and gaps.csv also hold what earlier, committed batches merged, which no rerun would
+        redo: each replaces its predecessor only once its own data is on the disk (written under a
+        temporary name, ``sync()``, renamed, ``sync()`` again before the ledger commit)."""
+        staged: list[tuple[Path, Path]] = []
+        mirrors: list[tuple[str, str, str, Path]] = []
         for (host, sensor, date), day in sorted(self.pending_days.items()):
             folder = self.out / host / date / sensor
             path = folder / f"{host}@{date}.csv"
@@ -447,31 +471,45 @@ class Worker:
                 w.writerow(header)
                 ordered = sorted(rows)
                 w.writerows(ordered)
-                _replace(path, buf.getvalue().encode())
-                self.touched.add(path)
+                staged.append((_stage(path, buf.getvalue().encode()), path))
                 if self.opt.parquet:
-                    self._parquet(host, sensor, date, path)
+                    mirrors.append((host, sensor, date, path))
                 if self.opt.push and len(rows) > before:
                     new = rows - _union(old[0], old_rows, header)[1] if old_rows else rows
                     self.push_lines += line_protocol(host, sensor, header, new)
             else:
                 ordered = []
-            self._write_gaps(folder, header, ordered, day.gaps)
+            self._write_gaps(folder, header, ordered, day.gaps, staged)
         self.pending_days.clear()
-        if self.touched:
+        kept = None
+        if self.push_lines:
+            # Kept on disk before any CSV shows these rows: once a CSV holds them they are no longer new,
+            # so a run killed while pushing would otherwise never send them. Renamed first, so a CSV
+            # rename that survives a crash implies this one did.
+            kept = self.out / PUSH_PENDING / f"{time.time_ns()}-{os.getpid()}.lp"
+            kept.parent.mkdir(exist_ok=True)
+            staged.insert(0, (_stage(kept, ("\n".join(self.push_lines) + "\n").encode()), kept))
+            self.push_lines = []
+        if self.touched or staged:
             # One sync() for the batch instead of an fsync per file: thousands of small files per run,
             # and the ledger below must not claim a bundle whose files are still in the page cache.
             os.sync()
             self.touched.clear()
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        for mirror in mirrors:
+            self._parquet(*mirror)
+        if staged or mirrors:
+            os.sync()
         b, f = self.pending_bundles, self.pending_files
         for i in range(0, max(len(b), len(f)), COMMIT_BUNDLES):
             self.ledger.commit(b[i:i + COMMIT_BUNDLES], f[i:i + COMMIT_BUNDLES])
         self.pending_bundles, self.pending_files = [], []
-        if self.push_lines:
-            lines, self.push_lines = self.push_lines, []
-            self.report.pushed += push(self.opt.push, lines, self.out / PUSH_PENDING, self.report)
+        if kept is not None:
+            self.report.pushed += push(self.opt.push, kept.parent, self.report, files=[kept])
 
-    def _write_gaps(self, folder: Path, header: list[str], rows: list[tuple], declared: set) -> None:
+    def _write_gaps(self, folder: Path, header: list[str], rows: list[tuple], declared: set,
+                    staged: list[tuple[Path, Path]]) -> None:
         path = folder / GAPS
         kept = set(declared)
         if path.exists():
@@ -484,8 +522,7 @@ class Worker:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["start", "end", "duration_s", "source"])
         w.writerows(sorted(kept | set(holes)))
-        _replace(path, buf.getvalue().encode())
-        self.touched.add(path)
+        staged.append((_stage(path, buf.getvalue().encode()), path))
 
     def _parquet(self, host: str, sensor: str, date: str, csv_path: Path) -> None:
         if self._duck is None:
@@ -496,8 +533,10 @@ class Worker:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = archive.temp_name(dest.parent, dest.name)
         # Names are checked (HOST_RE, NAME_RE, a date): safe inside SQL string literals.
-        self._duck.execute(f"COPY (SELECT * FROM read_csv('{csv_path}', header=true, auto_detect=true)) "
-                           f"TO '{tmp}' (FORMAT parquet)")
+        # sample_size=-1: column types from every row, so a column that turns to text late in the day
+        # is text, not a conversion error on every run from then on.
+        self._duck.execute(f"COPY (SELECT * FROM read_csv('{csv_path}', header=true, auto_detect=true, "
+                           f"sample_size=-1)) TO '{tmp}' (FORMAT parquet)")
         os.replace(tmp, dest)
         self.touched.add(dest)
 
@@ -579,31 +618,33 @@ def line_protocol(host: str, sensor: str, header: list[str], rows) -> list[str]:
     return lines
 
 
-def push(url: str, lines: list[str], pending: Path, report: Report, chunk: int = 20000, resend: bool = False) -> int:
-    """POST *lines* to *url* in batches; a failed batch is kept as a file in *pending* (and its error in
-    ``report.push_errors``). With *resend*, first send the batches kept there by earlier runs (one process
-    only: the end of a run). Returns the number of lines sent."""
+def push(url: str, pending: Path, report: Report, chunk: int = 20000, files: list[Path] | None = None) -> int:
+    """POST the line-protocol files *files* (default: every ``*.lp`` kept in *pending*; one process
+    only, the end of a run) to *url* in batches of *chunk* lines. A file is removed once all its lines
+    were accepted, and kept for the next run otherwise (the error in ``report.push_errors``): at least
+    once, since a point sent twice has the same series and time. Returns the number of lines sent."""
     import urllib.error
     import urllib.request
 
     sent = 0
-    batches = [(None, lines[i:i + chunk]) for i in range(0, len(lines), chunk)]
-    if resend and pending.is_dir():
-        batches = [(p, p.read_text().splitlines()) for p in sorted(pending.glob("*.lp"))] + batches
-    for path, batch in batches:
-        try:
-            req = urllib.request.Request(url, data=("\n".join(batch) + "\n").encode(), method="POST")
-            with urllib.request.urlopen(req, timeout=60) as r:
-                r.read()
-        except (urllib.error.URLError, OSError) as e:
-            report.push_errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
-            if path is None:
-                with archive.atomic_writer(pending / f"{time.time_ns()}-{os.getpid()}.lp", "w") as f:
-                    f.write("\n".join(batch) + "\n")
-            continue
-        sent += len(batch)
-        if path is not None:
-            path.unlink()
+    if files is None:
+        files = sorted(pending.glob("*.lp")) if pending.is_dir() else []
+    for path in files:
+        lines, failed = path.read_text().splitlines(), False
+        for i in range(0, len(lines), chunk):
+            batch = lines[i:i + chunk]
+            try:
+                req = urllib.request.Request(url, data=("\n".join(batch) + "\n").encode(), method="POST")
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    r.read()
+            except (urllib.error.URLError, OSError) as e:
+                report.push_errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
+                failed = True
+                break
+            sent += len(batch)
+        if failed:  # the server is down or stalls: the rest waits for the next run too
+            break
+        path.unlink()
     return sent
 
 
@@ -650,7 +691,7 @@ def run(upload_tree, identity_file, trusted_dir, out, print=print, jobs: int = 1
             report.merge(_run_parallel(items, jobs, out, identity_file, trusted_dir, names, options, print, bar))
         bar.close()
         if options.push:  # what an earlier run (or a worker above) could not send
-            report.pushed += push(options.push, [], out / PUSH_PENDING, report, resend=True)
+            report.pushed += push(options.push, out / PUSH_PENDING, report)
         write_readme(out, options.licence)
         (out / DIRTY).unlink(missing_ok=True)
     finally:
@@ -659,12 +700,14 @@ def run(upload_tree, identity_file, trusted_dir, out, print=print, jobs: int = 1
     return report
 
 
-def partition(items: list[Candidate], jobs: int) -> list[list[Candidate]]:
-    """Split *items* into at most *jobs* lists, all of one key (signer, so host) in one list, balanced
-    by bytes (largest group first onto the lightest list)."""
+def partition(items: list[Candidate], jobs: int, names: dict[str, str] | None = None) -> list[list[Candidate]]:
+    """Split *items* into at most *jobs* lists, all of one host in one list (the device name of the
+    signer in *names*, {fingerprint: name}: a host whose key was replaced has two), balanced by bytes
+    (largest group first onto the lightest list)."""
+    names = names or {}
     groups: dict[str, list[Candidate]] = {}
     for c in items:
-        groups.setdefault(c.key, []).append(c)
+        groups.setdefault(names.get(c.key, c.key), []).append(c)
     parts: list[list[Candidate]] = [[] for _ in range(jobs)]
     load = [0] * jobs
     for g in sorted(groups.values(), key=lambda g: -sum(c.size for c in g)):
@@ -695,7 +738,7 @@ def _run_parallel(items, jobs, out, identity_file, trusted_dir, names, options, 
 
     ctx = multiprocessing.get_context("forkserver")  # no fork of a process that may hold threads
     q = ctx.Queue()
-    parts = partition(items, jobs)
+    parts = partition(items, jobs, names)
     procs = [ctx.Process(target=_job, args=(i, p, str(out), str(identity_file), str(trusted_dir), names, options, q),
                          name=f"ingest-{i}") for i, p in enumerate(parts)]
     for p in procs:
@@ -793,6 +836,7 @@ Licence: {licence or "not stated yet: add the licence under which this data is s
 - `<host>/<date>/<sensor>/<record>`: each record as the device wrote it (CSV readings, FLAC/WAV audio,
   JSON analysis results such as audio band power or alerts, JPEG/MP4 images), beside
   `<record>.meta.json` (its manifest entry: sensor, start, end, size, sha256, metadata; bundle; signing key).
+  A record whose name another record of that day already had is `NAME~<first 12 hex digits of its SHA-256>.EXT`.
 - `<host>/<date>/<sensor>/<host>@<date>.csv`: every reading of that sensor on that UTC day, one row per
   reading, sorted by `time`, no duplicates; archival format, with the FLAC audio.
 - `<host>/<date>/<sensor>/gaps.csv`: `start,end,duration_s,source`: stretches without readings.
@@ -837,9 +881,51 @@ def _move_aside(src: Path, dest: Path) -> None:
 
 def _replace(path: Path, data: bytes) -> None:
     """Temp name, then rename: a reader never sees half a file; durability comes from flush's sync()."""
+    os.replace(_stage(path, data), path)
+
+
+def _in_the_way(dest: Path, top: Path) -> Path | None:
+    """What keeps a record from *dest*: a directory there, or a file where one of its folders below
+    *top* would be (an earlier record ``s/a`` for ``s/a/b``). None when nothing does."""
+    if dest.is_dir():
+        return dest
+    for folder in dest.parents:
+        if folder == top:
+            return None
+        if folder.exists() and not folder.is_dir():
+            return folder
+    return None
+
+
+def _free_name(dest: Path, sha256: str) -> Path:
+    """Where a record of SHA-256 *sha256* (hex) goes: *dest*, unless that holds another record (a name
+    the device used again after its clock stepped back), then ``NAME~<sha256[:12]>.EXT`` beside it.
+    Only a name that is taken costs a read of the file there."""
+    for candidate in (dest, dest.with_name(f"{dest.stem}~{sha256[:12]}{dest.suffix}")):
+        if not candidate.exists() or _sha256_of(candidate) == sha256:
+            return candidate
+    return candidate  # the same 48 bits of two different records: overwrite the alternate, not the first
+
+
+def _sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    """The rows of a CSV record. Raises :class:`Rejected` (``csv``) for one that is not UTF-8 CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise Rejected("csv", f"{path.name} is not a UTF-8 CSV: {str(e)[:80]}") from None
+
+
+def _stage(path: Path, data: bytes) -> Path:
+    """*data* written under a temporary name beside *path* (swept by the next run after a crash)."""
     tmp = archive.temp_name(path.parent, path.name)
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    return tmp
 
 
 def _union(header: list[str], rows: set, other: list[str], other_rows: set = frozenset()):
@@ -862,7 +948,9 @@ def _union(header: list[str], rows: set, other: list[str], other_rows: set = fro
 
 
 def _date_of(text: str) -> str | None:
-    """``YYYY-MM-DD`` (UTC) of an ISO 8601 time, or None."""
+    """``YYYY-MM-DD`` (UTC) of an ISO 8601 time, or None (also for a manifest's null or number)."""
+    if not isinstance(text, str):
+        return None
     try:
         return archive.parse_iso(text).strftime("%Y-%m-%d")
     except (ValueError, TypeError):

@@ -110,7 +110,7 @@ def day_data(day_dir: Path) -> dict:
         try:
             body = json.loads(rec.read_text(encoding="utf-8"))
             meta = json.loads(archive.sidecar_of(rec).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # a record nested deeper than the parser's stack
             continue
         start = meta.get("start", "")
         if not isinstance(body, dict) or _t(start) is None:

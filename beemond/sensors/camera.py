@@ -73,12 +73,16 @@ class CameraStall(RuntimeError):
     """No frame (or no answer from the camera) within ``stall_timeout_s``."""
 
 
-def hardware_backend():
-    """picamera2's ``Picamera2``, ``H264Encoder`` and ``PyavOutput``. Raises :class:`CameraUnavailable`."""
+def hardware_backend(clips: bool = True):
+    """picamera2's ``Picamera2``, ``H264Encoder`` and ``PyavOutput``. Raises :class:`CameraUnavailable`.
+    Without *clips* the encoder and output stay unimported (``None``): ``picamera2.outputs`` imports
+    PyAV, about 19 MB in this process, which a stills-only camera never uses."""
     try:
         from picamera2 import Picamera2
-        from picamera2.encoders import H264Encoder
-        from picamera2.outputs import PyavOutput
+        H264Encoder = PyavOutput = None
+        if clips:
+            from picamera2.encoders import H264Encoder
+            from picamera2.outputs import PyavOutput
     except ImportError as e:
         raise CameraUnavailable(
             f"the camera needs the picamera2 package (0.3.20 or later, for PyavOutput), which could not be "
@@ -154,7 +158,7 @@ class CameraWorker:
 
                 backend = StandInBackend()
             else:
-                backend = hardware_backend()
+                backend = hardware_backend(clips=sensor.clip_interval_s > 0 or sensor.on_capture_now == "clip")
         self.backend = backend
         self.daylight = None
         if sensor.daylight_only:

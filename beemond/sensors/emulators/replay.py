@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     index: int          # position among the filtered rows, from 0
     time: datetime      # UTC
