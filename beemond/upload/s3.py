@@ -44,7 +44,6 @@ from __future__ import annotations
 import base64
 import datetime
 import errno
-import fcntl
 import hashlib
 import hmac
 import http.client
@@ -54,12 +53,10 @@ import posixpath
 import re
 import select
 import socket
-import struct
-import termios
 import time
 import urllib.parse
 
-from beemond.upload import LocalFileError, PermanentError, TransportError
+from beemond.upload import LocalFileError, PermanentError, TransportError, in_flight, shut
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +94,6 @@ def sigv4_headers(method: str, host: str, path: str, query: str, headers: dict[s
     out["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope},SignedHeaders={';'.join(signed)},"
                             f"Signature={signature}")
     return out
-
-
-def _unacked(sock) -> int:
-    """Bytes queued on TCP socket *sock* not yet acknowledged by the peer (Linux SIOCOUTQ; 0 if unknown)."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (OSError, ValueError, AttributeError):
-        return 0
 
 
 def _error_code(body: bytes) -> str:
@@ -158,17 +147,12 @@ class S3Transport:
         """Bytes written to the connection and not yet acknowledged by the server: the uploader's stall
         guard counts a shrinking queue as progress (a PUT's last megabytes drain for minutes at 10 KB/s)."""
         conn = self.conn
-        return _unacked(conn.sock) if conn is not None and conn.sock is not None else 0
+        return in_flight(conn.sock) if conn is not None and conn.sock is not None else 0
 
     def abort(self) -> None:
         """From another thread: shut the socket down so that a blocked send or read returns."""
         conn = self.conn
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(2)   # socket.SHUT_RDWR
-            except OSError:
-                pass
+        shut(conn.sock if conn is not None else None)
 
     def connect(self) -> None:
         self._secret = self.up.password()   # read now: a rotated credential is picked up on reconnect
@@ -239,7 +223,7 @@ class S3Transport:
         """After a body: wait while the kernel's send queue still shrinks. On a slow link it holds many
         seconds of data (autotuned to megabytes), and the reply's timeout must start only once the
         server has had every byte; a queue that stops shrinking for ``timeout_s`` is a stall."""
-        last, since = _unacked(sock), time.monotonic()
+        last, since = in_flight(sock), time.monotonic()
         poll = select.poll()
         poll.register(sock, select.POLLERR | select.POLLHUP)
         while last > 0:
@@ -247,7 +231,7 @@ class S3Transport:
             if poll.poll(int(min(50, last / 1000))):
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
                 raise ConnectionResetError(err, os.strerror(err))
-            queued = _unacked(sock)
+            queued = in_flight(sock)
             if queued < last:
                 last, since = queued, time.monotonic()
             elif time.monotonic() - since > self.up.timeout_s:
