@@ -333,6 +333,7 @@ class Health:
                 "uploaded": {"files": self.uploaded_files, "bytes": self.uploaded_bytes, "errors": self.upload_errors},
                 "alerts": [{"sensor": s, "alert": a, "count": n} for (s, a), n in sorted(self.alerts.items())],
                 "clock": {"synchronised": clock_synchronised(self.clock_check)},
+                **({"telemetry": dict(self.telemetry)} if self.cfg.telemetry.active else {}),
             }
 
 

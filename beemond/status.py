@@ -198,6 +198,10 @@ def format_status(st: dict) -> str:
     lines.append(f"last upload: {st['last_upload'] or 'none since start'}"
                  + (f" ({_ago(st['last_upload_age_s'])})" if st["last_upload"] else "")
                  + f"; uploaded {up['files']} bundle(s), {_size(up['bytes'])}, {up['errors']} failed attempt(s)")
+    if "telemetry" in st:
+        tm = st["telemetry"]
+        lines.append(f"telemetry: {'connected' if tm['connected'] else 'NOT connected'}, {tm['buffered']} reading(s) "
+                     f"waiting, {tm['published']} published, {tm['dropped']} dropped")
     for a in st["alerts"]:
         lines.append(f"ALERT {a['alert']} on {a['sensor']}: {a['count']} since start")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -63,6 +64,16 @@ def main() -> int:
     ap.add_argument("--no-kill", action="store_true", help="do not SIGKILL the daemon during the outage")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="beemond-telemetry-"))
+    started: list = []   # the broker, subscriber and daemons, stopped whatever happens
+    try:
+        return run(args, tmp, started)
+    finally:
+        for peer in reversed(started):
+            (peer.kill_tree if isinstance(peer, Daemon) else peer.close if isinstance(peer, Subscriber) else peer.stop)()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: Path, started: list) -> int:
     ident, rcpt, _public = crypto.keygen(tmp / "keys")
     keys = {"identity": ident, "recipient": rcpt}
     pw = tmp / "pw"
@@ -70,6 +81,7 @@ def main() -> int:
     port = free_port()
     broker = Mosquitto(tmp / "mosquitto", port).start()
     sub = Subscriber(port, "beemond/#")
+    started += [broker, sub]
     wait_until(lambda: sub.client.is_connected(), 10, "the subscriber")
     off = {f"sensors.{s}.enabled": False for s in ("hive_air", "hive_frames", "hive_audio", "hive_cam", "hive_gpio", "hive_scale")}
     off.update({f"processors.{p}.enabled": False for p in ("hive_bands", "hive_swarm")})
@@ -93,6 +105,7 @@ def main() -> int:
             time.sleep(min(1.0, max(0.0, end - time.monotonic())))
 
     d = Daemon(cfg, tmp / "run1.log")
+    started.append(d)
     d.wait_log(r"telemetry: connected to", timeout=60)
     run_for(d, 15)
     broker.stop()
@@ -105,6 +118,7 @@ def main() -> int:
         d.kill_tree()
         print(f"daemon SIGKILLed with {len(held_before_kill)} climate reading(s) buffered; restarting it", flush=True)
         d = Daemon(cfg, tmp / "run2.log")
+        started.append(d)
     run_for(d, max(0.0, args.outage_s - (time.monotonic() - t_out)))
     held, buffer_bytes = buffered(spool)
     broker.start()
@@ -123,8 +137,6 @@ def main() -> int:
         recorded |= set(climate_rows(decrypt_with_age(bundle, ident)["members"]))
     lost = len(recorded - received) + len(held - {s["time"] for s in states})
     duplicates = len(states) - len({s["time"] for s in states})
-    sub.close()
-    broker.stop()
     print(f"recorded {len(recorded)} readings in sealed records; subscriber got {len(states)} messages")
     print(f"outage_s={args.outage_s:g} readings_in_outage={len(held)} catch_up_s={catch_up:.1f} lost={lost} "
           f"duplicates={duplicates} telemetry_pss_mb={peak[0] / 1024:.1f} telemetry_rss_mb={peak[1] / 1024:.1f} "

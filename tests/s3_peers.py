@@ -91,13 +91,16 @@ class SeaweedFS:
         finally:
             conn.close()
 
-    def objects(self, prefix: str = "") -> dict[str, str]:
-        """Key -> SHA-256 of every object under *prefix* (read back with GET)."""
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys under *prefix* (one listing, nothing read)."""
         status, body = self.request("GET", "", f"list-type=2&max-keys=1000&prefix={prefix}")
         assert status == 200, body[:300]
+        return [key.decode() for key in re.findall(rb"<Key>([^<]+)</Key>", body)]
+
+    def objects(self, prefix: str = "") -> dict[str, str]:
+        """Key -> SHA-256 of every object under *prefix* (read back with GET)."""
         out = {}
-        for key in re.findall(rb"<Key>([^<]+)</Key>", body):
-            k = key.decode()
+        for k in self.keys(prefix):
             s, data = self.request("GET", k)
             assert s == 200, (k, s)
             out[k] = hashlib.sha256(data).hexdigest()

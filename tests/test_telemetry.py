@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -208,6 +209,10 @@ def test_every_reading_reaches_the_subscriber_through_outages_and_a_kill(tmp_pat
     text, got = wait_until(scrape, 20, "telemetry metrics in a scrape")
     promtool_check(text)
     assert got["beemond_telemetry_dropped_total"][0][1] == 0
+    from test_health import beemond
+
+    assert re.search(r"^telemetry: connected, \d+ reading\(s\) waiting, \d+ published, 0 dropped$",
+                     beemond("status", "--config", str(cfg)).stdout, re.M)
     assert d2.terminate() == 0
 
     # Every reading of every sealed record reached the subscriber, value for value, at its own time.
