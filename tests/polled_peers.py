@@ -72,7 +72,8 @@ class Harness:
         out = []
         if not self.staging.is_dir():
             return out
-        for path in sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json")):
+        for path in sorted(p for p in self.staging.iterdir()
+                           if not p.name.endswith(".meta.json") and not p.name.startswith(".")):
             with open(path, newline="") as f:
                 table = list(csv.reader(f))
             meta = json.loads((path.parent / (path.name + ".meta.json")).read_text())

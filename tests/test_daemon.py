@@ -35,7 +35,9 @@ def _server_data(ftp, identity, manifests=None):
 
 def _spool_files(tmp_path):
     spool = tmp_path / "spool"
-    return sorted(p.relative_to(spool) for p in spool.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    # (hidden names are the sensors' journals and state, not records)
+    return sorted(p.relative_to(spool) for p in spool.rglob("*")
+                  if p.is_file() and not p.name.endswith(".lock") and not p.name.startswith("."))
 
 
 def test_end_to_end_every_replayed_row_exactly_once(tmp_path, keys, password_file, ftp, daemons):
@@ -77,7 +79,7 @@ def test_sigterm_then_restart_loses_nothing(tmp_path, keys, password_file, daemo
     assert d1.terminate() == 0, d1.log()
     outbox = sorted(p.name for p in (tmp_path / "spool" / "outbox").iterdir())
     assert len(outbox) >= 3
-    staged = [p for p in (tmp_path / "spool" / "staging").rglob("*") if p.is_file()]
+    staged = [p for p in (tmp_path / "spool" / "staging").rglob("*") if p.is_file() and not p.name.startswith(".")]
     assert staged == [], "SIGTERM must seal every staged record"
 
     # Run 2 on the same spool with the server up: the backlog goes out, and new data too.

@@ -179,7 +179,7 @@ class Harness:
             raise self.failure[0]
 
     def record(self) -> tuple[list[list[str]], dict]:
-        data = sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json"))
+        data = sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json") and not p.name.startswith("."))
         assert len(data) == 1, data
         with open(data[0], newline="") as f:
             table = list(csv.reader(f))
@@ -346,7 +346,7 @@ def test_persistent_failure_exits_the_worker(tmp_path: Path):
     h.scale.stop()
     assert not h.thread.is_alive()
     assert len(h.failure) == 1 and isinstance(h.failure[0], SensorFailure)
-    assert not h.staging.exists() or not any(h.staging.iterdir())   # no reading invented
+    assert not h.staging.exists() or not [p for p in h.staging.iterdir() if not p.name.startswith(".")]   # no reading invented
 
 
 def test_simulated_backend_reads_the_emulator_through_serial(tmp_path: Path):

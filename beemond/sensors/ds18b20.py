@@ -203,6 +203,17 @@ class DS18B20Worker(PolledSensorWorker):
         return [{"sensor": self.sensor.name, "values": {"temperature_celsius": v}, "labels": {"position": p}}
                 for p, v in zip(self.positions, reading) if v is not None]
 
+    def replay_position(self) -> dict | None:
+        if self.tree is None:
+            return None
+        return {p: pos for p, r in self.tree.replays.items() if (pos := r.position()) is not None} or None
+
+    def resume_replay(self, position: dict) -> None:
+        if self.tree is not None:
+            for p, pos in position.items():
+                if p in self.tree.replays:
+                    self.tree.replays[p].resume(pos)
+
     def tag(self):
         """Simulated: the replay row behind each position's value in the reading just taken."""
         return self._good_tags if self.tree is not None else None
