@@ -56,17 +56,34 @@ def state_path(sensor_staging: Path) -> Path:
 
 
 def partial_segment(sensor_staging: Path, stamp: str, ext: str) -> Path:
-    """The open audio segment (made durable every second or so; salvaged at the next start)."""
-    return Path(sensor_staging) / f".partial-{stamp}.{ext}"
+    """The open audio segment (made durable every second or so; salvaged at the next start). Its name
+    ends in neither the format's extension nor the temporary mark: no reader takes it for a record,
+    and the start-up clean-up of temporary files leaves it for the salvage."""
+    return Path(sensor_staging) / f".segment-{stamp}.{ext}.open"
 
 
 def partial_segments(sensor_staging: Path) -> list[Path]:
-    """Open segments left by a crash (their ``.json`` headers excluded)."""
-    return sorted(p for p in Path(sensor_staging).glob(".partial-*") if not p.name.endswith(".json"))
+    """Open segments left by a crash."""
+    return sorted(Path(sensor_staging).glob(".segment-*.open"))
+
+
+def partial_headers(sensor_staging: Path) -> list[Path]:
+    return sorted(Path(sensor_staging).glob(".segment-*.open.json"))
 
 
 def partial_header(segment: Path) -> Path:
+    """The JSON header beside an open segment (its start, trigger, device, schedule)."""
     return segment.with_name(segment.name + ".json")
+
+
+def partial_format(segment: Path) -> str:
+    """The audio format (``flac``, ``wav``) of an open segment, from its name."""
+    return Path(segment.name[:-len(".open")]).suffix.lstrip(".").lower()
+
+
+def failed_dir(spool: Path, sensor: str) -> Path:
+    """Where a file nobody can read goes, for a human (``spool/failed/<sensor>/``)."""
+    return Path(spool) / "failed" / sensor
 
 
 # ------------------------------------------------------------------------------------------ journal

@@ -429,7 +429,7 @@ def test_sighup_reload_invalid_then_valid(tmp_path, keys, password_file, ftp, da
     assert len(re.findall(r"started worker hive_audio", log)) == 1
     # The removed sensor flushed its open segment: no temporary file left in its staging.
     staging = Path(good["daemon"]["spool_dir"]) / "staging" / "hive_audio"
-    assert not [p for p in staging.iterdir() if p.name.startswith(".partial-") or ".tmp-" in p.name]
+    assert not [p for p in staging.iterdir() if p.name.startswith(".segment-") or ".tmp-" in p.name]
     assert not (tmp_path / "elsewhere").exists()
     d.wait_log(r"(?s)started worker hive_climate2.*sealed \S+", timeout=30)
     assert d.terminate() == 0, d.log()

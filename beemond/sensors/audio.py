@@ -24,14 +24,25 @@ bits). Segment times: ``start`` is estimated from the host's UTC clock at each b
 audio before it in the segment, taking the earliest estimate (blocks are delivered late, in bursts
 after a stall, never early); ``end`` is ``start`` plus frames / sample rate.
 
+Power cuts: the open segment is written to ``.segment-<ms>.<ext>.open`` in staging with a small JSON
+header beside it (its start, format, trigger), and flushed and fsynced every ``daemon.journal_sync_s``
+(1 s). At the next start a segment left open by a crash is salvaged (:func:`salvage_segment`) up to
+its last durable frame (FLAC: every frame that decodes, re-encoded; WAV: the header's sizes fixed,
+trailing all-zero frames of an unsynced tail dropped) and recorded with ``truncated: true`` and its
+real end. The first record of a run that follows an earlier one carries ``after_restart: true`` and
+``gap_s`` (seconds from the end of the last durable audio to its start).
+
 ``backend = "simulated"`` swaps only the stream class for
 :class:`beemond.sensors.emulators.audio.SimulatedInputStream`; this module's code is the same.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +50,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond import reading_journal as rj
 from beemond.clock import Clock
 from beemond.sensors.base import SensorFailure, write_staged
 
@@ -130,6 +142,8 @@ class AudioWorker:
         # the device, off once it is closed again.
         self.power = power_switch(sensor, channel.beat)
         self.powered = False
+        self.restart_gap: dict | None = None   # {"last": ISO|None} until the run's first segment is written
+        self.last_end: str | None = None       # end of the last segment written (ISO)
 
     def _power(self, on: bool) -> None:
         if on and not self.powered:
@@ -232,7 +246,32 @@ class AudioWorker:
             return self.cfg.daemon.heartbeat_interval_s
         return self.window.wait_s(datetime.now(timezone.utc), due)
 
+    def salvage(self) -> None:
+        """At start: record the segments a crash left open, and note the gap for this run's first one."""
+        state = rj.read_state(self.staging)
+        last = state.get("last_end") if state else None
+        existed = state is not None
+        for header in rj.partial_headers(self.staging):
+            if not header.with_name(header.name[:-len(".json")]).exists():
+                header.unlink(missing_ok=True)   # its segment was recorded; the crash came before this unlink
+        for segment in rj.partial_segments(self.staging):
+            existed = True
+            try:
+                end = salvage_segment(self, segment)
+            except (OSError, ValueError, RuntimeError) as e:
+                log.error("cannot salvage the open segment %s: %s; moving it to failed/", segment.name, e)
+                _set_aside(self, segment)
+                continue
+            if end is not None and (last is None or end > last):
+                last = end
+        if existed:
+            self.restart_gap = {"last": last}
+
     def run(self) -> None:
+        try:
+            self.salvage()
+        except OSError as e:
+            log.error("cannot salvage open segments: %s", e)
         writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
         writer.start()
         if self.window is None:
@@ -295,6 +334,10 @@ class AudioWorker:
                 writer.join(timeout=30)
                 self._power(False)
                 self.power.close()
+                try:
+                    rj.write_state(self.staging, {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
+                except OSError as e:
+                    log.warning("cannot write the audio state: %s", e)
 
     def _schedule(self, due: datetime | None) -> datetime:
         """Start the capture for slot *due* if it has come; return the slot to wait for next."""
@@ -369,9 +412,15 @@ class _Segment:
         self.frames = 0
         self.overflows = 0
         s = worker.sensor
-        self.tmp = archive.temp_name(worker.staging, f"segment-{archive.utc_stamp(self.start)}")
+        self.tmp = rj.partial_segment(worker.staging, str(int(start * 1000)), s.format)
+        self.header = rj.partial_header(self.tmp)
+        with archive.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
+            f.write(json.dumps({"start": start, "trigger": capture.trigger, "device": worker.device_name,
+                                "schedule": self._schedule()}).encode())
         self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
                                                subtype=s.subtype, format=s.format.upper())
+        self.synced_at = time.monotonic()
+        self.sync_s = worker.cfg.daemon.journal_sync_s
 
     @property
     def start(self) -> datetime:
@@ -389,6 +438,11 @@ class _Segment:
         self.frames += len(head)
         self.start_ts = min(self.start_ts, arrived - len(rest) / self.w.sensor.sample_rate_hz
                             - self.frames / self.w.sensor.sample_rate_hz)
+        if time.monotonic() - self.synced_at >= self.sync_s:
+            # Durable up to here within ~sync_s: a power cut loses at most that much (and a FLAC
+            # block the encoder still holds). sf_write_sync is an fsync of the file.
+            self.file.flush()
+            self.synced_at = time.monotonic()
         return rest
 
     def close(self) -> None:
@@ -404,7 +458,11 @@ class _Segment:
         self.w.overflows_total += self.overflows
         if self.overflows:
             log.warning("segment had %d input overflow(s)", self.overflows)
+        if self.w.restart_gap is not None:
+            metadata.update(rj.gap_metadata(self.w.restart_gap["last"], start))
         write_staged(self.w, start, end, metadata, tmp=self.tmp)
+        self.w.restart_gap, self.w.last_end = None, metadata["end"]
+        self.header.unlink(missing_ok=True)
 
     def _schedule(self) -> dict:
         s = self.w.sensor
@@ -413,3 +471,125 @@ class _Segment:
         return {"mode": "window", "window_start": s.window_start, "window_end": s.window_end,
                 "timezone": s.timezone or "local", "capture_s": s.capture_s, "every_s": s.every_s,
                 "slot": archive.utc_iso(self.capture.slot) if self.capture.slot else None}
+
+
+# ---- salvage of a segment cut by a crash or power failure
+
+def salvage_segment(worker, segment: Path) -> str | None:
+    """Record *segment* (an open segment a crash left, :func:`beemond.reading_journal.partial_segment`)
+    up to its last durable frame, with ``truncated: true`` and its real end; return that end (ISO), or
+    None when it held no whole frame (then it is removed). Raises ``OSError``, ``ValueError`` (no
+    readable header) or ``RuntimeError`` (libsndfile)."""
+    s = worker.sensor
+    header_path = rj.partial_header(segment)
+    try:
+        header = json.loads(header_path.read_bytes())
+    except FileNotFoundError:
+        header = {"start": segment.stat().st_mtime, "trigger": "unknown", "device": "", "schedule": None}
+        log.warning("open segment %s has no header; its start is taken from its modification time", segment.name)
+    fmt = rj.partial_format(segment)
+    if fmt == "wav":
+        rate, channels, subtype, frames = _salvage_wav(segment)
+    else:
+        rate, channels, subtype, frames = _salvage_flac(worker.soundfile, segment)
+    if frames == 0:
+        segment.unlink(missing_ok=True)
+        header_path.unlink(missing_ok=True)
+        log.warning("open segment %s held no durable audio; removed", segment.name)
+        return None
+    start = datetime.fromtimestamp(header["start"], timezone.utc)
+    end = start + timedelta(seconds=frames / rate)
+    metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
+                "start": archive.utc_iso(start), "end": archive.utc_iso(end),
+                "sample_rate_hz": rate, "channels": channels, "frames": frames, "format": fmt,
+                "subtype": subtype, "overflows": 0, "device": header.get("device", ""),
+                "trigger": header.get("trigger", ""), "schedule": header.get("schedule"), "truncated": True}
+    write_staged(worker, start, end, metadata, tmp=segment, ext=fmt)
+    header_path.unlink(missing_ok=True)
+    log.warning("salvaged a segment cut by a crash: %d frames (%.1f s), %s to %s", frames, frames / rate,
+                metadata["start"], metadata["end"])
+    return metadata["end"]
+
+
+def _salvage_wav(path: Path) -> tuple[int, int, str, int]:
+    """Fix a WAV's RIFF and data sizes in place for the whole frames on disk (trailing all-zero frames,
+    an unsynced tail a power cut left as zeros, dropped). Returns (rate, channels, subtype, frames)."""
+    with open(path, "r+b") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError("not a RIFF/WAVE file")
+        fmt = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise ValueError("no data chunk")
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt ":
+                body = f.read(size)
+                _tag, channels, rate, _bps, align, bits = struct.unpack("<HHIIHH", body[:16])
+                fmt = (rate, channels, f"PCM_{bits}", align)
+                f.seek(size % 2, os.SEEK_CUR)
+            elif cid == b"data":
+                break
+            else:
+                f.seek(size + size % 2, os.SEEK_CUR)
+        if fmt is None:
+            raise ValueError("no fmt chunk before the data")
+        rate, channels, subtype, align = fmt
+        data_at = f.tell()
+        total = os.fstat(f.fileno()).st_size
+        length = (total - data_at) // align * align
+        # Drop trailing zero frames, reading back in steps (a cut leaves at most ~1 s of them).
+        step = align * 4096
+        while length > 0:
+            lo = max(0, length - step)
+            f.seek(data_at + lo)
+            chunk = f.read(length - lo).rstrip(b"\x00")
+            length = lo + (len(chunk) + align - 1) // align * align
+            if chunk:
+                break
+        f.truncate(data_at + length)
+        f.seek(4)
+        f.write(struct.pack("<I", data_at + length - 8))
+        f.seek(data_at - 4)
+        f.write(struct.pack("<I", length))
+        f.flush()
+        os.fsync(f.fileno())
+    return rate, channels, subtype, length // align
+
+
+def _salvage_flac(soundfile, path: Path) -> tuple[int, int, str, int]:
+    """Decode every FLAC frame that reads back (libFLAC resynchronises on frame headers and checks each
+    frame's CRC; a torn or zero tail ends the stream) and write them to a fresh FLAC beside *path*,
+    which then replaces it. Returns (rate, channels, subtype, frames)."""
+    import numpy as np
+
+    with soundfile.SoundFile(path) as src:
+        rate, channels, subtype = src.samplerate, src.channels, src.subtype
+        dtype = "int16" if subtype == "PCM_16" else "int32"
+        blocks, frames = [], 0
+        while True:
+            try:
+                block = src.read(4096, dtype=dtype, always_2d=True)
+            except (RuntimeError, soundfile.LibsndfileError):  # the torn tail
+                break
+            if not len(block):
+                break
+            blocks.append(block)
+            frames += len(block)
+    tmp = archive.temp_name(path.parent, path.name.lstrip("."))
+    if frames:
+        with soundfile.SoundFile(tmp, "w", samplerate=rate, channels=channels, subtype=subtype, format="FLAC") as dst:
+            dst.write(np.concatenate(blocks))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return rate, channels, subtype, frames
+
+
+def _set_aside(worker, segment: Path) -> None:
+    """An open segment that cannot be salvaged goes to ``failed/<sensor>/`` for a human (never deleted)."""
+    dest = rj.failed_dir(worker.cfg.spool, worker.sensor.name) / segment.name.lstrip(".")[:-len(".open")]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(segment, dest)
+    rj.partial_header(segment).unlink(missing_ok=True)
