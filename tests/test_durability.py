@@ -190,3 +190,22 @@ def test_a_ds18b20_replay_needs_no_humidity_column(tmp_path):
     h.run(captures=2)
     _, table, _ = h.record()
     assert [row[1] for row in table[1:3]] == ["30.500", "31.000"], "the empty cell is skipped, not the file"
+
+
+def test_gpio_input_events_are_journaled_and_folded(tmp_path):
+    sensor = {"type": "gpio", "backend": "simulated", "record_window_s": 600,
+              "inputs": {"entrance": {"pin": 17, "kind": "button"}}}
+    h = Harness(tmp_path, "hive_gpio", sensor)
+    h.commands.put(ipc.Command("gpio_input", {"input": "entrance", "time": 1_700_000_000.25}))
+    h.run(captures=0)   # the shutdown writes the record and leaves a journal header
+    assert len(h.records()) == 1
+    # A crash with one event journaled but never recorded:
+    j = rj.ReadingJournal(rj.journal_path(h.staging))
+    row = ["2023-11-14T22:13:21.000Z", "entrance", "button", "17", "sent"]
+    j.append({"t": row[0], "v": row})
+    j.close()
+    h2 = Harness(tmp_path, "hive_gpio")
+    h2.run(captures=0)
+    (folded,) = [r for r in h2.records() if r[2].get("recovered_from_journal")]
+    assert folded[1][1:] == [row]
+    assert journal_entries(h.staging) == []
