@@ -220,3 +220,9 @@ def test_a_few_kills_of_the_whole_daemon_lose_and_repeat_no_replayed_row():
     assert result["lost"] == "0" and result["corrupt"] == "0", run.stdout + run.stderr
     assert result["replay_missing"] == "0" and result["replay_twice"] == "0", run.stdout + run.stderr
     assert int(result["replay_rows"]) > 10 and result["final_status"] == "0"
+
+
+def test_a_replay_timezone_must_be_an_iana_zone(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"replay\.timezone"):
+        write_config(tmp_path, "c", climate(replay={"file": str(URBAN), "timezone": "Mars/Olympus"}))
+        config.load(tmp_path / "beemond.toml")

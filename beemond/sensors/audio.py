@@ -421,6 +421,7 @@ class _Segment:
                                                subtype=s.subtype, format=s.format.upper())
         self.synced_at = time.monotonic()
         self.sync_s = worker.cfg.daemon.journal_sync_s
+        self.entry_synced = False   # the segment's directory entry (not only its data) is durable
 
     @property
     def start(self) -> datetime:
@@ -442,6 +443,9 @@ class _Segment:
             # Durable up to here within ~sync_s: a power cut loses at most that much (and a FLAC
             # block the encoder still holds). sf_write_sync is an fsync of the file.
             self.file.flush()
+            if not self.entry_synced:
+                archive.fsync_dir(self.tmp.parent)
+                self.entry_synced = True
             self.synced_at = time.monotonic()
         return rest
 
@@ -463,6 +467,10 @@ class _Segment:
         write_staged(self.w, start, end, metadata, tmp=self.tmp)
         self.w.restart_gap, self.w.last_end = None, metadata["end"]
         self.header.unlink(missing_ok=True)
+        try:   # so a crash before the next segment's first sync still knows where the audio ended
+            rj.write_state(self.w.staging, {"last_end": self.w.last_end})
+        except OSError as e:
+            log.warning("cannot write the audio state: %s", e)
 
     def _schedule(self) -> dict:
         s = self.w.sensor
