@@ -1,28 +1,40 @@
-"""Crash-safety soak: SIGKILL the whole daemon at random moments, restart it, then account for every
-reading.
+"""Crash-safety soak: SIGKILL the whole daemon (or cut its power) at random moments, restart it, then
+account for every reading.
 
 What it does
   Runs ``beemond run`` (the simulated hive of config/simulated.toml, sped up as in tests/conftest:
-  the SHT3x emulator replaying UrBAN hive 3629, the audio emulator, age to a fresh key) uploading to a
-  local pyftpdlib server (scripts/ftp_server.py). --kills times: start the daemon in its own session,
-  let it run a random 0.5..--max-gap s counted from the moment its climate worker started (so a slow,
-  loaded machine still kills working daemons rather than Python start-ups), SIGKILL the process group (orchestrator, forkserver, every
-  worker). What was durable is snapshotted every 0.25 s while it runs and right after the kill: every
-  record file in ``spool/staging`` (its climate readings parsed), and every bundle in ``spool/outbox``. Then one graceful run (--final-s, SIGTERM)
-  drains the spool.
+  the SHT3x emulator replaying UrBAN hive 3629 with replay resume on, the audio emulator in 10 s
+  segments, age to a fresh key) uploading to a local pyftpdlib server (scripts/ftp_server.py). The
+  climate record window is --record-window-s (5 s), so readings wait in the reading journal, not in
+  records. --kills times: start the daemon in its own session, let it run a random 0.5..--max-gap s
+  counted from the moment its climate worker started (so a slow, loaded machine still kills working
+  daemons rather than Python start-ups), SIGKILL the process group (orchestrator, forkserver, every
+  worker). With --power-cut the spool is on a loop-mounted ext4 (``LoopSpool``: data=writeback,
+  commit=60) and each kill is a power cut: SIGSTOP the group, copy the image (what reached the disk),
+  SIGKILL, unmount, put the copy back, e2fsck, mount; a control run first shows that the method
+  loses an unsynced write and a rename without a directory fsync (``control_*=1``). What was durable
+  is snapshotted every 0.25 s while it runs and right after the kill: every record file in
+  ``spool/staging`` (its climate readings parsed), and every bundle in ``spool/outbox``. Then one
+  graceful run (--final-s after its climate worker started, then SIGTERM) drains the spool.
 What it checks
   Every bundle on the server and left in the outbox decrypts with the stock ``age`` CLI and matches
   its manifest (size and SHA-256 of every member), else it counts as ``corrupt``. Every record and
   every climate reading in a snapshot, and every outbox bundle, must be found in an uploaded bundle or
-  still in the spool, else it counts as ``lost``. A reading must be a real UrBAN row (values as
-  replayed), else ``corrupt``. ``duplicates``: readings found in more than one place (allowed after a
-  crash by the design: a record re-sealed under its idempotent name).
-Readings held in a worker's memory when it is killed were never recorded and are not counted: the
-promise is about what was written.
+  still in the spool, else it counts as ``lost``. Replay resume (``replay_check``): the replayed rows
+  (by the ``replay.rows`` of each record's metadata) must be one unbroken run from the first row,
+  each with the UrBAN file's values (value for value; else ``corrupt``); a row missing counts as lost
+  (``replay_missing``), a row in two records of different names as ``replay_twice``; the same record
+  found twice (re-sealed under its idempotent name after a crash) is allowed and counted as
+  ``resealed``. Audio (``audio_loss``): per cut, the seconds between the cut and the end of the last
+  durable audio of that run (the salvaged segment); ``audio_cuts_over_2s`` must be 0.
+Rows read in the last second before a kill may not be durable; the resumed replay serves them again
+after the restart, so no row may be missing at all.
 
-Reproduce (from the repo root):  .venv/bin/python bench/soak.py [--kills 50] [--seed 1]
-Ends with one line: kills= lost= corrupt= duplicates= bundles= records= readings= seconds=
-Exit status 1 if lost or corrupt is not 0. Needs /usr/bin/age (``apt-get install -y age``).
+Reproduce (from the repo root):  .venv/bin/python bench/soak.py [--kills 50] [--seed 1] [--power-cut]
+Ends with one line: mode= kills= lost= corrupt= duplicates= replay_rows= replay_missing= replay_twice=
+resealed= audio_cuts= audio_loss_max_s= audio_cuts_over_2s= ... seconds=
+Exit status 1 if lost, corrupt, replay_twice or audio_cuts_over_2s is not 0. Needs /usr/bin/age
+(``apt-get install -y age``); --power-cut needs root (mount, losetup), mkfs.ext4 and e2fsck.
 """
 
 from __future__ import annotations

@@ -211,17 +211,6 @@ def test_gpio_input_events_are_journaled_and_folded(tmp_path):
     assert journal_entries(h.staging) == []
 
 
-def test_a_few_kills_of_the_whole_daemon_lose_and_repeat_no_replayed_row():
-    # The short version of the acceptance soak (bench/soak.py --kills 50, and --power-cut): SIGKILL of
-    # the whole process tree at random moments, replay resume on, then a graceful run drains the spool.
-    run = subprocess.run([sys.executable, str(HERE.parent / "bench" / "soak.py"), "--kills", "3", "--max-gap", "3",
-                          "--final-s", "4", "--seed", "7"], capture_output=True, text=True, timeout=240)
-    result = dict(kv.split("=", 1) for kv in run.stdout.strip().splitlines()[-1].split())
-    assert result["lost"] == "0" and result["corrupt"] == "0", run.stdout + run.stderr
-    assert result["replay_missing"] == "0" and result["replay_twice"] == "0", run.stdout + run.stderr
-    assert int(result["replay_rows"]) > 10 and result["final_status"] == "0"
-
-
 def test_a_replay_timezone_must_be_an_iana_zone(tmp_path):
     with pytest.raises(config.ConfigError, match=r"replay\.timezone"):
         write_config(tmp_path, "c", climate(replay={"file": str(URBAN), "timezone": "Mars/Olympus"}))
