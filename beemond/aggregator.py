@@ -12,13 +12,14 @@ in clear: a producer thread reads each record once, hashes it and hands the byte
 (``pyrage.encrypt_io``) through a small bounded queue, so sealing costs one read of the records and
 one write of the ciphertext, and at most ``QUEUE_CHUNKS`` MiB of memory.
 
-Bundle names are ``{host}_{start}_{group}_{digest}.tar.age``: ``start`` is the first record's start
+Bundle names are ``{host}_{start}_{group}_{digest}.tar.age`` (:data:`beemond.spool.BUNDLE_RE`): ``start`` is the first record's start
 (UTC, ISO 8601 basic), ``group`` is ``all`` or the sensor name, ``digest`` the first 12 hex digits of
 the SHA-256 of the member names. The same records always make the same name, so a bundle resealed
 after a crash replaces its twin instead of duplicating it.
 
 Order of durability: the bundle is fsynced and renamed into ``outbox/`` and the directory fsynced
-*before* any staged record it holds is deleted.
+*before* any staged record it holds is deleted. The aggregator writes the outbox and deletes from
+staging; it never deletes from the outbox (the uploader alone does, spool limits included).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
 import tarfile
 import tempfile
@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import __version__, archive, crypto, ipc
+from beemond.spool import Spool, bundle_filename
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ CHUNK = 1 << 20
 QUEUE_CHUNKS = 8
 ORPHAN_GRACE_S = 60.0
 RETRY_SEAL_S = 30.0
-QUOTA_CHECK_S = 10.0   # spool quota check interval, besides one after every seal
-BUNDLE_RE = re.compile(r"^(?P<host>.+)_(?P<start>\d{8}T\d{6}Z)_(?P<group>[A-Za-z0-9_-]+)_(?P<digest>[0-9a-f]{12})\.tar\.age$")
 
 
 class BundleError(Exception):
@@ -212,7 +211,7 @@ def bundle_name(host: str, group: str, records: list[Record]) -> str:
     first = min(archive.parse_iso(r.start) for r in records) if all(r.start for r in records) \
         else datetime.now(timezone.utc)
     digest = hashlib.sha256("\n".join(sorted(r.member for r in records)).encode()).hexdigest()[:12]
-    return f"{host}_{archive.utc_stamp(first)}_{group}_{digest}.tar.age"
+    return bundle_filename(host, archive.utc_stamp(first), group, digest)
 
 
 def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
@@ -388,9 +387,9 @@ class Aggregator:
     def __init__(self, cfg, channel: ipc.Channel):
         self.cfg = cfg
         self.channel = channel
-        self.staging = Path(cfg.spool) / "staging"
-        self.outbox = Path(cfg.spool) / "outbox"
-        self.uploaded = Path(cfg.spool) / "uploaded"
+        self.spool = Spool(cfg.spool)
+        self.staging = self.spool.staging
+        self.outbox = self.spool.outbox
         self.staging.mkdir(parents=True, exist_ok=True)
         self.outbox.mkdir(parents=True, exist_ok=True)
         # Read at start: a restart (the orchestrator's reload) seals later bundles for the new recipients
@@ -400,16 +399,11 @@ class Aggregator:
         self.signing_key = crypto.load_signing_key(key_path) if key_path is not None else None
         self.open: dict[str, _Open] = {}
         self.known: set[Path] = set()
-        self.quota_at = 0.0
-        self.quota_stuck = False   # over a limit at the last check (one error when it starts, one line when it ends)
-        self.dropped = 0           # un-uploaded bundles dropped since start (drop_oldest_when_full)
 
     def run(self) -> None:
         self.rescan()
         while True:
-            if time.monotonic() >= self.quota_at:
-                self.enforce_quota()
-            cmd = self.channel.receive(timeout=min(self._next_deadline(), max(0.0, self.quota_at - time.monotonic())))
+            cmd = self.channel.receive(timeout=self._next_deadline())
             if cmd is not None:
                 if cmd.kind == ipc.SHUTDOWN:
                     self.rescan(final=True)
@@ -508,7 +502,6 @@ class Aggregator:
             ob.retry_at = time.monotonic() + retry
             log.error("sealing %d record(s) failed, records stay staged, retry in %g s: %s",
                       len(ob.records), retry, e)
-            self.enforce_quota()  # disk full: make room for the retry
             self.channel.send(ipc.ERROR, message=f"seal failed: {e}")
             return
         del self.open[group]
@@ -523,110 +516,13 @@ class Aggregator:
         log.info("sealed %s: %d record(s), %d bytes in %.2f s", path.name, len(ob.records), size,
                  time.monotonic() - t0)
         self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)
-        self.enforce_quota()
-
-    # ---- disk full: the one space policy (daemon.spool_max_bytes, spool_min_free_bytes, drop_oldest_when_full)
-    def spool_usage(self) -> tuple[int, int]:
-        """(bytes allocated to staging, outbox and uploaded copies; bytes free for us on the spool's
-        file system). Quarantined and set-aside files are a human's to clear and are not counted."""
-        used = 0
-        for root in (self.staging, self.outbox, self.uploaded):
-            for dirpath, _dirs, files in os.walk(root):
-                for name in files:
-                    try:
-                        used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-                    except FileNotFoundError:
-                        pass
-        st = os.statvfs(self.outbox)
-        return used, st.f_bavail * st.f_frsize
-
-    def enforce_quota(self) -> None:
-        """Keep the spool within ``daemon.spool_max_bytes`` (0: none) and ``daemon.spool_min_free_bytes``.
-
-        Over a limit: uploaded copies (``spool/uploaded/``, kept under ``upload.keep_uploaded_bytes``)
-        go first, oldest first; then, only with ``daemon.drop_oldest_when_full``, the oldest un-uploaded
-        bundles in the outbox (never the newest), each logged at error level and reported as an
-        ``ERROR`` event (counted in ``beemond_errors_total``). Without it no un-uploaded data is ever deleted: one error says the
-        spool is full, and on a truly full file system the sensors' writes fail and they hold and retry
-        until space returns (logged too). Staged records are never deleted: they exist nowhere else.
-        Never raises."""
-        self.quota_at = time.monotonic() + QUOTA_CHECK_S
-        d = self.cfg.daemon
-        try:
-            self._sweep_orphan_signatures()
-            used, free = self.spool_usage()
-            over = lambda: bool(d.spool_max_bytes and used > d.spool_max_bytes) or free < d.spool_min_free_bytes  # noqa: E731
-            if over():
-                for victim in self._bundles(self.uploaded):
-                    if not over():
-                        break
-                    # Signature first: an uploaded copy without its .sig is harmless, an orphan .sig clutter.
-                    size = _delete(victim.with_name(victim.name + crypto.SIG_SUFFIX), victim)
-                    used, free = used - size, free + size
-                    log.info("spool over its limits: deleted the uploaded copy %s (%d bytes)", victim.name, size)
-            if over() and d.drop_oldest_when_full:
-                dropped = 0
-                # The newest bundle always stays: a limit smaller than one bundle must not cost all data.
-                for victim in self._bundles(self.outbox)[:-1]:
-                    if not over():
-                        break
-                    # The bundle before its .sig: a power cut between leaves an orphan .sig (swept at the
-                    # next check), never a bundle that would be uploaded without its signature.
-                    size = _delete(victim)
-                    if not size:
-                        continue  # uploaded meanwhile
-                    size += _delete(victim.with_name(victim.name + crypto.SIG_SUFFIX))
-                    used, free, dropped = used - size, free + size, dropped + 1
-                    self.dropped += 1
-                    log.error("spool full (%s): dropped the oldest un-uploaded bundle %s (%d bytes; "
-                              "daemon.drop_oldest_when_full); %d dropped so far",
-                              self._limits(used, free), victim.name, size, self.dropped)
-                    self.channel.send(ipc.ERROR, message=f"spool full: dropped bundle {victim.name}")
-                if dropped:
-                    archive.fsync_dir(self.outbox)
-        except OSError as e:  # EIO, a read-only remount: the next check tries again
-            log.warning("cannot enforce the spool limits: %s", e)
-            return
-        full = over()
-        if full and not self.quota_stuck:
-            if d.drop_oldest_when_full:
-                log.error("spool full (%s) with only the newest bundle left to drop; it and the staged "
-                          "records are kept until space returns", self._limits(used, free))
-            else:
-                log.error("spool full (%s): no uploaded copy left to delete and un-uploaded data is kept "
-                          "(daemon.drop_oldest_when_full = false); if the file system fills, sensors hold "
-                          "their records and retry until space returns", self._limits(used, free))
-            self.channel.send(ipc.ERROR, message="spool full")
-        elif not full and self.quota_stuck:
-            log.info("spool space returned (%s)", self._limits(used, free))
-        self.quota_stuck = full
-
-    def _limits(self, used: int, free: int) -> str:
-        d = self.cfg.daemon
-        cap = f" of spool_max_bytes {d.spool_max_bytes}" if d.spool_max_bytes else ""
-        return f"{used} bytes used{cap}, {free} free, spool_min_free_bytes {d.spool_min_free_bytes}"
-
-    def _bundles(self, directory: Path) -> list[Path]:
-        """The bundles in *directory*, oldest first (by the start in the name, then the seal time)."""
-        if not directory.is_dir():
-            return []
-        return sorted((p for p in directory.iterdir() if BUNDLE_RE.match(p.name)), key=_bundle_age)
-
-    def _sweep_orphan_signatures(self) -> None:
-        """Delete an outbox ``NAME.sig`` whose bundle is gone (a power cut inside a drop). Safe here: this
-        process is the one that writes a signature ahead of its bundle, and it is not sealing now."""
-        for sig in self.outbox.iterdir():
-            if sig.name.endswith(crypto.SIG_SUFFIX) and BUNDLE_RE.match(sig.name[:-len(crypto.SIG_SUFFIX)]) \
-                    and not sig.with_name(sig.name[:-len(crypto.SIG_SUFFIX)]).exists():
-                sig.unlink(missing_ok=True)
-                log.warning("deleted the signature %s, whose bundle is gone", sig.name)
 
     def _set_aside(self, rec: Record, error: OSError) -> None:
         self.known.discard(rec.path)
         if isinstance(error, FileNotFoundError):
             log.error("record %s vanished from staging before it was sealed", rec.path)
             return
-        dest = self.staging.parent / "failed" / rec.member
+        dest = self.spool.failed_dir() / rec.member
         dest.parent.mkdir(parents=True, exist_ok=True)
         for src, dst in ((rec.path, dest), (archive.sidecar_of(rec.path), archive.sidecar_of(dest))):
             try:
@@ -636,28 +532,6 @@ class Aggregator:
         log.error("record %s is unreadable (%s); moved to %s, the others are sealed without it",
                   rec.path.name, error.strerror or error, dest.parent)
         self.channel.send(ipc.ERROR, message=f"record set aside: {rec.member}: {error}")
-
-
-def _bundle_age(path: Path) -> tuple:
-    """Sort key, oldest first: the start in the name, then the time it was sealed."""
-    try:
-        sealed = path.stat().st_mtime_ns
-    except FileNotFoundError:
-        sealed = 0
-    return BUNDLE_RE.match(path.name)["start"], sealed
-
-
-def _delete(*paths: Path) -> int:
-    """Unlink *paths* in order (missing ones skipped). Returns the bytes freed."""
-    freed = 0
-    for p in paths:
-        try:
-            size = p.stat().st_blocks * 512
-            p.unlink()
-        except FileNotFoundError:
-            continue
-        freed += size
-    return freed
 
 
 def _age(path: Path, now: float) -> float:

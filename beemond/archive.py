@@ -1,9 +1,10 @@
-"""Record names and crash-safe writes.
+"""Record names, record writers and crash-safe writes.
 
-Every file beemond creates goes through :func:`atomic_writer`: write to a hidden temporary name in the
-target directory, flush, ``fsync``, ``rename`` over the final name, ``fsync`` the directory. A power cut
-at any line leaves either the old state or the new one, never a torn file; a leftover temporary file
-(``.NAME.tmp-PID``) is ignored by every reader and removed by :func:`remove_stale_temps`.
+Every file beemond creates goes through :func:`atomic_writer` (:mod:`beemond.spool`, re-exported here):
+write to a hidden temporary name in the target directory, flush, ``fsync``, ``rename`` over the final
+name, ``fsync`` the directory. A power cut at any line leaves either the old state or the new one, never
+a torn file; a leftover temporary file (``.NAME.tmp-PID``) is ignored by every reader and removed by
+:func:`remove_stale_temps`.
 
 A record in ``spool/staging/<sensor>/`` is a data file plus a metadata sidecar ``NAME.meta.json``
 written after it. A data file without its sidecar is a record whose writer died between the two
@@ -17,12 +18,9 @@ in a file name.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import json
 import logging
-import os
-import re
 import threading
 import time
 from datetime import datetime, timezone
@@ -32,10 +30,13 @@ from typing import Any, Iterator
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+# The crash-safe file primitives and the staged-record names live with the spool; re-exported here
+# for the record writers that have always called them as archive.*.
+from beemond.spool import (META_SUFFIX, TMP_MARK, atomic_writer, fsync_dir, is_internal,  # noqa: F401
+                           remove_stale_temps, sidecar_of, temp_name, write_record, write_sidecar)
+
 log = logging.getLogger(__name__)
 
-META_SUFFIX = ".meta.json"
-TMP_MARK = ".tmp-"
 
 _env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
                                      keep_trailing_newline=False)
@@ -112,60 +113,6 @@ def check_layout(text: str) -> None:
     render_name(text, **_SAMPLE)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or unlink in *path* durable (POSIX leaves it in the directory's page cache)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_writer(final: str | os.PathLike, mode: str = "wb", *, sync_dir: bool = True, **open_kw) -> Iterator[Any]:
-    """Open a temporary file beside *final*; on clean exit fsync and rename it into place.
-
-    On an exception the temporary file is removed and *final* is untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
-    f = open(tmp, mode, **open_kw)
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, final)
-        if sync_dir:
-            fsync_dir(final.parent)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_record(staging: Path, relname: str, metadata: dict, data_writer=None, tmp: Path | None = None) -> Path:
-    """Write one record durably: data file first, then its sidecar, then one directory fsync.
-
-    Either *data_writer* is called with an open binary temporary file, or *tmp* names a temporary
-    file already written in *staging* (a stream written over minutes), which is fsynced and renamed.
-    Returns the data file's path.
-    """
-    final = staging / relname
-    if tmp is not None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    else:
-        with atomic_writer(final, sync_dir=False) as f:
-            data_writer(f)
-    write_sidecar(final, metadata)
-    return final
-
-
 class ArrayArchiver:
     """Arrays as NumPy ``.npy`` records (format version 1.0, ``numpy.lib.format``; no pickles).
 
@@ -196,41 +143,6 @@ class ArrayArchiver:
         def write(f) -> None:
             np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
         return write
-
-
-def temp_name(directory: Path, hint: str) -> Path:
-    """A temporary name in *directory* that every reader skips and crash clean-up removes."""
-    return directory / f".{hint}{TMP_MARK}{os.getpid()}"
-
-
-def write_sidecar(record: Path, metadata: dict) -> None:
-    meta = json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
-    with atomic_writer(sidecar_of(record), sync_dir=True) as f:
-        f.write(meta)
-
-
-def sidecar_of(record: Path) -> Path:
-    return record.with_name(record.name + META_SUFFIX)
-
-
-def is_internal(name: str) -> bool:
-    """True for names readers must skip: temporary files and hidden files."""
-    return name.startswith(".")
-
-
-def remove_stale_temps(root: Path) -> int:
-    """Remove temporary files left by a crash under *root* (only ours: ``.NAME.tmp-PID``)."""
-    removed = 0
-    pattern = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"\d+$")
-    if not root.exists():
-        return 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if pattern.match(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dirpath, name))
-                    removed += 1
-    return removed
 
 
 # ------------------------------------------------------------------------------------------ record writers

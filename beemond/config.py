@@ -84,7 +84,7 @@ class DaemonConfig:
     crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
     crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
-    # The one space policy (enforced by the aggregator, see Aggregator.enforce_quota): over a limit,
+    # The one space policy (enforced by the uploader, see Uploader.enforce_spool_limits): over a limit,
     # uploaded copies go first, un-uploaded bundles only with drop_oldest_when_full.
     spool_max_bytes: int = _opt(0, min=0, max=2**50,
                                 doc="0: no limit; else the most the spool (staging, outbox, uploaded copies) may hold")

@@ -159,7 +159,7 @@ import base64  # noqa: E402  (kept beside the code that uses it)
 import hashlib  # noqa: E402
 import struct  # noqa: E402
 
-SIG_SUFFIX = ".sig"
+from beemond.spool import SIG_SUFFIX  # noqa: E402,F401  (a bundle name; the spool owns them)
 SIG_NAMESPACE = b"beemond-bundle"
 SIG_HASH = "sha512"
 DEVICE_KEY_NAME = "device_ed25519"

@@ -12,10 +12,8 @@ Every message is a plain dataclass of built-in types, so the forkserver pickles 
 
 from __future__ import annotations
 
-import fcntl
 import importlib
 import logging
-import os
 import queue
 import signal
 import sys
@@ -120,9 +118,10 @@ def worker_main(role: str, name: str, cfg, commands, events) -> None:
     from beemond import journal
 
     journal.setup(name, cfg.daemon.log_level)
-    # Held shared until this process ends: a new orchestrator waits for it (see Orchestrator._lock_spool).
-    lock_fd = os.open(cfg.spool / ".workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(lock_fd, fcntl.LOCK_SH)
+    # Held shared until this process ends: a new orchestrator waits for it (see Spool.lock).
+    from beemond.spool import Spool
+
+    Spool(cfg.spool).hold_worker_lock()
     channel = Channel(name, commands, events, cfg.daemon.heartbeat_interval_s)
 
     def on_term(signum, frame):

@@ -20,7 +20,8 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
 - counters: ``beemond_records_total{sensor}`` (records, i.e. captures), ``beemond_errors_total{worker}``,
   ``beemond_audio_overflows_total{sensor}``, ``beemond_readings_missed_total{sensor}``,
   ``beemond_alerts_total{sensor, alert}``, ``beemond_bundles_sealed_total``,
-  ``beemond_uploaded_files_total``, ``beemond_uploaded_bytes_total``, ``beemond_upload_errors_total``,
+  ``beemond_uploaded_files_total``, ``beemond_uploaded_bytes_total``, ``beemond_upload_errors_total``
+  (failed upload attempts; the uploader's spool-limit errors count in ``beemond_errors_total`` only),
   ``beemond_worker_restarts_total{worker, role}``.
 - gauges: ``beemond_worker_up{worker, role}``, ``beemond_worker_state{worker, role, state}`` (1 for
   the current of running, backoff, failed, stopped), ``beemond_staging_files``, ``beemond_staging_bytes``,
@@ -39,9 +40,9 @@ import re
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from beemond import __version__, archive, ipc
+from beemond.spool import OUTBOX, STAGING, Spool
 
 log = logging.getLogger(__name__)
 
@@ -78,31 +79,11 @@ def prometheus_unit(quantity: str, value: float) -> tuple[str, float]:
     return quantity, value
 
 
-def dir_usage(root: Path, pattern: re.Pattern | None = None) -> tuple[int, int]:
-    """(files, bytes) under *root*: data files only (no sidecars, temps or hidden files) for the
-    count, every visible file for the bytes; *pattern* limits both to matching names."""
-    files = size = 0
-    for dirpath, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not archive.is_internal(d)]
-        for name in names:
-            if archive.is_internal(name) or (pattern is not None and not pattern.match(name)):
-                continue
-            try:
-                size += os.stat(os.path.join(dirpath, name)).st_size
-            except FileNotFoundError:
-                continue  # bundled or uploaded meanwhile
-            if not name.endswith(archive.META_SUFFIX):
-                files += 1
-    return files, size
-
-
 class Health:
     """Orchestrator observer, Prometheus collector and status snapshot. *workers* is the
     orchestrator's live ``{name: Worker}`` dict (read, never written)."""
 
     def __init__(self, cfg, workers: dict, clock_check=None):
-        from beemond.aggregator import BUNDLE_RE
-
         self.cfg = cfg
         self.host = cfg.daemon.host
         self.workers = workers
@@ -121,7 +102,6 @@ class Health:
         self.outbox_event: tuple[int, int] | None = None
         self.last_upload: float | None = None
         self.started = time.time()
-        self._bundle_re = BUNDLE_RE
         self._usage: dict[str, tuple[float, tuple[int, int]]] = {}
         self.http = None
         self.clock_check = clock_check  # None: beemond.clock.synchronized
@@ -157,8 +137,8 @@ class Health:
             elif kind == ipc.ERROR:
                 self.errors[w.name] += 1
                 self.last_error[w.name] = (str(data.get("message", "")), ev.time)
-                if w.role == "uploader":
-                    self.upload_errors += 1
+                if w.role == "uploader" and not data.get("spool"):
+                    self.upload_errors += 1  # a spool-limits error of the uploader is not an upload error
             elif kind == ipc.BUNDLE_SEALED:
                 self.sealed += 1
             elif kind == ipc.UPLOADED:
@@ -184,7 +164,7 @@ class Health:
         card never holds up the orchestrator's events."""
         outbox_event = self.outbox_event
         uploader = self.workers.get("uploader")
-        if which == "outbox" and outbox_event is not None and uploader is not None and uploader.state == "running":
+        if which == OUTBOX and outbox_event is not None and uploader is not None and uploader.state == "running":
             # The uploader's own view of its queue (ipc.OUTBOX); while it is down its last word goes
             # stale as the aggregator keeps sealing, so the directory is counted instead.
             return outbox_event
@@ -192,7 +172,7 @@ class Health:
             cached = self._usage.get(which)
             if cached is not None and time.monotonic() - cached[0] < SCAN_CACHE_S:
                 return cached[1]
-            got = dir_usage(Path(self.cfg.spool) / which, self._bundle_re if which == "outbox" else None)
+            got = Spool(self.cfg.spool).usage(which)
             self._usage[which] = (time.monotonic(), got)
             return got
 
@@ -201,7 +181,7 @@ class Health:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         h = self.host
-        usage = {which: self._scan(which) for which in ("staging", "outbox")}
+        usage = {which: self._scan(which) for which in (STAGING, OUTBOX)}
         with self.lock:
             yield _gauge(GaugeMetricFamily, "beemond_build_info", "beemond version and Python, value 1",
                          ["host", "version", "python"], [([h, __version__, platform.python_version()], 1)])
@@ -287,7 +267,7 @@ class Health:
     def status(self) -> dict:
         """The daemon's state as JSON-able data (``beemond status --json`` prints it)."""
         now_m, now = time.monotonic(), time.time()
-        staging, outbox = self._scan("staging"), self._scan("outbox")
+        staging, outbox = self._scan(STAGING), self._scan(OUTBOX)
         with self.lock:
             readings: dict[str, dict] = collections.defaultdict(dict)
             for quantity, sensor, labels, value, age, _wall in self._fresh():

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import fcntl
 import hashlib
 import logging
 import multiprocessing
@@ -45,8 +44,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beemond import archive, ipc, notify
+from beemond import ipc, notify
 from beemond.config import EX_CONFIG, ConfigError
+from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
 ALIVE = ("running", "restarting", "removing")
 # [daemon] keys the workers themselves read; a change restarts them all.
 WORKER_DAEMON_KEYS = ("heartbeat_interval_s", "log_level")
+# [daemon] keys the uploader reads (it enforces the spool limits); a change restarts it.
+SPOOL_LIMIT_KEYS = ("spool_max_bytes", "spool_min_free_bytes", "drop_oldest_when_full")
 # [daemon] keys that only a full restart can change (the spool lock, names of everything on disk).
 RESTART_ONLY_KEYS = ("spool_dir", "host")
 # Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
@@ -90,7 +92,8 @@ class Orchestrator:
         self.duration = duration
         self.workers: dict[str, Worker] = {}
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["beemond.ipc", "beemond.config", "beemond.journal", "beemond.archive"])
+        self.ctx.set_forkserver_preload(["beemond.ipc", "beemond.config", "beemond.journal", "beemond.spool",
+                                         "beemond.archive"])
         self.stopping = False
         self.exit_status = 0
         self._signals: list[int] = []
@@ -127,9 +130,10 @@ class Orchestrator:
     def run(self) -> int:
         spool = self.cfg.spool
         try:
-            for sub in ("staging", "outbox"):
-                (spool / sub).mkdir(parents=True, exist_ok=True)
-            probe = archive.temp_name(spool, "write-test")
+            layout = Spool(spool)
+            for sub in (layout.staging, layout.outbox):
+                sub.mkdir(parents=True, exist_ok=True)
+            probe = temp_name(spool, "write-test")
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
@@ -138,7 +142,7 @@ class Orchestrator:
             return EX_CONFIG
         if not self._lock_spool():
             return 1
-        removed = archive.remove_stale_temps(spool)
+        removed = remove_stale_temps(spool)
         if removed:
             log.info("removed %d temporary file(s) left by an earlier crash", removed)
         self._install_signals()
@@ -173,30 +177,17 @@ class Orchestrator:
         return self.exit_status
 
     def _lock_spool(self) -> bool:
-        """One daemon per spool. ``.lock``: held by the orchestrator. ``.workers.lock``: held shared
-        by every worker, so that after a crash of the orchestrator a new one waits for the old
-        workers (which notice and finish their records) before touching the spool."""
+        """One daemon per spool (:meth:`beemond.spool.Spool.lock`): after a crash of the orchestrator a
+        new one waits for the old workers (which notice and finish their records) before touching it."""
         spool = self.cfg.spool
-        self._lock_fd = os.open(spool / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.error("another beemond is running on spool %s; not starting", spool)
+            self._spool_lock = Spool(spool).lock(wait_workers_s=self.d.shutdown_timeout_s)
+        except SpoolBusy as e:
+            if e.held == WORKERS_LOCK:
+                log.error("workers of an earlier beemond still hold spool %s; not starting", spool)
+            else:
+                log.error("another beemond is running on spool %s; not starting", spool)
             return False
-        fd = os.open(spool / ".workers.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + self.d.shutdown_timeout_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        log.error("workers of an earlier beemond still hold spool %s; not starting", spool)
-                        return False
-                    time.sleep(0.2)
-        finally:
-            os.close(fd)  # releases it: our own workers take it shared
         return True
 
     def _add(self, w: Worker) -> None:
@@ -222,16 +213,15 @@ class Orchestrator:
 
     # ---- processors (beemond.processors)
     def _add_processors(self) -> None:
-        from beemond.processors.base import inbox_dir
-
+        spool = Spool(self.cfg.spool)
         names = {p.name for p in self.cfg.processors}
-        root = self.cfg.spool / "processing"
+        root = spool.processing
         if root.is_dir():  # inboxes of processors no longer configured hold only links: drop them
             for d in root.iterdir():
                 if d.is_dir() and d.name not in names:
                     shutil.rmtree(d, ignore_errors=True)
         for proc in self.cfg.processors:
-            inbox_dir(self.cfg.spool, proc.name).mkdir(parents=True, exist_ok=True)
+            spool.processing_dir(proc.name).mkdir(parents=True, exist_ok=True)
             self._add(Worker("processor", proc.name))
 
     def _feed_processors(self, w: Worker, ev: ipc.Event) -> None:
@@ -582,9 +572,7 @@ class Orchestrator:
             if name not in old_units:
                 log.info("SIGHUP: %s %s added", role, name)
                 if role == "processor":
-                    from beemond.processors.base import inbox_dir
-
-                    inbox_dir(new.spool, name).mkdir(parents=True, exist_ok=True)
+                    Spool(new.spool).processing_dir(name).mkdir(parents=True, exist_ok=True)
                 self._add(Worker(role, name))
         log.info("SIGHUP: config %s reloaded: restarting %s; removed %s", new.source,
                  ", ".join(restart) or "none", ", ".join(removed) or "none")
@@ -597,7 +585,8 @@ class Orchestrator:
         names = []
         if every or old.bundle != new.bundle or old.archive != new.archive:
             names.append("aggregator")
-        if every or old.upload != new.upload:
+        if every or old.upload != new.upload or any(getattr(old.daemon, k) != getattr(new.daemon, k)
+                                                    for k in SPOOL_LIMIT_KEYS):
             names.append("uploader")
         before = {s.name: s for s in (*old.sensors, *old.processors)}
         for s in (*new.sensors, *new.processors):

@@ -2,7 +2,7 @@
 
 A polled sensor batches a ``record_window_s`` of readings into one record; until that record is
 written they would live only in memory (a power cut lost up to ten minutes). So each reading is also
-appended to an append-only journal beside the open record, ``staging/<sensor>/.journal``, one JSON
+appended to an append-only journal, ``state/<sensor>/readings.journal`` (:meth:`beemond.spool.Spool.journal_path`), one JSON
 line per reading, and ``fdatasync``'ed at most ``journal_sync_s`` after it was appended (a reading
 that comes after a quiet spell is synced at once; readings that come faster are synced as a group,
 at most one sync per ``journal_sync_s``).
@@ -22,9 +22,8 @@ by a header alone. After a crash the next start reads the journal (a torn or uns
 skipped), writes its readings as a record (:meth:`beemond.sensors.base.PolledSensorWorker.fold_journal`)
 and only then replaces it: a crash while folding folds again under the same idempotent name.
 
-Every name of the journal's files and of the audio worker's open segment is spelled in this module
-only (:func:`journal_path`, :func:`partial_segment`, :func:`partial_segments`, :func:`state_path`),
-to move into the spool module with the rest of the spool's names.
+The names of the journal, the state file and the audio worker's open segment belong to
+:mod:`beemond.spool`.
 """
 
 from __future__ import annotations
@@ -36,54 +35,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beemond import archive
+from beemond import archive, spool
 
 log = logging.getLogger(__name__)
 
 JOURNAL_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------- spool names
-
-def journal_path(sensor_staging: Path) -> Path:
-    """The reading journal of the sensor whose staging directory is *sensor_staging*."""
-    return Path(sensor_staging) / ".journal"
-
-
-def state_path(sensor_staging: Path) -> Path:
-    """A small JSON state file of a sensor that has no journal (audio: ``last_end``)."""
-    return Path(sensor_staging) / ".state.json"
-
-
-def partial_segment(sensor_staging: Path, stamp: str, ext: str) -> Path:
-    """The open audio segment (made durable every second or so; salvaged at the next start). Its name
-    ends in neither the format's extension nor the temporary mark: no reader takes it for a record,
-    and the start-up clean-up of temporary files leaves it for the salvage."""
-    return Path(sensor_staging) / f".segment-{stamp}.{ext}.open"
-
-
-def partial_segments(sensor_staging: Path) -> list[Path]:
-    """Open segments left by a crash."""
-    return sorted(Path(sensor_staging).glob(".segment-*.open"))
-
-
-def partial_headers(sensor_staging: Path) -> list[Path]:
-    return sorted(Path(sensor_staging).glob(".segment-*.open.json"))
-
-
-def partial_header(segment: Path) -> Path:
-    """The JSON header beside an open segment (its start, trigger, device, schedule)."""
-    return segment.with_name(segment.name + ".json")
-
-
-def partial_format(segment: Path) -> str:
-    """The audio format (``flac``, ``wav``) of an open segment, from its name."""
-    return Path(segment.name[:-len(".open")]).suffix.lstrip(".").lower()
-
-
-def failed_dir(spool: Path, sensor: str) -> Path:
-    """Where a file nobody can read goes, for a human (``spool/failed/<sensor>/``)."""
-    return Path(spool) / "failed" / sensor
 
 
 # ------------------------------------------------------------------------------------------ journal
@@ -110,6 +66,7 @@ class ReadingJournal:
         self.last_sync = float("-inf")
         self.bytes_written = 0
         self.syncs = 0
+        self.new_entry = False   # the file was created and its directory not yet synced
 
     def recover(self) -> Recovered:
         """Read what a previous run left (nothing is changed)."""
@@ -142,9 +99,8 @@ class ReadingJournal:
     def reset(self, last_reading: str | None, replay: dict | None) -> None:
         """Replace the journal by a header alone, durably (its readings are in a record now)."""
         self.close()
-        header = json.dumps({"journal": JOURNAL_VERSION, "last_reading": last_reading, "replay": replay},
-                            sort_keys=True, separators=(",", ":")).encode() + b"\n"
-        with archive.atomic_writer(self.path) as f:
+        header = _header(last_reading, replay)
+        with spool.atomic_writer(self.path) as f:
             f.write(header)
         self.bytes_written += len(header)
         self.syncs += 2   # the file and its directory
@@ -154,7 +110,13 @@ class ReadingJournal:
         """Append one reading; synced now if the last sync is ``sync_s`` old, else by :meth:`due`."""
         line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:   # a first run: the journal starts with a header, and its name needs a directory sync
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                line = _header(None, None) + line
+                self.new_entry = True
+            except FileExistsError:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         os.write(self.fd, line)
         self.bytes_written += len(line)
         now = time.monotonic()
@@ -177,6 +139,10 @@ class ReadingJournal:
             return
         os.fdatasync(self.fd)
         self.syncs += 1
+        if self.new_entry:
+            spool.fsync_dir(self.path.parent)
+            self.syncs += 1
+            self.new_entry = False
         self.last_sync = time.monotonic()
         self.pending_since = None
 
@@ -184,6 +150,11 @@ class ReadingJournal:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
+
+
+def _header(last_reading: str | None, replay: dict | None) -> bytes:
+    return json.dumps({"journal": JOURNAL_VERSION, "last_reading": last_reading, "replay": replay},
+                      sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
 def entry(stamp, values, tag, unsynchronized: bool, errors: int, missed: int, replay: dict | None) -> dict:
@@ -205,17 +176,17 @@ def gap_metadata(last_reading: str | None, first_new) -> dict:
     return {"after_restart": True, "gap_s": round(max(0.0, gap), 3)}
 
 
-def write_state(sensor_staging: Path, state: dict) -> None:
-    """Durably replace a sensor's state file (:func:`state_path`)."""
-    with archive.atomic_writer(state_path(sensor_staging)) as f:
+def write_state(path: Path, state: dict) -> None:
+    """Durably replace a sensor's state file (:meth:`beemond.spool.Spool.state_file`)."""
+    with spool.atomic_writer(path) as f:
         f.write(json.dumps(state, sort_keys=True).encode())
 
 
-def read_state(sensor_staging: Path) -> dict | None:
+def read_state(path: Path) -> dict | None:
     try:
-        return json.loads(state_path(sensor_staging).read_bytes())
+        return json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        log.warning("unreadable state file %s (%s); ignoring it", state_path(sensor_staging), e)
+        log.warning("unreadable state file %s (%s); ignoring it", path, e)
         return None

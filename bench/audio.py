@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from audio_peers import PULSEAUDIO, PulseServer, peak_hz  # noqa: E402
 
+from beemond.spool import Spool  # noqa: E402
+
 BEEMOND = REPO / ".venv" / "bin" / "beemond"
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -137,7 +139,7 @@ def main() -> int:
                 raise SystemExit(f"the daemon exited early:\n{log_path.read_text()[-3000:]}")
         wall = time.monotonic() - t0
         c1, pulse_c1 = cpu_ticks(pid), cpu_ticks(pulse.proc.pid)
-        staging = tmp / "spool" / "staging" / "hive_audio"
+        staging = Spool(tmp / "spool").staging_dir("hive_audio")
         # Read before SIGTERM: at shutdown the aggregator seals the staged records into a bundle.
         metas = [json.loads(p.read_text()) for p in sorted(staging.glob("*.flac.meta.json"))]
         full_frames = round(args.segment_s * 48000)

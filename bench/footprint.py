@@ -36,6 +36,8 @@ from pathlib import Path
 
 import tomli_w
 
+from beemond.spool import Spool
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config" / "simulated.toml"
 BEEMOND = REPO / ".venv" / "bin" / "beemond"
@@ -202,9 +204,9 @@ def measure(label: str, cfg: Path, warmup: float, seconds: float) -> dict:
           f"{len(problems)} WARNING/ERROR line(s) in the daemon log")
     for line in problems[:20]:
         print(f"[{label}]   {line}")
-    spool = cfg.parent / "spool"
-    left = [p.name for p in (spool / "outbox").glob("*.tar.age")]
-    staged = [p for p in (spool / "staging").rglob("*") if p.is_file()]
+    spool = Spool(cfg.parent / "spool")
+    left = [p.name for p in spool.bundles()]
+    staged = [p for p in spool.staging.rglob("*") if p.is_file()]
     print(f"[{label}] after stop: {len(left)} bundle(s) in the outbox, {len(staged)} file(s) in staging")
     return {"pss_mean_mb": statistics.mean(totals) / 1024, "pss_max_mb": max(totals) / 1024,
             "processes": max(counts), "cpu_percent": cpu_ticks / TICK / window * 100, "status": status,

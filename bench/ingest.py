@@ -36,6 +36,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from beemond import aggregator, archive, crypto, ingest
+from beemond.spool import Spool
 
 T0 = datetime(2021, 6, 19, tzinfo=timezone.utc)
 
@@ -47,7 +48,7 @@ def stage(staging: Path, sensor: str, name: str, body: bytes, start: datetime, e
 
 
 def sign_overhead(tmp: Path, recipients, key, records: int, record_mb: int, repeat: int) -> dict:
-    staging, outbox = tmp / "staging", tmp / "outbox"
+    staging, outbox = Spool(tmp).staging, Spool(tmp).outbox
     recs = []
     for i in range(records):
         start = T0 + timedelta(minutes=i)

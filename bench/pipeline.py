@@ -38,6 +38,7 @@ from pathlib import Path
 import pyrage
 
 from beemond import aggregator, archive, crypto
+from beemond.spool import Spool
 
 AGE = shutil.which("age") or "/usr/bin/age"
 FILE_MB = 10
@@ -94,7 +95,7 @@ def main() -> int:
         public = str(identity.to_public())
         (tmp / "identity.txt").write_text(f"{identity}\n")
         recipients = crypto.load_recipients([public])
-        staging, outbox = tmp / "staging", tmp / "outbox"
+        staging, outbox = Spool(tmp).staging, Spool(tmp).outbox
         outbox.mkdir()
 
         t = time.monotonic()

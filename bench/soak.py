@@ -60,12 +60,13 @@ from conftest import DATA, FtpServer, climate_rows, decrypt_with_age, make_confi
 
 from beemond import archive, crypto  # noqa: E402
 from beemond.sensors.emulators.replay import load_rows  # noqa: E402
+from beemond.spool import Spool  # noqa: E402
 
 
 def staged_records(spool: Path) -> dict[str, bytes]:
     """Record files durable in staging now: member name (``sensor/name``) -> contents."""
     out = {}
-    staging = spool / "staging"
+    staging = Spool(spool).staging
     for path in staging.rglob("*"):
         if path.is_file() and not archive.is_internal(path.name) and not path.name.endswith(archive.META_SUFFIX):
             try:
@@ -76,7 +77,7 @@ def staged_records(spool: Path) -> dict[str, bytes]:
 
 
 def outbox_bundles(spool: Path) -> list[Path]:
-    return sorted(p for p in (spool / "outbox").glob("*.tar.age") if not archive.is_internal(p.name))
+    return sorted(Spool(spool).bundles())
 
 
 def start(cfg: Path, log: Path) -> subprocess.Popen:
@@ -184,7 +185,7 @@ def staged_with_metadata(spool: Path) -> list[tuple[str, bytes, dict]]:
     out = []
     for name, data in staged_records(spool).items():
         try:
-            meta = json.loads(archive.sidecar_of(spool / "staging" / name).read_bytes())
+            meta = json.loads(archive.sidecar_of(Spool(spool).staging / name).read_bytes())
         except (OSError, ValueError):
             meta = {}
         out.append((name, data, meta))

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from beemond import config, crypto, ipc  # noqa: E402
+from beemond.spool import Spool  # noqa: E402
 from beemond.upload.uploader import Uploader  # noqa: E402
 from conftest import FtpServer, make_config  # noqa: E402
 from upload_peers import Sshd, ftps_server, make_cert  # noqa: E402
@@ -82,7 +83,7 @@ def drain_events(u: Uploader) -> None:
 
 def run_small(cfg, n: int, reuse: bool) -> float:
     u = uploader(cfg)
-    outbox = cfg.spool / "outbox"
+    outbox = Spool(cfg.spool).outbox
     for i in range(n):
         make_bundle(outbox, i, 10_000)
     u.scan()
@@ -154,7 +155,7 @@ def main() -> int:
                 over.update({"upload.protocol": "ftps", "upload.ca_file": str(cert)})
             port = {"ftp": ftp.port, "ftps": ftps.port, "sftp": sshd.port}[protocol]
             cfg = config.load(make_config(d, keys, pw, port, **over))
-            (cfg.spool / "outbox").mkdir(parents=True)
+            Spool(cfg.spool).outbox.mkdir(parents=True)
             return cfg
 
         # ---- small files
@@ -199,7 +200,7 @@ def main() -> int:
         def ours_run(proto: str, remote_root: Path):
             def run() -> float:
                 cfg = cfg_for(f"big-{proto}-{time.monotonic_ns()}", proto)
-                local = cfg.spool / "outbox" / src.name
+                local = Spool(cfg.spool).outbox / src.name
                 os.link(src, local)  # the same warm pages; the upload deletes only this link
                 dt = run_one(cfg, local)
                 got = next(remote_root.rglob(src.name))

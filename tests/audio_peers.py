@@ -112,6 +112,7 @@ class AudioThread:
     def __init__(self, path: Path, name: str = "hive_audio"):
         from beemond import config, ipc
         from beemond.sensors.audio import AudioWorker
+        from beemond.spool import Spool
 
         self.ipc = ipc
         cfg = config.load(path)
@@ -119,7 +120,7 @@ class AudioThread:
         self.commands: queue.Queue = queue.Queue()
         self.reader, writer = multiprocessing.Pipe(duplex=False)
         self.worker = AudioWorker(cfg, self.sensor, ipc.Channel(name, self.commands, writer, 0.2))
-        self.staging = cfg.spool / "staging" / name
+        self.staging = Spool(cfg.spool).staging_dir(name)
         self.error: BaseException | None = None
         self.events: list = []
         self.thread = threading.Thread(target=self._run)

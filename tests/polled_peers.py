@@ -16,6 +16,7 @@ import tomli_w
 
 from beemond import config, crypto, ipc
 from beemond.sensors import make_sensor_worker
+from beemond.spool import Spool
 
 URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 
@@ -44,7 +45,7 @@ class Harness:
         self.channel = ipc.Channel(self.sensor.name, commands=self.commands, events=self.events_w,
                                    heartbeat_interval_s=self.cfg.daemon.heartbeat_interval_s)
         self.worker = make_sensor_worker(self.cfg, self.sensor, self.channel)
-        self.staging = Path(self.cfg.spool) / "staging" / self.sensor.name
+        self.staging = Spool(self.cfg.spool).staging_dir(self.sensor.name)
         self.failure: BaseException | None = None
 
     def run(self, captures: int, timeout: float = 20.0) -> list[ipc.Event]:
@@ -73,8 +74,7 @@ class Harness:
         out = []
         if not self.staging.is_dir():
             return out
-        for path in sorted(p for p in self.staging.iterdir()
-                           if not p.name.endswith(".meta.json") and not p.name.startswith(".")):
+        for path in sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json")):
             with open(path, newline="") as f:
                 table = list(csv.reader(f))
             meta = json.loads((path.parent / (path.name + ".meta.json")).read_text())

@@ -21,6 +21,7 @@ from beemond.sensors.base import SensorFailure
 from beemond.sensors.camera import CameraWorker
 from beemond.sensors.daylight import Daylight
 from beemond.sensors.emulators.camera import StandInBackend, decode_jpeg
+from beemond.spool import Spool
 from conftest import make_config, wait_for
 
 
@@ -38,7 +39,7 @@ class Rig:
         self.channel = ipc.Channel("cam", self.commands, writer, 0.2)
         self.backend = backend or StandInBackend()
         self.worker = CameraWorker(self.cfg, self.sensor, self.channel, backend=self.backend)
-        self.staging = tmp_path / "spool" / "staging" / "cam"
+        self.staging = Spool(tmp_path / "spool").staging_dir("cam")
         self.events: list[ipc.Event] = []
         self.error: BaseException | None = None
 

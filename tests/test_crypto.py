@@ -16,7 +16,7 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import aggregator, archive, crypto
+from beemond import aggregator, archive, crypto, spool
 
 AGE = shutil.which("age")
 AGE_KEYGEN = shutil.which("age-keygen")
@@ -261,7 +261,7 @@ def files_under(d: Path) -> list[str]:
 
 def test_bundle_round_trip(tmp_path: Path, sealed):
     path, manifest, records, ids = sealed
-    assert path.parent.name == "outbox" and aggregator.BUNDLE_RE.match(path.name)
+    assert path.parent.name == "outbox" and spool.BUNDLE_RE.match(path.name)
     assert path.name.startswith("test-hive_20210619T000458Z_all_")
     assert sorted(os.listdir(path.parent)) == [path.name]   # no temp file left in the outbox
     out = tmp_path / "out"

@@ -13,6 +13,7 @@ import soundfile
 
 from beemond.archive import parse_iso
 
+from beemond.spool import Spool
 from conftest import (AGE, FtpServer, climate_rows, decrypt_with_age, free_port, make_config, urban_rows,
                       wait_for)
 
@@ -34,10 +35,12 @@ def _server_data(ftp, identity, manifests=None):
 
 
 def _spool_files(tmp_path):
-    spool = tmp_path / "spool"
-    # (hidden names are the sensors' journals and state, not records)
-    return sorted(p.relative_to(spool) for p in spool.rglob("*")
-                  if p.is_file() and not p.name.endswith(".lock") and not p.name.startswith("."))
+    """Records and bundles left in the spool (not the locks, and not state/: the sensors' journals
+    and state stay across restarts by design)."""
+    sp = Spool(tmp_path / "spool")
+    state = sp.state_dir("x").parent
+    return sorted(p.relative_to(sp.root) for p in sp.root.rglob("*")
+                  if p.is_file() and not p.name.endswith(".lock") and state not in p.parents)
 
 
 def test_end_to_end_every_replayed_row_exactly_once(tmp_path, keys, password_file, ftp, daemons):

@@ -1,4 +1,5 @@
-"""Disk full, the one space policy ([daemon] spool_max_bytes, spool_min_free_bytes, drop_oldest_when_full):
+"""Disk full, the one space policy ([daemon] spool_max_bytes, spool_min_free_bytes, drop_oldest_when_full,
+enforced by the uploader, the only process that deletes from the outbox):
 with drop_oldest_when_full the oldest bundles go and the newest stay; without it no un-uploaded bundle is
 ever deleted, one error says the spool is full, and all resumes when space returns; on a real 4 MB tmpfs,
 ENOSPC is survived and recording resumes when space returns."""
@@ -53,6 +54,7 @@ def test_spool_quota_drops_the_oldest_bundles_and_keeps_running(tmp_path, keys, 
     assert used <= quota + 2 * biggest + 64 * 1024, (used, quota, biggest)
     log = d.log()
     assert len(re.findall(r"started worker aggregator", log)) == 1, "the aggregator never restarted"
+    assert len(re.findall(r"started worker uploader", log)) == 1, "the uploader never restarted"
     assert "Traceback" not in log
     assert d.proc.poll() is None
     assert d.terminate() == 0, d.log()
@@ -140,7 +142,7 @@ def test_tiny_tmpfs_spool_survives_enospc_and_resumes(tmp_path, keys, password_f
         wait_for(ftp.bundles, 40, "an upload after space and link returned")
         log = d.log()
         assert len(re.findall(r"started worker aggregator", log)) == 1, "the aggregator never restarted"
-        assert not re.search(r"worker aggregator exited", log)
+        assert not re.search(r"worker (aggregator|uploader) exited", log)
         assert d.proc.poll() is None
         assert d.terminate() == 0, d.log()
     finally:

@@ -20,6 +20,7 @@ import soundfile
 
 from beemond import archive, config, ipc
 from beemond import reading_journal as rj
+from beemond.spool import Spool
 from beemond.sensors.emulators.replay import CsvReplay, load_rows
 from conftest import wait_for
 from polled_peers import URBAN, Harness, expand, write_config
@@ -62,8 +63,13 @@ def climate(**over) -> dict:
     return sensor
 
 
+def journal_of(staging: Path) -> Path:
+    """The journal of the sensor whose staging directory is *staging* (spool/staging/<sensor>)."""
+    return Spool(staging.parent.parent).journal_path(staging.name)
+
+
 def journal_entries(staging: Path) -> list[dict]:
-    return rj.ReadingJournal(rj.journal_path(staging)).recover().entries
+    return rj.ReadingJournal(journal_of(staging)).recover().entries
 
 
 def test_a_killed_workers_readings_are_folded_and_the_replay_resumes(tmp_path):
@@ -76,7 +82,7 @@ def test_a_killed_workers_readings_are_folded_and_the_replay_resumes(tmp_path):
         kill(child)
     journaled = journal_entries(h.staging)
     assert not h.records(), "the window never closed: nothing but the journal is durable"
-    saved = rj.journal_path(h.staging).read_bytes()
+    saved = journal_of(h.staging).read_bytes()
 
     h.run(captures=3)
     folded, fresh = sorted((r for r in h.records()), key=lambda r: r[2]["start"])
@@ -96,7 +102,7 @@ def test_a_killed_workers_readings_are_folded_and_the_replay_resumes(tmp_path):
 
     # A crash after the fold wrote its record, before it reset the journal: folding again writes
     # nothing twice (the record is there under its idempotent name).
-    rj.journal_path(h.staging).write_bytes(saved)
+    journal_of(h.staging).write_bytes(saved)
     before = [r[0].name for r in h.records()]
     h2 = Harness(tmp_path, "hive_climate")
     h2.run(captures=0)
@@ -107,7 +113,7 @@ def test_a_killed_workers_readings_are_folded_and_the_replay_resumes(tmp_path):
 def test_a_torn_journal_tail_is_skipped(tmp_path):
     h = Harness(tmp_path, "hive_climate", climate(interval_s=1))
     h.run(captures=2)   # a record and a journal header now
-    j = rj.ReadingJournal(rj.journal_path(h.staging))
+    j = rj.ReadingJournal(journal_of(h.staging))
     stamp = datetime(2026, 1, 1, tzinfo=timezone.utc)
     j.append(rj.entry(stamp, (20.5, 40.25), 7, False, 0, 0, None))
     j.close()
@@ -126,22 +132,23 @@ def test_an_audio_segment_cut_by_a_kill_is_salvaged(tmp_path, fmt):
               "subtype": "PCM_24", "tone_hz": 440, "block_s": 0.05}
     cfg_path = write_config(tmp_path, "hive_audio", sensor)
     cfg = config.load(cfg_path)
-    staging = cfg.spool / "staging" / "hive_audio"
+    sp = Spool(cfg.spool)
+    staging = sp.staging_dir("hive_audio")
     child = run_child(cfg_path)
     try:
-        wait_for(lambda: rj.partial_segments(staging) and rj.partial_segments(staging)[0].stat().st_size > 60_000,
+        wait_for(lambda: sp.open_segments("hive_audio") and sp.open_segments("hive_audio")[0].stat().st_size > 60_000,
                  30, "two seconds of audio in the open segment")
     finally:
         killed_at = kill(child)
-    (segment,) = rj.partial_segments(staging)
+    (segment,) = sp.open_segments("hive_audio")
     with open(segment, "ab") as f:   # the tail a power cut leaves: zeros (WAV) or a torn frame (FLAC)
         f.write(b"\x00" * 3000 if fmt == "wav" else b"\xff\xf8\x69\x08" + os.urandom(500))
 
     h = Harness(tmp_path, "hive_audio")   # the audio worker of the same config, salvaging at its start
     h.worker.salvage()
     records = sorted(staging.glob(f"*.{fmt}"))
-    assert len(records) == 1 and not rj.partial_segments(staging)
-    assert not rj.partial_headers(staging), "the open segment's header is gone too"
+    assert len(records) == 1 and not sp.open_segments("hive_audio")
+    assert not sp.open_segment_headers("hive_audio"), "the open segment's header is gone too"
     meta = json.loads(archive.sidecar_of(records[0]).read_text())
     assert meta["truncated"] is True and meta["frames"] > 8000
     data, rate = soundfile.read(records[0], dtype="float64")
@@ -200,7 +207,7 @@ def test_gpio_input_events_are_journaled_and_folded(tmp_path):
     h.run(captures=0)   # the shutdown writes the record and leaves a journal header
     assert len(h.records()) == 1
     # A crash with one event journaled but never recorded:
-    j = rj.ReadingJournal(rj.journal_path(h.staging))
+    j = rj.ReadingJournal(journal_of(h.staging))
     row = ["2023-11-14T22:13:21.000Z", "entrance", "button", "17", "sent"]
     j.append({"t": row[0], "v": row})
     j.close()

@@ -12,7 +12,6 @@ import queue
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,6 +19,7 @@ from beemond import config, ipc
 from beemond.sensors.emulators.camera import decode_jpeg
 from beemond.sensors.gpio import BLINK_ERROR, GpioWorker
 from beemond.sensors.sht3x import SHT3xWorker
+from beemond.spool import Spool
 from conftest import AGE, DATA, decrypt_with_age, make_config, wait_for
 
 GPIO = {"sensors.hive_gpio": None, "sensors.gpio.type": "gpio", "sensors.gpio.backend": "simulated", "sensors.gpio.record_window_s": 0.5,
@@ -36,7 +36,7 @@ class Rig:
         self.commands: queue.Queue = queue.Queue()
         self.reader, writer = multiprocessing.Pipe(duplex=False)
         self.worker = cls(cfg, self.sensor, ipc.Channel(name, self.commands, writer, 0.2))
-        self.staging = Path(cfg.spool) / "staging" / name
+        self.staging = Spool(cfg.spool).staging_dir(name)
         self.events: list[ipc.Event] = []
         self.thread = threading.Thread(target=self.worker.run)
         self.thread.start()

@@ -13,6 +13,7 @@ import pytest
 
 from beemond import archive, config
 from beemond.sensors.periodic import JsonDataAggregator, PeriodicValuePoller, TarRecordAggregator, TimeWindow
+from beemond.spool import Spool
 from conftest import make_config, wait_for
 
 T0 = datetime(2021, 6, 19, 0, 4, 58, tzinfo=timezone.utc)
@@ -210,7 +211,7 @@ def test_staged_records_carry_default_metadata(tmp_path, keys, password_file):
     sensor = cfg.sensors[0]
     reader, writer = multiprocessing.Pipe(duplex=False)
     worker = SimpleNamespace(cfg=cfg, sensor=sensor, template=cfg.template_for(sensor), ext="csv",
-                             staging=Path(cfg.spool) / "staging" / sensor.name,
+                             staging=Spool(cfg.spool).staging_dir(sensor.name),
                              channel=ipc.Channel(sensor.name, queue.Queue(), writer, 1.0))
     path = write_staged(worker, T0, T0 + timedelta(minutes=1), {"sensor": sensor.name, "rows": 2},
                         data_writer=lambda f: f.write(b"time\n"))

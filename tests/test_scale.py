@@ -23,6 +23,7 @@ from beemond import config, crypto, ipc
 from beemond.config import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
 from beemond.sensors.emulators.scale import ScaleEmulator, SyntheticHiveWeight
 from beemond.sensors.scale import ScaleWorker, calibrate, compensate, parse_line
+from beemond.spool import Spool
 
 from conftest import AGE, DATA, ROOT, climate_rows, decrypt_with_age, make_config, wait_for
 
@@ -143,7 +144,7 @@ class Harness:
         self.channel = ipc.Channel(self.sensor.name, commands=self.commands, events=self.events_w,
                                    heartbeat_interval_s=self.cfg.daemon.heartbeat_interval_s)
         self.worker = ScaleWorker(self.cfg, self.sensor, self.channel)
-        self.staging = Path(self.cfg.spool) / "staging" / self.sensor.name
+        self.staging = Spool(self.cfg.spool).staging_dir(self.sensor.name)
         self.events: list[ipc.Event] = []
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -179,7 +180,7 @@ class Harness:
             raise self.failure[0]
 
     def record(self) -> tuple[list[list[str]], dict]:
-        data = sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json") and not p.name.startswith("."))
+        data = sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json"))
         assert len(data) == 1, data
         with open(data[0], newline="") as f:
             table = list(csv.reader(f))
@@ -346,7 +347,7 @@ def test_persistent_failure_exits_the_worker(tmp_path: Path):
     h.scale.stop()
     assert not h.thread.is_alive()
     assert len(h.failure) == 1 and isinstance(h.failure[0], SensorFailure)
-    assert not h.staging.exists() or not [p for p in h.staging.iterdir() if not p.name.startswith(".")]   # no reading invented
+    assert not h.staging.exists() or not any(h.staging.iterdir())   # no reading invented
 
 
 def test_simulated_backend_reads_the_emulator_through_serial(tmp_path: Path):

@@ -283,7 +283,7 @@ def test_worker_capture_now_writes_the_urban_rows(tmp_path: Path, urban_rows):
     events = h.run(captures=3)
     path, table, meta = h.record()
     assert path.suffix == ".csv"
-    assert sorted(p.name for p in h.staging.iterdir() if not p.name.startswith(".")) == [path.name, path.name + ".meta.json"]
+    assert sorted(p.name for p in h.staging.iterdir()) == [path.name, path.name + ".meta.json"]
     assert table[0] == ["time", "temperature_c", "humidity_rh"]
     body = table[1:]
     assert len(body) >= 3 and meta["rows"] == len(body)

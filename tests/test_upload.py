@@ -353,56 +353,91 @@ def _errors(events_r) -> list[str]:
 
 def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploaded(tmp_path, keys, password_file,
                                                                                       caplog):
-    """The one space policy (Aggregator.enforce_quota): uploaded copies first, however new; un-uploaded
-    bundles only with daemon.drop_oldest_when_full, oldest first, each bundle before its .sig, each
-    counted; an uploader that had them queued forgets them without quarantine or backoff."""
-    from beemond import aggregator
-
+    """The one space policy (Uploader.enforce_spool_limits, the sole deleter of outbox/ and uploaded/):
+    uploaded copies first, however new; un-uploaded bundles only with daemon.drop_oldest_when_full, oldest
+    first, never the newest, each bundle before its .sig, each counted; a dropped bundle leaves the queues
+    without quarantine or backoff; an old orphan .sig is swept, a young one (a seal in progress) kept."""
     caplog.set_level(logging.INFO)
     over = {"daemon.spool_min_free_bytes": 2**49, "upload.protocol": "local", "upload.remote_dir": str(tmp_path),
-            "upload.password_file": None}
+            "upload.password_file": None, "upload.keep_uploaded_bytes": 10**6}
     cfg = load(tmp_path, keys, password_file, **over)
     kept = make_bundles(cfg.spool / "uploaded", 2, 10_000, start=20)  # newer than the waiting ones
     waiting = sorted(make_bundles(outbox_of(cfg), 3, 10_000))
     for name in waiting:
         (outbox_of(cfg) / (name + ".sig")).write_bytes(b"s" * 64)
-    (outbox_of(cfg) / (waiting[0][:-20] + "0" * 12 + ".tar.age.sig")).write_bytes(b"orphan")  # a power cut inside a drop
+    orphan = outbox_of(cfg) / (waiting[0][:-20] + "0" * 12 + ".tar.age.sig")  # a power cut inside a drop
+    orphan.write_bytes(b"orphan")
+    os.utime(orphan, (time.time() - 3600,) * 2)
+    young = outbox_of(cfg) / (waiting[0][:-20] + "1" * 12 + ".tar.age.sig")  # its bundle is being renamed in
+    young.write_bytes(b"young")
 
     # Without drop_oldest_when_full: the uploaded copies go, every un-uploaded bundle stays; ONE error.
-    channel, events = _channel("aggregator")
-    a = aggregator.Aggregator(cfg, channel)
+    channel, events = _channel("uploader")
+    u = Uploader(cfg, channel)
+    u.scan()
     for _ in range(3):
-        a.enforce_quota()
+        u.enforce_spool_limits()
     assert list((cfg.spool / "uploaded").iterdir()) == []
-    assert sorted(p.name for p in outbox_of(cfg).iterdir()) == sorted(waiting + [n + ".sig" for n in waiting])
+    assert sorted(p.name for p in outbox_of(cfg).iterdir()) == sorted(waiting + [n + ".sig" for n in waiting]
+                                                                      + [young.name])
+    assert f"deleted the signature {orphan.name}, whose bundle is gone" in caplog.text
     assert len(re.findall(r"spool full \(.*\): no uploaded copy left", caplog.text)) == 1
-    assert _errors(events) == ["spool full"] and a.dropped == 0
-    assert all(f"deleted the uploaded copy {n}" in caplog.text for n in kept)
+    assert _errors(events) == ["spool full"] and u.counts["dropped"] == 0
+    assert all(f"evicted uploaded copy {n} (spool over its limits)" in caplog.text for n in kept)
+    assert u.kept == [] and u.kept_bytes == 0
 
-    # An uploader that already queued the outbox, then the same limits with drop_oldest_when_full.
+    # With drop_oldest_when_full, from an uploader that already queued the outbox.
     cfg = load(tmp_path, keys, password_file, **{**over, "daemon.drop_oldest_when_full": True})
-    u = Uploader(cfg, _channel("uploader")[0])
+    channel, events = _channel("uploader")
+    u = Uploader(cfg, channel)
     u.scan()
     assert len(u.known) == 3
     caplog.clear()
-    channel, events = _channel("aggregator")
-    a = aggregator.Aggregator(cfg, channel)
-    a.enforce_quota()
-    assert sorted(p.name for p in outbox_of(cfg).iterdir()) == [waiting[-1], waiting[-1] + ".sig"], \
-        "all but the newest bundle dropped with their signatures, no orphan .sig left"
+    u.enforce_spool_limits()
+    assert sorted(p.name for p in outbox_of(cfg).iterdir()) == sorted([waiting[-1], waiting[-1] + ".sig", young.name]), \
+        "all but the newest bundle dropped with their signatures"
     log = caplog.text
     at = [log.index(f"dropped the oldest un-uploaded bundle {n}") for n in waiting[:-1]]
     assert at == sorted(at), "oldest first"
     assert "spool full" in log and "with only the newest bundle left" in log
-    assert a.dropped == 2 and _errors(events) == [f"spool full: dropped bundle {n}" for n in waiting[:-1]] + ["spool full"]
+    errors = [ev for ev in _events(events) if ev.kind == ipc.ERROR]
+    assert [ev.data["message"] for ev in errors] == [f"spool full: dropped bundle {n}" for n in waiting[:-1]] + ["spool full"]
+    assert all(ev.data.get("spool") for ev in errors), "told apart from upload errors in the metrics"
+    assert u.counts["dropped"] == 2 and list(u.known) == [outbox_of(cfg) / waiting[-1]]
     assert u.upload_next() and u.upload_next()
-    assert u.counts["vanished"] == 2 and list(u.known) == [outbox_of(cfg) / waiting[-1]]
+    assert u.counts["uploaded"] == 1 and u.counts["vanished"] == 0
     assert u.counts["quarantined"] == u.counts["failures"] == 0 and not (cfg.spool / "quarantine").exists()
 
 
-def test_bundle_dropped_mid_upload_is_not_quarantined(tmp_path, keys):
-    """The aggregator's drop_oldest_when_full may delete a bundle (then its .sig) while it is being sent:
-    the open file still reaches the server whole, and the uploader neither quarantines nor fails."""
+def test_spool_limits_never_drop_the_bundle_in_flight(tmp_path, keys):
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "none", "upload.password_file": None,
+                                        "daemon.spool_min_free_bytes": 2**49, "daemon.drop_oldest_when_full": True})
+    made = sorted(make_bundles(outbox_of(cfg), 3, 1_000))
+    u = Uploader(cfg, _channel("uploader")[0])
+    u.enforce_spool_limits(in_flight=outbox_of(cfg) / made[0])
+    assert bundles_left(cfg) == [made[0], made[2]], "the oldest is being sent: the next oldest goes instead"
+
+
+def _events(events_r) -> list[ipc.Event]:
+    out = []
+    while events_r.poll():
+        out.append(events_r.recv())
+    return out
+
+
+def test_spool_limits_run_on_a_timer_even_with_protocol_none(tmp_path, keys):
+    """Nothing uploads (protocol none), yet the uploader's loop keeps the spool within its limits."""
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "none", "upload.password_file": None,
+                                        "daemon.spool_max_bytes": 25_000, "daemon.drop_oldest_when_full": True})
+    made = sorted(make_bundles(outbox_of(cfg), 4, 10_000))
+    with Running(cfg) as r:
+        wait_for(lambda: r.uploader.counts["dropped"] >= 2, 20, "the timer's check")
+    assert bundles_left(cfg) == made[-(4 - r.uploader.counts["dropped"]):], "the oldest dropped, the newest kept"
+
+
+def test_bundle_deleted_by_hand_mid_upload_is_not_quarantined(tmp_path, keys):
+    """A human deleting a bundle (then its .sig) while it is being sent: the open file still reaches the
+    server whole, and the uploader neither quarantines nor fails."""
     nas = tmp_path / "nas"
     nas.mkdir()
     cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
@@ -413,13 +448,28 @@ def test_bundle_dropped_mid_upload_is_not_quarantined(tmp_path, keys):
     (outbox_of(cfg) / (name + ".sig")).write_bytes(b"s" * 64)
     with Running(cfg) as r:
         wait_for(lambda: any(p.stat().st_size > 0 for p in nas.rglob(name + ".part")), 20, "the bundle in transfer")
-        (outbox_of(cfg) / name).unlink()  # as Aggregator.enforce_quota drops: the bundle, then its .sig
+        (outbox_of(cfg) / name).unlink()
         (outbox_of(cfg) / (name + ".sig")).unlink()
         wait_for(lambda: r.uploader.counts["uploaded"] == 1, 20, "the upload to finish")
     assert on_server(nas) == made
     assert r.uploader.counts["quarantined"] == r.uploader.counts["failures"] == 0
     assert not (cfg.spool / "quarantine").exists() and list((cfg.spool / "uploaded").iterdir()) == []
     assert r.uploader.kept == [] and not r.uploader.known
+
+
+def test_bundle_deleted_by_hand_before_its_turn_is_forgotten(tmp_path, keys, caplog):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(nas),
+                                        "upload.password_file": None})
+    made = sorted(make_bundles(outbox_of(cfg), 2, 1_000))
+    u = Uploader(cfg, _channel("uploader")[0])
+    u.scan()
+    (outbox_of(cfg) / made[0]).unlink()
+    assert u.upload_next() and u.upload_next()
+    assert sorted(on_server(nas)) == made[1:] and u.counts["vanished"] == 1 and not u.known
+    assert f"bundle {made[0]} left the outbox before it was uploaded (deleted by hand?)" in caplog.text
+    assert u.counts["quarantined"] == u.counts["failures"] == 0
 
 
 def test_cli_upload_backlog_progress_summary_and_lock(tmp_path, keys):

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.sensors.base import stage, staged_metadata, staged_name
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +93,13 @@ class Spacing:
         return True
 
 
-def inbox_dir(spool: Path, processor: str) -> Path:
-    return Path(spool) / "processing" / processor
-
-
 def link_record(spool: Path, processor: str, record: Path) -> Path:
     """Hard-link *record* and its sidecar into the processor's inbox (the orchestrator calls this).
 
     Returns the linked data path. Raises ``OSError``. The sidecar is linked first and the data last,
     so a data link in the inbox always has its metadata beside it.
     """
-    inbox = inbox_dir(spool, processor)
+    inbox = Spool(spool).processing_dir(processor)
     inbox.mkdir(parents=True, exist_ok=True)
     name, n = record.name, 0
     while (inbox / name).exists() or archive.sidecar_of(inbox / name).exists():
@@ -125,9 +122,10 @@ class ProcessorWorker:
         self.sensor = proc  # write_staged's owner of the record: names, staging/<name>/
         self.channel = channel
         self.template = cfg.template_for(proc)
-        self.staging = Path(cfg.spool) / "staging" / proc.name
+        spool = Spool(cfg.spool)
+        self.staging = spool.staging_dir(proc.name)
         self.staging.mkdir(parents=True, exist_ok=True)
-        self.inbox = inbox_dir(cfg.spool, proc.name)
+        self.inbox = spool.processing_dir(proc.name)
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.spacing = Spacing(proc.min_input_spacing, proc.min_step_spacing, proc.min_output_spacing)
         self.paused = False
@@ -137,7 +135,7 @@ class ProcessorWorker:
         # A derived record whose write fails is retried off the processing loop, then kept in
         # spool/failed/<processor>/ with a log line: never dropped, and never blocking the next input.
         self.writer = archive.BackgroundWriter(lambda rel, meta, dw: stage(self, rel, meta, dw),
-                                               Path(cfg.spool) / "failed" / proc.name,
+                                               spool.failed_dir(proc.name),
                                                max_retries=cfg.archive.max_retries, name=f"{proc.name}-writer")
 
     # -- for subclasses

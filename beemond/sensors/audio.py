@@ -47,12 +47,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
 from beemond.clock import Clock
 from beemond.sensors.base import SensorFailure, write_staged
+from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class AudioWorker:
         self.channel = channel
         self.ext = sensor.format
         self.template = cfg.template_for(sensor)
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.frames_per_segment = round(sensor.segment_s * sensor.sample_rate_hz)
         self.frames_per_capture = round(sensor.capture_s * sensor.sample_rate_hz)
@@ -248,13 +248,14 @@ class AudioWorker:
 
     def salvage(self) -> None:
         """At start: record the segments a crash left open, and note the gap for this run's first one."""
-        state = rj.read_state(self.staging)
+        sp = Spool(self.cfg.spool)
+        state = rj.read_state(sp.state_file(self.sensor.name))
         last = state.get("last_end") if state else None
         existed = state is not None
-        for header in rj.partial_headers(self.staging):
+        for header in sp.open_segment_headers(self.sensor.name):
             if not header.with_name(header.name[:-len(".json")]).exists():
                 header.unlink(missing_ok=True)   # its segment was recorded; the crash came before this unlink
-        for segment in rj.partial_segments(self.staging):
+        for segment in sp.open_segments(self.sensor.name):
             existed = True
             try:
                 end = salvage_segment(self, segment)
@@ -335,7 +336,8 @@ class AudioWorker:
                 self._power(False)
                 self.power.close()
                 try:
-                    rj.write_state(self.staging, {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
+                    rj.write_state(Spool(self.cfg.spool).state_file(self.sensor.name),
+                                   {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
                 except OSError as e:
                     log.warning("cannot write the audio state: %s", e)
 
@@ -412,8 +414,8 @@ class _Segment:
         self.frames = 0
         self.overflows = 0
         s = worker.sensor
-        self.tmp = rj.partial_segment(worker.staging, str(int(start * 1000)), s.format)
-        self.header = rj.partial_header(self.tmp)
+        self.tmp = Spool(worker.cfg.spool).open_segment(s.name, str(int(start * 1000)), s.format)
+        self.header = open_segment_header(self.tmp)
         with archive.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
             f.write(json.dumps({"start": start, "trigger": capture.trigger, "device": worker.device_name,
                                 "schedule": self._schedule()}).encode())
@@ -468,7 +470,7 @@ class _Segment:
         self.w.restart_gap, self.w.last_end = None, metadata["end"]
         self.header.unlink(missing_ok=True)
         try:   # so a crash before the next segment's first sync still knows where the audio ended
-            rj.write_state(self.w.staging, {"last_end": self.w.last_end})
+            rj.write_state(Spool(self.w.cfg.spool).state_file(s.name), {"last_end": self.w.last_end})
         except OSError as e:
             log.warning("cannot write the audio state: %s", e)
 
@@ -484,18 +486,18 @@ class _Segment:
 # ---- salvage of a segment cut by a crash or power failure
 
 def salvage_segment(worker, segment: Path) -> str | None:
-    """Record *segment* (an open segment a crash left, :func:`beemond.reading_journal.partial_segment`)
+    """Record *segment* (an open segment a crash left, :meth:`beemond.spool.Spool.open_segment`)
     up to its last durable frame, with ``truncated: true`` and its real end; return that end (ISO), or
     None when it held no whole frame (then it is removed). Raises ``OSError``, ``ValueError`` (no
     readable header) or ``RuntimeError`` (libsndfile)."""
     s = worker.sensor
-    header_path = rj.partial_header(segment)
+    header_path = open_segment_header(segment)
     try:
         header = json.loads(header_path.read_bytes())
     except FileNotFoundError:
         header = {"start": segment.stat().st_mtime, "trigger": "unknown", "device": "", "schedule": None}
         log.warning("open segment %s has no header; its start is taken from its modification time", segment.name)
-    fmt = rj.partial_format(segment)
+    fmt = open_segment_format(segment)
     if fmt == "wav":
         rate, channels, subtype, frames = _salvage_wav(segment)
     else:
@@ -597,7 +599,7 @@ def _salvage_flac(soundfile, path: Path) -> tuple[int, int, str, int]:
 
 def _set_aside(worker, segment: Path) -> None:
     """An open segment that cannot be salvaged goes to ``failed/<sensor>/`` for a human (never deleted)."""
-    dest = rj.failed_dir(worker.cfg.spool, worker.sensor.name) / segment.name.lstrip(".")[:-len(".open")]
+    dest = Spool(worker.cfg.spool).failed_dir(worker.sensor.name) / open_segment_record_name(segment)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(segment, dest)
-    rj.partial_header(segment).unlink(missing_ok=True)
+    open_segment_header(segment).unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from beemond.clock import Clock
 from beemond.clock import synchronized as clock_synchronized
 from beemond.config import DEFAULT_TEMPLATE
 from beemond.sensors.periodic import PeriodicValuePoller
+from beemond.spool import Spool, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class PolledSensorWorker:
         self.clamped_at_open = 0
         self.sensor = sensor
         self.channel = channel
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         self.readings: list[tuple] = []
@@ -70,7 +71,7 @@ class PolledSensorWorker:
         # power_pin: the sensor's supply is switched on power_lead_s before each measurement, off after
         self.power = power_switch(sensor, channel.beat)
         # Every reading is also appended to this journal, durable within journal_sync_s (power cuts).
-        self.journal = rj.ReadingJournal(rj.journal_path(self.staging), cfg.daemon.journal_sync_s)
+        self.journal = rj.ReadingJournal(Spool(cfg.spool).journal_path(sensor.name), cfg.daemon.journal_sync_s)
         self.restart_gap: dict | None = None   # {"last": ISO|None} until the run's first record is written
 
     # -- for subclasses
@@ -277,7 +278,10 @@ class PolledSensorWorker:
             self.resume_replay(replay)
         if rec.existed:
             self.restart_gap = {"last": last}
-        self._journal_reset(last, replay)
+        if rec.entries or rec.skipped_lines:
+            self._journal_reset(last, replay)
+        # else the journal is a header alone (or absent): readings append to it as it is, and a start
+        # costs no write (a Pi that reboots often, and a worker that restarts, start measuring at once)
 
     def _journal_reset(self, last: str | None, replay: dict | None = None) -> None:
         try:
@@ -397,21 +401,10 @@ def stage(worker, rel: str, metadata: dict, data_writer=None, tmp: Path | None =
     """Write one record named *rel* durably into ``worker.staging`` (never over a staged record of the
     same name) and send its READY_EVENT. The ``write`` of a :class:`beemond.archive.BackgroundWriter`.
     Raises ``OSError``."""
-    path = archive.write_record(worker.staging, _unique(worker.staging, rel), metadata,
+    path = archive.write_record(worker.staging, unique_name(worker.staging, rel), metadata,
                                 data_writer=data_writer, tmp=tmp)
     # Non-zero counters ride along for the metrics (audio overflows, missed measurements), so the
     # orchestrator never has to read a sidecar.
     counts = {k: metadata[k] for k in EVENT_COUNTS if isinstance(metadata.get(k), int) and metadata[k]}
     worker.channel.send(ipc.READY_EVENT, sensor=worker.sensor.name, path=str(path), **counts)
     return path
-
-
-def _unique(directory: Path, rel: str) -> str:
-    """Never overwrite a staged record that has not been bundled yet (two records, one name)."""
-    if not (directory / rel).exists():
-        return rel
-    stem, dot, ext = rel.rpartition(".") if "." in rel.rsplit("/", 1)[-1] else (rel, "", "")
-    n = 1
-    while (directory / f"{stem}-{n}{dot}{ext}").exists():
-        n += 1
-    return f"{stem}-{n}{dot}{ext}"

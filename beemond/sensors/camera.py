@@ -44,6 +44,7 @@ from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.sensors.base import MAX_CONSECUTIVE_FAILURES, SensorFailure, write_staged
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class CameraWorker:
         from beemond.sensors.gpio import power_switch
 
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         if backend is None:

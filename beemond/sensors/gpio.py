@@ -27,11 +27,11 @@ import io
 import logging
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
 from beemond.sensors.base import stage, staged_metadata, staged_name, write_staged
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class GpioWorker:
         import gpiozero
 
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
-        self.staging = Path(cfg.spool) / "staging" / sensor.name
+        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         self.factory = pin_factory(sensor.backend)
@@ -138,7 +138,7 @@ class GpioWorker:
         self.errors = 0
         self.pulsers = []
         # Each input event is journaled (durable within journal_sync_s) until its record is written.
-        self.journal = rj.ReadingJournal(rj.journal_path(self.staging), cfg.daemon.journal_sync_s)
+        self.journal = rj.ReadingJournal(Spool(cfg.spool).journal_path(sensor.name), cfg.daemon.journal_sync_s)
         self.restart_gap: dict | None = None
 
     def _callback(self, name: str):
@@ -169,7 +169,8 @@ class GpioWorker:
             last = rows[-1][0]
         if rec.existed:
             self.restart_gap = {"last": last}
-        self.journal.reset(last, None)
+        if rec.entries or rec.skipped_lines:
+            self.journal.reset(last, None)
 
     def run(self) -> None:
         log.info("gpio: %s", self.sensor.describe())

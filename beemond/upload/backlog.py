@@ -2,8 +2,8 @@
 
 It refuses to run beside the daemon rather than cooperate: the daemon's uploader already works the
 same backlog, and two uploaders on one outbox would race for each bundle. So it takes the daemon's
-spool lock (``spool/.lock``, exclusive, and ``spool/.workers.lock``, which old workers hold shared)
-without waiting; if either is held it exits 75 (``EX_TEMPFAIL``) and says to stop the service. While
+spool locks (:meth:`beemond.spool.Spool.lock`: ``.lock``, exclusive, and ``.workers.lock``, which old
+workers hold shared) without waiting; if either is held it exits 75 (``EX_TEMPFAIL``) and says to stop the service. While
 it runs, the daemon in turn refuses to start on that spool.
 
 Transient failures back off as in the daemon; after ``MAX_FAILURES`` in a row it stops and leaves the
@@ -12,12 +12,11 @@ rest in the outbox. Bundles outside their upload window are left for later and l
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sys
 import time
 
 from beemond import ipc
+from beemond.spool import Spool, SpoolBusy
 from beemond.upload.uploader import Uploader
 
 EX_TEMPFAIL = 75
@@ -87,30 +86,18 @@ class Progress:
         self.out.flush()
 
 
-def _lock(spool) -> list[int] | None:
-    fds = []
-    for name in (".lock", ".workers.lock"):
-        fd = os.open(spool / name, os.O_RDWR | os.O_CREAT, 0o644)
-        fds.append(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            for f in fds:
-                os.close(f)
-            return None
-    return fds
-
-
 def upload_backlog(cfg, out=None) -> int:
     """Upload every bundle in the outbox now. Returns the exit status (0: nothing left that could go)."""
     out = out or sys.stderr
     if cfg.upload.protocol == "none":
         print("beemond: upload.protocol is none: nothing to upload to", file=out)
         return 1
-    (cfg.spool / "outbox").mkdir(parents=True, exist_ok=True)
-    locks = _lock(cfg.spool)
-    if locks is None:
-        print(f"beemond: a running beemond holds spool {cfg.spool} (.lock); its uploader is working this backlog "
+    spool = Spool(cfg.spool)
+    spool.outbox.mkdir(parents=True, exist_ok=True)
+    try:
+        locks = spool.lock(hold_workers=True)
+    except SpoolBusy as e:
+        print(f"beemond: a running beemond holds spool {cfg.spool} ({e.held}); its uploader is working this backlog "
               "already. Stop the service first (systemctl stop beemond) to upload in the foreground.", file=out)
         return EX_TEMPFAIL
     progress = Progress(out, out.isatty())
@@ -130,8 +117,7 @@ def upload_backlog(cfg, out=None) -> int:
         print("\ninterrupted; the rest stays in the outbox", file=out)
     finally:
         up.transport.close()
-        for fd in locks:
-            os.close(fd)
+        locks.release()
     c = up.counts
     dt = time.monotonic() - progress.t0
     if progress.tty:

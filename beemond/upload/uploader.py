@@ -1,4 +1,4 @@
-"""Uploader worker: bundles in ``spool/outbox/`` to the lab's server, verified, exactly once.
+"""Uploader worker: bundles in the spool's outbox to the lab's server, verified, exactly once.
 
 Queues. **Fresh**: bundles announced by watchdog (inotify) events as the aggregator renames them
 into the outbox; they go first, so a restored link delivers today's data before last week's.
@@ -11,20 +11,22 @@ Per bundle: if a detached signature ``NAME.sig`` sits beside it (written before 
 the outbox), the signature goes first. Each file is uploaded to ``REMOTE.part`` (a ``.part`` left by
 a crash is overwritten), its remote size compared with the local one, and renamed to its final path
 (``[upload] layout``). Only after the bundle's rename is confirmed are the local signature and then
-the bundle deleted (or moved to ``spool/uploaded/`` under ``keep_uploaded_bytes``) and the outbox
+the bundle deleted (or moved to the spool's ``uploaded/`` under ``keep_uploaded_bytes``) and the outbox
 fsynced. A power cut between rename and delete uploads the bundle again: same name, replaced, so it
 still exists once on the server.
 
 Failures: a transient one closes the connection, puts the bundle back at the head of the backlog
 and backs off exponentially with jitter (uniform in [d/2, d]), up to ``backoff_max_s``. A permanent one (the server
 refuses the file: FTP 550/553, SFTP permission denied; or the local file cannot be read) is retried
-once on a fresh connection, then the bundle is moved to ``spool/quarantine/`` with an error line and
+once on a fresh connection, then the bundle is moved to the spool's ``quarantine/`` with an error line and
 counted: never retried forever, never deleted.
 
-Retention (``enforce_retention``): uploaded copies beyond ``keep_uploaded_bytes`` go, oldest first.
-Space on the spool is the aggregator's (``Aggregator.enforce_quota``, the ``[daemon]`` spool limits):
-it may delete uploaded copies, and with ``drop_oldest_when_full`` un-uploaded bundles, under our feet.
-A bundle that vanishes before or while it is sent is forgotten (logged), never quarantined or retried.
+The uploader is the only process that deletes from the outbox and from ``uploaded/``
+(:mod:`beemond.spool`), so nothing leaves under a transfer. Retention (``enforce_retention``): uploaded
+copies beyond ``keep_uploaded_bytes`` go, oldest first. Space (``enforce_spool_limits``, the ``[daemon]``
+spool limits, after each upload and every ``SPOOL_CHECK_S``): uploaded copies first, then only with
+``drop_oldest_when_full`` the oldest un-uploaded bundles, never the newest. A bundle a human deletes
+from the outbox is forgotten with a warning, never quarantined or retried.
 """
 
 from __future__ import annotations
@@ -39,15 +41,16 @@ import time
 from pathlib import Path
 
 from beemond import archive, ipc
-from beemond.aggregator import BUNDLE_RE
 from beemond.config import parse_window
+from beemond.spool import BUNDLE_RE, SIG_SUFFIX, Spool, fsync_dir, signature_of
 from beemond.upload import BundleReader, LocalFileError, PermanentError, TokenBucket, TransportError, make_transport
 
 log = logging.getLogger(__name__)
 
 FILE_EVENT = "outbox_file"
-SIG = ".sig"
 WINDOW_RECHECK_S = 60.0
+SPOOL_CHECK_S = 10.0        # the [daemon] spool limits are checked this often, and after each upload
+ORPHAN_SIG_GRACE_S = 600.0  # an outbox signature without its bundle this old was left by a power cut
 
 
 def sort_key(path: Path) -> tuple[str, str]:
@@ -69,11 +72,10 @@ class Uploader:
         self.up = cfg.upload
         self.channel = channel
         self.progress = progress  # callable(bytes) for `beemond upload --backlog`'s progress bar
-        spool = Path(cfg.spool)
-        self.spool = spool
-        self.outbox = spool / "outbox"
-        self.uploaded_dir = spool / "uploaded"
-        self.quarantine_dir = spool / "quarantine"
+        self.spool = Spool(cfg.spool)
+        self.outbox = self.spool.outbox
+        self.uploaded_dir = self.spool.uploaded
+        self.quarantine_dir = self.spool.quarantine
         self.outbox.mkdir(parents=True, exist_ok=True)
         self.fresh: collections.deque[Path] = collections.deque()
         self.backlog: list[Path] = []
@@ -83,7 +85,7 @@ class Uploader:
         self.next_try = 0.0
         self.window_check = 0.0
         self.strikes: dict[Path, int] = {}  # permanent errors per bundle (quarantined at the second)
-        self.counts = collections.Counter()  # uploaded, bytes, quarantined, evicted, vanished, failures
+        self.counts = collections.Counter()  # uploaded, bytes, quarantined, evicted, dropped, vanished, failures
         self.last_upload: float | None = None
         self.windows = {name: parse_window(spec) for name, spec in self.up.windows.items()}
         self.bucket = TokenBucket(self.up.rate_limit_bytes_per_s)
@@ -91,10 +93,10 @@ class Uploader:
         self.observer = None
         self.kept: list[tuple[tuple[str, str], Path, int]] = []  # uploaded copies, oldest first
         self.kept_bytes = 0
-        if self.uploaded_dir.is_dir():
-            for p in self.uploaded_dir.iterdir():
-                if BUNDLE_RE.match(p.name):
-                    self._keep(p)
+        for p in self.spool.bundles(self.uploaded_dir):
+            self._keep(p)
+        self.limits_at = 0.0       # monotonic time of the next spool-limits check
+        self.spool_full = False    # over a limit at the last check (one error when it starts, one line when it ends)
 
     # ---- queues
     def _add(self, path: Path) -> bool:
@@ -173,8 +175,9 @@ class Uploader:
     def run(self) -> None:
         if self.transport is None:
             log.info("upload protocol is none: bundles stay in %s", self.outbox)
-            while (cmd := self.channel.receive(3600)) is None or cmd.kind != ipc.SHUTDOWN:
-                pass
+            while (cmd := self.channel.receive(self._until_limits())) is None or cmd.kind != ipc.SHUTDOWN:
+                if time.monotonic() >= self.limits_at:
+                    self.enforce_spool_limits()
             return
         self._start_observer()
         self.scan()
@@ -187,7 +190,7 @@ class Uploader:
                     timeout = max(0.0, self.window_check - now)
                 else:
                     timeout = 3600.0
-                cmd = self.channel.receive(timeout)
+                cmd = self.channel.receive(min(timeout, self._until_limits()))
                 if cmd is not None:
                     if cmd.kind == ipc.SHUTDOWN:
                         self._stop_observer()  # drain() scans the outbox; events now would only race it
@@ -195,11 +198,16 @@ class Uploader:
                         return
                     if cmd.kind == FILE_EVENT:
                         self._on_file(Path(cmd.args["path"]))
+                if time.monotonic() >= self.limits_at:
+                    self.enforce_spool_limits()
                 if self._pending() and time.monotonic() >= self.next_try:
                     self.upload_next()
         finally:
             self._stop_observer()
             self.transport.close()
+
+    def _until_limits(self) -> float:
+        return max(0.0, self.limits_at - time.monotonic())
 
     def _stop_observer(self) -> None:
         if self.observer is not None:
@@ -252,20 +260,13 @@ class Uploader:
         return False
 
     def _vanished(self, path: Path) -> None:
-        """*path* left the outbox before it was sent: dropped by the spool policy (the aggregator's
-        ``drop_oldest_when_full``), which logged and counted it. Nothing to retry or quarantine."""
+        """*path* left the outbox before it was sent. Only this process deletes there, so someone did
+        it by hand: forget it, nothing to retry or quarantine."""
         self.known.pop(path, None)
         self.strikes.pop(path, None)
         self.counts["vanished"] += 1
-        log.info("bundle %s left the outbox before it was uploaded (dropped by the spool limits)", path.name)
+        log.warning("bundle %s left the outbox before it was uploaded (deleted by hand?); forgotten", path.name)
         self.report()
-
-    def _forget_vanished(self) -> None:
-        """Drop from the queues' accounting the bundles no longer in the outbox (the OUTBOX event's
-        counts stay true while the link is down and the aggregator drops bundles)."""
-        present = set(self.outbox.iterdir())
-        for path in [p for p in self.known if p not in present]:
-            self.known.pop(path, None)
 
     def _failed(self, path: Path, e: BaseException) -> None:
         self.failures += 1
@@ -279,7 +280,6 @@ class Uploader:
         self.channel.send(ipc.ERROR, message=f"upload failed: {type(e).__name__}: {str(e).strip()}")
         self.transport.close()
         self.backlog.insert(0, path)  # fresh first on the next try, but this one is not forgotten
-        self._forget_vanished()
         self.report()
 
     def _refused(self, path: Path, e: BaseException) -> bool:
@@ -296,14 +296,14 @@ class Uploader:
         return True
 
     def quarantine(self, path: Path, why: str) -> None:
-        """Move a bundle (and its signature) to ``spool/quarantine/`` for a human; never delete it."""
+        """Move a bundle (and its signature) to the spool's ``quarantine/`` for a human; never delete it."""
         self.quarantine_dir.mkdir(exist_ok=True)
-        sig = path.with_name(path.name + SIG)
+        sig = signature_of(path)
         if sig.exists():
             os.replace(sig, self.quarantine_dir / sig.name)
         os.replace(path, self.quarantine_dir / path.name)
-        archive.fsync_dir(self.quarantine_dir)
-        archive.fsync_dir(self.outbox)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(self.outbox)
         self.known.pop(path, None)
         self.counts["quarantined"] += 1
         log.error("quarantined %s in %s after a permanent failure (%s); %d bundle(s) quarantined so far",
@@ -352,10 +352,10 @@ class Uploader:
             log.info("connected to %s", self.transport.describe())
         remote = self.remote_path(path)
         self.transport.ensure_dir(remote.rsplit("/", 1)[0] or "/")
-        sig = path.with_name(path.name + SIG)
+        sig = signature_of(path)
         has_sig = sig.exists()
         if has_sig:  # the signature first: a bundle on the server is never without its signature
-            self._send(sig, remote + SIG)
+            self._send(sig, remote + SIG_SUFFIX)
         size = self._send(path, remote)
         # Confirmed on the server under its final name: only now may the local copies go.
         self._release(path, sig if has_sig else None)
@@ -367,52 +367,135 @@ class Uploader:
         log.info("uploaded %s (%d bytes, %.2f s) to %s", path.name, size, dt, remote)
         self.channel.send(ipc.UPLOADED, name=path.name, bytes=size, seconds=dt, remote=remote)
         self.enforce_retention()
+        self.enforce_spool_limits()
         self.report()
 
-    # ---- retention
+    # ---- retention and space (this process alone deletes from the outbox and uploaded/)
     def _release(self, path: Path, sig: Path | None) -> None:
         """Delete (or keep, under the quota) an uploaded bundle: its signature first, so a power cut
         between the two leaves a bundle that is simply uploaded again, never an orphan signature.
-        Either may already be gone (the aggregator's spool limits): it is on the server, that is fine."""
+        Either may have been deleted by hand meanwhile: it is on the server, that is fine."""
         if self.up.keep_uploaded_bytes > 0:
             self.uploaded_dir.mkdir(exist_ok=True)
             try:
                 if sig is not None:
                     os.replace(sig, self.uploaded_dir / sig.name)
                 os.replace(path, self.uploaded_dir / path.name)
-                archive.fsync_dir(self.uploaded_dir)
+                fsync_dir(self.uploaded_dir)
                 self._keep(self.uploaded_dir / path.name)
             except FileNotFoundError:
-                (self.uploaded_dir / (path.name + SIG)).unlink(missing_ok=True)  # no copy to go with
+                signature_of(self.uploaded_dir / path.name).unlink(missing_ok=True)  # no copy to go with
         else:
             if sig is not None:
                 sig.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
-        archive.fsync_dir(self.outbox)
+        fsync_dir(self.outbox)
 
     def _keep(self, path: Path) -> None:
         try:
             size = path.stat().st_size
-            sig = path.with_name(path.name + SIG)
+            sig = signature_of(path)
             if sig.exists():
                 size += sig.stat().st_size
         except FileNotFoundError:
-            return  # evicted by the aggregator's spool limits meanwhile
+            return  # deleted by hand meanwhile
         bisect.insort(self.kept, (sort_key(path), path, size))
         self.kept_bytes += size
 
     def enforce_retention(self) -> None:
         """Uploaded copies beyond ``keep_uploaded_bytes`` go, oldest (by bundle start) first."""
-        if any(not p.exists() for _k, p, _s in self.kept):  # the aggregator's spool limits took some
-            self.kept = [k for k in self.kept if k[1].exists()]
-            self.kept_bytes = sum(k[2] for k in self.kept)
         while self.kept and self.kept_bytes > self.up.keep_uploaded_bytes:
             self._evict("over keep_uploaded_bytes")
 
-    def _evict(self, why: str) -> None:
+    def _evict(self, why: str) -> int:
+        """Delete the oldest uploaded copy, signature first. Returns the bytes freed on disk."""
         _key, path, size = self.kept.pop(0)
-        for p in (path.with_name(path.name + SIG), path):
-            p.unlink(missing_ok=True)
+        freed = _unlink(signature_of(path), path)
         self.kept_bytes -= size
         self.counts["evicted"] += 1
         log.info("evicted uploaded copy %s (%s)", path.name, why)
+        return freed
+
+    def enforce_spool_limits(self, in_flight: Path | None = None) -> None:
+        """Keep the spool within ``daemon.spool_max_bytes`` (0: none) and ``daemon.spool_min_free_bytes``.
+
+        Over a limit: uploaded copies (kept under ``upload.keep_uploaded_bytes``) go first, oldest
+        first; then, only with ``daemon.drop_oldest_when_full``, the oldest un-uploaded bundles in the
+        outbox (never the newest), each logged at error level and reported as an ``ERROR`` event
+        (counted in ``beemond_errors_total{worker="uploader"}``). Without it no un-uploaded data is ever
+        deleted: one error says the spool is full, and on a truly full file system the sensors' writes
+        and the aggregator's seals fail and are retried until space returns (logged too). Staged
+        records are never deleted: they exist nowhere else. The loop runs it between transfers; a
+        caller inside a transfer passes the bundle being sent as *in_flight*, which is never dropped.
+        Never raises."""
+        self.limits_at = time.monotonic() + SPOOL_CHECK_S
+        d = self.cfg.daemon
+        try:
+            for sig in self.spool.orphan_signatures(older_than_s=ORPHAN_SIG_GRACE_S):
+                sig.unlink(missing_ok=True)
+                log.warning("deleted the signature %s, whose bundle is gone", sig.name)
+            used, free = self.spool.allocated(), self.spool.free_bytes()
+            over = lambda: bool(d.spool_max_bytes and used > d.spool_max_bytes) or free < d.spool_min_free_bytes  # noqa: E731
+            while over() and self.kept:
+                size = self._evict("spool over its limits")
+                used, free = used - size, free + size
+            if over() and d.drop_oldest_when_full:
+                dropped = 0
+                # The newest bundle always stays: a limit smaller than one bundle must not cost all data.
+                for victim in self.spool.bundles()[:-1]:
+                    if not over():
+                        break
+                    if victim == in_flight:
+                        continue
+                    size = self._drop(victim)
+                    used, free, dropped = used - size, free + size, dropped + 1
+                    log.error("spool full (%s): dropped the oldest un-uploaded bundle %s (%d bytes; "
+                              "daemon.drop_oldest_when_full); %d dropped so far",
+                              self._limits(used, free), victim.name, size, self.counts["dropped"])
+                    self.channel.send(ipc.ERROR, message=f"spool full: dropped bundle {victim.name}", spool=True)
+                if dropped:
+                    fsync_dir(self.outbox)
+                    self.report()
+        except OSError as e:  # EIO, a read-only remount: the next check tries again
+            log.warning("cannot enforce the spool limits: %s", e)
+            return
+        full = over()
+        if full and not self.spool_full:
+            if d.drop_oldest_when_full:
+                log.error("spool full (%s) with only the newest bundle left to drop; it and the staged "
+                          "records are kept until space returns", self._limits(used, free))
+            else:
+                log.error("spool full (%s): no uploaded copy left to delete and un-uploaded data is kept "
+                          "(daemon.drop_oldest_when_full = false); if the file system fills, sensors hold "
+                          "their records and retry until space returns", self._limits(used, free))
+            self.channel.send(ipc.ERROR, message="spool full", spool=True)
+        elif not full and self.spool_full:
+            log.info("spool space returned (%s)", self._limits(used, free))
+        self.spool_full = full
+
+    def _drop(self, victim: Path) -> int:
+        """Delete an un-uploaded bundle, then its signature (a power cut between leaves an orphan
+        signature, swept later, never a bundle that would go up unsigned). Returns the bytes freed."""
+        freed = _unlink(victim, signature_of(victim))
+        self.known.pop(victim, None)
+        self.strikes.pop(victim, None)
+        self.counts["dropped"] += 1
+        return freed
+
+    def _limits(self, used: int, free: int) -> str:
+        d = self.cfg.daemon
+        cap = f" of spool_max_bytes {d.spool_max_bytes}" if d.spool_max_bytes else ""
+        return f"{used} bytes used{cap}, {free} free, spool_min_free_bytes {d.spool_min_free_bytes}"
+
+
+def _unlink(*paths: Path) -> int:
+    """Unlink *paths* in order (one deleted by hand is skipped). Returns the bytes freed on disk."""
+    freed = 0
+    for p in paths:
+        try:
+            size = p.stat().st_blocks * 512
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
+    return freed
