@@ -78,15 +78,24 @@ class ReadingJournal:
             log.warning("cannot read the reading journal %s: %s", self.path, e)
             return Recovered()
         rec = Recovered(existed=True)
-        for n, line in enumerate(data.split(b"\n")):
+        torn = False
+        for line in data.split(b"\n"):
             if not line.strip(b"\x00 \r\t"):
+                continue
+            if torn:
+                # Only the prefix before the first bad line is known durable: after a power cut the
+                # page cache may have reached the disk out of order, so a later line can survive an
+                # earlier, lost one. Later lines were not synced either (syncs are in order): drop
+                # them, and the replay serves their rows again.
+                rec.skipped_lines += 1
                 continue
             try:
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("not an object")
             except ValueError:
-                rec.skipped_lines += 1   # a torn tail (or zeros an unsynced extent left behind)
+                rec.skipped_lines += 1   # a torn line (or zeros an unsynced extent left behind)
+                torn = True
                 continue
             if "journal" in obj:
                 rec.last_reading, rec.replay = obj.get("last_reading"), obj.get("replay")

@@ -110,15 +110,16 @@ def test_a_killed_workers_readings_are_folded_and_the_replay_resumes(tmp_path):
     assert journal_entries(h.staging) == []
 
 
-def test_a_torn_journal_tail_is_skipped(tmp_path):
+def test_a_torn_journal_line_and_all_after_it_are_skipped(tmp_path):
     h = Harness(tmp_path, "hive_climate", climate(interval_s=1))
     h.run(captures=2)   # a record and a journal header now
     j = rj.ReadingJournal(journal_of(h.staging))
     stamp = datetime(2026, 1, 1, tzinfo=timezone.utc)
     j.append(rj.entry(stamp, (20.5, 40.25), 7, False, 0, 0, None))
     j.close()
-    with open(j.path, "ab") as f:
-        f.write(b'{"t":"2026-01-01T00:00:01.000Z","v":[2' + b"\x00" * 300)   # a power cut mid-line
+    with open(j.path, "ab") as f:   # a power cut: a lost stretch of zeros, and a later line that reached the disk
+        f.write(b'{"t":"2026-01-01T00:00:01.000Z","v":[2' + b"\x00" * 300 + b"\n")
+        f.write(json.dumps(rj.entry(stamp.replace(second=2), (21.0, 41.0), 9, False, 0, 0, None)).encode() + b"\n")
     h2 = Harness(tmp_path, "hive_climate")
     h2.run(captures=0)
     recovered = [r for r in h2.records() if r[2].get("recovered_from_journal")]
