@@ -7,7 +7,7 @@ A **bundle** is an uncompressed POSIX (pax) tar of records, ``<sensor>/<record n
      "records": [{"path", "sensor", "start", "end", "size", "sha256", "metadata"}, ...]}
 
 The manifest comes last because the hashes are computed while the records stream through; a reader
-checks each member against it at the end (:func:`extract_bundle`). The tar is never written to disk
+checks each member against it at the end (:func:`beemond.bundle_format.read_bundle`). The tar is never written to disk
 in clear: a producer thread reads each record once, hashes it and hands the bytes to age
 (``pyrage.encrypt_io``) through a small bounded queue, so sealing costs one read of the records and
 one write of the ciphertext, and at most ``QUEUE_CHUNKS`` MiB of memory.
@@ -30,9 +30,7 @@ import json
 import logging
 import os
 import queue
-import shutil
 import tarfile
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,20 +38,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import __version__, archive, crypto, ipc
+# The format (and the reader the lab uses) lives in one module both sides import; re-exported here.
+from beemond.bundle_format import FORMAT, MANIFEST, BundleError, extract_bundle  # noqa: F401
 from beemond.spool import Spool, bundle_filename
 
 log = logging.getLogger(__name__)
 
-FORMAT = "beemond-bundle/1"
-MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 QUEUE_CHUNKS = 8
 ORPHAN_GRACE_S = 60.0
 RETRY_SEAL_S = 30.0
-
-
-class BundleError(Exception):
-    """A bundle that fails verification: bad manifest, missing or extra member, hash mismatch."""
 
 
 @dataclass
@@ -258,117 +252,6 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
     finally:
         stream.close()
     return outbox / name, stream.manifest, size
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.PathLike, check=None) -> dict:
-    """Decrypt *bundle*, check it against its manifest, and move its records into *out_dir*.
-
-    Members are first extracted into a temporary directory inside *out_dir*; only a bundle whose every
-    member matches the manifest (size and SHA-256, none missing, none extra) is moved into place, and
-    only after ``check(manifest)`` (optional; it raises :class:`BundleError` to refuse) returned.
-    Returns the manifest. Raises :class:`BundleError` (verification), :class:`crypto.DecryptError`
-    (wrong key, damaged or truncated ciphertext), ``tarfile.TarError``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".beemond-extract-", dir=out_dir))
-    try:
-        manifest, seen = _extract_verified(Path(bundle), identities, work)
-        if check is not None:
-            check(manifest)
-        for rel in seen:
-            dest = out_dir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(work / rel, dest)
-        os.replace(work / MANIFEST, out_dir / MANIFEST)
-        return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _extract_verified(bundle: Path, identities, work: Path) -> tuple[dict, list[str]]:
-    r, w = os.pipe()
-    reader = os.fdopen(r, "rb", buffering=CHUNK)
-    writer = os.fdopen(w, "wb", buffering=0)
-    failure: list[BaseException] = []
-
-    def decrypt():
-        try:
-            with open(bundle, "rb") as src:
-                crypto.decrypt_stream(src, writer, identities)
-        except BrokenPipeError:
-            pass  # the tar reader stopped first; its error is the one to report
-        except BaseException as e:
-            failure.append(e)
-        finally:
-            try:
-                writer.close()
-            except OSError:
-                pass
-
-    t = threading.Thread(target=decrypt, name="decrypt", daemon=True)
-    t.start()
-    hashes: dict[str, tuple[int, str]] = {}
-    manifest = None
-    tar_error: BaseException | None = None
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for member in tar:
-                if member.name == MANIFEST:
-                    manifest = json.loads(tar.extractfile(member).read())
-                    continue
-                if not member.isfile():
-                    raise BundleError(f"unexpected member type: {member.name}")
-                rel = archive.safe_relative(member.name)
-                if rel in hashes:
-                    raise BundleError(f"duplicate member {rel}")
-                dest = work / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                h = hashlib.sha256()
-                src = tar.extractfile(member)
-                with open(dest, "wb") as f:
-                    while chunk := src.read(CHUNK):
-                        h.update(chunk)
-                        f.write(chunk)
-                hashes[rel] = (member.size, h.hexdigest())
-        # Drain: the age stream must be read to its authenticated end, or truncation goes unseen.
-        while reader.read(CHUNK):
-            pass
-    except archive.TemplateError as e:
-        tar_error = BundleError(f"unsafe member name: {e}")
-    except (BundleError, tarfile.TarError, ValueError, OSError) as e:
-        tar_error = e
-    finally:
-        reader.close()
-        t.join()
-    if failure:  # a decryption failure explains any tar error that followed from it
-        raise failure[0]
-    if tar_error is not None:
-        raise tar_error
-    _check_manifest(manifest, hashes)
-    (work / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest, list(hashes)
-
-
-def _check_manifest(manifest: dict | None, hashes: dict[str, tuple[int, str]]) -> None:
-    if manifest is None:
-        raise BundleError("no manifest.json in the bundle")
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"unknown bundle format {manifest.get('format')!r}")
-    listed = {}
-    for rec in manifest.get("records", []):
-        listed[rec["path"]] = (rec["size"], rec["sha256"])
-    for rel, (size, digest) in hashes.items():
-        if rel not in listed:
-            raise BundleError(f"{rel}: in the bundle but not in the manifest")
-        if listed[rel] != (size, digest):
-            raise BundleError(f"{rel}: sha256 {digest} size {size} does not match the manifest "
-                              f"(sha256 {listed[rel][1]} size {listed[rel][0]})")
-    missing = set(listed) - set(hashes)
-    if missing:
-        raise BundleError(f"{sorted(missing)[0]}: listed in the manifest but missing from the bundle")
 
 
 # ------------------------------------------------------------------------------------------ worker

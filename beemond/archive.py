@@ -34,6 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 # for the record writers that have always called them as archive.*.
 from beemond.spool import (META_SUFFIX, TMP_MARK, atomic_writer, fsync_dir, is_internal,  # noqa: F401
                            remove_stale_temps, sidecar_of, temp_name, write_record, write_sidecar)
+from beemond.clock import utc_iso  # noqa: F401  (the orchestrator's status needs it without Jinja2)
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,6 @@ class TemplateError(ValueError):
 def utc_stamp(t: datetime) -> str:
     """ISO 8601 basic format in UTC, e.g. ``20210619T000458Z``: sortable, and safe in any file system."""
     return t.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def utc_iso(t: datetime) -> str:
-    """ISO 8601 extended format in UTC with milliseconds, e.g. ``2021-06-19T00:04:58.000Z``."""
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
 def parse_iso(text: str) -> datetime:

@@ -1,10 +1,12 @@
-"""Command line: ``beemond run | status | pause | resume | check-config | keygen | decrypt | verify | ingest |
-upload --backlog``.
+"""Command line: ``beemond run | status | reload | pause | resume | check-config | keygen | decrypt | verify |
+ingest | report | upload --backlog``.
 
-Exit status: 0 success; 1 runtime failure; 3 (``status``) the daemon is not running; 65 (``EX_DATAERR``)
+Exit status: 0 success; 1 runtime failure; 3 (``status``, ``reload``, ``pause``, ``resume``) the daemon is not
+running; 77 (``EX_NOPERM``) not allowed to reach the daemon's socket or read the config; 65 (``EX_DATAERR``)
 a bundle that fails verification; 75 (``EX_TEMPFAIL``) ``upload --backlog`` while the daemon holds the
 spool, ``ingest`` while another ingest holds the data directory; 78 (``EX_CONFIG``) a bad configuration,
-with one line naming the file, the key and what is allowed.
+with one line naming the file, the key and what is allowed (``reload``: the daemon rejected the file and
+keeps its running config).
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ EX_TEMPFAIL = 75
 DEFAULT_CONFIG = "/etc/beemond/beemond.toml"
 
 
-def _load_config(path: str):
+def _load_config(path: str, loader=None):
     from beemond import config
 
     try:
-        return config.load(path)
+        return (loader or config.load)(path)
     except config.ConfigError as e:
         print(f"beemond: config error: {e}", file=sys.stderr)
         raise SystemExit(config.EX_CONFIG) from None
@@ -35,9 +37,32 @@ def cmd_run(args) -> int:
     from beemond import journal
     from beemond.orchestrator import Orchestrator
 
-    cfg = _load_config(args.config)
-    journal.setup("orchestrator", cfg.daemon.log_level)
-    return Orchestrator(cfg, duration=args.duration).run()
+    orch = _load_config(args.config, lambda path: Orchestrator.from_file(path, duration=args.duration))
+    journal.setup("orchestrator", orch.cfg.daemon.log_level)
+    return orch.run()
+
+
+def _ask(args, request: dict, timeout: float = 5.0) -> dict:
+    """*request* to the daemon whose config is ``args.config``. Reads only the socket's location from
+    the config (no recipients, no keys), so members of group beemond can ask. Exits 3 when no daemon
+    answers, 77 without permission, 78 when the config names no usable location."""
+    from beemond import config, status
+
+    try:
+        path = config.status_socket(args.config)
+        return status.query(path, timeout=timeout, request=request)
+    except config.ConfigError as e:
+        if isinstance(e.__cause__, PermissionError):
+            print(status.no_permission(args.config), file=sys.stderr)
+            raise SystemExit(status.EXIT_NO_PERMISSION) from None
+        print(f"beemond: config error: {e}", file=sys.stderr)
+        raise SystemExit(config.EX_CONFIG) from None
+    except status.NoPermission as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(status.EXIT_NO_PERMISSION) from None
+    except status.NotRunning as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(status.EXIT_NOT_RUNNING) from None
 
 
 def cmd_status(args) -> int:
@@ -45,28 +70,30 @@ def cmd_status(args) -> int:
 
     from beemond import status
 
-    cfg = _load_config(args.config)
-    try:
-        st = status.query(cfg.spool)
-    except status.NotRunning as e:
-        print(e, file=sys.stderr)
-        return status.EXIT_NOT_RUNNING
+    st = _ask(args, {"cmd": "status"})
     print(json.dumps(st, indent=1, sort_keys=True) if args.json else status.format_status(st))
     return 0
 
 
 def cmd_control(args) -> int:
-    from beemond import status
-
-    cfg = _load_config(args.config)
-    try:
-        got = status.query(cfg.spool, request={"cmd": "stop" if args.command == "pause" else "start",
-                                                "worker": args.worker})
-    except status.NotRunning as e:
-        print(e, file=sys.stderr)
-        return status.EXIT_NOT_RUNNING
+    got = _ask(args, {"cmd": "stop" if args.command == "pause" else "start", "worker": args.worker})
     print(got.get("message", got), file=sys.stdout if got.get("ok") else sys.stderr)
     return 0 if got.get("ok") else 1
+
+
+def cmd_reload(args) -> int:
+    from beemond import config, status
+
+    got = _ask(args, {"cmd": "reload"}, timeout=status.RELOAD_TIMEOUT_S + 10)
+    if got.get("ok"):
+        print(got.get("message", "reloaded"))
+        return 0
+    if "file" in got:
+        print(f"beemond: reload rejected, the running config is kept: {got['file']}: {got.get('key') or '-'}: "
+              f"{got.get('message')}", file=sys.stderr)
+        return config.EX_CONFIG
+    print(f"beemond: reload failed: {got.get('message', got)}", file=sys.stderr)
+    return 1
 
 
 def cmd_check_config(args) -> int:
@@ -135,57 +162,99 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decrypt(args) -> int:
-    import tarfile
+    from beemond import bundle_format, crypto
 
-    from beemond import aggregator, crypto
-
-    signer = None
-    if args.device_key is not None:  # refuse a bad signature before any decryption
-        signer = _verify(args.bundle, _trusted(args.device_key))
-        if signer is None:
-            return EX_DATAERR
-
-    def same_signer(manifest: dict) -> None:  # before anything is moved into --out
-        if signer is not None and manifest.get("signing_key") != signer:
-            raise aggregator.BundleError(f"the manifest names signing key {manifest.get('signing_key')!r}, "
-                                         f"not {signer}, the key that signed the bundle")
-
+    trusted = _trusted(args.device_key) if args.device_key is not None else None
     try:
         identities = crypto.load_identities(args.identity)
-        manifest = aggregator.extract_bundle(args.bundle, identities, args.out, check=same_signer)
+        # One read: the signature (with --device-key) is checked over the very bytes decrypted, and
+        # nothing reaches --out before it and every manifest hash matched.
+        manifest = bundle_format.extract_bundle(args.bundle, identities, args.out, trusted=trusted,
+                                                limits=_limits(args))
     except crypto.IdentityError as e:
         print(f"beemond: {e}", file=sys.stderr)
         return 1
     except FileNotFoundError as e:
         print(f"beemond: {e.filename}: no such file", file=sys.stderr)
         return 1
+    except OSError as e:  # the lab's own disk (full, read-only), an unreadable bundle: nothing was published
+        print(f"beemond: {args.bundle}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""),
+              file=sys.stderr)
+        return 1
+    except crypto.SignatureError as e:
+        print(f"beemond: {args.bundle}: signature check failed ({e.reason}): {e}", file=sys.stderr)
+        return EX_DATAERR
     except crypto.DecryptError as e:
         print(f"beemond: {args.bundle}: cannot decrypt (wrong identity, or a damaged or truncated file): {e}",
               file=sys.stderr)
         return EX_DATAERR
-    except (aggregator.BundleError, tarfile.TarError, ValueError) as e:
-        print(f"beemond: {args.bundle}: verification failed: {e}", file=sys.stderr)
+    except bundle_format.BundleError as e:
+        print(f"beemond: {args.bundle}: verification failed ({e.reason}): {e}", file=sys.stderr)
         return EX_DATAERR
     n = len(manifest["records"])
-    print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest['start']} .. {manifest['end']}, "
+    print(f"{args.bundle}: {n} record(s) from {manifest['host']}, {manifest.get('start')} .. {manifest.get('end')}, "
           f"all hashes match; written to {args.out}")
     return 0
 
 
-def cmd_ingest(args) -> int:
-    from beemond import crypto, ingest
+def _limits(args):
+    from beemond import bundle_format
 
+    d = bundle_format.DEFAULT_LIMITS
+    return bundle_format.Limits(max_bundle_bytes=args.max_bundle_bytes or d.max_bundle_bytes,
+                                max_member_bytes=args.max_record_bytes or d.max_member_bytes,
+                                max_total_bytes=args.max_bundle_bytes or d.max_total_bytes)
+
+
+def cmd_ingest(args) -> int:
+    from beemond import crypto
+    from beemond.lab import ingest
+
+    if args.parquet:
+        try:
+            import duckdb  # noqa: F401
+        except ImportError:
+            print("beemond: --parquet needs DuckDB: pip install 'beemond[lab]'", file=sys.stderr)
+            return 1
+    verbose = args.verbose
+
+    def show(line: str) -> None:
+        if verbose or line.startswith(("rejected", "  ", "error", "ledger")):
+            print(line, flush=True)
+
+    opts = ingest.Options(parquet=args.parquet, push=args.push, limits=_limits(args), licence=args.licence)
     try:
-        report = ingest.run(args.upload_tree, args.identity, args.trusted_devices, args.out)
+        report = ingest.run(args.upload_tree, args.identity, args.trusted_devices, args.out, print=show,
+                            jobs=args.jobs, options=opts)
     except ingest.Busy as e:
         print(f"beemond: {e}", file=sys.stderr)
         return EX_TEMPFAIL
     except (crypto.IdentityError, ValueError, OSError) as e:
         print(f"beemond: {e}", file=sys.stderr)
         return 1
+    push = f"; {report.pushed} reading(s) pushed" if args.push else ""
     print(f"ingested {len(report.ingested)} bundle(s), {report.records} record(s), {report.rows} new row(s); "
-          f"{len(report.skipped)} already ingested; {len(report.rejected)} rejected")
-    return EX_DATAERR if report.rejected else 0
+          f"{len(report.skipped)} already ingested; {len(report.rejected)} rejected{push}")
+    for e in sorted(set(report.push_errors))[:3]:
+        print(f"beemond: push failed (kept for the next run): {e}", file=sys.stderr)
+    if report.rejected:
+        return EX_DATAERR
+    return 1 if report.push_errors else 0
+
+
+def cmd_report(args) -> int:
+    try:
+        from beemond.lab import report
+    except ImportError as e:
+        print(f"beemond: report needs the lab extra ({e.name}): pip install 'beemond[lab]'", file=sys.stderr)
+        return 1
+    try:
+        index = report.build(args.data_dir, args.out)
+    except OSError as e:
+        print(f"beemond: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {index}")
+    return 0
 
 
 def cmd_upload(args) -> int:
@@ -210,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the full status as JSON")
     s.set_defaults(func=cmd_status)
 
+    rl = sub.add_parser("reload", help="make the running daemon load its config file again and wait for "
+                                       "the verdict (systemctl reload runs this)")
+    rl.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    rl.set_defaults(func=cmd_reload)
+
     for name, what in (("pause", "stop recording or processing (the open record is closed)"),
                        ("resume", "start a paused sensor or processor again")):
         x = sub.add_parser(name, help=f"{what}; until resumed or restarted")
@@ -233,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--identity", required=True, metavar="FILE")
     d.add_argument("--out", required=True, metavar="DIR")
     d.add_argument("--device-key", metavar="PUB", help="verify BUNDLE.sig against this public key file (or "
-                   "directory of *.pub) first; refuse to decrypt on a bad signature")
+                   "directory of *.pub) over the same bytes; write nothing on a bad signature")
+    _limit_args(d)
     d.set_defaults(func=cmd_decrypt)
 
     v = sub.add_parser("verify", help="check a bundle's detached signature (BUNDLE.sig)")
@@ -248,13 +323,32 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--identity", required=True, metavar="FILE")
     i.add_argument("--trusted-devices", required=True, metavar="DIR", help="directory of device *.pub files")
     i.add_argument("--out", required=True, metavar="DATA_DIR")
+    i.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (one host per process)")
+    i.add_argument("--parquet", action="store_true", help="mirror the daily CSVs as Parquet (beemond[lab])")
+    i.add_argument("--push", metavar="URL", help="send new readings as InfluxDB line protocol to URL "
+                   "(e.g. http://127.0.0.1:8428/write)")
+    i.add_argument("--licence", default="", help="the data's licence, named in DATA_DIR/README.md")
+    i.add_argument("-v", "--verbose", action="store_true", help="one line per bundle")
+    _limit_args(i)
     i.set_defaults(func=cmd_ingest)
+
+    rp = sub.add_parser("report", help="plots per hive and day, and an HTML index of the fleet (beemond[lab])")
+    rp.add_argument("data_dir", metavar="DATA_DIR")
+    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.set_defaults(func=cmd_report)
 
     u = sub.add_parser("upload", help="upload the outbox's backlog in the foreground (daemon stopped)")
     u.add_argument("--backlog", action="store_true", required=True, help="upload every bundle waiting in the outbox")
     u.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     u.set_defaults(func=cmd_upload)
     return p
+
+
+def _limit_args(p) -> None:
+    p.add_argument("--max-bundle-bytes", type=int, default=0, metavar="N",
+                   help="refuse a bundle, or a bundle's records together, over N bytes (default 1 GiB)")
+    p.add_argument("--max-record-bytes", type=int, default=0, metavar="N",
+                   help="refuse a bundle with a record over N bytes (default 1 GiB)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,3 +134,8 @@ class Clock:
 
     def synchronized(self) -> bool:
         return bool(self.sync_check())
+
+
+def utc_iso(t: datetime) -> str:
+    """ISO 8601 extended format in UTC with milliseconds, e.g. ``2021-06-19T00:04:58.000Z``."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"

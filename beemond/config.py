@@ -14,10 +14,10 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [daemon]   host, spool_dir, log_level, heartbeat_interval_s, heartbeat_timeout_s,
                restart_backoff_initial_s, restart_backoff_max_s, crash_loop_limit,
                crash_loop_window_s, shutdown_timeout_s, spool_max_bytes, spool_min_free_bytes,
-               drop_oldest_when_full
+               drop_oldest_when_full, status_socket
     [archive]  filename_template, default_metadata (a table), max_retries
     [bundle]   max_duration_s, max_bytes, recipients, split_by_sensor, signing_key, signing_key_credential
-    [upload]   protocol, host, port, user, password_file, password_credential, ca_file, key_file,
+    [upload]   protocol, endpoint, bucket, region (s3), host, port, user, password_file, password_credential, ca_file, key_file,
                key_credential, known_hosts, remote_dir, layout, timeout_s, backoff_initial_s,
                backoff_max_s, shutdown_grace_s, backlog_order, rate_limit_bytes_per_s,
                keep_uploaded_bytes
@@ -28,6 +28,8 @@ Schema (TOML; INI uses ``[daemon]``, ``[archive]``, ``[bundle]``, ``[upload]``, 
     [sensors.NAME.probes]   (ds18b20) position = "28-xxxxxxxxxxxx", one per probe
     [sensors.NAME.inputs.INPUT]  (gpio) pin, kind, targets, pull_up, bounce_s, cooldown_s, trigger_every_s
     [metrics]  enabled, address, port, staleness_s
+    [telemetry]  enabled, broker, port, tls, ca_file, user, password_file, password_credential, client_id,
+               layout ("beemond" | "kotori"), topic, status_topic, home_assistant, ... (beemond.telemetry)
     [processors.NAME]       type = "audio_bands" | "swarm", sensor = "NAME", min_input_spacing,
                             min_step_spacing, min_output_spacing, ... (see beemond.processors)
 """
@@ -83,6 +85,8 @@ class DaemonConfig:
     restart_backoff_max_s: float = _opt(300.0, min=0.0, max=86400)
     crash_loop_limit: int = _opt(10, min=1, max=1000, doc="restarts within the window before giving up")
     crash_loop_window_s: float = _opt(600.0, min=1, max=86400)
+    failed_retry_s: float = _opt(3600.0, min=1, max=7 * 86400,
+                                 doc="a sensor or processor failed by its crash loop is tried again this often")
     shutdown_timeout_s: float = _opt(60.0, min=1, max=3600)
     # The one space policy (enforced by the uploader, see Uploader.enforce_spool_limits): over a limit,
     # uploaded copies go first, un-uploaded bundles only with drop_oldest_when_full.
@@ -94,6 +98,10 @@ class DaemonConfig:
                                                   "(each logged and counted); false: keep all data")
     journal_sync_s: float = _opt(1.0, min=0.0, max=60, doc="a reading is fdatasync'ed to its sensor's journal at "
                                                          "most this long after it was taken (0: each at once)")
+    # Where `beemond status` / `reload` / `pause` reach the daemon. Under systemd the example config puts
+    # it in the unit's RuntimeDirectory=beemond (0750, group beemond), so that members of the group can
+    # ask; the spool itself stays 0700.
+    status_socket: Path | None = _opt(None, path=True, doc="unix socket of the daemon (default SPOOL/status.sock)")
 
 
 @dataclass(frozen=True)
@@ -526,6 +534,8 @@ class ScaleConfig(SensorConfig):
     tare_offset_kg: float = _opt(0.0, min=-10_000, max=10_000, doc="subtracted from the raw weight")
     calibration_factor: float = _opt(1.0, min=1e-6, max=1e6, doc="multiplies the tared weight")
     samples: int = _opt(5, min=1, max=99, doc="lines per reading; the reading is their median")
+    min_kg: float = _opt(-5.0, min=-10_000, max=10_000, doc="a lighter weight is implausible: rejected, counted")
+    max_kg: float = _opt(300.0, min=-10_000, max=10_000, doc="a heavier weight is implausible: rejected, counted")
     read_timeout_s: float = _opt(2.0, min=0.01, max=60, doc="longest wait for one line")
     interval_s: float = _opt(60.0, min=0.05, max=86400, doc="time between readings")
     record_window_s: float = _opt(600.0, min=0.1, max=86400, doc="readings batched per CSV record")
@@ -552,6 +562,8 @@ class ScaleConfig(SensorConfig):
             self.request_bytes()
         except ValueError as e:  # UnicodeError is one
             raise ConfigError(path, f"{key}.request", f"must be latin-1 text with valid escapes: {e}") from None
+        if self.max_kg <= self.min_kg:
+            raise ConfigError(path, f"{key}.max_kg", "must be > min_kg")
         if self.stopbits not in (1.0, 1.5, 2.0):
             raise ConfigError(path, f"{key}.stopbits", f"allowed: 1, 1.5, 2; got {self.stopbits:g}")
         try:
@@ -662,8 +674,11 @@ def parse_window(spec: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class UploadConfig:
-    protocol: str = _opt("ftp", choices=("ftp", "ftps", "sftp", "local", "none"),
+    protocol: str = _opt("ftp", choices=("ftp", "ftps", "sftp", "s3", "local", "none"),
                          doc="none keeps bundles in the outbox; local copies to a mounted remote_dir")
+    endpoint: str = _opt("", doc="s3: the service's URL, e.g. https://s3.eu-central-1.amazonaws.com or http://10.0.0.5:8333")
+    bucket: str = _opt("", doc="s3: the bucket (path-style requests); remote_dir is a key prefix in it")
+    region: str = _opt("us-east-1", doc="s3: the region signed into every request")
     host: str = _opt("127.0.0.1")
     port: int = _opt(0, min=0, max=65535, doc="0: the protocol's own (21 for ftp and ftps, 22 for sftp)")
     user: str = _opt("anonymous")
@@ -676,7 +691,8 @@ class UploadConfig:
     remote_dir: str = _opt("", doc="directory on the server under which the layout starts (local: absolute path)")
     layout: str = _opt("{{ host }}/{{ date }}/{{ sensor }}/{{ name }}",
                        doc="sandboxed Jinja2 template of the remote path (default: AppMAIS layout)")
-    timeout_s: float = _opt(30.0, min=1, max=3600)
+    timeout_s: float = _opt(30.0, min=1, max=3600, doc="a connection that moves no byte this long is dropped "
+                                                      "(a transfer may take hours as long as it moves)")
     backoff_initial_s: float = _opt(2.0, min=0.01, max=3600)
     backoff_max_s: float = _opt(300.0, min=0.01, max=86400)
     shutdown_grace_s: float = _opt(10.0, min=0.0, max=3600, doc="time to keep uploading at shutdown")
@@ -727,6 +743,17 @@ class UploadConfig:
         if self.protocol == "sftp" and self.known_hosts is None:
             raise ConfigError(path, f"{key}.known_hosts", "required for sftp: an OpenSSH known_hosts file with "
                               "the server's host key (unknown keys are refused, never added)")
+        if self.protocol == "s3":
+            if not re.match(r"^https?://[^/\s]+(/\S*)?$", self.endpoint):
+                raise ConfigError(path, f"{key}.endpoint", "required for s3: http(s)://HOST[:PORT], e.g. "
+                                  "https://s3.eu-central-1.amazonaws.com")
+            if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", self.bucket):
+                raise ConfigError(path, f"{key}.bucket", "required for s3: 3-63 lowercase letters, digits, dots, hyphens")
+            if self.user in ("", "anonymous") or (self.password_file is None and not self.password_credential):
+                raise ConfigError(path, f"{key}.user", "s3 needs user (the access key id) and password_file or "
+                                  "password_credential (the secret access key)")
+        elif self.endpoint or self.bucket:
+            raise ConfigError(path, f"{key}.{'endpoint' if self.endpoint else 'bucket'}", "only used with protocol = \"s3\"")
         if self.protocol == "local" and not os.path.isabs(self.remote_dir):
             raise ConfigError(path, f"{key}.remote_dir", "protocol = \"local\" needs the absolute path of a mounted directory")
 
@@ -737,6 +764,75 @@ class MetricsConfig:
     address: str = _opt("127.0.0.1", doc="listen address of /metrics; keep it local unless a firewall guards it")
     port: int = _opt(9109, min=1, max=65535, doc="TCP port of /metrics (not Prometheus's own 9090)")
     staleness_s: float = _opt(600.0, min=1, max=86400, doc="readings older than this are not exported")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """``[telemetry]``: live readings over MQTT (beemond.telemetry). Bundles stay the record of truth."""
+
+    enabled: bool = _opt(True, doc="false: no telemetry even with a broker set")
+    broker: str = _opt("", doc="the broker's host name or address; set, it turns telemetry on")
+    port: int = _opt(0, min=0, max=65535, doc="0: 1883, or 8883 with tls")
+    tls: bool = _opt(False, doc="TLS to the broker (system CAs, or ca_file)")
+    ca_file: Path | None = _opt(None, path=True, doc="PEM CA bundle trusted instead of the system CAs")
+    user: str = _opt("", doc="user name; empty: anonymous")
+    password_file: Path | None = _opt(None, path=True, secret=True)
+    password_credential: str = _opt("", doc="name of a systemd credential in $CREDENTIALS_DIRECTORY")
+    client_id: str = _opt("", doc="MQTT client id (default beemond-HOST); the persistent session is keyed on it")
+    keepalive_s: int = _opt(60, min=5, max=3600)
+    session_expiry_s: int = _opt(7 * 86400, min=0, max=2**32 - 1,
+                                 doc="how long the broker keeps the session (MQTT v5 Session Expiry Interval)")
+    reconnect_max_s: int = _opt(120, min=1, max=3600, doc="longest wait between reconnection attempts")
+    layout: str = _opt("beemond", choices=("beemond", "kotori"), doc="topic and payload layout")
+    topic: str = _opt("beemond/{{ host }}/{{ sensor }}", doc="sandboxed Jinja2 template; /state and /alert are appended")
+    status_topic: str = _opt("beemond/{{ host }}/status", doc="retained online/offline (the Last Will)")
+    home_assistant: bool = _opt(True, doc="publish Home Assistant MQTT discovery configs (layout beemond)")
+    discovery_prefix: str = _opt("homeassistant")
+    expire_after_s: int = _opt(0, min=0, max=86400 * 7,
+                               doc="Home Assistant marks a value unavailable this long after it; 0: 3 intervals of its sensor")
+    kotori_realm: str = _opt("hiveeyes")
+    kotori_network: str = _opt("", doc="layout kotori: the network (Hiveeyes: your user name); required")
+    kotori_gateway: str = _opt("", doc="layout kotori: the gateway (apiary); default: host")
+    kotori_node: str = _opt("", doc="layout kotori: the node (hive); default: host")
+    max_buffer_bytes: int = _opt(16 * 2**20, min=65536, max=2**40,
+                                 doc="readings kept in spool/telemetry/ while the broker is away; over it the oldest go")
+
+    def password(self) -> str:
+        """The password from ``password_file`` or the credential; ``""`` if neither (see UploadConfig.password)."""
+        from beemond.upload import read_secret
+
+        path = read_secret(self.password_file, self.password_credential)
+        return path.read_text().strip() if path is not None else ""
+
+    @property
+    def active(self) -> bool:
+        """Telemetry runs: a broker is set and it is not turned off."""
+        return self.enabled and bool(self.broker)
+
+    def check(self, path: Path, key: str = "telemetry") -> None:
+        if not self.active:
+            return
+        for name in ("password_file", "ca_file"):
+            value = getattr(self, name)
+            if value is not None and not (os.access(value, os.R_OK) and value.is_file()):
+                raise ConfigError(path, f"{key}.{name}", f"cannot read {value}")
+        if self.password_file is not None and self.password_credential:
+            raise ConfigError(path, f"{key}.password_credential", "set password_file or password_credential, not both")
+        if self.ca_file is not None and not self.tls:
+            raise ConfigError(path, f"{key}.ca_file", "only used with tls = true")
+        if self.layout == "kotori" and not self.kotori_network:
+            raise ConfigError(path, f"{key}.kotori_network", "required with layout = \"kotori\"")
+        from beemond import archive
+        from beemond.telemetry.messages import check_topic
+
+        for name in ("topic", "status_topic"):
+            try:
+                check_topic(getattr(self, name))
+            except archive.TemplateError as e:
+                raise ConfigError(path, f"{key}.{name}", str(e)) from None
+        for name in ("discovery_prefix", "kotori_realm", "kotori_network", "kotori_gateway", "kotori_node"):
+            if any(c in getattr(self, name) for c in "/+#"):
+                raise ConfigError(path, f"{key}.{name}", "one topic level: no /, + or #")
 
 
 @dataclass(frozen=True)
@@ -826,10 +922,15 @@ class Config:
     sensors: tuple[SensorConfig, ...]
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     processors: tuple[ProcessorConfig, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     @property
     def spool(self) -> Path:
         return self.daemon.spool_dir
+
+    @property
+    def status_socket(self) -> Path:
+        return self.daemon.status_socket or self.daemon.spool_dir / "status.sock"
 
     def template_for(self, sensor: SensorConfig) -> str:
         return sensor.filename_template or self.archive.filename_template
@@ -838,26 +939,50 @@ class Config:
 # ---------------------------------------------------------------------------------------------- load
 
 _SECTIONS = {"daemon": DaemonConfig, "archive": ArchiveConfig, "bundle": BundleConfig, "upload": UploadConfig,
-             "metrics": MetricsConfig}
+             "metrics": MetricsConfig, "telemetry": TelemetryConfig}
 
 
-def load(path: str | os.PathLike) -> Config:
-    """Read, validate and type a config file. Raises :class:`ConfigError`."""
+def load(path: str | os.PathLike, *, semantics: bool = True) -> Config:
+    """Read, validate and type a config file. Raises :class:`ConfigError`.
+
+    *semantics* False skips the cross-field checks (:func:`_check_semantics`: templates compiled with
+    Jinja2, recipients parsed with pyrage, the signing key, replay files read): the daemon runs the full
+    load in a short-lived child instead (``Orchestrator.from_file``), so that the orchestrator, which
+    lives for months, never imports those libraries."""
     path = Path(path)
+    return _from_tree(path, *_read_tree(path), semantics=semantics)
+
+
+def _read_tree(path: Path) -> tuple[dict, bool]:
+    """The parsed file and whether its values are INI strings. Raises :class:`ConfigError`, whose
+    ``__cause__`` is the ``OSError`` (e.g. ``PermissionError``) when the file could not be read."""
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from None
+        raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from e
     if path.suffix.lower() in (".ini", ".conf", ".cfg"):
-        tree = _ini_tree(path, raw)
-        strings = True
-    else:
-        try:
-            tree = tomllib.loads(raw.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(path, "", f"not valid TOML: {e}") from None
-        strings = False
-    return _from_tree(path, tree, strings)
+        return _ini_tree(path, raw), True
+    try:
+        return tomllib.loads(raw.decode("utf-8")), False
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+
+
+def status_socket(path: str | os.PathLike) -> Path:
+    """The daemon's status socket as *path* configures it (``daemon.status_socket``, else
+    ``SPOOL/status.sock``), reading only those two keys: the command-line clients need nothing else,
+    so a user who may read the config but not the recipients or the signing key can still ask.
+    Raises :class:`ConfigError` (unreadable file, not TOML/INI, a bad value of these keys)."""
+    path = Path(path)
+    tree, strings = _read_tree(path)
+    table = tree.get("daemon", {})
+    if not isinstance(table, dict):
+        raise ConfigError(path, "daemon", "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+    hints = get_type_hints(DaemonConfig)
+    found = {k: _coerce(hints[k], fields[k], table[k], path, f"daemon.{k}", path.parent.resolve(), strings)
+             for k in ("spool_dir", "status_socket") if k in table}
+    return found.get("status_socket") or found.get("spool_dir", fields["spool_dir"].default) / "status.sock"
 
 
 def _ini_tree(path: Path, raw: bytes) -> dict:
@@ -879,7 +1004,7 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
     return tree
 
 
-def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
+def _from_tree(path: Path, tree: dict, strings: bool, semantics: bool = True) -> Config:
     base = path.parent.resolve()
     unknown = set(tree) - set(_SECTIONS) - {"sensors", "processors"}
     if unknown:
@@ -905,8 +1030,9 @@ def _from_tree(path: Path, tree: dict, strings: bool) -> Config:
     processors = _typed_tables(path, tree, "processors", "processor", PROCESSOR_TYPES, base, strings)
     cfg = Config(source=path.resolve(), daemon=daemon, archive=built["archive"], bundle=built["bundle"],
                  upload=built["upload"], sensors=tuple(sensors), metrics=built["metrics"],
-                 processors=processors)
-    _check_semantics(cfg, path)
+                 processors=processors, telemetry=built["telemetry"])
+    if semantics:
+        _check_semantics(cfg, path)
     return cfg
 
 
@@ -1062,6 +1188,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
             raise ConfigError(path, key, str(e)) from None
 
     cfg.upload.check(path)
+    cfg.telemetry.check(path)
 
     d = cfg.daemon
     if d.restart_backoff_max_s < d.restart_backoff_initial_s:
@@ -1095,7 +1222,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
         key = f"processors.{p.name}"
         # A processor's records go to staging/<name>/ and it is supervised under its name: both must
         # be free.
-        if p.name in sensors or p.name in ("aggregator", "uploader", "orchestrator"):
+        if p.name in sensors or p.name in ("aggregator", "uploader", "orchestrator", "telemetry"):
             raise ConfigError(path, key, f"name {p.name!r} is already taken by a sensor or a daemon worker")
         if p.sensor not in sensors:
             raise ConfigError(path, f"{key}.sensor", f"{p.sensor!r} is not a configured (enabled) sensor; "
@@ -1126,13 +1253,18 @@ def summary(cfg: Config) -> str:
                  + (f"signed by {_signer(b)}" if b.signing_key_path() is not None else "unsigned"))
     for p in cfg.processors:
         lines.append(f"  processor {p.name}: {p.type} of {p.sensor}, {p.describe()}")
+    t = cfg.telemetry
+    if t.active:
+        lines.append(f"  telemetry: mqtt{'s' if t.tls else ''}://{t.broker}:{t.port or (8883 if t.tls else 1883)} "
+                     f"layout {t.layout}{', Home Assistant discovery' if t.home_assistant and t.layout == 'beemond' else ''}")
     m = cfg.metrics
     lines.append(f"  metrics: http://{m.address}:{m.port}/metrics" if m.enabled else "  metrics: off")
     u = cfg.upload
     if u.protocol == "none":
         lines.append("  upload: none (bundles stay in the outbox)")
     else:
-        where = u.remote_dir if u.protocol == "local" else f"{u.protocol}://{u.user}@{u.host}:{u.port or 'default'}/{u.remote_dir.strip('/')}"
+        where = u.remote_dir if u.protocol == "local" else f"s3://{u.bucket}/{u.remote_dir.strip('/')} at {u.endpoint}" \
+            if u.protocol == "s3" else f"{u.protocol}://{u.user}@{u.host}:{u.port or 'default'}/{u.remote_dir.strip('/')}"
         lines.append(f"  upload: {where} layout {u.layout}")
         if u.rate_limit_bytes_per_s:
             lines.append(f"  upload rate limit: {u.rate_limit_bytes_per_s} bytes/s")

@@ -157,11 +157,13 @@ def decrypt_stream(reader, writer, identities) -> None:
 
 import base64  # noqa: E402  (kept beside the code that uses it)
 import hashlib  # noqa: E402
+import stat  # noqa: E402
 import struct  # noqa: E402
 
 from beemond.spool import SIG_SUFFIX  # noqa: E402,F401  (a bundle name; the spool owns them)
 SIG_NAMESPACE = b"beemond-bundle"
 SIG_HASH = "sha512"
+MAX_SIG_BYTES = 1 << 16
 DEVICE_KEY_NAME = "device_ed25519"
 _SSHSIG_MAGIC = b"SSHSIG"
 _ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
@@ -373,38 +375,72 @@ def _parse_signature(text: bytes) -> tuple[bytes, bytes, bytes, int | None]:
     return pub, hash_alg, sig, size
 
 
-def verify_file(bundle: str | os.PathLike, trusted: dict, signature: str | os.PathLike | None = None) -> tuple[str, str, str]:
-    """Check *bundle* against its detached signature (default ``BUNDLE.sig``) and *trusted* keys
-    (:func:`load_trusted_keys`). Reads the bundle once. Returns (fingerprint, label, SHA-512 hex of
-    the bundle). Raises :class:`SignatureError` (``unsigned``, ``malformed``, ``untrusted``,
-    ``truncated``, ``mismatch``) and ``OSError`` for an unreadable bundle.
-    """
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+class Signature:
+    """A parsed ``.sig`` by a trusted key (:func:`read_signature`): ``fingerprint``, ``label``,
+    ``hash_name`` (``sha512`` or ``sha256``) and ``claimed`` (the unsigned ``Size:`` line, or None)."""
 
-    bundle = Path(bundle)
-    sig_path = Path(signature) if signature is not None else bundle.with_name(bundle.name + SIG_SUFFIX)
+    def __init__(self, pub: bytes, hash_alg: bytes, sig: bytes, claimed: int | None, fingerprint: str, label: str):
+        self.pub, self.hash_alg, self.sig, self.claimed = pub, hash_alg, sig, claimed
+        self.fingerprint, self.label, self.hash_name = fingerprint, label, hash_alg.decode()
+
+    def check(self, digest: bytes, size: int) -> None:
+        """Verify against the *digest* (``hash_name``) of a file of *size* bytes. Raises
+        :class:`SignatureError` (``truncated``, ``mismatch``)."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            Ed25519PublicKey.from_public_bytes(_read_string(memoryview(self.pub), 4 + len(_KEY_TYPE))[0]).verify(
+                self.sig, _SSHSIG_MAGIC + _string(SIG_NAMESPACE) + _string(b"") + _string(self.hash_alg) + _string(digest))
+        except (InvalidSignature, ValueError):
+            if self.claimed is not None and size < self.claimed:
+                raise SignatureError("truncated", f"truncated: {size} of the {self.claimed} bytes the device signed") from None
+            raise SignatureError("mismatch", f"the signature by {self.label} ({self.fingerprint}) does not match the "
+                                             "file: altered after signing") from None
+
+
+def read_signature_bytes(sig_path: Path) -> bytes:
+    """The bytes of the ``.sig`` file *sig_path*. Raises :class:`SignatureError` (``malformed``) for one
+    that is no regular file (a FIFO, a symlink to ``/dev/zero``) or is over :data:`MAX_SIG_BYTES`, and ``OSError``."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it.
+    with open(os.open(sig_path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero would be read until memory ends
+            raise SignatureError("malformed", f"{sig_path.name} is not a regular file")
+        text = f.read(MAX_SIG_BYTES + 1)
+    if len(text) > MAX_SIG_BYTES:
+        raise SignatureError("malformed", f"{sig_path.name} is over {MAX_SIG_BYTES} bytes (a signature is ~300)")
+    return text
+
+
+def read_signature(sig_path: str | os.PathLike, trusted: dict) -> Signature:
+    """Read and parse the detached signature *sig_path*, and look its key up in *trusted*
+    (:func:`load_trusted_keys`). Raises :class:`SignatureError` (``unsigned``, ``malformed``, ``untrusted``)."""
+    sig_path = Path(sig_path)
     try:
-        text = sig_path.read_bytes()
+        text = read_signature_bytes(sig_path)
     except FileNotFoundError:
         raise SignatureError("unsigned", f"no signature: {sig_path.name} is missing") from None
     pub, hash_alg, sig, claimed = _parse_signature(text)
     fp = "SHA256:" + base64.b64encode(hashlib.sha256(pub).digest()).decode().rstrip("=")
     if fp not in trusted:
         raise SignatureError("untrusted", f"signed by an untrusted device key {fp}")
-    key, label = trusted[fp]
-    h = hashlib.new(hash_alg.decode())
+    return Signature(pub, hash_alg, sig, claimed, fp, trusted[fp][1])
+
+
+def verify_file(bundle: str | os.PathLike, trusted: dict, signature: str | os.PathLike | None = None) -> tuple[str, str, str]:
+    """Check *bundle* against its detached signature (default ``BUNDLE.sig``) and *trusted* keys
+    (:func:`load_trusted_keys`). Reads the bundle once. Returns (fingerprint, label, SHA-512 hex of
+    the bundle). Raises :class:`SignatureError` (``unsigned``, ``malformed``, ``untrusted``,
+    ``truncated``, ``mismatch``) and ``OSError`` for an unreadable bundle.
+    """
+    bundle = Path(bundle)
+    sig = read_signature(Path(signature) if signature is not None else bundle.with_name(bundle.name + SIG_SUFFIX),
+                         trusted)
+    h = hashlib.new(sig.hash_name)
     size = 0
     with open(bundle, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)
-    try:
-        Ed25519PublicKey.from_public_bytes(_read_string(memoryview(pub), 4 + len(_KEY_TYPE))[0]).verify(
-            sig, _SSHSIG_MAGIC + _string(SIG_NAMESPACE) + _string(b"") + _string(hash_alg) + _string(h.digest()))
-    except (InvalidSignature, ValueError):
-        if claimed is not None and size < claimed:
-            raise SignatureError("truncated", f"truncated: {size} of the {claimed} bytes the device signed") from None
-        raise SignatureError("mismatch", f"the signature by {label} ({fp}) does not match the file: "
-                                         "altered after signing") from None
-    return fp, label, h.hexdigest()
+    sig.check(h.digest(), size)
+    return sig.fingerprint, sig.label, h.hexdigest()

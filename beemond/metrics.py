@@ -19,15 +19,20 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
   sensor's series vanish instead of repeating a last value (Prometheus then marks them stale).
 - counters: ``beemond_records_total{sensor}`` (records, i.e. captures), ``beemond_errors_total{worker}``,
   ``beemond_audio_overflows_total{sensor}``, ``beemond_readings_missed_total{sensor}``,
+  ``beemond_readings_rejected_total{sensor}`` (physically implausible values, never recorded),
   ``beemond_alerts_total{sensor, alert}``, ``beemond_bundles_sealed_total``,
   ``beemond_uploaded_files_total``, ``beemond_uploaded_bytes_total``, ``beemond_upload_errors_total``
   (failed upload attempts; the uploader's spool-limit errors count in ``beemond_errors_total`` only),
   ``beemond_worker_restarts_total{worker, role}``.
 - gauges: ``beemond_worker_up{worker, role}``, ``beemond_worker_state{worker, role, state}`` (1 for
-  the current of running, backoff, failed, stopped), ``beemond_staging_files``, ``beemond_staging_bytes``,
+  the current of running, backoff, failed, stopped), ``beemond_worker_next_retry_timestamp_seconds{worker,
+  role}`` (when a worker in backoff restarts, or a failed one is tried again), ``beemond_staging_files``, ``beemond_staging_bytes``,
   ``beemond_outbox_files``, ``beemond_outbox_bytes``, ``beemond_last_upload_timestamp_seconds``,
   ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (beemond.clock's answer),
   ``beemond_build_info{version, python}``.
+- telemetry (with ``[telemetry] enabled``): ``beemond_telemetry_published_total`` (readings the broker
+  acknowledged), ``beemond_telemetry_dropped_total`` (readings dropped from the full buffer),
+  ``beemond_telemetry_buffered_readings`` (waiting for the broker), ``beemond_telemetry_connected``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from beemond import __version__, archive, ipc
+from beemond import __version__, ipc
+from beemond.clock import utc_iso
 from beemond.spool import OUTBOX, STAGING, Spool
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 PROMETHEUS_UNITS = {"_kilograms": ("_grams", 1000.0)}
 SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scrapes come every 15 s or so)
 STATES = ("running", "backoff", "failed", "stopped")
+RETRIED = ("backoff", "failed")   # states with a next start (orchestrator.Worker.restart_at)
 
 
 def clock_synchronised(check=None) -> bool | None:
@@ -96,10 +103,13 @@ class Health:
         self.errors: collections.Counter = collections.Counter()
         self.overflows: collections.Counter = collections.Counter()
         self.missed: collections.Counter = collections.Counter()
+        self.rejected: collections.Counter = collections.Counter()
         self.alerts: collections.Counter = collections.Counter()
         self.last_error: dict[str, tuple[str, float]] = {}
         self.sealed = self.uploaded_files = self.uploaded_bytes = self.upload_errors = 0
         self.outbox_event: tuple[int, int] | None = None
+        # from the telemetry worker's events (ipc.TELEMETRY): counters summed, gauges as last reported
+        self.telemetry = {"published": 0, "dropped": 0, "buffered": 0, "connected": 0}
         self.last_upload: float | None = None
         self.started = time.time()
         self._usage: dict[str, tuple[float, tuple[int, int]]] = {}
@@ -110,6 +120,8 @@ class Health:
         for s in cfg.sensors:
             self.records[s.name] = 0
             (self.overflows if s.type == "audio" else self.missed)[s.name] = 0
+            if s.type != "audio":
+                self.rejected[s.name] = 0
         for p in cfg.processors:
             self.records[p.name] = 0
             if p.type == "swarm":
@@ -134,6 +146,8 @@ class Health:
                     self.overflows[sensor] += int(data["overflows"])
                 if data.get("missed"):
                     self.missed[sensor] += int(data["missed"])
+                if data.get("rejected"):
+                    self.rejected[sensor] += int(data["rejected"])
             elif kind == ipc.ERROR:
                 self.errors[w.name] += 1
                 self.last_error[w.name] = (str(data.get("message", "")), ev.time)
@@ -149,6 +163,11 @@ class Health:
                 self.outbox_event = (int(data.get("files", 0)), int(data.get("bytes", 0)))
                 if data.get("last_upload"):
                     self.last_upload = max(self.last_upload or 0.0, float(data["last_upload"]))
+            elif kind == ipc.TELEMETRY:
+                for key in ("published", "dropped"):
+                    self.telemetry[key] += int(data.get(key, 0) or 0)
+                for key in ("buffered", "connected"):
+                    self.telemetry[key] = int(data.get(key, 0) or 0)
             elif kind == ipc.ALERT:
                 self.alerts[(str(data.get("sensor", w.name)), str(data.get("alert", "alert")))] += 1
 
@@ -204,7 +223,9 @@ class Health:
                     ("beemond_records_total", "records (captures) written", "sensor", self.records),
                     ("beemond_errors_total", "errors reported by each worker", "worker", self.errors),
                     ("beemond_audio_overflows_total", "audio input overflows (xruns)", "sensor", self.overflows),
-                    ("beemond_readings_missed_total", "measurements lost after retries", "sensor", self.missed)):
+                    ("beemond_readings_missed_total", "measurements lost after retries", "sensor", self.missed),
+                    ("beemond_readings_rejected_total", "physically implausible values rejected", "sensor",
+                     self.rejected)):
                 yield _counter(CounterMetricFamily, name, doc, ["host", label],
                                [([h, k], v) for k, v in sorted(counter.items())])
             yield _counter(CounterMetricFamily, "beemond_alerts_total", "alerts raised by processors",
@@ -220,6 +241,10 @@ class Health:
             yield _gauge(GaugeMetricFamily, "beemond_worker_state", "1 for the worker's current state",
                          ["host", "worker", "role", "state"],
                          [([h, w.name, w.role, s], int(w.state == s)) for w in workers for s in STATES])
+            yield _gauge(GaugeMetricFamily, "beemond_worker_next_retry_timestamp_seconds",
+                         "when a worker in backoff restarts or a failed one is tried again",
+                         ["host", "worker", "role"],
+                         [([h, w.name, w.role], next_start_wall(w)) for w in workers if w.state in RETRIED])
             yield _counter(CounterMetricFamily, "beemond_worker_restarts_total", "restarts of each worker",
                            ["host", "worker", "role"], [([h, w.name, w.role], max(0, w.starts - 1)) for w in workers])
             for which, (files, size) in usage.items():
@@ -233,6 +258,16 @@ class Health:
                 yield _gauge(GaugeMetricFamily, "beemond_seconds_since_last_upload",
                              "seconds since the last successful upload", ["host"],
                              [([h], max(0.0, time.time() - self.last_upload))])
+            if self.cfg.telemetry.active:
+                tm = self.telemetry
+                yield _counter(CounterMetricFamily, "beemond_telemetry_published_total",
+                               "readings the MQTT broker acknowledged", ["host"], [([h], tm["published"])])
+                yield _counter(CounterMetricFamily, "beemond_telemetry_dropped_total",
+                               "readings dropped from the full telemetry buffer", ["host"], [([h], tm["dropped"])])
+                yield _gauge(GaugeMetricFamily, "beemond_telemetry_buffered_readings",
+                             "readings waiting for the MQTT broker", ["host"], [([h], tm["buffered"])])
+                yield _gauge(GaugeMetricFamily, "beemond_telemetry_connected",
+                             "1 while connected to the MQTT broker", ["host"], [([h], tm["connected"])])
             synced = clock_synchronised(self.clock_check)
             if synced is not None:
                 yield _gauge(GaugeMetricFamily, "beemond_clock_synchronised", "1 when the system clock is synchronised",
@@ -281,7 +316,7 @@ class Health:
                          "readings": readings.get(w.name, {})}
                 if w.state == "running":
                     entry["up_s"] = round(now_m - w.started, 1)
-                if w.state == "backoff":
+                if w.state in RETRIED:
                     entry["restart_in_s"] = round(max(0.0, w.restart_at - now_m), 1)
                 if w.name in self.last_error:
                     msg, t = self.last_error[w.name]
@@ -292,13 +327,18 @@ class Health:
                 "uptime_s": round(now - self.started, 1), "workers": workers,
                 "staging": {"files": staging[0], "bytes": staging[1]},
                 "outbox": {"files": outbox[0], "bytes": outbox[1]},
-                "last_upload": archive.utc_iso(datetime.fromtimestamp(self.last_upload, timezone.utc))
+                "last_upload": utc_iso(datetime.fromtimestamp(self.last_upload, timezone.utc))
                 if self.last_upload else None,
                 "last_upload_age_s": round(now - self.last_upload, 1) if self.last_upload else None,
                 "uploaded": {"files": self.uploaded_files, "bytes": self.uploaded_bytes, "errors": self.upload_errors},
                 "alerts": [{"sensor": s, "alert": a, "count": n} for (s, a), n in sorted(self.alerts.items())],
                 "clock": {"synchronised": clock_synchronised(self.clock_check)},
             }
+
+
+def next_start_wall(w) -> float:
+    """A worker's next start (monotonic ``restart_at``) as a Unix time, for the exposition."""
+    return time.time() + max(0.0, w.restart_at - time.monotonic())
 
 
 def _gauge(cls, name, doc, labels, rows):

@@ -9,8 +9,9 @@ children start fast and share those pages; never ``fork`` from a process with li
   is restarted after an exponential backoff (``restart_backoff_initial_s`` doubling up to
   ``restart_backoff_max_s``);
 - more than ``crash_loop_limit`` restarts within ``crash_loop_window_s`` marks the worker failed; the
-  others keep recording. A failed aggregator or uploader ends the daemon with status 1, so that
-  systemd's ``Restart=on-failure`` takes over.
+  others keep recording, and a failed sensor or processor is tried again every ``failed_retry_s``
+  for as long as the daemon runs (:mod:`beemond.restart` decides). A failed aggregator or uploader
+  ends the daemon with status 1, so that systemd's ``Restart=on-failure`` takes over.
 
 It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
 and a signal wake-up pipe, with a timeout set by the next timer: no polling.
@@ -20,13 +21,15 @@ reported in, a ``STATUS=`` summary line when it changes, and ``WATCHDOG=1`` ever
 ``WatchdogSec=`` but only while every running worker's heartbeat is fresh: a hung worker is killed and
 restarted here, a hung orchestrator by systemd.
 
-SIGHUP reloads the config file: an invalid file is logged (file, key) and the running config kept; a
-valid one restarts only the workers whose settings changed, starts added sensors and stops removed
-ones (their records flushed). ``spool_dir`` and ``host`` need a full restart and are kept.
+SIGHUP, or ``beemond reload`` over the status socket (which waits for the verdict: ``ExecReload=``),
+reloads the config file: an invalid file is logged (file, key) and the running config kept; a valid one
+restarts only the workers whose settings changed, starts added sensors and stops removed ones (their
+records flushed). ``spool_dir``, ``host`` and ``status_socket`` need a full restart and are kept.
 
 Shutdown (SIGTERM, SIGINT, ``--duration``) is ordered so that nothing is left unsealed: sensors flush
 their open records first, then the aggregator seals every staged record, then the uploader uploads
-for up to ``shutdown_grace_s``. Exit status 0.
+for up to ``shutdown_grace_s``. Then the forkserver and the resource tracker are stopped and waited
+for, so the orchestrator exits last and systemd finds nothing left to SIGKILL. Exit status 0.
 """
 
 from __future__ import annotations
@@ -40,17 +43,18 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from beemond import ipc, notify
 from beemond.config import EX_CONFIG, ConfigError
+from beemond.restart import RestartPolicy, RestartState
 from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
 
-HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff reset
 STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
 # Worker states in which a process exists: "restarting" (stopping to come back with a reloaded
 # config) and "removing" (its sensor left the config) are still read, watched and reaped.
@@ -60,15 +64,34 @@ WORKER_DAEMON_KEYS = ("heartbeat_interval_s", "log_level")
 # [daemon] keys the uploader reads (it enforces the spool limits); a change restarts it.
 SPOOL_LIMIT_KEYS = ("spool_max_bytes", "spool_min_free_bytes", "drop_oldest_when_full")
 # [daemon] keys that only a full restart can change (the spool lock, names of everything on disk).
-RESTART_ONLY_KEYS = ("spool_dir", "host")
+RESTART_ONLY_KEYS = ("spool_dir", "host", "status_socket")
 # Shutdown phases: each role's share of ``shutdown_timeout_s``; the uploader then gets
 # ``shutdown_grace_s`` + 10 s. The unit's TimeoutStopSec must cover the sum (tests/test_service.py).
-SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("aggregator", 0.4))
+SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("telemetry", 0.1), ("aggregator", 0.4))
+
+
+# Imported by the forkserver before it forks the workers, so that their pages are shared (and frozen
+# out of the garbage collector's reach: beemond.preload, last). Always: beemond's modules every worker
+# uses (archive brings Jinja2). Libraries only where at least two configured workers import them: one
+# worker gains nothing from sharing, and the forkserver would carry the library for nobody.
+PRELOAD_ALWAYS = ("beemond.ipc", "beemond.config", "beemond.journal", "beemond.spool", "beemond.archive",
+                  "beemond.clock", "beemond.sensors.base")
+PRELOAD_SHARED = {"audio": ("numpy", "soundfile"), "audio_bands": ("numpy", "soundfile"),
+                  "camera": ("numpy",)}
+
+
+def forkserver_preload(cfg) -> list[str]:
+    """Module names for ``set_forkserver_preload``: :data:`PRELOAD_ALWAYS`, the :data:`PRELOAD_SHARED`
+    libraries of the configured sensor and processor types used by two or more of them, then
+    ``beemond.preload`` (``gc.freeze()``)."""
+    users = collections.Counter(lib for unit in (*cfg.sensors, *cfg.processors)
+                                for lib in PRELOAD_SHARED.get(unit.type, ()))
+    return [*PRELOAD_ALWAYS, *sorted(lib for lib, n in users.items() if n >= 2), "beemond.preload"]
 
 
 @dataclass
 class Worker:
-    role: str                    # sensor | processor | aggregator | uploader
+    role: str                    # sensor | processor | aggregator | uploader | telemetry
     name: str
     process: multiprocessing.process.BaseProcess | None = None
     commands: object = None
@@ -76,24 +99,72 @@ class Worker:
     state: str = "starting"      # running | backoff | failed | stopped
     started: float = 0.0
     last_heartbeat: float = 0.0
-    failures: int = 0            # consecutive, for the backoff
-    restarts: collections.deque = field(default_factory=collections.deque)
-    restart_at: float = 0.0
+    history: RestartState = field(default_factory=RestartState)
+    restart_at: float = 0.0      # monotonic time of the next start (in backoff, or the retry of a failed one)
     last_event: dict = field(default_factory=dict)
     starts: int = 0              # process starts since the daemon started (restarts = starts - 1)
     paused: bool = False         # stopped by `beemond pause` (a restarted process records again)
     reported: bool = False       # has sent an event since its last start (READY=1 waits for all)
 
 
+def _check_config(path: str, verdict) -> None:
+    """In a short-lived forkserver child: the full :func:`beemond.config.load` of *path*; sends ``None``
+    or the ``ConfigError``'s (file, key, message) down the *verdict* pipe."""
+    from beemond import config
+
+    try:
+        config.load(path)
+        verdict.send(None)
+    except ConfigError as e:
+        verdict.send((e.file, e.key, e.message))
+
+
 class Orchestrator:
+    @classmethod
+    def from_file(cls, path, duration: float | None = None) -> Orchestrator:
+        """The daemon's start: *path* typed here (``config.load(semantics=False)``), then validated in
+        full in a child (:meth:`check_config`). Raises ``ConfigError``."""
+        from beemond import config
+
+        orch = cls(config.load(path, semantics=False), duration)
+        try:
+            orch.check_config(orch.cfg.source)
+        except ConfigError:
+            stop_multiprocessing_helpers(timeout=10)  # the check started them; nothing else will stop them
+            raise
+        return orch
+
+    def check_config(self, path, timeout: float = 120.0) -> None:
+        """Run the full validation of the config file *path* in a forkserver child and raise its
+        ``ConfigError`` here. The checks import Jinja2, pyrage and the replay files' readers, whose
+        memory (about 8 MB) would otherwise stay in the orchestrator for good; the child is forked from
+        the forkserver, which has most of them preloaded, so it takes a fraction of a second."""
+        reader, writer = self.ctx.Pipe(duplex=False)
+        child = self.ctx.Process(target=_check_config, args=(str(path), writer), name="beemond-check-config")
+        child.start()
+        writer.close()
+        try:
+            verdict = reader.recv() if reader.poll(timeout) else (str(path), "", f"not validated within {timeout:g} s")
+        except EOFError:
+            verdict = None
+        finally:
+            reader.close()
+        child.join(timeout)
+        if verdict is None and child.exitcode != 0:
+            verdict = (str(path), "", f"the validating process failed (exit status {child.exitcode}); see the log")
+        if verdict is not None:
+            raise ConfigError(*verdict)
+
     def __init__(self, cfg, duration: float | None = None):
         self.cfg = cfg
         self.d = cfg.daemon
         self.duration = duration
         self.workers: dict[str, Worker] = {}
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["beemond.ipc", "beemond.config", "beemond.journal", "beemond.spool",
-                                         "beemond.archive"])
+        # One BLAS thread: the workers' NumPy work is small FFTs and array copies, and each extra
+        # OpenBLAS thread is a stack and a buffer in every process that imports NumPy.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        self.ctx.set_forkserver_preload(forkserver_preload(cfg))
         self.stopping = False
         self.exit_status = 0
         self._signals: list[int] = []
@@ -112,6 +183,8 @@ class Orchestrator:
         self._watchdog_at = 0.0
         self._status_text, self._status_at = "", 0.0
         self._reload_requested = False
+        self._reload_lock = threading.Lock()
+        self._reload_waiters: list[tuple[threading.Event, dict]] = []   # `beemond reload` requests
         self._bundle_keys = _bundle_key_files(cfg)   # what the aggregator reads at its start
         self.health = None
         self.status_server = None
@@ -139,8 +212,10 @@ class Orchestrator:
         except OSError as e:
             log.error("%s: daemon.spool_dir: cannot create or write %s: %s", self.cfg.source, spool,
                       e.strerror or e)
+            stop_multiprocessing_helpers(timeout=10)  # started by from_file's config check
             return EX_CONFIG
         if not self._lock_spool():
+            stop_multiprocessing_helpers(timeout=10)
             return 1
         removed = remove_stale_temps(spool)
         if removed:
@@ -154,10 +229,13 @@ class Orchestrator:
                         "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
         self._add(Worker("aggregator", "aggregator"))
         self._add(Worker("uploader", "uploader"))
+        if self.cfg.telemetry.active:
+            self._add(Worker("telemetry", "telemetry"))
         for sensor in self.cfg.sensors:
             self._add(Worker("sensor", sensor.name))
         self._add_processors()
         self._start_health()
+        ipc.trim_heap()  # the start-up's garbage (config parsed, workers' arguments pickled)
         end_at = time.monotonic() + self.duration if self.duration else None
         try:
             while not self.stopping:
@@ -167,12 +245,17 @@ class Orchestrator:
                 self._step(self._next_timer(end_at))
                 if self._reload_requested and not self.stopping:
                     self._reload_requested = False
-                    self.reload()
+                    self.reload("SIGHUP")
+                self._answer_reloads()
             self.notifier.stopping()
             self._shutdown()
         finally:
             self._stop_health()
+            self._answer_reloads()
             self._restore_signals()
+            left = stop_multiprocessing_helpers(timeout=10)
+            if left:
+                log.warning("still running after 10 s: %s; systemd will kill them", ", ".join(left))
         log.info("beemond stopped (status %d)", self.exit_status)
         return self.exit_status
 
@@ -228,7 +311,7 @@ class Orchestrator:
         """A sensor's *record ready* or *sample* to the processors that read that sensor. A record is
         hard-linked into the processor's inbox first, so it survives the aggregator bundling and
         deleting the staged original, and a processor in backoff finds it at its restart."""
-        from beemond.processors.base import link_record
+        from beemond.spool import link_record
 
         for name in self.processor_feeds.get(w.name, ()):
             target = self.workers.get(name)
@@ -251,9 +334,38 @@ class Orchestrator:
         self.health = metrics.Health(self.cfg, self.workers)
         self.observers.append(self.health)
         self.health.start_http()
-        self.status_server = status.StatusServer(self.cfg.spool / status.SOCKET_NAME, self.health.status,
-                                                 self._control)
+        self.status_server = status.StatusServer(self.cfg.status_socket, self.health.status, self._control,
+                                                 self.request_reload)
         self.status_server.start()
+
+    def request_reload(self, timeout: float) -> dict:
+        """``beemond reload`` (status socket thread): have the main loop reload and wait for its verdict."""
+        done, verdict = threading.Event(), {}
+        if self.stopping:
+            return {"ok": False, "message": "beemond is stopping"}
+        with self._reload_lock:
+            self._reload_waiters.append((done, verdict))
+        try:
+            os.write(self._wake_w, b"r")  # wakes the main loop's wait; a full pipe is awake already
+        except OSError:
+            pass
+        if not done.wait(timeout):
+            return {"ok": False, "message": f"no verdict within {timeout:g} s"}
+        return verdict
+
+    def _answer_reloads(self) -> None:
+        """Serve pending ``beemond reload`` requests: one reload answers all of them."""
+        with self._reload_lock:
+            waiters, self._reload_waiters = self._reload_waiters, []
+        if not waiters:
+            return
+        if self.stopping:
+            verdict = {"ok": False, "message": "beemond is stopping"}
+        else:
+            verdict = self.reload("reload")
+        for done, out in waiters:
+            out.update(verdict)
+            done.set()
 
     def _control(self, kind: str, name: str) -> tuple[bool, str]:
         """``beemond pause|resume NAME`` (status socket thread): STOP/START to a sensor or processor.
@@ -280,7 +392,7 @@ class Orchestrator:
         timers = [now + self.d.heartbeat_interval_s]
         if self.notifier.watchdog_interval_s:
             timers.append(self._watchdog_at)
-        timers += [w.restart_at for w in self.workers.values() if w.state == "backoff"]
+        timers += [w.restart_at for w in self.workers.values() if w.state in ("backoff", "failed")]
         if end_at is not None:
             timers.append(end_at)
         return max(0.0, min(timers) - now)
@@ -334,6 +446,11 @@ class Orchestrator:
             for name in ev.data.get("targets", ()):
                 if not self._command(name, ipc.Command(ipc.CAPTURE_NOW, {"reason": ev.data.get("reason", w.name)})):
                     log.warning("%s asked %s to capture, but it is not running", w.name, name)
+        if ev.kind in (ipc.SAMPLE, ipc.ALERT) and "telemetry" in self.workers:
+            # The event's time is the measurement's (sent as the reading is taken) unless it says otherwise;
+            # a processor's readings are published as its own series.
+            self._command("telemetry", ipc.Command(ev.kind, {"time": ev.time, **ev.data,
+                                                             **({"processor": w.name} if w.role == "processor" else {})}))
         for observer in self.observers:
             observer(w, ev)
 
@@ -372,25 +489,23 @@ class Orchestrator:
         self._schedule_restart(w, f"exited with {how}")
 
     def _schedule_restart(self, w: Worker, why: str) -> None:
-        now = time.monotonic()
-        if now - w.started >= HEALTHY_AFTER_S:
-            w.failures = 0
-        w.failures += 1
-        while w.restarts and now - w.restarts[0] > self.d.crash_loop_window_s:
-            w.restarts.popleft()
-        if len(w.restarts) >= self.d.crash_loop_limit:
-            w.state = "failed"
-            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
-                      w.name, why, len(w.restarts), self.d.crash_loop_window_s)
-            if w.role in ("aggregator", "uploader"):
-                log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
-                self.exit_status = 1
-                self.stopping = True
+        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started, time.monotonic())
+        w.state, w.restart_at = decision.state, decision.at
+        if decision.state == "backoff":
+            log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, decision.delay,
+                        len(w.history.restarts))
             return
-        delay = min(self.d.restart_backoff_max_s, self.d.restart_backoff_initial_s * 2 ** (w.failures - 1))
-        w.state, w.restart_at = "backoff", now + delay
-        w.restarts.append(now)
-        log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, delay, len(w.restarts))
+        if w.role in ("aggregator", "uploader"):
+            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop)",
+                      w.name, why, len(w.history.restarts), self.d.crash_loop_window_s)
+            log.error("the %s is essential; stopping beemond so that its supervisor restarts it", w.name)
+            self.exit_status = 1
+            self.stopping = True
+        elif decision.crash_loop:
+            log.error("worker %s %s; %d restarts within %g s: giving up on it (crash loop); next try in %.0f s",
+                      w.name, why, len(w.history.restarts), self.d.crash_loop_window_s, decision.delay)
+        else:
+            log.warning("worker %s %s again on its retry; next try in %.0f s", w.name, why, decision.delay)
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -404,7 +519,13 @@ class Orchestrator:
     def _restart_due(self) -> None:
         now = time.monotonic()
         for w in self.workers.values():
-            if w.state == "backoff" and now >= w.restart_at and not self.stopping:
+            if self.stopping or now < w.restart_at:
+                continue
+            if w.state == "backoff":
+                self._spawn(w)
+            elif w.state == "failed" and w.role in ("sensor", "processor"):
+                log.info("trying failed worker %s again (every %g s while it fails)", w.name, self.d.failed_retry_s)
+                RestartPolicy.retry(w.history)
                 self._spawn(w)
 
     # ---- signals
@@ -527,34 +648,41 @@ class Orchestrator:
             parts.append(f"last upload {max(0, time.time() - self.outbox['last_upload']):.0f} s ago")
         return ", ".join(parts)
 
-    # ---- SIGHUP: reload the config
-    def reload(self) -> None:
-        """Load and validate the config file again and apply what changed (see the module docstring)."""
+    # ---- SIGHUP, `beemond reload`: reload the config
+    def reload(self, why: str = "SIGHUP") -> dict:
+        """Load and validate the config file again and apply what changed (see the module docstring).
+        Returns the verdict sent to ``beemond reload``: ``{"ok": False, "file", "key", "message"}``
+        when the file is rejected (nothing changes), else ``{"ok": True, "restarted", "removed",
+        "added", "kept", "message"}`` (``kept``: changes that need a restart of the service)."""
         from beemond import config
 
         self.notifier.reloading()
         try:
-            new = config.load(self.cfg.source)
+            new = config.load(self.cfg.source, semantics=False)
+            self.check_config(new.source)
         except ConfigError as e:
-            log.error("SIGHUP: new config rejected, keeping the running one: %s: %s: %s", e.file, e.key or "-",
+            log.error("%s: new config rejected, keeping the running one: %s: %s: %s", why, e.file, e.key or "-",
                       e.message)
             self.notifier.ready(self.status_line())
-            return
+            return {"ok": False, "file": e.file, "key": e.key, "message": e.message}
         old = self.cfg
         kept = {k: getattr(old.daemon, k) for k in RESTART_ONLY_KEYS}
+        needs_restart = []
         for key, value in kept.items():
             if getattr(new.daemon, key) != value:
-                log.warning("SIGHUP: daemon.%s changed to %s; that needs a restart of the service, keeping %s",
-                            key, getattr(new.daemon, key), value)
+                needs_restart.append(f"daemon.{key}")
+                log.warning("%s: daemon.%s changed to %s; that needs a restart of the service, keeping %s",
+                            why, key, getattr(new.daemon, key), value)
         new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept))
         if new.metrics != old.metrics:
-            log.warning("SIGHUP: [metrics] changed; that needs a restart of the service, keeping the old one")
+            needs_restart.append("metrics")
+            log.warning("%s: [metrics] changed; that needs a restart of the service, keeping the old one", why)
             new = dataclasses.replace(new, metrics=old.metrics)
         restart = self._changed_workers(old, new)
         keys = _bundle_key_files(new)
         if keys != self._bundle_keys and "aggregator" not in restart:
             # Same [bundle] text, edited recipients file or device key: only a restarted aggregator reads them.
-            log.info("SIGHUP: a recipients file or the signing key changed")
+            log.info("%s: a recipients file or the signing key changed", why)
             restart.insert(0, "aggregator")
         self._bundle_keys = keys
         old_units, new_units = _units(old), _units(new)
@@ -564,19 +692,31 @@ class Orchestrator:
         if new.daemon.log_level != old.daemon.log_level:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
         for name in removed:
-            log.info("SIGHUP: %s %s removed", old_units[name], name)
+            log.info("%s: %s %s removed", why, old_units[name], name)
             self._stop_worker(name, "removing")
         for name in restart:
             self._stop_worker(name, "restarting")
+        added = [name for name in new_units if name not in old_units]
+        if new.telemetry.active != old.telemetry.active:
+            log.info("%s: telemetry %s", why, "on" if new.telemetry.active else "off")
+            if new.telemetry.active:
+                self._add(Worker("telemetry", "telemetry"))
+            else:
+                self._stop_worker("telemetry", "removing")
         for name, role in new_units.items():
             if name not in old_units:
-                log.info("SIGHUP: %s %s added", role, name)
+                log.info("%s: %s %s added", why, role, name)
                 if role == "processor":
                     Spool(new.spool).processing_dir(name).mkdir(parents=True, exist_ok=True)
                 self._add(Worker(role, name))
-        log.info("SIGHUP: config %s reloaded: restarting %s; removed %s", new.source,
-                 ", ".join(restart) or "none", ", ".join(removed) or "none")
+        message = (f"config {new.source} reloaded: restarting {', '.join(restart) or 'none'}; "
+                   f"removed {', '.join(removed) or 'none'}")
+        log.info("%s: %s", why, message)
         self.notifier.ready(self.status_line())
+        if needs_restart:
+            message += f"; {', '.join(needs_restart)} changed: kept until the service restarts"
+        return {"ok": True, "restarted": restart, "removed": removed, "added": added, "kept": needs_restart,
+                "message": message}
 
     @staticmethod
     def _changed_workers(old, new) -> list[str]:
@@ -588,6 +728,8 @@ class Orchestrator:
         if every or old.upload != new.upload or any(getattr(old.daemon, k) != getattr(new.daemon, k)
                                                     for k in SPOOL_LIMIT_KEYS):
             names.append("uploader")
+        if old.telemetry.active and new.telemetry.active and (every or old.telemetry != new.telemetry):
+            names.append("telemetry")
         before = {s.name: s for s in (*old.sensors, *old.processors)}
         for s in (*new.sensors, *new.processors):
             if s.name in before and (every or before[s.name] != s or old.template_for(s) != new.template_for(s)):
@@ -609,7 +751,7 @@ class Orchestrator:
         elif state == "removing":
             del self.workers[name]  # in backoff or failed: nothing runs
         else:
-            w.failures, w.restarts = 0, collections.deque()
+            RestartPolicy.reset(w.history)
             self._spawn(w)  # a failed sensor gets a fresh start with its new settings
 
 
@@ -642,3 +784,48 @@ def _discard_queue(q) -> None:
     """Drop a dead worker's command queue without waiting on its feeder thread (whose reader is gone)."""
     q.cancel_join_thread()
     q.close()
+
+
+def stop_multiprocessing_helpers(timeout: float) -> list[str]:
+    """Stop the forkserver and the resource tracker and wait for them (at most *timeout* s each).
+    Returns the names of any still running.
+
+    Left alone they end only when the orchestrator's exit closes their pipes, a moment after the main
+    process is gone; systemd (``KillMode=mixed``) SIGKILLs whatever is left in the cgroup then and logs
+    "Killing process ... with signal SIGKILL". CPython 3.11-3.13 have no public call for this:
+    ``ForkServer._stop()`` and ``ResourceTracker._stop()`` close the pipe and ``waitpid`` without a
+    deadline, so their attributes are used here with one. Order matters: the forkserver holds a copy of
+    the tracker's pipe, so the tracker sees EOF only after the forkserver has gone. Semaphores still
+    registered (queues of workers) are unlinked first through multiprocessing's own finalizers, which
+    would otherwise start a new tracker at interpreter exit to unregister them."""
+    import gc
+    from multiprocessing import forkserver, resource_tracker, util
+
+    gc.collect()
+    util._run_finalizers(0)  # what atexit would run: SemLock._cleanup unregisters with the live tracker
+    left = []
+    for name, obj, pid_attr, fd_attr in (
+            ("forkserver", forkserver._forkserver, "_forkserver_pid", "_forkserver_alive_fd"),
+            ("resource tracker", resource_tracker._resource_tracker, "_pid", "_fd")):
+        pid, fd = getattr(obj, pid_attr, None), getattr(obj, fd_attr, None)
+        if pid is None:
+            continue
+        if fd is not None:
+            os.close(fd)  # EOF: the forkserver leaves its accept loop, the tracker its read loop
+            setattr(obj, fd_attr, None)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                done = True
+            if done:
+                setattr(obj, pid_attr, None)
+                break
+            if time.monotonic() > deadline:
+                left.append(f"{name} (pid {pid})")
+                break
+            time.sleep(0.02)
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
+        forkserver._forkserver._forkserver_address = None
+    return left

@@ -20,6 +20,8 @@ Layout under ``[daemon] spool_dir`` (each directory has one writer role and one 
                                       them (a worker's record writer, the aggregator), deleted by a human
     processing/<processor>/NAME       hard links of records for a processor: written by the orchestrator's
                                       router, deleted by that processor
+    telemetry/NNNNNNNNNN.jsonl, cursor  readings waiting for the MQTT broker's acknowledgement: the
+                                      telemetry worker, both ways (beemond.telemetry.buffer)
     .lock, .workers.lock              the spool locks (:meth:`Spool.lock`, :meth:`Spool.hold_worker_lock`)
 
 Every file is written to a hidden temporary name (``.NAME.tmp-PID``), fsynced, renamed and its
@@ -48,6 +50,7 @@ UPLOADED = "uploaded"
 QUARANTINE = "quarantine"
 FAILED = "failed"
 PROCESSING = "processing"
+TELEMETRY = "telemetry"
 LOCK = ".lock"
 WORKERS_LOCK = ".workers.lock"
 JOURNAL = "readings.journal"
@@ -163,6 +166,11 @@ class Spool:
     def processing_dir(self, processor: str) -> Path:
         """``processing/<processor>/``: hard links of the records *processor* has still to read."""
         return self.processing / processor
+
+    @property
+    def telemetry(self) -> Path:
+        """``telemetry/``: the telemetry worker's queue of readings for the MQTT broker."""
+        return self.root / TELEMETRY
 
     # ---- locks
     def lock(self, wait_workers_s: float = 0.0, hold_workers: bool = False) -> SpoolLock:
@@ -346,7 +354,8 @@ def atomic_writer(final: str | os.PathLike, mode: str = "wb", *, sync_dir: bool 
         if sync_dir:
             fsync_dir(final.parent)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()   # flushes what the failed write left buffered: fails again on a full disk
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
@@ -394,7 +403,9 @@ def write_record(staging: Path, relname: str, metadata: dict, data_writer=None, 
 
     Either *data_writer* is called with an open binary temporary file, or *tmp* names a temporary
     file already written in *staging* (a stream written over minutes), which is fsynced and renamed.
-    Returns the data file's path.
+    Returns the data file's path. Raises ``OSError``; then no record is left under *relname* (a
+    data file without its sidecar would never be bundled, and a retry would write it twice): *tmp*
+    is renamed back for the caller to retry or remove, a written data file is removed.
     """
     final = staging / relname
     if tmp is not None:
@@ -405,7 +416,14 @@ def write_record(staging: Path, relname: str, metadata: dict, data_writer=None, 
     else:
         with atomic_writer(final, sync_dir=False) as f:
             data_writer(f)
-    write_sidecar(final, metadata)
+    try:
+        write_sidecar(final, metadata)
+    except BaseException:
+        if tmp is not None:
+            os.replace(final, tmp)
+        else:
+            final.unlink(missing_ok=True)
+        raise
     return final
 
 
@@ -419,3 +437,21 @@ def unique_name(directory: Path, rel: str) -> str:
     while (directory / f"{stem}-{n}{dot}{ext}").exists():
         n += 1
     return f"{stem}-{n}{dot}{ext}"
+
+
+def link_record(spool: Path, processor: str, record: Path) -> Path:
+    """Hard-link *record* and its sidecar into the processor's inbox (the orchestrator's router calls this).
+
+    Returns the linked data path. Raises ``OSError``. The sidecar is linked first and the data last,
+    so a data link in the inbox always has its metadata beside it.
+    """
+    inbox = Spool(spool).processing_dir(processor)
+    inbox.mkdir(parents=True, exist_ok=True)
+    name, n = record.name, 0
+    while (inbox / name).exists() or sidecar_of(inbox / name).exists():
+        n += 1
+        name = f"{n}-{record.name}"
+    dest = inbox / name
+    os.link(sidecar_of(record), sidecar_of(dest))
+    os.link(record, dest)
+    return dest

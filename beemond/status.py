@@ -1,16 +1,25 @@
-"""``beemond status``: the running daemon's state over a unix socket in the spool.
+"""``beemond status`` / ``reload`` / ``pause`` / ``resume``: the running daemon over a unix socket.
 
 Why a unix socket rather than the /metrics endpoint: it works with metrics disabled or bound
 elsewhere, it carries what Prometheus series cannot say well (a worker's last error, time to its
-next restart, reading ages), and access follows the spool directory's permissions instead of being
-open to anything that can reach a TCP port.
+next restart, reading ages), and access follows file permissions instead of being open to anything
+that can reach a TCP port.
 
-Protocol: connect to ``SPOOL/status.sock``, send one JSON line and shut down the writing side; the
-daemon answers one JSON document and closes. ``{"cmd": "status"}`` (or an empty request) answers
+Where: ``daemon.status_socket`` (default ``SPOOL/status.sock``). Under systemd the example config puts
+it in the unit's ``RuntimeDirectory=`` (``/run/beemond``, mode 0750, owner beemond:beemond) and the
+daemon makes the socket 0660, so members of group ``beemond`` may ask while the spool stays 0700. A
+client needs nothing but that location (:func:`beemond.config.status_socket`); one who may not connect
+gets :class:`NoPermission` (exit 77, ``EX_NOPERM``), not "not running".
+
+Protocol: connect, send one JSON line and shut down the writing side; the daemon answers one JSON
+document and closes. ``{"cmd": "status"}`` (or an empty request) answers
 :meth:`beemond.metrics.Health.status`; ``{"cmd": "stop" | "start", "worker": NAME}`` sends that
 command to a sensor or processor (``beemond pause`` / ``beemond resume``: e.g. silence the microphone
-during a hive inspection) and answers ``{"ok": bool, "message": str}``. The server is a daemon thread
-of the orchestrator blocked in ``accept()``: no polling.
+during a hive inspection) and answers ``{"ok": bool, "message": str}``; ``{"cmd": "reload"}`` makes the
+orchestrator load its config file again and answers its verdict once applied (``{"ok": true,
+"restarted": [...], "removed": [...], "added": [...], "message"}`` or ``{"ok": false, "file", "key",
+"message"}``; the old config keeps running). The server is a daemon thread of the orchestrator blocked
+in ``accept()``: no polling.
 """
 
 from __future__ import annotations
@@ -18,32 +27,50 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import socket
 import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "status.sock"
 EXIT_NOT_RUNNING = 3   # LSB init-script convention for "program is not running"
+EXIT_NO_PERMISSION = 77   # EX_NOPERM (sysexits.h)
+RELOAD_TIMEOUT_S = 60.0   # a reload only validates and sends stop commands: seconds at most
 
 
 class NotRunning(Exception):
-    """No daemon answers on the spool's status socket."""
+    """No daemon answers on the status socket."""
+
+
+class NoPermission(Exception):
+    """The socket (or the config naming it) exists but this user may not use it."""
+
+
+def no_permission(path) -> NoPermission:
+    try:  # the effective user, not $USER (sudo -u, setpriv keep the caller's environment)
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return NoPermission(f"beemond: permission denied on {path} (add {user} to group beemond)")
 
 
 class StatusServer:
-    def __init__(self, path: Path, snapshot, control=None):
-        """*snapshot()* -> status dict; *control(kind, worker)* -> (ok, message) for start/stop."""
+    def __init__(self, path: Path, snapshot, control=None, reload=None):
+        """*snapshot()* -> status dict; *control(kind, worker)* -> (ok, message) for start/stop;
+        *reload(timeout)* -> verdict dict (called in this server's thread; it waits for the main loop)."""
         self.path = Path(path)
         self.snapshot = snapshot
         self.control = control
+        self.reload = reload
         self.sock: socket.socket | None = None
 
     def start(self) -> None:
-        """Bind and serve. Failure (a path longer than AF_UNIX allows, a read-only spool) is logged:
-        the daemon records without its status socket."""
+        """Bind and serve. Failure (a path longer than AF_UNIX allows, a read-only directory) is
+        logged: the daemon records without its status socket."""
         try:
+            # A run outside systemd with the installed config: no RuntimeDirectory made it.
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             # We hold the spool lock, so a socket file left here belongs to a dead daemon.
             self.path.unlink(missing_ok=True)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -76,6 +103,8 @@ class StatusServer:
         if cmd in ("start", "stop") and self.control is not None and isinstance(req.get("worker"), str):
             ok, message = self.control(cmd, req["worker"])
             return {"ok": ok, "message": message}
+        if cmd == "reload" and self.reload is not None:
+            return self.reload(RELOAD_TIMEOUT_S)
         return {"ok": False, "message": f"unknown request {req!r}"}
 
     def stop(self) -> None:
@@ -100,9 +129,10 @@ def _read_request(conn: socket.socket) -> dict:
     return req if isinstance(req, dict) else {"cmd": "invalid"}
 
 
-def query(spool: Path, timeout: float = 5.0, request: dict | None = None) -> dict:
-    """Send *request* (default: status) to the running daemon; its answer. Raises :class:`NotRunning`."""
-    path = Path(spool) / SOCKET_NAME
+def query(path: Path, timeout: float = 5.0, request: dict | None = None) -> dict:
+    """Send *request* (default: status) to the daemon listening on socket *path*; its answer.
+    Raises :class:`NotRunning` or :class:`NoPermission`."""
+    path = Path(path)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
@@ -114,6 +144,9 @@ def query(spool: Path, timeout: float = 5.0, request: dict | None = None) -> dic
                 chunks.append(chunk)
     except (FileNotFoundError, ConnectionRefusedError):
         raise NotRunning(f"beemond is not running (no daemon answers on {path})") from None
+    except PermissionError:
+        # EACCES on the socket or a directory above it: the daemon may well be running.
+        raise no_permission(path) from None
     except OSError as e:
         raise NotRunning(f"beemond status: cannot reach {path}: {e.strerror or e}") from None
     try:
@@ -134,6 +167,10 @@ def _ago(s: float | None) -> str:
     return "never" if s is None else f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago"
 
 
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
 def format_status(st: dict) -> str:
     """A short human summary of :func:`query`'s answer."""
     clock = st["clock"]["synchronised"]
@@ -146,6 +183,8 @@ def format_status(st: dict) -> str:
             state = "paused"
         if state == "backoff":
             state += f" (restart in {w['restart_in_s']:.0f} s)"
+        elif state == "failed" and "restart_in_s" in w:
+            state += f" (next try in {_duration(w['restart_in_s'])})"
         line = f"  {w['name']:<{width}}  {w['role']:<10} {state:<12} restarts {w['restarts']}"
         if w["readings"]:
             line += "  " + " ".join(f"{k}={v['value']:.4g}" for k, v in sorted(w["readings"].items()))

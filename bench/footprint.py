@@ -15,8 +15,11 @@ What is measured
   At the end the daemon gets SIGTERM; its exit status and shutdown time are printed, with any
   WARNING/ERROR lines of its log.
 
-Reproduce (from the repo root):  .venv/bin/python bench/footprint.py [--seconds 60] [--idle-seconds 30]
-Goals (from the product card): pss_mb <= 120, idle_cpu_percent <= 1.
+--as-installed runs the daemon as scripts/install.sh installs it (bytecode compiled, no editable-install
+hook; see daemon_command): the numbers a Pi would see, less this machine's dev-venv overhead.
+
+Reproduce (from the repo root):  .venv/bin/python bench/footprint.py [--seconds 60] [--idle-seconds 30] [--as-installed]
+Goals (from the product card; issue 12 for a Pi Zero 2 W): pss_mb <= 120, idle_pss_mb <= 60, idle_cpu_percent <= 1.
 """
 
 from __future__ import annotations
@@ -138,12 +141,36 @@ def start_ftp(tmp: Path) -> tuple[subprocess.Popen, dict]:
 
 # ------------------------------------------------------------------------------------------ a phase
 
-def measure(label: str, cfg: Path, warmup: float, seconds: float) -> dict:
+def daemon_command(as_installed: bool, tmp: Path) -> tuple[list[str], dict | None]:
+    """The command line and environment of ``beemond run``. Two costs of the dev venv that an
+    installed daemon (scripts/install.sh: a regular ``pip install``) does not pay:
+    - the editable install's .pth import hook (scripts/setup: ``pip install -e``), about 1.9 MB PSS in
+      each fresh interpreter: the orchestrator, the forkserver and the resource tracker;
+    - no bytecode for beemond's own modules where ``PYTHONDONTWRITEBYTECODE`` is set (as in this
+      project's sessions): each process compiles them from source at import, and the compiler's freed
+      memory stays in its heap (``beemond.config``: 4 MB; pip compiles on install).
+    *as_installed* removes both: a copy of the package in *tmp*, compiled there, run with ``python -S``
+    (no site; the flag carries over to the forkserver and the tracker) and the copy and the venv's
+    site-packages on PYTHONPATH. That understates an installed daemon by the site module itself, about
+    0.2 MB per interpreter."""
+    if not as_installed:
+        return [str(BEEMOND)], None
+    lib = tmp / "lib"
+    if not lib.exists():
+        shutil.copytree(REPO / "beemond", lib / "beemond", ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([str(PYTHON), "-m", "compileall", "-q", str(lib)], check=True)
+    site = subprocess.run([str(PYTHON), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    return [str(PYTHON), "-S", "-m", "beemond"], {**os.environ, "PYTHONPATH": f"{lib}:{site}"}
+
+
+def measure(label: str, cfg: Path, warmup: float, seconds: float, as_installed: bool = False) -> dict:
     log_path = cfg.parent / "daemon.log"
     with open(log_path, "w") as log:
         # --duration well past the window: the stop below is a SIGTERM, as from systemd.
-        daemon = subprocess.Popen([str(BEEMOND), "run", "--config", str(cfg), "--duration", str(warmup + seconds + 120)],
-                                  stdout=log, stderr=subprocess.STDOUT)
+        command, env = daemon_command(as_installed, cfg.parent)
+        daemon = subprocess.Popen([*command, "run", "--config", str(cfg), "--duration", str(warmup + seconds + 120)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"[{label}] daemon pid {daemon.pid}, config {cfg}; warm-up {warmup:g} s, then {seconds:g} s of samples")
     try:
         time.sleep(warmup)
@@ -228,6 +255,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=15)
     p.add_argument("--upload", choices=("ftp", "none"), default="ftp")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, daemon logs, spools)")
+    p.add_argument("--as-installed", action="store_true",
+                   help="as scripts/install.sh installs it: precompiled bytecode, no editable-install hook")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="beemond-bench-footprint-"))
@@ -240,10 +269,12 @@ def main() -> int:
             print(f"FTP server pid {ftp.pid} on 127.0.0.1:{upload['port']}")
         else:
             upload = {"protocol": "none"}
-        busy = measure("busy", derive_config(tmp, "busy", recipient, upload, idle=False), args.warmup, args.seconds)
+        busy = measure("busy", derive_config(tmp, "busy", recipient, upload, idle=False), args.warmup, args.seconds,
+                       args.as_installed)
         uploaded = len(list((tmp / "ftp").rglob("*.tar.age"))) if ftp else 0
         print(f"[busy] bundles on the FTP server: {uploaded}")
-        idle = measure("idle", derive_config(tmp, "idle", recipient, upload, idle=True), args.warmup, args.idle_seconds)
+        idle = measure("idle", derive_config(tmp, "idle", recipient, upload, idle=True), args.warmup, args.idle_seconds,
+                       args.as_installed)
         print(f"busy: {busy['processes']} processes, PSS mean {busy['pss_mean_mb']:.1f} MB max {busy['pss_max_mb']:.1f} MB, "
               f"CPU {busy['cpu_percent']:.2f} % of a core; idle: PSS {idle['pss_mean_mb']:.1f} MB, "
               f"CPU {idle['cpu_percent']:.2f} %")

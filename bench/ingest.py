@@ -12,30 +12,50 @@ What is measured
         tree ``host/date/``; then ``beemond.ingest.run`` in-process: verify, decrypt, check the manifest,
         extract, merge the daily CSVs, fsync, ledger. bundles_per_s = bundles / wall time of that run.
         A second run over the same tree (idempotent: every bundle skipped) is timed as rerun_bundles_per_s.
+  fleet: --fleet-bundles signed bundles (default 100,000) from --hosts devices (default 1,000), each a
+        5-minute climate record of 5 readings, as a fleet's per-sensor bundles arrive: tar, manifest and
+        SHA-256 built in memory in the aggregator's format, encrypted in-process with pyrage, signed with that
+        host's Ed25519 key, written to ``upload/<host>/<date>/`` (2 generator processes; not timed). Then
+        ``ingest.run(jobs=--jobs)`` (default 2) into an empty data tree: fleet_bundles_per_s = bundles / wall
+        time; rerun_s = a second run over the same tree, nothing new (goal <= 5).
+  ledger: a ledger with 1,000,000 bundles and 1,000,000 files rows (filled in bulk, not timed), then one
+        ``Ledger.commit`` of COMMIT_BUNDLES (200) bundles and their files rows timed: ledger_write_ms (median
+        of 20; goal <= 50; the JSON ledger this replaced took ~10 s per write at that size), and the commits
+        of one flush (FLUSH_BUNDLES = 2,000 bundles): ledger_flush_ms.
 What bounds sign_overhead_percent: any signature a stock tool (ssh-keygen -Y verify) can check needs
 one SHA-512 (or SHA-256) pass over the ciphertext. On a fast x86 disk, pyrage encrypts at ~1.2 GB/s and
 holds the GIL while doing it, and hashlib's SHA-512 runs at ~0.8 GB/s, so the hash is a large share of a
 seal there. Where the SD card's write and fsync bound sealing (~20 MB/s) and SHA-512 runs at ~200 MB/s
 (a Pi 4 without SHA instructions), the estimate is ~10 %: not measured here, no Pi on this bench.
 Checks (exit 1 on failure): every bundle ingested, none rejected, the daily CSVs hold every row once,
-the rerun adds no row.
+the rerun adds no row; the fleet likewise (every bundle ingested, rerun skips them all).
 
 Reproduce (from the repo root):  .venv/bin/python bench/ingest.py [--bundles 1000] [--repeat 5]
+    [--fleet-bundles 100000] [--hosts 1000] [--jobs 2] [--ledger-entries 1000000]
+The fleet needs ~2 GB of disk (upload tree and data tree, 4 files per bundle) and ~10 min on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import json
+import multiprocessing
 import os
+import shutil
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from beemond import aggregator, archive, crypto, ingest
+import pyrage
+
+from beemond import aggregator, archive, crypto
+from beemond.lab import ingest
 from beemond.spool import Spool
 
 T0 = datetime(2021, 6, 19, tzinfo=timezone.utc)
@@ -107,6 +127,114 @@ def make_tree(tmp: Path, recipients, key, bundles: int, rows: int, days: int) ->
     return upload, total
 
 
+def _fleet_part(args) -> int:
+    """Generate bundles *start*..*end* of the fleet (one generator process). Returns the readings written."""
+    root, hosts, start, end, per_host, public = args
+    recipients = [pyrage.x25519.Recipient.from_str(public)]
+    keys = {}
+    readings = 0
+    for b in range(start, end):
+        h, k = b % hosts, b // hosts  # bundle k of host h
+        host = f"hive-{h:04d}"
+        if host not in keys:
+            keys[host] = crypto.load_signing_key(root / "devices" / host / crypto.DEVICE_KEY_NAME)
+        key = keys[host]
+        t0 = T0 + timedelta(minutes=5 * k)
+        stamps = [t0 + timedelta(minutes=i) for i in range(5)]
+        body = ("time,temperature_c,humidity_rh\n" + "".join(
+            f"{archive.utc_iso(t)},{30 + (h % 50) / 10:.2f},{55 + i / 10:.2f}\n" for i, t in enumerate(stamps))).encode()
+        readings += len(stamps)
+        member = f"hive_climate/{archive.member_name('hive_climate', stamps[0], stamps[-1], '.csv')}"
+        rec = {"path": member, "sensor": "hive_climate", "start": archive.utc_iso(stamps[0]),
+               "end": archive.utc_iso(stamps[-1]), "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+               "metadata": {"sensor": "hive_climate"}}
+        name = f"{host}_{archive.utc_stamp(stamps[0])}_hive_climate_{hashlib.sha256(member.encode()).hexdigest()[:12]}.tar.age"
+        manifest = {"format": aggregator.FORMAT, "host": host, "software": "bench", "name": name, "group": "hive_climate",
+                    "created": archive.utc_iso(stamps[-1]), "start": rec["start"], "end": rec["end"],
+                    "signing_key": crypto.fingerprint(key.public_key()), "records": [rec]}
+        buf = io.BytesIO()  # as the aggregator's TarStream writes it: no padding to tar's 10 KiB records
+        for n, data in ((member, body), (aggregator.MANIFEST, json.dumps(manifest).encode())):
+            info = tarfile.TarInfo(n)
+            info.size, info.mode = len(data), 0o644
+            buf.write(info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        buf.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        ct = pyrage.encrypt(buf.getvalue(), recipients)
+        d = root / "fleet-upload" / host / t0.strftime("%Y-%m-%d")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(ct)
+        (d / (name + crypto.SIG_SUFFIX)).write_bytes(crypto.sign_digest(key, hashlib.sha512(ct).digest(), len(ct)))
+    return readings
+
+
+def fleet(tmp: Path, ident: Path, public: str, bundles: int, hosts: int, jobs: int) -> dict:
+    trusted = tmp / "fleet-trusted"
+    trusted.mkdir()
+    for h in range(hosts):
+        host = f"hive-{h:04d}"
+        _priv, pub, _line = crypto.device_keygen(tmp / "devices" / host, host)
+        shutil.copy(pub, trusted / f"{host}.pub")
+    t = time.perf_counter()
+    step = -(-bundles // 16)
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:
+        readings = sum(pool.map(_fleet_part, [(tmp, hosts, a, min(a + step, bundles), bundles // hosts, public)
+                                             for a in range(0, bundles, step)]))
+    gen_s = time.perf_counter() - t
+    upload_bytes = sum(p.stat().st_size for p in (tmp / "fleet-upload").rglob("*"))
+    out = tmp / "fleet-data"
+    os.sync()
+    t = time.perf_counter()
+    first = ingest.run(tmp / "fleet-upload", ident, trusted, out, print=lambda _l: None, jobs=jobs, progress=False)
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    again = ingest.run(tmp / "fleet-upload", ident, trusted, out, print=lambda _l: None, jobs=jobs, progress=False)
+    rerun_s = time.perf_counter() - t
+    ok = (len(first.ingested) == bundles and not first.rejected and first.rows == readings
+          and len(again.skipped) == bundles and not again.ingested)
+    return {"fleet_bundles": bundles, "hosts": hosts, "jobs": jobs, "generate_s": round(gen_s, 1),
+            "upload_mb": round(upload_bytes / 1e6, 1), "fleet_s": round(first_s, 1),
+            "fleet_bundles_per_s": round(bundles / first_s, 1), "rerun_s": round(rerun_s, 2), "fleet_ok": ok,
+            "rejected": len(first.rejected)}
+
+
+def ledger_write(tmp: Path, entries: int) -> dict:
+    led = ingest.Ledger(tmp / "big-ledger.sqlite")
+    t = time.perf_counter()
+    batch = 100_000
+    for a in range(0, entries, batch):
+        n = range(a, min(a + batch, entries))
+        led.commit([(hashlib.sha512(str(i).encode()).hexdigest(), f"hive-{i % 1000:04d}_{i}.tar.age", f"hive-{i % 1000:04d}",
+                     1, "SHA256:x", "2021-06-19T00:00:00.000Z") for i in n],
+                   [(f"/srv/upload/hive-{i % 1000:04d}/2021-06-19", f"hive-{i % 1000:04d}_{i}.tar.age", 1200, i, "s" * 64,
+                     "ingested") for i in n])
+    fill_s = time.perf_counter() - t
+    def rows(a, n):
+        return ([(hashlib.sha512(str(i).encode()).hexdigest(), f"new_{i}.tar.age", "hive-0001", 1, "SHA256:x",
+                  "2021-06-20T00:00:00.000Z") for i in range(a, a + n)],
+                [("/srv/upload/hive-0001/2021-06-20", f"new_{i}.tar.age", 1200, i, "s" * 64, "ingested")
+                 for i in range(a, a + n)])
+    times, flushes = [], []
+    nxt = entries
+    for _ in range(20):  # one commit: COMMIT_BUNDLES bundles and their files rows
+        b, f = rows(nxt, ingest.COMMIT_BUNDLES)
+        nxt += ingest.COMMIT_BUNDLES
+        t = time.perf_counter()
+        led.commit(b, f)
+        times.append(time.perf_counter() - t)
+    for _ in range(3):  # one flush's worth: FLUSH_BUNDLES in commits of COMMIT_BUNDLES
+        b, f = rows(nxt, ingest.FLUSH_BUNDLES)
+        nxt += ingest.FLUSH_BUNDLES
+        t = time.perf_counter()
+        for i in range(0, len(b), ingest.COMMIT_BUNDLES):
+            led.commit(b[i:i + ingest.COMMIT_BUNDLES], f[i:i + ingest.COMMIT_BUNDLES])
+        flushes.append(time.perf_counter() - t)
+    count = led.count()
+    led.close()
+    size = sum(p.stat().st_size for p in tmp.glob("big-ledger.sqlite*"))
+    return {"ledger_entries": count, "ledger_fill_s": round(fill_s, 1), "ledger_mb": round(size / 1e6, 1),
+            "ledger_write_ms": round(1000 * statistics.median(times), 1), "ledger_write_max_ms": round(1000 * max(times), 1),
+            "ledger_flush_ms": round(1000 * statistics.median(flushes), 1), "ledger_batch": ingest.COMMIT_BUNDLES}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundles", type=int, default=1000)
@@ -115,6 +243,10 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=10)
     ap.add_argument("--record-mb", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--fleet-bundles", type=int, default=100_000)
+    ap.add_argument("--hosts", type=int, default=1000)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--ledger-entries", type=int, default=1_000_000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="beemond-bench-ingest-") as d:
         tmp = Path(d)
@@ -146,7 +278,20 @@ def main() -> int:
         print(f"ingest: {len(report.ingested)} bundles, {report.records} records, {report.rows} rows in {first:.2f} s; "
               f"rerun skipped {len(again.skipped)} in {second:.2f} s; daily CSV rows {merged}/{rows}; "
               f"checks {'ok' if ok else 'FAILED'}")
-        print(f"bundles={args.bundles} bundles_per_s={args.bundles / first:.1f} rerun_bundles_per_s={args.bundles / second:.1f} "
+        led = ledger_write(tmp, args.ledger_entries)
+        print(f"ledger: {led['ledger_entries']} entries ({led['ledger_mb']} MB, filled in {led['ledger_fill_s']} s); "
+              f"one commit of {led['ledger_batch']} bundles: {led['ledger_write_ms']} ms (median of 20, max "
+              f"{led['ledger_write_max_ms']} ms); the {ingest.FLUSH_BUNDLES} bundles of one flush: {led['ledger_flush_ms']} ms")
+        fl = fleet(tmp, ident, public, args.fleet_bundles, args.hosts, args.jobs)
+        print(f"fleet: {fl['fleet_bundles']} bundles from {fl['hosts']} hosts ({fl['upload_mb']} MB, generated in "
+              f"{fl['generate_s']} s, not timed); ingest --jobs {fl['jobs']} {fl['fleet_s']} s = "
+              f"{fl['fleet_bundles_per_s']} bundles/s; rerun (nothing new) {fl['rerun_s']} s; "
+              f"checks {'ok' if fl['fleet_ok'] else 'FAILED'} ({fl['rejected']} rejected)")
+        ok = ok and fl["fleet_ok"]
+        print(f"fleet_bundles_per_s={fl['fleet_bundles_per_s']} rerun_s={fl['rerun_s']} ledger_write_ms={led['ledger_write_ms']} "
+              f"ledger_write_max_ms={led['ledger_write_max_ms']} ledger_flush_ms={led['ledger_flush_ms']} "
+              f"fleet_bundles={fl['fleet_bundles']} hosts={fl['hosts']} jobs={fl['jobs']} ledger_entries={led['ledger_entries']} "
+              f"bundles={args.bundles} bundles_per_s={args.bundles / first:.1f} rerun_bundles_per_s={args.bundles / second:.1f} "
               f"sign_overhead_percent={sign['sign_overhead_percent']} sign_hash_percent={sign['sign_hash_percent']} "
               f"sig_write_percent={sign['sig_write_percent']} ab_difference_percent={sign['ab_difference_percent']} "
               f"seal_signed_s={sign['seal_signed_s']} bundle_mb={sign['bundle_mb']} checks={'ok' if ok else 'failed'}")

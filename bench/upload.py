@@ -23,7 +23,10 @@ flipped every repeat (the second of a pair runs while the server's disk still ab
 200 MB: measured 0.5x vs 1.6x for the same code depending on order), and the median of --repeat runs
 is reported (loopback numbers on a shared machine swing by 2x).
 
-Reproduce (from the repo root):  .venv/bin/python bench/upload.py [--mb 200] [--small 200] [--repeat 4]
+  s3: the same against SeaweedFS and rclone (bench/upload_s3.py): s3_ratio, s3_small_files_per_s, and the
+        peak memory of our S3 transport against obstore's put(mode="create").
+
+Reproduce (from the repo root):  .venv/bin/python bench/upload.py [--mb 200] [--small 200] [--repeat 4] [--s3-only]
 Exit 2 if sshd, sftp or curl is missing (scripts/setup installs openssh-server; curl is Debian's).
 """
 
@@ -50,6 +53,7 @@ from beemond.spool import Spool  # noqa: E402
 from beemond.upload.uploader import Uploader  # noqa: E402
 from conftest import FtpServer, make_config  # noqa: E402
 from upload_peers import Sshd, ftps_server, make_cert  # noqa: E402
+from upload_s3 import bench_s3  # noqa: E402
 
 SFTP, CURL = shutil.which("sftp"), shutil.which("curl")
 
@@ -123,7 +127,10 @@ def main() -> int:
     p.add_argument("--mb", type=int, default=200)
     p.add_argument("--small", type=int, default=200)
     p.add_argument("--repeat", type=int, default=4, help="even: each order of a pair as often")
+    p.add_argument("--s3-only", action="store_true", help="only the S3 part (bench/upload_s3.py)")
     args = p.parse_args()
+    if args.s3_only:
+        return s3_main(args)
     if not (SFTP and CURL and os.path.exists("/usr/sbin/sshd")):
         print("bench/upload.py needs sshd, sftp and curl", file=sys.stderr)
         return 2
@@ -235,12 +242,29 @@ def main() -> int:
         print(f"small_files_speedup={speedup['ftp']:.1f} ftps_small_files_speedup={speedup['ftps']:.1f} "
               f"sftp_small_files_speedup={speedup['sftp']:.1f} "
               f"sftp_mb_s={mb / ours_sftp:.0f} openssh_sftp_mb_s={mb / openssh:.0f} sftp_ratio={openssh / ours_sftp:.2f} "
-              f"ftp_mb_s={mb / ours_ftp:.0f} curl_mb_s={mb / curl:.0f} ftp_ratio={curl / ours_ftp:.2f}")
+              f"ftp_mb_s={mb / ours_ftp:.0f} curl_mb_s={mb / curl:.0f} ftp_ratio={curl / ours_ftp:.2f} "
+              + s3_fields(bench_s3(args, tmp, keys, pw, make_bundle, run_small, run_one, warm)))
         return 0
     finally:
         for server in (ftp, ftps, sshd):
             if server is not None:
                 server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def s3_fields(got: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" if k.endswith(("ratio", "per_s")) else f"{k}={v:.0f}" for k, v in got.items())
+
+
+def s3_main(args) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-upload-s3-"))
+    try:
+        _ident, rcpt, _ = crypto.keygen(tmp / "keys")
+        pw = tmp / "unused-password"
+        pw.write_text("x\n")
+        print(s3_fields(bench_s3(args, tmp, {"recipient": rcpt}, pw, make_bundle, run_small, run_one, warm)))
+        return 0
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 

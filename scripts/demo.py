@@ -135,9 +135,12 @@ def main() -> int:
           f"decrypt by hand with: age -d -i {keys / 'identity.txt'} BUNDLE | tar tv")
 
     # ---- the lab's side: verify every signature, decrypt, check, merge the readings per day
-    from beemond import ingest
+    from beemond.lab import ingest
 
-    report = ingest.run(RUN / "ftp-root", keys / "identity.txt", device, RUN / "lab-data", print=lambda _l: None)
+    trusted = RUN / "trusted"  # the lab names each trusted key after its hive: demo-hive.pub signs for demo-hive
+    trusted.mkdir(exist_ok=True)
+    shutil.copy(device / f"{crypto.DEVICE_KEY_NAME}.pub", trusted / "demo-hive.pub")
+    report = ingest.run(RUN / "ftp-root", keys / "identity.txt", trusted, RUN / "lab-data", print=lambda _l: None)
     days = sorted((RUN / "lab-data").glob("*/*/*/*@*.csv"))
     climate = [str(d.relative_to(RUN)) for d in days if d.parent.name == "hive_climate"]
     print(f"demo: beemond ingest: {len(report.ingested)} bundle(s) verified and unpacked, {len(report.rejected)} "

@@ -393,7 +393,7 @@ def test_ini_loads_to_the_same_values_as_toml(env: Env):
     ini_cfg = config.load(ini_path)
     assert ini_cfg.source == ini_path.resolve()
     compared = [f.name for f in dataclasses.fields(config.Config) if f.name != "source"]
-    assert compared == ["daemon", "archive", "bundle", "upload", "sensors", "metrics", "processors"]
+    assert compared == ["daemon", "archive", "bundle", "upload", "sensors", "metrics", "processors", "telemetry"]
     for name in compared:
         assert getattr(ini_cfg, name) == getattr(toml_cfg, name), name
     # equality of the dataclasses also implies equal types (0x44 -> int, "1" -> float, ...)

@@ -291,3 +291,19 @@ def test_ini_probes_section_loads(tmp_path):
     assert s.probes == {"brood": PROBES["brood"], "top": PROBES["top"]}
     assert s.base_path == tmp_path / "sysfs"
     assert "2 probe(s) (brood, top)" in config.summary(cfg)
+
+
+def test_worker_rejects_a_probe_value_outside_the_datasheet_range(tmp_path):
+    # 126 °C fits the 12-bit register (it goes to 127.9375) but not the DS18B20's -55...125 °C: that
+    # probe's cell stays empty and the value is counted; the other probes' values are kept.
+    h = Harness(tmp_path, "hive_temps", sensor_table())
+    h.worker.tree.faults[PROBES["top"]] = ["beyond_range"] * 3
+    events = h.run(captures=2)
+    assert h.failure is None
+    _path, table, meta = h.record()
+    assert all(row[3] == "" and row[1] != "" and row[2] != "" for row in table[1:]), table
+    assert meta["rows"] == 3 and meta["rejected"] == 3 and meta["probe_errors"]["top"] == 0
+    samples = [e.data for e in events if e.kind == ipc.SAMPLE]
+    assert samples and all(s["labels"]["position"] != "top" for s in samples)
+    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    assert errors and all("implausible reading values dropped: top_c=126 outside -55..125" in m for m in errors)

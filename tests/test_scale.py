@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -179,6 +179,19 @@ class Harness:
         if self.failure:
             raise self.failure[0]
 
+    def bad_lines_then_42(self, lines: list[bytes], captures: int) -> tuple[list[list[str]], dict]:
+        """After a first 42 kg reading: *lines* in place of the next weights, *captures* readings
+        asked for; the record once a second 42 kg reading is in (nothing else may be in it)."""
+        self.scale.inject(*lines)
+        for _ in range(captures):
+            self.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        self.wait_events(ipc.SAMPLE, 2)
+        self.stop()
+        body, meta = self.record()
+        assert [row[1] for row in body] == ["42.000", "42.000"]
+        assert weights(self.events) == [42.0, 42.0]
+        return body, meta
+
     def record(self) -> tuple[list[list[str]], dict]:
         data = sorted(p for p in self.staging.iterdir() if not p.name.endswith(".meta.json"))
         assert len(data) == 1, data
@@ -301,16 +314,40 @@ def test_garbage_lines_are_counted_and_never_recorded(tmp_path: Path):
     h.scale.inject(b"W: 4?.0 kg\r\n", b"W: 77.0", b"\xff\xff\r\n")   # mismatch, cut short (no newline), not ASCII
     h.start()
     h.wait_events(ipc.SAMPLE, 1)
-    h.scale.inject(*[b"E\r\n"] * 6)                    # nothing usable in a whole attempt: it fails
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
-    h.wait_events(ipc.SAMPLE, 2)
-    h.stop()
-    body, meta = h.record()
-    assert [row[1] for row in body] == ["42.000", "42.000"]
-    assert weights(h.events) == [42.0, 42.0]
+    body, meta = h.bad_lines_then_42([b"E\r\n"] * 6, captures=1)   # nothing usable in a whole attempt: it fails
     assert meta["garbage_lines"] == 3 + 6
     assert meta["errors"] == 1 and meta["missed"] == 0   # the garbage-only attempt, retried
     assert {row[2] for row in body} == {"42.000"}        # no 77 (cut short) or 4? in any median
+
+
+@pytest.mark.parametrize("line_regex,line", [
+    (r"^W:\s*(?P<value>\S+)\s*(?P<unit>kg)$", b"W: 1e38 kg\r\n"),    # an indicator that prints exponents
+    (DEFAULT_SCALE_REGEX, b"W: " + b"1" + b"0" * 38 + b".000 kg\r\n"),   # the same weight, spelled out
+    (DEFAULT_SCALE_REGEX, b"W: -6.000 kg\r\n"),                          # below min_kg
+], ids=["1e38", "1e38-digits", "below-min"])
+def test_implausible_weight_is_rejected_counted_and_never_sent(tmp_path: Path, line_regex, line):
+    """The field's `W: 1e38 kg` (a median of two lines averaged it into a 5e37 kg swarm alert): out of
+    min_kg..max_kg, so it is neither recorded nor sent as a SAMPLE (the swarm detector's input)."""
+    h = Harness(tmp_path, Series(42.0), samples=2, line_regex=line_regex)
+    h.start()
+    h.wait_events(ipc.SAMPLE, 1)
+    _body, meta = h.bad_lines_then_42([line, line], captures=2)   # both lines of the next reading, then 42
+    errors = [e.data["message"] for e in h.events if e.kind == ipc.ERROR]
+    assert len(errors) == 1 and "implausible reading rejected: weight_kg=" in errors[0], errors
+    assert "outside -5..300" in errors[0]
+    assert meta["rejected"] == 1 and meta["missed"] == 0 and meta["garbage_lines"] == 0
+
+
+def test_weight_range_is_configurable_and_checked(tmp_path: Path):
+    h = Harness(tmp_path, Series(420.0), samples=1, max_kg=500)   # a heavy two-storey hive on a big platform
+    h.start()
+    h.wait_events(ipc.SAMPLE, 1)
+    h.stop()
+    assert weights(h.events) == [420.0]
+    path = write_config(tmp_path / "bad", min_kg=10, max_kg=10)
+    r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 78 and "sensors.hive_scale.max_kg: must be > min_kg" in r.stderr, r.stderr
 
 
 def test_unplug_and_replug_within_one_worker(tmp_path: Path):
@@ -432,7 +469,8 @@ def test_daemon_compensates_with_the_climate_sensors_forwarded_temperature(tmp_p
     members = {}
     for bundle in ftp.bundles():
         members.update(decrypt_with_age(bundle, keys["identity"])["members"])
-    climate_temps = {t for _ts, t, _rh in climate_rows(members)}
+    climate = climate_rows(members)
+    climate_temps = {t for _ts, t, _rh in climate}
     rows = []
     for name, data in members.items():
         if name.startswith("hive_scale/"):
@@ -440,8 +478,14 @@ def test_daemon_compensates_with_the_climate_sensors_forwarded_temperature(tmp_p
             assert lines[0] == "time,weight_kg,raw_kg,temperature_c,samples"
             rows += [line.split(",") for line in lines[1:]]
     assert len(rows) >= 10, rows                       # ~6 s at 0.25 s, less start-up
-    compensated = [r for r in rows if r[3]]
-    assert len(compensated) >= len(rows) - 2, rows      # only readings before the first climate sample lack it
+    assert climate, "the climate sensor recorded nothing"
+    # Only readings taken before the first climate sample reached the scale lack a temperature. Which
+    # readings those are depends on how fast each worker started (a loaded machine starts the climate
+    # worker late), so the bound is in time: a second after the first climate reading, not a row count.
+    first_climate = min(datetime.fromisoformat(ts) for ts, _t, _rh in climate)
+    late = [r for r in rows if not r[3] and datetime.fromisoformat(r[0]) > first_climate + timedelta(seconds=1)]
+    assert not late, (first_climate, late)
+    assert any(r[3] for r in rows), rows
     for _ts, weight, raw, temp, n in rows:
         assert 41.0 < float(raw) < 43.5 and n == "5"
         if temp:

@@ -37,8 +37,8 @@ def unit_for_this_machine(tmp_path: Path) -> Path:
     if not beemond.exists():
         beemond = ROOT / ".venv" / "bin" / "beemond"
     assert beemond.exists(), beemond
-    text = UNIT.read_text().replace("ExecStart=/opt/beemond/venv/bin/beemond", f"ExecStart={beemond}")
-    assert str(beemond) in text
+    text = UNIT.read_text().replace("=/opt/beemond/venv/bin/beemond ", f"={beemond} ")  # ExecStart=, ExecReload=
+    assert f"ExecStart={beemond} " in text and f"ExecReload={beemond} reload " in text
     path = tmp_path / "beemond.service"
     path.write_text(text)
     return path
@@ -74,6 +74,10 @@ def test_unit_declares_the_service_contract():
     stop_needed = shares * cfg["daemon"]["shutdown_timeout_s"] + cfg["upload"]["shutdown_grace_s"] + 10
     assert int(s["TimeoutStopSec"][0]) > stop_needed
     assert s["KillMode"] == ["mixed"]  # SIGTERM to the orchestrator alone, which orders the stop
+    # `systemctl reload` waits for the daemon's verdict; the socket lives where group beemond may reach it.
+    assert s["ExecReload"] == ["/opt/beemond/venv/bin/beemond reload --config /etc/beemond/beemond.toml"]
+    assert s["RuntimeDirectory"] == ["beemond"] and s["RuntimeDirectoryMode"] == ["0750"]
+    assert cfg["daemon"]["status_socket"] == "/run/beemond/status.sock"
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
@@ -191,12 +195,13 @@ def test_install_dry_run_prints_every_action_and_changes_nothing(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     actions = [line[2:] for line in res.stdout.splitlines() if line.startswith("+ ")]
-    expected = [f"python3 -m venv {dest}/opt/beemond/venv",
+    expected = [f"python3 -m venv --system-site-packages {dest}/opt/beemond/venv",
                 f"install -m 0640 {ROOT}/config/beemond.toml {dest}/etc/beemond/beemond.toml",
                 f"install -m 0600 /dev/null {dest}/etc/beemond/upload-password",
                 f"install -d -m 0750 {dest}/var/lib/beemond",
                 f"install -D -m 0644 {ROOT}/systemd/beemond.service {dest}/etc/systemd/system/beemond.service",
-                f"install -D -m 0644 {ROOT}/udev/99-beemond.rules {dest}/etc/udev/rules.d/99-beemond.rules"]
+                f"install -D -m 0644 {ROOT}/udev/99-beemond.rules {dest}/etc/udev/rules.d/99-beemond.rules",
+                f"{dest}/opt/beemond/venv/bin/pip install --quiet --no-deps --upgrade {ROOT}"]
     for action in expected:
         assert action in actions, (action, actions)
     assert "skipping udevadm" in res.stdout and "skipping systemctl" in res.stdout

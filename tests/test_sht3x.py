@@ -4,7 +4,9 @@ end to end, in process, with a real ipc.Channel."""
 
 from __future__ import annotations
 
+
 import errno
+import itertools
 import re
 import threading
 import time
@@ -398,3 +400,22 @@ def test_readings_dropped_from_a_full_hold_are_logged_and_reported(tmp_path: Pat
     assert sum(int(m[1]) for m in dropped) == readings - 2, "every dropped reading is counted, once"
     assert all(m[2] <= m[3] < archive.utc_iso(held[0][0]) for m in dropped), "the oldest are the ones dropped"
     assert caplog.text.count("oldest held reading(s)") == len(dropped)
+
+
+def test_worker_rejects_and_counts_a_reading_outside_the_datasheet_range(tmp_path: Path):
+    # A chip whose words pass the CRC but decode beyond the specified range (section 2: -40...125 °C,
+    # 0...100 %RH): 127 °C is representable (the conversion spans -45...130 °C) but not measurable.
+    h = Harness(tmp_path)
+    served = itertools.chain([(21.5, 55.0), (127.0, 50.0), (-44.0, 50.0)], itertools.repeat((22.0, 56.0)))
+    h.worker.chip.source = lambda: (*next(served), 0)
+    events = h.run(captures=4)                                    # (and the first poll at the start)
+    _path, table, meta = h.record()
+    rows = [(round(float(t), 1), round(float(rh), 1)) for _s, t, rh in table[1:]]
+    assert rows == [(21.5, 55.0), (22.0, 56.0), (22.0, 56.0)]
+    assert meta["rejected"] == 2 and meta["missed"] == 0 and meta["rows"] == 3
+    temps = [e.data["values"]["temperature_celsius"] for e in events if e.kind == ipc.SAMPLE]
+    assert [round(t, 1) for t in temps] == [21.5, 22.0, 22.0]    # processors and metrics never saw them
+    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    assert len(errors) == 2 and re.search(r"temperature_c=127\.0\d* outside -40\.\.125", errors[0]), errors
+    ready = [e for e in events if e.kind == ipc.READY_EVENT]
+    assert ready[0].data["rejected"] == 2                         # -> beemond_readings_rejected_total

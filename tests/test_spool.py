@@ -16,7 +16,7 @@ from beemond import spool as spool_mod
 from beemond.spool import BUNDLE_RE, LOCK, WORKERS_LOCK, Spool, SpoolBusy
 from conftest import ROOT
 
-NAMES = {spool_mod.STAGING, spool_mod.STATE, spool_mod.OUTBOX, spool_mod.UPLOADED, spool_mod.QUARANTINE,
+NAMES = {spool_mod.TELEMETRY, spool_mod.STAGING, spool_mod.STATE, spool_mod.OUTBOX, spool_mod.UPLOADED, spool_mod.QUARANTINE,
          spool_mod.FAILED, spool_mod.PROCESSING}
 PATH_CALLS = {"Path", "PurePath", "PurePosixPath", "join", "joinpath", "glob", "rglob", "with_name", "open",
               "mkdir", "makedirs", "listdir", "scandir", "walk"}
@@ -92,6 +92,7 @@ def test_layout(tmp_path):
     assert s.state_dir("hive_climate") == tmp_path / "state" / "hive_climate"
     assert s.journal_path("hive_climate").parent == s.state_dir("hive_climate")
     assert s.replay_position_path("hive_climate").parent == s.state_dir("hive_climate")
+    assert s.telemetry == tmp_path / "telemetry"
     assert list(tmp_path.iterdir()) == [], "building a Spool and asking for paths creates nothing"
 
 

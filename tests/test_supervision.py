@@ -7,10 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import AGE, make_config, wait_for
+from conftest import AGE, decrypt_with_age, make_config, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,73 @@ def test_crash_loop_gives_up_on_one_sensor_and_keeps_the_others(tmp_path, keys, 
     d.wait_log(r"uploaded \S+", timeout=20)  # the audio sensor, aggregator and uploader carry on
     assert d.proc.poll() is None
     assert d.terminate() == 0, d.log()
+
+
+def test_failed_scale_is_tried_again_and_records_once_plugged_back(tmp_path, keys, password_file, ftp, daemons):
+    """A USB scale unplugged before the daemon starts: crash loop, failed, then one retry every
+    failed_retry_s; once plugged back (a new pty behind the udev-style link) it records again."""
+    import json
+    import tomllib
+    import urllib.request
+
+    from beemond.sensors.emulators.scale import ScaleEmulator
+
+    link = tmp_path / "beemond-scale"
+    cfg = make_config(tmp_path, keys, password_file, ftp.port, **{
+        "daemon.crash_loop_limit": 2, "daemon.restart_backoff_initial_s": 0.1, "daemon.restart_backoff_max_s": 0.2,
+        "daemon.failed_retry_s": 3,
+        "sensors.hive_scale.backend": "hardware", "sensors.hive_scale.simulation": None,
+        "sensors.hive_scale.port": str(link), "sensors.hive_scale.interval_s": 0.2,
+        "sensors.hive_scale.record_window_s": 1, "sensors.hive_scale.max_retries": 0,
+        "sensors.hive_scale.read_timeout_s": 0.5, "sensors.hive_scale.samples": 1,
+        "sensors.hive_scale.temperature_sensor": None, "sensors.hive_scale.compensation_kg_per_c": None})
+    port = tomllib.loads(cfg.read_text())["metrics"]["port"]
+    d = daemons(cfg, tmp_path / "daemon.log")
+    d.wait_log(r"worker hive_scale exited with status 1; 2 restarts within 600 s: giving up on it \(crash loop\); "
+               r"next try in 3 s", timeout=60)
+    # still unplugged: one try per cadence, each straight back to failed (no new crash loop)
+    d.wait_log(r"trying failed worker hive_scale again", timeout=30)
+    d.wait_log(r"worker hive_scale exited with status 1 again on its retry; next try in 3 s", timeout=30)
+
+    def failed_status():
+        st = json.loads(subprocess.run([sys.executable, "-m", "beemond", "status", "--json", "--config", str(cfg)],
+                                       capture_output=True, text=True, timeout=30).stdout)
+        w = next(w for w in st["workers"] if w["name"] == "hive_scale")
+        return w if w["state"] == "failed" else None
+
+    w = wait_for(failed_status, 30, "hive_scale failed in beemond status")
+    assert 0 <= w["restart_in_s"] <= 3
+    human = subprocess.run([sys.executable, "-m", "beemond", "status", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=30).stdout
+    assert re.search(r"^  hive_scale\s+sensor\s+(failed \(next try in \d s\)|running|backoff)", human, re.M), human
+
+    def next_retry():   # exported while it waits (it is retried every 3 s, so poll)
+        scraped = time.time()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        line = re.search(r'^beemond_worker_next_retry_timestamp_seconds\{[^}]*worker="hive_scale"[^}]*\} (\S+)$',
+                         metrics, re.M)
+        return line and (scraped, float(line.group(1)))
+
+    scraped, at = wait_for(next_retry, 30, "the next retry in /metrics")
+    assert scraped - 1 <= at <= scraped + 4   # the next try, as a Unix time
+
+    scale = ScaleEmulator(lambda: (42.5, None), link=link, request=b"W\r\n", period_s=0.02).start()  # plugged back
+    try:
+        def weighed():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            return re.search(r'^beemond_weight_grams\{[^}]*sensor="hive_scale"[^}]*\} 42500\.0$', text, re.M)
+
+        wait_for(weighed, 30, "a weight from the scale plugged back in")   # the next retry's reading
+        assert d.proc.poll() is None
+    finally:
+        code = d.terminate()
+        scale.stop()
+    assert code == 0, d.log()
+    if AGE is not None:  # and the readings went into records that reached the server
+        rows = [line for b in ftp.bundles()
+                for name, data in decrypt_with_age(b, keys["identity"])["members"].items()
+                if name.startswith("hive_scale/") for line in data.decode().splitlines()[1:]]
+        assert rows and all(r.split(",")[1] == "42.500" for r in rows), rows
 
 
 def test_journald_format_when_stderr_is_the_journal_stream(tmp_path, keys, password_file, ftp):

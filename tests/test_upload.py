@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from beemond import config, ipc
 from beemond.upload import TransportError
 from beemond.upload.uploader import Uploader
 from conftest import ROOT, FtpServer, make_config, wait_for
+from link_proxy import LinkProxy
 from upload_peers import ResetProxy, Sshd, Vsftpd, ftps_server, make_cert
 
 HOST = "demo-hive"
@@ -569,16 +571,24 @@ def test_days_offline_backoff_stays_capped_jittered_and_nothing_is_deleted(tmp_p
     channel, events = _channel("uploader")
     u = Uploader(cfg, channel)
     u.scan()
-    delays = []
+    # The uploader sets next_try = (its monotonic now) + delay between the two readings taken around the
+    # call, so next_try - before bounds the delay from above and next_try - after from below, however
+    # slowly a loaded machine runs the call.
+    upper, lower = [], []
     for _ in range(1100):
+        before = time.monotonic()
         assert u.upload_next() is False, "a refused connection is transient"
-        delays.append(u.next_try - time.monotonic())
+        after = time.monotonic()
+        upper.append(u.next_try - before)
+        lower.append(u.next_try - after)
         while events.poll():  # as the orchestrator drains the pipe
             events.recv()
     assert u.failures == u.counts["failures"] == 1100
-    assert max(delays) <= 0.04, "capped at backoff_max_s"
-    assert min(delays[-200:]) >= 0.015, "at the cap, the delay stays within [max/2, max]"
-    assert len({round(d, 5) for d in delays[-200:]}) > 50, "jittered: a fleet must not retry in step"
+    assert max(lower) <= 0.04, "capped at backoff_max_s"
+    assert min(upper[-200:]) >= 0.02, "at the cap, the delay stays within [max/2, max]"
+    # jittered (a fleet must not retry in step): at the cap, uniform in [0.02, 0.04]
+    assert sum(1 for d in upper[-200:] if d < 0.03) > 20, "some retries come well before the cap"
+    assert sum(1 for d in lower[-200:] if d > 0.03) > 20, "and some near it"
     assert bundles_left(cfg) == sorted(made) and u.counts["quarantined"] == 0
 
 
@@ -608,3 +618,216 @@ def test_password_credential_needs_credentials_directory(tmp_path, keys, passwor
     finally:
         ftp.stop()
     assert on_server(root) == made
+
+
+# ---- slow links: progress timeouts, resume, interleaving (a LinkProxy of ours between us and the server)
+
+def _ftp_cfg(tmp_path, keys, password_file, port, **over):
+    over.setdefault("upload.timeout_s", 3)
+    return load(tmp_path, keys, password_file, port, **over)
+
+
+def _sftp_cfg(tmp_path, keys, sshd, port, **over):
+    kh = tmp_path / "known_hosts"  # the proxy speaks for the server: its port in known_hosts too
+    kh.write_text(sshd.known_hosts.read_text().replace(f":{sshd.port} ", f":{port} "))
+    over.setdefault("upload.timeout_s", 3)
+    return load(tmp_path, keys, None, port, **{
+        "upload.protocol": "sftp", "upload.user": sshd.user, "upload.key_file": str(sshd.client_key),
+        "upload.known_hosts": str(kh), "upload.remote_dir": str(tmp_path / "sftp-root"), **over})
+
+
+def _one_line_warnings_no_errors(caplog) -> list[logging.LogRecord]:
+    # (watchdog's inotify emitter may log one ERROR at a clean stop: another item of issue 11, not ours)
+    bad = [r for r in caplog.records if (r.levelno >= logging.ERROR or r.exc_info) and r.name != "watchdog.observers.inotify"]
+    assert not bad, [r.getMessage() for r in bad]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert all("\n" not in r.getMessage() for r in warnings)
+    return warnings
+
+
+@pytest.mark.parametrize("protocol", ["ftp", "sftp"])
+def test_large_bundle_resumes_over_a_slow_resetting_link(tmp_path, keys, password_file, protocol, caplog):
+    """A bundle that needs ~3 link resets' worth of time gets through, each attempt resuming where
+    the last stopped: what crossed the link stays close to its size. Restarting from 0 would never
+    finish: every connection is reset before it could carry the whole bundle."""
+    caplog.set_level(logging.INFO)
+    if protocol == "ftp":
+        server = FtpServer(tmp_path / "ftp-root", password_file).start()
+        root = server.root
+    else:
+        server = Sshd(tmp_path / "sshd").start()
+        root = tmp_path / "sftp-root"
+    size, rate = 200_000, 40_000  # 5 s of link time; a reset every 2 s
+    proxy = LinkProxy(server.port, rate=rate, reset_every_s=2, ftp=protocol == "ftp").start()
+    try:
+        cfg = (_ftp_cfg(tmp_path, keys, password_file, proxy.port) if protocol == "ftp"
+               else _sftp_cfg(tmp_path, keys, server, proxy.port))
+        made = make_bundles(outbox_of(cfg), 1, size)
+        with Running(cfg) as r:
+            wait_for(lambda: not bundles_left(cfg), 90, "the large bundle through the resetting link")
+    finally:
+        proxy.stop()
+        server.stop()
+    assert on_server(root) == made and not list(root.rglob("*.part"))
+    assert proxy.resets >= 2 and r.uploader.counts["resumed"] >= 2, (proxy.resets, r.uploader.counts)
+    # Everything the client sent up (logins, commands, the bundle's attempts) over the bundle's size:
+    # each reset loses what was in flight (at most ~2 s of the link) and a login; from 0 it never ends.
+    assert proxy.sent_up / size < 1.5, proxy.sent_up / size
+    warnings = _one_line_warnings_no_errors(caplog)
+    assert len([w for w in warnings if "failed" in w.getMessage()]) == r.uploader.counts["failures"]
+
+
+def test_stalled_link_times_out_on_no_progress_and_keeps_the_heartbeat(tmp_path, keys):
+    """SFTP at 30 KB/s: a transfer far longer than timeout_s goes on while it moves, with heartbeats
+    all along (the orchestrator killed the uploader as silent mid-transfer before); a link that
+    carries nothing for timeout_s is aborted, and the retry resumes."""
+    sshd = Sshd(tmp_path / "sshd").start()
+    proxy = LinkProxy(sshd.port, rate=30_000).start()
+    size = 150_000  # 5 s at 30 KB/s, timeout_s 2
+    try:
+        cfg = _sftp_cfg(tmp_path, keys, sshd, proxy.port, **{"upload.timeout_s": 2})
+        made = make_bundles(outbox_of(cfg), 1, size)
+        with Running(cfg) as r:
+            part = lambda: [p.stat().st_size for p in (tmp_path / "sftp-root").rglob("*.part")]  # noqa: E731
+            wait_for(lambda: any(s > 50_000 for s in part()), 30, "a third of the bundle on the server")
+            proxy.stalled.set()
+            wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "the stall noticed")
+            proxy.stalled.clear()
+            wait_for(lambda: not bundles_left(cfg), 60, "the bundle delivered after the stall")
+    finally:
+        proxy.stop()
+        sshd.stop()
+    assert on_server(tmp_path / "sftp-root") == made
+    assert r.uploader.counts["resumed"] >= 1
+    beats = [e.time for e in r.events if e.kind == ipc.HEARTBEAT]
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert len(beats) > 10 and max(gaps) < 3.0, f"heartbeat gaps {max(gaps):.1f} s (interval 0.5 s)"
+    assert proxy.sent_up < 1.3 * size
+
+
+def test_fresh_small_bundles_interleave_with_a_large_one(tmp_path, keys, password_file):
+    """A large bundle in flight pauses for fresh small ones and resumes where it stopped: the small
+    one arrives while the large one is still partial, and the large one is sent about once."""
+    server = FtpServer(tmp_path / "ftp-root", password_file).start()
+    proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
+    size = 150_000  # 5 s at 30 KB/s
+    try:
+        cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port)
+        made = make_bundles(outbox_of(cfg), 1, size)
+        with Running(cfg) as r:
+            r.uploader.interleave_after_s = 1.0
+            wait_for(lambda: any(p.stat().st_size > 20_000 for p in server.parts()), 30, "the large one going")
+            made.update(make_bundles(outbox_of(cfg), 1, 3_000, sensor="climate", start=5))
+            small = next(n for n in made if "climate" in n)
+            wait_for(lambda: small in on_server(server.root), 20, "the small one delivered")
+            large_part = [p.stat().st_size for p in server.parts()]
+            assert large_part and large_part[0] < size, "the small one went while the large one was in flight"
+            wait_for(lambda: not bundles_left(cfg), 60, "the large one delivered")
+    finally:
+        proxy.stop()
+        server.stop()
+    assert on_server(server.root) == made
+    assert r.uploader.counts["paused"] >= 1 and r.uploader.counts["resumed"] >= 1
+    assert r.uploader.counts["failures"] == 0
+    assert proxy.sent_up < 1.1 * size
+
+
+def test_local_transport_resumes_and_starts_over_on_doubt(tmp_path, keys):
+    remote = tmp_path / "share"
+    remote.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(remote),
+                                        "upload.layout": "{{ name }}"})
+    made = make_bundles(outbox_of(cfg), 4, 100_000)
+    made.update(make_bundles(outbox_of(cfg), 1, 50_000, start=9))
+    names = sorted(made)
+    body = {n: (outbox_of(cfg) / n).read_bytes() for n in names}
+    (remote / (names[0] + ".part")).write_bytes(body[names[0]][:40_000])  # a cut transfer: resumed
+    (remote / (names[1] + ".part")).write_bytes(body[names[1]] + b"x" * 10)  # larger: from the start
+    # Not a prefix: nothing but the size can tell (the names are digests, so this takes a forged .part).
+    (remote / (names[2] + ".part")).write_bytes(b"?" * 40_000)
+    (remote / (names[4] + ".part")).write_bytes(body[names[4]][:20_000])  # small: sent whole, no question asked
+    u = Uploader(cfg, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    u.scan()
+    sent = []
+    u.progress = sent.append
+    while u.backlog:
+        assert u.upload_next()
+    assert sorted(p.name for p in remote.iterdir()) == names
+    assert u.counts["resumed"] == 2 and sum(sent) == 60_000 + 100_000 + 60_000 + 100_000 + 50_000
+    for i in (0, 1, 3, 4):
+        assert (remote / names[i]).read_bytes() == body[names[i]]
+
+
+def test_vsftpd_resumes_with_rest_stor(tmp_path, keys):
+    """vsftpd (FTPS, anonymous uploads) continues a .part with REST + STOR, as FEAT announces."""
+    cert, key = make_cert(tmp_path / "tls")
+    vs = Vsftpd(tmp_path / "vsftpd", cert, key).start()
+    try:
+        cfg = load(tmp_path, keys, None, vs.port, **{
+            "upload.protocol": "ftps", "upload.ca_file": str(cert), "upload.user": "anonymous",
+            "upload.remote_dir": "incoming", "upload.layout": "{{ name }}"})
+        made = make_bundles(outbox_of(cfg), 1, 100_000)
+        (name, _), = made.items()
+        part = vs.incoming / (name + ".part")
+        part.write_bytes((outbox_of(cfg) / name).read_bytes()[:40_000])
+        shutil.chown(part, "ftp", "ftp")
+        u = Uploader(cfg, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+        u.scan()
+        sent = []
+        u.progress = sent.append
+        assert u.upload_next()
+        u.transport.close()
+    finally:
+        vs.stop()
+    assert u.transport.resumable
+    assert u.counts["resumed"] == 1 and sum(sent) == 60_000
+    assert on_server(vs.incoming) == made
+
+
+def test_sftp_reset_during_handshake_is_one_warning_line(tmp_path, keys, caplog):
+    """Resets in the SSH banner and key exchange: paramiko's transport thread would log them at ERROR
+    with a traceback; the uploader's one WARNING line per failure is all that shows."""
+    caplog.set_level(logging.DEBUG)
+    sshd = Sshd(tmp_path / "sshd").start()
+    proxy = ResetProxy(sshd.port, min_bytes=30, max_bytes=4_000, resets=4, seed=7).start()
+    try:
+        cfg = _sftp_cfg(tmp_path, keys, sshd, proxy.port, **{"upload.backoff_initial_s": 0.01,
+                                                             "upload.backoff_max_s": 0.05})
+        made = make_bundles(outbox_of(cfg), 2, 5_000)
+        with Running(cfg) as r:
+            wait_for(lambda: not bundles_left(cfg), 60, "the bundles after the resets")
+    finally:
+        proxy.stop()
+        sshd.stop()
+    assert on_server(tmp_path / "sftp-root") == made
+    assert proxy.resets == 4 and r.uploader.counts["failures"] >= 4
+    warnings = _one_line_warnings_no_errors(caplog)
+    failed = [w for w in warnings if w.name == "beemond.upload.uploader" and "failed" in w.getMessage()]
+    assert len(failed) == r.uploader.counts["failures"]
+    assert not [w for w in warnings if w.name.startswith("paramiko")]
+
+
+def test_shutdown_pauses_a_long_transfer_and_the_next_start_resumes_it(tmp_path, keys, password_file):
+    """A shutdown in the middle of a 5 s transfer stops the uploader at the next chunk (not after the
+    bundle); the .part stays on the server and the next start continues it from its size."""
+    server = FtpServer(tmp_path / "ftp-root", password_file).start()
+    proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
+    size = 150_000
+    try:
+        cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port, **{"upload.shutdown_grace_s": 0})
+        made = make_bundles(outbox_of(cfg), 1, size)
+        r = Running(cfg).__enter__()
+        wait_for(lambda: any(p.stat().st_size > 30_000 for p in server.parts()), 30, "the transfer going")
+        t0 = time.monotonic()
+        r.__exit__(None, None, None)
+        assert time.monotonic() - t0 < 5, "stopped at the next chunk"
+        cut = [p.stat().st_size for p in server.parts()]
+        assert cut and 30_000 <= cut[0] < size and bundles_left(cfg) == sorted(made)
+        with Running(cfg) as r2:
+            wait_for(lambda: not bundles_left(cfg), 30, "the rest after the restart")
+    finally:
+        proxy.stop()
+        server.stop()
+    assert on_server(server.root) == made
+    assert r.uploader.counts["paused"] == 1 and r2.uploader.counts["resumed"] == 1
+    assert proxy.sent_up < 1.1 * size

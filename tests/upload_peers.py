@@ -9,7 +9,6 @@ import random
 import selectors
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FtpServer, free_port
+from link_proxy import reset_socket
 
 VSFTPD = shutil.which("vsftpd") or ("/usr/sbin/vsftpd" if os.path.exists("/usr/sbin/vsftpd") else None)
 SSHD = "/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None
@@ -141,15 +141,6 @@ class Sshd:
         stop(self.proc)
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the kernel sends RST instead of FIN, like a dropped mobile link."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
-
-
 class ResetProxy:
     """A TCP proxy on 127.0.0.1 to *target_port* that resets each connection (both sides) after a
     random number of bytes in [min_bytes, max_bytes], until *resets* connections have been reset."""
@@ -171,6 +162,10 @@ class ResetProxy:
 
     def stop(self) -> None:
         self.stopped.set()
+        try:   # close() alone does not wake a thread blocked in accept() on Linux
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.thread.join(5)
 
@@ -184,22 +179,28 @@ class ResetProxy:
             budget = self.rng.randint(self.min_bytes, self.max_bytes) if self.resets < self.max_resets else None
             threading.Thread(target=self._pump, args=(client, budget), daemon=True).start()
 
+    def tamper(self, data: bytes, offset: int) -> bytes:
+        """The client's bytes *data*, starting at *offset* of its stream, as the server gets them."""
+        return data
+
     def _pump(self, client: socket.socket, budget: int | None) -> None:
         try:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
         except OSError:
-            _reset(client)
+            reset_socket(client)
             return
         sel = selectors.DefaultSelector()
         sel.register(client, selectors.EVENT_READ, upstream)
         sel.register(upstream, selectors.EVENT_READ, client)
-        moved = 0
+        moved = sent = 0
         try:
             while not self.stopped.is_set():
                 for key, _ in sel.select(0.5):
                     data = key.fileobj.recv(65536)
                     if not data:
                         return
+                    if key.fileobj is client:
+                        data, sent = self.tamper(data, sent), sent + len(data)
                     if budget is not None and moved + len(data) >= budget:
                         key.data.sendall(data[: budget - moved])
                         self.resets += 1
@@ -210,5 +211,5 @@ class ResetProxy:
             pass
         finally:
             sel.close()
-            _reset(client)
-            _reset(upstream)
+            reset_socket(client)
+            reset_socket(upstream)

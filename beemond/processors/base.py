@@ -93,24 +93,6 @@ class Spacing:
         return True
 
 
-def link_record(spool: Path, processor: str, record: Path) -> Path:
-    """Hard-link *record* and its sidecar into the processor's inbox (the orchestrator calls this).
-
-    Returns the linked data path. Raises ``OSError``. The sidecar is linked first and the data last,
-    so a data link in the inbox always has its metadata beside it.
-    """
-    inbox = Spool(spool).processing_dir(processor)
-    inbox.mkdir(parents=True, exist_ok=True)
-    name, n = record.name, 0
-    while (inbox / name).exists() or archive.sidecar_of(inbox / name).exists():
-        n += 1
-        name = f"{n}-{record.name}"
-    dest = inbox / name
-    os.link(archive.sidecar_of(record), archive.sidecar_of(dest))
-    os.link(record, dest)
-    return dest
-
-
 class ProcessorWorker:
     """Subclasses implement :meth:`process_record` and/or :meth:`process_sample`."""
 

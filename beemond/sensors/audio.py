@@ -32,12 +32,22 @@ trailing all-zero frames of an unsynced tail dropped) and recorded with ``trunca
 real end. The first record of a run that follows an earlier one carries ``after_restart: true`` and
 ``gap_s`` (seconds from the end of the last durable audio to its start).
 
+Full disk: a segment whose write fails while the spool's file system is (nearly) full is dropped at
+once, its temporary file removed, and the worker keeps its stream: blocks are discarded (and
+counted) while there is no room, a new segment is tried every ``NO_SPACE_RETRY_S``, and recording
+resumes within that of space returning. The first segment after the episode carries
+``lost_to_full_disk_s`` in its metadata; the episode is logged and sent as one ERROR event. (libsndfile
+reports a failed write as a generic "System error", so the file system's free space decides whether
+the failure was the disk's; any other writer failure still ends the worker.)
+
 ``backend = "simulated"`` swaps only the stream class for
 :class:`beemond.sensors.emulators.audio.SimulatedInputStream`; this module's code is the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -59,6 +69,8 @@ log = logging.getLogger(__name__)
 _DTYPE = {"PCM_16": "int16", "PCM_24": "int32"}
 _CLOSE = object()          # writer marker: the capture (stream) ended; close the open segment
 MAX_BACKOFF_S = 30.0
+NO_SPACE_RETRY_S = 1.0      # while the disk is full, a new segment is tried this often
+NO_SPACE_FREE_BYTES = 256 * 1024   # a write failure with less free than this is the full disk's
 
 
 class DeviceMissing(OSError):
@@ -118,7 +130,8 @@ class AudioWorker:
         self.channel = channel
         self.ext = sensor.format
         self.template = cfg.template_for(sensor)
-        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
+        self.spool = Spool(cfg.spool)
+        self.staging = self.spool.staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.frames_per_segment = round(sensor.segment_s * sensor.sample_rate_hz)
         self.frames_per_capture = round(sensor.capture_s * sensor.sample_rate_hz)
@@ -144,6 +157,9 @@ class AudioWorker:
         self.powered = False
         self.restart_gap: dict | None = None   # {"last": ISO|None} until the run's first segment is written
         self.last_end: str | None = None       # end of the last segment written (ISO)
+        self.no_space_since: float | None = None   # monotonic; set while segments cannot be written
+        self.no_space_retry = 0.0
+        self.lost_frames = 0                        # dropped for lack of space, not yet reported in a record
 
     def _power(self, on: bool) -> None:
         if on and not self.powered:
@@ -378,15 +394,24 @@ class AudioWorker:
                     block = block[:remaining]
                     remaining -= len(block)
                 while len(block):
-                    if segment is None:
-                        segment = _Segment(self, arrived - len(block) / self.sensor.sample_rate_hz, cap)
-                    if overflow:
-                        segment.overflows += 1
-                        overflow = False
-                    block = segment.write(block, arrived)
-                    if segment.frames == self.frames_per_segment:
-                        segment.close()
-                        segment = None
+                    try:
+                        if segment is None:
+                            if self.no_space_since is not None and time.monotonic() < self.no_space_retry:
+                                self.lost_frames += len(block)
+                                break
+                            segment = _Segment(self, arrived - len(block) / self.sensor.sample_rate_hz, cap)
+                        if overflow:
+                            segment.overflows += 1
+                            overflow = False
+                        block = segment.write(block, arrived)
+                        if segment.frames == self.frames_per_segment:
+                            segment.close()
+                            segment = None
+                    except Exception as e:
+                        if not self._out_of_space(e):
+                            raise
+                        self._drop_segment(segment, len(block), e)
+                        segment, block = None, block[:0]
                 if remaining == 0:
                     if segment is not None:
                         segment.close()
@@ -400,8 +425,51 @@ class AudioWorker:
             if segment is not None:
                 try:
                     segment.close()
-                except Exception:
-                    log.exception("could not close the last segment")
+                except Exception as e:
+                    if self._out_of_space(e):
+                        self._drop_segment(segment, 0, e)
+                    else:
+                        log.exception("could not close the last segment")
+
+
+    def _out_of_space(self, e: Exception) -> bool:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        try:
+            free = self.spool.free_bytes()
+        except OSError:
+            return False
+        return isinstance(e, (OSError, RuntimeError)) and free < NO_SPACE_FREE_BYTES
+
+    def _drop_segment(self, segment: "_Segment | None", unwritten: int, e: Exception) -> None:
+        """The disk is full: discard *segment* and its temporary file now, count what is lost, and
+        try a new segment in ``NO_SPACE_RETRY_S``."""
+        if segment is not None:
+            with contextlib.suppress(Exception):
+                segment.file.close()
+            with contextlib.suppress(OSError):
+                segment.tmp.unlink()
+            with contextlib.suppress(OSError):
+                segment.header.unlink()
+            self.lost_frames += segment.frames
+        self.lost_frames += unwritten
+        now = time.monotonic()
+        if self.no_space_since is None:
+            self.no_space_since = now
+            message = f"no space for audio on the spool ({e}); dropping audio until space returns"
+            log.error("%s", message)
+            self.channel.send(ipc.ERROR, message=message)
+        self.no_space_retry = now + NO_SPACE_RETRY_S
+
+    def _lost_to_full_disk_s(self) -> float:
+        return round(self.lost_frames / self.sensor.sample_rate_hz, 3)
+
+    def _space_returned(self) -> None:
+        """A segment was written (the first after a full disk carries the loss): end the episode."""
+        if self.no_space_since is not None:
+            log.info("recording audio again: space returned after %.0f s, %.1f s of audio lost",
+                     time.monotonic() - self.no_space_since, self._lost_to_full_disk_s())
+        self.no_space_since, self.lost_frames = None, 0
 
 
 class _Segment:
@@ -419,8 +487,15 @@ class _Segment:
         with archive.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
             f.write(json.dumps({"start": start, "trigger": capture.trigger, "device": worker.device_name,
                                 "schedule": self._schedule()}).encode())
-        self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
-                                               subtype=s.subtype, format=s.format.upper())
+        try:
+            self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
+                                                   subtype=s.subtype, format=s.format.upper())
+        except Exception:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()   # created, then its header could not be written
+            with contextlib.suppress(OSError):
+                self.header.unlink()
+            raise
         self.synced_at = time.monotonic()
         self.sync_s = worker.cfg.daemon.journal_sync_s
         self.entry_synced = False   # the segment's directory entry (not only its data) is durable
@@ -464,9 +539,12 @@ class _Segment:
         self.w.overflows_total += self.overflows
         if self.overflows:
             log.warning("segment had %d input overflow(s)", self.overflows)
+        if self.w.lost_frames:
+            metadata["lost_to_full_disk_s"] = self.w._lost_to_full_disk_s()
         if self.w.restart_gap is not None:
             metadata.update(rj.gap_metadata(self.w.restart_gap["last"], start))
         write_staged(self.w, start, end, metadata, tmp=self.tmp)
+        self.w._space_returned()
         self.w.restart_gap, self.w.last_end = None, metadata["end"]
         self.header.unlink(missing_ok=True)
         try:   # so a crash before the next segment's first sync still knows where the audio ended

@@ -9,6 +9,13 @@ Transient errors (``OSError``: bus errors, CRC mismatches) are retried a few tim
 backoff and counted; a measurement that still fails is logged and recorded as missing (never
 invented or carried forward). After ``MAX_CONSECUTIVE_FAILURES`` failed measurements in a row the
 worker exits non-zero and the orchestrator restarts it with backoff.
+
+Physical plausibility: a value that is NaN, infinite, or outside its column's range in ``limits``
+(each driver's datasheet range) is rejected: logged, reported as an ERROR event, counted in the
+record's ``rejected`` metadata and ``beemond_readings_rejected_total``, and never recorded or sent
+as a SAMPLE (so never seen by processors or metrics). The whole reading goes, except for drivers
+whose values come from independent devices (``reject_per_value``: DS18B20 probes), where only the
+implausible value's cell is left empty.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +39,7 @@ from beemond.spool import Spool, unique_name
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 5
-EVENT_COUNTS = ("overflows", "errors", "missed")   # record metadata copied into its READY_EVENT
+EVENT_COUNTS = ("overflows", "errors", "missed", "rejected")   # record metadata copied into its READY_EVENT
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
@@ -46,6 +54,10 @@ class PolledSensorWorker:
     # Each column's quantity with its base unit, as sent in SAMPLE events and exported as metrics
     # (e.g. "temperature_celsius"); "" for a column that is not a quantity.
     quantities: tuple[str, ...] = ()
+    # Each column's physical range (low, high) in its unit, from the datasheet; None (or a column
+    # past the end): any finite number. Checked by :meth:`plausible`.
+    limits: tuple[tuple[float, float] | None, ...] = ()
+    reject_per_value = False   # True: an implausible value empties only its own cell
     ext = "csv"
     max_held_readings = MAX_HELD_READINGS   # per worker class (a test subclass may hold fewer)
 
@@ -64,6 +76,7 @@ class PolledSensorWorker:
         self.window_opened: float | None = None   # monotonic
         self.errors = 0
         self.missed = 0
+        self.rejected = 0          # implausible values since the last record
         self.consecutive_failures = 0
         self.paused = False
         from beemond.sensors.gpio import power_switch
@@ -95,6 +108,24 @@ class PolledSensorWorker:
         one per probe, told apart by a label."""
         values = {q: v for q, v in zip(self.quantities, reading) if q and v is not None}
         return [{"sensor": self.sensor.name, "values": values}] if values else []
+
+    def plausible(self, reading: tuple) -> tuple[tuple | None, list[str]]:
+        """(*reading* with its implausible values removed, or None to reject it whole; a description
+        of each value removed). Floats only: a count or a missing value (None) is not checked."""
+        kept, why = list(reading), []
+        for i, (column, value) in enumerate(zip(self.columns, reading)):
+            if not isinstance(value, float):
+                continue
+            lim = self.limits[i] if i < len(self.limits) else None
+            if math.isfinite(value) and (lim is None or lim[0] <= value <= lim[1]):
+                continue
+            why.append(f"{column}={value:g} " + (f"outside {lim[0]:g}..{lim[1]:g}" if lim else "not finite"))
+            kept[i] = None
+        if not why:
+            return reading, why
+        if self.reject_per_value and any(v is not None for v in kept):
+            return tuple(kept), why
+        return None, why
 
     def on_sample(self, sample: dict) -> None:
         """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
@@ -181,6 +212,14 @@ class PolledSensorWorker:
                 raise SensorFailure(f"{self.consecutive_failures} measurements in a row failed: {last_error}")
             return
         self.consecutive_failures = 0
+        reading, implausible = self.plausible(reading)
+        if implausible:  # the device answered, so not a failure; but nothing impossible is recorded
+            self.rejected += len(implausible)
+            message = f"implausible reading {'rejected' if reading is None else 'values dropped'}: {', '.join(implausible)}"
+            log.error("%s", message)
+            self.channel.send(ipc.ERROR, message=message)
+            if reading is None:
+                return
         if self.window_opened is None:
             self.window_opened = time.monotonic()
         if not synced:
@@ -193,7 +232,7 @@ class PolledSensorWorker:
         except OSError as e:   # disk full: the reading is still held in memory and recorded later
             log.warning("cannot journal a reading: %s", e)
         for data in self.samples(reading):
-            self.channel.send(ipc.SAMPLE, **data)
+            self.channel.send(ipc.SAMPLE, time=stamp.timestamp(), **data)   # the reading's own time
 
     def flush(self) -> None:
         """Write the readings of the open window as one record (nothing if there are none)."""
@@ -204,7 +243,7 @@ class PolledSensorWorker:
         unsynced, self.unsynchronized = self.unsynchronized, 0
         clamped, self.clamped_at_open = self.clock.clamped - self.clamped_at_open, self.clock.clamped
         start, end = readings[0][0], readings[-1][0]
-        body, metadata = self._record(readings, self.errors, self.missed, unsynced == 0)
+        body, metadata = self._record(readings, self.errors, self.missed, unsynced == 0, self.rejected)
         if clamped:
             metadata["clock_clamped"] = clamped
         if self.restart_gap is not None:
@@ -228,12 +267,13 @@ class PolledSensorWorker:
             log.error("cannot write a record (%s); holding %d reading(s) in memory to retry", e, len(kept))
             self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
             return
-        self.errors = self.missed = 0
+        self.errors = self.missed = self.rejected = 0
         self.restart_gap = None
         log.debug("record %s: %d readings", path.name, len(readings))
         self._journal_reset(archive.utc_iso(end))
 
-    def _record(self, readings: list[tuple], errors: int, missed: int, synchronized: bool) -> tuple[bytes, dict]:
+    def _record(self, readings: list[tuple], errors: int, missed: int, synchronized: bool,
+                rejected: int = 0) -> tuple[bytes, dict]:
         """The CSV body and metadata of a record made of *readings* ((UTC time, values, tag) each)."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -244,7 +284,7 @@ class PolledSensorWorker:
             "sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
             "start": archive.utc_iso(readings[0][0]), "end": archive.utc_iso(readings[-1][0]),
             "rows": len(readings), "columns": ["time", *self.columns], "errors": errors, "missed": missed,
-            "clock_synchronized": synchronized, **self.extra_metadata(readings),
+            "rejected": rejected, "clock_synchronized": synchronized, **self.extra_metadata(readings),
         }
         return buf.getvalue().encode(), metadata
 

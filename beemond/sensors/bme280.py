@@ -17,6 +17,10 @@ Follows the BME280 datasheet (BST-BME280-DS002, rev. 1.6):
   data shadowing keeps the three values from one measurement.
 - 9.1 measurement time: the driver waits the maximum time for the configured oversampling, then
   checks the measuring bit before reading.
+- 1 specification (table 1, "operating range"; tables 2 and 3): -40...85 °C, 300...1100 hPa
+  (30 000...110 000 Pa), 0...100 %RH. A value outside (the compensation code clamps humidity to
+  0...100 but not temperature or pressure) is rejected and counted by the polled worker
+  (``beemond.sensors.base``), never recorded.
 
 The bus is anything ``smbus2.SMBus``-compatible: ``/dev/i2c-N`` on a Pi, or
 :class:`beemond.sensors.emulators.i2c.EmulatedSMBus` with
@@ -248,6 +252,7 @@ class BME280Worker(I2CWorker):
 
     columns = ("temperature_c", "humidity_rh", "pressure_pa")
     quantities = ("temperature_celsius", "relative_humidity_percent", "pressure_pascals")
+    limits = ((-40.0, 85.0), (0.0, 100.0), (30_000.0, 110_000.0))   # datasheet section 1, table 1
 
     def __init__(self, cfg, sensor, channel):
         super().__init__(cfg, sensor, channel)

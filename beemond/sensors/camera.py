@@ -12,6 +12,15 @@ images) and 7 (capturing videos):
   ``start_recording(H264Encoder(bitrate), PyavOutput(tmp, format="mp4"))`` for ``clip_s`` seconds,
   then ``stop_recording``. The clip is written under a temporary name in staging, fsynced and renamed.
 
+Full disk: a clip is not started unless the spool's file system has room for it (``bitrate_bps / 8 *
+clip_s``, with half again for the container and a reading's worth of slack, above
+``[daemon] spool_min_free_bytes``): the encoder is never handed a disk it cannot finish on. A write
+that fails anyway is reported by the output's ``error_callback`` (picamera2's ``PyavOutput`` closes its
+container at the first failed ``mux`` and calls it; flushing an encoder into a container whose write
+failed crashes libav with SIGSEGV), and the clip's temporary file is removed at once. A capture that
+fails for space (``ENOSPC``, ``EDQUOT``) is logged, reported and skipped: it is not a camera fault,
+so it neither counts towards ``MAX_CONSECUTIVE_FAILURES`` nor is retried; the next due capture tries again.
+
 ``picamera2`` is imported in the worker only (Raspberry Pi OS: ``apt install python3-picamera2``; a
 venv needs ``--system-site-packages`` to see it). ``backend = "simulated"`` and the tests use
 :mod:`beemond.sensors.emulators.camera`'s stand-in with the same methods; this module's code is the same.
@@ -34,6 +43,7 @@ the monotonic clock; with ``daylight_only`` a due capture is skipped when the su
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import queue
@@ -52,6 +62,7 @@ RETRIES = 2                 # further attempts of one capture, each on a fresh c
 BACKOFF_S = (0.5, 2.0)      # before each retry
 CLOSE_TIMEOUT_S = 5.0       # a stalled camera's close() may hang too: give up on it after this
 START_GRACE_S = 5.0         # configure/start/open take a while on a Pi: added to their deadline
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CameraUnavailable(RuntimeError):
@@ -62,12 +73,16 @@ class CameraStall(RuntimeError):
     """No frame (or no answer from the camera) within ``stall_timeout_s``."""
 
 
-def hardware_backend():
-    """picamera2's ``Picamera2``, ``H264Encoder`` and ``PyavOutput``. Raises :class:`CameraUnavailable`."""
+def hardware_backend(clips: bool = True):
+    """picamera2's ``Picamera2``, ``H264Encoder`` and ``PyavOutput``. Raises :class:`CameraUnavailable`.
+    Without *clips* the encoder and output stay unimported (``None``): ``picamera2.outputs`` imports
+    PyAV, about 19 MB in this process, which a stills-only camera never uses."""
     try:
         from picamera2 import Picamera2
-        from picamera2.encoders import H264Encoder
-        from picamera2.outputs import PyavOutput
+        H264Encoder = PyavOutput = None
+        if clips:
+            from picamera2.encoders import H264Encoder
+            from picamera2.outputs import PyavOutput
     except ImportError as e:
         raise CameraUnavailable(
             f"the camera needs the picamera2 package (0.3.20 or later, for PyavOutput), which could not be "
@@ -133,7 +148,8 @@ class CameraWorker:
         from beemond.sensors.gpio import power_switch
 
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
-        self.staging = Spool(cfg.spool).staging_dir(sensor.name)
+        self.spool = Spool(cfg.spool)
+        self.staging = self.spool.staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         if backend is None:
@@ -142,7 +158,7 @@ class CameraWorker:
 
                 backend = StandInBackend()
             else:
-                backend = hardware_backend()
+                backend = hardware_backend(clips=sensor.clip_interval_s > 0 or sensor.on_capture_now == "clip")
         self.backend = backend
         self.daylight = None
         if sensor.daylight_only:
@@ -238,14 +254,26 @@ class CameraWorker:
                                       split_index=index, ext="npy"))
         return paths
 
+    def _check_room_for_clip(self) -> None:
+        """Raise ``OSError(ENOSPC)`` unless staging's file system has room for a whole clip."""
+        s = self.sensor
+        need = int(s.bitrate_bps / 8 * s.clip_s * 1.5) + 2**20 + self.cfg.daemon.spool_min_free_bytes
+        free = self.spool.free_bytes()
+        if free < need:
+            raise OSError(errno.ENOSPC, f"{free} bytes free on the spool's file system; a {s.clip_s:g} s clip "
+                                        f"needs about {need} (with daemon.spool_min_free_bytes kept free)")
+
     def _take_clip(self, reason: str) -> list[Path]:
         s = self.sensor
+        self._check_room_for_clip()
         self._open()
         cam, backend = self.cam, self.backend
         start = datetime.now(timezone.utc)
         tmp = archive.temp_name(self.staging, f"clip-{archive.utc_stamp(start)}")
         encoder = backend.H264Encoder(bitrate=s.bitrate_bps)
         output = backend.PyavOutput(str(tmp), format="mp4")
+        write_errors: list[BaseException] = []
+        output.error_callback = write_errors.append   # called from the encoder's thread
 
         def begin():
             cam.stop()
@@ -261,14 +289,17 @@ class CameraWorker:
                 self._call(cam.capture_metadata, "capture_metadata")  # one frame, or a stall
                 frames += 1
             self._call(cam.stop_recording, "stop_recording", s.stall_timeout_s + START_GRACE_S)
+            if write_errors:
+                e = write_errors[0]
+                raise OSError(getattr(e, "errno", None) or errno.EIO, f"writing the clip failed: {e}") from e
+            end = datetime.now(timezone.utc)
+            meta = self._metadata(start, end, reason, kind="clip", format="mp4", codec="h264",
+                                  framerate_fps=s.framerate_fps, bitrate_bps=s.bitrate_bps, frames_seen=frames)
+            return [write_staged(self, start, end, meta, tmp=tmp, ext="mp4")]
         except BaseException:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                tmp.unlink()   # now, not at the next start: on a full disk its space is what is missing
             raise
-        end = datetime.now(timezone.utc)
-        meta = self._metadata(start, end, reason, kind="clip", format="mp4", codec="h264",
-                              framerate_fps=s.framerate_fps, bitrate_bps=s.bitrate_bps, frames_seen=frames)
-        return [write_staged(self, start, end, meta, tmp=tmp, ext="mp4")]
 
     def _metadata(self, start, end, reason, **extra) -> dict:
         s = self.sensor
@@ -292,6 +323,13 @@ class CameraWorker:
             except CameraUnavailable:
                 raise
             except Exception as e:
+                if isinstance(e, OSError) and e.errno in NO_SPACE:
+                    log.warning("%s skipped: no space (%s)", kind, e)
+                    self.channel.send(ipc.ERROR, message=f"camera {kind} skipped: {e}", stalls=self.stalls,
+                                      errors=self.errors)
+                    if kind == "clip":
+                        self._abandon()   # a recording cut short: the next starts on a fresh camera
+                    return []
                 stalled = isinstance(e, CameraStall)
                 self.stalls += stalled
                 self.errors += not stalled

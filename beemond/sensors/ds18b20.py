@@ -22,6 +22,11 @@ The driver checks more than the kernel's verdict, because a stuck bus can pass i
   reported its reset register instead of a measurement. In a hive 85 °C is not a temperature, and
   it is indistinguishable from a real one only in theory, so it is an error.
 
+Plausibility: the DS18B20 measures -55...+125 °C (datasheet, "Benefits and Features" and table 1
+"Temperature/Data Relationship", whose rows end at those two values). A value outside is rejected
+and counted by the polled worker (``beemond.sensors.base``); probes are independent devices, so
+only that probe's cell is left empty.
+
 Missing devices raise ``FileNotFoundError`` (an ``OSError``); every error here is an ``OSError``
 so the polled worker's retry, count and restart rules (``beemond.sensors.base``) apply.
 """
@@ -127,11 +132,14 @@ class DS18B20Worker(PolledSensorWorker):
     """Several DS18B20 probes (in-hive positions) as one sensor: CSV records with one column per
     position in °C, an empty cell for a probe that failed (never a carried-forward value)."""
 
+    reject_per_value = True   # one probe's impossible value does not cast doubt on the others
+
     def __init__(self, cfg, sensor, channel):
         super().__init__(cfg, sensor, channel)
         self.positions = tuple(sensor.probes)
         self.columns = tuple(f"{p}_c" for p in self.positions)
         self.quantities = ("temperature_celsius",) * len(self.positions)
+        self.limits = ((-55.0, 125.0),) * len(self.positions)   # datasheet table 1
         self.probe_errors = dict.fromkeys(self.positions, 0)   # since the last record
         self.tree = None
         self._tags: dict[str, object] = {}        # simulated: position -> replay row last converted
@@ -213,6 +221,12 @@ class DS18B20Worker(PolledSensorWorker):
             for p, pos in position.items():
                 if p in self.tree.replays:
                     self.tree.replays[p].resume(pos)
+
+    def plausible(self, reading: tuple) -> tuple[tuple | None, list[str]]:
+        kept, why = super().plausible(reading)
+        if kept is not None:   # a dropped value's replay row is not in the record
+            self._good_tags = {p: t for p, t in self._good_tags.items() if kept[self.positions.index(p)] is not None}
+        return kept, why
 
     def tag(self):
         """Simulated: the replay row behind each position's value in the reading just taken."""

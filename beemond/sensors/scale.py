@@ -32,6 +32,12 @@ with backoff, and the reading is retried, then counted as missed. A scale that c
 replugged USB adapter under the same udev name) is picked up without a restart; after
 ``MAX_CONSECUTIVE_FAILURES`` missed readings in a row the worker exits and is restarted.
 
+Plausibility: a weight (after tare, calibration and compensation) outside ``min_kg``...``max_kg``
+(default -5...300 kg: a hive on its stand weighs tens of kg; a little below zero is a tare drift,
+far beyond either is a garbled or overflowing indicator, e.g. ``W: 1e38 kg``) is rejected and counted
+by the polled worker (``beemond.sensors.base``): never recorded, never sent to the swarm detector.
+A scale has no datasheet range of its own: set these to the platform's capacity.
+
 CSV columns: ``weight_kg``, ``raw_kg``, ``temperature_c`` (used for compensation, empty if none),
 ``samples`` (good lines behind the median). Record metadata adds ``port``, ``unit``,
 ``tare_offset_kg``, ``calibration_factor``, ``samples``, ``garbage_lines`` (in this record's
@@ -102,6 +108,7 @@ class ScaleWorker(PolledSensorWorker):
 
     def __init__(self, cfg, sensor, channel):
         super().__init__(cfg, sensor, channel)
+        self.limits = ((sensor.min_kg, sensor.max_kg),)   # the weight; raw_kg and °C: finite only
         self.regex = re.compile(sensor.line_regex)
         self.request = sensor.request_bytes()
         self.port: serial.Serial | None = None

@@ -8,6 +8,10 @@ Follows the SHT3x-DIS datasheet (v7, Dec 2022):
 - result of 6 bytes: temperature word, CRC, humidity word, CRC; CRC-8 with polynomial 0x31
   (x^8 + x^5 + x^4 + 1), initialisation 0xFF, no reflection, no final XOR (section 4.12);
 - conversion, section 4.13: ``T = -45 + 175 * S_T / (2^16 - 1)`` °C, ``RH = 100 * S_RH / (2^16 - 1)`` %RH.
+- plausibility, section 2 (tables 1 and 2, and figure 5's operating range): the sensor is specified
+  for -40...125 °C and 0...100 %RH. The conversion can yield -45...130 °C, so a value outside the
+  specified range (a corrupted word whose CRC happened to match, a stuck bus) is rejected and
+  counted by the polled worker (``beemond.sensors.base``), never recorded.
 
 The bus is anything ``smbus2.SMBus``-compatible (``i2c_rdwr``): ``/dev/i2c-N`` on a Pi, or
 :class:`beemond.sensors.emulators.i2c.EmulatedSMBus` in simulation and tests.
@@ -95,6 +99,7 @@ class SHT3xWorker(I2CWorker):
 
     columns = ("temperature_c", "humidity_rh")
     quantities = ("temperature_celsius", "relative_humidity_percent")
+    limits = ((-40.0, 125.0), (0.0, 100.0))   # datasheet section 2, tables 1 and 2
 
     def __init__(self, cfg, sensor, channel, **kw):
         super().__init__(cfg, sensor, channel, **kw)  # kw: clock (a test's time source)

@@ -9,6 +9,12 @@ certificate verified against the system CAs or ``ca_file`` (and its name against
 connection resumes the control connection's TLS session (RFC 4217 §10.2 lets a server insist, and
 vsftpd's default ``require_ssl_reuse=YES`` does: stock ``ftplib`` gets ``522``), which also stops a
 third party from hijacking the data port.
+
+Resume: where the server's ``FEAT`` lists ``REST STREAM`` (RFC 3659 §5; pyftpdlib and vsftpd both
+do, vsftpd for any user it lets write), a cut ``STOR`` continues with ``REST N`` + ``STOR``, which
+writes from byte N of the existing ``.part`` without truncating it. Without it every retry starts
+from 0. After the last chunk the data socket's send queue is drained before it is closed, so the wait
+for the server's ``226`` is short and bounded whatever the link's speed.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import ftplib
 import logging
 import ssl
 
-from beemond.upload import PermanentError, RemoteTransport, TransportError
+from beemond.upload import PermanentError, RemoteTransport, TransportError, in_flight, shut
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ class FtpTransport(RemoteTransport):
     def __init__(self, up):
         super().__init__(up)
         self.ftp: ftplib.FTP | None = None
+        self.data = None  # the data connection of the transfer in progress
+        self.resumable = False
 
     @property
     def connected(self) -> bool:
@@ -56,11 +64,21 @@ class FtpTransport(RemoteTransport):
             self._secure(ftp)
             ftp.voidcmd("TYPE I")  # SIZE is defined for binary transfers only
             self.home = ftp.pwd() or "/"
+            self.resumable = "REST STREAM" in self._features(ftp)
         except BaseException:
             ftp.close()
             raise
         self.ftp = ftp
         self._dirs = set()
+
+    @staticmethod
+    def _features(ftp) -> set[str]:
+        """The server's ``FEAT`` lines (RFC 2389), upper-cased; empty if it does not know FEAT."""
+        try:
+            reply = ftp.sendcmd("FEAT")
+        except ftplib.error_perm:
+            return set()
+        return {line.strip().upper() for line in reply.splitlines()[1:-1]}
 
     def _make_dir(self, path: str) -> None:
         try:
@@ -72,8 +90,40 @@ class FtpTransport(RemoteTransport):
             except ftplib.error_perm:
                 raise PermanentError(f"cannot create remote directory {path}: {str(e).strip()}") from None
 
-    def put(self, reader, remote: str) -> None:
-        self.ftp.storbinary(f"STOR {remote}", reader, blocksize=BLOCK)
+    def put(self, reader, remote: str, offset: int = 0) -> None:
+        # ftplib's storbinary, with a send loop whose every call may time out on its own (sendall's
+        # timeout covers the whole chunk) and the send queue drained before the 226 is awaited.
+        if offset and not self.resumable:
+            raise TransportError(f"server cannot resume (no REST STREAM in FEAT): {remote}")
+        conn = self.ftp.transfercmd(f"STOR {remote}", offset or None)
+        self.data = reader.sock = conn
+        try:
+            while chunk := reader.read(BLOCK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[conn.send(view):]
+            reader.drain(conn)
+            if isinstance(conn, ssl.SSLSocket):
+                conn.unwrap()
+        finally:
+            self.data = None
+            conn.close()
+        self.ftp.voidresp()
+
+    def in_flight(self) -> int:
+        return in_flight(self.data) if self.data is not None else 0
+
+    def abort(self) -> None:
+        shut(self.data)
+        if self.ftp is not None:
+            shut(self.ftp.sock)
+
+    def part_size(self, remote: str) -> int | None:
+        try:
+            value = self.ftp.size(remote)
+        except ftplib.error_perm:  # 550: no such file (or not a plain file: the upload replaces it)
+            return None
+        return int(value) if value is not None else None
 
     def size(self, remote: str) -> int:
         try:

@@ -4,7 +4,8 @@
 fsynced, and renamed (``os.replace``, atomic on POSIX) with the directory fsynced, so the copy is
 durable before the outbox lets go of it. ``connect()`` refuses a directory that is not there, so an
 unmounted share (an empty mount point is still a directory: list ``remote_dir`` one level below the
-mount to be safe) does not fill the SD card.
+mount to be safe) does not fill the SD card. A ``.part`` cut short (the share went away mid-copy)
+is continued from its size on the next try.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ BLOCK = 1024 * 1024
 
 class LocalTransport:
     errors: tuple[type[BaseException], ...] = ()
+    resumable = True
 
     def __init__(self, up):
         self.up = up
@@ -47,9 +49,10 @@ class LocalTransport:
         except PermissionError as e:
             raise PermanentError(f"cannot create directory {path}: {e.strerror}") from None
 
-    def put(self, reader, remote: str) -> None:
-        # O_TRUNC: a .part left by an earlier crash is overwritten, not appended to.
-        with open(remote, "wb") as f:
+    def put(self, reader, remote: str, offset: int = 0) -> None:
+        # From 0: O_TRUNC, a .part left by an earlier crash is overwritten. Past 0: kept up to *offset*.
+        with open(remote, "r+b" if offset else "wb") as f:
+            f.seek(offset)
             while data := reader.read(BLOCK):
                 f.write(data)
             f.flush()
@@ -57,6 +60,18 @@ class LocalTransport:
 
     def size(self, remote: str) -> int:
         return os.stat(remote).st_size
+
+    def part_size(self, remote: str) -> int | None:
+        try:
+            return os.stat(remote).st_size
+        except FileNotFoundError:
+            return None
+
+    def in_flight(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        """Nothing to shut down: a write blocked on a hung share stops the heartbeat instead."""
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(src, dst)

@@ -10,6 +10,15 @@ Throughput: paramiko is CPU-bound on a Pi, so the cipher list prefers AES-GCM (o
 MAC), the channel gets a large window, and writes are pipelined (no round trip per request) with
 requests of up to 255 KiB (OpenSSH's sftp-server accepts messages up to 256 KiB) instead of 32 KiB.
 Renames use ``posix-rename@openssh.com``, which replaces a stale target atomically.
+
+Resume: a cut transfer continues by opening the remote ``.part`` for writing without truncation and
+writing from its current size (each SFTP write carries its offset, so this is exact). Before the
+handle is closed (which waits for every pipelined write's status) the socket's send queue is
+drained, so that wait is short on a slow link.
+
+Logging: paramiko's transport thread logs a connection that breaks (a reset, EOF during the key
+exchange) at ERROR, some of it with a traceback. The same failure reaches the uploader as an
+exception, which logs it as one WARNING line, so those records are dropped here (:class:`_Quiet`).
 """
 
 from __future__ import annotations
@@ -18,10 +27,21 @@ import errno
 import logging
 
 import paramiko
+from paramiko.sftp import SFTPError
 
-from beemond.upload import PermanentError, RemoteTransport, TransportError, read_secret
+from beemond.upload import PermanentError, RemoteTransport, TransportError, in_flight, read_secret, shut
 
 log = logging.getLogger(__name__)
+
+
+class _Quiet(logging.Filter):
+    """Drops paramiko's ERROR records about a broken connection (see the module's docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+logging.getLogger("paramiko.transport").addFilter(_Quiet())
 
 WINDOW = 16 * 1024 * 1024
 MAX_PACKET = 32768  # OpenSSH's session channels; larger is clamped by the server anyway
@@ -31,9 +51,11 @@ CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "ae
 
 
 class SftpTransport(RemoteTransport):
-    errors: tuple[type[BaseException], ...] = (paramiko.SSHException, EOFError)
+    # SFTPError: "Garbage packet received" and the like when a reset cuts a reply in half.
+    errors: tuple[type[BaseException], ...] = (paramiko.SSHException, SFTPError, EOFError)
     scheme = "sftp"
     default_port = 22
+    resumable = True
 
     def __init__(self, up):
         super().__init__(up)
@@ -108,13 +130,30 @@ class SftpTransport(RemoteTransport):
             except PermissionError as e:
                 raise PermanentError(f"cannot create remote directory {path}: {e.strerror or e}") from None
 
-    def put(self, reader, remote: str) -> None:
-        with self.sftp.open(remote, "wb", bufsize=0) as f:
+    def put(self, reader, remote: str, offset: int = 0) -> None:
+        # "r+": no O_TRUNC, so the bytes before *offset* stay; "w" creates or truncates.
+        with self.sftp.open(remote, "r+b" if offset else "wb", bufsize=0) as f:
             f.MAX_REQUEST_SIZE = REQUEST  # per file: OpenSSH takes 255 KiB writes, paramiko defaults to 32 KiB
             f.set_pipelined(True)
+            f.seek(offset)
+            reader.sock = self._sock()
             while data := reader.read(BLOCK):
                 f.write(data)
+            reader.drain(self._sock())
         # Leaving the block closes the handle, which waits for every pipelined write's status.
+
+    def _sock(self):
+        t = self.client.get_transport() if self.client is not None else None
+        return t.sock if t is not None else None
+
+    def in_flight(self) -> int:
+        sock = self._sock()
+        return in_flight(sock) if sock is not None else 0
+
+    def abort(self) -> None:
+        # paramiko's socket writes retry on timeouts until the transport is closed; a shut-down
+        # socket makes them fail (EOFError) and the reader thread end.
+        shut(self._sock())
 
     def size(self, remote: str) -> int:
         return int(self.sftp.stat(remote).st_size)

@@ -8,12 +8,32 @@ window (``[upload.windows]``); they wait while the others go, and rejoin the bac
 One connection is kept open across files.
 
 Per bundle: if a detached signature ``NAME.sig`` sits beside it (written before the bundle entered
-the outbox), the signature goes first. Each file is uploaded to ``REMOTE.part`` (a ``.part`` left by
-a crash is overwritten), its remote size compared with the local one, and renamed to its final path
-(``[upload] layout``). Only after the bundle's rename is confirmed are the local signature and then
+the outbox), the signature goes first (skipped if already on the server at its size). Each file is
+uploaded to ``REMOTE.part``, its remote size compared with the local one, and renamed to its final
+path (``[upload] layout``). Only after the bundle's rename is confirmed are the local signature and then
 the bundle deleted (or moved to the spool's ``uploaded/`` under ``keep_uploaded_bytes``) and the outbox
 fsynced. A power cut between rename and delete uploads the bundle again: same name, replaced, so it
-still exists once on the server.
+still exists once on the server. S3 (:mod:`beemond.upload.s3`) has no ``.part`` and no rename: one PUT of
+the final key that the server checks (SHA-256) and never lets replace an object (If-None-Match).
+
+Slow links. A transfer times out only when it stops moving (``timeout_s`` without progress, see
+:class:`beemond.upload.StallGuard`, which also keeps the heartbeat while a library call blocks), never
+on its length. A cut transfer resumes: a remote ``.part`` no larger than the local file is continued
+from its size (FTP ``REST`` + ``STOR`` where ``FEAT`` offers ``REST STREAM``; SFTP and the local
+transport write at the offset). A ``.part`` larger than the local file, or a size mismatch after
+the transfer, makes the next attempt start from byte 0. Names are idempotent (a digest of the
+content), so a ``.part`` of the same name holds a prefix of the same bytes.
+
+Interleaving. A large bundle must not hold back the small fresh ones (climate, alerts) for the hours
+it takes at 10-20 KB/s. While a bundle is sent, the uploader looks for new outbox events between
+chunks; once a fresh bundle smaller than what is left of the current one waits, and the current one
+has been sent for at least ``INTERLEAVE_AFTER_S``, the transfer is paused (it ends normally, the
+``.part`` keeps its bytes), the fresh bundles go, and the large one resumes where it stopped. A
+pause costs one transfer's setup and a size check (FTP: ``PASV``, ``REST``, ``STOR``, ``SIZE``, a
+data connection, about 200 bytes and 3-4 round trips, plus a TLS session resumption with FTPS; SFTP:
+open, stat and close of a handle, about 300 bytes), about a second on a mobile link, once per
+bundle window: no second connection (a second login, and two transfers halving each other's rate),
+no split bundles for the lab to join.
 
 Failures: a transient one closes the connection, puts the bundle back at the head of the backlog
 and backs off exponentially with jitter (uniform in [d/2, d]), up to ``backoff_max_s``. A permanent one (the server
@@ -36,6 +56,7 @@ import collections
 import datetime
 import logging
 import os
+import queue
 import random
 import time
 from pathlib import Path
@@ -43,7 +64,8 @@ from pathlib import Path
 from beemond import archive, ipc
 from beemond.config import parse_window
 from beemond.spool import BUNDLE_RE, SIG_SUFFIX, Spool, fsync_dir, signature_of
-from beemond.upload import BundleReader, LocalFileError, PermanentError, TokenBucket, TransportError, make_transport
+from beemond.upload import (BundleReader, LocalFileError, PermanentError, StallGuard, TokenBucket, TransportError,
+                            make_transport)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +73,18 @@ FILE_EVENT = "outbox_file"
 WINDOW_RECHECK_S = 60.0
 SPOOL_CHECK_S = 10.0        # the [daemon] spool limits are checked this often, and after each upload
 ORPHAN_SIG_GRACE_S = 600.0  # an outbox signature without its bundle this old was left by a power cut
+INTERLEAVE_AFTER_S = 20.0   # a large transfer runs at least this long before fresh bundles may pause it
+POLL_S = 1.0                # how often a running transfer looks for outbox events and commands
+# Smaller files are sent from byte 0 without asking the server for a .part: the question costs a round
+# trip per file (a few hundred ms on a mobile link), more than re-sending 64 KiB after a rare cut.
+RESUME_MIN_BYTES = 64 * 1024
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def sort_key(path: Path) -> tuple[str, str]:
@@ -90,6 +124,16 @@ class Uploader:
         self.windows = {name: parse_window(spec) for name, spec in self.up.windows.items()}
         self.bucket = TokenBucket(self.up.rate_limit_bytes_per_s)
         self.transport = make_transport(self.up) if self.up.protocol != "none" else None
+        self.guard = StallGuard(channel.beat, self.up.timeout_s)
+        self.restart: set[Path] = set()  # bundles whose next attempt starts from byte 0 (a .part in doubt)
+        self.begun: set[Path] = set()  # bundles whose transfer began (their signature may be up already)
+        self.held: list[ipc.Command] = []  # commands that arrived during a transfer, for the run loop
+        self.stopping = False  # a shutdown arrived during a transfer: pause it at the next chunk
+        self.pause_at: float | None = None  # draining at shutdown: pause whatever runs at this time
+        self._polled = 0.0
+        self.interleave_after_s = INTERLEAVE_AFTER_S
+        self._current: tuple[BundleReader, int] | None = None  # the transfer in progress, bytes it had to send
+        self._sending: Path | None = None  # the bundle being sent (never dropped by the spool limits)
         self.observer = None
         self.kept: list[tuple[tuple[str, str], Path, int]] = []  # uploaded copies, oldest first
         self.kept_bytes = 0
@@ -151,7 +195,16 @@ class Uploader:
 
     # ---- watchdog
     def _start_observer(self) -> None:
-        from watchdog.events import FileSystemEventHandler
+        """Watch the outbox for bundles the aggregator renames in (or a person copies in).
+
+        Only creations and moves are asked of inotify (``event_filter``, which narrows the kernel's
+        event mask): watchdog's default mask also reports every open, read, close and delete, so our
+        own reads of the bundle being uploaded kept its emitter thread busy, and stopping the observer
+        while that thread held one of those events made watchdog log "InotifyEmitter.queue_events()
+        called when the thread is inactive" at ERROR (10 to 43 of 300 stops with a reader busy in the
+        directory, 0 with the narrow mask: ``bench/clean_stops.py --observer-cycles 300``). A quiet emitter is blocked in its read and stops
+        cleanly. It also spares a Pi a thread wake-up per read."""
+        from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
         commands = self.channel.commands
@@ -167,7 +220,8 @@ class Uploader:
                     commands.put(ipc.Command(FILE_EVENT, {"path": event.src_path}))
 
         self.observer = Observer()
-        self.observer.schedule(Handler(), str(self.outbox), recursive=False)
+        self.observer.schedule(Handler(), str(self.outbox), recursive=False,
+                               event_filter=[FileCreatedEvent, FileMovedEvent])
         self.observer.daemon = True
         self.observer.start()
 
@@ -190,7 +244,7 @@ class Uploader:
                     timeout = max(0.0, self.window_check - now)
                 else:
                     timeout = 3600.0
-                cmd = self.channel.receive(min(timeout, self._until_limits()))
+                cmd = self.held.pop(0) if self.held else self.channel.receive(min(timeout, self._until_limits()))
                 if cmd is not None:
                     if cmd.kind == ipc.SHUTDOWN:
                         self._stop_observer()  # drain() scans the outbox; events now would only race it
@@ -204,6 +258,7 @@ class Uploader:
                     self.upload_next()
         finally:
             self._stop_observer()
+            self.guard.stop()
             self.transport.close()
 
     def _until_limits(self) -> float:
@@ -218,6 +273,8 @@ class Uploader:
     def drain(self) -> None:
         """At shutdown: keep uploading for up to ``shutdown_grace_s`` while the server answers."""
         deadline = time.monotonic() + self.up.shutdown_grace_s
+        # A transfer still going at the deadline is paused, to resume at the next start.
+        self.stopping, self.pause_at = False, deadline
         self.scan()
         if time.monotonic() < self.next_try:
             log.info("shutting down in backoff; %d bundle(s) stay in the outbox", len(self.known))
@@ -263,6 +320,7 @@ class Uploader:
         """*path* left the outbox before it was sent. Only this process deletes there, so someone did
         it by hand: forget it, nothing to retry or quarantine."""
         self.known.pop(path, None)
+        self.begun.discard(path)
         self.strikes.pop(path, None)
         self.counts["vanished"] += 1
         log.warning("bundle %s left the outbox before it was uploaded (deleted by hand?); forgotten", path.name)
@@ -305,6 +363,7 @@ class Uploader:
         fsync_dir(self.quarantine_dir)
         fsync_dir(self.outbox)
         self.known.pop(path, None)
+        self.begun.discard(path)
         self.counts["quarantined"] += 1
         log.error("quarantined %s in %s after a permanent failure (%s); %d bundle(s) quarantined so far",
                   path.name, self.quarantine_dir, why, self.counts["quarantined"])
@@ -319,8 +378,9 @@ class Uploader:
                                   start=start, ext="tar.age", end=start, metadata={}, _split_index=0)
         return self.transport.path(rel)
 
-    def _send(self, local: Path, remote: str) -> int:
-        """One file to *remote* via ``.part``, verified by size. Returns its size in bytes."""
+    def _send(self, local: Path, remote: str, pausable: bool = False) -> int | None:
+        """One file to *remote* via ``.part`` (resumed where a cut transfer left it), verified by
+        size. Returns its size in bytes, or None if the transfer was paused for fresh bundles."""
         try:
             f = open(local, "rb")
             size = os.fstat(f.fileno()).st_size
@@ -329,16 +389,86 @@ class Uploader:
         except OSError as e:
             raise LocalFileError(f"cannot open {local.name}: {e.strerror or e}") from None
         with f:
+            if getattr(self.transport, "stores_whole", False):
+                # S3: one conditional, checksummed PUT of the final object; the server verified the bytes.
+                self.transport.store(f, BundleReader(f, self.bucket, self._progress, guard=self.guard), remote, size)
+                return size
             part = remote + ".part"
-            reader = BundleReader(f, self.bucket, self._progress)
-            self.transport.put(reader, part)
-            if reader.sent != size:
-                raise LocalFileError(f"{local.name} changed size while uploading ({size} -> {reader.sent} bytes)")
+            offset = self._resume_offset(local, part, size)
+            f.seek(offset)
+            reader = BundleReader(f, self.bucket, self._progress, self._pause if pausable else None, self.guard)
+            self._current = (reader, size - offset)
+            # From here the .part holds this attempt's bytes: a cut is resumed, whatever came before.
+            self.restart.discard(local)
+            if offset < size or size == 0:
+                self.transport.put(reader, part, offset)
+            self.guard.moved()
+            if reader.paused:
+                log.info("paused %s at %d of %d bytes for fresh bundles", local.name, offset + reader.sent, size)
+                return None
+            if offset + reader.sent != size:
+                raise LocalFileError(f"{local.name} changed size while uploading ({size} -> {offset + reader.sent} bytes)")
         remote_size = self.transport.size(part)
         if remote_size != size:
+            self.restart.add(local)
             raise TransportError(f"remote size {remote_size} != local size {size} for {part}")
+        self.restart.discard(local)
         self.transport.rename(part, remote)
         return size
+
+    def _resume_offset(self, local: Path, part: str, size: int) -> int:
+        """Where the transfer of *local* (*size* bytes) to *part* starts: the size of a ``.part`` the
+        server already holds, if it is no larger than the local file; 0 on any doubt."""
+        if local in self.restart or not self.transport.resumable or size < RESUME_MIN_BYTES:
+            return 0
+        have = self.transport.part_size(part)
+        if have is None or have == 0:
+            return 0
+        if have > size:
+            log.warning("remote %s holds %d bytes, more than the local %d: uploading it from the start", part,
+                        have, size)
+            return 0
+        log.info("resuming %s at byte %d of %d", local.name, have, size)
+        self.counts["resumed"] += 1
+        return have
+
+    def _poll(self) -> None:
+        """During a transfer: take in outbox events (they feed the fresh queue) and hold any other
+        command (a shutdown, ...) for the run loop, which sees it as soon as the transfer returns."""
+        now = time.monotonic()
+        if now - self._polled < POLL_S:
+            return
+        self._polled = now
+        commands = getattr(self.channel, "commands", None)
+        while commands is not None:
+            try:
+                cmd = commands.get_nowait()
+            except queue.Empty:
+                break
+            except (EOFError, OSError):
+                self.stopping = True
+                break
+            if cmd.kind == FILE_EVENT:
+                self._on_file(Path(cmd.args["path"]))
+            else:
+                self.held.append(cmd)
+                self.stopping = self.stopping or (cmd.kind == ipc.SHUTDOWN and self.pause_at is None)
+        if getattr(self.channel, "stop_requested", False) and self.pause_at is None:
+            self.stopping = True
+        if now >= self.limits_at:  # a transfer may last hours: the spool limits are not put off that long
+            self.enforce_spool_limits(in_flight=self._sending)
+
+    def _pause(self) -> bool:
+        """Between two chunks of a bundle: stop here (to resume later) for a shutdown, or for a fresh
+        bundle smaller than what is left of this one once this one had its ``INTERLEAVE_AFTER_S``."""
+        self._poll()
+        if self.stopping or (self.pause_at is not None and time.monotonic() >= self.pause_at):
+            return True
+        reader, total = self._current
+        if time.monotonic() - reader.t0 < self.interleave_after_s:
+            return False
+        left = total - reader.sent
+        return any(self.known.get(p, left) < left and self._window_open(p) for p in self.fresh)
 
     def _progress(self, n: int) -> None:
         self.channel.beat()
@@ -346,6 +476,10 @@ class Uploader:
             self.progress(n)
 
     def _upload(self, path: Path) -> None:
+        with self.guard.watch(self.transport):
+            self._upload_watched(path)
+
+    def _upload_watched(self, path: Path) -> None:
         t0 = time.monotonic()
         if not self.transport.connected:
             self.transport.connect()
@@ -354,13 +488,25 @@ class Uploader:
         self.transport.ensure_dir(remote.rsplit("/", 1)[0] or "/")
         sig = signature_of(path)
         has_sig = sig.exists()
-        if has_sig:  # the signature first: a bundle on the server is never without its signature
+        # The signature first: a bundle on the server is never without its signature. After a pause
+        # it is there already (same name, same content: the names are idempotent).
+        if has_sig and not (path in self.begun and self.transport.part_size(remote + SIG_SUFFIX) == _size(sig)):
             self._send(sig, remote + SIG_SUFFIX)
-        size = self._send(path, remote)
+        self.begun.add(path)
+        self._sending = path
+        try:
+            size = self._send(path, remote, pausable=True)
+        finally:
+            self._sending = None
+        if size is None:
+            self.counts["paused"] += 1
+            self.backlog.insert(0, path)  # after the fresh ones, before the rest of the backlog
+            return
         # Confirmed on the server under its final name: only now may the local copies go.
         self._release(path, sig if has_sig else None)
         dt = time.monotonic() - t0
         self.known.pop(path, None)
+        self.begun.discard(path)
         self.counts["uploaded"] += 1
         self.counts["bytes"] += size
         self.last_upload = time.time()
@@ -478,6 +624,7 @@ class Uploader:
         signature, swept later, never a bundle that would go up unsigned). Returns the bytes freed."""
         freed = _unlink(victim, signature_of(victim))
         self.known.pop(victim, None)
+        self.begun.discard(victim)
         self.strikes.pop(victim, None)
         self.counts["dropped"] += 1
         return freed

@@ -24,6 +24,7 @@ capture. :attr:`StandInBackend.stalling_opens` says which opened cameras (1 = th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -209,7 +210,7 @@ class StandInPicamera2:
         except CameraClosed:
             pass
         except Exception as e:  # reported like picamera2's output error_callback
-            output.error = e
+            output._failed(e)
 
     def stop_recording(self) -> None:
         self.calls.append("stop_recording")
@@ -229,7 +230,12 @@ class StandInH264Encoder:
 
 
 class StandInPyavOutput:
-    """``picamera2.outputs.PyavOutput(output_name, format=None)``: muxes H.264 into a container with PyAV."""
+    """``picamera2.outputs.PyavOutput(output_name, format=None)``: muxes H.264 into a container with PyAV.
+
+    As picamera2's ``outputframe`` does, the first failed write (``ENOSPC`` on a full disk) closes the
+    container, forgets it and calls ``error_callback(exception)``; later frames and ``stop()`` then
+    write nothing. (Flushing the encoder into a container whose write failed would crash libav with
+    SIGSEGV: PyAV 18, libavformat's mp4 muxer.)"""
 
     def __init__(self, output_name, format=None, pts=None):
         self.output_name = output_name
@@ -237,6 +243,7 @@ class StandInPyavOutput:
         self.container = None
         self.stream = None
         self.error: Exception | None = None
+        self.error_callback = None
         self.frames = 0
 
     def start(self) -> None:
@@ -256,18 +263,35 @@ class StandInPyavOutput:
     def encode(self, frame: np.ndarray, index: int) -> None:
         import av
 
+        if self.container is None:   # closed after a failed write
+            return
         vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
         vf.pts = index
-        for packet in self.stream.encode(vf):
-            self.container.mux(packet)
+        try:
+            for packet in self.stream.encode(vf):
+                self.container.mux(packet)
+        except Exception as e:
+            self._failed(e)
+            return
         self.frames += 1
+
+    def _failed(self, e: Exception) -> None:
+        container, self.container = self.container, None
+        with contextlib.suppress(Exception):
+            container.close()
+        self.error = e
+        if self.error_callback is not None:
+            self.error_callback(e)
 
     def stop(self) -> None:
         if self.container is not None:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-            self.container.close()
-            self.container = None
+            try:
+                for packet in self.stream.encode():
+                    self.container.mux(packet)
+                self.container.close()
+                self.container = None
+            except Exception as e:
+                self._failed(e)
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     index: int          # position among the replayed rows, from 0
     time: datetime      # UTC

@@ -13,7 +13,8 @@ value (from a replay source) or the next queued fault. Faults (``W1Tree.faults[r
 order): ``"no"`` (a bit flipped on the wire: the kernel's CRC fails, verdict NO), ``"zeros"`` (data
 line stuck low: nine zero bytes, whose CRC is 0, so YES and t=0), ``"power_on"`` (the 85 °C reset
 value ``50 05 ... t=85000``), ``"empty"`` (a newer kernel's empty answer when the read failed),
-``"corrupt_yes"`` (bytes that do not match a YES verdict), ``"missing"`` (the device directory is
+``"corrupt_yes"`` (bytes that do not match a YES verdict), ``"beyond_range"`` (a good CRC around
+126 °C, which the register holds but no DS18B20 measures), ``"missing"`` (the device directory is
 gone until the next good conversion).
 """
 
@@ -30,10 +31,11 @@ from beemond.sensors.ds18b20 import crc8
 POWER_ON_SCRATCHPAD = bytes.fromhex("50054b467fff0c101c")
 
 
-def scratchpad(temperature_c: float) -> bytes:
-    """The nine scratchpad bytes of a 12-bit conversion of *temperature_c*."""
+def scratchpad(temperature_c: float, beyond_range: bool = False) -> bytes:
+    """The nine scratchpad bytes of a 12-bit conversion of *temperature_c*; *beyond_range*: any
+    value the 16-bit register holds (a faulty probe), not only what the chip can measure."""
     raw = round(temperature_c * 16)
-    if not -55 * 16 <= raw <= 125 * 16:
+    if not beyond_range and not -55 * 16 <= raw <= 125 * 16:
         raise ValueError(f"{temperature_c} °C is outside the DS18B20's -55..125 °C")
     body = raw.to_bytes(2, "little", signed=True) + bytes([0x4B, 0x46, 0x7F, 0xFF, 0x10 - (raw & 0x0F), 0x10])
     return body + bytes([crc8(body)])
@@ -111,6 +113,8 @@ class W1Tree:
             self._write(rom, w1_slave_text(bytes(9), last))
         elif kind == "power_on":
             self._write(rom, w1_slave_text(POWER_ON_SCRATCHPAD, last))
+        elif kind == "beyond_range":   # a good CRC around a value no DS18B20 measures
+            self._write(rom, w1_slave_text(scratchpad(126.0, beyond_range=True), last))
         elif kind == "empty":
             self._write(rom, "")
         elif kind == "corrupt_yes":
