@@ -96,6 +96,8 @@ class DaemonConfig:
                                      doc="free space to keep on the spool's file system")
     drop_oldest_when_full: bool = _opt(False, doc="over a limit, delete the oldest un-uploaded bundles too "
                                                   "(each logged and counted); false: keep all data")
+    journal_sync_s: float = _opt(1.0, min=0.0, max=60, doc="a reading is fdatasync'ed to its sensor's journal at "
+                                                         "most this long after it was taken (0: each at once)")
     # Where `beemond status` / `reload` / `pause` reach the daemon. Under systemd the example config puts
     # it in the unit's RuntimeDirectory=beemond (0750, group beemond), so that members of the group can
     # ask; the spool itself stays 0700.
@@ -126,6 +128,9 @@ class ReplayConfig:
     speedup: float = _opt(0.0, min=0.0, max=1e7,
                           doc="0: one row per measurement; >0: replay time runs this much faster than wall time")
     loop: bool = _opt(True, doc="start again from the first row at the end of the file")
+    timezone: str = _opt("UTC", doc="IANA zone of timestamps without an offset (e.g. Europe/Paris)")
+    resume: bool = _opt(True, doc="after a restart or crash continue after the last durable reading's row "
+                                  "(kept in the sensor's journal); false: from start again")
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,8 @@ class DS18B20Config(PolledSensorConfig):
     replay_filter_values: dict[str, str] = _opt(
         factory=dict, doc="simulated: position -> replay filter_value of the rows that drive that probe")
 
+    replay_columns = ("time_column", "temperature_column", "filter_column")   # no humidity
+
     def check(self, path: Path, key: str) -> None:
         if not self.probes:
             raise ConfigError(path, f"{key}.probes", 'at least one probe: position = "28-xxxxxxxxxxxx"')
@@ -272,7 +279,8 @@ class DS18B20Config(PolledSensorConfig):
 
             for position, value in self.replay_filter_values.items():
                 try:
-                    CsvReplay.from_config(dataclasses.replace(self.replay, filter_value=value))
+                    CsvReplay.from_config(dataclasses.replace(self.replay, filter_value=value),
+                                          values=replay_values(self.replay_columns))
                 except ValueError as e:
                     raise ConfigError(path, f"{key}.replay_filter_values.{position}", str(e)) from None
 
@@ -283,7 +291,7 @@ class DS18B20Config(PolledSensorConfig):
 
 def _check_replay(replay: ReplayConfig, path: Path, key: str, columns: tuple[str, ...]) -> None:
     """The replay file is readable and has every named column (*columns*: ReplayConfig field names)."""
-    from beemond.sensors.emulators.replay import CsvReplay, read_header
+    from beemond.sensors.emulators.replay import CsvReplay, read_header, zone
 
     if not os.access(replay.file, os.R_OK) or not replay.file.is_file():
         raise ConfigError(path, f"{key}.file", f"cannot read {replay.file}")
@@ -293,9 +301,18 @@ def _check_replay(replay: ReplayConfig, path: Path, key: str, columns: tuple[str
         if name and name not in header:
             raise ConfigError(path, f"{key}.{col}", f"no column {name!r} in {replay.file.name} (has: {', '.join(header)})")
     try:
-        CsvReplay.from_config(replay)
+        zone(replay.timezone)
+    except ValueError as e:
+        raise ConfigError(path, f"{key}.timezone", str(e)) from None
+    try:
+        CsvReplay.from_config(replay, values=replay_values(columns))
     except ValueError as e:
         raise ConfigError(path, key, str(e)) from None
+
+
+def replay_values(columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The quantities a replay reads, from a sensor config's ``replay_columns``."""
+    return tuple(c[:-len("_column")] for c in columns if c in ("temperature_column", "humidity_column"))
 
 
 @dataclass(frozen=True)

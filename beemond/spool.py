@@ -6,8 +6,11 @@ Layout under ``[daemon] spool_dir`` (each directory has one writer role and one 
     staging/<sensor>/NAME.meta.json   its metadata sidecar, written after it       processor's) worker; deleted
                                                                                    by the aggregator once the
                                                                                    bundle holding it is durable
+    staging/<sensor>/.segment-MS.EXT.open (+ .json)   the open audio segment (fsynced every second) and
+                                      its header: the audio worker writes, renames and removes them
     state/<sensor>/                   per-sensor state that must survive a restart (the open record's reading
-                                      journal, the replay position): written and deleted by that worker
+                                      journal with the replay position, the audio's state.json): written and
+                                      deleted by that worker
     outbox/HOST_START_GROUP_DIGEST.tar.age (+ .sig)   sealed bundles: written by the aggregator, deleted by
                                       the uploader (after the server confirmed them, or by the spool limits)
     uploaded/NAME (+ .sig)            uploaded copies (``keep_uploaded_bytes``): the uploader, both ways
@@ -52,6 +55,8 @@ LOCK = ".lock"
 WORKERS_LOCK = ".workers.lock"
 JOURNAL = "readings.journal"
 REPLAY_POSITION = "replay.json"
+STATE_FILE = "state.json"
+OPEN_SEGMENT_SUFFIX = ".open"
 
 META_SUFFIX = ".meta.json"
 SIG_SUFFIX = ".sig"
@@ -113,8 +118,26 @@ class Spool:
         return self.state_dir(sensor) / JOURNAL
 
     def replay_position_path(self, sensor: str) -> Path:
-        """Where the simulated backend of *sensor* keeps its replay position (``state/<sensor>/replay.json``)."""
+        """Where the simulated backend of *sensor* keeps its replay position (``state/<sensor>/replay.json``).
+        (A polled sensor keeps it in its journal instead, with each reading: one write, never out of step.)"""
         return self.state_dir(sensor) / REPLAY_POSITION
+
+    def state_file(self, sensor: str) -> Path:
+        """A small JSON state of a sensor without a journal (audio: ``last_end``), ``state/<sensor>/state.json``."""
+        return self.state_dir(sensor) / STATE_FILE
+
+    def open_segment(self, sensor: str, stamp: str, ext: str) -> Path:
+        """The audio segment being recorded, ``staging/<sensor>/.segment-STAMP.EXT.open``: hidden (no
+        reader takes it for a record), and without the temporary mark (a start's clean-up leaves it for
+        the salvage). It is renamed into place in the same directory when it closes."""
+        return self.staging_dir(sensor) / f".segment-{stamp}.{ext}{OPEN_SEGMENT_SUFFIX}"
+
+    def open_segments(self, sensor: str) -> list[Path]:
+        """Open segments of *sensor* (left by a crash, at a start)."""
+        return sorted(self.staging_dir(sensor).glob(f".segment-*{OPEN_SEGMENT_SUFFIX}"))
+
+    def open_segment_headers(self, sensor: str) -> list[Path]:
+        return sorted(self.staging_dir(sensor).glob(f".segment-*{OPEN_SEGMENT_SUFFIX}.json"))
 
     @property
     def outbox(self) -> Path:
@@ -244,6 +267,21 @@ class Spool:
         """Bytes free for an unprivileged writer on the spool's file system (``statvfs`` ``f_bavail``)."""
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
+
+
+def open_segment_header(segment: Path) -> Path:
+    """The JSON header beside an open segment (:meth:`Spool.open_segment`): start, trigger, device."""
+    return segment.with_name(segment.name + ".json")
+
+
+def open_segment_format(segment: Path) -> str:
+    """The audio format (``flac``, ``wav``) of an open segment, from its name."""
+    return Path(segment.name[:-len(OPEN_SEGMENT_SUFFIX)]).suffix.lstrip(".").lower()
+
+
+def open_segment_record_name(segment: Path) -> str:
+    """The visible name an open segment keeps when it is set aside (``segment-STAMP.EXT``)."""
+    return segment.name.lstrip(".")[:-len(OPEN_SEGMENT_SUFFIX)]
 
 
 def signature_of(bundle: Path) -> Path:

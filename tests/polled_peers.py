@@ -36,8 +36,9 @@ def write_config(tmp_path: Path, name: str, sensor: dict) -> Path:
 class Harness:
     """One sensor's worker with a real command queue and a real event pipe, run in a thread."""
 
-    def __init__(self, tmp_path: Path, name: str, sensor: dict):
-        self.cfg = config.load(write_config(tmp_path, name, sensor))
+    def __init__(self, tmp_path: Path, name: str, sensor: dict | None = None):
+        """*sensor* None: the config already written in *tmp_path* (a restart of the same sensor)."""
+        self.cfg = config.load(write_config(tmp_path, name, sensor) if sensor is not None else tmp_path / "beemond.toml")
         self.sensor = self.cfg.sensors[0]
         self.commands = queue.Queue()
         self.events_r, self.events_w = multiprocessing.Pipe(duplex=False)

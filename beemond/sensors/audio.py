@@ -24,6 +24,14 @@ bits). Segment times: ``start`` is estimated from the host's UTC clock at each b
 audio before it in the segment, taking the earliest estimate (blocks are delivered late, in bursts
 after a stall, never early); ``end`` is ``start`` plus frames / sample rate.
 
+Power cuts: the open segment is written to ``.segment-<ms>.<ext>.open`` in staging with a small JSON
+header beside it (its start, format, trigger), and flushed and fsynced every ``daemon.journal_sync_s``
+(1 s). At the next start a segment left open by a crash is salvaged (:func:`salvage_segment`) up to
+its last durable frame (FLAC: every frame that decodes, re-encoded; WAV: the header's sizes fixed,
+trailing all-zero frames of an unsynced tail dropped) and recorded with ``truncated: true`` and its
+real end. The first record of a run that follows an earlier one carries ``after_restart: true`` and
+``gap_s`` (seconds from the end of the last durable audio to its start).
+
 Full disk: a segment whose write fails while the spool's file system is (nearly) full is dropped at
 once, its temporary file removed, and the worker keeps its stream: blocks are discarded (and
 counted) while there is no room, a new segment is tried every ``NO_SPACE_RETRY_S``, and recording
@@ -40,17 +48,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
+import os
 import queue
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from beemond import archive, ipc
+from beemond import reading_journal as rj
 from beemond.clock import Clock
 from beemond.sensors.base import SensorFailure, write_staged
-from beemond.spool import Spool
+from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +155,8 @@ class AudioWorker:
         # the device, off once it is closed again.
         self.power = power_switch(sensor, channel.beat)
         self.powered = False
+        self.restart_gap: dict | None = None   # {"last": ISO|None} until the run's first segment is written
+        self.last_end: str | None = None       # end of the last segment written (ISO)
         self.no_space_since: float | None = None   # monotonic; set while segments cannot be written
         self.no_space_retry = 0.0
         self.lost_frames = 0                        # dropped for lack of space, not yet reported in a record
@@ -248,7 +262,33 @@ class AudioWorker:
             return self.cfg.daemon.heartbeat_interval_s
         return self.window.wait_s(datetime.now(timezone.utc), due)
 
+    def salvage(self) -> None:
+        """At start: record the segments a crash left open, and note the gap for this run's first one."""
+        sp = Spool(self.cfg.spool)
+        state = rj.read_state(sp.state_file(self.sensor.name))
+        last = state.get("last_end") if state else None
+        existed = state is not None
+        for header in sp.open_segment_headers(self.sensor.name):
+            if not header.with_name(header.name[:-len(".json")]).exists():
+                header.unlink(missing_ok=True)   # its segment was recorded; the crash came before this unlink
+        for segment in sp.open_segments(self.sensor.name):
+            existed = True
+            try:
+                end = salvage_segment(self, segment)
+            except (OSError, ValueError, RuntimeError) as e:
+                log.error("cannot salvage the open segment %s: %s; moving it to failed/", segment.name, e)
+                _set_aside(self, segment)
+                continue
+            if end is not None and (last is None or end > last):
+                last = end
+        if existed:
+            self.restart_gap = {"last": last}
+
     def run(self) -> None:
+        try:
+            self.salvage()
+        except OSError as e:
+            log.error("cannot salvage open segments: %s", e)
         writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
         writer.start()
         if self.window is None:
@@ -311,6 +351,11 @@ class AudioWorker:
                 writer.join(timeout=30)
                 self._power(False)
                 self.power.close()
+                try:
+                    rj.write_state(Spool(self.cfg.spool).state_file(self.sensor.name),
+                                   {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
+                except OSError as e:
+                    log.warning("cannot write the audio state: %s", e)
 
     def _schedule(self, due: datetime | None) -> datetime:
         """Start the capture for slot *due* if it has come; return the slot to wait for next."""
@@ -404,6 +449,8 @@ class AudioWorker:
                 segment.file.close()
             with contextlib.suppress(OSError):
                 segment.tmp.unlink()
+            with contextlib.suppress(OSError):
+                segment.header.unlink()
             self.lost_frames += segment.frames
         self.lost_frames += unwritten
         now = time.monotonic()
@@ -435,14 +482,23 @@ class _Segment:
         self.frames = 0
         self.overflows = 0
         s = worker.sensor
-        self.tmp = archive.temp_name(worker.staging, f"segment-{archive.utc_stamp(self.start)}")
+        self.tmp = Spool(worker.cfg.spool).open_segment(s.name, str(int(start * 1000)), s.format)
+        self.header = open_segment_header(self.tmp)
+        with archive.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
+            f.write(json.dumps({"start": start, "trigger": capture.trigger, "device": worker.device_name,
+                                "schedule": self._schedule()}).encode())
         try:
             self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
                                                    subtype=s.subtype, format=s.format.upper())
         except Exception:
             with contextlib.suppress(OSError):
                 self.tmp.unlink()   # created, then its header could not be written
+            with contextlib.suppress(OSError):
+                self.header.unlink()
             raise
+        self.synced_at = time.monotonic()
+        self.sync_s = worker.cfg.daemon.journal_sync_s
+        self.entry_synced = False   # the segment's directory entry (not only its data) is durable
 
     @property
     def start(self) -> datetime:
@@ -460,6 +516,14 @@ class _Segment:
         self.frames += len(head)
         self.start_ts = min(self.start_ts, arrived - len(rest) / self.w.sensor.sample_rate_hz
                             - self.frames / self.w.sensor.sample_rate_hz)
+        if time.monotonic() - self.synced_at >= self.sync_s:
+            # Durable up to here within ~sync_s: a power cut loses at most that much (and a FLAC
+            # block the encoder still holds). sf_write_sync is an fsync of the file.
+            self.file.flush()
+            if not self.entry_synced:
+                archive.fsync_dir(self.tmp.parent)
+                self.entry_synced = True
+            self.synced_at = time.monotonic()
         return rest
 
     def close(self) -> None:
@@ -477,8 +541,16 @@ class _Segment:
             log.warning("segment had %d input overflow(s)", self.overflows)
         if self.w.lost_frames:
             metadata["lost_to_full_disk_s"] = self.w._lost_to_full_disk_s()
+        if self.w.restart_gap is not None:
+            metadata.update(rj.gap_metadata(self.w.restart_gap["last"], start))
         write_staged(self.w, start, end, metadata, tmp=self.tmp)
         self.w._space_returned()
+        self.w.restart_gap, self.w.last_end = None, metadata["end"]
+        self.header.unlink(missing_ok=True)
+        try:   # so a crash before the next segment's first sync still knows where the audio ended
+            rj.write_state(Spool(self.w.cfg.spool).state_file(s.name), {"last_end": self.w.last_end})
+        except OSError as e:
+            log.warning("cannot write the audio state: %s", e)
 
     def _schedule(self) -> dict:
         s = self.w.sensor
@@ -487,3 +559,125 @@ class _Segment:
         return {"mode": "window", "window_start": s.window_start, "window_end": s.window_end,
                 "timezone": s.timezone or "local", "capture_s": s.capture_s, "every_s": s.every_s,
                 "slot": archive.utc_iso(self.capture.slot) if self.capture.slot else None}
+
+
+# ---- salvage of a segment cut by a crash or power failure
+
+def salvage_segment(worker, segment: Path) -> str | None:
+    """Record *segment* (an open segment a crash left, :meth:`beemond.spool.Spool.open_segment`)
+    up to its last durable frame, with ``truncated: true`` and its real end; return that end (ISO), or
+    None when it held no whole frame (then it is removed). Raises ``OSError``, ``ValueError`` (no
+    readable header) or ``RuntimeError`` (libsndfile)."""
+    s = worker.sensor
+    header_path = open_segment_header(segment)
+    try:
+        header = json.loads(header_path.read_bytes())
+    except FileNotFoundError:
+        header = {"start": segment.stat().st_mtime, "trigger": "unknown", "device": "", "schedule": None}
+        log.warning("open segment %s has no header; its start is taken from its modification time", segment.name)
+    fmt = open_segment_format(segment)
+    if fmt == "wav":
+        rate, channels, subtype, frames = _salvage_wav(segment)
+    else:
+        rate, channels, subtype, frames = _salvage_flac(worker.soundfile, segment)
+    if frames == 0:
+        segment.unlink(missing_ok=True)
+        header_path.unlink(missing_ok=True)
+        log.warning("open segment %s held no durable audio; removed", segment.name)
+        return None
+    start = datetime.fromtimestamp(header["start"], timezone.utc)
+    end = start + timedelta(seconds=frames / rate)
+    metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
+                "start": archive.utc_iso(start), "end": archive.utc_iso(end),
+                "sample_rate_hz": rate, "channels": channels, "frames": frames, "format": fmt,
+                "subtype": subtype, "overflows": 0, "device": header.get("device", ""),
+                "trigger": header.get("trigger", ""), "schedule": header.get("schedule"), "truncated": True}
+    write_staged(worker, start, end, metadata, tmp=segment, ext=fmt)
+    header_path.unlink(missing_ok=True)
+    log.warning("salvaged a segment cut by a crash: %d frames (%.1f s), %s to %s", frames, frames / rate,
+                metadata["start"], metadata["end"])
+    return metadata["end"]
+
+
+def _salvage_wav(path: Path) -> tuple[int, int, str, int]:
+    """Fix a WAV's RIFF and data sizes in place for the whole frames on disk (trailing all-zero frames,
+    an unsynced tail a power cut left as zeros, dropped). Returns (rate, channels, subtype, frames)."""
+    with open(path, "r+b") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError("not a RIFF/WAVE file")
+        fmt = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise ValueError("no data chunk")
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt ":
+                body = f.read(size)
+                _tag, channels, rate, _bps, align, bits = struct.unpack("<HHIIHH", body[:16])
+                fmt = (rate, channels, f"PCM_{bits}", align)
+                f.seek(size % 2, os.SEEK_CUR)
+            elif cid == b"data":
+                break
+            else:
+                f.seek(size + size % 2, os.SEEK_CUR)
+        if fmt is None:
+            raise ValueError("no fmt chunk before the data")
+        rate, channels, subtype, align = fmt
+        data_at = f.tell()
+        total = os.fstat(f.fileno()).st_size
+        length = (total - data_at) // align * align
+        # Drop trailing zero frames, reading back in steps (a cut leaves at most ~1 s of them).
+        step = align * 4096
+        while length > 0:
+            lo = max(0, length - step)
+            f.seek(data_at + lo)
+            chunk = f.read(length - lo).rstrip(b"\x00")
+            length = lo + (len(chunk) + align - 1) // align * align
+            if chunk:
+                break
+        f.truncate(data_at + length)
+        f.seek(4)
+        f.write(struct.pack("<I", data_at + length - 8))
+        f.seek(data_at - 4)
+        f.write(struct.pack("<I", length))
+        f.flush()
+        os.fsync(f.fileno())
+    return rate, channels, subtype, length // align
+
+
+def _salvage_flac(soundfile, path: Path) -> tuple[int, int, str, int]:
+    """Decode every FLAC frame that reads back (libFLAC resynchronises on frame headers and checks each
+    frame's CRC; a torn or zero tail ends the stream) and write them to a fresh FLAC beside *path*,
+    which then replaces it. Returns (rate, channels, subtype, frames)."""
+    import numpy as np
+
+    with soundfile.SoundFile(path) as src:
+        rate, channels, subtype = src.samplerate, src.channels, src.subtype
+        dtype = "int16" if subtype == "PCM_16" else "int32"
+        blocks, frames = [], 0
+        while True:
+            try:
+                block = src.read(4096, dtype=dtype, always_2d=True)
+            except (RuntimeError, soundfile.LibsndfileError):  # the torn tail
+                break
+            if not len(block):
+                break
+            blocks.append(block)
+            frames += len(block)
+    tmp = archive.temp_name(path.parent, path.name.lstrip("."))
+    if frames:
+        with soundfile.SoundFile(tmp, "w", samplerate=rate, channels=channels, subtype=subtype, format="FLAC") as dst:
+            dst.write(np.concatenate(blocks))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return rate, channels, subtype, frames
+
+
+def _set_aside(worker, segment: Path) -> None:
+    """An open segment that cannot be salvaged goes to ``failed/<sensor>/`` for a human (never deleted)."""
+    dest = Spool(worker.cfg.spool).failed_dir(worker.sensor.name) / open_segment_record_name(segment)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(segment, dest)
+    open_segment_header(segment).unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond import reading_journal as rj
 from beemond.clock import Clock
 from beemond.clock import synchronized as clock_synchronized
 from beemond.config import DEFAULT_TEMPLATE
@@ -82,6 +83,9 @@ class PolledSensorWorker:
 
         # power_pin: the sensor's supply is switched on power_lead_s before each measurement, off after
         self.power = power_switch(sensor, channel.beat)
+        # Every reading is also appended to this journal, durable within journal_sync_s (power cuts).
+        self.journal = rj.ReadingJournal(Spool(cfg.spool).journal_path(sensor.name), cfg.daemon.journal_sync_s)
+        self.restart_gap: dict | None = None   # {"last": ISO|None} until the run's first record is written
 
     # -- for subclasses
     def read(self) -> tuple:
@@ -126,6 +130,13 @@ class PolledSensorWorker:
     def on_sample(self, sample: dict) -> None:
         """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
 
+    def replay_position(self) -> dict | None:
+        """Simulated backend: where the replay stands (JSON), kept in the journal; None otherwise."""
+        return None
+
+    def resume_replay(self, position: dict) -> None:
+        """Simulated backend: continue the replay from *position* (from :meth:`replay_position`)."""
+
     def close(self) -> None:
         pass
 
@@ -135,11 +146,17 @@ class PolledSensorWorker:
         poller = PeriodicValuePoller(interval, self.measure_once)
         log.info("recording every %g s, a record per %g s", interval, self.sensor.record_window_s)
         try:
+            self.fold_journal()
+        except OSError as e:   # disk full or read-only: the journal stays for the next start
+            log.error("cannot fold the reading journal: %s", e)
+        try:
             while True:
                 now = time.monotonic()
                 deadlines = [poller.due()]
                 if self.window_opened is not None:
                     deadlines.append(self.window_opened + self.sensor.record_window_s)
+                if self.journal.due() is not None:
+                    deadlines.append(self.journal.due())
                 cmd = self.channel.receive(timeout=max(0.0, min(deadlines) - now))
                 if cmd is not None:
                     if cmd.kind == ipc.SHUTDOWN:
@@ -161,10 +178,12 @@ class PolledSensorWorker:
                     poller.poll(now)  # measures; the grid stays fixed and a long stall is skipped, not burst
                     if poller.skipped > skipped:
                         log.warning("fell behind by %d interval(s); skipping them", poller.skipped - skipped)
+                self._journal_sync(now)
                 if self.window_opened is not None and now - self.window_opened >= self.sensor.record_window_s:
                     self.flush()
         finally:
             self.flush()
+            self.journal.close()
             self.close()
             self.power.close()
 
@@ -205,7 +224,13 @@ class PolledSensorWorker:
             self.window_opened = time.monotonic()
         if not synced:
             self.unsynchronized += 1
-        self.readings.append((stamp, reading, self.tag()))
+        tag = self.tag()
+        self.readings.append((stamp, reading, tag))
+        try:
+            self.journal.append(rj.entry(stamp, reading, tag, not synced, self.errors, self.missed,
+                                         self.replay_position()))
+        except OSError as e:   # disk full: the reading is still held in memory and recorded later
+            log.warning("cannot journal a reading: %s", e)
         for data in self.samples(reading):
             self.channel.send(ipc.SAMPLE, time=stamp.timestamp(), **data)   # the reading's own time
 
@@ -218,22 +243,13 @@ class PolledSensorWorker:
         unsynced, self.unsynchronized = self.unsynchronized, 0
         clamped, self.clamped_at_open = self.clock.clamped - self.clamped_at_open, self.clock.clamped
         start, end = readings[0][0], readings[-1][0]
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["time", *self.columns])
-        for stamp, reading, _tag in readings:
-            w.writerow([archive.utc_iso(stamp), *self.format_row(reading)])
-        metadata = {
-            "sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
-            "start": archive.utc_iso(start), "end": archive.utc_iso(end), "rows": len(readings),
-            "columns": ["time", *self.columns], "errors": self.errors, "missed": self.missed,
-            "rejected": self.rejected,
-            "clock_synchronized": unsynced == 0,
-            **({"clock_clamped": clamped} if clamped else {}),
-            **self.extra_metadata(readings),
-        }
+        body, metadata = self._record(readings, self.errors, self.missed, unsynced == 0, self.rejected)
+        if clamped:
+            metadata["clock_clamped"] = clamped
+        if self.restart_gap is not None:
+            metadata.update(rj.gap_metadata(self.restart_gap["last"], start))
         try:
-            path = write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
+            path = write_staged(self, start, end, metadata, data_writer=lambda f: f.write(body))
         except OSError as e:  # disk full, read-only remount: keep the readings and try again later
             kept = readings[-self.max_held_readings:]
             if len(kept) < len(readings):
@@ -252,7 +268,72 @@ class PolledSensorWorker:
             self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
             return
         self.errors = self.missed = self.rejected = 0
+        self.restart_gap = None
         log.debug("record %s: %d readings", path.name, len(readings))
+        self._journal_reset(archive.utc_iso(end))
+
+    def _record(self, readings: list[tuple], errors: int, missed: int, synchronized: bool,
+                rejected: int = 0) -> tuple[bytes, dict]:
+        """The CSV body and metadata of a record made of *readings* ((UTC time, values, tag) each)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["time", *self.columns])
+        for stamp, reading, _tag in readings:
+            w.writerow([archive.utc_iso(stamp), *self.format_row(reading)])
+        metadata = {
+            "sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
+            "start": archive.utc_iso(readings[0][0]), "end": archive.utc_iso(readings[-1][0]),
+            "rows": len(readings), "columns": ["time", *self.columns], "errors": errors, "missed": missed,
+            "rejected": rejected, "clock_synchronized": synchronized, **self.extra_metadata(readings),
+        }
+        return buf.getvalue().encode(), metadata
+
+    # -- the reading journal (beemond.reading_journal)
+    def fold_journal(self) -> None:
+        """At start: write the readings a previous run journaled but never recorded as a record (marked
+        ``recovered_from_journal``), resume the replay where the journal says it stood, and note the gap
+        for this run's first record. Idempotent: a record already staged under the same name (a crash
+        after writing it, before the journal was reset) is not written twice."""
+        rec = self.journal.recover()
+        if rec.skipped_lines:
+            log.warning("journal: skipped %d torn line(s) left by a crash", rec.skipped_lines)
+        last, replay = rec.last_reading, rec.replay
+        if rec.entries:
+            readings = [(archive.parse_iso(e["t"]), tuple(e["v"]), e.get("g")) for e in rec.entries]
+            tail = rec.entries[-1]
+            body, metadata = self._record(readings, tail.get("e", 0), tail.get("m", 0),
+                                          not any(e.get("u") for e in rec.entries))
+            metadata["recovered_from_journal"] = True
+            start, end = readings[0][0], readings[-1][0]
+            metadata = staged_metadata(self, metadata)
+            rel = staged_name(self, start, end, metadata)
+            if (self.staging / rel).exists():
+                log.info("journal: its %d reading(s) are already in %s", len(readings), rel)
+            else:
+                stage(self, rel, metadata, data_writer=lambda f: f.write(body))
+                log.warning("journal: recorded %d reading(s) a crash left unrecorded, %s to %s", len(readings),
+                            tail["t"] if len(readings) == 1 else rec.entries[0]["t"], tail["t"])
+            last, replay = tail["t"], tail.get("r", replay)
+        if replay is not None and getattr(self.sensor, "replay", None) is not None and self.sensor.replay.resume:
+            self.resume_replay(replay)
+        if rec.existed:
+            self.restart_gap = {"last": last}
+        if rec.entries or rec.skipped_lines:
+            self._journal_reset(last, replay)
+        # else the journal is a header alone (or absent): readings append to it as it is, and a start
+        # costs no write (a Pi that reboots often, and a worker that restarts, start measuring at once)
+
+    def _journal_reset(self, last: str | None, replay: dict | None = None) -> None:
+        try:
+            self.journal.reset(last, replay if replay is not None else self.replay_position())
+        except OSError as e:   # the readings are in a record; a later fold finds that record and skips
+            log.warning("cannot reset the reading journal: %s", e)
+
+    def _journal_sync(self, now: float) -> None:
+        try:
+            self.journal.sync_if_due(now)
+        except OSError as e:
+            log.warning("cannot sync the reading journal: %s", e)
 
 
 class I2CWorker(PolledSensorWorker):
@@ -267,7 +348,8 @@ class I2CWorker(PolledSensorWorker):
             from beemond.sensors.emulators.i2c import EmulatedSMBus
             from beemond.sensors.emulators.replay import CsvReplay
 
-            self.chip = self.emulated_chip(CsvReplay.from_config(sensor.replay))
+            self.replay = CsvReplay.from_config(sensor.replay)
+            self.chip = self.emulated_chip(self.replay)
             self.bus = EmulatedSMBus(sensor.bus, {sensor.address: self.chip})
         else:
             from smbus2 import SMBus
@@ -277,6 +359,13 @@ class I2CWorker(PolledSensorWorker):
     def emulated_chip(self, replay):
         """The emulator for the simulated backend; it records each value's replay row in ``served``."""
         raise NotImplementedError
+
+    def replay_position(self) -> dict | None:
+        return self.replay.position() if self.chip is not None else None
+
+    def resume_replay(self, position: dict) -> None:
+        if self.chip is not None:
+            self.replay.resume(position)
 
     def tag(self):
         if self.chip is None:

@@ -211,6 +211,17 @@ class DS18B20Worker(PolledSensorWorker):
         return [{"sensor": self.sensor.name, "values": {"temperature_celsius": v}, "labels": {"position": p}}
                 for p, v in zip(self.positions, reading) if v is not None]
 
+    def replay_position(self) -> dict | None:
+        if self.tree is None:
+            return None
+        return {p: pos for p, r in self.tree.replays.items() if (pos := r.position()) is not None} or None
+
+    def resume_replay(self, position: dict) -> None:
+        if self.tree is not None:
+            for p, pos in position.items():
+                if p in self.tree.replays:
+                    self.tree.replays[p].resume(pos)
+
     def plausible(self, reading: tuple) -> tuple[tuple | None, list[str]]:
         kept, why = super().plausible(reading)
         if kept is not None:   # a dropped value's replay row is not in the record

@@ -29,7 +29,8 @@ import time
 from datetime import datetime, timezone
 
 from beemond import archive, ipc
-from beemond.sensors.base import write_staged
+from beemond import reading_journal as rj
+from beemond.sensors.base import stage, staged_metadata, staged_name, write_staged
 from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,9 @@ class GpioWorker:
         self.paused = False
         self.errors = 0
         self.pulsers = []
+        # Each input event is journaled (durable within journal_sync_s) until its record is written.
+        self.journal = rj.ReadingJournal(Spool(cfg.spool).journal_path(sensor.name), cfg.daemon.journal_sync_s)
+        self.restart_gap: dict | None = None
 
     def _callback(self, name: str):
         def activated(device=None) -> None:  # gpiozero's thread: hand over, nothing else
@@ -147,8 +151,33 @@ class GpioWorker:
             self.led.blink(on_time=pattern[0], off_time=pattern[1], background=True)
             self.pattern = pattern
 
+    def fold_journal(self) -> None:
+        """At start: write the input events a crash left in the journal as a record (idempotent, as
+        :meth:`beemond.sensors.base.PolledSensorWorker.fold_journal`) and note the gap."""
+        rec = self.journal.recover()
+        last = rec.last_reading
+        rows = [e["v"] for e in rec.entries if isinstance(e.get("v"), list) and len(e["v"]) == len(COLUMNS)]
+        if rows:
+            body, metadata = self._record(rows)
+            metadata["recovered_from_journal"] = True
+            start, end = archive.parse_iso(rows[0][0]), archive.parse_iso(rows[-1][0])
+            metadata = staged_metadata(self, metadata)
+            rel = staged_name(self, start, end, metadata)
+            if not (self.staging / rel).exists():
+                stage(self, rel, metadata, data_writer=lambda f: f.write(body))
+                log.warning("journal: recorded %d input event(s) a crash left unrecorded", len(rows))
+            last = rows[-1][0]
+        if rec.existed:
+            self.restart_gap = {"last": last}
+        if rec.entries or rec.skipped_lines:
+            self.journal.reset(last, None)
+
     def run(self) -> None:
         log.info("gpio: %s", self.sensor.describe())
+        try:
+            self.fold_journal()
+        except OSError as e:
+            log.error("cannot fold the journal: %s", e)
         self._blink(BLINK_OK)
         if self.sensor.backend == "simulated":
             from beemond.sensors.emulators.gpio import PinPulser
@@ -162,6 +191,8 @@ class GpioWorker:
                 timeout = self.cfg.daemon.heartbeat_interval_s
                 if self.window_opened is not None:
                     timeout = max(0.0, self.window_opened + self.sensor.record_window_s - time.monotonic())
+                if self.journal.due() is not None:
+                    timeout = max(0.0, min(timeout, self.journal.due() - time.monotonic()))
                 cmd = self.channel.receive(timeout=timeout)
                 if cmd is not None:
                     if cmd.kind == ipc.SHUTDOWN:
@@ -174,12 +205,17 @@ class GpioWorker:
                     elif cmd.kind == INPUT:
                         self._on_input(cmd.args["input"], cmd.args["time"])
                     # capture_now: a GPIO sensor has nothing to capture
+                try:
+                    self.journal.sync_if_due()
+                except OSError as e:
+                    log.warning("cannot sync the journal: %s", e)
                 if self.window_opened is not None and time.monotonic() - self.window_opened >= self.sensor.record_window_s:
                     self.flush()
         finally:
             for p in self.pulsers:
                 p.stop()
             self.flush()
+            self.journal.close()
             for dev in self.devices.values():
                 dev.close()
             if self.led is not None:
@@ -203,8 +239,12 @@ class GpioWorker:
         log.info("input %s (%s, GPIO%d) activated: %s", name, inp.kind, inp.pin, action)
         if self.window_opened is None:
             self.window_opened = now
-        self.rows.append([archive.utc_iso(datetime.fromtimestamp(stamp, timezone.utc)), name, inp.kind,
-                          str(inp.pin), action])
+        row = [archive.utc_iso(datetime.fromtimestamp(stamp, timezone.utc)), name, inp.kind, str(inp.pin), action]
+        self.rows.append(row)
+        try:
+            self.journal.append({"t": row[0], "v": row})
+        except OSError as e:   # disk full: still held in memory
+            log.warning("cannot journal an input event: %s", e)
 
     def flush(self) -> None:
         """Write the input events of the open window as one CSV record (nothing if there are none)."""
@@ -212,16 +252,12 @@ class GpioWorker:
             self.window_opened = None
             return
         rows = self.rows
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(COLUMNS)
-        w.writerows(rows)
         start, end = archive.parse_iso(rows[0][0]), archive.parse_iso(rows[-1][0])
-        metadata = {"sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
-                    "start": rows[0][0], "end": rows[-1][0], "rows": len(rows), "columns": list(COLUMNS),
-                    "errors": self.errors}
+        body, metadata = self._record(rows)
+        if self.restart_gap is not None:
+            metadata.update(rj.gap_metadata(self.restart_gap["last"], start))
         try:
-            write_staged(self, start, end, metadata, data_writer=lambda f: f.write(buf.getvalue().encode()))
+            write_staged(self, start, end, metadata, data_writer=lambda f: f.write(body))
         except OSError as e:  # keep the events and retry at the next window
             self.errors += 1
             del self.rows[:-MAX_HELD_EVENTS]  # bounded while the disk refuses writes
@@ -230,5 +266,20 @@ class GpioWorker:
             self.channel.send(ipc.ERROR, message=f"record write failed: {e}")
             self._blink(BLINK_ERROR)
             return
-        self.rows, self.window_opened, self.errors = [], None, 0
+        self.rows, self.window_opened, self.errors, self.restart_gap = [], None, 0, None
         self._blink(BLINK_OK)
+        try:
+            self.journal.reset(rows[-1][0], None)
+        except OSError as e:   # the events are in a record; a later fold finds it and skips
+            log.warning("cannot reset the journal: %s", e)
+
+    def _record(self, rows: list[list[str]]) -> tuple[bytes, dict]:
+        """The CSV body and metadata of a record of input events."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+        metadata = {"sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
+                    "start": rows[0][0], "end": rows[-1][0], "rows": len(rows), "columns": list(COLUMNS),
+                    "errors": self.errors}
+        return buf.getvalue().encode(), metadata

@@ -1,66 +1,100 @@
 """Replay of real measurements from a CSV file into an emulated sensor.
 
-Made for the UrBAN 2021 in-hive data in ``shared/data/urban-2021/`` (see its README.md: columns
+Made for the UrBAN 2021 in-hive data in ``data/urban-2021/`` (see its README.md: columns
 ``Date`` (UTC), ``Tag number``, ``temperature`` in °C, ``humidity`` in %RH; CC BY 4.0, Abdollahi et
 al. 2024, doi:10.20383/103.0972), but every column name and the row filter are configurable.
 
-Two pacing modes:
+Fidelity: rows keep their file order, stably sorted by time only (never by value); rows that share a
+timestamp are all kept; only exact duplicate lines are dropped (the UrBAN subset lists every row of
+a hive twice). A sensor reads only the columns it uses (a DS18B20 needs no humidity column). An empty
+or unparseable cell drops its row from the replay of a sensor that uses that column, and is counted
+(``CsvReplay.skipped``, per column); it never rejects the file. Timestamps without an offset are in
+``timezone`` (an IANA name; UTC by default).
 
-Exact duplicate rows (same time and values) are replayed once: the UrBAN subset lists every row of
-a hive twice.
+Two pacing modes:
 
 - ``speedup = 0`` (sequential): each measurement is served the next row, so every row in the run
   reaches the driver exactly once. This is what the end-to-end tests check.
 - ``speedup > 0`` (clock): replay time runs ``speedup`` times faster than the monotonic clock since
   the replay started, and a measurement sees the latest row at or before replay time (a sample-and-
   hold of the real signal), so rows may repeat or be skipped, as with a real sensor.
+
+Resume: :meth:`CsvReplay.position` is kept with each reading in the sensor's journal
+(:mod:`beemond.reading_journal`); after a restart or a worker crash :meth:`CsvReplay.resume`
+continues with the row after the last durable reading instead of replaying from ``start``.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import csv
+import logging
 import time
+import zoneinfo
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    index: int          # position among the filtered rows, from 0
+    index: int          # position among the replayed rows, from 0
     time: datetime      # UTC
     temperature_c: float
-    humidity_rh: float
+    humidity_rh: float | None = None   # None when the sensor does not read humidity
     pressure_pa: float | None = None   # only with a pressure column
 
 
-def _parse_time(text: str) -> datetime:
+def _parse_time(text: str, tz: tzinfo = timezone.utc) -> datetime:
     t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return (t if t.tzinfo else t.replace(tzinfo=tz)).astimezone(timezone.utc)
+
+
+def zone(name: str) -> tzinfo:
+    """The zone of naive timestamps: an IANA name (``""`` or ``"UTC"``: UTC). Raises ``ValueError``."""
+    if not name or name.upper() == "UTC":
+        return timezone.utc
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA time zone {name!r} (e.g. Europe/Paris, UTC)") from None
 
 
 class CsvReplay:
     """Filtered rows of a CSV file and a cursor over them. Raises ``ValueError`` on a bad file."""
 
-    def __init__(self, rows: list[Row], start: datetime | None = None, speedup: float = 0.0, loop: bool = True):
+    def __init__(self, rows: list[Row], start: datetime | None = None, speedup: float = 0.0, loop: bool = True,
+                 skipped: dict[str, int] | None = None):
         if not rows:
             raise ValueError("the replay file has no rows after filtering")
         self.rows = rows
         self.speedup = speedup
         self.loop = loop
+        self.skipped = dict(skipped or {})   # column -> cells that were empty or unparseable
         self._times = [r.time.timestamp() for r in rows]
         self._first = 0 if start is None else max(0, bisect.bisect_left(self._times, start.timestamp()))
         if self._first >= len(rows):
             raise ValueError(f"start {start.isoformat()} is after the last row ({rows[-1].time.isoformat()})")
         self._next = self._first
         self._t0 = time.monotonic()
+        self._served: Row | None = None
 
     @classmethod
-    def from_config(cls, rc) -> "CsvReplay":
-        return cls(load_rows(rc.file, rc.time_column, rc.temperature_column, rc.humidity_column,
-                             rc.filter_column, rc.filter_value, rc.pressure_column),
-                   start=_parse_time(rc.start) if rc.start else None, speedup=rc.speedup, loop=rc.loop)
+    def from_config(cls, rc, values: tuple[str, ...] = ("temperature", "humidity")) -> "CsvReplay":
+        """*values*: the quantities the sensor reads (``temperature``, ``humidity``; ``pressure`` is
+        read whenever ``rc.pressure_column`` is set)."""
+        skipped: dict[str, int] = {}
+        rows = load_rows(rc.file, rc.time_column, rc.temperature_column,
+                         rc.humidity_column if "humidity" in values else "",
+                         rc.filter_column, rc.filter_value, rc.pressure_column,
+                         tz=zone(getattr(rc, "timezone", "")), skipped=skipped)
+        if skipped:
+            log.warning("replay %s: skipped %s", rc.file.name,
+                        ", ".join(f"{n} unreadable {col!r} cell(s)" for col, n in skipped.items()))
+        return cls(rows, start=_parse_time(rc.start) if rc.start else None, speedup=rc.speedup, loop=rc.loop,
+                   skipped=skipped)
 
     def next_row(self) -> Row:
         """The row the next measurement sees."""
@@ -70,14 +104,44 @@ class CsvReplay:
             if self.loop and span > 0:
                 replay_t = self._times[self._first] + (replay_t - self._times[self._first]) % span
             i = max(self._first, bisect.bisect_right(self._times, replay_t) - 1)
-            return self.rows[i]
+            self._served = self.rows[i]
+            return self._served
         if self._next >= len(self.rows):
             if not self.loop:
-                return self.rows[-1]
+                self._served = self.rows[-1]
+                return self._served
             self._next = self._first
         row = self.rows[self._next]
         self._next += 1
+        self._served = row
         return row
+
+    def position(self) -> dict | None:
+        """Where the replay stands (JSON): the last row served, by index and time; None before any."""
+        if self._served is None:
+            return None
+        return {"row": self._served.index, "time": self._served.time.isoformat()}
+
+    def resume(self, position: dict) -> None:
+        """Continue after the row *position* names (:meth:`position`). If the file changed (that row
+        index has another time), continue after the last row at or before that time."""
+        try:
+            i, t = int(position["row"]), datetime.fromisoformat(position["time"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("replay: ignoring an unreadable position %r", position)
+            return
+        if not (0 <= i < len(self.rows) and self.rows[i].time == t):
+            i = bisect.bisect_right(self._times, t.timestamp()) - 1
+            log.warning("replay: the file changed; resuming after the row at or before %s", t.isoformat())
+            if i < 0:
+                return
+        if self.speedup > 0:
+            # replay time continues from the row served last
+            self._t0 = time.monotonic() - (self._times[i] - self._times[self._first]) / self.speedup
+        else:
+            self._next = i + 1
+        self._served = self.rows[i]
+        log.info("replay resumes after row %d (%s)", i, self.rows[i].time.isoformat())
 
 
 def read_header(path: Path) -> list[str]:
@@ -86,28 +150,55 @@ def read_header(path: Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
-def load_rows(path: Path, time_column: str, temperature_column: str, humidity_column: str,
-              filter_column: str = "", filter_value: str = "", pressure_column: str = "") -> list[Row]:
-    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset);
-    *pressure_column* (Pa), if given, fills ``Row.pressure_pa``."""
-    rows: list[Row] = []
+def load_rows(path: Path, time_column: str, temperature_column: str, humidity_column: str = "",
+              filter_column: str = "", filter_value: str = "", pressure_column: str = "",
+              tz: tzinfo = timezone.utc, skipped: dict[str, int] | None = None) -> list[Row]:
+    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset).
+
+    Only the named columns are read (*humidity_column* and *pressure_column* may be ``""``); a missing
+    named column raises ``ValueError``. A row whose time or a named value is empty or unparseable is
+    left out and counted in *skipped* (column -> count). Exact duplicate lines are dropped; the rest
+    keep their file order, stably sorted by time. Naive times are in *tz*.
+    """
+    skipped = skipped if skipped is not None else {}
+    counts = collections.Counter()
+    rows: list[tuple] = []
+    seen: set[tuple] = set()
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        optional = [c for c in (filter_column, pressure_column) if c]
-        for col in (time_column, temperature_column, humidity_column, *optional):
+        reader = csv.reader(f)
+        header = next(reader, [])
+        named = [c for c in (time_column, temperature_column, humidity_column, pressure_column, filter_column) if c]
+        for col in named:
             if col not in header:
-                raise ValueError(f"column {col!r} not in {path.name} (has: {', '.join(header)})")
-        for n, rec in enumerate(reader, start=2):
-            if filter_column and rec[filter_column].strip() != filter_value:
+                raise ValueError(f"column {col!r} not in {Path(path).name} (has: {', '.join(header)})")
+        at = {c: header.index(c) for c in named}
+        for fields in reader:
+            key = tuple(fields)
+            if key in seen:   # an exact duplicate line
+                continue
+            seen.add(key)
+            if len(fields) < len(header):
+                fields = fields + [""] * (len(header) - len(fields))
+            if filter_column and fields[at[filter_column]].strip() != filter_value:
                 continue
             try:
-                rows.append(Row(len(rows), _parse_time(rec[time_column]),
-                                float(rec[temperature_column]), float(rec[humidity_column]),
-                                float(rec[pressure_column]) if pressure_column else None))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{path.name} line {n}: {e}") from None
-    # The UrBAN subset lists each row of a hive twice; a sensor measures a moment once.
-    unique = sorted({(r.time, r.temperature_c, r.humidity_rh, r.pressure_pa) for r in rows},
-                    key=lambda u: (*u[:3], u[3] or 0.0))
-    return [Row(i, *u) for i, u in enumerate(unique)]
+                t = _parse_time(fields[at[time_column]], tz)
+            except ValueError:
+                counts[time_column] += 1
+                continue
+            values = []
+            for col in (temperature_column, humidity_column, pressure_column):
+                if not col:
+                    values.append(None)
+                    continue
+                try:
+                    values.append(float(fields[at[col]]))
+                except ValueError:
+                    counts[col] += 1
+                    values = None
+                    break
+            if values is not None:
+                rows.append((t, *values))
+    skipped.update(counts)
+    rows.sort(key=lambda r: r[0])   # stable: rows of one time keep their file order
+    return [Row(i, t, temp, rh, pa) for i, (t, temp, rh, pa) in enumerate(rows)]

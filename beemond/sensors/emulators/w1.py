@@ -72,20 +72,23 @@ class W1Tree:
     def from_replay(cls, base: Path, sensor) -> "W1Tree":
         """Probes of a simulated ``DS18B20Config``, each driven by the replay rows selected by its
         ``replay_filter_values`` entry (default: the replay's own filter)."""
+        from beemond.config import replay_values
         from beemond.sensors.emulators.replay import CsvReplay
 
-        sources = {}
+        sources, replays = {}, {}
         for position, rom in sensor.probes.items():
             rc = sensor.replay
             if position in sensor.replay_filter_values:
                 rc = dataclasses.replace(rc, filter_value=sensor.replay_filter_values[position])
-            replay = CsvReplay.from_config(rc)
+            replay = replays[position] = CsvReplay.from_config(rc, values=replay_values(sensor.replay_columns))
 
             def source(replay=replay):
                 row = replay.next_row()
                 return row.temperature_c, row.index
             sources[rom] = source
-        return cls(base, sources)
+        tree = cls(base, sources)
+        tree.replays = replays   # position -> CsvReplay (the worker keeps their positions)
+        return tree
 
     def _write(self, rom: str, text: str) -> None:
         d = self.base / rom
