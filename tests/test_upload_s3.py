@@ -200,3 +200,25 @@ def test_s3_a_connection_idle_too_long_is_replaced_before_the_next_request(tmp_p
         wait_for(lambda: not bundles_left(cfg), 30, "the uploads")
     assert r.uploader.counts["failures"] == 0
     assert shared_s3.objects("idle/") == keyed("idle", made)
+
+
+def test_s3_keys_with_spaces_plus_tilde_and_unicode_are_signed_and_stored_once(tmp_path, keys, secret_file, shared_s3):
+    """SigV4's canonical URI percent-encodes each byte of the UTF-8 key but "/-_.~" (a space is %20, a
+    "+" %2B); a wrong encoding shows as 403 SignatureDoesNotMatch, or as an object under another name.
+    The same bundles sent again meet 412 and are found equal by HEAD under the same encoded key."""
+    layout = "{{ host }}/apiary 1+2~ü/{{ name }}"
+    cfg = load(tmp_path, keys, secret_file, **s3_over(shared_s3.port, "odd keys", **{"upload.layout": layout}))
+    outbox = outbox_of(cfg)
+    made = make_bundles(outbox, 2, 5_000)
+    copies = {n: (outbox / n).read_bytes() for n in made}
+    with Running(cfg) as r:
+        wait_for(lambda: not bundles_left(cfg), 30, "the uploads")
+    assert r.uploader.counts["failures"] == 0
+    expected = {f"odd keys/{HOST}/apiary 1+2~ü/{name}": digest for name, digest in made.items()}
+    assert shared_s3.objects("odd keys/") == expected
+    for name, data in copies.items():      # sent again: 412, then HEAD on the same encoded key
+        (outbox / name).write_bytes(data)
+    with Running(cfg) as r:
+        wait_for(lambda: not bundles_left(cfg), 30, "the re-sent bundles")
+    assert r.uploader.counts["quarantined"] == 0 and r.uploader.counts["failures"] == 0
+    assert shared_s3.objects("odd keys/") == expected
