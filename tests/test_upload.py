@@ -831,3 +831,45 @@ def test_shutdown_pauses_a_long_transfer_and_the_next_start_resumes_it(tmp_path,
     assert on_server(server.root) == made
     assert r.uploader.counts["paused"] == 1 and r2.uploader.counts["resumed"] == 1
     assert proxy.sent_up < 1.1 * size
+
+
+def test_bundle_resealed_after_a_crash_is_not_resumed_onto_its_twins_part(tmp_path, keys):
+    """A crash after a bundle reached the outbox but before its staged records' unlinks were durable
+    makes the aggregator seal the same records again: the same name and size, other bytes (age's file
+    key is random). A .part of the first twin on the server must not be continued with the second's
+    bytes: that passes the size check and the server keeps a bundle nobody can decrypt."""
+    from beemond import aggregator, crypto, spool
+    from beemond.bundle_format import extract_bundle
+
+    share = tmp_path / "share"
+    share.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(share),
+                                        "upload.layout": "{{ name }}"})
+    staging = spool.Spool(cfg.spool).staging
+    for n in range(3):
+        meta = {"start": f"2021-06-19T00:00:0{n}.000Z", "end": f"2021-06-19T00:00:0{n}.000Z"}
+        spool.write_record(staging / "hive_audio", f"r{n}.bin", meta,
+                           data_writer=lambda f: f.write(os.urandom(100_000)))
+    kept = tmp_path / "staged-before-the-crash"
+    shutil.copytree(staging, kept)
+    chan = lambda: ipc.Channel("aggregator", queue.Queue(), multiprocessing.Pipe(False)[1], 1)  # noqa: E731
+    agg = aggregator.Aggregator(cfg, chan())
+    agg.rescan(final=True)
+    agg.seal_all(force=True)
+    [first] = list(outbox_of(cfg).glob("*.tar.age"))
+    body = first.read_bytes()
+    (share / (first.name + ".part")).write_bytes(body[:150_000])  # its upload, cut by the power cut
+    shutil.rmtree(staging)
+    shutil.copytree(kept, staging)  # the unlinks of the staged records never reached the disk
+    agg = aggregator.Aggregator(cfg, chan())
+    agg.rescan(final=True)
+    agg.seal_all(force=True)
+    assert [p.name for p in outbox_of(cfg).glob("*.tar.age")] == [first.name]
+    local = first.read_bytes()
+    u = Uploader(cfg, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    u.scan()
+    while u.backlog:
+        assert u.upload_next()
+    assert (share / first.name).read_bytes() == local
+    got = extract_bundle(share / first.name, crypto.load_identities(keys["identity"]), tmp_path / "out")
+    assert len(got["records"]) == 3
