@@ -873,3 +873,25 @@ def test_bundle_resealed_after_a_crash_is_not_resumed_onto_its_twins_part(tmp_pa
     assert (share / first.name).read_bytes() == local
     got = extract_bundle(share / first.name, crypto.load_identities(keys["identity"]), tmp_path / "out")
     assert len(got["records"]) == 3
+
+
+def test_a_server_that_cannot_resume_never_pauses_a_large_bundle_for_fresh_ones(tmp_path, keys, password_file):
+    """Without REST STREAM a paused transfer starts over from byte 0: pausing it for fresh bundles
+    would send it again and again (and never finish while small bundles keep coming). It goes on."""
+    server = FtpServer(tmp_path / "ftp-root", password_file, extra_args=("--no-rest",)).start()
+    proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
+    size = 150_000  # 5 s at 30 KB/s
+    try:
+        cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port)
+        made = make_bundles(outbox_of(cfg), 1, size)
+        with Running(cfg) as r:
+            r.uploader.interleave_after_s = 1.0
+            wait_for(lambda: any(p.stat().st_size > 20_000 for p in server.parts()), 30, "the large one going")
+            made.update(make_bundles(outbox_of(cfg), 1, 3_000, sensor="climate", start=5))
+            wait_for(lambda: not bundles_left(cfg), 60, "both delivered")
+    finally:
+        proxy.stop()
+        server.stop()
+    assert on_server(server.root) == made
+    assert r.uploader.counts["paused"] == 0 and r.uploader.counts["failures"] == 0
+    assert proxy.sent_up < 1.1 * size

@@ -467,6 +467,8 @@ class Uploader:
         reader, total = self._current
         if time.monotonic() - reader.t0 < self.interleave_after_s:
             return False
+        if not self.transport.resumable or self.known.get(self._sending, 0) < RESUME_MIN_BYTES:
+            return False  # its next attempt starts from byte 0: fresh bundles keeping coming would starve it
         left = total - reader.sent
         return any(self.known.get(p, left) < left and self._window_open(p) for p in self.fresh)
 
