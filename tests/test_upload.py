@@ -354,12 +354,15 @@ def _errors(events_r) -> list[str]:
 
 
 def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploaded(tmp_path, keys, password_file,
-                                                                                      caplog):
+                                                                                      caplog, monkeypatch):
     """The one space policy (Uploader.enforce_spool_limits, the sole deleter of outbox/ and uploaded/):
     uploaded copies first, however new; un-uploaded bundles only with daemon.drop_oldest_when_full, oldest
     first, never the newest, each bundle before its .sig, each counted; a dropped bundle leaves the queues
     without quarantine or backoff; an old orphan .sig is swept, a young one (a seal in progress) kept."""
     caplog.set_level(logging.INFO)
+    from beemond.upload import uploader as uploader_mod
+
+    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)  # its bundle gone for an hour, by the clock (see below)
     over = {"daemon.spool_min_free_bytes": 2**49, "upload.protocol": "local", "upload.remote_dir": str(tmp_path),
             "upload.password_file": None, "upload.keep_uploaded_bytes": 10**6}
     cfg = load(tmp_path, keys, password_file, **over)
@@ -895,3 +898,34 @@ def test_a_server_that_cannot_resume_never_pauses_a_large_bundle_for_fresh_ones(
     assert on_server(server.root) == made
     assert r.uploader.counts["paused"] == 0 and r.uploader.counts["failures"] == 0
     assert proxy.sent_up < 1.1 * size
+
+
+def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_path, keys, monkeypatch):
+    """The aggregator renames a signature in just before its bundle (whose fsync may take seconds on
+    an SD card). If NTP steps the clock forward meanwhile, the young signature looks hours old by its
+    mtime; deleting it then sends its bundle unsigned. Only one seen without its bundle for
+    ORPHAN_SIG_SEEN_S of the uploader's own (monotonic) time goes, not at first sight."""
+    from beemond.upload import uploader as uploader_mod
+
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "none", "upload.password_file": None})
+    outbox = outbox_of(cfg)
+    name = next(iter(make_bundles(tmp_path / "sealing", 1, 1_000)))
+    outbox.mkdir(parents=True, exist_ok=True)
+    sig = outbox / (name + ".sig")
+    sig.write_bytes(b"s" * 64)
+    hour_ago = time.time() - 3600  # the clock stepped an hour forward since it was written
+    os.utime(sig, (hour_ago, hour_ago))
+    u = Uploader(cfg, _channel("uploader")[0])
+    u.enforce_spool_limits()
+    assert sig.exists(), "a signature whose bundle is still on its way was deleted"
+    os.replace(tmp_path / "sealing" / name, outbox / name)  # the bundle's rename follows
+    u.enforce_spool_limits()
+    assert sig.exists()
+    # A real orphan (its bundle was dropped by hand, or a power cut came between the renames) goes
+    # once the uploader has seen it alone for the grace time.
+    (outbox / name).unlink()
+    u.enforce_spool_limits()
+    assert sig.exists()
+    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)
+    u.enforce_spool_limits()
+    assert not sig.exists()
