@@ -14,8 +14,9 @@ one write of the ciphertext, and at most ``QUEUE_CHUNKS`` MiB of memory.
 
 Bundle names are ``{host}_{start}_{group}_{digest}.tar.age`` (:data:`beemond.spool.BUNDLE_RE`): ``start`` is the first record's start
 (UTC, ISO 8601 basic), ``group`` is ``all`` or the sensor name, ``digest`` the first 12 hex digits of
-the SHA-256 of the member names. The same records always make the same name, so a bundle resealed
-after a crash replaces its twin instead of duplicating it.
+the SHA-256 of the member names. The same records always make the same name, so records still staged
+after a crash whose bundle reached the outbox are not sealed again: that twin stays as it is (a reseal
+would have other bytes of the same size, which the uploader's resume of a cut transfer cannot tell).
 
 Order of durability: the bundle is fsynced and renamed into ``outbox/`` and the directory fsynced
 *before* any staged record it holds is deleted. The aggregator writes the outbox and deletes from
@@ -367,8 +368,16 @@ class Aggregator:
         ob = self.open[group]
         t0 = time.monotonic()
         try:
-            path, _manifest, size = seal(ob.records, self.outbox, self.recipients, self.cfg.daemon.host, group,
-                                         progress=self.channel.beat, signing_key=self.signing_key)
+            twin = self.outbox / bundle_name(self.cfg.daemon.host, group, ob.records)
+            if twin.exists():
+                # Sealed before a crash kept the staged copies: that bundle stays. A reseal has the same
+                # name and size but other bytes (age's file key is random), and the uploader would
+                # resume a cut upload of the twin with them: a bundle on the server nobody can decrypt.
+                path, size = twin, twin.stat().st_size
+                log.warning("%s is in the outbox already (sealed before a crash); not sealing it again", twin.name)
+            else:
+                path, _manifest, size = seal(ob.records, self.outbox, self.recipients, self.cfg.daemon.host, group,
+                                             progress=self.channel.beat, signing_key=self.signing_key)
         except RecordError as e:
             # One unreadable record must not hold back the rest of the hive's data: set it aside in
             # failed/ (never deleted) and seal the others at once.

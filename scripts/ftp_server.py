@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--readonly", action="append", default=[])
+    p.add_argument("--no-rest", action="store_true", help="no REST (nor REST STREAM in FEAT): a server that cannot resume")
     args = p.parse_args()
     Path(args.root).mkdir(parents=True, exist_ok=True)
     auth = DummyAuthorizer()
@@ -44,6 +45,8 @@ def main() -> None:
         handler.certfile, handler.keyfile = args.tls_cert, args.tls_key
         handler.tls_control_required = handler.tls_data_required = True
     handler.authorizer = auth
+    if args.no_rest:
+        handler.proto_cmds = {k: v for k, v in handler.proto_cmds.items() if k != "REST"}
     handler.passive_ports = None
     logging.basicConfig(level=logging.WARNING)
     server = FTPServer(("127.0.0.1", args.port), handler)

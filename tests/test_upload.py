@@ -354,12 +354,15 @@ def _errors(events_r) -> list[str]:
 
 
 def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploaded(tmp_path, keys, password_file,
-                                                                                      caplog):
+                                                                                      caplog, monkeypatch):
     """The one space policy (Uploader.enforce_spool_limits, the sole deleter of outbox/ and uploaded/):
     uploaded copies first, however new; un-uploaded bundles only with daemon.drop_oldest_when_full, oldest
     first, never the newest, each bundle before its .sig, each counted; a dropped bundle leaves the queues
     without quarantine or backoff; an old orphan .sig is swept, a young one (a seal in progress) kept."""
     caplog.set_level(logging.INFO)
+    from beemond.upload import uploader as uploader_mod
+
+    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)  # its bundle gone for an hour, by the clock (see below)
     over = {"daemon.spool_min_free_bytes": 2**49, "upload.protocol": "local", "upload.remote_dir": str(tmp_path),
             "upload.password_file": None, "upload.keep_uploaded_bytes": 10**6}
     cfg = load(tmp_path, keys, password_file, **over)
@@ -831,3 +834,98 @@ def test_shutdown_pauses_a_long_transfer_and_the_next_start_resumes_it(tmp_path,
     assert on_server(server.root) == made
     assert r.uploader.counts["paused"] == 1 and r2.uploader.counts["resumed"] == 1
     assert proxy.sent_up < 1.1 * size
+
+
+def test_bundle_resealed_after_a_crash_is_not_resumed_onto_its_twins_part(tmp_path, keys):
+    """A crash after a bundle reached the outbox but before its staged records' unlinks were durable
+    makes the aggregator seal the same records again: the same name and size, other bytes (age's file
+    key is random). A .part of the first twin on the server must not be continued with the second's
+    bytes: that passes the size check and the server keeps a bundle nobody can decrypt."""
+    from beemond import aggregator, crypto, spool
+    from beemond.bundle_format import extract_bundle
+
+    share = tmp_path / "share"
+    share.mkdir()
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "local", "upload.remote_dir": str(share),
+                                        "upload.layout": "{{ name }}"})
+    staging = spool.Spool(cfg.spool).staging
+    for n in range(3):
+        meta = {"start": f"2021-06-19T00:00:0{n}.000Z", "end": f"2021-06-19T00:00:0{n}.000Z"}
+        spool.write_record(staging / "hive_audio", f"r{n}.bin", meta,
+                           data_writer=lambda f: f.write(os.urandom(100_000)))
+    kept = tmp_path / "staged-before-the-crash"
+    shutil.copytree(staging, kept)
+    chan = lambda: ipc.Channel("aggregator", queue.Queue(), multiprocessing.Pipe(False)[1], 1)  # noqa: E731
+    agg = aggregator.Aggregator(cfg, chan())
+    agg.rescan(final=True)
+    agg.seal_all(force=True)
+    [first] = list(outbox_of(cfg).glob("*.tar.age"))
+    body = first.read_bytes()
+    (share / (first.name + ".part")).write_bytes(body[:150_000])  # its upload, cut by the power cut
+    shutil.rmtree(staging)
+    shutil.copytree(kept, staging)  # the unlinks of the staged records never reached the disk
+    agg = aggregator.Aggregator(cfg, chan())
+    agg.rescan(final=True)
+    agg.seal_all(force=True)
+    assert [p.name for p in outbox_of(cfg).glob("*.tar.age")] == [first.name]
+    local = first.read_bytes()
+    u = Uploader(cfg, ipc.Channel("uploader", queue.Queue(), multiprocessing.Pipe(False)[1], 1))
+    u.scan()
+    while u.backlog:
+        assert u.upload_next()
+    assert (share / first.name).read_bytes() == local
+    got = extract_bundle(share / first.name, crypto.load_identities(keys["identity"]), tmp_path / "out")
+    assert len(got["records"]) == 3
+
+
+def test_a_server_that_cannot_resume_never_pauses_a_large_bundle_for_fresh_ones(tmp_path, keys, password_file):
+    """Without REST STREAM a paused transfer starts over from byte 0: pausing it for fresh bundles
+    would send it again and again (and never finish while small bundles keep coming). It goes on."""
+    server = FtpServer(tmp_path / "ftp-root", password_file, extra_args=("--no-rest",)).start()
+    proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
+    size = 150_000  # 5 s at 30 KB/s
+    try:
+        cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port)
+        made = make_bundles(outbox_of(cfg), 1, size)
+        with Running(cfg) as r:
+            r.uploader.interleave_after_s = 1.0
+            wait_for(lambda: any(p.stat().st_size > 20_000 for p in server.parts()), 30, "the large one going")
+            made.update(make_bundles(outbox_of(cfg), 1, 3_000, sensor="climate", start=5))
+            wait_for(lambda: not bundles_left(cfg), 60, "both delivered")
+    finally:
+        proxy.stop()
+        server.stop()
+    assert on_server(server.root) == made
+    assert r.uploader.counts["paused"] == 0 and r.uploader.counts["failures"] == 0
+    assert proxy.sent_up < 1.1 * size
+
+
+def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_path, keys, monkeypatch):
+    """The aggregator renames a signature in just before its bundle (whose fsync may take seconds on
+    an SD card). If NTP steps the clock forward meanwhile, the young signature looks hours old by its
+    mtime; deleting it then sends its bundle unsigned. Only one seen without its bundle for
+    ORPHAN_SIG_SEEN_S of the uploader's own (monotonic) time goes, not at first sight."""
+    from beemond.upload import uploader as uploader_mod
+
+    cfg = load(tmp_path, keys, None, **{"upload.protocol": "none", "upload.password_file": None})
+    outbox = outbox_of(cfg)
+    name = next(iter(make_bundles(tmp_path / "sealing", 1, 1_000)))
+    outbox.mkdir(parents=True, exist_ok=True)
+    sig = outbox / (name + ".sig")
+    sig.write_bytes(b"s" * 64)
+    hour_ago = time.time() - 3600  # the clock stepped an hour forward since it was written
+    os.utime(sig, (hour_ago, hour_ago))
+    u = Uploader(cfg, _channel("uploader")[0])
+    u.enforce_spool_limits()
+    assert sig.exists(), "a signature whose bundle is still on its way was deleted"
+    os.replace(tmp_path / "sealing" / name, outbox / name)  # the bundle's rename follows
+    u.enforce_spool_limits()
+    assert sig.exists()
+    # A real orphan (its bundle was dropped by hand, or a power cut came between the renames) goes
+    # once the uploader has seen it alone for the grace time.
+    (outbox / name).unlink()
+    u.enforce_spool_limits()
+    assert sig.exists()
+    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)
+    u.enforce_spool_limits()
+    assert not sig.exists()

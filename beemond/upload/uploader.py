@@ -73,6 +73,7 @@ FILE_EVENT = "outbox_file"
 WINDOW_RECHECK_S = 60.0
 SPOOL_CHECK_S = 10.0        # the [daemon] spool limits are checked this often, and after each upload
 ORPHAN_SIG_GRACE_S = 600.0  # an outbox signature without its bundle this old was left by a power cut
+ORPHAN_SIG_SEEN_S = 60.0    # ... and seen alone this long by the uploader (a clock step can age a young one)
 INTERLEAVE_AFTER_S = 20.0   # a large transfer runs at least this long before fresh bundles may pause it
 POLL_S = 1.0                # how often a running transfer looks for outbox events and commands
 # Smaller files are sent from byte 0 without asking the server for a .part: the question costs a round
@@ -141,6 +142,7 @@ class Uploader:
             self._keep(p)
         self.limits_at = 0.0       # monotonic time of the next spool-limits check
         self.spool_full = False    # over a limit at the last check (one error when it starts, one line when it ends)
+        self.orphans: dict[Path, float] = {}  # outbox signatures without their bundle -> monotonic time first seen
 
     # ---- queues
     def _add(self, path: Path) -> bool:
@@ -467,6 +469,8 @@ class Uploader:
         reader, total = self._current
         if time.monotonic() - reader.t0 < self.interleave_after_s:
             return False
+        if not self.transport.resumable or self.known.get(self._sending, 0) < RESUME_MIN_BYTES:
+            return False  # its next attempt starts from byte 0: fresh bundles keeping coming would starve it
         left = total - reader.sent
         return any(self.known.get(p, left) < left and self._window_open(p) for p in self.fresh)
 
@@ -577,9 +581,15 @@ class Uploader:
         self.limits_at = time.monotonic() + SPOOL_CHECK_S
         d = self.cfg.daemon
         try:
+            # Old by its mtime and seen alone by our monotonic clock too: NTP stepping the clock forward
+            # between the aggregator's two renames makes a signature whose bundle is on its way look old.
+            now, seen = time.monotonic(), {}
             for sig in self.spool.orphan_signatures(older_than_s=ORPHAN_SIG_GRACE_S):
-                sig.unlink(missing_ok=True)
-                log.warning("deleted the signature %s, whose bundle is gone", sig.name)
+                seen[sig] = self.orphans.get(sig, now)
+                if now - seen[sig] >= ORPHAN_SIG_SEEN_S:
+                    sig.unlink(missing_ok=True)
+                    log.warning("deleted the signature %s, whose bundle is gone", sig.name)
+            self.orphans = seen
             used, free = self.spool.allocated(), self.spool.free_bytes()
             over = lambda: bool(d.spool_max_bytes and used > d.spool_max_bytes) or free < d.spool_min_free_bytes  # noqa: E731
             while over() and self.kept:
