@@ -675,7 +675,8 @@ def test_large_bundle_resumes_over_a_slow_resetting_link(tmp_path, keys, passwor
     assert proxy.resets >= 2 and r.uploader.counts["resumed"] >= 2, (proxy.resets, r.uploader.counts)
     # Everything the client sent up (logins, commands, the bundle's attempts) over the bundle's size:
     # each reset loses what was in flight (at most ~2 s of the link) and a login; from 0 it never ends.
-    assert proxy.sent_up / size < 1.5, proxy.sent_up / size
+    # A loaded machine sees more resets before the bundle is through, so the bound is per reset.
+    assert proxy.sent_up <= size + proxy.resets * (2 * rate + 5_000), (proxy.sent_up / size, proxy.resets)
     warnings = _one_line_warnings_no_errors(caplog)
     assert len([w for w in warnings if "failed" in w.getMessage()]) == r.uploader.counts["failures"]
 
