@@ -294,7 +294,7 @@ class PolledSensorWorker:
         """At start: write the readings a previous run journaled but never recorded as a record (marked
         ``recovered_from_journal``), resume the replay where the journal says it stood, and note the gap
         for this run's first record. Idempotent: a record already staged under the same name (or its
-        ``-N`` twin) with the same start, end and rows (a crash after writing it, before the journal was
+        ``-N`` twin) with the same start and end (a crash after writing it, before the journal was
         reset) is not written twice."""
         rec = self.journal.recover()
         if rec.skipped_lines:
@@ -407,7 +407,7 @@ def ranges(indices: list[int]) -> list[list[int]]:
 
 def _staged_twin(staging: Path, rel: str, metadata: dict) -> str | None:
     """The staged record named *rel* (or ``unique_name``'s ``STEM-N.EXT`` of it) holding the same readings
-    as *metadata* (start, end, rows): names have whole seconds, so a name alone may be another record."""
+    as *metadata* (start and end, in ms): names have whole seconds, so a name alone may be another record."""
     stem, dot, ext = rel.rpartition(".") if "." in rel.rsplit("/", 1)[-1] else (rel, "", "")
     n = 0
     while (staging / (name := rel if n == 0 else f"{stem}-{n}{dot}{ext}")).exists():
@@ -415,7 +415,7 @@ def _staged_twin(staging: Path, rel: str, metadata: dict) -> str | None:
             other = json.loads(archive.sidecar_of(staging / name).read_bytes())
         except (OSError, ValueError):   # a cut before its sidecar: as before, taken to be this record
             return name
-        if all(other.get(k) == metadata.get(k) for k in ("start", "end", "rows")):
+        if all(other.get(k) == metadata.get(k) for k in ("start", "end")):
             return name
         n += 1
     return None
