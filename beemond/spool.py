@@ -54,7 +54,6 @@ TELEMETRY = "telemetry"
 LOCK = ".lock"
 WORKERS_LOCK = ".workers.lock"
 JOURNAL = "readings.journal"
-REPLAY_POSITION = "replay.json"
 STATE_FILE = "state.json"
 OPEN_SEGMENT_SUFFIX = ".open"
 
@@ -116,11 +115,6 @@ class Spool:
     def journal_path(self, sensor: str) -> Path:
         """The append-only journal of the readings of *sensor*'s open record (``state/<sensor>/readings.journal``)."""
         return self.state_dir(sensor) / JOURNAL
-
-    def replay_position_path(self, sensor: str) -> Path:
-        """Where the simulated backend of *sensor* keeps its replay position (``state/<sensor>/replay.json``).
-        (A polled sensor keeps it in its journal instead, with each reading: one write, never out of step.)"""
-        return self.state_dir(sensor) / REPLAY_POSITION
 
     def state_file(self, sensor: str) -> Path:
         """A small JSON state of a sensor without a journal (audio: ``last_end``), ``state/<sensor>/state.json``."""

@@ -75,7 +75,7 @@ class SeaweedFS:
 
     def request(self, method: str, key: str, query: str = "") -> tuple[int, bytes]:
         """A signed request of our own (path-style), e.g. to create the bucket or read an object."""
-        path = "/" + BUCKET + (f"/{key}" if key else "")
+        path = urllib.parse.quote("/" + BUCKET + (f"/{key}" if key else ""), safe="/-_.~")
         # SigV4's canonical query: sorted, each key and value percent-encoded (also "/")
         query = "&".join(sorted("=".join(urllib.parse.quote(x, safe="-_.~") for x in kv.split("=", 1))
                                 for kv in query.split("&") if kv))

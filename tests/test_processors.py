@@ -284,7 +284,9 @@ def _swarm_alert(tmp_path: Path, max_retries: int):
 def test_an_output_that_cannot_be_written_goes_to_failed_after_the_last_retry(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         w, _ = _swarm_alert(tmp_path, max_retries=1)
-        failed = wait_for(lambda: records(tmp_path / "spool/failed/swarm"), 10, "the record in failed/")
+        # the data file lands before its sidecar, and the log line after both
+        wait_for(lambda: "moved to" in caplog.text, 30, "the record moved to failed/")
+        failed = records(tmp_path / "spool/failed/swarm")
     rec, sidecar = json.loads(failed[0].read_text()), json.loads(archive.sidecar_of(failed[0]).read_text())
     assert rec["result"]["alert"] == "swarm" and "write_error" in sidecar
     assert "could not be written after 2 attempts" in caplog.text and "moved to" in caplog.text

@@ -336,9 +336,9 @@ def test_sd_notify_ready_status_watchdog_and_a_hung_worker(tmp_path, keys, passw
         cfg = make_config(tmp_path, keys, password_file, ftp.port, **{"daemon.heartbeat_timeout_s": 4})
         d = daemons(cfg, tmp_path / "daemon.log")
         wait_for(lambda: sock.times("READY=1"), 30, "READY=1")
-        log = d.log()
         ready_at = sock.times("READY=1")[0]
-        assert "every worker is up" in log
+        d.wait_log("every worker is up", timeout=10)  # logged around READY=1, not necessarily before it
+        log = d.log()
         assert "WatchdogSec=1 of the unit is not above daemon.heartbeat_timeout_s=4" in log
         sensors = list(tomllib.loads(cfg.read_text())["sensors"])
         for name in ("aggregator", "uploader", *sensors):

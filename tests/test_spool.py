@@ -91,7 +91,6 @@ def test_layout(tmp_path):
     assert s.processing_dir("bands") == tmp_path / "processing" / "bands"
     assert s.state_dir("hive_climate") == tmp_path / "state" / "hive_climate"
     assert s.journal_path("hive_climate").parent == s.state_dir("hive_climate")
-    assert s.replay_position_path("hive_climate").parent == s.state_dir("hive_climate")
     assert s.telemetry == tmp_path / "telemetry"
     assert list(tmp_path.iterdir()) == [], "building a Spool and asking for paths creates nothing"
 

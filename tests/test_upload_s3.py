@@ -200,3 +200,65 @@ def test_s3_a_connection_idle_too_long_is_replaced_before_the_next_request(tmp_p
         wait_for(lambda: not bundles_left(cfg), 30, "the uploads")
     assert r.uploader.counts["failures"] == 0
     assert shared_s3.objects("idle/") == keyed("idle", made)
+
+
+def test_s3_keys_with_spaces_plus_tilde_and_unicode_are_signed_and_stored_once(tmp_path, keys, secret_file, shared_s3):
+    """SigV4's canonical URI percent-encodes each byte of the UTF-8 key but "/-_.~" (a space is %20, a
+    "+" %2B); a wrong encoding shows as 403 SignatureDoesNotMatch, or as an object under another name.
+    The same bundles sent again meet 412 and are found equal by HEAD under the same encoded key."""
+    layout = "{{ host }}/apiary 1+2~ü/{{ name }}"
+    cfg = load(tmp_path, keys, secret_file, **s3_over(shared_s3.port, "odd keys", **{"upload.layout": layout}))
+    outbox = outbox_of(cfg)
+    made = make_bundles(outbox, 2, 5_000)
+    copies = {n: (outbox / n).read_bytes() for n in made}
+    with Running(cfg) as r:
+        wait_for(lambda: not bundles_left(cfg), 30, "the uploads")
+    assert r.uploader.counts["failures"] == 0
+    expected = {f"odd keys/{HOST}/apiary 1+2~ü/{name}": digest for name, digest in made.items()}
+    assert shared_s3.objects("odd keys/") == expected
+    for name, data in copies.items():      # sent again: 412, then HEAD on the same encoded key
+        (outbox / name).write_bytes(data)
+    with Running(cfg) as r:
+        wait_for(lambda: not bundles_left(cfg), 30, "the re-sent bundles")
+    assert r.uploader.counts["quarantined"] == 0 and r.uploader.counts["failures"] == 0
+    assert shared_s3.objects("odd keys/") == expected
+
+
+class DeletingProxy(ResetProxy):
+    """Forwards to SeaweedFS, and deletes the bundle's object just before the first HEAD of it reaches
+    the server (the lab ingesting and removing it between our PUT's 412 and the HEAD that follows)."""
+
+    def __init__(self, s3: SeaweedFS):
+        super().__init__(s3.port, 0, 0, resets=0)
+        self.s3, self.deleted = s3, []
+
+    def tamper(self, data: bytes, offset: int) -> bytes:
+        m = re.match(rb"HEAD /hives/(\S+\.tar\.age) HTTP", data)
+        if m and not self.deleted:
+            key = m[1].decode()
+            self.deleted.append((key, self.s3.request("DELETE", key)[0]))
+        return data
+
+
+def test_s3_an_object_gone_between_the_412_and_the_head_is_retried_not_quarantined(tmp_path, keys, secret_file,
+                                                                                   shared_s3):
+    s3 = shared_s3
+    cfg = load(tmp_path, keys, secret_file, **s3_over(s3.port, "gone"))
+    outbox = outbox_of(cfg)
+    made = make_bundles(outbox, 1, 20_000)
+    copies = {n: (outbox / n).read_bytes() for n in made}
+    with Running(cfg):
+        wait_for(lambda: not bundles_left(cfg), 30, "the first upload")
+    for name, data in copies.items():      # sent again after a lost 200
+        (outbox / name).write_bytes(data)
+    proxy = DeletingProxy(s3).start()
+    cfg = load(tmp_path, keys, secret_file, **s3_over(proxy.port, "gone", **{"upload.backoff_initial_s": 0.05,
+                                                                               "upload.backoff_max_s": 0.2}))
+    try:
+        with Running(cfg) as r:
+            wait_for(lambda: not bundles_left(cfg) or r.uploader.counts["quarantined"], 30, "the re-sent bundle")
+    finally:
+        proxy.stop()
+    assert [status for _key, status in proxy.deleted] == [204], proxy.deleted
+    assert r.uploader.counts["quarantined"] == 0, "a 412 whose object is gone at the HEAD is no impostor"
+    assert s3.objects("gone/") == keyed("gone", made), "sent again once the name was free"
