@@ -18,7 +18,8 @@ the worker's error and missed counts so far, ``r`` the replay position after the
 says when the last reading already in a record was taken, and where the replay stood then.
 
 When the record is written the journal is replaced (temporary name, fsync, rename, directory fsync)
-by a header alone. After a crash the next start reads the journal (a torn or unsynced tail line is
+by a header alone (if that fails, a header is appended instead: a header line means every reading
+before it is in a record). After a crash the next start reads the journal (a torn or unsynced tail line is
 skipped), writes its readings as a record (:meth:`beemond.sensors.base.PolledSensorWorker.fold_journal`)
 and only then replaces it: a crash while folding folds again under the same idempotent name.
 
@@ -98,7 +99,9 @@ class ReadingJournal:
                 torn = True
                 continue
             if "journal" in obj:
+                # A header after readings: they are in a record (a reset that failed appended it).
                 rec.last_reading, rec.replay = obj.get("last_reading"), obj.get("replay")
+                rec.entries.clear()
             elif "t" in obj and "v" in obj:
                 rec.entries.append(obj)
             else:
@@ -113,6 +116,20 @@ class ReadingJournal:
             f.write(header)
         self.bytes_written += len(header)
         self.syncs += 2   # the file and its directory
+        self.pending_since = None
+
+    def mark_recorded(self, last_reading: str | None, replay: dict | None) -> None:
+        """Append a header, synced at once: when :meth:`reset` failed (a full disk has no block for a new
+        file, but often room in the journal's last one), the readings before it are known recorded
+        and a later fold skips them instead of recording them again under a wider name."""
+        header = _header(last_reading, replay)
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.write(self.fd, header)
+        os.fdatasync(self.fd)
+        self.bytes_written += len(header)
+        self.syncs += 1
+        self.last_sync = time.monotonic()
         self.pending_since = None
 
     def append(self, entry: dict) -> None:

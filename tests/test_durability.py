@@ -223,3 +223,50 @@ def test_a_replay_timezone_must_be_an_iana_zone(tmp_path):
     with pytest.raises(config.ConfigError, match=r"replay\.timezone"):
         write_config(tmp_path, "c", climate(replay={"file": str(URBAN), "timezone": "Mars/Olympus"}))
         config.load(tmp_path / "beemond.toml")
+
+
+def test_a_journal_reset_that_failed_does_not_record_its_readings_twice(tmp_path):
+    # A record is written but the journal reset after it fails (a full disk: the header's new file
+    # finds no block); readings go on being journaled; then a power cut. The next start must not
+    # record the first record's readings again under a new name.
+    h = Harness(tmp_path, "hive_climate", climate(interval_s=1))
+    w = h.worker
+    w.measure_once()
+    w.measure_once()
+    journal = journal_of(h.staging)
+    blocker = journal.with_name(f".{journal.name}.tmp-{os.getpid()}")
+    blocker.mkdir()   # the reset's temporary file cannot be created: a real OSError from open()
+    w.flush()
+    blocker.rmdir()
+    assert len(h.records()) == 1 and b'"v":' in journal.read_bytes(), "the reset failed"
+    w.measure_once()
+    w.measure_once()
+    w.journal.close()   # the power cut: no flush
+    h2 = Harness(tmp_path, "hive_climate")
+    h2.run(captures=0)
+    times = [row[0] for _, table, _ in h2.records() for row in table[1:]]
+    assert len(times) == 4 and len(set(times)) == 4, times
+
+
+def test_a_fold_whose_name_another_record_holds_still_records_once(tmp_path):
+    # Names have whole seconds: readings journaled in the second of the last record's span fold to
+    # that record's name. They are not "already recorded" (lost), and folding twice (a cut before the
+    # journal reset) does not record them twice under the unique_name suffix.
+    h = Harness(tmp_path, "hive_climate", climate(interval_s=1))
+    w = h.worker
+    walls = iter(datetime(2026, 1, 1, 0, 0, 0, ms * 1000, tzinfo=timezone.utc).timestamp() for ms in (100, 200, 300, 400))
+    # The Clock's time sources (its test seam): four readings inside one second (a sub-second interval).
+    w.clock.wall, w.clock.monotonic = lambda: next(walls), lambda: 0.0
+    w.measure_once()
+    w.measure_once()
+    w.flush()
+    w.measure_once()
+    w.measure_once()
+    w.journal.close()   # the power cut: no flush
+    saved = journal_of(h.staging).read_bytes()
+    Harness(tmp_path, "hive_climate").run(captures=0)
+    journal_of(h.staging).write_bytes(saved)   # a cut after the fold's record, before its reset
+    h2 = Harness(tmp_path, "hive_climate")
+    h2.run(captures=0)
+    times = sorted(row[0] for _, table, _ in h2.records() for row in table[1:])
+    assert times == [f"2026-01-01T00:00:00.{ms}Z" for ms in (100, 200, 300, 400)], times

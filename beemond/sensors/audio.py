@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import struct
 import threading
 import time
@@ -276,6 +277,12 @@ class AudioWorker:
             try:
                 end = salvage_segment(self, segment)
             except (OSError, ValueError, RuntimeError) as e:
+                if isinstance(e, OSError) or _no_room_to_salvage(segment):
+                    # A full disk (no room for the sidecar or the FLAC copy; libsndfile then fails
+                    # even to open the FLAC): the segment may be sound, so it waits, never set aside.
+                    log.error("cannot salvage the open segment %s now: %s; trying again at the next start",
+                              segment.name, e)
+                    continue
                 log.error("cannot salvage the open segment %s: %s; moving it to failed/", segment.name, e)
                 _set_aside(self, segment)
                 continue
@@ -673,6 +680,14 @@ def _salvage_flac(soundfile, path: Path) -> tuple[int, int, str, int]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return rate, channels, subtype, frames
+
+
+def _no_room_to_salvage(segment: Path) -> bool:
+    """True when the file system lacks room for a copy of *segment* and its sidecar (FLAC is re-encoded)."""
+    try:
+        return shutil.disk_usage(segment.parent).free < segment.stat().st_size + 65536
+    except OSError:
+        return True
 
 
 def _set_aside(worker, segment: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import time
@@ -292,8 +293,9 @@ class PolledSensorWorker:
     def fold_journal(self) -> None:
         """At start: write the readings a previous run journaled but never recorded as a record (marked
         ``recovered_from_journal``), resume the replay where the journal says it stood, and note the gap
-        for this run's first record. Idempotent: a record already staged under the same name (a crash
-        after writing it, before the journal was reset) is not written twice."""
+        for this run's first record. Idempotent: a record already staged under the same name (or its
+        ``-N`` twin) with the same start and end (a crash after writing it, before the journal was
+        reset) is not written twice."""
         rec = self.journal.recover()
         if rec.skipped_lines:
             log.warning("journal: skipped %d torn line(s) left by a crash", rec.skipped_lines)
@@ -307,8 +309,9 @@ class PolledSensorWorker:
             start, end = readings[0][0], readings[-1][0]
             metadata = staged_metadata(self, metadata)
             rel = staged_name(self, start, end, metadata)
-            if (self.staging / rel).exists():
-                log.info("journal: its %d reading(s) are already in %s", len(readings), rel)
+            done = _staged_twin(self.staging, rel, metadata)
+            if done is not None:
+                log.info("journal: its %d reading(s) are already in %s", len(readings), done)
             else:
                 stage(self, rel, metadata, data_writer=lambda f: f.write(body))
                 log.warning("journal: recorded %d reading(s) a crash left unrecorded, %s to %s", len(readings),
@@ -324,10 +327,17 @@ class PolledSensorWorker:
         # costs no write (a Pi that reboots often, and a worker that restarts, start measuring at once)
 
     def _journal_reset(self, last: str | None, replay: dict | None = None) -> None:
+        replay = replay if replay is not None else self.replay_position()
         try:
-            self.journal.reset(last, replay if replay is not None else self.replay_position())
-        except OSError as e:   # the readings are in a record; a later fold finds that record and skips
-            log.warning("cannot reset the reading journal: %s", e)
+            self.journal.reset(last, replay)
+        except OSError as e:
+            # The readings are in a record; readings journaled after them would make a later fold
+            # record them again under a wider name. A header appended in place says they are done.
+            log.warning("cannot reset the reading journal (%s); marking its readings recorded in place", e)
+            try:
+                self.journal.mark_recorded(last, replay)
+            except OSError as e2:
+                log.error("cannot mark the reading journal either: %s", e2)
 
     def _journal_sync(self, now: float) -> None:
         try:
@@ -393,6 +403,22 @@ def ranges(indices: list[int]) -> list[list[int]]:
         else:
             out.append([i, i])
     return out
+
+
+def _staged_twin(staging: Path, rel: str, metadata: dict) -> str | None:
+    """The staged record named *rel* (or ``unique_name``'s ``STEM-N.EXT`` of it) holding the same readings
+    as *metadata* (start and end, in ms): names have whole seconds, so a name alone may be another record."""
+    stem, dot, ext = rel.rpartition(".") if "." in rel.rsplit("/", 1)[-1] else (rel, "", "")
+    n = 0
+    while (staging / (name := rel if n == 0 else f"{stem}-{n}{dot}{ext}")).exists():
+        try:
+            other = json.loads(archive.sidecar_of(staging / name).read_bytes())
+        except (OSError, ValueError):   # a cut before its sidecar: as before, taken to be this record
+            return name
+        if all(other.get(k) == metadata.get(k) for k in ("start", "end")):
+            return name
+        n += 1
+    return None
 
 
 def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
