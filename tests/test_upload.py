@@ -3,6 +3,7 @@ sshd (SFTP), a mounted directory, a server killed mid-transfer, and a proxy that
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import ftplib
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -709,12 +711,12 @@ def test_stalled_link_times_out_on_no_progress_and_keeps_the_heartbeat(tmp_path,
     assert proxy.sent_up < 1.3 * size
 
 
-def test_fresh_small_bundles_interleave_with_a_large_one(tmp_path, keys, password_file):
-    """A large bundle in flight pauses for fresh small ones and resumes where it stopped: the small
-    one arrives while the large one is still partial, and the large one is sent about once."""
-    server = FtpServer(tmp_path / "ftp-root", password_file).start()
+@contextlib.contextmanager
+def _large_in_flight_then_a_small_one(tmp_path, keys, password_file, server, size: int):
+    """*size* bytes going over a 30 KB/s link through *server* (an FtpServer), then a fresh 3 kB climate
+    bundle sealed while it is in flight. Yields a namespace: cfg, proxy, running (the uploader's
+    Running), made (every bundle's name -> bytes), small (the fresh bundle's name)."""
     proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
-    size = 150_000  # 5 s at 30 KB/s
     try:
         cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port)
         made = make_bundles(outbox_of(cfg), 1, size)
@@ -722,18 +724,28 @@ def test_fresh_small_bundles_interleave_with_a_large_one(tmp_path, keys, passwor
             r.uploader.interleave_after_s = 1.0
             wait_for(lambda: any(p.stat().st_size > 20_000 for p in server.parts()), 30, "the large one going")
             made.update(make_bundles(outbox_of(cfg), 1, 3_000, sensor="climate", start=5))
-            small = next(n for n in made if "climate" in n)
-            wait_for(lambda: small in on_server(server.root), 20, "the small one delivered")
-            large_part = [p.stat().st_size for p in server.parts()]
-            assert large_part and large_part[0] < size, "the small one went while the large one was in flight"
-            wait_for(lambda: not bundles_left(cfg), 60, "the large one delivered")
+            yield types.SimpleNamespace(cfg=cfg, proxy=proxy, running=r, made=made,
+                                        small=next(n for n in made if "climate" in n))
     finally:
         proxy.stop()
         server.stop()
-    assert on_server(server.root) == made
+
+
+def test_fresh_small_bundles_interleave_with_a_large_one(tmp_path, keys, password_file):
+    """A large bundle in flight pauses for fresh small ones and resumes where it stopped: the small
+    one arrives while the large one is still partial, and the large one is sent about once."""
+    server = FtpServer(tmp_path / "ftp-root", password_file).start()
+    size = 150_000  # 5 s at 30 KB/s
+    with _large_in_flight_then_a_small_one(tmp_path, keys, password_file, server, size) as run:
+        wait_for(lambda: run.small in on_server(server.root), 20, "the small one delivered")
+        large_part = [p.stat().st_size for p in server.parts()]
+        assert large_part and large_part[0] < size, "the small one went while the large one was in flight"
+        wait_for(lambda: not bundles_left(run.cfg), 60, "the large one delivered")
+    assert on_server(server.root) == run.made
+    r = run.running
     assert r.uploader.counts["paused"] >= 1 and r.uploader.counts["resumed"] >= 1
     assert r.uploader.counts["failures"] == 0
-    assert proxy.sent_up < 1.1 * size
+    assert run.proxy.sent_up < 1.1 * size
 
 
 def test_local_transport_resumes_and_starts_over_on_doubt(tmp_path, keys):
@@ -883,22 +895,11 @@ def test_a_server_that_cannot_resume_never_pauses_a_large_bundle_for_fresh_ones(
     """Without REST STREAM a paused transfer starts over from byte 0: pausing it for fresh bundles
     would send it again and again (and never finish while small bundles keep coming). It goes on."""
     server = FtpServer(tmp_path / "ftp-root", password_file, extra_args=("--no-rest",)).start()
-    proxy = LinkProxy(server.port, rate=30_000, ftp=True).start()
-    size = 150_000  # 5 s at 30 KB/s
-    try:
-        cfg = _ftp_cfg(tmp_path, keys, password_file, proxy.port)
-        made = make_bundles(outbox_of(cfg), 1, size)
-        with Running(cfg) as r:
-            r.uploader.interleave_after_s = 1.0
-            wait_for(lambda: any(p.stat().st_size > 20_000 for p in server.parts()), 30, "the large one going")
-            made.update(make_bundles(outbox_of(cfg), 1, 3_000, sensor="climate", start=5))
-            wait_for(lambda: not bundles_left(cfg), 60, "both delivered")
-    finally:
-        proxy.stop()
-        server.stop()
-    assert on_server(server.root) == made
-    assert r.uploader.counts["paused"] == 0 and r.uploader.counts["failures"] == 0
-    assert proxy.sent_up < 1.1 * size
+    with _large_in_flight_then_a_small_one(tmp_path, keys, password_file, server, 150_000) as run:
+        wait_for(lambda: not bundles_left(run.cfg), 60, "both delivered")
+    assert on_server(server.root) == run.made
+    assert run.running.uploader.counts["paused"] == 0 and run.running.uploader.counts["failures"] == 0
+    assert run.proxy.sent_up < 1.1 * 150_000
 
 
 def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_path, keys, monkeypatch):
