@@ -39,8 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import __version__, archive, crypto, ipc
-# The format (and the reader the lab uses) lives in one module both sides import; re-exported here.
-from beemond.bundle_format import FORMAT, MANIFEST, BundleError, extract_bundle  # noqa: F401
+# The format (and the reader the lab uses) lives in one module both sides import.
+from beemond.bundle_format import FORMAT, MANIFEST, BundleError
 from beemond.spool import Spool, bundle_filename
 
 log = logging.getLogger(__name__)

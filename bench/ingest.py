@@ -54,7 +54,7 @@ from pathlib import Path
 
 import pyrage
 
-from beemond import aggregator, archive, crypto
+from beemond import aggregator, archive, bundle_format, crypto
 from beemond.lab import ingest
 from beemond.spool import Spool
 
@@ -149,11 +149,11 @@ def _fleet_part(args) -> int:
                "end": archive.utc_iso(stamps[-1]), "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
                "metadata": {"sensor": "hive_climate"}}
         name = f"{host}_{archive.utc_stamp(stamps[0])}_hive_climate_{hashlib.sha256(member.encode()).hexdigest()[:12]}.tar.age"
-        manifest = {"format": aggregator.FORMAT, "host": host, "software": "bench", "name": name, "group": "hive_climate",
+        manifest = {"format": bundle_format.FORMAT, "host": host, "software": "bench", "name": name, "group": "hive_climate",
                     "created": archive.utc_iso(stamps[-1]), "start": rec["start"], "end": rec["end"],
                     "signing_key": crypto.fingerprint(key.public_key()), "records": [rec]}
         buf = io.BytesIO()  # as the aggregator's TarStream writes it: no padding to tar's 10 KiB records
-        for n, data in ((member, body), (aggregator.MANIFEST, json.dumps(manifest).encode())):
+        for n, data in ((member, body), (bundle_format.MANIFEST, json.dumps(manifest).encode())):
             info = tarfile.TarInfo(n)
             info.size, info.mode = len(data), 0o644
             buf.write(info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))

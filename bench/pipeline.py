@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pyrage
 
-from beemond import aggregator, archive, crypto
+from beemond import aggregator, archive, bundle_format, crypto
 from beemond.spool import Spool
 
 AGE = shutil.which("age") or "/usr/bin/age"
@@ -153,7 +153,7 @@ def main() -> int:
         out_tar = tmp / "decrypted.tar"
         subprocess.run([AGE, "-d", "-i", str(tmp / "identity.txt"), "-o", str(out_tar), str(bundle)], check=True)
         listed = subprocess.run(["tar", "-tf", str(out_tar)], check=True, capture_output=True, text=True).stdout.split()
-        expected = sorted([r.member for r in records] + [aggregator.MANIFEST])
+        expected = sorted([r.member for r in records] + [bundle_format.MANIFEST])
         ok = sorted(listed) == expected and len(manifest["records"]) == len(records)
         print(f"verify: age -d of our bundle + tar -t lists {len(listed)} member(s): {'OK' if ok else 'MISMATCH'}")
         if not ok:

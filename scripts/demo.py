@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
 
-    from beemond import aggregator, crypto
+    from beemond import bundle_format, crypto
     from beemond import config as config_mod
     from beemond.sensors.emulators.replay import CsvReplay
 
@@ -101,7 +101,7 @@ def main() -> int:
     total = 0
     for b in bundles:
         out = RUN / "received" / b.name.removesuffix(".tar.age")
-        manifest = aggregator.extract_bundle(b, identities, out)  # raises on any hash mismatch
+        manifest = bundle_format.extract_bundle(b, identities, out)  # raises on any hash mismatch
         total += b.stat().st_size
         for rec in manifest["records"]:
             per_sensor[rec["sensor"]] += 1

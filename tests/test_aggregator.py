@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from beemond import aggregator, archive, config, crypto, ipc
+from beemond import aggregator, archive, bundle_format, config, crypto, ipc
 from conftest import make_config
 
 
@@ -33,7 +33,7 @@ def stage(a, sensor: str, name: str, body: bytes) -> "os.PathLike":
 def bundle_members(a, keys, tmp_path) -> dict[str, dict]:
     out = {}
     for i, b in enumerate(sorted(a.outbox.iterdir())):
-        m = aggregator.extract_bundle(b, crypto.load_identities(keys["identity"]), tmp_path / f"x{i}")
+        m = bundle_format.extract_bundle(b, crypto.load_identities(keys["identity"]), tmp_path / f"x{i}")
         out.update({r["path"]: r for r in m["records"]})
     return out
 

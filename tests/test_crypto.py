@@ -16,7 +16,7 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import aggregator, archive, crypto, spool
+from beemond import aggregator, archive, bundle_format, crypto, spool
 
 AGE = shutil.which("age")
 AGE_KEYGEN = shutil.which("age-keygen")
@@ -250,7 +250,7 @@ def test_records_of_whole_tar_blocks_are_all_bundled(tmp_path: Path, keys, sizes
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     path, manifest, _ = aggregator.seal(records, outbox, crypto.load_recipients([str(rcpt)]), "h", "all")
-    got = aggregator.extract_bundle(path, crypto.load_identities(ident), tmp_path / "out")
+    got = bundle_format.extract_bundle(path, crypto.load_identities(ident), tmp_path / "out")
     assert [r["size"] for r in got["records"]] == sizes
     assert files_under(tmp_path / "out" / "s") == [f"r{n}.bin" for n in range(len(sizes))]
 
@@ -265,9 +265,9 @@ def test_bundle_round_trip(tmp_path: Path, sealed):
     assert path.name.startswith("test-hive_20210619T000458Z_all_")
     assert sorted(os.listdir(path.parent)) == [path.name]   # no temp file left in the outbox
     out = tmp_path / "out"
-    got = aggregator.extract_bundle(path, ids, out)
+    got = bundle_format.extract_bundle(path, ids, out)
     assert got == manifest
-    assert got["format"] == aggregator.FORMAT and got["host"] == "test-hive"
+    assert got["format"] == bundle_format.FORMAT and got["host"] == "test-hive"
     assert got["start"] == "2021-06-19T00:04:58.000Z" and got["end"] == "2021-06-19T00:19:58.000Z"
     assert files_under(out) == sorted(["manifest.json", *(r.member for r in records)])
     listed = {e["path"]: e for e in got["records"]}
@@ -331,8 +331,8 @@ def test_damaged_bundle_raises_and_extracts_nothing(tmp_path: Path, sealed, dama
     out = tmp_path / "out"
     # the decryption failure is the cause, and must not be masked by the tar reader's
     # "empty file" / "unexpected end of data" that follows from it
-    with pytest.raises((*DECRYPT_ERRORS, aggregator.BundleError)):
-        aggregator.extract_bundle(bad, ids, out)
+    with pytest.raises((*DECRYPT_ERRORS, bundle_format.BundleError)):
+        bundle_format.extract_bundle(bad, ids, out)
     assert list(out.iterdir()) == [], "nothing may be extracted from a damaged bundle"
 
 
@@ -382,7 +382,7 @@ def _encrypted_tar(tmp_path: Path, members, manifest: dict | None) -> Path:
 
 
 def _manifest_for(members: dict[str, bytes]) -> dict:
-    return {"format": aggregator.FORMAT, "host": "h", "records": [
+    return {"format": bundle_format.FORMAT, "host": "h", "records": [
         {"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in members.items()
         if isinstance(d, bytes)]}
 
@@ -416,8 +416,8 @@ def test_bundle_failing_verification_extracts_nothing(tmp_path: Path, keys, case
         manifest["format"] = "something-else/9"
     bundle = _encrypted_tar(tmp_path, members, manifest)
     out = tmp_path / "out"
-    with pytest.raises(aggregator.BundleError):
-        aggregator.extract_bundle(bundle, crypto.load_identities(ident), out)
+    with pytest.raises(bundle_format.BundleError):
+        bundle_format.extract_bundle(bundle, crypto.load_identities(ident), out)
     assert list(out.iterdir()) == []
     assert not (tmp_path / "escape.csv").exists()
 
@@ -427,6 +427,6 @@ def test_hand_made_valid_bundle_extracts(tmp_path: Path, keys):
     members = {"s/a.csv": b"a,1\n", "s/b.csv": b"b,2\n"}
     bundle = _encrypted_tar(tmp_path, members, _manifest_for(members))
     out = tmp_path / "out"
-    manifest = aggregator.extract_bundle(bundle, crypto.load_identities(keys[0]), out)
+    manifest = bundle_format.extract_bundle(bundle, crypto.load_identities(keys[0]), out)
     assert [r["path"] for r in manifest["records"]] == ["s/a.csv", "s/b.csv"]
     assert {m: (out / m).read_bytes() for m in members} == members

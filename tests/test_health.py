@@ -153,12 +153,12 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
         not any((tmp_path / "spool" / "processing" / "hive_bands").iterdir()), "every record handed over was processed"
 
     # The processor's JSON records travelled in the bundles.
-    from beemond import aggregator, crypto
+    from beemond import bundle_format, crypto
 
     ids = crypto.load_identities(str(keys["identity"]))
     found, alerts = [], []
     for b in ftp.bundles():
-        man = aggregator.extract_bundle(b, ids, tmp_path / "out" / b.name)
+        man = bundle_format.extract_bundle(b, ids, tmp_path / "out" / b.name)
         found += [r for r in man["records"] if r["sensor"] == "hive_bands"]
         alerts += [r for r in man["records"] if r["sensor"] == "hive_swarm"]
     assert found, "band-power records reach the server"
