@@ -624,7 +624,7 @@ class ScaleConfig(SensorConfig):
                               f"{len(probes)} probes, name the one to use ({', '.join(probes)})")
 
 
-# type = "..." -> its config class. One line per driver (the worker is in beemond.sensors.DRIVERS).
+# type = "..." -> its config class. One line per driver (the worker is in beemond.registry.SENSORS).
 SENSOR_TYPES: dict[str, type[SensorConfig]] = {
     "sht3x": SHT3xConfig,
     "bme280": BME280Config,
@@ -905,7 +905,7 @@ class SwarmConfig(ProcessorConfig):
         return f"swarm alert on a drop of more than {self.drop_kg:g} kg within {self.window_s:g} s"
 
 
-# type = "..." -> its config class (the worker is in beemond.processors.PROCESSORS).
+# type = "..." -> its config class (the worker is in beemond.registry.PROCESSORS).
 PROCESSOR_TYPES: dict[str, type[ProcessorConfig]] = {
     "audio_bands": AudioBandsConfig,
     "swarm": SwarmConfig,

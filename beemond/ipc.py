@@ -12,7 +12,6 @@ Every message is a plain dataclass of built-in types, so the forkserver pickles 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import queue
 import signal
@@ -169,36 +168,12 @@ def trim_heap() -> None:
 def _make_worker(role: str, name: str, cfg, channel: Channel):
     # Heavy imports (numpy, soundfile, pyrage, watchdog) happen here, in the worker that needs them,
     # never in the orchestrator or the forkserver.
+    from beemond import registry
+
     if role == "sensor":
-        from beemond.sensors import make_sensor_worker
-
         sensor = next(s for s in cfg.sensors if s.name == name)
-        return make_sensor_worker(cfg, sensor, channel)
+        return registry.lookup(registry.SENSORS, sensor.type, "sensor driver")(cfg, sensor, channel)
     if role == "processor":
-        from beemond.processors import make_processor_worker
-
         proc = next(p for p in cfg.processors if p.name == name)
-        return make_processor_worker(cfg, proc, channel)
-    if role == "aggregator":
-        from beemond.aggregator import Aggregator
-
-        return Aggregator(cfg, channel)
-    if role == "uploader":
-        from beemond.upload.uploader import Uploader
-
-        return Uploader(cfg, channel)
-    if role == "telemetry":
-        from beemond.telemetry.worker import TelemetryWorker
-
-        return TelemetryWorker(cfg, channel)
-    raise ValueError(f"unknown worker role {role!r}")
-
-
-def load_worker_class(registry: dict[str, str], kind: str, what: str):
-    """The class named ``"module:Class"`` by ``registry[kind]``, imported now (so a worker loads only
-    its own driver's libraries). Raises ``ValueError`` for a kind the registry lacks."""
-    try:
-        module, cls = registry[kind].split(":")
-    except KeyError:
-        raise ValueError(f"no {what} of type {kind!r}") from None
-    return getattr(importlib.import_module(module), cls)
+        return registry.lookup(registry.PROCESSORS, proc.type, "processor")(cfg, proc, channel)
+    return registry.lookup(registry.ROLES, role, "worker role")(cfg, channel)
