@@ -10,7 +10,7 @@ children start fast and share those pages; never ``fork`` from a process with li
   ``restart_backoff_max_s``);
 - more than ``crash_loop_limit`` restarts within ``crash_loop_window_s`` marks the worker failed; the
   others keep recording, and a failed sensor or processor is tried again every ``failed_retry_s``
-  for as long as the daemon runs (:mod:`beemond.restart` decides). A failed aggregator or uploader
+  for as long as the daemon runs (:mod:`beemond.supervisor.state` decides). A failed aggregator or uploader
   ends the daemon with status 1, so that systemd's ``Restart=on-failure`` takes over.
 
 It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
@@ -50,7 +50,7 @@ from pathlib import Path
 
 from beemond import ipc, notify
 from beemond.config import EX_CONFIG, ConfigError
-from beemond.restart import RestartPolicy, RestartState
+from beemond.supervisor.state import RestartPolicy, RestartState
 from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
 
 log = logging.getLogger(__name__)
@@ -327,9 +327,9 @@ class Orchestrator:
             else:
                 self._command(name, ipc.Command(ipc.SAMPLE, {**ev.data, "time": ev.time}))
 
-    # ---- health: /metrics and the status socket (beemond.metrics, beemond.status)
+    # ---- health: /metrics and the status socket (beemond.supervisor.metrics, beemond.supervisor.status)
     def _start_health(self) -> None:
-        from beemond import metrics, status
+        from beemond.supervisor import metrics, status
 
         self.health = metrics.Health(self.cfg, self.workers)
         self.observers.append(self.health)

@@ -13,7 +13,7 @@ gets :class:`NoPermission` (exit 77, ``EX_NOPERM``), not "not running".
 
 Protocol: connect, send one JSON line and shut down the writing side; the daemon answers one JSON
 document and closes. ``{"cmd": "status"}`` (or an empty request) answers
-:meth:`beemond.metrics.Health.status`; ``{"cmd": "stop" | "start", "worker": NAME}`` sends that
+:meth:`beemond.supervisor.metrics.Health.status`; ``{"cmd": "stop" | "start", "worker": NAME}`` sends that
 command to a sensor or processor (``beemond pause`` / ``beemond resume``: e.g. silence the microphone
 during a hive inspection) and answers ``{"ok": bool, "message": str}``; ``{"cmd": "reload"}`` makes the
 orchestrator load its config file again and answers its verdict once applied (``{"ok": true,
