@@ -67,7 +67,7 @@ def scrape_cost(series: int, repeat: int) -> tuple[float, int]:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from beemond.supervisor.metrics import Health
-    from beemond.supervisor.orchestrator import Worker
+    from beemond.supervisor.state import Worker
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SimpleNamespace(

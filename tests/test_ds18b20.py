@@ -142,7 +142,7 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     from prometheus_client import CollectorRegistry, generate_latest
 
     from beemond.supervisor import metrics
-    from beemond.supervisor.orchestrator import Worker
+    from beemond.supervisor.state import Worker
 
     h = Harness(tmp_path, "hive_temps", sensor_table())
     events = h.run(captures=1)

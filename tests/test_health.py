@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from beemond import clock, config, ipc
 from beemond.supervisor import metrics
-from beemond.supervisor.orchestrator import Worker
+from beemond.supervisor.state import Worker
 
 from conftest import ROOT, free_port, make_config, wait_for
 

@@ -77,7 +77,7 @@ def test_one_numpy_user_leaves_numpy_out_of_the_forkserver(tmp_path, keys, passw
     cfg.pop("processors", None)
     path.write_text(tomli_w.dumps(cfg))
     from beemond import config
-    from beemond.supervisor.orchestrator import forkserver_preload
+    from beemond.supervisor.processes import forkserver_preload
 
     preload = forkserver_preload(config.load(path))
     assert "numpy" not in preload and preload[-1] == "beemond.preload"
