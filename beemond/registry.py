@@ -12,19 +12,19 @@ from typing import Any
 
 # type = "..." in a [[sensor]] table -> its worker class.
 SENSORS = {
-    "sht3x": "beemond.sensors.sht3x:SHT3xWorker",
-    "bme280": "beemond.sensors.bme280:BME280Worker",
-    "ds18b20": "beemond.sensors.ds18b20:DS18B20Worker",
-    "audio": "beemond.sensors.audio:AudioWorker",
-    "camera": "beemond.sensors.camera:CameraWorker",
-    "gpio": "beemond.sensors.gpio:GpioWorker",
-    "scale": "beemond.sensors.scale:ScaleWorker",
+    "sht3x": "beemond.sensors.sht3x.driver:SHT3xWorker",
+    "bme280": "beemond.sensors.bme280.driver:BME280Worker",
+    "ds18b20": "beemond.sensors.ds18b20.driver:DS18B20Worker",
+    "audio": "beemond.sensors.audio.driver:AudioWorker",
+    "camera": "beemond.sensors.camera.driver:CameraWorker",
+    "gpio": "beemond.sensors.gpio.driver:GpioWorker",
+    "scale": "beemond.sensors.scale.driver:ScaleWorker",
 }
 
 # type = "..." in a [[processor]] table -> its worker class.
 PROCESSORS = {
-    "audio_bands": "beemond.processors.audio_bands:AudioBandsWorker",
-    "swarm": "beemond.processors.swarm:SwarmWorker",
+    "audio_bands": "beemond.processors.audio_bands.worker:AudioBandsWorker",
+    "swarm": "beemond.processors.swarm.worker:SwarmWorker",
 }
 
 # The daemon's own singleton roles -> their worker class.

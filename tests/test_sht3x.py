@@ -1,4 +1,4 @@
-"""The SHT3x driver (beemond.sensors.sht3x) through its real seam: an smbus2-compatible bus with the
+"""The SHT3x driver (beemond.sensors.sht3x.driver) through its real seam: an smbus2-compatible bus with the
 register-level chip emulator behind it, driven by real UrBAN hive data; and the polled worker loop
 end to end, in process, with a real ipc.Channel."""
 
@@ -17,11 +17,11 @@ from smbus2 import i2c_msg
 
 import polled_peers
 from beemond import archive, ipc
-from beemond.sensors import sht3x
-from beemond.sensors.emulators.i2c import EmulatedSMBus
-from beemond.sensors.emulators.replay import CsvReplay, load_rows
-from beemond.sensors.emulators.sht3x import SHT3xChip, encode
-from beemond.sensors.sht3x import SHT3x
+from beemond.sensors.sht3x import driver as sht3x
+from beemond.sensors.emulated_i2c import EmulatedSMBus
+from beemond.sensors.replay import CsvReplay, load_rows
+from beemond.sensors.sht3x.emulator import SHT3xChip, encode
+from beemond.sensors.sht3x.driver import SHT3x
 from polled_peers import URBAN, expand
 HIVE = "3629"
 ADDR = 0x44

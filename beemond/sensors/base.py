@@ -80,7 +80,7 @@ class PolledSensorWorker:
         self.rejected = 0          # implausible values since the last record
         self.consecutive_failures = 0
         self.paused = False
-        from beemond.sensors.gpio import power_switch
+        from beemond.sensors.gpio.driver import power_switch
 
         # power_pin: the sensor's supply is switched on power_lead_s before each measurement, off after
         self.power = power_switch(sensor, channel.beat)
@@ -355,8 +355,8 @@ class I2CWorker(PolledSensorWorker):
         super().__init__(cfg, sensor, channel, **kw)
         self.chip = None
         if sensor.backend == "simulated":
-            from beemond.sensors.emulators.i2c import EmulatedSMBus
-            from beemond.sensors.emulators.replay import CsvReplay
+            from beemond.sensors.emulated_i2c import EmulatedSMBus
+            from beemond.sensors.replay import CsvReplay
 
             self.replay = CsvReplay.from_config(sensor.replay)
             self.chip = self.emulated_chip(self.replay)

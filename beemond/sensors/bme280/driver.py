@@ -23,8 +23,8 @@ Follows the BME280 datasheet (BST-BME280-DS002, rev. 1.6):
   (``beemond.sensors.base``), never recorded.
 
 The bus is anything ``smbus2.SMBus``-compatible: ``/dev/i2c-N`` on a Pi, or
-:class:`beemond.sensors.emulators.i2c.EmulatedSMBus` with
-:class:`beemond.sensors.emulators.bme280.BME280Chip` behind it in simulation and tests.
+:class:`beemond.sensors.emulated_i2c.EmulatedSMBus` with
+:class:`beemond.sensors.bme280.emulator.BME280Chip` behind it in simulation and tests.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ class BME280Worker(I2CWorker):
                              sensor.pressure_oversampling, sensor.humidity_oversampling)
 
     def emulated_chip(self, replay):
-        from beemond.sensors.emulators.bme280 import BME280Chip
+        from beemond.sensors.bme280.emulator import BME280Chip
 
         fixed = self.sensor.pressure_pa
 

@@ -147,7 +147,7 @@ class DS18B20Worker(PolledSensorWorker):
         base = sensor.base_path
         self._scratch_dir: str | None = None
         if sensor.backend == "simulated":
-            from beemond.sensors.emulators.w1 import W1Tree
+            from beemond.sensors.ds18b20.emulator import W1Tree
 
             if base is None:
                 # Not in the spool: the spool is the durable queue, and a stand-in for sysfs is

@@ -8,7 +8,7 @@ its sidecar written, and *record ready* sent. Input overflows (xruns: PortAudio'
 
 Schedule (``schedule`` key): ``continuous`` keeps one stream open and cuts it into segments;
 ``window`` opens the device for ``capture_s`` every ``every_s`` inside a daily local-time window
-(:mod:`beemond.sensors.schedule`; AppMAIS: 60 s every 300 s, 08:00-20:00) and closes it in between,
+(:mod:`beemond.sensors.audio.schedule`; AppMAIS: 60 s every 300 s, 08:00-20:00) and closes it in between,
 which saves power and CPU on a Pi. ``capture_now`` starts a capture of ``capture_s`` at once.
 
 Device: ``device`` is a case-insensitive substring of an input device's name, or its PortAudio index
@@ -41,7 +41,7 @@ reports a failed write as a generic "System error", so the file system's free sp
 the failure was the disk's; any other writer failure still ends the worker.)
 
 ``backend = "simulated"`` swaps only the stream class for
-:class:`beemond.sensors.emulators.audio.SimulatedInputStream`; this module's code is the same.
+:class:`beemond.sensors.audio.emulator.SimulatedInputStream`; this module's code is the same.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class AudioWorker:
         self.retry_at = 0.0
         self.open_failures = 0
         self.clock = Clock()  # segment starts never precede the previous segment's end (clock steps)
-        from beemond.sensors.gpio import power_switch
+        from beemond.sensors.gpio.driver import power_switch
 
         # power_pin (a USB microphone behind a load switch): on power_lead_s before each opening of
         # the device, off once it is closed again.
@@ -179,7 +179,7 @@ class AudioWorker:
         kwargs = dict(samplerate=s.sample_rate_hz, blocksize=self.blocksize, channels=s.channels,
                       dtype=_DTYPE[s.subtype], callback=self._callback)
         if s.backend == "simulated":
-            from beemond.sensors.emulators.audio import SimulatedInputStream
+            from beemond.sensors.audio.emulator import SimulatedInputStream
 
             self.device_name = "simulated"
             return SimulatedInputStream(tone_hz=s.tone_hz, noise=s.noise, overflow_every=s.overflow_every, **kwargs)

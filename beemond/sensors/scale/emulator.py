@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from beemond.sensors.emulators.replay import CsvReplay, _parse_time
+from beemond.sensors.replay import CsvReplay, _parse_time
 
 LB_KG = 0.45359237   # the international avoirdupois pound, exactly
 

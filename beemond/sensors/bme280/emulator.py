@@ -10,7 +10,7 @@ a read returns bytes from the last address written, auto-incrementing.
 
 A forced measurement (3.3.3) samples *source* (``() -> (°C, Pa, %RH, tag)``) and turns the wanted
 values into raw ADC words by inverting the datasheet's integer compensation (bisection on the
-monotonic formulas of :mod:`beemond.sensors.bme280`), at the resolution the oversampling gives
+monotonic formulas of :mod:`beemond.sensors.bme280.driver`), at the resolution the oversampling gives
 (16 bit + one bit per doubling, 3.4.2/3.4.3, IIR filter off). The data registers change only
 when the measurement time (9.1) is over; until then status bit 3 is set and reads return the
 previous values, as the chip's data shadowing does.
@@ -27,8 +27,8 @@ import errno
 import os
 import time
 
-from beemond.sensors import bme280 as drv
-from beemond.sensors.bme280 import Calibration
+from beemond.sensors.bme280 import driver as drv
+from beemond.sensors.bme280.driver import Calibration
 
 # Trimming parameters of a real part, from the register dump in the bme280-rs crate's tests
 # (github.com/claudiomattera/bme280-rs, src/calibration.rs, TEST_CALIBRATION_DATA).

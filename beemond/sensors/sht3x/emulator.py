@@ -18,7 +18,7 @@ import errno
 import os
 import time
 
-from beemond.sensors.sht3x import COMMANDS, MEASUREMENT_S, crc8
+from beemond.sensors.sht3x.driver import COMMANDS, MEASUREMENT_S, crc8
 
 _SINGLE_SHOT = {code: rep for (rep, stretch), code in COMMANDS.items()}
 _STRETCH = {code: stretch for (rep, stretch), code in COMMANDS.items()}

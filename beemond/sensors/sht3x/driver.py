@@ -14,7 +14,7 @@ Follows the SHT3x-DIS datasheet (v7, Dec 2022):
   counted by the polled worker (``beemond.sensors.base``), never recorded.
 
 The bus is anything ``smbus2.SMBus``-compatible (``i2c_rdwr``): ``/dev/i2c-N`` on a Pi, or
-:class:`beemond.sensors.emulators.i2c.EmulatedSMBus` in simulation and tests.
+:class:`beemond.sensors.emulated_i2c.EmulatedSMBus` in simulation and tests.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class SHT3xWorker(I2CWorker):
         self.device = SHT3x(self.bus, sensor.address, sensor.repeatability)
 
     def emulated_chip(self, replay):
-        from beemond.sensors.emulators.sht3x import SHT3xChip
+        from beemond.sensors.sht3x.emulator import SHT3xChip
 
         def source():
             row = replay.next_row()

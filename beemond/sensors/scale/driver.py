@@ -60,7 +60,7 @@ import time
 import serial
 
 from beemond.sensors.base import PolledSensorWorker
-from beemond.sensors.sht3x import ranges
+from beemond.sensors.sht3x.driver import ranges
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ScaleWorker(PolledSensorWorker):
         self._uncompensated_why: str | None = None
         self.emulator = None
         if sensor.backend == "simulated":
-            from beemond.sensors.emulators.scale import ScaleEmulator, SyntheticHiveWeight, WeightReplay
+            from beemond.sensors.scale.emulator import ScaleEmulator, SyntheticHiveWeight, WeightReplay
             from beemond.config import ScaleSimulationConfig
 
             self.sim = sim = sensor.simulation or ScaleSimulationConfig()

@@ -180,7 +180,7 @@ class GpioWorker:
             log.error("cannot fold the journal: %s", e)
         self._blink(BLINK_OK)
         if self.sensor.backend == "simulated":
-            from beemond.sensors.emulators.gpio import PinPulser
+            from beemond.sensors.gpio.emulator import PinPulser
 
             for name, inp in self.sensor.inputs.items():
                 if inp.trigger_every_s:

@@ -1,0 +1,1 @@
+"""The audio sensor: driver, emulator and config section."""

@@ -1,0 +1,1 @@
+"""The camera sensor: driver, emulator and config section."""

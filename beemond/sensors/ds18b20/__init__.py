@@ -1,0 +1,1 @@
+"""The ds18b20 sensor: driver, emulator and config section."""

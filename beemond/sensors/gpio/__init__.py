@@ -1,0 +1,1 @@
+"""The gpio sensor: driver, emulator and config section."""

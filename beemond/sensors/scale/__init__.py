@@ -1,0 +1,1 @@
+"""The scale sensor: driver, emulator and config section."""

@@ -1,0 +1,1 @@
+"""The sht3x sensor: driver, emulator and config section."""
