@@ -13,9 +13,10 @@ import sys
 import pytest
 
 from beemond import config, ipc
-from beemond.sensors.bme280 import driver as drv
+from beemond.sensors.bme280 import chip as drv
 from beemond.sensors.base import SensorFailure
-from beemond.sensors.bme280.driver import BME280, Calibration, WrongChipError
+from beemond.sensors.bme280.chip import Calibration
+from beemond.sensors.bme280.driver import BME280, WrongChipError
 from beemond.sensors.bme280.emulator import TYPICAL, BME280Chip, raw_from_values
 from beemond.sensors.emulated_i2c import EmulatedSMBus
 from beemond.sensors.replay import load_rows

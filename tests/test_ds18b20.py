@@ -12,7 +12,8 @@ import pytest
 
 from beemond import config, crypto, ipc
 from beemond.sensors.base import SensorFailure
-from beemond.sensors.ds18b20.driver import ProbeError, W1Therm, crc8, parse_w1_slave
+from beemond.sensors.ds18b20.chip import ProbeError, crc8, parse_w1_slave
+from beemond.sensors.ds18b20.driver import W1Therm
 from beemond.sensors.replay import load_rows
 from beemond.sensors.ds18b20.emulator import W1Tree, scratchpad
 from polled_peers import URBAN, Harness, expand, write_config

@@ -53,7 +53,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.sensors import seams
 from beemond.sensors.base import MAX_CONSECUTIVE_FAILURES, SensorFailure, write_staged
+from beemond.sensors.power import power_switch
 from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -145,20 +147,15 @@ class CameraWorker:
     ext = "jpg"
 
     def __init__(self, cfg, sensor, channel: ipc.Channel, backend=None):
-        from beemond.sensors.gpio.driver import power_switch
-
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
         self.spool = Spool(cfg.spool)
+        self.name = sensor.name   # the owner of its records (beemond.records)
         self.staging = self.spool.staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         if backend is None:
-            if sensor.backend == "simulated":
-                from beemond.sensors.camera.emulator import StandInBackend
-
-                backend = StandInBackend()
-            else:
-                backend = hardware_backend(clips=sensor.clip_interval_s > 0 or sensor.on_capture_now == "clip")
+            clips = sensor.clip_interval_s > 0 or sensor.on_capture_now == "clip"
+            backend = seams.camera_backend(sensor, lambda: hardware_backend(clips=clips))
         self.backend = backend
         self.daylight = None
         if sensor.daylight_only:

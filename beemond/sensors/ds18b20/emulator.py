@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from beemond.sensors.ds18b20.driver import crc8
+from beemond.sensors.ds18b20.chip import crc8
 
 POWER_ON_SCRATCHPAD = bytes.fromhex("50054b467fff0c101c")
 
