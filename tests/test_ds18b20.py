@@ -142,8 +142,8 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     beemond_temperature_celsius series per position."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from beemond import metrics
-    from beemond.orchestrator import Worker
+    from beemond.supervisor import metrics
+    from beemond.supervisor.state import Worker
 
     h = Harness(tmp_path, "hive_temps", sensor_table())
     events = h.run(captures=1)
