@@ -7,7 +7,7 @@ A **bundle** is an uncompressed POSIX (pax) tar of records, ``<sensor>/<record n
      "records": [{"path", "sensor", "start", "end", "size", "sha256", "metadata"}, ...]}
 
 The manifest comes last because the hashes are computed while the records stream through; a reader
-checks each member against it at the end (:func:`beemond.bundle_format.read_bundle`). The tar is never written to disk
+checks each member against it at the end (:func:`beemond.bundle.format.read_bundle`). The tar is never written to disk
 in clear: a producer thread reads each record once, hashes it and hands the bytes to age
 (``pyrage.encrypt_io``) through a small bounded queue, so sealing costs one read of the records and
 one write of the ciphertext, and at most ``QUEUE_CHUNKS`` MiB of memory.
@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import __version__, archive, crypto, ipc
+from beemond import __version__, archive, ipc
 # The format (and the reader the lab uses) lives in one module both sides import.
-from beemond.bundle_format import FORMAT, MANIFEST, BundleError
+from beemond.bundle import crypto
+from beemond.bundle.format import FORMAT, MANIFEST, BundleError
 from beemond.spool import Spool, bundle_filename
 
 log = logging.getLogger(__name__)

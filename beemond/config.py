@@ -1155,7 +1155,8 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
 
 def _check_semantics(cfg: Config, path: Path) -> None:
     """Cross-field checks that need more than one key, or outside files."""
-    from beemond import archive, crypto  # late: keeps `import beemond.config` light
+    from beemond import archive  # late: keeps `import beemond.config` light
+    from beemond.bundle import crypto
 
     for key, text in [("archive.filename_template", cfg.archive.filename_template),
                       *((f"sensors.{s.name}.filename_template", s.filename_template)
@@ -1236,7 +1237,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
 
 
 def _signer(b: BundleConfig) -> str:
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     return crypto.fingerprint(crypto.load_signing_key(b.signing_key_path()).public_key())
 

@@ -54,7 +54,8 @@ from pathlib import Path
 
 import pyrage
 
-from beemond import aggregator, archive, bundle_format, crypto
+from beemond import aggregator, archive
+from beemond.bundle import crypto, format as bundle_format
 from beemond.lab import ingest
 from beemond.spool import Spool
 

@@ -1,4 +1,4 @@
-"""beemond.crypto (age via pyrage) against the stock age CLI, and bundles sealed by the aggregator."""
+"""beemond.bundle.crypto (age via pyrage) against the stock age CLI, and bundles sealed by the aggregator."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import aggregator, archive, bundle_format, crypto, spool
+from beemond import aggregator, archive, spool
+from beemond.bundle import crypto, format as bundle_format
 
 AGE = shutil.which("age")
 AGE_KEYGEN = shutil.which("age-keygen")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from beemond import aggregator, archive, crypto
+from beemond import aggregator, archive
+from beemond.bundle import crypto
 from beemond.lab import ingest
 from conftest import AGE
 
@@ -361,7 +362,7 @@ def test_progress_bar_on_a_terminal_and_quiet_under_cron(tmp_path, lab):
 
 
 def test_the_lab_side_imports_no_device_side_worker():
-    code = ("import sys, beemond.lab.ingest, beemond.lab.report, beemond.bundle_format; "
+    code = ("import sys, beemond.lab.ingest, beemond.lab.report, beemond.bundle.format; "
             "print(sorted(m for m in sys.modules if m.startswith('beemond')))")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.orchestrator",

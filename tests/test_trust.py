@@ -24,7 +24,8 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import aggregator, archive, config, crypto, ipc
+from beemond import aggregator, archive, config, ipc
+from beemond.bundle import crypto
 from beemond.lab import ingest
 from conftest import AGE, FtpServer, climate_rows, decrypt_with_age, make_config, urban_rows, wait_for
 

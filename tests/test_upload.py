@@ -854,8 +854,9 @@ def test_bundle_resealed_after_a_crash_is_not_resumed_onto_its_twins_part(tmp_pa
     makes the aggregator seal the same records again: the same name and size, other bytes (age's file
     key is random). A .part of the first twin on the server must not be continued with the second's
     bytes: that passes the size check and the server keeps a bundle nobody can decrypt."""
-    from beemond import aggregator, crypto, spool
-    from beemond.bundle_format import extract_bundle
+    from beemond import aggregator, spool
+    from beemond.bundle import crypto
+    from beemond.bundle.format import extract_bundle
 
     share = tmp_path / "share"
     share.mkdir()

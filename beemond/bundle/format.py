@@ -1,8 +1,7 @@
 """The bundle format as a reader sees it: manifest, tar stream, and a bounded, verified extraction.
 
 Shared by the device (the aggregator seals with :data:`FORMAT` and :data:`MANIFEST`) and the lab
-(``beemond ingest``, ``beemond decrypt``), so the lab never imports a device-side worker. (It moves to
-``beemond/bundle/format.py`` when that package exists.)
+(``beemond ingest``, ``beemond decrypt``), so the lab never imports a device-side worker.
 
 A bundle ``NAME.tar.age`` is an age-encrypted, uncompressed POSIX (pax) tar of records
 ``<sensor>/<record name>`` followed by ``manifest.json``::
@@ -10,7 +9,7 @@ A bundle ``NAME.tar.age`` is an age-encrypted, uncompressed POSIX (pax) tar of r
     {"format": "beemond-bundle/1", "host", "software", "created", "name", "group", "start", "end",
      "signing_key", "records": [{"path", "sensor", "start", "end", "size", "sha256", "metadata"}, ...]}
 
-beside its detached signature ``NAME.tar.age.sig`` (see :mod:`beemond.crypto`).
+beside its detached signature ``NAME.tar.age.sig`` (see :mod:`beemond.bundle.crypto`).
 
 :func:`read_bundle` reads the file **once**: the same bytes feed the signature's SHA-512 and age's
 decryption, so a file swapped or altered between a check and a use cannot pass. Nothing it writes is
@@ -42,7 +41,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from beemond import archive, crypto
+from beemond import archive
+from beemond.bundle import crypto
 
 FORMAT = "beemond-bundle/1"
 MANIFEST = "manifest.json"
