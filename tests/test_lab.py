@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from beemond import aggregator, archive
-from beemond.bundle import crypto
+from beemond import archive
+from beemond.bundle import crypto, sealer
 from beemond.lab import ingest
 from conftest import AGE
 
@@ -54,8 +54,8 @@ def seal(tmp_path, lab, host, records, signer=None, outbox=None):
     for sensor, name, body, start, end, meta in records:
         m = {"sensor": sensor, "start": start, "end": end, **meta}
         path = archive.write_record(staging / sensor, name, m, data_writer=lambda f, b=body: f.write(b))
-        recs.append(aggregator.Record(path, sensor, f"{sensor}/{name}", len(body), m))
-    path, _m, _n = aggregator.seal(recs, outbox or lab["upload"] / host, crypto.load_recipients([lab["public"]]),
+        recs.append(sealer.Record(path, sensor, f"{sensor}/{name}", len(body), m))
+    path, _m, _n = sealer.seal(recs, outbox or lab["upload"] / host, crypto.load_recipients([lab["public"]]),
                                    host, "all", signing_key=lab["devices"][signer or host])
     for r in recs:
         r.path.unlink()
