@@ -431,3 +431,12 @@ def test_hand_made_valid_bundle_extracts(tmp_path: Path, keys):
     manifest = bundle_format.extract_bundle(bundle, crypto.load_identities(keys[0]), out)
     assert [r["path"] for r in manifest["records"]] == ["s/a.csv", "s/b.csv"]
     assert {m: (out / m).read_bytes() for m in members} == members
+
+
+def test_the_bundle_package_and_its_format_load_no_pyrage_until_a_bundle_is_read():
+    """The names and bounds of the format (FORMAT, MANIFEST, Limits, BundleError) cost no pyrage; the
+    package itself imports nothing; reading a bundle is what loads it."""
+    code = ("import sys, beemond.bundle, beemond.bundle.format as f; f.Limits(); "
+            "print('pyrage' in sys.modules, 'beemond.bundle.crypto' in sys.modules)")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert got == ["False", "False"]

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from beemond import archive
-from beemond.bundle import crypto
 
 FORMAT = "beemond-bundle/1"
 MANIFEST = "manifest.json"
@@ -126,6 +125,8 @@ def read_bundle(bundle: str | os.PathLike, identities, work: str | os.PathLike, 
     the decryption error it also causes), :class:`crypto.DecryptError`, :class:`BundleError`, ``OSError``.
     On any exception *work* may hold partial members: the caller removes it and publishes nothing.
     """
+    from beemond.bundle import crypto  # here: a module that needs only the names and bounds loads no pyrage
+
     bundle = Path(bundle)
     sig = None
     if trusted is not None:
@@ -203,6 +204,8 @@ def _member_path(name: str, limits: Limits) -> str:
 def _unpack(src: _HashingReader, identities, work: Path, budget: int, limits: Limits):
     """Decrypt *src* on a thread into a pipe, read the tar from it; members into *work*. Returns
     (manifest, {member: (size, sha256)})."""
+    from beemond.bundle import crypto
+
     r, w = os.pipe()
     reader = os.fdopen(r, "rb", buffering=CHUNK)
     writer = os.fdopen(w, "wb", buffering=0)
