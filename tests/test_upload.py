@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from beemond import config, ipc
-from beemond.upload import TransportError
+from beemond.upload.transport import TransportError
 from beemond.upload.uploader import Uploader
 from conftest import ROOT, FtpServer, make_config, wait_for
 from link_proxy import LinkProxy

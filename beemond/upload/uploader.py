@@ -17,7 +17,7 @@ still exists once on the server. S3 (:mod:`beemond.upload.s3`) has no ``.part`` 
 the final key that the server checks (SHA-256) and never lets replace an object (If-None-Match).
 
 Slow links. A transfer times out only when it stops moving (``timeout_s`` without progress, see
-:class:`beemond.upload.StallGuard`, which also keeps the heartbeat while a library call blocks), never
+:class:`beemond.upload.transport.StallGuard`, which also keeps the heartbeat while a library call blocks), never
 on its length. A cut transfer resumes: a remote ``.part`` no larger than the local file is continued
 from its size (FTP ``REST`` + ``STOR`` where ``FEAT`` offers ``REST STREAM``; SFTP and the local
 transport write at the offset). A ``.part`` larger than the local file, or a size mismatch after
@@ -64,8 +64,8 @@ from pathlib import Path
 from beemond import archive, ipc
 from beemond.config import parse_window
 from beemond.spool import BUNDLE_RE, SIG_SUFFIX, Spool, fsync_dir, signature_of
-from beemond.upload import (BundleReader, LocalFileError, PermanentError, StallGuard, TokenBucket, TransportError,
-                            make_transport)
+from beemond.upload.transport import (BundleReader, LocalFileError, PermanentError, StallGuard, TokenBucket,
+                                      TransportError, make_transport)
 
 log = logging.getLogger(__name__)
 
