@@ -103,6 +103,24 @@ def bundles_left(cfg) -> list[str]:
     return sorted(p.name for p in outbox_of(cfg).glob("*.tar.age"))
 
 
+def test_each_transport_is_named_in_the_registry_and_imports_no_other():
+    """Every [upload] protocol but none has a "module:Class" line; loading one transport imports
+    neither the others nor their libraries (paramiko stays out of an FTP uploader)."""
+    from beemond import registry
+
+    assert set(registry.UPLOADS) == {"ftp", "ftps", "sftp", "s3", "local"}
+    modules = {spec.partition(":")[0] for spec in registry.UPLOADS.values()}
+    for protocol, spec in registry.UPLOADS.items():
+        code = (f"import sys; from beemond import registry; cls = registry.load({spec!r}); "
+                "print(cls.__name__, sorted(m for m in sys.modules if m.startswith('beemond.upload.') or m == 'paramiko'))")
+        name, loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                      cwd=ROOT).stdout.split(" ", 1)
+        own = spec.partition(":")[0]
+        assert name == spec.partition(":")[2] and own in loaded, (protocol, loaded)
+        assert not [m for m in modules - {own} if f"'{m}'" in loaded], (protocol, loaded)
+        assert ("'paramiko'" in loaded) == (protocol == "sftp"), (protocol, loaded)
+
+
 def test_ftp_server_killed_mid_transfer_every_bundle_once(tmp_path, keys, password_file):
     root = tmp_path / "ftp-root"
     ftp = FtpServer(root, password_file).start()

@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from beemond import registry
+
 log = logging.getLogger(__name__)
 
 
@@ -316,25 +318,7 @@ class RemoteTransport:
 
 
 def make_transport(up):
-    """The transport for ``[upload] protocol`` (*up*: :class:`beemond.config.UploadConfig`)."""
-    if up.protocol == "ftp":
-        from beemond.upload.ftp import FtpTransport
-
-        return FtpTransport(up)
-    if up.protocol == "ftps":
-        from beemond.upload.ftp import FtpsTransport
-
-        return FtpsTransport(up)
-    if up.protocol == "sftp":
-        from beemond.upload.sftp import SftpTransport
-
-        return SftpTransport(up)
-    if up.protocol == "s3":
-        from beemond.upload.s3 import S3Transport
-
-        return S3Transport(up)
-    if up.protocol == "local":
-        from beemond.upload.local import LocalTransport
-
-        return LocalTransport(up)
-    raise ValueError(f"no transport for protocol {up.protocol!r}")
+    """The transport for ``[upload] protocol`` (*up*: :class:`beemond.config.UploadConfig`), from
+    :data:`beemond.registry.UPLOADS`: only its own module (and library) is imported. Raises
+    ``ValueError`` for a protocol the table lacks."""
+    return registry.lookup(registry.UPLOADS, up.protocol, "upload transport")(up)
