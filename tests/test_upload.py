@@ -380,9 +380,9 @@ def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploa
     first, never the newest, each bundle before its .sig, each counted; a dropped bundle leaves the queues
     without quarantine or backoff; an old orphan .sig is swept, a young one (a seal in progress) kept."""
     caplog.set_level(logging.INFO)
-    from beemond.upload import uploader as uploader_mod
+    from beemond.upload import space as space_mod
 
-    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)  # its bundle gone for an hour, by the clock (see below)
+    monkeypatch.setattr(space_mod, "ORPHAN_SIG_SEEN_S", 0.0)  # its bundle gone for an hour, by the clock (see below)
     over = {"daemon.spool_min_free_bytes": 2**49, "upload.protocol": "local", "upload.remote_dir": str(tmp_path),
             "upload.password_file": None, "upload.keep_uploaded_bytes": 10**6}
     cfg = load(tmp_path, keys, password_file, **over)
@@ -926,7 +926,7 @@ def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_pa
     an SD card). If NTP steps the clock forward meanwhile, the young signature looks hours old by its
     mtime; deleting it then sends its bundle unsigned. Only one seen without its bundle for
     ORPHAN_SIG_SEEN_S of the uploader's own (monotonic) time goes, not at first sight."""
-    from beemond.upload import uploader as uploader_mod
+    from beemond.upload import space as space_mod
 
     cfg = load(tmp_path, keys, None, **{"upload.protocol": "none", "upload.password_file": None})
     outbox = outbox_of(cfg)
@@ -947,6 +947,6 @@ def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_pa
     (outbox / name).unlink()
     u.enforce_spool_limits()
     assert sig.exists()
-    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)
+    monkeypatch.setattr(space_mod, "ORPHAN_SIG_SEEN_S", 0.0)
     u.enforce_spool_limits()
     assert not sig.exists()
