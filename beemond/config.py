@@ -47,10 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-EX_CONFIG = 78
+from beemond.names import HOST_RE, NAME_RE  # noqa: F401  (shared with the lab)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
+EX_CONFIG = 78
 
 
 class ConfigError(Exception):

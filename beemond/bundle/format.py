@@ -41,7 +41,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from beemond import archive
+from beemond import names
+from beemond.spool import atomic_writer
 
 FORMAT = "beemond-bundle/1"
 MANIFEST = "manifest.json"
@@ -182,7 +183,7 @@ def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.Path
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(work / rel, dest)
         archive_manifest = json.dumps(got.manifest, indent=1, sort_keys=True).encode()
-        with archive.atomic_writer(out_dir / MANIFEST, "wb") as mf:
+        with atomic_writer(out_dir / MANIFEST, "wb") as mf:
             mf.write(archive_manifest)
         return got.manifest
     finally:
@@ -196,8 +197,8 @@ def _member_path(name: str, limits: Limits) -> str:
         raise BundleError(f"member name {name[:60]!r}... is deeper or longer than any record's "
                           f"(limits {limits.max_path_depth} levels, {limits.max_path_bytes} bytes)", "unsafe")
     try:
-        return archive.safe_relative(name)
-    except archive.TemplateError as e:
+        return names.safe_relative(name)
+    except names.TemplateError as e:
         raise BundleError(f"unsafe member name: {e}", "unsafe") from None
 
 
