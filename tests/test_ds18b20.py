@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from beemond import config, crypto, ipc
+from beemond import config, ipc
+from beemond.bundle import crypto
 from beemond.sensors.base import SensorFailure
 from beemond.sensors.ds18b20.chip import ProbeError, crc8, parse_w1_slave
 from beemond.sensors.ds18b20.driver import W1Therm

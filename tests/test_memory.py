@@ -17,8 +17,8 @@ from conftest import ROOT, make_config
 # imports it holds for months, in a process of its own (nothing it imports is shared with the workers).
 # The config's full validation (templates compiled with Jinja2, recipients parsed with pyrage, replay
 # files read) runs in a short-lived child at start and at every reload, so those stay out too.
-WORKER_ONLY = ("jinja2", "pyrage", "beemond.archive", "beemond.crypto", "beemond.sensors.replay",
-               "numpy", "soundfile", "sounddevice", "av", "PIL", "paramiko", "watchdog", "gpiozero",
+WORKER_ONLY = ("jinja2", "pyrage", "beemond.archive", "beemond.bundle.crypto", "beemond.bundle.sealer",
+               "beemond.sensors.replay", "numpy", "soundfile", "sounddevice", "av", "PIL", "paramiko", "watchdog", "gpiozero",
                "serial", "smbus2", "astral", "cryptography", "beemond.aggregator", "beemond.upload.uploader",
                "beemond.sensors.audio.driver", "beemond.sensors.camera.driver", "beemond.processors.audio_bands.worker")
 

@@ -47,10 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-EX_CONFIG = 78
+from beemond.names import HOST_RE, NAME_RE  # noqa: F401  (shared with the lab)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
+EX_CONFIG = 78
 
 
 class ConfigError(Exception):
@@ -705,10 +704,10 @@ class UploadConfig:
     def password(self) -> str:
         """The password from ``password_file`` or the systemd credential; ``""`` if neither.
 
-        Raises ``beemond.upload.TransportError`` if a credential is named but ``$CREDENTIALS_DIRECTORY``
+        Raises ``beemond.upload.transport.TransportError`` if a credential is named but ``$CREDENTIALS_DIRECTORY``
         is unset (not a file of that name in the working directory), ``OSError`` if it cannot be read.
         """
-        from beemond.upload import read_secret
+        from beemond.upload.transport import read_secret
 
         path = read_secret(self.password_file, self.password_credential)
         return path.read_text().strip() if path is not None else ""
@@ -799,7 +798,7 @@ class TelemetryConfig:
 
     def password(self) -> str:
         """The password from ``password_file`` or the credential; ``""`` if neither (see UploadConfig.password)."""
-        from beemond.upload import read_secret
+        from beemond.upload.transport import read_secret
 
         path = read_secret(self.password_file, self.password_credential)
         return path.read_text().strip() if path is not None else ""
@@ -1155,7 +1154,8 @@ def _coerce(hint, f: dataclasses.Field, value, path: Path, key: str, base: Path,
 
 def _check_semantics(cfg: Config, path: Path) -> None:
     """Cross-field checks that need more than one key, or outside files."""
-    from beemond import archive, crypto  # late: keeps `import beemond.config` light
+    from beemond import archive  # late: keeps `import beemond.config` light
+    from beemond.bundle import crypto
 
     for key, text in [("archive.filename_template", cfg.archive.filename_template),
                       *((f"sensors.{s.name}.filename_template", s.filename_template)
@@ -1236,7 +1236,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
 
 
 def _signer(b: BundleConfig) -> str:
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     return crypto.fingerprint(crypto.load_signing_key(b.signing_key_path()).public_key())
 
