@@ -106,7 +106,7 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     if args.device:
         import socket
@@ -134,7 +134,7 @@ def cmd_keygen(args) -> int:
 
 
 def _trusted(path: str):
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     try:
         return crypto.load_trusted_keys(path)
@@ -145,7 +145,7 @@ def _trusted(path: str):
 
 def _verify(bundle: str, trusted, signature: str | None = None) -> str | None:
     """The signer's fingerprint, or None (reported) for a bad signature."""
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     try:
         fp, label, _digest = crypto.verify_file(bundle, trusted, signature)
@@ -164,7 +164,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decrypt(args) -> int:
-    from beemond import bundle_format, crypto
+    from beemond.bundle import crypto, format as bundle_format
 
     trusted = _trusted(args.device_key) if args.device_key is not None else None
     try:
@@ -200,7 +200,7 @@ def cmd_decrypt(args) -> int:
 
 
 def _limits(args):
-    from beemond import bundle_format
+    from beemond.bundle import format as bundle_format
 
     d = bundle_format.DEFAULT_LIMITS
     return bundle_format.Limits(max_bundle_bytes=args.max_bundle_bytes or d.max_bundle_bytes,
@@ -209,7 +209,7 @@ def _limits(args):
 
 
 def cmd_ingest(args) -> int:
-    from beemond import crypto
+    from beemond.bundle import crypto
     from beemond.lab import ingest
 
     if args.parquet:

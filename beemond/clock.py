@@ -164,6 +164,12 @@ class Backoff:
         return uniform(d / 2, d)
 
 
+def parse_iso(text: str) -> datetime:
+    """Inverse of :func:`utc_iso` (accepts any ISO 8601 with offset or ``Z``); naive means UTC."""
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
 def utc_iso(t: datetime) -> str:
     """ISO 8601 extended format in UTC with milliseconds, e.g. ``2021-06-19T00:04:58.000Z``."""
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"

@@ -22,7 +22,7 @@ import soundfile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beemond import ipc  # noqa: E402
-from beemond.processors.audio_bands import band_power  # noqa: E402
+from beemond.processors.audio_bands.worker import band_power  # noqa: E402
 
 
 def main() -> int:

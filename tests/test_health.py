@@ -154,7 +154,7 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
         not any((tmp_path / "spool" / "processing" / "hive_bands").iterdir()), "every record handed over was processed"
 
     # The processor's JSON records travelled in the bundles.
-    from beemond import bundle_format, crypto
+    from beemond.bundle import crypto, format as bundle_format
 
     ids = crypto.load_identities(str(keys["identity"]))
     found, alerts = [], []

@@ -250,7 +250,7 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
 
     from beemond import archive, ipc
     from beemond.clock import Clock
-    from beemond.sensors.sht3x import SHT3xWorker
+    from beemond.sensors.sht3x.driver import SHT3xWorker
 
     h = Harness(tmp_path)
     src = SteppingClock(step_at=4, sync_at=5)
