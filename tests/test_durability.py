@@ -204,7 +204,7 @@ def test_gpio_input_events_are_journaled_and_folded(tmp_path):
     sensor = {"type": "gpio", "backend": "simulated", "record_window_s": 600,
               "inputs": {"entrance": {"pin": 17, "kind": "button"}}}
     h = Harness(tmp_path, "hive_gpio", sensor)
-    from beemond.sensors.gpio import InputActivated
+    from beemond.sensors.gpio.driver import InputActivated
 
     h.commands.put(InputActivated("entrance", 1_700_000_000.25))
     h.run(captures=0)   # the shutdown writes the record and leaves a journal header
