@@ -350,7 +350,7 @@ class Orchestrator(Reloading, Reporting):
         self._schedule_restart(w, f"exited with {how}")
 
     def _schedule_restart(self, w: Worker, why: str) -> None:
-        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started, time.monotonic())
+        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started)
         w.state, w.restart_at = decision.state, decision.at
         if decision.state == WorkerState.BACKOFF:
             log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, decision.delay,
