@@ -42,6 +42,7 @@ from beemond import __version__, archive, crypto, ipc
 # The format (and the reader the lab uses) lives in one module both sides import.
 from beemond.bundle_format import FORMAT, MANIFEST, BundleError
 from beemond.spool import Spool, bundle_filename
+from beemond.errors import BeemondError, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class TarStream(io.RawIOBase):
         super().close()
 
 
-class RecordError(Exception):
+class RecordError(SpoolError):
     """One staged record could not be read; the others can still be sealed without it."""
 
     def __init__(self, record: Record, error: OSError):
@@ -187,7 +188,7 @@ class RecordError(Exception):
         super().__init__(f"cannot read record {record.path}: {error.strerror or error}")
 
 
-class _Cancelled(Exception):
+class _Cancelled(BeemondError):
     pass
 
 

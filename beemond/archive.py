@@ -35,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from beemond.spool import (META_SUFFIX, TMP_MARK, atomic_writer, fsync_dir, is_internal,  # noqa: F401
                            remove_stale_temps, sidecar_of, temp_name, write_record, write_sidecar)
 from beemond.clock import utc_iso  # noqa: F401  (the orchestrator's status needs it without Jinja2)
+from beemond.errors import FormatError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescap
                                      keep_trailing_newline=False)
 
 
-class TemplateError(ValueError):
+class TemplateError(FormatError, ValueError):
     """A template that does not compile or renders to an unsafe name."""
 
 

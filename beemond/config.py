@@ -46,14 +46,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from beemond import errors
+from beemond.errors import BeemondError
 
-EX_CONFIG = 78
+EX_CONFIG = errors.EX_CONFIG
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 
 
-class ConfigError(Exception):
+class ConfigError(BeemondError, ValueError):
     """A configuration problem; ``str()`` is the one line shown to the user."""
 
     def __init__(self, file: str | os.PathLike, key: str, message: str):

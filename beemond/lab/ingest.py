@@ -66,6 +66,7 @@ from pathlib import Path
 
 from beemond import archive, bundle_format, crypto
 from beemond.config import HOST_RE, NAME_RE
+from beemond.errors import BusyError, FormatError
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,11 @@ COMMIT_BUNDLES = 200        # ledger rows per transaction: at 1 M entries a comm
 HOLE_FACTOR = 3.0           # a step over this many median sampling intervals is a gap
 
 
-class Busy(RuntimeError):
+class Busy(BusyError, RuntimeError):
     """Another ingest holds the data directory's lock (``DATA_DIR/.ingest.lock``)."""
 
 
-class Rejected(Exception):
+class Rejected(FormatError):
     """A bundle that fails a check. ``reason``: ``unsigned``, ``malformed``, ``untrusted``, ``truncated``,
     ``mismatch`` (signature); ``undecryptable``; ``manifest`` (hashes, members, signing key); ``oversize``
     (over a limit, or more than the bundle can hold); ``unsafe`` (a member name or type, or a host or

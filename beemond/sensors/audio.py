@@ -64,6 +64,7 @@ from beemond import reading_journal as rj
 from beemond.clock import Clock
 from beemond.sensors.base import SensorFailure, write_staged
 from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
+from beemond.errors import SensorError, TransientSensorError
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,11 @@ NO_SPACE_RETRY_S = 1.0      # while the disk is full, a new segment is tried thi
 NO_SPACE_FREE_BYTES = 256 * 1024   # a write failure with less free than this is the full disk's
 
 
-class DeviceMissing(OSError):
+class DeviceMissing(TransientSensorError):
     """No input device matches (unplugged, or the sound server is not up yet): transient."""
 
 
-class DeviceError(ValueError):
+class DeviceError(SensorError, ValueError):
     """The device spec is ambiguous, or the device cannot record these settings: persistent."""
 
 

@@ -36,6 +36,7 @@ from beemond.clock import synchronized as clock_synchronized
 from beemond.config import DEFAULT_TEMPLATE
 from beemond.sensors.periodic import PeriodicValuePoller
 from beemond.spool import Spool, unique_name
+from beemond.errors import PersistentSensorError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ EVENT_COUNTS = ("overflows", "errors", "missed", "rejected")   # record metadata
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
-class SensorFailure(RuntimeError):
+class SensorFailure(PersistentSensorError):
     """The device failed persistently; the worker exits so the orchestrator restarts it."""
 
 

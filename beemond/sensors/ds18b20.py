@@ -43,6 +43,7 @@ from pathlib import Path
 
 from beemond import ipc
 from beemond.sensors.base import PolledSensorWorker, ranges
+from beemond.errors import TransientSensorError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _LINE1 = re.compile(r"^((?:[0-9a-f]{2} ){9}): crc=([0-9a-f]{2}) (YES|NO)$")
 _LINE2 = re.compile(r"^((?:[0-9a-f]{2} ){9})t=(-?\d+)$")
 
 
-class ProbeError(OSError):
+class ProbeError(TransientSensorError):
     """A w1_slave answer that is not a valid measurement (failed CRC, garbage, reset value)."""
 
     def __init__(self, message: str):

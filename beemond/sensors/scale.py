@@ -61,13 +61,14 @@ import serial
 
 from beemond.sensors.base import PolledSensorWorker
 from beemond.sensors.sht3x import ranges
+from beemond.errors import TransientSensorError
 
 log = logging.getLogger(__name__)
 
 UNIT_KG = {"kg": 1.0, "kgs": 1.0, "g": 0.001, "lb": 0.45359237, "lbs": 0.45359237}
 
 
-class ScaleError(OSError):
+class ScaleError(TransientSensorError):
     """An attempt that gave no reading (timeout, garbage only); transient, retried by the worker."""
 
 

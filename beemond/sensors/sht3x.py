@@ -24,6 +24,7 @@ import time
 from smbus2 import i2c_msg
 
 from beemond.sensors.base import I2CWorker, ranges  # noqa: F401  (ranges lived here first)
+from beemond.errors import TransientSensorError
 
 # (repeatability, clock stretching) -> 16-bit command, datasheet table 9
 COMMANDS = {
@@ -37,7 +38,7 @@ RESOLUTION_C = 175.0 / 65535.0
 RESOLUTION_RH = 100.0 / 65535.0
 
 
-class CRCError(OSError):
+class CRCError(TransientSensorError):
     """A result word whose CRC-8 does not match: the reading is discarded, never used."""
 
 

@@ -35,11 +35,12 @@ import termios
 import threading
 import time
 from pathlib import Path
+from beemond.errors import UploadError
 
 log = logging.getLogger(__name__)
 
 
-class TransportError(Exception):
+class TransportError(UploadError):
     """A transfer failed; the bundle stays in the outbox and is retried."""
 
 
