@@ -46,7 +46,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
-from beemond import errors
+
+from beemond import config_checks, errors
 from beemond.errors import BeemondError
 
 EX_CONFIG = errors.EX_CONFIG
@@ -968,6 +969,9 @@ def _read_tree(path: Path) -> tuple[dict, bool]:
         return tomllib.loads(raw.decode("utf-8")), False
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # tomllib: an integer over 4,300 digits; arrays nested 1,000 deep
+        raise ConfigError(path, "", f"not valid TOML: {'a number too long' if isinstance(e, ValueError) else 'nested too deeply'} "
+                          "for any config") from None
 
 
 def status_socket(path: str | os.PathLike) -> Path:
@@ -995,6 +999,8 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
     except (configparser.Error, UnicodeDecodeError) as e:
         raise ConfigError(path, "", f"not valid INI: {' '.join(str(e).split())}") from None
     tree: dict[str, Any] = {}
+    for key, message in config_checks.ini_shadowing({s: tuple(parser[s]) for s in parser}):
+        raise ConfigError(path, key, message)
     for section in parser.sections():
         parts = section.split(".")
         if parts[0] in ("sensor", "processor"):  # [sensor.NAME], [sensor.NAME.replay], [processor.NAME]
@@ -1163,7 +1169,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
                       *((f"sensors.{s.name}.filename_template", s.filename_template)
                         for s in cfg.sensors if s.filename_template)]:
         try:
-            archive.check_template(text)
+            archive.check_template(text, cfg.archive.default_metadata)
         except archive.TemplateError as e:
             raise ConfigError(path, key, str(e)) from None
     try:
@@ -1191,6 +1197,8 @@ def _check_semantics(cfg: Config, path: Path) -> None:
 
     cfg.upload.check(path)
     cfg.telemetry.check(path)
+    for key, message in config_checks.semantic_problems(cfg, path):
+        raise ConfigError(path, key, message)
 
     d = cfg.daemon
     if d.restart_backoff_max_s < d.restart_backoff_initial_s:
@@ -1231,7 +1239,7 @@ def _check_semantics(cfg: Config, path: Path) -> None:
                                                     f"sensors: {', '.join(sensors)}")
         if p.filename_template:
             try:
-                archive.check_template(p.filename_template)
+                archive.check_template(p.filename_template, cfg.archive.default_metadata)
             except archive.TemplateError as e:
                 raise ConfigError(path, f"{key}.filename_template", str(e)) from None
         p.check(path, key, sensors[p.sensor])

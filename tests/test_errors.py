@@ -30,6 +30,7 @@ EXPECTED = {
     "beemond.bundle_format:BundleError": (errors.FormatError, Exception),
     "beemond.lab.ingest:Rejected": (errors.FormatError, Exception),
     "beemond.archive:TemplateError": (errors.FormatError, ValueError),
+    "beemond.archive:_TooBig": (errors.FormatError, ValueError),
     "beemond.aggregator:RecordError": (errors.SpoolError, Exception),
     "beemond.aggregator:_Cancelled": (errors.BeemondError, Exception),
     "beemond.spool:SpoolBusy": (errors.BusyError, OSError),
