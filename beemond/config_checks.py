@@ -85,8 +85,9 @@ def spool_dir_problems(spool: Path, path: Path) -> Iterator[str]:
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        yield f"{spool} is not a directory" if existing == spool else \
-              f"{spool} is below {existing}, which is not a directory"
+        # worded as the daemon's own check at start (Orchestrator.run), which this one comes before
+        yield f"cannot create or write {spool}: " + ("not a directory" if existing == spool else
+                                                      f"{existing} is not a directory")
         return
     fstype = filesystem_type(existing)
     if fstype in PSEUDO_FILESYSTEMS:
