@@ -245,8 +245,8 @@ def check_layout(text: str) -> None:
             render_name(text, **_LAYOUT_SAMPLE)
     except TemplateError as e:
         if "UndefinedError" in str(e):
-            raise TemplateError(f"{e}; a bundle carries only {', '.join(k for k in _LAYOUT_SAMPLE if k[0] != '_' and k != 'metadata')} "
-                                "(no record metadata)") from None
+            carried = ", ".join(k for k in _LAYOUT_SAMPLE if k[0] != "_" and k != "metadata")
+            raise TemplateError(f"{e}; a bundle carries only {carried} (no record metadata)") from None
         raise
 
 
