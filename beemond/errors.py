@@ -24,7 +24,6 @@ EX_OK = os.EX_OK                  # 0
 EX_FAILURE = 1                    # a runtime failure (a full lab disk, an unreadable key file)
 EX_NOT_RUNNING = 3                # LSB init-script convention: `beemond status`, no daemon answers
 EX_DATAERR = os.EX_DATAERR        # 65: a bundle that fails verification (FormatError)
-EX_SOFTWARE = os.EX_SOFTWARE      # 70: an internal error (a bug), never a user's input
 EX_TEMPFAIL = os.EX_TEMPFAIL      # 75: someone else holds the spool or the lab's data directory (BusyError)
 EX_NOPERM = os.EX_NOPERM          # 77: not allowed to reach the daemon's socket or read the config
 EX_CONFIG = os.EX_CONFIG          # 78: a bad configuration, one line naming the file and the key
