@@ -380,7 +380,7 @@ def test_layout_check_gives_what_the_uploader_gives():
 
 def test_spool_on_tmpfs_loads_with_a_warning(tmp_path: Path, caplog):
     """tmpfs works but loses the spool at a power cut: a warning naming the key, not an error."""
-    from beemond import config_checks
+    from beemond.config import checks as config_checks
 
     shm = Path("/dev/shm")
     if config_checks.filesystem_type(shm) != "tmpfs":
@@ -394,7 +394,7 @@ def test_spool_on_tmpfs_loads_with_a_warning(tmp_path: Path, caplog):
 
 def test_filesystem_type_reads_mountinfo(tmp_path: Path, monkeypatch):
     """The longest mount point that holds the path wins; escaped spaces in mount points are decoded."""
-    from beemond import config_checks
+    from beemond.config import checks as config_checks
 
     info = tmp_path / "mountinfo"
     info.write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n"

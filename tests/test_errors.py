@@ -107,8 +107,8 @@ def test_families_have_one_root():
 def test_transient_is_a_family_not_an_accident():
     """A driver's transient error is caught both as the family and by the retry's `except OSError`,
     and keeps its errno; a persistent one is neither."""
-    from beemond.sensors.ds18b20 import ProbeError
-    from beemond.sensors.sht3x import CRCError
+    from beemond.sensors.ds18b20.chip import ProbeError
+    from beemond.sensors.sht3x.chip import CRCError
     from beemond.sensors.base import SensorFailure
 
     e = ProbeError("crc=00 NO")
@@ -120,7 +120,7 @@ def test_transient_is_a_family_not_an_accident():
 
 
 def test_upload_transient_and_permanent():
-    from beemond.upload import LocalFileError, PermanentError, TransportError
+    from beemond.upload.transport import LocalFileError, PermanentError, TransportError
 
     assert issubclass(PermanentError, TransportError)  # the uploader handles PermanentError first
     assert issubclass(LocalFileError, PermanentError)
@@ -136,7 +136,8 @@ def test_config_error_is_a_value_error_with_its_one_line():
 
 
 def test_exit_statuses_come_from_sysexits_in_one_place():
-    from beemond import cli, config, status
+    from beemond import cli, config
+    from beemond.supervisor import status
     from beemond.upload import backlog
 
     assert (errors.EX_CONFIG, errors.EX_NOPERM, errors.EX_TEMPFAIL, errors.EX_DATAERR) == (78, 77, 75, 65)
