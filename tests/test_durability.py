@@ -160,7 +160,7 @@ def test_an_audio_segment_cut_by_a_kill_is_salvaged(tmp_path, fmt):
     spectrum = np.abs(np.fft.rfft(data[-4000:] * np.hanning(4000)))
     assert abs(np.argmax(spectrum) * 2 - 440) <= 2, "the tail is the tone, not the torn bytes"
     event = h.events_r.recv()
-    assert event.kind == ipc.READY_EVENT and event.data["path"] == str(records[0])
+    assert event.kind == ipc.READY_EVENT and event.path == str(records[0])
     assert h.worker.restart_gap == {"last": meta["end"]}
 
 
@@ -204,7 +204,9 @@ def test_gpio_input_events_are_journaled_and_folded(tmp_path):
     sensor = {"type": "gpio", "backend": "simulated", "record_window_s": 600,
               "inputs": {"entrance": {"pin": 17, "kind": "button"}}}
     h = Harness(tmp_path, "hive_gpio", sensor)
-    h.commands.put(ipc.Command("gpio_input", {"input": "entrance", "time": 1_700_000_000.25}))
+    from beemond.sensors.gpio.driver import InputActivated
+
+    h.commands.put(InputActivated("entrance", 1_700_000_000.25))
     h.run(captures=0)   # the shutdown writes the record and leaves a journal header
     assert len(h.records()) == 1
     # A crash with one event journaled but never recorded:

@@ -66,6 +66,7 @@ from beemond.sensors import seams
 from beemond.sensors.base import SensorFailure, write_staged
 from beemond.sensors.power import power_switch
 from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class _Capture:
     slot: datetime | None = None    # the schedule slot it was started for
 
 
-class AudioWorker:
+class AudioWorker(Worker):
     def __init__(self, cfg, sensor, channel: ipc.Channel):
         import numpy as np  # noqa: F401  (fail here, in the worker, if numpy is missing)
         import soundfile
@@ -146,6 +147,7 @@ class AudioWorker:
         self.writer_error: BaseException | None = None
         self.overflows_total = 0
         self.stream = None                      # open only while capturing
+        self.writer: threading.Thread | None = None   # the segment writer, from prepare()
         self.device_name = ""
         self.capture_done = threading.Event()   # set by the writer after a capture's last frame
         self.capture_ends = 0.0                 # monotonic time a limited capture should end
@@ -293,78 +295,88 @@ class AudioWorker:
         if existed:
             self.restart_gap = {"last": last}
 
-    def run(self) -> None:
+    # ---- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         try:
             self.salvage()
         except OSError as e:
             log.error("cannot salvage open segments: %s", e)
-        writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
-        writer.start()
+        self.writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
+        self.writer.start()
         if self.window is None:
             log.info("recording continuously")
         else:
             log.info("capturing %g s every %g s from %s to %s (%s)", self.sensor.capture_s, self.sensor.every_s,
                      self.sensor.window_start, self.sensor.window_end, self.sensor.timezone or "local time")
-        stall_s = max(5.0, 20 * self.sensor.block_s)
-        paused = False
-        due: datetime | None = None   # the schedule slot we wait for (UTC)
-        looked = time.monotonic()     # when this loop last ran
-        try:
-            while True:
-                if self.stream is None and not paused:
-                    if self.pending is not None:
-                        if time.monotonic() >= self.retry_at:
-                            self._begin(self.pending)
-                    elif self.window is None:
-                        self._begin(_Capture(None, "continuous"))
-                    else:
-                        due = self._schedule(due)
-                timeout = self._timeout(paused, due)
-                cmd = self.channel.receive(timeout=timeout)
-                if cmd is not None:
-                    if cmd.kind == ipc.SHUTDOWN:
-                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-                        break
-                    if cmd.kind == ipc.STOP and not paused:
-                        self._end()
-                        self.pending, paused = None, True
-                        log.info("capture stopped by command")
-                    elif cmd.kind == ipc.START and paused:
-                        paused, due = False, None  # slots missed while stopped are not made up
-                        log.info("capture started by command")
-                    elif cmd.kind == ipc.CAPTURE_NOW:
-                        if self.window is None and not paused:
-                            log.debug("capture_now: already recording continuously")
-                        elif self.stream is not None or self.pending is not None:
-                            log.info("capture_now: a capture is already running")
-                        else:
-                            self._begin(_Capture(self.frames_per_capture, "capture_now"))
-                if self.writer_error is not None:
-                    raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
-                now = time.monotonic()
-                if now - looked > min(timeout, self.channel.heartbeat_interval_s) + stall_s / 2:
-                    # This process itself was not running (SIGSTOP, a swap storm): the blocks are
-                    # probably queued behind us. Do not blame the device for our own stall.
-                    self.last_block = max(self.last_block, now)
-                looked = now
-                if self.stream is not None:
-                    if self.capture_done.is_set():
-                        self._end()
-                    elif now - self.last_block > stall_s:
-                        raise RuntimeError(f"no audio block for {stall_s:g} s: the input stream stalled")
-        finally:
-            try:
+        self.stall_s = max(5.0, 20 * self.sensor.block_s)
+        self.due: datetime | None = None   # the schedule slot we wait for (UTC)
+        self.looked = time.monotonic()     # when this loop last ran
+        self._start_due()
+
+    def _start_due(self) -> None:
+        """Open the device for the capture that is due, if any (continuous, a retry, a schedule slot)."""
+        if self.stream is None and not self.paused:
+            if self.pending is not None:
+                if time.monotonic() >= self.retry_at:
+                    self._begin(self.pending)
+            elif self.window is None:
+                self._begin(_Capture(None, "continuous"))
+            else:
+                self.due = self._schedule(self.due)
+
+    def timeout(self) -> float:
+        self.waited = self._timeout(self.paused, self.due)
+        return self.waited
+
+    def on_stop(self, cmd: ipc.Stop) -> None:
+        if not self.paused:
+            self._end()
+            self.pending, self.paused = None, True
+            log.info("capture stopped by command")
+
+    def on_start(self, cmd: ipc.Start) -> None:
+        if self.paused:
+            self.paused, self.due = False, None  # slots missed while stopped are not made up
+            log.info("capture started by command")
+
+    def on_capture_now(self, cmd: ipc.CaptureNow) -> None:
+        if self.window is None and not self.paused:
+            log.debug("capture_now: already recording continuously")
+        elif self.stream is not None or self.pending is not None:
+            log.info("capture_now: a capture is already running")
+        else:
+            self._begin(_Capture(self.frames_per_capture, "capture_now"))
+
+    def tick(self) -> None:
+        if self.writer_error is not None:
+            raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
+        now = time.monotonic()
+        if now - self.looked > min(self.waited, self.channel.heartbeat_interval_s) + self.stall_s / 2:
+            # This process itself was not running (SIGSTOP, a swap storm): the blocks are
+            # probably queued behind us. Do not blame the device for our own stall.
+            self.last_block = max(self.last_block, now)
+        self.looked = now
+        if self.stream is not None:
+            if self.capture_done.is_set():
                 self._end()
-            finally:
-                self.blocks.put(None)  # the writer closes the partial segment as a shorter record
-                writer.join(timeout=30)
-                self._power(False)
-                self.power.close()
-                try:
-                    rj.write_state(Spool(self.cfg.spool).state_file(self.sensor.name),
-                                   {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
-                except OSError as e:
-                    log.warning("cannot write the audio state: %s", e)
+            elif now - self.last_block > self.stall_s:
+                raise RuntimeError(f"no audio block for {self.stall_s:g} s: the input stream stalled")
+        self._start_due()   # the next wait's capture
+
+    def cleanup(self) -> None:
+        try:
+            self._end()
+        finally:
+            self.blocks.put(None)  # the writer closes the partial segment as a shorter record
+            if self.writer is not None:
+                self.writer.join(timeout=30)
+            self._power(False)
+            self.power.close()
+            try:
+                rj.write_state(Spool(self.cfg.spool).state_file(self.sensor.name),
+                               {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
+            except OSError as e:
+                log.warning("cannot write the audio state: %s", e)
 
     def _schedule(self, due: datetime | None) -> datetime:
         """Start the capture for slot *due* if it has come; return the slot to wait for next."""
