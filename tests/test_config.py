@@ -14,6 +14,8 @@ import pytest
 import tomli_w
 
 from beemond import config, crypto
+from beemond.sensors.audio.section import AudioConfig
+from beemond.sensors.sht3x.section import SHT3xConfig
 
 URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 
@@ -115,7 +117,7 @@ def test_valid_toml_typed_values_and_relative_paths(env: Env, monkeypatch):
     assert cfg.upload.password_file == base / "ftp-password"
     assert cfg.upload.password() == "s3cret"
     climate, audio = cfg.sensors
-    assert isinstance(climate, config.SHT3xConfig) and isinstance(audio, config.AudioConfig)
+    assert isinstance(climate, SHT3xConfig) and isinstance(audio, AudioConfig)
     assert climate.replay.file == URBAN
     assert climate.address == 0x44 and isinstance(climate.address, int)
     assert climate.interval_s == 0.5 and climate.record_window_s == 10.0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tomli_w
 
-from beemond import config
+from beemond import config, registry
 from conftest import ROOT, make_config
 
 TABLE = re.compile(r"^# \[sensors\.[a-z0-9_.]+\]\s*$")
@@ -37,7 +37,7 @@ def test_every_sensor_in_beemond_toml_is_valid_when_uncommented(tmp_path: Path, 
     path = tmp_path / "beemond.toml"
     path.write_text(tomli_w.dumps(tree))
     cfg = config.load(path)
-    assert {s.type for s in cfg.sensors} == set(config.SENSOR_TYPES)
+    assert {s.type for s in cfg.sensors} == set(registry.SENSORS)
     assert all(s.backend == "hardware" for s in cfg.sensors)
     cam = next(s for s in cfg.sensors if s.type == "camera")
     assert cam.daylight_only and (cam.latitude, cam.longitude) == (50.63, 3.06)
@@ -45,5 +45,5 @@ def test_every_sensor_in_beemond_toml_is_valid_when_uncommented(tmp_path: Path, 
 
 def test_simulated_toml_runs_every_sensor_type_simulated(tmp_path: Path, keys, password_file):
     cfg = config.load(make_config(tmp_path, keys, password_file, 21))
-    assert {s.type for s in cfg.sensors} == set(config.SENSOR_TYPES)
+    assert {s.type for s in cfg.sensors} == set(registry.SENSORS)
     assert all(s.backend == "simulated" and s.enabled for s in cfg.sensors)

@@ -61,7 +61,7 @@ def i2c_bus(sensor) -> tuple[Any, Any, Any]:
     from beemond.sensors.emulated_i2c import EmulatedSMBus
     from beemond.sensors.replay import CsvReplay
 
-    replay = CsvReplay.from_config(sensor.replay)
+    replay = CsvReplay.from_config(sensor.replay, sensor.replay_columns())
     chip = emulator(sensor).emulated_chip(sensor, replay)
     return EmulatedSMBus(sensor.bus, {sensor.address: chip}), chip, replay
 
@@ -109,7 +109,7 @@ def serial_port(sensor, request: bytes) -> tuple[str, Any]:
         return sensor.port, None
     emu = emulator(sensor)
     device = emu.ScaleEmulator(emu.serial_source(sensor), request=request,
-                               period_s=emu.simulation(sensor).line_period_s).start()
+                               period_s=sensor.simulation_or_default().line_period_s).start()
     return device.path, device
 
 
