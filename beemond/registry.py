@@ -36,6 +36,15 @@ ROLES = {
     "telemetry": "beemond.telemetry.worker:TelemetryWorker",
 }
 
+# protocol = "..." in [upload] -> its transport class (beemond.upload.transport describes the interface).
+UPLOADS = {
+    "ftp": "beemond.upload.ftp:FtpTransport",
+    "ftps": "beemond.upload.ftp:FtpsTransport",
+    "sftp": "beemond.upload.sftp:SftpTransport",
+    "s3": "beemond.upload.s3:S3Transport",
+    "local": "beemond.upload.local:LocalTransport",
+}
+
 
 def load(spec: str) -> Any:
     """The object named by ``"module:attr"``, importing its module now."""

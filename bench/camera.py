@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from beemond import config, crypto, ipc
+from beemond import config, ipc
+from beemond.bundle import crypto
 from beemond.sensors.camera.driver import CameraWorker
 from beemond.sensors.camera.emulator import StandInBackend
 

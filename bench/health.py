@@ -66,8 +66,8 @@ def scrape_cost(series: int, repeat: int) -> tuple[float, int]:
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from beemond.metrics import Health
-    from beemond.orchestrator import Worker
+    from beemond.supervisor.metrics import Health
+    from beemond.supervisor.state import Worker
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SimpleNamespace(

@@ -25,7 +25,8 @@ import tomli_w
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from beemond import config, crypto, ipc  # noqa: E402
+from beemond import config, ipc  # noqa: E402
+from beemond.bundle import crypto  # noqa: E402
 from beemond.sensors.scale.driver import ScaleWorker  # noqa: E402
 
 

@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
 
-    from beemond import bundle_format, crypto
+    from beemond.bundle import crypto, format as bundle_format
     from beemond import config as config_mod
     from beemond.sensors.replay import CsvReplay
 

@@ -75,7 +75,7 @@ class FtpServer:
 
 @pytest.fixture
 def keys(tmp_path):
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     ident, rcpt, public = crypto.keygen(tmp_path / "keys")
     return {"identity": ident, "recipient": rcpt, "public": public}

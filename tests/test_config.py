@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from beemond import config, crypto
+from beemond import config
+from beemond.bundle import crypto
 from beemond.sensors.audio.section import AudioConfig
 from beemond.sensors.sht3x.section import SHT3xConfig
 

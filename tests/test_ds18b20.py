@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from beemond import config, crypto, ipc
+from beemond import config, ipc
+from beemond.bundle import crypto
 from beemond.sensors.base import SensorFailure
 from beemond.sensors.ds18b20.chip import ProbeError, crc8, parse_w1_slave
 from beemond.sensors.ds18b20.driver import W1Therm
@@ -142,8 +143,8 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     beemond_temperature_celsius series per position."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from beemond import metrics
-    from beemond.orchestrator import Worker
+    from beemond.supervisor import metrics
+    from beemond.supervisor.state import Worker
 
     h = Harness(tmp_path, "hive_temps", sensor_table())
     events = h.run(captures=1)

@@ -166,7 +166,7 @@ def test_daemon_button_press_makes_the_camera_take_a_still(tmp_path, keys, passw
 
 
 def test_ini_config_with_input_sections(tmp_path):
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     _ident, rcpt, _pub = crypto.keygen(tmp_path / "keys")
     ini = tmp_path / "beemond.ini"

@@ -17,7 +17,8 @@ import soundfile
 import tomli_w
 from conftest import wait_for
 
-from beemond import archive, config, crypto, ipc
+from beemond import archive, config, ipc
+from beemond.bundle import crypto
 from beemond.processors.audio_bands.worker import AudioBandsWorker, band_power
 from beemond.processors.base import Spacing
 from beemond.spool import link_record

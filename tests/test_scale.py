@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from beemond import config, crypto, ipc
+from beemond import config, ipc
+from beemond.bundle import crypto
 from beemond.sensors.scale.section import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
 from beemond.sensors.scale.emulator import ScaleEmulator, SyntheticHiveWeight
 from beemond.sensors.scale.driver import ScaleWorker, calibrate, compensate, parse_line

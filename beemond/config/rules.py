@@ -17,7 +17,8 @@ from beemond.config.sections import BundleConfig, Config
 
 def check_semantics(cfg: Config, path: Path) -> None:
     """Cross-field checks that need more than one key, or outside files."""
-    from beemond import archive, crypto  # late: keeps `import beemond.config` light
+    from beemond import archive  # late: keeps `import beemond.config` light
+    from beemond.bundle import crypto
 
     for key, text in [("archive.filename_template", cfg.archive.filename_template),
                       *((f"sensors.{s.name}.filename_template", s.filename_template)
@@ -98,7 +99,7 @@ def check_semantics(cfg: Config, path: Path) -> None:
 
 
 def _signer(b: BundleConfig) -> str:
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     return crypto.fingerprint(crypto.load_signing_key(b.signing_key_path()).public_key())
 

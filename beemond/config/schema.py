@@ -3,22 +3,21 @@ classes of sensor and processor sections (each type's subclass lives in its own 
 
 A section is a frozen dataclass whose fields carry their validation facts (:func:`opt`: range,
 choices, path, secret); :mod:`beemond.config.loader` builds it from a table and checks each key.
-Imports only the standard library: every section module imports this one.
+Imports only the standard library and :mod:`beemond.names`: every section module imports this one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EX_CONFIG = 78
+from beemond.names import HOST_RE, NAME_RE  # noqa: F401  (shared with the lab)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
+EX_CONFIG = 78
+HARDWARE, SIMULATED = "hardware", "simulated"   # a sensor's backend
 
 
 class ConfigError(Exception):
@@ -54,7 +53,7 @@ class SensorConfig:
 
     name: str = opt("")
     type: str = opt("")
-    backend: str = opt("hardware", choices=("hardware", "simulated"))
+    backend: str = opt(HARDWARE, choices=(HARDWARE, SIMULATED))
     enabled: bool = opt(True)
     filename_template: str = opt("", doc="overrides [archive] filename_template")
     # A GPIO pin that switches the sensor's supply (a MOSFET or load switch): on power_lead_s before
@@ -62,6 +61,12 @@ class SensorConfig:
     power_pin: int | None = opt(None, min=0, max=27, doc="BCM pin enabling the sensor's power, if any")
     power_lead_s: float = opt(0.0, min=0.0, max=600, doc="power on this long before a measurement")
     power_active_high: bool = opt(True, doc="false: the enable pin is active low")
+
+    @property
+    def simulated(self) -> bool:
+        """``backend = "simulated"``: an emulator stands behind the library's seam (which one:
+        :mod:`beemond.sensors.seams`, the only module that builds a device from this)."""
+        return self.backend == SIMULATED
 
     def check(self, path: Path, key: str) -> None:
         """Raise :class:`ConfigError` for a rule that spans several keys or needs a file."""

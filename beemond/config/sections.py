@@ -121,10 +121,10 @@ class UploadConfig:
     def password(self) -> str:
         """The password from ``password_file`` or the systemd credential; ``""`` if neither.
 
-        Raises ``beemond.upload.TransportError`` if a credential is named but ``$CREDENTIALS_DIRECTORY``
+        Raises ``beemond.upload.transport.TransportError`` if a credential is named but ``$CREDENTIALS_DIRECTORY``
         is unset (not a file of that name in the working directory), ``OSError`` if it cannot be read.
         """
-        from beemond.upload import read_secret
+        from beemond.upload.transport import read_secret
 
         path = read_secret(self.password_file, self.password_credential)
         return path.read_text().strip() if path is not None else ""
@@ -215,7 +215,7 @@ class TelemetryConfig:
 
     def password(self) -> str:
         """The password from ``password_file`` or the credential; ``""`` if neither (see UploadConfig.password)."""
-        from beemond.upload import read_secret
+        from beemond.upload.transport import read_secret
 
         path = read_secret(self.password_file, self.password_credential)
         return path.read_text().strip() if path is not None else ""

@@ -28,7 +28,7 @@ import time
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
-from beemond.clock import Clock
+from beemond.clock import Backoff, Clock
 from beemond.records import stage, staged_metadata, staged_name, staged_twin, write_staged
 from beemond.sensors import seams
 from beemond.sensors.periodic import PeriodicValuePoller
@@ -38,6 +38,7 @@ from beemond.spool import Spool
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 5
+READ_RETRY = Backoff(0.02, 0.5)   # between read attempts of one measurement (s): 20, 40, 80 ms ... 0.5 s
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
@@ -198,7 +199,7 @@ class PolledSensorWorker:
                     last_error = e
                     log.debug("measurement attempt %d failed: %s", attempt + 1, e)
                     if attempt < self.sensor.max_retries:
-                        time.sleep(min(0.5, 0.02 * 2 ** attempt))
+                        time.sleep(READ_RETRY.delay(attempt + 1))
         if reading is None:
             self.missed += 1
             self.consecutive_failures += 1

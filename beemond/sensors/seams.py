@@ -29,13 +29,12 @@ from typing import Any, Callable
 
 from beemond import registry
 
-SIMULATED = "simulated"
 SYSFS_W1_DEVICES = Path("/sys/bus/w1/devices")
 
 
 def simulated(section) -> bool:
     """Whether *section* (a sensor's config) runs against an emulator instead of its hardware."""
-    return section.backend == SIMULATED
+    return section.simulated
 
 
 def emulator(sensor):
@@ -126,7 +125,7 @@ def input_stream(sensor, hardware: Callable[..., tuple[Any, str]], **kwargs) -> 
         return hardware(**kwargs)
     stream = emulator(sensor).SimulatedInputStream(tone_hz=sensor.tone_hz, noise=sensor.noise,
                                                    overflow_every=sensor.overflow_every, **kwargs)
-    return stream, SIMULATED
+    return stream, "simulated"   # the device name in logs and record metadata
 
 
 # ---------------------------------------------------------------------------------------------- camera

@@ -96,7 +96,7 @@ class PolledSensorConfig(SensorConfig):
     def check(self, path: Path, key: str) -> None:
         if self.record_window_s < self.interval_s:
             raise ConfigError(path, f"{key}.record_window_s", "must be >= interval_s")
-        if self.backend == "simulated":
+        if self.simulated:
             if self.replay is None:
                 raise ConfigError(path, f"{key}.replay", f"a simulated {self.type} needs a [replay] table with a CSV file")
             check_replay(self.replay, path, f"{key}.replay", self.replay_required, self.replay_optional)

@@ -61,7 +61,7 @@ from datetime import datetime, timedelta, timezone
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
-from beemond.clock import Clock
+from beemond.clock import Backoff, Clock
 from beemond.sensors import seams
 from beemond.sensors.base import SensorFailure, write_staged
 from beemond.sensors.power import power_switch
@@ -228,7 +228,7 @@ class AudioWorker:
             self.channel.send(ipc.ERROR, message=f"audio device: {e}")
             if self.open_failures > self.sensor.open_retries:
                 raise SensorFailure(f"audio device unavailable after {self.open_failures} attempt(s): {e}") from None
-            delay = min(MAX_BACKOFF_S, self.sensor.open_backoff_s * 2 ** (self.open_failures - 1))
+            delay = Backoff(self.sensor.open_backoff_s, MAX_BACKOFF_S).delay(self.open_failures)
             log.warning("%s; retry %d of %d in %.1f s", e, self.open_failures, self.sensor.open_retries, delay)
             self.pending, self.retry_at = cap, time.monotonic() + delay
             return

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from beemond import ipc
 from beemond.sensors import seams
-from beemond.sensors.base import PolledSensorWorker, ranges
 from beemond.sensors.ds18b20.chip import parse_w1_slave
+from beemond.sensors.base import READ_RETRY, PolledSensorWorker, ranges
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class DS18B20Worker(PolledSensorWorker):
                 self.errors += 1
                 self.probe_errors[position] += 1
             if attempt < self.sensor.max_retries:
-                time.sleep(min(0.5, 0.02 * 2 ** attempt))   # the worker's own backoff schedule
+                time.sleep(READ_RETRY.delay(attempt + 1))   # the worker's own backoff schedule
         if len(pending) == len(self.positions):
             for position in pending:
                 self.probe_errors[position] += 1

@@ -41,7 +41,7 @@ class DS18B20Config(PolledSensorConfig):
         for position in self.replay_filter_values:
             if position not in self.probes:
                 raise ConfigError(path, f"{key}.replay_filter_values.{position}", "not a position in probes")
-        if self.replay_filter_values and self.backend != "simulated":
+        if self.replay_filter_values and not self.simulated:
             raise ConfigError(path, f"{key}.replay_filter_values", "only a simulated backend replays a file")
         super().check(path, key)
         if self.replay is not None:
@@ -54,5 +54,5 @@ class DS18B20Config(PolledSensorConfig):
                     raise ConfigError(path, f"{key}.replay_filter_values.{position}", str(e)) from None
 
     def describe(self) -> str:
-        where = self.base_path or ("a temporary tree" if self.backend == "simulated" else "/sys/bus/w1/devices")
+        where = self.base_path or ("a temporary tree" if self.simulated else "/sys/bus/w1/devices")
         return f"{len(self.probes)} probe(s) ({', '.join(self.probes)}) in {where}, {super().describe()}"

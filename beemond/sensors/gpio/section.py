@@ -38,7 +38,7 @@ class GpioConfig(SensorConfig):
                 raise ConfigError(path, f"{key}.inputs.{name}", f"input name must match {NAME_RE.pattern}")
             if inp.pin < 0:
                 raise ConfigError(path, f"{key}.inputs.{name}.pin", "required: a BCM pin number 0-27")
-            if inp.trigger_every_s and self.backend != "simulated":
+            if inp.trigger_every_s and not self.simulated:
                 raise ConfigError(path, f"{key}.inputs.{name}.trigger_every_s", "only a simulated backend emulates inputs")
 
     def gpio_pins(self) -> dict[str, int]:

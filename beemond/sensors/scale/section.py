@@ -106,7 +106,7 @@ class ScaleConfig(SensorConfig):
             raise ConfigError(path, f"{key}.temperature_sensor", "must name another sensor")
         if self.compensation_kg_per_c and not self.temperature_sensor:
             raise ConfigError(path, f"{key}.compensation_kg_per_c", "needs temperature_sensor")
-        if self.backend == "simulated":
+        if self.simulated:
             if self.simulation is not None and self.replay is not None:
                 raise ConfigError(path, f"{key}.replay", "set [simulation] or [replay], not both")
             if self.replay is not None:
@@ -123,7 +123,7 @@ class ScaleConfig(SensorConfig):
             raise ConfigError(path, f"{key}.{which}", "only a simulated backend has this table")
 
     def describe(self) -> str:
-        where = "emulated on a pty" if self.backend == "simulated" else f"{self.port} at {self.baudrate} baud"
+        where = "emulated on a pty" if self.simulated else f"{self.port} at {self.baudrate} baud"
         source = self.temperature_sensor + (f".{self.temperature_position}" if self.temperature_position else "")
         comp = f", {self.compensation_kg_per_c:g} kg/°C from {source}" if self.compensation_kg_per_c else ""
         return (f"{where}, median of {self.samples} every {self.interval_s:g} s, "

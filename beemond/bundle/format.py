@@ -1,8 +1,7 @@
 """The bundle format as a reader sees it: manifest, tar stream, and a bounded, verified extraction.
 
 Shared by the device (the aggregator seals with :data:`FORMAT` and :data:`MANIFEST`) and the lab
-(``beemond ingest``, ``beemond decrypt``), so the lab never imports a device-side worker. (It moves to
-``beemond/bundle/format.py`` when that package exists.)
+(``beemond ingest``, ``beemond decrypt``), so the lab never imports a device-side worker.
 
 A bundle ``NAME.tar.age`` is an age-encrypted, uncompressed POSIX (pax) tar of records
 ``<sensor>/<record name>`` followed by ``manifest.json``::
@@ -10,7 +9,7 @@ A bundle ``NAME.tar.age`` is an age-encrypted, uncompressed POSIX (pax) tar of r
     {"format": "beemond-bundle/1", "host", "software", "created", "name", "group", "start", "end",
      "signing_key", "records": [{"path", "sensor", "start", "end", "size", "sha256", "metadata"}, ...]}
 
-beside its detached signature ``NAME.tar.age.sig`` (see :mod:`beemond.crypto`).
+beside its detached signature ``NAME.tar.age.sig`` (see :mod:`beemond.bundle.crypto`).
 
 :func:`read_bundle` reads the file **once**: the same bytes feed the signature's SHA-512 and age's
 decryption, so a file swapped or altered between a check and a use cannot pass. Nothing it writes is
@@ -42,7 +41,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from beemond import archive, crypto
+from beemond import names
+from beemond.spool import atomic_writer
 
 FORMAT = "beemond-bundle/1"
 MANIFEST = "manifest.json"
@@ -126,6 +126,8 @@ def read_bundle(bundle: str | os.PathLike, identities, work: str | os.PathLike, 
     the decryption error it also causes), :class:`crypto.DecryptError`, :class:`BundleError`, ``OSError``.
     On any exception *work* may hold partial members: the caller removes it and publishes nothing.
     """
+    from beemond.bundle import crypto  # here: a module that needs only the names and bounds loads no pyrage
+
     bundle = Path(bundle)
     sig = None
     if trusted is not None:
@@ -181,7 +183,7 @@ def extract_bundle(bundle: str | os.PathLike, identities, out_dir: str | os.Path
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(work / rel, dest)
         archive_manifest = json.dumps(got.manifest, indent=1, sort_keys=True).encode()
-        with archive.atomic_writer(out_dir / MANIFEST, "wb") as mf:
+        with atomic_writer(out_dir / MANIFEST, "wb") as mf:
             mf.write(archive_manifest)
         return got.manifest
     finally:
@@ -195,14 +197,16 @@ def _member_path(name: str, limits: Limits) -> str:
         raise BundleError(f"member name {name[:60]!r}... is deeper or longer than any record's "
                           f"(limits {limits.max_path_depth} levels, {limits.max_path_bytes} bytes)", "unsafe")
     try:
-        return archive.safe_relative(name)
-    except archive.TemplateError as e:
+        return names.safe_relative(name)
+    except names.TemplateError as e:
         raise BundleError(f"unsafe member name: {e}", "unsafe") from None
 
 
 def _unpack(src: _HashingReader, identities, work: Path, budget: int, limits: Limits):
     """Decrypt *src* on a thread into a pipe, read the tar from it; members into *work*. Returns
     (manifest, {member: (size, sha256)})."""
+    from beemond.bundle import crypto
+
     r, w = os.pipe()
     reader = os.fdopen(r, "rb", buffering=CHUNK)
     writer = os.fdopen(w, "wb", buffering=0)
