@@ -63,7 +63,7 @@ from beemond.bundle import crypto
 from beemond.lab.ledger import LEDGER, OLD_LEDGER, Candidate, Ledger, Report, scan
 from beemond.lab.readme import write_readme
 from beemond.lab.tables import PUSH_PENDING, push
-from beemond.lab.unpack import Options, Worker
+from beemond.lab.unpack import IngestWorker, Options
 from beemond.spool import remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def run(upload_tree, identity_file, trusted_dir, out, print=print, jobs: int = 1
         bar = Progress(len(items), sum(c.size for c in items),
                        sys.stderr.isatty() if progress is None else progress)
         if jobs <= 1 or len(items) < 2:
-            w = Worker(out, identities, trusted, names, options, print, bar.add)
+            w = IngestWorker(out, identities, trusted, names, options, print, bar.add)
             report.merge(w.run(items))
         else:
             report.merge(_run_parallel(items, jobs, out, identity_file, trusted_dir, names, options, print, bar))
@@ -164,7 +164,7 @@ def _job(index, items, out, identity_file, trusted_dir, names, options, q) -> No
         q.put((index, "progress", (files, nbytes)))
 
     try:
-        w = Worker(Path(out), crypto.load_identities(identity_file), crypto.load_trusted_keys(trusted_dir), names,
+        w = IngestWorker(Path(out), crypto.load_identities(identity_file), crypto.load_trusted_keys(trusted_dir), names,
                    options, emit_line, emit_progress)
         q.put((index, "done", w.run(items)))
     except BaseException as e:  # reported by the parent as this job's failure

@@ -1,6 +1,6 @@
 """One ingest worker: read, verify and unpack bundles into the data tree, in durable batches.
 
-Per bundle (:meth:`Worker.one`): read it once (:func:`beemond.bundle.format.read_bundle`: the same
+Per bundle (:meth:`IngestWorker.one`): read it once (:func:`beemond.bundle.format.read_bundle`: the same
 bytes feed the signature's SHA-512 and age's decryption, members are unpacked into a private work
 directory within :class:`~beemond.bundle.format.Limits`, and nothing is published before the signature
 verified over exactly those bytes and every member matched the manifest); check that the manifest's
@@ -9,7 +9,7 @@ into ``DATA_DIR/<host>/<date>/<sensor>/`` with ``NAME.meta.json``, and merge the
 the day's tables (:mod:`beemond.lab.tables`). A bundle failing a check is moved with its signature to
 ``DATA_DIR/rejected/`` beside ``NAME.reason``.
 
-Per batch (:meth:`Worker.flush`, every :data:`FLUSH_BUNDLES` bundles or :data:`FLUSH_S` seconds):
+Per batch (:meth:`IngestWorker.flush`, every :data:`FLUSH_BUNDLES` bundles or :data:`FLUSH_S` seconds):
 the tables are written under temporary names, one ``sync()`` makes the batch durable, they are renamed
 over their predecessors and synced again, and only then does the ledger commit the batch.
 """
@@ -64,7 +64,7 @@ class Options:
     licence: str = ""
 
 
-class Worker:
+class IngestWorker:
     """Ingests a list of :class:`Candidate` (one partition) into *out*; one per process."""
 
     def __init__(self, out: Path, identities, trusted: dict, names: dict[str, str], options: Options,
@@ -198,7 +198,6 @@ class Worker:
         self.pending_bundles, self.pending_files = [], []
         if kept is not None:
             self.report.pushed += push(self.opt.push, kept.parent, self.report, files=[kept])
-
 
     def _reject(self, bundle: Path, c: Candidate, reason: str, message: str) -> None:
         self.report.rejected.append((bundle.name, reason, message))
