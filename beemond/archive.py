@@ -35,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from beemond.spool import (META_SUFFIX, TMP_MARK, atomic_writer, fsync_dir, is_internal,  # noqa: F401
                            remove_stale_temps, sidecar_of, temp_name, write_record, write_sidecar)
 from beemond.clock import parse_iso, utc_iso  # noqa: F401  (the orchestrator's status needs it without Jinja2)
+from beemond.clock import Backoff
 # Name checks the lab shares without Jinja2; re-exported for the callers of archive.*.
 from beemond.names import TemplateError, safe_relative  # noqa: F401
 
@@ -257,7 +258,7 @@ class BackgroundWriter:
                 job["attempts"] += 1
                 job["error"] = e
                 if job["attempts"] <= self.max_retries:
-                    delay = min(self.max_retry_delay_s, self.retry_delay_s * 2 ** (job["attempts"] - 1))
+                    delay = Backoff(self.retry_delay_s, self.max_retry_delay_s).delay(job["attempts"])
                     job["due"] = time.monotonic() + delay
                     log.warning("writing record %s failed (%s); retry %d of %d in %g s", job["relname"],
                                    e.strerror or e, job["attempts"], self.max_retries, delay)

@@ -35,7 +35,7 @@ def _load_config(path: str, loader=None):
 
 def cmd_run(args) -> int:
     from beemond import journal
-    from beemond.orchestrator import Orchestrator
+    from beemond.supervisor.orchestrator import Orchestrator
 
     orch = _load_config(args.config, lambda path: Orchestrator.from_file(path, duration=args.duration))
     journal.setup("orchestrator", orch.cfg.daemon.log_level)
@@ -46,7 +46,8 @@ def _ask(args, request: dict, timeout: float = 5.0) -> dict:
     """*request* to the daemon whose config is ``args.config``. Reads only the socket's location from
     the config (no recipients, no keys), so members of group beemond can ask. Exits 3 when no daemon
     answers, 77 without permission, 78 when the config names no usable location."""
-    from beemond import config, status
+    from beemond import config
+    from beemond.supervisor import status
 
     try:
         path = config.status_socket(args.config)
@@ -68,7 +69,7 @@ def _ask(args, request: dict, timeout: float = 5.0) -> dict:
 def cmd_status(args) -> int:
     import json
 
-    from beemond import status
+    from beemond.supervisor import status
 
     st = _ask(args, {"cmd": "status"})
     print(json.dumps(st, indent=1, sort_keys=True) if args.json else status.format_status(st))
@@ -82,7 +83,8 @@ def cmd_control(args) -> int:
 
 
 def cmd_reload(args) -> int:
-    from beemond import config, status
+    from beemond import config
+    from beemond.supervisor import status
 
     got = _ask(args, {"cmd": "reload"}, timeout=status.RELOAD_TIMEOUT_S + 10)
     if got.get("ok"):

@@ -42,7 +42,7 @@ def main() -> int:
 
     from beemond.bundle import crypto, format as bundle_format
     from beemond import config as config_mod
-    from beemond.sensors.emulators.replay import CsvReplay
+    from beemond.sensors.replay import CsvReplay
 
     for sub in ("spool", "ftp-root", "received", "lab-data"):
         shutil.rmtree(RUN / sub, ignore_errors=True)

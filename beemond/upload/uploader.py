@@ -44,11 +44,11 @@ import collections
 import logging
 import os
 import queue
-import random
 import time
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.clock import Backoff
 from beemond.config import parse_window
 from beemond.spool import SIG_SUFFIX, Spool, fsync_dir, signature_of
 from beemond.upload.queues import Queues
@@ -252,9 +252,7 @@ class Uploader(Queues, Transfers, SpaceKeeper):
     def _failed(self, path: Path, e: BaseException) -> None:
         self.failures += 1
         self.counts["failures"] += 1
-        # The exponent is capped: a link down for days (1025+ failures) must not overflow a float.
-        delay = min(self.up.backoff_max_s, self.up.backoff_initial_s * 2.0 ** min(self.failures - 1, 64))
-        delay = random.uniform(delay / 2, delay)  # jitter: a fleet of hives must not retry in step
+        delay = Backoff(self.up.backoff_initial_s, self.up.backoff_max_s).jittered(self.failures)
         self.next_try = time.monotonic() + delay
         log.warning("upload of %s to %s failed (%s: %s); retry %d in %.1f s", path.name,
                     self.transport.describe(), type(e).__name__, str(e).strip() or "-", self.failures, delay)

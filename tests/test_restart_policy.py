@@ -1,9 +1,9 @@
-"""The orchestrator's restart decision (beemond.restart) with plain monotonic times: backoff, crash
+"""The orchestrator's restart decision (beemond.supervisor.state) with plain monotonic times: backoff, crash
 loop, the slow retry of a failed worker, and when its history is forgotten."""
 
 from __future__ import annotations
 
-from beemond.restart import HEALTHY_AFTER_S, RestartPolicy, RestartState
+from beemond.supervisor.state import HEALTHY_AFTER_S, RestartPolicy, RestartState
 
 POLICY = RestartPolicy(backoff_initial_s=1, backoff_max_s=8, crash_loop_limit=3, crash_loop_window_s=600,
                        failed_retry_s=3600)

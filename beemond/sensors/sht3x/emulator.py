@@ -18,7 +18,7 @@ import errno
 import os
 import time
 
-from beemond.sensors.sht3x import COMMANDS, MEASUREMENT_S, crc8
+from beemond.sensors.sht3x.chip import COMMANDS, MEASUREMENT_S, crc8
 
 _SINGLE_SHOT = {code: rep for (rep, stretch), code in COMMANDS.items()}
 _STRETCH = {code: stretch for (rep, stretch), code in COMMANDS.items()}
@@ -85,3 +85,14 @@ class SHT3xChip:
             time.sleep(max(0.0, self._ready_at - self.clock()))
         out, self._result = self._result[:length], None
         return out
+
+
+def emulated_chip(sensor, replay) -> SHT3xChip:
+    """The chip a simulated SHT3x sensor reads (:func:`beemond.sensors.seams.i2c_bus`): each
+    single-shot measurement takes the replay's next row; ``served`` keeps each row's index."""
+
+    def source():
+        row = replay.next_row()
+        return row.temperature_c, row.humidity_rh, row.index
+
+    return SHT3xChip(source)

@@ -59,8 +59,8 @@ import time
 
 import serial
 
-from beemond.sensors.base import PolledSensorWorker
-from beemond.sensors.sht3x import ranges
+from beemond.sensors import seams
+from beemond.sensors.base import PolledSensorWorker, ranges
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +118,15 @@ class ScaleWorker(PolledSensorWorker):
         self.temperature: tuple[float, float] | None = None   # (°C, monotonic time received)
         self._note: dict = {}
         self._uncompensated_why: str | None = None
-        self.emulator = None
-        if sensor.backend == "simulated":
-            from beemond.sensors.emulators.scale import ScaleEmulator, SyntheticHiveWeight, WeightReplay
-            from beemond.config import ScaleSimulationConfig
-
-            self.sim = sim = sensor.simulation or ScaleSimulationConfig()
-            source = WeightReplay(sensor.replay) if sensor.replay is not None else SyntheticHiveWeight(sim)
-            # The emulator thread lives in this worker's process; the driver reads its pty through
-            # serial.Serial like any serial device, so the simulated path is the hardware path.
-            self.emulator = ScaleEmulator(source, request=self.request, period_s=sim.line_period_s).start()
+        # Simulated: the emulator thread lives in this worker's process; the driver reads its pty
+        # through serial.Serial like any serial device, so the simulated path is the hardware path.
+        self.path, self.emulator = seams.serial_port(sensor, self.request)
 
     # ---- the port
     def _open(self) -> serial.Serial:
         if self.port is None:
             s = self.sensor
-            path = self.emulator.path if self.emulator is not None else s.port
+            path = self.path
             stopbits = {1.0: serial.STOPBITS_ONE, 1.5: serial.STOPBITS_ONE_POINT_FIVE, 2.0: serial.STOPBITS_TWO}
             self.port = serial.Serial(path, baudrate=s.baudrate, bytesize=s.bytesize, parity=s.parity,
                                       stopbits=stopbits[s.stopbits], timeout=s.read_timeout_s,
@@ -267,7 +260,7 @@ class ScaleWorker(PolledSensorWorker):
                 meta["replay"] = {"file": s.replay.file.name,
                                   "rows_sent": [r for t in tags for r in t.get("rows_sent", [])]}
             else:
-                meta["simulation"] = {"synthetic": True, **dataclasses.asdict(self.sim)}
+                meta["simulation"] = {"synthetic": True, **dataclasses.asdict(self.emulator.source.sim)}
         return meta
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ so it neither counts towards ``MAX_CONSECUTIVE_FAILURES`` nor is retried; the ne
 
 ``picamera2`` is imported in the worker only (Raspberry Pi OS: ``apt install python3-picamera2``; a
 venv needs ``--system-site-packages`` to see it). ``backend = "simulated"`` and the tests use
-:mod:`beemond.sensors.emulators.camera`'s stand-in with the same methods; this module's code is the same.
+:mod:`beemond.sensors.camera.emulator`'s stand-in with the same methods; this module's code is the same.
 
 Stall watchdog: picamera2 can stop delivering frames without an error after hours of capture. Every
 camera call runs on a helper thread and the run loop waits for it with a deadline (``stall_timeout_s``
@@ -36,7 +36,7 @@ restarts it. A failed capture is never replaced by anything: there is simply no 
 
 Schedule: a still every ``still_interval_s`` and a clip every ``clip_interval_s`` (0: off), due times on
 the monotonic clock; with ``daylight_only`` a due capture is skipped when the sun is down at
-(``latitude``, ``longitude``) at that UTC wall time (:mod:`beemond.sensors.daylight`). A
+(``latitude``, ``longitude``) at that UTC wall time (:mod:`beemond.sensors.camera.daylight`). A
 ``capture_now`` command (a GPIO trigger) takes a still or a clip (``on_capture_now``) at any hour.
 """
 
@@ -53,7 +53,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.sensors import seams
 from beemond.sensors.base import MAX_CONSECUTIVE_FAILURES, SensorFailure, write_staged
+from beemond.sensors.power import power_switch
 from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -145,24 +147,19 @@ class CameraWorker:
     ext = "jpg"
 
     def __init__(self, cfg, sensor, channel: ipc.Channel, backend=None):
-        from beemond.sensors.gpio import power_switch
-
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
         self.spool = Spool(cfg.spool)
+        self.name = sensor.name   # the owner of its records (beemond.records)
         self.staging = self.spool.staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
         if backend is None:
-            if sensor.backend == "simulated":
-                from beemond.sensors.emulators.camera import StandInBackend
-
-                backend = StandInBackend()
-            else:
-                backend = hardware_backend(clips=sensor.clip_interval_s > 0 or sensor.on_capture_now == "clip")
+            clips = sensor.clip_interval_s > 0 or sensor.on_capture_now == "clip"
+            backend = seams.camera_backend(sensor, lambda: hardware_backend(clips=clips))
         self.backend = backend
         self.daylight = None
         if sensor.daylight_only:
-            from beemond.sensors.daylight import Daylight
+            from beemond.sensors.camera.daylight import Daylight
 
             self.daylight = Daylight(sensor.latitude, sensor.longitude, sensor.sunrise_offset_min,
                                      sensor.sunset_offset_min)

@@ -8,7 +8,7 @@ its sidecar written, and *record ready* sent. Input overflows (xruns: PortAudio'
 
 Schedule (``schedule`` key): ``continuous`` keeps one stream open and cuts it into segments;
 ``window`` opens the device for ``capture_s`` every ``every_s`` inside a daily local-time window
-(:mod:`beemond.sensors.schedule`; AppMAIS: 60 s every 300 s, 08:00-20:00) and closes it in between,
+(:mod:`beemond.sensors.audio.schedule`; AppMAIS: 60 s every 300 s, 08:00-20:00) and closes it in between,
 which saves power and CPU on a Pi. ``capture_now`` starts a capture of ``capture_s`` at once.
 
 Device: ``device`` is a case-insensitive substring of an input device's name, or its PortAudio index
@@ -41,7 +41,7 @@ reports a failed write as a generic "System error", so the file system's free sp
 the failure was the disk's; any other writer failure still ends the worker.)
 
 ``backend = "simulated"`` swaps only the stream class for
-:class:`beemond.sensors.emulators.audio.SimulatedInputStream`; this module's code is the same.
+:class:`beemond.sensors.audio.emulator.SimulatedInputStream`; this module's code is the same.
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ from datetime import datetime, timedelta, timezone
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
-from beemond.clock import Clock
+from beemond.clock import Backoff, Clock
+from beemond.sensors import seams
 from beemond.sensors.base import SensorFailure, write_staged
+from beemond.sensors.power import power_switch
 from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class AudioWorker:
         self.ext = sensor.format
         self.template = cfg.template_for(sensor)
         self.spool = Spool(cfg.spool)
+        self.name = sensor.name   # the owner of its records (beemond.records)
         self.staging = self.spool.staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.frames_per_segment = round(sensor.segment_s * sensor.sample_rate_hz)
@@ -150,8 +153,6 @@ class AudioWorker:
         self.retry_at = 0.0
         self.open_failures = 0
         self.clock = Clock()  # segment starts never precede the previous segment's end (clock steps)
-        from beemond.sensors.gpio import power_switch
-
         # power_pin (a USB microphone behind a load switch): on power_lead_s before each opening of
         # the device, off once it is closed again.
         self.power = power_switch(sensor, channel.beat)
@@ -178,11 +179,13 @@ class AudioWorker:
         s = self.sensor
         kwargs = dict(samplerate=s.sample_rate_hz, blocksize=self.blocksize, channels=s.channels,
                       dtype=_DTYPE[s.subtype], callback=self._callback)
-        if s.backend == "simulated":
-            from beemond.sensors.emulators.audio import SimulatedInputStream
+        stream, self.device_name = seams.input_stream(s, self._open_device, **kwargs)
+        return stream
 
-            self.device_name = "simulated"
-            return SimulatedInputStream(tone_hz=s.tone_hz, noise=s.noise, overflow_every=s.overflow_every, **kwargs)
+    def _open_device(self, **kwargs):
+        """(PortAudio's ``sounddevice.InputStream`` on the configured device, its name). Raises
+        DeviceMissing (transient) or DeviceError."""
+        s = self.sensor
         import sounddevice as sd
 
         try:
@@ -201,9 +204,8 @@ class AudioWorker:
         except (sd.PortAudioError, ValueError) as e:
             raise DeviceError(f"input device {name!r} cannot record {s.sample_rate_hz} Hz x{s.channels} "
                               f"{kwargs['dtype']} ({s.subtype}): {e}") from None
-        self.device_name = name
         try:
-            return sd.InputStream(device=index, **kwargs)
+            return sd.InputStream(device=index, **kwargs), name
         except sd.PortAudioError as e:  # gone between the check and the opening
             raise DeviceMissing(f"cannot open input device {name!r}: {e}") from None
 
@@ -226,7 +228,7 @@ class AudioWorker:
             self.channel.send(ipc.ERROR, message=f"audio device: {e}")
             if self.open_failures > self.sensor.open_retries:
                 raise SensorFailure(f"audio device unavailable after {self.open_failures} attempt(s): {e}") from None
-            delay = min(MAX_BACKOFF_S, self.sensor.open_backoff_s * 2 ** (self.open_failures - 1))
+            delay = Backoff(self.sensor.open_backoff_s, MAX_BACKOFF_S).delay(self.open_failures)
             log.warning("%s; retry %d of %d in %.1f s", e, self.open_failures, self.sensor.open_retries, delay)
             self.pending, self.retry_at = cap, time.monotonic() + delay
             return

@@ -13,7 +13,7 @@ gets :class:`NoPermission` (exit 77, ``EX_NOPERM``), not "not running".
 
 Protocol: connect, send one JSON line and shut down the writing side; the daemon answers one JSON
 document and closes. ``{"cmd": "status"}`` (or an empty request) answers
-:meth:`beemond.metrics.Health.status`; ``{"cmd": "stop" | "start", "worker": NAME}`` sends that
+:meth:`beemond.supervisor.metrics.Health.status`; ``{"cmd": "stop" | "start", "worker": NAME}`` sends that
 command to a sensor or processor (``beemond pause`` / ``beemond resume``: e.g. silence the microphone
 during a hive inspection) and answers ``{"ok": bool, "message": str}``; ``{"cmd": "reload"}`` makes the
 orchestrator load its config file again and answers its verdict once applied (``{"ok": true,
@@ -30,13 +30,18 @@ import os
 import pwd
 import socket
 import threading
+import time
 from pathlib import Path
+
+from beemond import ipc
+from beemond.supervisor.state import ALIVE, WorkerState
 
 log = logging.getLogger(__name__)
 
 EXIT_NOT_RUNNING = 3   # LSB init-script convention for "program is not running"
 EXIT_NO_PERMISSION = 77   # EX_NOPERM (sysexits.h)
 RELOAD_TIMEOUT_S = 60.0   # a reload only validates and sends stop commands: seconds at most
+STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
 
 
 class NotRunning(Exception):
@@ -205,3 +210,92 @@ def format_status(st: dict) -> str:
     for a in st["alerts"]:
         lines.append(f"ALERT {a['alert']} on {a['sensor']}: {a['count']} since start")
     return "\n".join(lines)
+
+
+class Reporting:
+    """The orchestrator's reporting: /metrics and the status socket (their servers started and
+    stopped, ``beemond pause``/``resume`` applied), and systemd's ``READY=1``, ``STATUS=`` and
+    ``WATCHDOG=1``. Reads the orchestrator's ``cfg``, ``d``, ``workers``, ``outbox`` and ``notifier``."""
+
+    # ---- health: /metrics and the status socket (beemond.supervisor.metrics, beemond.supervisor.status)
+    def _start_health(self) -> None:
+        from beemond.supervisor import metrics
+
+        self.health = metrics.Health(self.cfg, self.workers)
+        self.observers.append(self.health)
+        self.health.start_http()
+        self.status_server = StatusServer(self.cfg.status_socket, self.health.status, self._control,
+                                          self.request_reload)
+        self.status_server.start()
+
+    def _control(self, kind: str, name: str) -> tuple[bool, str]:
+        """``beemond pause|resume NAME`` (status socket thread): STOP/START to a sensor or processor.
+        Only a queue put, which is thread-safe; the worker's state is read, never written, here."""
+        w = self.workers.get(name)
+        if w is None or w.role not in ("sensor", "processor"):
+            choices = ", ".join(n for n, x in self.workers.items() if x.role in ("sensor", "processor"))
+            return False, f"no sensor or processor {name!r} (have: {choices})"
+        if not self._command(name, ipc.Command(ipc.STOP if kind == "stop" else ipc.START, {"reason": "beemond CLI"})):
+            return False, f"{name} is {w.state}, not running"
+        w.paused = kind == "stop"  # a plain attribute store: the main loop only reads it
+        log.info("%s sent to %s from the command line", kind, name)
+        return True, f"{'paused' if kind == 'stop' else 'resumed'} {name}"
+
+    def _stop_health(self) -> None:
+        if self.status_server is not None:
+            self.status_server.stop()
+        if self.health is not None:
+            self.health.stop_http()
+
+    # ---- systemd: READY=1, STATUS=, WATCHDOG=1
+    def _notify_systemd(self) -> None:
+        if not self.notifier.enabled:
+            return
+        now = time.monotonic()
+        if not self.ready_sent and all(w.reported or w.state not in ALIVE for w in self.workers.values()):
+            self.ready_sent = True
+            self._status_text, self._status_at = self.status_line(), now
+            self.notifier.ready(self._status_text)
+            log.info("every worker is up: notified systemd (READY=1)")
+        interval = self.notifier.watchdog_interval_s
+        if interval and now >= self._watchdog_at:
+            stale = self.stale_workers(now)
+            if not stale:
+                self.notifier.watchdog()
+                self._watchdog_at = now + interval
+            else:
+                # No ping: if the orchestrator cannot recover the worker (kill + restart), systemd will.
+                log.debug("withholding WATCHDOG=1: stale heartbeat from %s", ", ".join(stale))
+                self._watchdog_at = now + min(interval, self.d.heartbeat_interval_s)
+        if self.ready_sent:
+            text = self.status_line()
+            if text != self._status_text or now - self._status_at >= STATUS_EVERY_S:
+                self._status_text, self._status_at = text, now
+                self.notifier.status(text)
+
+    def stale_workers(self, now: float) -> list[str]:
+        """Running workers whose last heartbeat is older than three heartbeat intervals (capped at
+        ``heartbeat_timeout_s``): while any exists the watchdog is not fed."""
+        limit = min(self.d.heartbeat_timeout_s, 3 * self.d.heartbeat_interval_s)
+        return [w.name for w in self.workers.values() if w.state in ALIVE and now - w.last_heartbeat > limit]
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: sensors ok/backoff/failed, then the upload backlog.
+        E.g. ``2 sensors ok, backlog 3 bundles / 12.0 MB, last upload 40 s ago``."""
+        sensors = [w for w in self.workers.values() if w.role == "sensor"]
+        ok = sum(1 for w in sensors if w.state in ALIVE)
+        parts = [f"{ok} sensor{'' if ok == 1 else 's'} ok"]
+        units = [w for w in self.workers.values() if w.role in ("sensor", "processor")]
+        for state in (WorkerState.BACKOFF, WorkerState.FAILED):
+            names = [w.name for w in units if w.state == state]
+            if names:
+                parts.append(f"{state}: {' '.join(names)}")
+        broken = [w.name for w in self.workers.values() if w not in units and w.state not in ALIVE]
+        if broken:
+            parts.append(f"down: {' '.join(broken)}")
+        if self.outbox["files"] is not None:
+            parts.append(f"backlog {self.outbox['files']} bundle{'' if self.outbox['files'] == 1 else 's'}"
+                         f" / {(self.outbox['bytes'] or 0) / 1e6:.1f} MB")
+        if self.outbox["last_upload"]:
+            parts.append(f"last upload {max(0, time.time() - self.outbox['last_upload']):.0f} s ago")
+        return ", ".join(parts)

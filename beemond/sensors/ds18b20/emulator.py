@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from beemond.sensors.ds18b20 import crc8
+from beemond.sensors.ds18b20.chip import crc8
 
 POWER_ON_SCRATCHPAD = bytes.fromhex("50054b467fff0c101c")
 
@@ -73,7 +73,7 @@ class W1Tree:
         """Probes of a simulated ``DS18B20Config``, each driven by the replay rows selected by its
         ``replay_filter_values`` entry (default: the replay's own filter)."""
         from beemond.config import replay_values
-        from beemond.sensors.emulators.replay import CsvReplay
+        from beemond.sensors.replay import CsvReplay
 
         sources, replays = {}, {}
         for position, rom in sensor.probes.items():

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from beemond.sensors.emulators.replay import CsvReplay, _parse_time
+from beemond.sensors.replay import CsvReplay, _parse_time
 
 LB_KG = 0.45359237   # the international avoirdupois pound, exactly
 
@@ -253,3 +253,17 @@ class WeightReplay:
     def __call__(self) -> tuple[float, int]:
         row = self.replay.next_row()
         return row.weight_kg, row.index
+
+
+def simulation(sensor):
+    """A simulated scale's ``[simulation]`` table, or its defaults (also when it replays a file: the
+    line period)."""
+    from beemond.config import ScaleSimulationConfig
+
+    return sensor.simulation or ScaleSimulationConfig()
+
+
+def serial_source(sensor):
+    """What a simulated scale weighs (:func:`beemond.sensors.seams.serial_port`): its ``[replay]``
+    file, else the synthetic hive weight of its ``[simulation]``."""
+    return WeightReplay(sensor.replay) if sensor.replay is not None else SyntheticHiveWeight(simulation(sensor))

@@ -274,7 +274,7 @@ class DS18B20Config(PolledSensorConfig):
             raise ConfigError(path, f"{key}.replay_filter_values", "only a simulated backend replays a file")
         super().check(path, key)
         if self.replay is not None:
-            from beemond.sensors.emulators.replay import CsvReplay
+            from beemond.sensors.replay import CsvReplay
 
             for position, value in self.replay_filter_values.items():
                 try:
@@ -290,7 +290,7 @@ class DS18B20Config(PolledSensorConfig):
 
 def _check_replay(replay: ReplayConfig, path: Path, key: str, columns: tuple[str, ...]) -> None:
     """The replay file is readable and has every named column (*columns*: ReplayConfig field names)."""
-    from beemond.sensors.emulators.replay import CsvReplay, read_header, zone
+    from beemond.sensors.replay import CsvReplay, read_header, zone
 
     if not os.access(replay.file, os.R_OK) or not replay.file.is_file():
         raise ConfigError(path, f"{key}.file", f"cannot read {replay.file}")
@@ -342,7 +342,7 @@ class AudioConfig(SensorConfig):
             raise ConfigError(path, f"{key}.block_s", "must be shorter than segment_s")
         if self.format == "wav" and self.subtype not in ("PCM_16", "PCM_24"):
             raise ConfigError(path, f"{key}.subtype", "allowed for wav: PCM_16, PCM_24")
-        from beemond.sensors.schedule import parse_hhmm
+        from beemond.sensors.audio.schedule import parse_hhmm
 
         for name in ("window_start", "window_end"):
             try:
@@ -371,10 +371,10 @@ class AudioConfig(SensorConfig):
             raise ValueError(f"unknown IANA time zone {self.timezone!r} (e.g. Europe/Berlin, UTC)") from None
 
     def capture_window(self):
-        """A :class:`beemond.sensors.schedule.CaptureWindow`, or ``None`` when continuous."""
+        """A :class:`beemond.sensors.audio.schedule.CaptureWindow`, or ``None`` when continuous."""
         if self.schedule != "window":
             return None
-        from beemond.sensors.schedule import CaptureWindow, parse_hhmm
+        from beemond.sensors.audio.schedule import CaptureWindow, parse_hhmm
 
         return CaptureWindow(parse_hhmm(self.window_start), parse_hhmm(self.window_end), self.every_s, self.zone())
 
@@ -389,7 +389,7 @@ class AudioConfig(SensorConfig):
 
 @dataclass(frozen=True)
 class CameraConfig(SensorConfig):
-    """A Raspberry Pi camera through picamera2 (beemond.sensors.camera)."""
+    """A Raspberry Pi camera through picamera2 (beemond.sensors.camera.driver)."""
 
     width: int = _opt(640, min=16, max=9152, doc="frame width in pixels (AppMAIS: 640)")
     height: int = _opt(480, min=16, max=6944, doc="frame height in pixels (AppMAIS: 480)")
@@ -449,7 +449,7 @@ class GpioInputConfig:
 
 @dataclass(frozen=True)
 class GpioConfig(SensorConfig):
-    """GPIO inputs that trigger captures, and a status LED (beemond.sensors.gpio)."""
+    """GPIO inputs that trigger captures, and a status LED (beemond.sensors.gpio.driver)."""
 
     inputs: dict[str, GpioInputConfig] = _opt(factory=dict, doc="named inputs: [sensors.NAME.inputs.INPUT]")
     status_led_pin: int | None = _opt(None, min=0, max=27, doc="BCM pin of a status LED (blinks while running)")
@@ -519,7 +519,7 @@ class WeightReplayConfig:
 
 @dataclass(frozen=True)
 class ScaleConfig(SensorConfig):
-    """A hive scale with a serial line protocol (beemond.sensors.scale has the formula and the units)."""
+    """A hive scale with a serial line protocol (beemond.sensors.scale.driver has the formula and the units)."""
 
     port: str = _opt("/dev/beemond-scale", doc="serial device (the udev rule's stable name)")
     baudrate: int = _opt(9600, min=50, max=4_000_000)
@@ -579,7 +579,7 @@ class ScaleConfig(SensorConfig):
             if self.simulation is not None and self.replay is not None:
                 raise ConfigError(path, f"{key}.replay", "set [simulation] or [replay], not both")
             if self.replay is not None:
-                from beemond.sensors.emulators.scale import WeightReplay
+                from beemond.sensors.scale.emulator import WeightReplay
 
                 if not os.access(self.replay.file, os.R_OK) or not self.replay.file.is_file():
                     raise ConfigError(path, f"{key}.replay.file", f"cannot read {self.replay.file}")

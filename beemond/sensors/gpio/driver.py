@@ -21,7 +21,6 @@ pin factory (lgpio on Raspberry Pi OS bookworm).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -30,7 +29,9 @@ from datetime import datetime, timezone
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
-from beemond.sensors.base import stage, staged_metadata, staged_name, write_staged
+from beemond.records import stage, staged_metadata, staged_name, write_staged
+from beemond.sensors import seams
+from beemond.sensors.power import power_switch
 from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -42,64 +43,6 @@ COLUMNS = ("time", "input", "kind", "pin", "action")
 MAX_HELD_EVENTS = 10_000        # input events kept in memory while records cannot be written
 
 
-def pin_factory(backend: str):
-    """gpiozero's ``MockFactory`` for the simulated backend; ``None`` (gpiozero's default) on hardware."""
-    if backend == "simulated":
-        from gpiozero.pins.mock import MockFactory
-
-        return MockFactory()
-    return None
-
-
-class PowerSwitch:
-    """A sensor's power-enable pin: on ``lead_s`` seconds before a measurement, off after it.
-
-    Use as a context manager around one measurement or capture. The lead wait calls *beat* (the
-    worker's ``Channel.beat``) so a long warm-up never looks like a hung worker. Nested use keeps the
-    power on until the outermost block ends.
-    """
-
-    def __init__(self, pin: int, lead_s: float = 0.0, active_high: bool = True, factory=None, beat=None):
-        from gpiozero import DigitalOutputDevice
-
-        self.device = DigitalOutputDevice(pin, active_high=active_high, initial_value=False, pin_factory=factory)
-        self.lead_s = lead_s
-        self.beat = beat or (lambda: None)
-        self.depth = 0
-
-    def __enter__(self) -> "PowerSwitch":
-        self.depth += 1
-        if self.depth == 1:
-            self.device.on()
-            until = time.monotonic() + self.lead_s
-            while (left := until - time.monotonic()) > 0:
-                self.beat()
-                time.sleep(min(left, 0.5))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.depth -= 1
-        if self.depth == 0:
-            self.device.off()
-
-    def close(self) -> None:
-        self.device.close()
-
-
-def power_switch(sensor, beat=None, factory=None):
-    """The sensor's :class:`PowerSwitch`, or a do-nothing context (with ``close``) if it has no power_pin."""
-    if sensor.power_pin is None:
-        return _NoPower()
-    if factory is None:
-        factory = pin_factory(sensor.backend)
-    return PowerSwitch(sensor.power_pin, sensor.power_lead_s, sensor.power_active_high, factory, beat)
-
-
-class _NoPower(contextlib.nullcontext):
-    def close(self) -> None:
-        pass
-
-
 class GpioWorker:
     """Inputs that send capture requests, a status LED; CSV records of input events."""
 
@@ -109,10 +52,11 @@ class GpioWorker:
         import gpiozero
 
         self.cfg, self.sensor, self.channel = cfg, sensor, channel
+        self.name = sensor.name   # the owner of its records (beemond.records)
         self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.template = cfg.template_for(sensor)
-        self.factory = pin_factory(sensor.backend)
+        self.factory = seams.pin_factory(sensor)
         self.power = power_switch(sensor, channel.beat, self.factory)
         self.devices: dict[str, gpiozero.InputDevice] = {}
         classes = {"button": gpiozero.Button, "motion": gpiozero.MotionSensor, "beam": gpiozero.DigitalInputDevice}
@@ -179,13 +123,7 @@ class GpioWorker:
         except OSError as e:
             log.error("cannot fold the journal: %s", e)
         self._blink(BLINK_OK)
-        if self.sensor.backend == "simulated":
-            from beemond.sensors.emulators.gpio import PinPulser
-
-            for name, inp in self.sensor.inputs.items():
-                if inp.trigger_every_s:
-                    dev = self.devices[name]
-                    self.pulsers.append(PinPulser(dev.pin, active_low=dev.pull_up, every_s=inp.trigger_every_s))
+        self.pulsers += seams.input_pulsers(self.sensor, self.devices)
         try:
             while True:
                 timeout = self.cfg.daemon.heartbeat_interval_s

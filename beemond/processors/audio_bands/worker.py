@@ -30,7 +30,7 @@ from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.processors.base import ProcessorWorker
-from beemond.sensors.base import staged_metadata
+from beemond.records import staged_metadata
 
 log = logging.getLogger(__name__)
 
