@@ -16,7 +16,7 @@ name (:func:`bundle_name`), so the aggregator can tell that a bundle reached the
 Order of durability (:func:`seal`): the signature, then the bundle are fsynced and renamed into
 ``outbox/`` and the directory fsynced; the caller deletes the staged records only after it returned.
 
-Only the aggregator imports this module (it loads pyrage through :mod:`beemond.bundle.crypto`).
+In the daemon only the aggregator imports this module (it loads pyrage through :mod:`beemond.bundle.crypto`).
 """
 
 from __future__ import annotations
