@@ -36,6 +36,7 @@ from pathlib import Path
 from beemond import __version__, archive
 from beemond.bundle import crypto
 from beemond.bundle.format import FORMAT, MANIFEST, BundleError
+from beemond.errors import BeemondError, SpoolError
 from beemond.spool import bundle_filename
 
 CHUNK = 1 << 20
@@ -170,7 +171,7 @@ class TarStream(io.RawIOBase):
         super().close()
 
 
-class RecordError(Exception):
+class RecordError(SpoolError):
     """One staged record could not be read; the others can still be sealed without it."""
 
     def __init__(self, record: Record, error: OSError):
@@ -178,7 +179,7 @@ class RecordError(Exception):
         super().__init__(f"cannot read record {record.path}: {error.strerror or error}")
 
 
-class _Cancelled(Exception):
+class _Cancelled(BeemondError):
     pass
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from beemond import registry
+from beemond.config import checks as config_checks
 from beemond.config.rules import check_semantics
 from beemond.config.schema import HOST_RE, NAME_RE, ConfigError
 from beemond.config.sections import (ArchiveConfig, BundleConfig, Config, DaemonConfig, MetricsConfig,
@@ -89,6 +90,9 @@ def _read_tree(path: Path) -> tuple[dict, bool]:
         return tomllib.loads(raw.decode("utf-8")), False
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # tomllib: an integer over 4,300 digits; arrays nested 1,000 deep
+        raise ConfigError(path, "", f"not valid TOML: {'a number too long' if isinstance(e, ValueError) else 'nested too deeply'} "
+                          "for any config") from None
 
 
 def status_socket(path: str | os.PathLike) -> Path:
@@ -116,6 +120,8 @@ def _ini_tree(path: Path, raw: bytes) -> dict:
     except (configparser.Error, UnicodeDecodeError) as e:
         raise ConfigError(path, "", f"not valid INI: {' '.join(str(e).split())}") from None
     tree: dict[str, Any] = {}
+    for key, message in config_checks.ini_shadowing({s: tuple(parser[s]) for s in parser}):
+        raise ConfigError(path, key, message)
     for section in parser.sections():
         parts = section.split(".")
         if parts[0] in ("sensor", "processor"):  # [sensor.NAME], [sensor.NAME.replay], [processor.NAME]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from beemond.config import checks as config_checks
 from beemond.config.schema import ConfigError
 from beemond.config.sections import BundleConfig, Config
 
@@ -24,7 +25,7 @@ def check_semantics(cfg: Config, path: Path) -> None:
                       *((f"sensors.{s.name}.filename_template", s.filename_template)
                         for s in cfg.sensors if s.filename_template)]:
         try:
-            archive.check_template(text)
+            archive.check_template(text, cfg.archive.default_metadata)
         except archive.TemplateError as e:
             raise ConfigError(path, key, str(e)) from None
     try:
@@ -52,6 +53,8 @@ def check_semantics(cfg: Config, path: Path) -> None:
 
     cfg.upload.check(path)
     cfg.telemetry.check(path)
+    for key, message in config_checks.semantic_problems(cfg, path):
+        raise ConfigError(path, key, message)
 
     d = cfg.daemon
     if d.restart_backoff_max_s < d.restart_backoff_initial_s:
@@ -92,7 +95,7 @@ def check_semantics(cfg: Config, path: Path) -> None:
                                                     f"sensors: {', '.join(sensors)}")
         if p.filename_template:
             try:
-                archive.check_template(p.filename_template)
+                archive.check_template(p.filename_template, cfg.archive.default_metadata)
             except archive.TemplateError as e:
                 raise ConfigError(path, f"{key}.filename_template", str(e)) from None
         p.check(path, key, sensors[p.sensor])

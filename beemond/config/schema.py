@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from beemond import errors
+from beemond.errors import BeemondError
 from beemond.names import HOST_RE, NAME_RE  # noqa: F401  (shared with the lab)
 
-EX_CONFIG = 78
+EX_CONFIG = errors.EX_CONFIG
 HARDWARE, SIMULATED = "hardware", "simulated"   # a sensor's backend
 
 
-class ConfigError(Exception):
+class ConfigError(BeemondError, ValueError):
     """A configuration problem; ``str()`` is the one line shown to the user."""
 
     def __init__(self, file: str | os.PathLike, key: str, message: str):

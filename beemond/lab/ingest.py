@@ -60,6 +60,7 @@ import time
 from pathlib import Path
 
 from beemond.bundle import crypto
+from beemond.errors import BusyError
 from beemond.lab.ledger import LEDGER, OLD_LEDGER, Candidate, Ledger, Report, scan
 from beemond.lab.readme import write_readme
 from beemond.lab.tables import PUSH_PENDING, push
@@ -72,7 +73,7 @@ LOCK = ".ingest.lock"
 DIRTY = ".ingest.running"   # present while a run works: a crash leaves it, and the next run sweeps temps
 
 
-class Busy(RuntimeError):
+class Busy(BusyError, RuntimeError):
     """Another ingest holds the data directory's lock (``DATA_DIR/.ingest.lock``)."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from beemond.bundle import crypto, format as bundle_format
 from beemond.clock import utc_iso
+from beemond.errors import FormatError
 from beemond.lab.ledger import COMMIT_BUNDLES, LEDGER, REJECTED, Candidate, Ledger, Report
 from beemond.lab.tables import GAPS, DailyTables, date_of, push, stage_file
 from beemond.names import HOST_RE, NAME_RE
@@ -42,7 +43,7 @@ FLUSH_BUNDLES = 2000        # bundles between durable batches: bounds memory and
 FLUSH_S = 30.0              # ... or seconds
 
 
-class Rejected(Exception):
+class Rejected(FormatError):
     """A bundle that fails a check. ``reason``: ``unsigned``, ``malformed``, ``untrusted``, ``truncated``,
     ``mismatch`` (signature); ``undecryptable``; ``manifest`` (hashes, members, signing key); ``oversize``
     (over a limit, or more than the bundle can hold); ``unsafe`` (a member name or type, or a host or

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from beemond import registry
+from beemond.errors import UploadError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ PART_METHODS = ("put", "size", "rename")
 WHOLE_METHODS = ("store",)
 
 
-class TransportError(Exception):
+class TransportError(UploadError):
     """A transfer failed; the bundle stays in the outbox and is retried."""
 
 

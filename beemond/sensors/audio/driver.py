@@ -62,6 +62,7 @@ from beemond.sensors import seams
 from beemond.sensors.audio.segment import Segment, no_room_to_salvage, salvage_segment, set_aside
 from beemond.sensors.base import SensorFailure
 from beemond.sensors.power import power_switch
+from beemond.errors import SensorError, TransientSensorError
 from beemond.spool import Spool
 from beemond.worker import Worker
 
@@ -74,11 +75,11 @@ NO_SPACE_RETRY_S = 1.0      # while the disk is full, a new segment is tried thi
 NO_SPACE_FREE_BYTES = 256 * 1024   # a write failure with less free than this is the full disk's
 
 
-class DeviceMissing(OSError):
+class DeviceMissing(TransientSensorError):
     """No input device matches (unplugged, or the sound server is not up yet): transient."""
 
 
-class DeviceError(ValueError):
+class DeviceError(SensorError, ValueError):
     """The device spec is ambiguous, or the device cannot record these settings: persistent."""
 
 
