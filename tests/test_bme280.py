@@ -176,7 +176,7 @@ def sensor_table(**over) -> dict:
 @pytest.fixture(scope="module")
 def urban_rows():
     assert URBAN.is_file(), f"test data missing: {URBAN}"
-    return load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", HIVE)
+    return load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", HIVE)
 
 
 def test_worker_writes_replayed_urban_rows(tmp_path, urban_rows):

@@ -103,7 +103,7 @@ def sensor_table(**over) -> dict:
 @pytest.fixture(scope="module")
 def hives():
     assert URBAN.is_file(), f"test data missing: {URBAN}"
-    return {pos: load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", tag) for pos, tag in TAGS.items()}
+    return {pos: load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", tag) for pos, tag in TAGS.items()}
 
 
 def check_body(table, meta, hives):

@@ -21,7 +21,7 @@ import tomli_w
 
 from beemond import config, ipc
 from beemond.bundle import crypto
-from beemond.config import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
+from beemond.sensors.scale.section import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
 from beemond.sensors.scale.emulator import ScaleEmulator, SyntheticHiveWeight
 from beemond.sensors.scale.driver import ScaleWorker, calibrate, compensate, parse_line
 from beemond.spool import Spool

@@ -30,7 +30,7 @@ ADDR = 0x44
 @pytest.fixture(scope="module")
 def urban_rows():
     assert URBAN.is_file(), f"test data missing: {URBAN} (clone shared/ beside the project)"
-    rows = load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", HIVE)
+    rows = load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", HIVE)
     assert len(rows) > 1000
     return rows
 
@@ -244,15 +244,15 @@ def test_load_rows_filters_dedups_and_loops(tmp_path: Path):
                  "2021-06-19 00:00:00+00:00,2,99.0,99.0\n"
                  "2021-06-19 00:15:00+00:00,1,20.5,40.0\n"      # exact duplicate
                  "2021-06-19 00:30:00Z,1,21.0,39.5\n")
-    rows = load_rows(f, "Date", "temperature", "humidity", "Tag number", "1")
+    rows = load_rows(f, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", "1")
     assert [(r.index, r.temperature_c, r.humidity_rh) for r in rows] == [(0, 20.0, 41.0), (1, 20.5, 40.0),
                                                                        (2, 21.0, 39.5)]
     replay = CsvReplay(rows, speedup=0.0, loop=True)
     assert [replay.next_row().index for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     with pytest.raises(ValueError, match="no rows"):
-        CsvReplay(load_rows(f, "Date", "temperature", "humidity", "Tag number", "3"))
+        CsvReplay(load_rows(f, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", "3"))
     with pytest.raises(ValueError, match="column"):
-        load_rows(f, "Date", "temp", "humidity")
+        load_rows(f, "Date", {"temperature_c": "temp", "humidity_rh": "humidity"})
 
 
 # ------------------------------------------------------------------------------------------ worker

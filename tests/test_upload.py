@@ -8,6 +8,7 @@ import datetime
 import fcntl
 import ftplib
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -104,21 +105,25 @@ def bundles_left(cfg) -> list[str]:
 
 
 def test_each_transport_is_named_in_the_registry_and_imports_no_other():
-    """Every [upload] protocol but none has a "module:Class" line; loading one transport imports
-    neither the others nor their libraries (paramiko stays out of an FTP uploader)."""
+    """Every [upload] protocol but none has a "module:Class" line naming a class with the transport
+    interface's methods; loading one transport imports neither the others nor their libraries
+    (paramiko stays out of an FTP uploader)."""
     from beemond import registry
 
     assert set(registry.UPLOADS) == {"ftp", "ftps", "sftp", "s3", "local"}
     modules = {spec.partition(":")[0] for spec in registry.UPLOADS.values()}
     for protocol, spec in registry.UPLOADS.items():
-        code = (f"import sys; from beemond import registry; cls = registry.load({spec!r}); "
-                "print(cls.__name__, sorted(m for m in sys.modules if m.startswith('beemond.upload.') or m == 'paramiko'))")
-        name, loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                      cwd=ROOT).stdout.split(" ", 1)
+        code = (f"import json, sys; from beemond import registry; from beemond.upload import transport as t; "
+                f"cls = registry.load({spec!r}); "
+                "need = t.COMMON_METHODS + (t.WHOLE_METHODS if getattr(cls, 'stores_whole', False) else t.PART_METHODS); "
+                "print(json.dumps([cls.__name__, [m for m in need if not callable(getattr(cls, m, None))], "
+                "sorted(m for m in sys.modules if m.startswith('beemond.upload.') or m == 'paramiko')]))")
+        name, missing, loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                          check=True, cwd=ROOT).stdout)
         own = spec.partition(":")[0]
-        assert name == spec.partition(":")[2] and own in loaded, (protocol, loaded)
-        assert not [m for m in modules - {own} if f"'{m}'" in loaded], (protocol, loaded)
-        assert ("'paramiko'" in loaded) == (protocol == "sftp"), (protocol, loaded)
+        assert name == spec.partition(":")[2] and own in loaded and not missing, (protocol, missing, loaded)
+        assert not (modules - {own}) & set(loaded), (protocol, loaded)
+        assert ("paramiko" in loaded) == (protocol == "sftp"), (protocol, loaded)
 
 
 def test_ftp_server_killed_mid_transfer_every_bundle_once(tmp_path, keys, password_file):

@@ -32,6 +32,7 @@ from beemond.clock import Backoff, Clock
 from beemond.records import stage, staged_metadata, staged_name, staged_twin, write_staged
 from beemond.sensors import seams
 from beemond.sensors.periodic import PeriodicValuePoller
+from beemond.errors import PersistentSensorError
 from beemond.sensors.power import power_switch
 from beemond.spool import Spool
 from beemond.worker import Worker
@@ -43,7 +44,7 @@ READ_RETRY = Backoff(0.02, 0.5)   # between read attempts of one measurement (s)
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
-class SensorFailure(RuntimeError):
+class SensorFailure(PersistentSensorError):
     """The device failed persistently; the worker exits so the orchestrator restarts it."""
 
 

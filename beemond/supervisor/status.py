@@ -32,23 +32,25 @@ import socket
 import threading
 import time
 from pathlib import Path
+from beemond import errors
+from beemond.errors import ControlError
 
 from beemond import ipc
 from beemond.supervisor.state import ALIVE, WorkerState
 
 log = logging.getLogger(__name__)
 
-EXIT_NOT_RUNNING = 3   # LSB init-script convention for "program is not running"
-EXIT_NO_PERMISSION = 77   # EX_NOPERM (sysexits.h)
+EXIT_NOT_RUNNING = errors.EX_NOT_RUNNING
+EXIT_NO_PERMISSION = errors.EX_NOPERM
 RELOAD_TIMEOUT_S = 60.0   # a reload only validates and sends stop commands: seconds at most
 STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
 
 
-class NotRunning(Exception):
+class NotRunning(ControlError):
     """No daemon answers on the status socket."""
 
 
-class NoPermission(Exception):
+class NoPermission(ControlError):
     """The socket (or the config naming it) exists but this user may not use it."""
 
 

@@ -51,9 +51,8 @@ from typing import ClassVar
 
 from beemond import archive, ipc
 from beemond.clock import Backoff
-from beemond.config import parse_window
 from beemond.spool import SIG_SUFFIX, Spool, fsync_dir, signature_of
-from beemond.upload.queues import Queues
+from beemond.upload.queues import Queues, parse_window
 from beemond.upload.space import SpaceKeeper
 from beemond.upload.transfer import RESUME_MIN_BYTES, Transfers, size_of
 from beemond.upload.transport import (BundleReader, LocalFileError, PermanentError, StallGuard, TokenBucket,

@@ -57,6 +57,7 @@ from beemond.sensors import seams
 from beemond.sensors.base import MAX_CONSECUTIVE_FAILURES, SensorFailure, write_staged
 from beemond.sensors.power import power_switch
 from beemond.spool import Spool
+from beemond.errors import PersistentSensorError
 from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,11 @@ START_GRACE_S = 5.0         # configure/start/open take a while on a Pi: added t
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CameraUnavailable(RuntimeError):
+class CameraUnavailable(PersistentSensorError):
     """picamera2 is not installed (or the camera cannot be opened at all)."""
 
 
-class CameraStall(RuntimeError):
+class CameraStall(PersistentSensorError):
     """No frame (or no answer from the camera) within ``stall_timeout_s``."""
 
 

@@ -59,6 +59,7 @@ import time
 
 import serial
 
+from beemond.errors import TransientSensorError
 from beemond.sensors import seams
 from beemond.sensors.base import PolledSensorWorker, ranges
 
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 UNIT_KG = {"kg": 1.0, "kgs": 1.0, "g": 0.001, "lb": 0.45359237, "lbs": 0.45359237}
 
 
-class ScaleError(OSError):
+class ScaleError(TransientSensorError):
     """An attempt that gave no reading (timeout, garbage only); transient, retried by the worker."""
 
 
