@@ -207,5 +207,5 @@ def urban_rows(tag: str = "3629") -> list[tuple[str, str]]:
     """The UrBAN rows the demo config replays, formatted as the driver writes them (2 decimals)."""
     from beemond.sensors.replay import load_rows
 
-    rows = load_rows(DATA, "Date", "temperature", "humidity", "Tag number", tag)
+    rows = load_rows(DATA, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", tag)
     return [(f"{r.temperature_c:.2f}", f"{r.humidity_rh:.2f}") for r in rows]

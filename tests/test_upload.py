@@ -90,7 +90,7 @@ class Running:
         return list(self.events)
 
     def __exit__(self, *exc) -> None:
-        self.commands.put(ipc.Command(ipc.SHUTDOWN))
+        self.commands.put(ipc.Shutdown())
         self.thread.join(30)
         assert not self.thread.is_alive(), "the uploader did not stop"
         self.uploader.channel.events.close()
@@ -150,9 +150,9 @@ def test_ftp_server_killed_mid_transfer_every_bundle_once(tmp_path, keys, passwo
     for p in root.rglob("*.tar.age"):
         assert p.relative_to(root).parts[:3] == (HOST, "2021-06-19", "hive_audio")
     outbox_events = [e for e in r.events if e.kind == ipc.OUTBOX]
-    assert outbox_events[0].data["files"] == 6 and outbox_events[0].data["bytes"] == 6 * 400_000
-    last = outbox_events[-1].data
-    assert (last["files"], last["bytes"], last["last_upload"]) == (0, 0, r.uploader.last_upload)
+    assert outbox_events[0].files == 6 and outbox_events[0].bytes == 6 * 400_000
+    last = outbox_events[-1]
+    assert (last.files, last.bytes, last.last_upload) == (0, 0, r.uploader.last_upload)
 
 
 def test_200_bundles_through_a_resetting_proxy_all_arrive(tmp_path, keys, password_file):
@@ -232,7 +232,7 @@ def test_ftps_with_ca_file_and_a_wrong_certificate(tmp_path, keys, password_file
             wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "a failed login")
     finally:
         server.stop()
-    errors = " ".join(e.data.get("message", "") for e in r.events if e.kind == ipc.ERROR)
+    errors = " ".join(e.message for e in r.events if e.kind == ipc.ERROR)
     assert "530" in errors, "the login failure is reported"
     for secret in ("hive-secret", "not-the-hive-secret"):
         assert secret not in caplog.text and secret not in errors, "a password must never reach logs or errors"
@@ -340,7 +340,7 @@ def test_upload_windows_and_rate_limit(tmp_path, keys):
     with Running(cfg) as r:
         wait_for(lambda: len(on_server(nas)) == 3, 20, "the audio bundles")
         elapsed = time.monotonic() - t0
-        wait_for(lambda: [e for e in r.poll_events() if e.kind == ipc.OUTBOX and e.data["files"] == 2], 5,
+        wait_for(lambda: [e for e in r.poll_events() if e.kind == ipc.OUTBOX and e.files == 2], 5,
                  "an OUTBOX event counting the two waiting bundles")
     assert on_server(nas) == made
     assert bundles_left(cfg) == sorted(video), "outside their window, video bundles wait in the outbox"
@@ -375,7 +375,7 @@ def _errors(events_r) -> list[str]:
     while events_r.poll():
         ev = events_r.recv()
         if ev.kind == ipc.ERROR:
-            out.append(ev.data["message"])
+            out.append(ev.message)
     return out
 
 
@@ -432,8 +432,8 @@ def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploa
     assert at == sorted(at), "oldest first"
     assert "spool full" in log and "with only the newest bundle left" in log
     errors = [ev for ev in _events(events) if ev.kind == ipc.ERROR]
-    assert [ev.data["message"] for ev in errors] == [f"spool full: dropped bundle {n}" for n in waiting[:-1]] + ["spool full"]
-    assert all(ev.data.get("spool") for ev in errors), "told apart from upload errors in the metrics"
+    assert [ev.message for ev in errors] == [f"spool full: dropped bundle {n}" for n in waiting[:-1]] + ["spool full"]
+    assert all(ev.spool for ev in errors), "told apart from upload errors in the metrics"
     assert u.counts["dropped"] == 2 and list(u.known) == [outbox_of(cfg) / waiting[-1]]
     assert u.upload_next() and u.upload_next()
     assert u.counts["uploaded"] == 1 and u.counts["vanished"] == 0
@@ -564,7 +564,7 @@ def _uploaded_order(events_r) -> list[str]:
     while events_r.poll():
         ev = events_r.recv()
         if ev.kind == ipc.UPLOADED:
-            names.append(ev.data["name"])
+            names.append(ev.name)
     return names
 
 

@@ -235,7 +235,7 @@ class Reporting:
         if w is None or w.role not in ("sensor", "processor"):
             choices = ", ".join(n for n, x in self.workers.items() if x.role in ("sensor", "processor"))
             return False, f"no sensor or processor {name!r} (have: {choices})"
-        if not self._command(name, ipc.Command(ipc.STOP if kind == "stop" else ipc.START, {"reason": "beemond CLI"})):
+        if not self._command(name, (ipc.Stop if kind == "stop" else ipc.Start)("beemond CLI")):
             return False, f"{name} is {w.state}, not running"
         w.paused = kind == "stop"  # a plain attribute store: the main loop only reads it
         log.info("%s sent to %s from the command line", kind, name)
