@@ -16,10 +16,8 @@ children start fast and share those pages; never ``fork`` from a process with li
 It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
 and a signal wake-up pipe, with a timeout set by the next timer: no polling.
 
-Under systemd (``Type=notify``, :mod:`beemond.notify`) it sends ``READY=1`` once every worker has
-reported in, a ``STATUS=`` summary line when it changes, and ``WATCHDOG=1`` every half
-``WatchdogSec=`` but only while every running worker's heartbeat is fresh: a hung worker is killed and
-restarted here, a hung orchestrator by systemd.
+It speaks for the service to systemd (``READY=1``, ``STATUS=``, ``WATCHDOG=1``) and serves /metrics and
+the status socket (:class:`beemond.supervisor.status.Reporting`).
 
 SIGHUP, or ``beemond reload`` over the status socket (which waits for the verdict: ``ExecReload=``),
 reloads the config file (:mod:`beemond.supervisor.reload`).
@@ -350,7 +348,7 @@ class Orchestrator(Reloading, Reporting):
         self._schedule_restart(w, f"exited with {how}")
 
     def _schedule_restart(self, w: Worker, why: str) -> None:
-        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started, time.monotonic())
+        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started)
         w.state, w.restart_at = decision.state, decision.at
         if decision.state == WorkerState.BACKOFF:
             log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, decision.delay,
