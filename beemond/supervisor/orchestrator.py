@@ -47,7 +47,7 @@ from beemond.config import EX_CONFIG, ConfigError
 from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
 from beemond.supervisor.processes import discard_queue, forkserver_preload, stop_multiprocessing_helpers
 from beemond.supervisor.reload import Reloading, bundle_key_files
-from beemond.supervisor.state import ALIVE, RestartPolicy, Worker, WorkerState
+from beemond.supervisor.state import ALIVE, RestartPolicy, WorkerProcess, WorkerState
 from beemond.supervisor.status import Reporting
 from beemond.worker import worker_main
 
@@ -79,7 +79,7 @@ class Orchestrator(Reloading, Reporting):
         self.cfg = cfg
         self.d = cfg.daemon
         self.duration = duration
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[str, WorkerProcess] = {}
         self.ctx = multiprocessing.get_context("forkserver")
         # One BLAS thread: the workers' NumPy work is small FFTs and array copies, and each extra
         # OpenBLAS thread is a stack and a buffer in every process that imports NumPy.
@@ -147,12 +147,12 @@ class Orchestrator(Reloading, Reporting):
             # systemd would kill the whole daemon for one hung worker before we restart that worker.
             log.warning("WatchdogSec=%g of the unit is not above daemon.heartbeat_timeout_s=%g: a hung worker "
                         "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
-        self._add(Worker("aggregator", "aggregator"))
-        self._add(Worker("uploader", "uploader"))
+        self._add(WorkerProcess("aggregator", "aggregator"))
+        self._add(WorkerProcess("uploader", "uploader"))
         if self.cfg.telemetry.active:
-            self._add(Worker("telemetry", "telemetry"))
+            self._add(WorkerProcess("telemetry", "telemetry"))
         for sensor in self.cfg.sensors:
-            self._add(Worker("sensor", sensor.name))
+            self._add(WorkerProcess("sensor", sensor.name))
         self._add_processors()
         self._start_health()
         ipc.trim_heap()  # the start-up's garbage (config parsed, workers' arguments pickled)
@@ -193,11 +193,11 @@ class Orchestrator(Reloading, Reporting):
             return False
         return True
 
-    def _add(self, w: Worker) -> None:
+    def _add(self, w: WorkerProcess) -> None:
         self.workers[w.name] = w
         self._spawn(w)
 
-    def _spawn(self, w: Worker) -> None:
+    def _spawn(self, w: WorkerProcess) -> None:
         if w.commands is not None:
             discard_queue(w.commands)
         w.commands = self.ctx.Queue()
@@ -225,9 +225,9 @@ class Orchestrator(Reloading, Reporting):
                     shutil.rmtree(d, ignore_errors=True)
         for proc in self.cfg.processors:
             spool.processing_dir(proc.name).mkdir(parents=True, exist_ok=True)
-            self._add(Worker("processor", proc.name))
+            self._add(WorkerProcess("processor", proc.name))
 
-    def _feed_processors(self, w: Worker, ev: ipc.Event) -> None:
+    def _feed_processors(self, w: WorkerProcess, ev: ipc.Event) -> None:
         """A sensor's *record ready* or *sample* to the processors that read that sensor. A record is
         hard-linked into the processor's inbox first, so it survives the aggregator bundling and
         deleting the staged original, and a processor in backoff finds it at its restart."""
@@ -276,7 +276,7 @@ class Orchestrator(Reloading, Reporting):
         self._restart_due()
         self._notify_systemd()
 
-    def _read_events(self, w: Worker) -> None:
+    def _read_events(self, w: WorkerProcess) -> None:
         try:
             while w.events.poll():
                 self._on_event(w, w.events.recv())
@@ -284,7 +284,7 @@ class Orchestrator(Reloading, Reporting):
             w.events.close()
             w.events = None  # the sentinel reports the exit
 
-    def _on_event(self, w: Worker, ev: ipc.Event) -> None:
+    def _on_event(self, w: WorkerProcess, ev: ipc.Event) -> None:
         w.last_heartbeat = time.monotonic()
         w.reported = True
         if isinstance(ev, (ipc.RecordWritten, ipc.Sample)):
@@ -324,7 +324,7 @@ class Orchestrator(Reloading, Reporting):
             return False
         return True
 
-    def _reap(self, w: Worker) -> None:
+    def _reap(self, w: WorkerProcess) -> None:
         w.process.join(timeout=5)
         code = w.process.exitcode
         if w.events is not None:
@@ -347,7 +347,7 @@ class Orchestrator(Reloading, Reporting):
             return
         self._schedule_restart(w, f"exited with {how}")
 
-    def _schedule_restart(self, w: Worker, why: str) -> None:
+    def _schedule_restart(self, w: WorkerProcess, why: str) -> None:
         decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started)
         w.state, w.restart_at = decision.state, decision.at
         if decision.state == WorkerState.BACKOFF:
