@@ -47,6 +47,7 @@ from beemond.config import EX_CONFIG, ConfigError
 from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
 from beemond.supervisor.processes import discard_queue, forkserver_preload, stop_multiprocessing_helpers
 from beemond.supervisor.reload import Reloading, bundle_key_files
+from beemond.supervisor.signals import Signals
 from beemond.supervisor.state import ALIVE, RestartPolicy, WorkerProcess, WorkerState
 from beemond.supervisor.status import Reporting
 from beemond.worker import worker_main
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("telemetry", 0.1), ("aggregator", 0.4))
 
 
-class Orchestrator(Reloading, Reporting):
+class Orchestrator(Reloading, Reporting, Signals):
     """The supervisor: spawns, routes between and restarts the workers (see the module docstring)."""
 
     @classmethod
@@ -386,39 +387,6 @@ class Orchestrator(Reloading, Reporting):
                 log.info("trying failed worker %s again (every %g s while it fails)", w.name, self.d.failed_retry_s)
                 RestartPolicy.retry(w.history)
                 self._spawn(w)
-
-    # ---- signals
-    def _install_signals(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
-        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
-        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def _restore_signals(self) -> None:
-        signal.set_wakeup_fd(self._old_wakeup)
-        for s, h in self._old_handlers.items():
-            signal.signal(s, h)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signals.append(signum)
-
-    def _drain_signals(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
-        while self._signals:
-            signum = self._signals.pop(0)
-            if signum == signal.SIGHUP:
-                self._reload_requested = True  # handled in the run loop, outside _step
-                continue
-            if not self.stopping:
-                log.info("%s received: shutting down", signal.Signals(signum).name)
-            self.stopping = True
 
     # ---- ordered shutdown
     def _shutdown(self) -> None:
