@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from beemond import reading_journal as rj
 from beemond.spool import Spool
 from beemond.sensors.replay import CsvReplay, load_rows
 from conftest import wait_for
-from polled_peers import URBAN, Harness, expand, write_config
+from polled_peers import URBAN, CountingQueue, Harness, expand, write_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -302,16 +301,6 @@ def failing_disk(tmp_path):
         yield mnt, lambda: trigger.write_text("1")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-class CountingQueue(queue.Queue):
-    """A worker's command queue, counting the worker's waits on it (``Channel.receive``)."""
-
-    waits = 0
-
-    def get(self, block=True, timeout=None):
-        self.waits += 1
-        return super().get(block, timeout)
 
 
 def test_a_journal_that_cannot_be_synced_is_retried_at_its_cadence_not_in_a_busy_loop(failing_disk, caplog):

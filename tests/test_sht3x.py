@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import queue
 import re
 import threading
 import time
@@ -23,7 +22,7 @@ from beemond.sensors.emulated_i2c import EmulatedSMBus
 from beemond.sensors.replay import CsvReplay, load_rows
 from beemond.sensors.sht3x.emulator import SHT3xChip, encode
 from beemond.sensors.sht3x.driver import SHT3x, SHT3xWorker
-from polled_peers import URBAN, expand
+from polled_peers import URBAN, CountingQueue, expand
 HIVE = "3629"
 ADDR = 0x44
 
@@ -420,16 +419,6 @@ def test_worker_rejects_and_counts_a_reading_outside_the_datasheet_range(tmp_pat
     assert len(errors) == 2 and re.search(r"temperature_c=127\.0\d* outside -40\.\.125", errors[0]), errors
     ready = [e for e in events if e.kind == ipc.READY_EVENT]
     assert ready[0].rejected == 2                         # -> beemond_readings_rejected_total
-
-
-class CountingQueue(queue.Queue):
-    """The worker's command queue, counting the worker's waits on it (``Channel.receive``)."""
-
-    waits = 0
-
-    def get(self, block=True, timeout=None):
-        self.waits += 1
-        return super().get(block, timeout)
 
 
 def test_a_paused_worker_waits_for_commands_instead_of_spinning(tmp_path: Path):
