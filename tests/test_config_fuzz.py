@@ -424,3 +424,22 @@ def test_a_name_template_keeps_record_values_of_any_size():
     name = archive.render_name('{{ metadata.id }}_{{ "%d"|format(metadata.id) }}_{{ "{}".format(metadata.id) }}_'
                                '{{ metadata.get("x", 99999) }}.csv', metadata={"id": 10**12})
     assert name == "1000000000000_1000000000000_1000000000000_99999.csv"
+
+
+@pytest.mark.parametrize("template", [
+    "{{ sensor }}_{{ metadata.sample_rate_hz|default(44100) }}Hz_{{ start }}.{{ ext }}",  # a default is a value
+    "{{ sensor }}_{{ metadata.sample_rate_hz|int(48000) }}Hz_{{ start }}.{{ ext }}",
+    "{{ sensor }}_{{ start }}_{{ '%06d' % (_split_index * 100000 + metadata.hive) }}.{{ ext }}",
+    "{{ sensor }}_{{ (metadata.hive * 86400) % 86400 }}_{{ start }}.{{ ext }}",  # seconds in a day
+    "{{ sensor }}_{{ [1, 2, 3]|select('lt', 50000)|join('-') }}_{{ start }}.{{ ext }}",
+])
+def test_numbers_that_size_nothing_are_not_bounded(tmp_path: Path, template: str):
+    """The size limits are for widths, repetitions, ranges and exponents: a default value, a
+    multiplication or a modulo of plain numbers makes no large name and loads (check-config exits 0)."""
+    ok = _set(_set(BASE, "daemon.spool_dir", str(tmp_path / "spool")), "archive.filename_template", template)
+    path = tmp_path / "ok.toml"
+    path.write_text(tomli_w.dumps(ok))
+    config.load(path)
+    name = archive.render_name(template, sensor="s", start="20210619T000000Z", ext="csv", _split_index=2,
+                               metadata={"hive": 3629, "sample_rate_hz": 96000})
+    assert name.startswith("s_") and name.endswith(".csv")
