@@ -14,6 +14,8 @@ uncaught exception fails the test: that would be the traceback); a few run as re
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -443,3 +445,32 @@ def test_numbers_that_size_nothing_are_not_bounded(tmp_path: Path, template: str
     name = archive.render_name(template, sensor="s", start="20210619T000000Z", ext="csv", _split_index=2,
                                metadata={"hive": 3629, "sample_rate_hz": 96000})
     assert name.startswith("s_") and name.endswith(".csv")
+
+
+AUTOMOUNT = """\
+import os, subprocess, sys
+point = sys.argv[1]
+r, w = os.pipe()  # the automount daemon's end: nobody reads it, and nothing here triggers a mount
+os.set_inheritable(w, True)
+subprocess.run(["mount", "-t", "autofs", "-o", f"fd={w},pgrp={os.getpgrp()},minproto=5,maxproto=5,direct",
+                "beemond-test", point], pass_fds=(w,), check=True)
+sys.exit(subprocess.run([sys.executable, "-m", "beemond", "check-config", sys.argv[2]]).returncode)
+"""
+
+
+def test_spool_on_an_automount_point_loads(tmp_path: Path):
+    """A spool on a disk that systemd mounts at first access (fstab ``x-systemd.automount``, a USB
+    disk on a Pi) sits on an autofs mount until the daemon first writes there: autofs stands for the
+    file system it will mount, and says nothing about it. Real autofs mount, in a mount namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    point = tmp_path / "usb-disk"
+    point.mkdir()
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(_set(BASE, "daemon.spool_dir", str(point))))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", AUTOMOUNT, str(point),
+                        str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if "CalledProcessError" in r.stderr:  # mount(8) refused (no autofs in this kernel, a container)
+        pytest.skip(f"cannot mount autofs here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout

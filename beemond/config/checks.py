@@ -31,10 +31,12 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 # Kernel pseudo file systems (proc(5), sysfs(5), ...): nothing written there is a file on a disk.
+# Not autofs: it holds the place of a disk mounted at first access (fstab x-systemd.automount, a USB
+# disk on a Pi), and stat() of the mount point itself does not trigger that mount.
 PSEUDO_FILESYSTEMS = frozenset({
     "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore",
     "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs", "efivarfs", "binfmt_misc", "rpc_pipefs", "nsfs",
-    "selinuxfs", "autofs"})
+    "selinuxfs"})
 # In memory: works, and loses the spool at a power cut.
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 MOUNTINFO = Path("/proc/self/mountinfo")
