@@ -474,3 +474,13 @@ def test_spool_on_an_automount_point_loads(tmp_path: Path):
         pytest.skip(f"cannot mount autofs here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
     assert "ok" in r.stdout
+
+
+def test_the_placeholder_recipient_is_named_at_load(tmp_path: Path):
+    """config/simulated.toml's recipient is a key nobody can decrypt with: check-config still passes
+    (a fresh clone), and says so, so that a hive config copied from it does not seal a season of
+    recordings to no one in silence."""
+    r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(ROOT / "config" / "simulated.toml")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "bundle.recipients[0]" in r.stderr and "placeholder" in r.stderr and "Traceback" not in r.stderr

@@ -7,7 +7,7 @@ imports nothing of the loader's, so the two never import each other.
 - :func:`ini_shadowing`: an INI section that shadows a key (``[sensor.a]`` with ``replay = x``
   and a ``[sensor.a.replay]`` section): one of the two would silently win, or the loader would trip
   over a string where it expects a table.
-- :func:`semantic_problems` (the full load only):
+- :func:`semantic_problems` (the full load only; it warns of the placeholder recipient):
   ``metrics.address`` must be an IP address (prometheus_client binds it as given; a host name would
   be resolved at every start, and an interface name never works);
   ``daemon.spool_dir`` must be a directory (or not exist yet under a directory) on a real file
@@ -40,6 +40,9 @@ PSEUDO_FILESYSTEMS = frozenset({
 # In memory: works, and loses the spool at a power cut.
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 MOUNTINFO = Path("/proc/self/mountinfo")
+# config/simulated.toml's recipient: its identity was thrown away, so that file passes check-config as
+# shipped. Sealing real recordings to it loses them: a warning at every load (the demo replaces it).
+PLACEHOLDER_RECIPIENT = "age1fv46ddmd28x6qqd0ph7xq7clhl37dpflzgc04758cjc6lmhvpdwq7rkpq9"
 
 
 Problems = Iterator[tuple[str, str]]   # (key, message)
@@ -80,6 +83,10 @@ def semantic_problems(cfg, path: Path) -> Problems:
                                   f"interface) or ::1; got {cfg.metrics.address!r}")
     for message in spool_dir_problems(cfg.daemon.spool_dir, path):
         yield "daemon.spool_dir", message
+    for i, item in enumerate(cfg.bundle.recipients):
+        if item.strip() == PLACEHOLDER_RECIPIENT:
+            log.warning("%s: bundle.recipients[%d]: the placeholder of config/simulated.toml: nobody holds its "
+                        "identity, so no bundle sealed to it can be decrypted; name the lab's recipient", path, i)
 
 
 def spool_dir_problems(spool: Path, path: Path) -> Iterator[str]:
