@@ -216,6 +216,12 @@ def _time_limit(seconds: float):
         sys.settrace(old)
 
 
+def trial_limit():
+    """The load-time checks' bound: a context manager that turns Python run in this thread for more
+    than :data:`CHECK_TIME_S` into a :class:`TemplateError` (for any template tried at load)."""
+    return _time_limit(CHECK_TIME_S)
+
+
 def check_template(text: str, metadata: dict | None = None) -> None:
     """Compile and trial-render a filename template with sample values (config-load check), within
     :data:`CHECK_TIME_S`. *metadata*: known record metadata (``[archive] default_metadata``); any other

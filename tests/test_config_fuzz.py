@@ -484,3 +484,18 @@ def test_the_placeholder_recipient_is_named_at_load(tmp_path: Path):
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "bundle.recipients[0]" in r.stderr and "placeholder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_runaway_telemetry_topic_is_refused_within_the_time_limit(tmp_path: Path):
+    """The MQTT topic is a name template too, rendered for every reading: one that computes for ever
+    exits 78 at load, as a filename template does, instead of hanging check-config and the daemon."""
+    runaway = "hive/{% for i in range(9999) %}{% for j in range(9999) %}{% for k in range(9999) %}{% endfor %}" \
+              "{% endfor %}{% endfor %}{{ sensor }}"
+    tree = _set(_set(_set(BASE, "daemon.spool_dir", str(tmp_path / "spool")), "telemetry.broker", "127.0.0.1"),
+                "telemetry.topic", runaway)
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(tree))
+    r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(path)], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 78, r.stderr
+    assert "telemetry.topic" in r.stderr and "longer than" in r.stderr and "Traceback" not in r.stderr
