@@ -499,3 +499,33 @@ def test_a_runaway_telemetry_topic_is_refused_within_the_time_limit(tmp_path: Pa
                        timeout=60, cwd=ROOT)
     assert r.returncode == 78, r.stderr
     assert "telemetry.topic" in r.stderr and "longer than" in r.stderr and "Traceback" not in r.stderr
+
+
+UNICODE_MOUNT = """\
+import os, subprocess, sys
+base = sys.argv[1]
+os.makedirs(f"{base}/run")
+os.makedirs(f"{base}/disk/spool")
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", f"{base}/run"], check=True)
+point = f"{base}/run/media/Donn\\u00e9es ruche"  # a USB disk with its label, where udisks mounts it
+os.makedirs(point)
+subprocess.run(["mount", "--bind", f"{base}/disk", point], check=True)
+sys.exit(subprocess.run([sys.executable, "-m", "beemond", "check-config", sys.argv[2]]).returncode)
+"""
+
+
+def test_a_disk_mounted_under_a_non_ascii_label_is_not_taken_for_its_parent(tmp_path: Path):
+    """mountinfo escapes a space as \\\\040 and leaves UTF-8 as it is: a spool on a disk mounted under
+    /run/media/USER/LABEL (tmpfs) is on the disk, not on tmpfs (no power-cut warning). Real mounts, in
+    a mount namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    base = tmp_path / "m"
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(_set(BASE, "daemon.spool_dir", str(base / "run/media/Données ruche/spool"))))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", UNICODE_MOUNT, str(base),
+                        str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if "CalledProcessError" in r.stderr:
+        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    assert "tmpfs" not in r.stderr

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +41,7 @@ PSEUDO_FILESYSTEMS = frozenset({
 # In memory: works, and loses the spool at a power cut.
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 MOUNTINFO = Path("/proc/self/mountinfo")
+_OCTAL = re.compile(r"\\([0-7]{3})")
 # config/simulated.toml's recipient: its identity was thrown away, so that file passes check-config as
 # shipped. Sealing real recordings to it loses them: a warning at every load (the demo replaces it).
 PLACEHOLDER_RECIPIENT = "age1fv46ddmd28x6qqd0ph7xq7clhl37dpflzgc04758cjc6lmhvpdwq7rkpq9"
@@ -120,8 +122,9 @@ def filesystem_type(path: Path) -> str | None:
         fields = left.split()
         if not sep or len(fields) < 5 or not right:
             continue
-        # mount points escape space, tab, newline and backslash as octal (\040)
-        point = fields[4].encode().decode("unicode_escape") if "\\" in fields[4] else fields[4]
+        # mount points escape space, tab, newline and backslash as octal (\040), and nothing else: a
+        # label in UTF-8 stays as it is (unicode_escape would read its bytes as Latin-1)
+        point = _OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4])
         inside = real == point or real.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= len(best):  # >=: the last of stacked mounts is the visible one
             best, fstype = point, right.split()[0]
