@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 # mistake to report at config load, not a gigabyte allocated on a 512 MB Pi at the first record:
 TEMPLATE_MAX_CHARS = 2000   # the template's source
 NAME_MAX_CHARS = 1024       # a rendered name (Linux: 255 bytes per component, 4096 per path)
-OPERAND_MAX = 10_000        # the largest number a call, filter, repetition or exponent may take
+OPERAND_MAX = 10_000        # the largest width, repetition, range, slice count or exponent
+PRODUCT_MAX_BITS = 4096     # a product of numbers (a loop squaring a number would grow it without end)
+# The filters whose number arguments size their result or its making (jinja2.filters: width, count,
+# indent); the others' numbers are values (default(44100), int(48000), select("lt", 50000)).
+_SIZING_FILTERS = frozenset({"center", "indent", "wordwrap", "truncate", "slice", "batch", "tojson"})
 CHECK_TIME_S = 1.0          # the trial render at load (a loop or a recursive macro that runs away)
 _WIDE_FORMAT = re.compile(r"%[^a-zA-Z%]*(\*|\d{5,})|\{[^{}]*:[^{}]*(\{|\d{5,})")  # "%99999d", "{:>{w}}"
 
@@ -70,8 +74,9 @@ def _bounded(*values) -> None:
 
 
 class _NameSandbox(ImmutableSandboxedEnvironment):
-    """Jinja2's immutable sandbox with size limits: every call, filter, ``*``, ``**`` and ``%`` gets
-    its numbers checked against :data:`OPERAND_MAX` (``"x" * 10**9``, ``9**9**9``, ``"x"|center(10**9)``
+    """Jinja2's immutable sandbox with size limits: a repetition, an exponent, ``range`` and the
+    sizing filters get their numbers checked against :data:`OPERAND_MAX`, a ``%`` format string its
+    field widths, a product of numbers its size (``"x" * 10**9``, ``9**9**9``, ``"x"|center(10**9)``
     and ``"%999999999d" % 1`` would each allocate or compute in one C call, before any time limit)."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
@@ -83,7 +88,10 @@ class _NameSandbox(ImmutableSandboxedEnvironment):
             seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
             if isinstance(n, int) and len(seq) * n > OPERAND_MAX:
                 raise _TooBig(f"a repetition longer than {OPERAND_MAX}")
-        else:
+        elif operator == "*":  # numbers: the product's digits are the operands' digits added, not multiplied
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > PRODUCT_MAX_BITS:
+                raise _TooBig(f"a product of more than {PRODUCT_MAX_BITS} bits")
+        elif operator == "**":  # "%" of numbers is never larger than its divisor
             _bounded(right)
         return super().call_binop(context, operator, left, right)
 
@@ -105,16 +113,17 @@ class _NameSandbox(ImmutableSandboxedEnvironment):
 
 
 def _checked_filter(name: str, f):
-    """*f* with its size arguments bounded: ``center(width)``, ``indent(width)``, ``truncate(length)``;
-    never the value filtered (a record's metadata may hold any number), and for ``format`` only the
-    format string."""
+    """*f* with its size arguments bounded: those of :data:`_SIZING_FILTERS` (``center(width)``,
+    ``indent(width)``, ``slice(slices)``...); never the value filtered (a record's metadata may hold
+    any number) nor another filter's values (``default(44100)``), and for ``format`` only the format
+    string."""
     skip = 2 if getattr(f, "jinja_pass_arg", None) else 1  # (context or environment,) value
 
     @functools.wraps(f)
     def checked(*args, **kwargs):
         if name == "format":
             _bounded(*(a for a in args[skip - 1:skip] if isinstance(a, str)))
-        else:
+        elif name in _SIZING_FILTERS:
             _bounded(*(a for a in (*args[skip:], *kwargs.values()) if not isinstance(a, str)))
         return f(*args, **kwargs)
     return checked
@@ -205,6 +214,12 @@ def _time_limit(seconds: float):
         raise TemplateError(f"template takes longer than {seconds:g} s to render a name") from None
     finally:
         sys.settrace(old)
+
+
+def trial_limit():
+    """The load-time checks' bound: a context manager that turns Python run in this thread for more
+    than :data:`CHECK_TIME_S` into a :class:`TemplateError` (for any template tried at load)."""
+    return _time_limit(CHECK_TIME_S)
 
 
 def check_template(text: str, metadata: dict | None = None) -> None:

@@ -79,7 +79,10 @@ def render_topic(template: str, **variables) -> str:
 
 
 def check_topic(template: str) -> None:
-    render_topic(template, host="hive", sensor="scale")
+    """Try *template* at config load, within :func:`beemond.archive.trial_limit` (it is rendered for
+    every reading). Raises ``archive.TemplateError``."""
+    with archive.trial_limit():
+        render_topic(template, host="hive", sensor="scale")
 
 
 class Layout:
