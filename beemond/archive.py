@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterator
 
 import jinja2
@@ -34,7 +34,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 # for the record writers that have always called them as archive.*.
 from beemond.spool import (META_SUFFIX, TMP_MARK, atomic_writer, fsync_dir, is_internal,  # noqa: F401
                            remove_stale_temps, sidecar_of, temp_name, write_record, write_sidecar)
-from beemond.clock import utc_iso  # noqa: F401  (the orchestrator's status needs it without Jinja2)
+from beemond.clock import parse_iso, utc_iso  # noqa: F401  (the orchestrator's status needs it without Jinja2)
+from beemond.clock import Backoff
+# Name checks the lab shares without Jinja2; re-exported for the callers of archive.*.
+from beemond.names import TemplateError, safe_relative  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +46,9 @@ _env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescap
                                      keep_trailing_newline=False)
 
 
-class TemplateError(ValueError):
-    """A template that does not compile or renders to an unsafe name."""
-
-
 def utc_stamp(t: datetime) -> str:
     """ISO 8601 basic format in UTC, e.g. ``20210619T000458Z``: sortable, and safe in any file system."""
     return t.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def parse_iso(text: str) -> datetime:
-    """Inverse of :func:`utc_iso` (accepts any ISO 8601 with offset or ``Z``); naive means UTC."""
-    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 # Trial values for load-time checks. Record metadata differs per sensor, so any key is accepted there
@@ -85,18 +78,6 @@ def render_name(template: str, **variables: Any) -> str:
     except jinja2.TemplateError as e:
         raise TemplateError(f"template failed to render: {e}") from None
     return safe_relative(name)
-
-
-def safe_relative(name: str) -> str:
-    path = PurePosixPath(name)
-    if not name or not path.parts or path.is_absolute() or "\\" in name or "\x00" in name:
-        raise TemplateError(f"rendered name {name!r} is not a relative path")
-    for part in path.parts:
-        if part in ("", ".", "..") or part.startswith("."):
-            raise TemplateError(f"rendered name {name!r} would leave its directory or be hidden")
-    if name.endswith(META_SUFFIX) or TMP_MARK in name:
-        raise TemplateError(f"rendered name {name!r} collides with beemond's own file names")
-    return str(path)
 
 
 def check_template(text: str) -> None:
@@ -277,7 +258,7 @@ class BackgroundWriter:
                 job["attempts"] += 1
                 job["error"] = e
                 if job["attempts"] <= self.max_retries:
-                    delay = min(self.max_retry_delay_s, self.retry_delay_s * 2 ** (job["attempts"] - 1))
+                    delay = Backoff(self.retry_delay_s, self.max_retry_delay_s).delay(job["attempts"])
                     job["due"] = time.monotonic() + delay
                     log.warning("writing record %s failed (%s); retry %d of %d in %g s", job["relname"],
                                    e.strerror or e, job["attempts"], self.max_retries, delay)

@@ -35,7 +35,7 @@ def _load_config(path: str, loader=None):
 
 def cmd_run(args) -> int:
     from beemond import journal
-    from beemond.orchestrator import Orchestrator
+    from beemond.supervisor.orchestrator import Orchestrator
 
     orch = _load_config(args.config, lambda path: Orchestrator.from_file(path, duration=args.duration))
     journal.setup("orchestrator", orch.cfg.daemon.log_level)
@@ -46,7 +46,8 @@ def _ask(args, request: dict, timeout: float = 5.0) -> dict:
     """*request* to the daemon whose config is ``args.config``. Reads only the socket's location from
     the config (no recipients, no keys), so members of group beemond can ask. Exits 3 when no daemon
     answers, 77 without permission, 78 when the config names no usable location."""
-    from beemond import config, status
+    from beemond import config
+    from beemond.supervisor import status
 
     try:
         path = config.status_socket(args.config)
@@ -68,7 +69,7 @@ def _ask(args, request: dict, timeout: float = 5.0) -> dict:
 def cmd_status(args) -> int:
     import json
 
-    from beemond import status
+    from beemond.supervisor import status
 
     st = _ask(args, {"cmd": "status"})
     print(json.dumps(st, indent=1, sort_keys=True) if args.json else status.format_status(st))
@@ -82,7 +83,8 @@ def cmd_control(args) -> int:
 
 
 def cmd_reload(args) -> int:
-    from beemond import config, status
+    from beemond import config
+    from beemond.supervisor import status
 
     got = _ask(args, {"cmd": "reload"}, timeout=status.RELOAD_TIMEOUT_S + 10)
     if got.get("ok"):
@@ -104,7 +106,7 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     if args.device:
         import socket
@@ -132,7 +134,7 @@ def cmd_keygen(args) -> int:
 
 
 def _trusted(path: str):
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     try:
         return crypto.load_trusted_keys(path)
@@ -143,7 +145,7 @@ def _trusted(path: str):
 
 def _verify(bundle: str, trusted, signature: str | None = None) -> str | None:
     """The signer's fingerprint, or None (reported) for a bad signature."""
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     try:
         fp, label, _digest = crypto.verify_file(bundle, trusted, signature)
@@ -162,7 +164,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decrypt(args) -> int:
-    from beemond import bundle_format, crypto
+    from beemond.bundle import crypto, format as bundle_format
 
     trusted = _trusted(args.device_key) if args.device_key is not None else None
     try:
@@ -198,7 +200,7 @@ def cmd_decrypt(args) -> int:
 
 
 def _limits(args):
-    from beemond import bundle_format
+    from beemond.bundle import format as bundle_format
 
     d = bundle_format.DEFAULT_LIMITS
     return bundle_format.Limits(max_bundle_bytes=args.max_bundle_bytes or d.max_bundle_bytes,
@@ -207,7 +209,7 @@ def _limits(args):
 
 
 def cmd_ingest(args) -> int:
-    from beemond import crypto
+    from beemond.bundle import crypto
     from beemond.lab import ingest
 
     if args.parquet:

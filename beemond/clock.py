@@ -22,7 +22,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import random
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,38 @@ class Clock:
 
     def synchronized(self) -> bool:
         return bool(self.sync_check())
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: *initial_s* seconds after the first consecutive failure, doubling per
+    further failure, never more than *max_s*. The one formula every retry in beemond uses (worker
+    restarts, upload retries, device re-opens, sensor read retries, record write retries).
+
+    The exponent is capped at 64, so a link down for days (thousands of failures) cannot overflow a
+    float; ``max_s`` has long been reached by then.
+    """
+
+    initial_s: float
+    max_s: float
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after *failures* consecutive failures (1 for the first; 0 or less: 0 s)."""
+        if failures <= 0:
+            return 0.0
+        return min(self.max_s, self.initial_s * 2.0 ** min(failures - 1, 64))
+
+    def jittered(self, failures: int, uniform=random.uniform) -> float:
+        """:meth:`delay` drawn uniformly from [d/2, d] ("equal jitter"): a fleet of hives that lost the
+        same server must not retry in step. *uniform* is ``random.uniform``; tests pass their own."""
+        d = self.delay(failures)
+        return uniform(d / 2, d)
+
+
+def parse_iso(text: str) -> datetime:
+    """Inverse of :func:`utc_iso` (accepts any ISO 8601 with offset or ``Z``); naive means UTC."""
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def utc_iso(t: datetime) -> str:

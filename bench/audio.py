@@ -69,7 +69,7 @@ def hum_wav(path: Path, seconds: float = 30, rate: int = 48000) -> Path:
 
 
 def config(tmp: Path, segment_s: float) -> Path:
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     _ident, recipient, _public = crypto.keygen(tmp / "keys")
     cfg = {

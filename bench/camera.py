@@ -1,4 +1,4 @@
-"""Camera driver costs with the picamera2 stand-in (beemond.sensors.emulators.camera), in process.
+"""Camera driver costs with the picamera2 stand-in (beemond.sensors.camera.emulator), in process.
 
 What is measured
   still_ms: median wall time of CameraWorker.capture("still") at WIDTHxHEIGHT: frame wait (the stand-in
@@ -22,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from beemond import config, crypto, ipc
-from beemond.sensors.camera import CameraWorker
-from beemond.sensors.emulators.camera import StandInBackend
+from beemond import config, ipc
+from beemond.bundle import crypto
+from beemond.sensors.camera.driver import CameraWorker
+from beemond.sensors.camera.emulator import StandInBackend
 
 
 def worker(tmp: Path, backend, **camera) -> CameraWorker:

@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import FtpServer, make_config  # noqa: E402
 
-from beemond import config, crypto, ipc  # noqa: E402
+from beemond import config, ipc  # noqa: E402
+from beemond.bundle import crypto  # noqa: E402
 from beemond.upload.uploader import Uploader  # noqa: E402
 
 # A human-format log line's level comes after the time stamp and the worker name (beemond.journal).

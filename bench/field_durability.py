@@ -104,7 +104,7 @@ def write_cost(seconds: float, source: Path | None = None) -> dict:
     """Run the full simulated hive for *seconds* under the wrapper and strace; see the module docstring."""
     from conftest import FtpServer, make_config
 
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     work = Path(tempfile.mkdtemp(prefix="beemond-field-durability-", dir="/var/tmp"))
     ftp = None

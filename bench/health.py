@@ -22,7 +22,7 @@ import soundfile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from beemond import ipc  # noqa: E402
-from beemond.processors.audio_bands import band_power  # noqa: E402
+from beemond.processors.audio_bands.worker import band_power  # noqa: E402
 
 
 def main() -> int:
@@ -66,8 +66,8 @@ def scrape_cost(series: int, repeat: int) -> tuple[float, int]:
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from beemond.metrics import Health
-    from beemond.orchestrator import Worker
+    from beemond.supervisor.metrics import Health
+    from beemond.supervisor.state import Worker
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SimpleNamespace(

@@ -1,7 +1,7 @@
 """Lab ingest throughput, and what signing adds to sealing on the device.
 
 What is measured
-  sign overhead: ``beemond.aggregator.seal()`` of one bundle of --records records x --record-mb MB
+  sign overhead: ``beemond.sealer.seal()`` of one bundle of --records records x --record-mb MB
         (random bytes, staged with ``archive.write_record``), with and without a device key, alternating,
         each after ``os.sync()``; medians of --repeat. Signing's own work is then timed directly on the
         same bundle: SHA-512 of its ciphertext in the 64 KiB pieces age writes, the Ed25519 signature,
@@ -54,17 +54,18 @@ from pathlib import Path
 
 import pyrage
 
-from beemond import aggregator, archive, bundle_format, crypto
+from beemond import archive
+from beemond.bundle import crypto, format as bundle_format, sealer
 from beemond.lab import ingest
 from beemond.spool import Spool
 
 T0 = datetime(2021, 6, 19, tzinfo=timezone.utc)
 
 
-def stage(staging: Path, sensor: str, name: str, body: bytes, start: datetime, end: datetime) -> aggregator.Record:
+def stage(staging: Path, sensor: str, name: str, body: bytes, start: datetime, end: datetime) -> sealer.Record:
     meta = {"sensor": sensor, "start": archive.utc_iso(start), "end": archive.utc_iso(end)}
     path = archive.write_record(staging / sensor, name, meta, data_writer=lambda f: f.write(body))
-    return aggregator.Record(path, sensor, f"{sensor}/{name}", len(body), meta)
+    return sealer.Record(path, sensor, f"{sensor}/{name}", len(body), meta)
 
 
 def sign_overhead(tmp: Path, recipients, key, records: int, record_mb: int, repeat: int) -> dict:
@@ -81,7 +82,7 @@ def sign_overhead(tmp: Path, recipients, key, records: int, record_mb: int, repe
         for kind in ("unsigned", "signed"):
             os.sync()
             t = time.perf_counter()
-            path, _m, size = aggregator.seal(recs, outbox, recipients, "bench", "all",
+            path, _m, size = sealer.seal(recs, outbox, recipients, "bench", "all",
                                              signing_key=key if kind == "signed" else None)
             times[kind].append(time.perf_counter() - t)
     data = path.read_bytes()
@@ -120,7 +121,7 @@ def make_tree(tmp: Path, recipients, key, bundles: int, rows: int, days: int) ->
         rec = stage(staging, "hive_climate", name, body.encode(), stamps[0], stamps[-1])
         outbox = upload / "hive-07" / start.strftime("%Y-%m-%d")
         outbox.mkdir(parents=True, exist_ok=True)
-        aggregator.seal([rec], outbox, recipients, "hive-07", "all", signing_key=key)
+        sealer.seal([rec], outbox, recipients, "hive-07", "all", signing_key=key)
         rec.path.unlink()
         archive.sidecar_of(rec.path).unlink()
         total += rows
@@ -152,7 +153,7 @@ def _fleet_part(args) -> int:
         manifest = {"format": bundle_format.FORMAT, "host": host, "software": "bench", "name": name, "group": "hive_climate",
                     "created": archive.utc_iso(stamps[-1]), "start": rec["start"], "end": rec["end"],
                     "signing_key": crypto.fingerprint(key.public_key()), "records": [rec]}
-        buf = io.BytesIO()  # as the aggregator's TarStream writes it: no padding to tar's 10 KiB records
+        buf = io.BytesIO()  # as the sealer's TarStream writes it: no padding to tar's 10 KiB records
         for n, data in ((member, body), (bundle_format.MANIFEST, json.dumps(manifest).encode())):
             info = tarfile.TarInfo(n)
             info.size, info.mode = len(data), 0o644

@@ -1,7 +1,7 @@
 """Bundle+encrypt throughput: beemond's sealing code next to the stock ``age`` CLI.
 
 What is measured
-  ours: ``beemond.aggregator.seal()`` on N staged records of random bytes (default 20 x 10 MB) written
+  ours: ``beemond.sealer.seal()`` on N staged records of random bytes (default 20 x 10 MB) written
         with ``beemond.archive.write_record`` into ``staging/<sensor>/<name>`` + sidecar. One call reads
         every record once, SHA-256s it, streams the tar (+ manifest) through pyrage into the outbox,
         fsyncs the bundle, renames it and fsyncs the directory.
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import pyrage
 
-from beemond import aggregator, archive, bundle_format, crypto
+from beemond import archive
+from beemond.bundle import crypto, format as bundle_format, sealer
 from beemond.spool import Spool
 
 AGE = shutil.which("age") or "/usr/bin/age"
@@ -45,7 +46,7 @@ FILE_MB = 10
 SENSORS = ("mic_a", "mic_b")
 
 
-def make_records(staging: Path, total_mb: int) -> list[aggregator.Record]:
+def make_records(staging: Path, total_mb: int) -> list[sealer.Record]:
     n = max(1, round(total_mb / FILE_MB))
     t0 = datetime(2021, 6, 19, tzinfo=timezone.utc)
     records = []
@@ -60,7 +61,7 @@ def make_records(staging: Path, total_mb: int) -> list[aggregator.Record]:
                 f.write(os.urandom(1_000_000))
 
         path = archive.write_record(staging / sensor, name, meta, data_writer=writer)
-        records.append(aggregator.Record(path, sensor, f"{sensor}/{name}", path.stat().st_size, meta))
+        records.append(sealer.Record(path, sensor, f"{sensor}/{name}", path.stat().st_size, meta))
     return records
 
 
@@ -121,7 +122,7 @@ def main() -> int:
                 old.unlink()
             os.sync()
             t = time.perf_counter()
-            bundle, manifest, _size = aggregator.seal(records, outbox, recipients, "bench-hive", "all")
+            bundle, manifest, _size = sealer.seal(records, outbox, recipients, "bench-hive", "all")
             dt = time.perf_counter() - t
             ours.append(dt)
             print(f"ours  run {i + 1}: {dt:6.2f} s  {mb / dt:7.1f} MB/s  ({bundle.stat().st_size / 1e6:.1f} MB bundle)")

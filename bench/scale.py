@@ -1,4 +1,4 @@
-"""Cost of a hive-scale reading: the real driver (beemond.sensors.scale) reading the scale emulator over
+"""Cost of a hive-scale reading: the real driver (beemond.sensors.scale.driver) reading the scale emulator over
 a pty, as ``backend = "simulated"`` does.
 
 - latency of one reading (median of ``--samples`` polled lines), over ``--readings`` readings;
@@ -25,8 +25,9 @@ import tomli_w
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from beemond import config, crypto, ipc  # noqa: E402
-from beemond.sensors.scale import ScaleWorker  # noqa: E402
+from beemond import config, ipc  # noqa: E402
+from beemond.bundle import crypto  # noqa: E402
+from beemond.sensors.scale.driver import ScaleWorker  # noqa: E402
 
 
 def main() -> None:

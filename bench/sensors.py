@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from beemond.sensors import bme280 as drv
-from beemond.sensors.ds18b20 import W1Therm, parse_w1_slave
-from beemond.sensors.emulators.bme280 import TYPICAL, BME280Chip, raw_from_values
-from beemond.sensors.emulators.i2c import EmulatedSMBus
-from beemond.sensors.emulators.w1 import W1Tree
+from beemond.sensors.bme280 import driver as drv
+from beemond.sensors.ds18b20.driver import W1Therm, parse_w1_slave
+from beemond.sensors.bme280.emulator import TYPICAL, BME280Chip, raw_from_values
+from beemond.sensors.emulated_i2c import EmulatedSMBus
+from beemond.sensors.ds18b20.emulator import W1Tree
 
 
 def per_call_us(fn, n: int) -> float:

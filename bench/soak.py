@@ -58,8 +58,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import DATA, FtpServer, climate_rows, decrypt_with_age, make_config, urban_rows  # noqa: E402
 
-from beemond import archive, crypto  # noqa: E402
-from beemond.sensors.emulators.replay import load_rows  # noqa: E402
+from beemond import archive  # noqa: E402
+from beemond.bundle import crypto  # noqa: E402
+from beemond.sensors.replay import load_rows  # noqa: E402
 from beemond.spool import Spool  # noqa: E402
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from beemond import crypto  # noqa: E402
+from beemond.bundle import crypto  # noqa: E402
 from beemond.spool import Spool  # noqa: E402
 from beemond.telemetry.messages import iso  # noqa: E402
 from conftest import Daemon, climate_rows, decrypt_with_age, free_port, make_config  # noqa: E402

@@ -48,7 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from beemond import config, crypto, ipc  # noqa: E402
+from beemond import config, ipc  # noqa: E402
+from beemond.bundle import crypto  # noqa: E402
 from beemond.spool import Spool  # noqa: E402
 from beemond.upload.uploader import Uploader  # noqa: E402
 from conftest import FtpServer, make_config  # noqa: E402

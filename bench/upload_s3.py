@@ -105,7 +105,7 @@ def bench_s3(args, tmp: Path, keys: dict, pw: Path, make_bundle, run_small, run_
 
         ours_rss = peak_rss_mb(textwrap.dedent(f"""
             from types import SimpleNamespace
-            from beemond.upload import BundleReader, TokenBucket
+            from beemond.upload.transport import BundleReader, TokenBucket
             from beemond.upload.s3 import S3Transport
             up = SimpleNamespace(endpoint={weed.endpoint!r}, bucket={BUCKET!r}, region="us-east-1", user={ACCESS_KEY!r},
                                  password=lambda: {SECRET_KEY!r}, remote_dir="", timeout_s=30)

@@ -40,9 +40,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
 
-    from beemond import bundle_format, crypto
+    from beemond.bundle import crypto, format as bundle_format
     from beemond import config as config_mod
-    from beemond.sensors.emulators.replay import CsvReplay
+    from beemond.sensors.replay import CsvReplay
 
     for sub in ("spool", "ftp-root", "received", "lab-data"):
         shutil.rmtree(RUN / sub, ignore_errors=True)

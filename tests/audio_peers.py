@@ -111,7 +111,7 @@ class AudioThread:
 
     def __init__(self, path: Path, name: str = "hive_audio"):
         from beemond import config, ipc
-        from beemond.sensors.audio import AudioWorker
+        from beemond.sensors.audio.driver import AudioWorker
         from beemond.spool import Spool
 
         self.ipc = ipc

@@ -75,7 +75,7 @@ class FtpServer:
 
 @pytest.fixture
 def keys(tmp_path):
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     ident, rcpt, public = crypto.keygen(tmp_path / "keys")
     return {"identity": ident, "recipient": rcpt, "public": public}
@@ -205,7 +205,7 @@ def climate_rows(members: dict[str, bytes]) -> list[tuple[str, str, str]]:
 
 def urban_rows(tag: str = "3629") -> list[tuple[str, str]]:
     """The UrBAN rows the demo config replays, formatted as the driver writes them (2 decimals)."""
-    from beemond.sensors.emulators.replay import load_rows
+    from beemond.sensors.replay import load_rows
 
     rows = load_rows(DATA, "Date", "temperature", "humidity", "Tag number", tag)
     return [(f"{r.temperature_c:.2f}", f"{r.humidity_rh:.2f}") for r in rows]

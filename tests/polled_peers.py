@@ -14,7 +14,8 @@ from pathlib import Path
 
 import tomli_w
 
-from beemond import config, crypto, ipc
+from beemond import config, ipc
+from beemond.bundle import crypto
 from beemond.sensors import make_sensor_worker
 from beemond.spool import Spool
 

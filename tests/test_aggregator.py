@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from beemond import aggregator, archive, bundle_format, config, crypto, ipc
+from beemond import aggregator, archive, config, ipc
+from beemond.bundle import crypto, format as bundle_format
 from conftest import make_config
 
 

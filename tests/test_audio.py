@@ -11,7 +11,7 @@ import soundfile
 
 from audio_peers import AudioThread
 from beemond import config, ipc
-from beemond.sensors.audio import AudioWorker
+from beemond.sensors.audio.driver import AudioWorker
 from conftest import make_config, wait_for
 
 

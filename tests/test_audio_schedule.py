@@ -10,7 +10,7 @@ import pytest
 
 from audio_peers import AudioThread
 from beemond import archive, config
-from beemond.sensors.schedule import LATE_S, CaptureWindow, parse_hhmm
+from beemond.sensors.audio.schedule import LATE_S, CaptureWindow, parse_hhmm
 from conftest import make_config, wait_for
 
 UTC = timezone.utc

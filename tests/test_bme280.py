@@ -1,4 +1,4 @@
-"""The BME280 driver (beemond.sensors.bme280) through its real seam: an smbus2-compatible bus with the
+"""The BME280 driver (beemond.sensors.bme280.driver) through its real seam: an smbus2-compatible bus with the
 register-level chip emulator behind it. Reference values: the BMP280 datasheet's worked example
 (BST-BMP280-DS001 3.12; the BME280 shares its T/P code) and, for humidity, the register dump and
 vectors of the bme280-rs crate (github.com/claudiomattera/bme280-rs, src/calibration.rs tests)."""
@@ -13,12 +13,13 @@ import sys
 import pytest
 
 from beemond import config, ipc
-from beemond.sensors import bme280 as drv
+from beemond.sensors.bme280 import chip as drv
 from beemond.sensors.base import SensorFailure
-from beemond.sensors.bme280 import BME280, Calibration, WrongChipError
-from beemond.sensors.emulators.bme280 import TYPICAL, BME280Chip, raw_from_values
-from beemond.sensors.emulators.i2c import EmulatedSMBus
-from beemond.sensors.emulators.replay import load_rows
+from beemond.sensors.bme280.chip import Calibration
+from beemond.sensors.bme280.driver import BME280, WrongChipError
+from beemond.sensors.bme280.emulator import TYPICAL, BME280Chip, raw_from_values
+from beemond.sensors.emulated_i2c import EmulatedSMBus
+from beemond.sensors.replay import load_rows
 from polled_peers import URBAN, Harness, expand, write_config
 
 ADDR = 0x76

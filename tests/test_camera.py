@@ -1,5 +1,5 @@
-"""The camera driver (beemond.sensors.camera) in process against the picamera2 stand-in
-(beemond.sensors.emulators.camera), and the daylight schedule (beemond.sensors.daylight)."""
+"""The camera driver (beemond.sensors.camera.driver) in process against the picamera2 stand-in
+(beemond.sensors.camera.emulator), and the daylight schedule (beemond.sensors.camera.daylight)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 
 from beemond import config, ipc
 from beemond.sensors.base import SensorFailure
-from beemond.sensors.camera import CameraWorker
-from beemond.sensors.daylight import Daylight
-from beemond.sensors.emulators.camera import StandInBackend, decode_jpeg
+from beemond.sensors.camera.driver import CameraWorker
+from beemond.sensors.camera.daylight import Daylight
+from beemond.sensors.camera.emulator import StandInBackend, decode_jpeg
 from beemond.spool import Spool
 from conftest import make_config, wait_for
 
@@ -155,7 +155,7 @@ def test_npy_burst_split_into_one_file_per_frame_named_with_split_index(tmp_path
 
 
 def test_missing_picamera2_names_the_package_and_the_fix(tmp_path):
-    code = ("from beemond.sensors.camera import hardware_backend, CameraUnavailable\n"
+    code = ("from beemond.sensors.camera.driver import hardware_backend, CameraUnavailable\n"
             "try:\n    hardware_backend()\nexcept CameraUnavailable as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "picamera2" in out and "apt install python3-picamera2" in out

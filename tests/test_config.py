@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from beemond import config, crypto
+from beemond import config
+from beemond.bundle import crypto
 
 URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 

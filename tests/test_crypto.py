@@ -1,4 +1,4 @@
-"""beemond.crypto (age via pyrage) against the stock age CLI, and bundles sealed by the aggregator."""
+"""beemond.bundle.crypto (age via pyrage) against the stock age CLI, and bundles sealed by the aggregator."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import aggregator, archive, bundle_format, crypto, spool
+from beemond import archive, spool
+from beemond.bundle import crypto, format as bundle_format, sealer
 
 AGE = shutil.which("age")
 AGE_KEYGEN = shutil.which("age-keygen")
@@ -207,7 +208,7 @@ def test_load_identities_rejects_garbage(tmp_path: Path, content):
 
 # ------------------------------------------------------------------------------------------ bundles
 
-def make_records(staging: Path) -> list[aggregator.Record]:
+def make_records(staging: Path) -> list[sealer.Record]:
     """Three records of two sensors, written the way the sensor workers write them."""
     specs = [("hive_climate", "hive_climate_20210619T000458Z_20210619T001458Z.csv",
               b"time,temperature_c,humidity_rh\n2021-06-19T00:04:58.000Z,26.24,35.45\n", "2021-06-19T00:04:58.000Z"),
@@ -219,7 +220,7 @@ def make_records(staging: Path) -> list[aggregator.Record]:
         meta = {"sensor": sensor, "start": start, "end": start, "rows": 1}
         path = archive.write_record(staging / sensor, rel, meta, data_writer=lambda f, b=body: f.write(b))
         stored = json.loads(archive.sidecar_of(path).read_bytes())
-        records.append(aggregator.Record(path, sensor, path.relative_to(staging).as_posix(),
+        records.append(sealer.Record(path, sensor, path.relative_to(staging).as_posix(),
                                          path.stat().st_size, stored))
     return records
 
@@ -231,7 +232,7 @@ def sealed(tmp_path: Path, keys):
     records = make_records(staging)
     outbox = tmp_path / "spool" / "outbox"
     outbox.mkdir(parents=True)
-    path, manifest, size = aggregator.seal(records, outbox, crypto.load_recipients([str(rcpt)]), "test-hive", "all")
+    path, manifest, size = sealer.seal(records, outbox, crypto.load_recipients([str(rcpt)]), "test-hive", "all")
     assert size == path.stat().st_size
     return path, manifest, records, crypto.load_identities(ident)
 
@@ -246,10 +247,10 @@ def test_records_of_whole_tar_blocks_are_all_bundled(tmp_path: Path, keys, sizes
     for n, size in enumerate(sizes):
         meta = {"start": f"2021-06-19T00:00:0{n}.000Z", "end": f"2021-06-19T00:00:0{n}.000Z"}
         path = archive.write_record(staging / "s", f"r{n}.bin", meta, data_writer=lambda f, k=size: f.write(os.urandom(k)))
-        records.append(aggregator.Record(path, "s", f"s/r{n}.bin", size, meta))
+        records.append(sealer.Record(path, "s", f"s/r{n}.bin", size, meta))
     outbox = tmp_path / "outbox"
     outbox.mkdir()
-    path, manifest, _ = aggregator.seal(records, outbox, crypto.load_recipients([str(rcpt)]), "h", "all")
+    path, manifest, _ = sealer.seal(records, outbox, crypto.load_recipients([str(rcpt)]), "h", "all")
     got = bundle_format.extract_bundle(path, crypto.load_identities(ident), tmp_path / "out")
     assert [r["size"] for r in got["records"]] == sizes
     assert files_under(tmp_path / "out" / "s") == [f"r{n}.bin" for n in range(len(sizes))]
@@ -287,7 +288,7 @@ def test_same_records_make_the_same_bundle_name(tmp_path: Path, sealed):
     path, _manifest, records, _ids = sealed
     other = tmp_path / "outbox2"
     other.mkdir()
-    again, *_ = aggregator.seal(list(reversed(records)), other,
+    again, *_ = sealer.seal(list(reversed(records)), other,
                                crypto.load_recipients([str(tmp_path / "keys" / "recipient.txt")]), "test-hive", "all")
     assert again.name == path.name
 
@@ -430,3 +431,12 @@ def test_hand_made_valid_bundle_extracts(tmp_path: Path, keys):
     manifest = bundle_format.extract_bundle(bundle, crypto.load_identities(keys[0]), out)
     assert [r["path"] for r in manifest["records"]] == ["s/a.csv", "s/b.csv"]
     assert {m: (out / m).read_bytes() for m in members} == members
+
+
+def test_the_bundle_package_and_its_format_load_no_pyrage_until_a_bundle_is_read():
+    """The names and bounds of the format (FORMAT, MANIFEST, Limits, BundleError) cost no pyrage; the
+    package itself imports nothing; reading a bundle is what loads it."""
+    code = ("import sys, beemond.bundle, beemond.bundle.format as f; f.Limits(); "
+            "print('pyrage' in sys.modules, 'beemond.bundle.crypto' in sys.modules)")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert got == ["False", "False"]

@@ -1,5 +1,5 @@
-"""The DS18B20 driver (beemond.sensors.ds18b20) through its real seam: a temporary directory tree in the
-kernel's w1 sysfs format (beemond.sensors.emulators.w1), and the polled worker with several probes
+"""The DS18B20 driver (beemond.sensors.ds18b20.driver) through its real seam: a temporary directory tree in the
+kernel's w1 sysfs format (beemond.sensors.ds18b20.emulator), and the polled worker with several probes
 driven by three UrBAN hives (shared/data/urban-2021/README.md)."""
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import sys
 
 import pytest
 
-from beemond import config, crypto, ipc
+from beemond import config, ipc
+from beemond.bundle import crypto
 from beemond.sensors.base import SensorFailure
-from beemond.sensors.ds18b20 import ProbeError, W1Therm, crc8, parse_w1_slave
-from beemond.sensors.emulators.replay import load_rows
-from beemond.sensors.emulators.w1 import W1Tree, scratchpad
+from beemond.sensors.ds18b20.chip import ProbeError, crc8, parse_w1_slave
+from beemond.sensors.ds18b20.driver import W1Therm
+from beemond.sensors.replay import load_rows
+from beemond.sensors.ds18b20.emulator import W1Tree, scratchpad
 from polled_peers import URBAN, Harness, expand, write_config
 
 ROM = "28-0316a2794eff"
@@ -141,8 +143,8 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     beemond_temperature_celsius series per position."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from beemond import metrics
-    from beemond.orchestrator import Worker
+    from beemond.supervisor import metrics
+    from beemond.supervisor.state import Worker
 
     h = Harness(tmp_path, "hive_temps", sensor_table())
     events = h.run(captures=1)

@@ -21,7 +21,7 @@ import soundfile
 from beemond import archive, config, ipc
 from beemond import reading_journal as rj
 from beemond.spool import Spool
-from beemond.sensors.emulators.replay import CsvReplay, load_rows
+from beemond.sensors.replay import CsvReplay, load_rows
 from conftest import wait_for
 from polled_peers import URBAN, Harness, expand, write_config
 

@@ -1,4 +1,4 @@
-"""GPIO (beemond.sensors.gpio) through gpiozero's MockFactory: inputs to capture requests, the status LED,
+"""GPIO (beemond.sensors.gpio.driver) through gpiozero's MockFactory: inputs to capture requests, the status LED,
 sensor power switching, config checks, and a button press reaching the camera in the real daemon."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import time
 import pytest
 
 from beemond import config, ipc
-from beemond.sensors.emulators.camera import decode_jpeg
-from beemond.sensors.gpio import BLINK_ERROR, GpioWorker
-from beemond.sensors.sht3x import SHT3xWorker
+from beemond.sensors.camera.emulator import decode_jpeg
+from beemond.sensors.gpio.driver import BLINK_ERROR, GpioWorker
+from beemond.sensors.sht3x.driver import SHT3xWorker
 from beemond.spool import Spool
 from conftest import AGE, DATA, decrypt_with_age, make_config, wait_for
 
@@ -166,7 +166,7 @@ def test_daemon_button_press_makes_the_camera_take_a_still(tmp_path, keys, passw
 
 
 def test_ini_config_with_input_sections(tmp_path):
-    from beemond import crypto
+    from beemond.bundle import crypto
 
     _ident, rcpt, _pub = crypto.keygen(tmp_path / "keys")
     ini = tmp_path / "beemond.ini"

@@ -17,8 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from beemond import clock, config, ipc, metrics
-from beemond.orchestrator import Worker
+from beemond import clock, config, ipc
+from beemond.supervisor import metrics
+from beemond.supervisor.state import Worker
 
 from conftest import ROOT, free_port, make_config, wait_for
 
@@ -153,7 +154,7 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
         not any((tmp_path / "spool" / "processing" / "hive_bands").iterdir()), "every record handed over was processed"
 
     # The processor's JSON records travelled in the bundles.
-    from beemond import bundle_format, crypto
+    from beemond.bundle import crypto, format as bundle_format
 
     ids = crypto.load_identities(str(keys["identity"]))
     found, alerts = [], []
@@ -295,7 +296,7 @@ def test_metrics_port_in_use_is_logged_and_the_daemon_records_on(tmp_path, keys,
         port = taken.getsockname()[1]
         cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{"metrics.port": port}))
         h = metrics.Health(cfg, {})
-        with caplog.at_level("ERROR", logger="beemond.metrics"):
+        with caplog.at_level("ERROR", logger="beemond.supervisor.metrics"):
             h.start_http()  # must not raise: /metrics is a convenience, recording is the job
         assert h.http is None
         assert f"metrics: cannot listen on 127.0.0.1:{port} (Address already in use); /metrics is off" in caplog.text

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from beemond import aggregator, archive, crypto
+from beemond import archive
+from beemond.bundle import crypto, sealer
 from beemond.lab import ingest
 from conftest import AGE
 
@@ -53,8 +54,8 @@ def seal(tmp_path, lab, host, records, signer=None, outbox=None):
     for sensor, name, body, start, end, meta in records:
         m = {"sensor": sensor, "start": start, "end": end, **meta}
         path = archive.write_record(staging / sensor, name, m, data_writer=lambda f, b=body: f.write(b))
-        recs.append(aggregator.Record(path, sensor, f"{sensor}/{name}", len(body), m))
-    path, _m, _n = aggregator.seal(recs, outbox or lab["upload"] / host, crypto.load_recipients([lab["public"]]),
+        recs.append(sealer.Record(path, sensor, f"{sensor}/{name}", len(body), m))
+    path, _m, _n = sealer.seal(recs, outbox or lab["upload"] / host, crypto.load_recipients([lab["public"]]),
                                    host, "all", signing_key=lab["devices"][signer or host])
     for r in recs:
         r.path.unlink()
@@ -361,10 +362,10 @@ def test_progress_bar_on_a_terminal_and_quiet_under_cron(tmp_path, lab):
 
 
 def test_the_lab_side_imports_no_device_side_worker():
-    code = ("import sys, beemond.lab.ingest, beemond.lab.report, beemond.bundle_format; "
+    code = ("import sys, beemond.lab.ingest, beemond.lab.report, beemond.bundle.format; "
             "print(sorted(m for m in sys.modules if m.startswith('beemond')))")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.orchestrator",
+    for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.supervisor",
                         "beemond.processors", "beemond.ipc"):
         assert f"'{device_side}" not in got, got
 

@@ -17,17 +17,17 @@ from conftest import ROOT, make_config
 # imports it holds for months, in a process of its own (nothing it imports is shared with the workers).
 # The config's full validation (templates compiled with Jinja2, recipients parsed with pyrage, replay
 # files read) runs in a short-lived child at start and at every reload, so those stay out too.
-WORKER_ONLY = ("jinja2", "pyrage", "beemond.archive", "beemond.crypto", "beemond.sensors.emulators.replay",
-               "numpy", "soundfile", "sounddevice", "av", "PIL", "paramiko", "watchdog", "gpiozero",
+WORKER_ONLY = ("jinja2", "pyrage", "beemond.archive", "beemond.bundle.crypto", "beemond.bundle.sealer",
+               "beemond.sensors.replay", "numpy", "soundfile", "sounddevice", "av", "PIL", "paramiko", "watchdog", "gpiozero",
                "serial", "smbus2", "astral", "cryptography", "beemond.aggregator", "beemond.upload.uploader",
-               "beemond.sensors.audio", "beemond.sensors.camera", "beemond.processors.audio_bands")
+               "beemond.sensors.audio.driver", "beemond.sensors.camera.driver", "beemond.processors.audio_bands.worker")
 
 # The real orchestrator, run for a few seconds with every worker started; then its own sys.modules and
 # the shared libraries its forkserver has mapped. (A __main__ guard: the forkserver imports this file.)
 RUN = textwrap.dedent("""
     import json, os, sys, threading
     from beemond import config, journal
-    from beemond.orchestrator import Orchestrator
+    from beemond.supervisor.orchestrator import Orchestrator
 
     def forkserver_maps():
         for pid in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split():
@@ -77,7 +77,7 @@ def test_one_numpy_user_leaves_numpy_out_of_the_forkserver(tmp_path, keys, passw
     cfg.pop("processors", None)
     path.write_text(tomli_w.dumps(cfg))
     from beemond import config
-    from beemond.orchestrator import forkserver_preload
+    from beemond.supervisor.processes import forkserver_preload
 
     preload = forkserver_preload(config.load(path))
     assert "numpy" not in preload and preload[-1] == "beemond.preload"
@@ -96,7 +96,7 @@ def test_a_stills_only_camera_does_not_import_pyav(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from beemond.sensors.camera import hardware_backend
+        from beemond.sensors.camera.driver import hardware_backend
         b = hardware_backend(clips=sys.argv[1] == "clips")
         print(b.PyavOutput is not None, "av" in sys.modules)
     """)
@@ -109,7 +109,7 @@ def test_a_stills_only_camera_does_not_import_pyav(tmp_path):
 # validation in a forkserver child whose verdict comes back here.
 RELOAD = textwrap.dedent("""
     import json, sys
-    from beemond.orchestrator import Orchestrator
+    from beemond.supervisor.orchestrator import Orchestrator
 
     if __name__ == "__main__":
         orch = Orchestrator.from_file(sys.argv[1])

@@ -17,11 +17,12 @@ import soundfile
 import tomli_w
 from conftest import wait_for
 
-from beemond import archive, config, crypto, ipc
-from beemond.processors.audio_bands import AudioBandsWorker, band_power
+from beemond import archive, config, ipc
+from beemond.bundle import crypto
+from beemond.processors.audio_bands.worker import AudioBandsWorker, band_power
 from beemond.processors.base import Spacing
 from beemond.spool import link_record
-from beemond.processors.swarm import SwarmDetector, SwarmWorker
+from beemond.processors.swarm.worker import SwarmDetector, SwarmWorker
 
 URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 

@@ -204,13 +204,13 @@ def test_staged_records_carry_default_metadata(tmp_path, keys, password_file):
     from types import SimpleNamespace
 
     from beemond import ipc
-    from beemond.sensors.base import write_staged
+    from beemond.records import write_staged
 
     cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{
         "archive.default_metadata": {"apiary": "urban", "hive": "3629", "rows": -1}}))
     sensor = cfg.sensors[0]
     reader, writer = multiprocessing.Pipe(duplex=False)
-    worker = SimpleNamespace(cfg=cfg, sensor=sensor, template=cfg.template_for(sensor), ext="csv",
+    worker = SimpleNamespace(cfg=cfg, name=sensor.name, template=cfg.template_for(sensor), ext="csv",
                              staging=Spool(cfg.spool).staging_dir(sensor.name),
                              channel=ipc.Channel(sensor.name, queue.Queue(), writer, 1.0))
     path = write_staged(worker, T0, T0 + timedelta(minutes=1), {"sensor": sensor.name, "rows": 2},

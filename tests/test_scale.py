@@ -1,5 +1,5 @@
-"""The serial hive scale (beemond.sensors.scale) through its real seam: serial.Serial on a pty with the
-scale emulator on the other side (beemond.sensors.emulators.scale), the worker driven in process with a
+"""The serial hive scale (beemond.sensors.scale.driver) through its real seam: serial.Serial on a pty with the
+scale emulator on the other side (beemond.sensors.scale.emulator), the worker driven in process with a
 real ipc.Channel; config errors through the CLI."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from beemond import config, crypto, ipc
+from beemond import config, ipc
+from beemond.bundle import crypto
 from beemond.config import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
-from beemond.sensors.emulators.scale import ScaleEmulator, SyntheticHiveWeight
-from beemond.sensors.scale import ScaleWorker, calibrate, compensate, parse_line
+from beemond.sensors.scale.emulator import ScaleEmulator, SyntheticHiveWeight
+from beemond.sensors.scale.driver import ScaleWorker, calibrate, compensate, parse_line
 from beemond.spool import Spool
 
 from conftest import AGE, DATA, ROOT, climate_rows, decrypt_with_age, make_config, wait_for

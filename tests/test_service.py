@@ -67,7 +67,7 @@ def test_unit_declares_the_service_contract():
     assert s["LoadCredential"][0].split(":")[0] == cfg["upload"]["password_credential"]
     # The watchdog outlasts the orchestrator's own hung-worker timeout, and the stop timeout covers the
     # ordered shutdown (each role's share of shutdown_timeout_s, then the uploader's grace + 10 s).
-    from beemond.orchestrator import SHUTDOWN_SHARES
+    from beemond.supervisor.orchestrator import SHUTDOWN_SHARES
 
     assert int(s["WatchdogSec"][0]) > cfg["daemon"]["heartbeat_timeout_s"]
     shares = sum(share for _, share in SHUTDOWN_SHARES)
@@ -250,7 +250,7 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
 
     from beemond import archive, ipc
     from beemond.clock import Clock
-    from beemond.sensors.sht3x import SHT3xWorker
+    from beemond.sensors.sht3x.driver import SHT3xWorker
 
     h = Harness(tmp_path)
     src = SteppingClock(step_at=4, sync_at=5)

@@ -1,4 +1,4 @@
-"""The SHT3x driver (beemond.sensors.sht3x) through its real seam: an smbus2-compatible bus with the
+"""The SHT3x driver (beemond.sensors.sht3x.driver) through its real seam: an smbus2-compatible bus with the
 register-level chip emulator behind it, driven by real UrBAN hive data; and the polled worker loop
 end to end, in process, with a real ipc.Channel."""
 
@@ -17,11 +17,11 @@ from smbus2 import i2c_msg
 
 import polled_peers
 from beemond import archive, ipc
-from beemond.sensors import sht3x
-from beemond.sensors.emulators.i2c import EmulatedSMBus
-from beemond.sensors.emulators.replay import CsvReplay, load_rows
-from beemond.sensors.emulators.sht3x import SHT3xChip, encode
-from beemond.sensors.sht3x import SHT3x
+from beemond.sensors.sht3x import chip as sht3x
+from beemond.sensors.emulated_i2c import EmulatedSMBus
+from beemond.sensors.replay import CsvReplay, load_rows
+from beemond.sensors.sht3x.emulator import SHT3xChip, encode
+from beemond.sensors.sht3x.driver import SHT3x, SHT3xWorker
 from polled_peers import URBAN, expand
 HIVE = "3629"
 ADDR = 0x44
@@ -379,7 +379,7 @@ def test_worker_holds_readings_when_a_record_cannot_be_written(tmp_path: Path, u
         assert (float(t_c), float(rh)) == (urban_rows[i].temperature_c, urban_rows[i].humidity_rh)
 
 
-class HoldsTwo(sht3x.SHT3xWorker):
+class HoldsTwo(SHT3xWorker):
     max_held_readings = 2   # the in-memory hold of MAX_HELD_READINGS, made small enough to overflow
 
 

@@ -51,7 +51,7 @@ def test_failed_scale_is_tried_again_and_records_once_plugged_back(tmp_path, key
     import tomllib
     import urllib.request
 
-    from beemond.sensors.emulators.scale import ScaleEmulator
+    from beemond.sensors.scale.emulator import ScaleEmulator
 
     link = tmp_path / "beemond-scale"
     cfg = make_config(tmp_path, keys, password_file, ftp.port, **{

@@ -320,7 +320,7 @@ def test_a_processors_readings_are_a_series_of_their_own_and_alerts_stay_with_th
 
 def test_a_reload_restarts_the_telemetry_worker_only_when_its_settings_change(tmp_path, keys, password_file):
     from beemond import config
-    from beemond.orchestrator import Orchestrator
+    from beemond.supervisor.orchestrator import Orchestrator
 
     def cfg(**telemetry):
         return config.load(make_config(tmp_path, keys, password_file, 21, telemetry=telemetry))

@@ -24,7 +24,8 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import aggregator, archive, config, crypto, ipc
+from beemond import aggregator, archive, config, ipc
+from beemond.bundle import crypto, sealer
 from beemond.lab import ingest
 from conftest import AGE, FtpServer, climate_rows, decrypt_with_age, make_config, urban_rows, wait_for
 
@@ -50,10 +51,10 @@ def climate_csv(rows: list[tuple[str, float, float]]) -> bytes:
     return ("time,temperature_c,humidity_rh\n" + "".join(f"{t},{a:.2f},{b:.2f}\n" for t, a, b in rows)).encode()
 
 
-def stage_record(staging: Path, sensor: str, name: str, body: bytes, start: str, end: str) -> aggregator.Record:
+def stage_record(staging: Path, sensor: str, name: str, body: bytes, start: str, end: str) -> sealer.Record:
     meta = {"sensor": sensor, "start": start, "end": end}
     path = archive.write_record(staging / sensor, name, meta, data_writer=lambda f: f.write(body))
-    return aggregator.Record(path, sensor, f"{sensor}/{name}", len(body), meta)
+    return sealer.Record(path, sensor, f"{sensor}/{name}", len(body), meta)
 
 
 def seal_one(tmp_path: Path, keys, device, rows, name="c.csv", host="hive-07", outbox=None, signing=True):
@@ -61,7 +62,7 @@ def seal_one(tmp_path: Path, keys, device, rows, name="c.csv", host="hive-07", o
     staging = tmp_path / "staging"
     rec = stage_record(staging, "hive_climate", name, climate_csv(rows), rows[0][0], rows[-1][0])
     key = crypto.load_signing_key(device["key"]) if signing else None
-    path, _m, _n = aggregator.seal([rec], outbox or tmp_path / "outbox", crypto.load_recipients([keys["public"]]),
+    path, _m, _n = sealer.seal([rec], outbox or tmp_path / "outbox", crypto.load_recipients([keys["public"]]),
                                    host, "all", signing_key=key)
     return path
 
@@ -384,7 +385,7 @@ def test_ingest_csv_merge_joins_a_new_column(tmp_path, keys, device):
     staging = tmp_path / "staging"
     body = b"time,temperature_c,humidity_rh,pressure_hpa\n2021-06-20T00:02:00.000Z,30.50,55.40,1013.20\n"
     rec = stage_record(staging, "hive_climate", "p.csv", body, "2021-06-20T00:02:00.000Z", "2021-06-20T00:02:00.000Z")
-    aggregator.seal([rec], upload, crypto.load_recipients([keys["public"]]), "hive-07", "all",
+    sealer.seal([rec], upload, crypto.load_recipients([keys["public"]]), "hive-07", "all",
                     signing_key=crypto.load_signing_key(device["key"]))
     out = tmp_path / "data"
     ingest.run(upload, keys["identity"], device["trusted"], out, print=lambda _: None)

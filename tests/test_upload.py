@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from beemond import config, ipc
-from beemond.upload import TransportError
+from beemond.upload.transport import TransportError
 from beemond.upload.uploader import Uploader
 from conftest import ROOT, FtpServer, make_config, wait_for
 from link_proxy import LinkProxy
@@ -101,6 +101,24 @@ def outbox_of(cfg) -> Path:
 
 def bundles_left(cfg) -> list[str]:
     return sorted(p.name for p in outbox_of(cfg).glob("*.tar.age"))
+
+
+def test_each_transport_is_named_in_the_registry_and_imports_no_other():
+    """Every [upload] protocol but none has a "module:Class" line; loading one transport imports
+    neither the others nor their libraries (paramiko stays out of an FTP uploader)."""
+    from beemond import registry
+
+    assert set(registry.UPLOADS) == {"ftp", "ftps", "sftp", "s3", "local"}
+    modules = {spec.partition(":")[0] for spec in registry.UPLOADS.values()}
+    for protocol, spec in registry.UPLOADS.items():
+        code = (f"import sys; from beemond import registry; cls = registry.load({spec!r}); "
+                "print(cls.__name__, sorted(m for m in sys.modules if m.startswith('beemond.upload.') or m == 'paramiko'))")
+        name, loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                      cwd=ROOT).stdout.split(" ", 1)
+        own = spec.partition(":")[0]
+        assert name == spec.partition(":")[2] and own in loaded, (protocol, loaded)
+        assert not [m for m in modules - {own} if f"'{m}'" in loaded], (protocol, loaded)
+        assert ("'paramiko'" in loaded) == (protocol == "sftp"), (protocol, loaded)
 
 
 def test_ftp_server_killed_mid_transfer_every_bundle_once(tmp_path, keys, password_file):
@@ -362,9 +380,9 @@ def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploa
     first, never the newest, each bundle before its .sig, each counted; a dropped bundle leaves the queues
     without quarantine or backoff; an old orphan .sig is swept, a young one (a seal in progress) kept."""
     caplog.set_level(logging.INFO)
-    from beemond.upload import uploader as uploader_mod
+    from beemond.upload import space as space_mod
 
-    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)  # its bundle gone for an hour, by the clock (see below)
+    monkeypatch.setattr(space_mod, "ORPHAN_SIG_SEEN_S", 0.0)  # its bundle gone for an hour, by the clock (see below)
     over = {"daemon.spool_min_free_bytes": 2**49, "upload.protocol": "local", "upload.remote_dir": str(tmp_path),
             "upload.password_file": None, "upload.keep_uploaded_bytes": 10**6}
     cfg = load(tmp_path, keys, password_file, **over)
@@ -854,8 +872,9 @@ def test_bundle_resealed_after_a_crash_is_not_resumed_onto_its_twins_part(tmp_pa
     makes the aggregator seal the same records again: the same name and size, other bytes (age's file
     key is random). A .part of the first twin on the server must not be continued with the second's
     bytes: that passes the size check and the server keeps a bundle nobody can decrypt."""
-    from beemond import aggregator, crypto, spool
-    from beemond.bundle_format import extract_bundle
+    from beemond import aggregator, spool
+    from beemond.bundle import crypto
+    from beemond.bundle.format import extract_bundle
 
     share = tmp_path / "share"
     share.mkdir()
@@ -907,7 +926,7 @@ def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_pa
     an SD card). If NTP steps the clock forward meanwhile, the young signature looks hours old by its
     mtime; deleting it then sends its bundle unsigned. Only one seen without its bundle for
     ORPHAN_SIG_SEEN_S of the uploader's own (monotonic) time goes, not at first sight."""
-    from beemond.upload import uploader as uploader_mod
+    from beemond.upload import space as space_mod
 
     cfg = load(tmp_path, keys, None, **{"upload.protocol": "none", "upload.password_file": None})
     outbox = outbox_of(cfg)
@@ -928,6 +947,6 @@ def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_pa
     (outbox / name).unlink()
     u.enforce_spool_limits()
     assert sig.exists()
-    monkeypatch.setattr(uploader_mod, "ORPHAN_SIG_SEEN_S", 0.0)
+    monkeypatch.setattr(space_mod, "ORPHAN_SIG_SEEN_S", 0.0)
     u.enforce_spool_limits()
     assert not sig.exists()

@@ -5,9 +5,9 @@ For every ``*.tar.age`` under the upload tree (``.part`` files and hidden names 
 1. skip it if the ledger knows this path with the same size, modification time and ``.sig`` (its
    SHA-256): a run over a tree where nothing is new costs a directory walk, a ``stat``, one small read
    of each ``.sig`` and one ledger look-up per directory, never a re-hash of a bundle;
-2. read it once (:func:`beemond.bundle_format.read_bundle`): the same bytes feed the signature's SHA-512
+2. read it once (:func:`beemond.bundle.format.read_bundle`): the same bytes feed the signature's SHA-512
    and age's decryption, members are unpacked into a private work directory within
-   :class:`~beemond.bundle_format.Limits`, and nothing is published before the signature verified over
+   :class:`~beemond.bundle.format.Limits`, and nothing is published before the signature verified over
    exactly those bytes and every member matched the manifest;
 3. check that the manifest's host is the trusted device's name: the stem of its key file in the
    trusted-devices directory (``hive-07.pub`` signs for host ``hive-07`` only);
@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import archive, bundle_format, crypto
+from beemond import archive
+from beemond.bundle import crypto, format as bundle_format
 from beemond.config import HOST_RE, NAME_RE
 
 log = logging.getLogger(__name__)

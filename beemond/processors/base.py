@@ -17,7 +17,7 @@ A processor reads one sensor's output and writes derived records (JSON) and metr
 - **Sample inputs.** The sensor's ``sample`` events, forwarded as ``sample`` commands with
   ``time`` (the event's UTC time, s since the epoch) added.
 - **Outputs.** A result becomes a JSON record in ``spool/staging/<processor>/`` through
-  :func:`beemond.sensors.base.write_staged` (temp, fsync, rename, sidecar, *record ready* to the
+  :func:`beemond.records.write_staged` (temp, fsync, rename, sidecar, *record ready* to the
   aggregator) and ``sample`` events that the metrics registry exports. The record is
   ``{"sensor", "type", "source", "start", "end", "skipped", "result": {...}, "metadata": {...}}``:
   :class:`beemond.archive.JsonArchiver` puts the record's full metadata (its sidecar's, with
@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import archive, ipc
-from beemond.sensors.base import stage, staged_metadata, staged_name
+from beemond.records import stage, staged_metadata, staged_name
 from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class ProcessorWorker:
     def __init__(self, cfg, proc, channel: ipc.Channel):
         self.cfg = cfg
         self.proc = proc
-        self.sensor = proc  # write_staged's owner of the record: names, staging/<name>/
+        self.name = proc.name   # the owner of its records (beemond.records): staging/<name>/
         self.channel = channel
         self.template = cfg.template_for(proc)
         spool = Spool(cfg.spool)

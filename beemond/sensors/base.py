@@ -22,25 +22,23 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import time
-from datetime import datetime
-from pathlib import Path
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
-from beemond.clock import Clock
-from beemond.clock import synchronized as clock_synchronized
-from beemond.config import DEFAULT_TEMPLATE
+from beemond.clock import Backoff, Clock
+from beemond.records import stage, staged_metadata, staged_name, staged_twin, write_staged
+from beemond.sensors import seams
 from beemond.sensors.periodic import PeriodicValuePoller
-from beemond.spool import Spool, unique_name
+from beemond.sensors.power import power_switch
+from beemond.spool import Spool
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 5
-EVENT_COUNTS = ("overflows", "errors", "missed", "rejected")   # record metadata copied into its READY_EVENT
+READ_RETRY = Backoff(0.02, 0.5)   # between read attempts of one measurement (s): 20, 40, 80 ms ... 0.5 s
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
@@ -69,6 +67,7 @@ class PolledSensorWorker:
         self.unsynchronized = 0   # readings of the open window stamped before the clock was synchronised
         self.clamped_at_open = 0
         self.sensor = sensor
+        self.name = sensor.name   # the owner of its records (beemond.records)
         self.channel = channel
         self.staging = Spool(cfg.spool).staging_dir(sensor.name)
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -80,8 +79,6 @@ class PolledSensorWorker:
         self.rejected = 0          # implausible values since the last record
         self.consecutive_failures = 0
         self.paused = False
-        from beemond.sensors.gpio import power_switch
-
         # power_pin: the sensor's supply is switched on power_lead_s before each measurement, off after
         self.power = power_switch(sensor, channel.beat)
         # Every reading is also appended to this journal, durable within journal_sync_s (power cuts).
@@ -202,7 +199,7 @@ class PolledSensorWorker:
                     last_error = e
                     log.debug("measurement attempt %d failed: %s", attempt + 1, e)
                     if attempt < self.sensor.max_retries:
-                        time.sleep(min(0.5, 0.02 * 2 ** attempt))
+                        time.sleep(READ_RETRY.delay(attempt + 1))
         if reading is None:
             self.missed += 1
             self.consecutive_failures += 1
@@ -309,7 +306,7 @@ class PolledSensorWorker:
             start, end = readings[0][0], readings[-1][0]
             metadata = staged_metadata(self, metadata)
             rel = staged_name(self, start, end, metadata)
-            done = _staged_twin(self.staging, rel, metadata)
+            done = staged_twin(self.staging, rel, metadata)
             if done is not None:
                 log.info("journal: its %d reading(s) are already in %s", len(readings), done)
             else:
@@ -347,28 +344,14 @@ class PolledSensorWorker:
 
 
 class I2CWorker(PolledSensorWorker):
-    """A polled chip on an I2C bus: ``/dev/i2c-N`` through ``smbus2.SMBus``, or with ``backend =
-    "simulated"`` the chip emulator that :meth:`emulated_chip` builds, behind an ``EmulatedSMBus``
-    and driven by the sensor's CSV replay. The sensor config has ``bus``, ``address``, ``replay``."""
+    """A polled chip on an I2C bus, which :func:`beemond.sensors.seams.i2c_bus` gives: ``/dev/i2c-N``
+    through ``smbus2.SMBus``, or simulated the package's chip emulator behind an ``EmulatedSMBus``,
+    driven by the sensor's CSV replay (``chip``, ``replay``; None on hardware). The sensor config has
+    ``bus``, ``address``, ``replay``."""
 
     def __init__(self, cfg, sensor, channel, **kw):
         super().__init__(cfg, sensor, channel, **kw)
-        self.chip = None
-        if sensor.backend == "simulated":
-            from beemond.sensors.emulators.i2c import EmulatedSMBus
-            from beemond.sensors.emulators.replay import CsvReplay
-
-            self.replay = CsvReplay.from_config(sensor.replay)
-            self.chip = self.emulated_chip(self.replay)
-            self.bus = EmulatedSMBus(sensor.bus, {sensor.address: self.chip})
-        else:
-            from smbus2 import SMBus
-
-            self.bus = SMBus(sensor.bus)
-
-    def emulated_chip(self, replay):
-        """The emulator for the simulated backend; it records each value's replay row in ``served``."""
-        raise NotImplementedError
+        self.bus, self.chip, self.replay = seams.i2c_bus(sensor)
 
     def replay_position(self) -> dict | None:
         return self.replay.position() if self.chip is not None else None
@@ -403,74 +386,3 @@ def ranges(indices: list[int]) -> list[list[int]]:
         else:
             out.append([i, i])
     return out
-
-
-def _staged_twin(staging: Path, rel: str, metadata: dict) -> str | None:
-    """The staged record named *rel* (or ``unique_name``'s ``STEM-N.EXT`` of it) holding the same readings
-    as *metadata* (start and end, in ms): names have whole seconds, so a name alone may be another record."""
-    stem, dot, ext = rel.rpartition(".") if "." in rel.rsplit("/", 1)[-1] else (rel, "", "")
-    n = 0
-    while (staging / (name := rel if n == 0 else f"{stem}-{n}{dot}{ext}")).exists():
-        try:
-            other = json.loads(archive.sidecar_of(staging / name).read_bytes())
-        except (OSError, ValueError):   # a cut before its sidecar: as before, taken to be this record
-            return name
-        if all(other.get(k) == metadata.get(k) for k in ("start", "end")):
-            return name
-        n += 1
-    return None
-
-
-def write_staged(worker, start: datetime, end: datetime, metadata: dict, data_writer=None,
-                 tmp: Path | None = None, ext: str | None = None, split_index: int = 0) -> Path:
-    """Render the record's name, write it durably into staging and announce it to the orchestrator.
-
-    *ext* overrides ``worker.ext`` (a worker that writes more than one kind of record). *split_index*
-    is the template's ``_split_index``: the position of this record among the records made from one
-    array (``archive.ArrayArchiver`` with ``split_data_array``); 0 otherwise.
-
-    *metadata* gains ``clock_synchronized`` (bool, from the worker's ``clock`` or
-    :func:`beemond.clock.synchronized`) unless the caller set it for the record's whole span.
-    Raises ``OSError`` when the record cannot be written (nothing is announced then).
-    """
-    metadata = staged_metadata(worker, metadata)
-    rel = staged_name(worker, start, end, metadata, ext=ext, split_index=split_index)
-    return stage(worker, rel, metadata, data_writer=data_writer, tmp=tmp)
-
-
-def staged_metadata(worker, metadata: dict) -> dict:
-    """A record's final metadata: ``clock_synchronized`` added (see :func:`write_staged`) and
-    ``[archive] default_metadata`` under the record's own keys."""
-    if "clock_synchronized" not in metadata:
-        wc = getattr(worker, "clock", None)
-        metadata["clock_synchronized"] = wc.synchronized() if wc is not None else clock_synchronized()
-    return archive.with_default_metadata(worker.cfg.archive.default_metadata, metadata)
-
-
-def staged_name(worker, start: datetime, end: datetime, metadata: dict, ext: str | None = None,
-                split_index: int = 0) -> str:
-    """The record's name relative to staging, rendered from the sandboxed filename template."""
-    cfg, sensor = worker.cfg, worker.sensor
-    variables = {"host": cfg.daemon.host, "sensor": sensor.name, "start": archive.utc_stamp(start),
-                 "end": archive.utc_stamp(end), "ext": ext or worker.ext, "date": start.strftime("%Y-%m-%d"),
-                 "metadata": metadata, "_split_index": split_index}
-    try:
-        return archive.render_name(worker.template, **variables)
-    except archive.TemplateError as e:
-        # Checked at load with sample values; a template reading record metadata can still fail on a
-        # real record. Never drop the record for its name.
-        log.error("filename template failed for this record (%s); using the default name", e)
-        return archive.render_name(DEFAULT_TEMPLATE, **variables)
-
-
-def stage(worker, rel: str, metadata: dict, data_writer=None, tmp: Path | None = None) -> Path:
-    """Write one record named *rel* durably into ``worker.staging`` (never over a staged record of the
-    same name) and send its READY_EVENT. The ``write`` of a :class:`beemond.archive.BackgroundWriter`.
-    Raises ``OSError``."""
-    path = archive.write_record(worker.staging, unique_name(worker.staging, rel), metadata,
-                                data_writer=data_writer, tmp=tmp)
-    # Non-zero counters ride along for the metrics (audio overflows, missed measurements), so the
-    # orchestrator never has to read a sidecar.
-    counts = {k: metadata[k] for k in EVENT_COUNTS if isinstance(metadata.get(k), int) and metadata[k]}
-    worker.channel.send(ipc.READY_EVENT, sensor=worker.sensor.name, path=str(path), **counts)
-    return path

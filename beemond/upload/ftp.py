@@ -23,7 +23,7 @@ import ftplib
 import logging
 import ssl
 
-from beemond.upload import PermanentError, RemoteTransport, TransportError, in_flight, shut
+from beemond.upload.transport import PermanentError, RemoteTransport, TransportError, in_flight, shut
 
 log = logging.getLogger(__name__)
 

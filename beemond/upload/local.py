@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from beemond import archive
-from beemond.upload import PermanentError, TransportError
+from beemond.upload.transport import PermanentError, TransportError
 
 BLOCK = 1024 * 1024
 

@@ -56,7 +56,7 @@ import socket
 import time
 import urllib.parse
 
-from beemond.upload import LocalFileError, PermanentError, TransportError, in_flight, shut
+from beemond.upload.transport import LocalFileError, PermanentError, TransportError, in_flight, shut
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _error_code(body: bytes) -> str:
 
 
 class S3Transport:
-    """The transport interface of :mod:`beemond.upload` for S3, with :meth:`store` in place of
+    """The transport interface of :mod:`beemond.upload.transport` for S3, with :meth:`store` in place of
     ``put``/``size``/``rename`` (``stores_whole = True``: the uploader sends whole objects)."""
 
     errors: tuple[type[BaseException], ...] = (http.client.HTTPException,)

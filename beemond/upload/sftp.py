@@ -29,7 +29,7 @@ import logging
 import paramiko
 from paramiko.sftp import SFTPError
 
-from beemond.upload import PermanentError, RemoteTransport, TransportError, in_flight, read_secret, shut
+from beemond.upload.transport import PermanentError, RemoteTransport, TransportError, in_flight, read_secret, shut
 
 log = logging.getLogger(__name__)
 

@@ -1,28 +1,20 @@
 """Uploader worker: bundles in the spool's outbox to the lab's server, verified, exactly once.
 
-Queues. **Fresh**: bundles announced by watchdog (inotify) events as the aggregator renames them
-into the outbox; they go first, so a restored link delivers today's data before last week's.
-**Backlog**: whatever a scan of the outbox finds (at start, when the link comes back, at shutdown)
-and failed retries, in ``backlog_order``. **Deferred**: bundles of a sensor outside its upload
-window (``[upload.windows]``); they wait while the others go, and rejoin the backlog when it opens.
+Which bundle goes next: fresh ones (announced by watchdog as the aggregator renames them into the
+outbox) before the backlog, bundles outside their upload window deferred (:mod:`beemond.upload.queues`).
 One connection is kept open across files.
 
 Per bundle: if a detached signature ``NAME.sig`` sits beside it (written before the bundle entered
-the outbox), the signature goes first (skipped if already on the server at its size). Each file is
-uploaded to ``REMOTE.part``, its remote size compared with the local one, and renamed to its final
-path (``[upload] layout``). Only after the bundle's rename is confirmed are the local signature and then
-the bundle deleted (or moved to the spool's ``uploaded/`` under ``keep_uploaded_bytes``) and the outbox
-fsynced. A power cut between rename and delete uploads the bundle again: same name, replaced, so it
-still exists once on the server. S3 (:mod:`beemond.upload.s3`) has no ``.part`` and no rename: one PUT of
-the final key that the server checks (SHA-256) and never lets replace an object (If-None-Match).
+the outbox), the signature goes first (skipped if already on the server at its size). Each file goes
+to ``REMOTE.part``, resumed where a cut transfer left it, is checked by size and renamed to its final
+path (:mod:`beemond.upload.transfer`; S3: one server-verified PUT). Only after the bundle's rename is
+confirmed are the local signature and then the bundle deleted (or moved to the spool's ``uploaded/``
+under ``keep_uploaded_bytes``) and the outbox fsynced. A power cut between rename and delete uploads the
+bundle again: same name, replaced, so it still exists once on the server.
 
 Slow links. A transfer times out only when it stops moving (``timeout_s`` without progress, see
-:class:`beemond.upload.StallGuard`, which also keeps the heartbeat while a library call blocks), never
-on its length. A cut transfer resumes: a remote ``.part`` no larger than the local file is continued
-from its size (FTP ``REST`` + ``STOR`` where ``FEAT`` offers ``REST STREAM``; SFTP and the local
-transport write at the offset). A ``.part`` larger than the local file, or a size mismatch after
-the transfer, makes the next attempt start from byte 0. Names are idempotent (a digest of the
-content), so a ``.part`` of the same name holds a prefix of the same bytes.
+:class:`beemond.upload.transport.StallGuard`, which also keeps the heartbeat while a library call
+blocks), never on its length.
 
 Interleaving. A large bundle must not hold back the small fresh ones (climate, alerts) for the hours
 it takes at 10-20 KB/s. While a bundle is sent, the uploader looks for new outbox events between
@@ -41,67 +33,41 @@ refuses the file: FTP 550/553, SFTP permission denied; or the local file cannot 
 once on a fresh connection, then the bundle is moved to the spool's ``quarantine/`` with an error line and
 counted: never retried forever, never deleted.
 
-The uploader is the only process that deletes from the outbox and from ``uploaded/``
-(:mod:`beemond.spool`), so nothing leaves under a transfer. Retention (``enforce_retention``): uploaded
-copies beyond ``keep_uploaded_bytes`` go, oldest first. Space (``enforce_spool_limits``, the ``[daemon]``
-spool limits, after each upload and every ``SPOOL_CHECK_S``): uploaded copies first, then only with
-``drop_oldest_when_full`` the oldest un-uploaded bundles, never the newest. A bundle a human deletes
-from the outbox is forgotten with a warning, never quarantined or retried.
+The uploader is the only process that deletes from the outbox and from ``uploaded/``: retention and
+the ``[daemon]`` spool limits are :mod:`beemond.upload.space`'s. A bundle a human deletes from the
+outbox is forgotten with a warning, never quarantined or retried.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
-import datetime
 import logging
 import os
 import queue
-import random
 import time
 from pathlib import Path
 
 from beemond import archive, ipc
+from beemond.clock import Backoff
 from beemond.config import parse_window
-from beemond.spool import BUNDLE_RE, SIG_SUFFIX, Spool, fsync_dir, signature_of
-from beemond.upload import (BundleReader, LocalFileError, PermanentError, StallGuard, TokenBucket, TransportError,
-                            make_transport)
+from beemond.spool import SIG_SUFFIX, Spool, fsync_dir, signature_of
+from beemond.upload.queues import Queues
+from beemond.upload.space import SpaceKeeper
+from beemond.upload.transfer import RESUME_MIN_BYTES, Transfers, size_of
+from beemond.upload.transport import (BundleReader, LocalFileError, PermanentError, StallGuard, TokenBucket,
+                                      TransportError, make_transport)
 
 log = logging.getLogger(__name__)
 
 FILE_EVENT = "outbox_file"
-WINDOW_RECHECK_S = 60.0
-SPOOL_CHECK_S = 10.0        # the [daemon] spool limits are checked this often, and after each upload
-ORPHAN_SIG_GRACE_S = 600.0  # an outbox signature without its bundle this old was left by a power cut
-ORPHAN_SIG_SEEN_S = 60.0    # ... and seen alone this long by the uploader (a clock step can age a young one)
 INTERLEAVE_AFTER_S = 20.0   # a large transfer runs at least this long before fresh bundles may pause it
 POLL_S = 1.0                # how often a running transfer looks for outbox events and commands
-# Smaller files are sent from byte 0 without asking the server for a .part: the question costs a round
-# trip per file (a few hundred ms on a mobile link), more than re-sending 64 KiB after a rare cut.
-RESUME_MIN_BYTES = 64 * 1024
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
+class Uploader(Queues, Transfers, SpaceKeeper):
+    """The uploader worker. Its queues, transfers and spool limits are in the mixins' modules; the
+    loop, the drain at shutdown and the handling of failures are here."""
 
-
-def sort_key(path: Path) -> tuple[str, str]:
-    """Bundles in time order: by start (from the name), then name."""
-    m = BUNDLE_RE.match(path.name)
-    return (m["start"] if m else "", path.name)
-
-
-def in_window(window: tuple[int, int], now: datetime.datetime) -> bool:
-    """Is local time *now* inside *window* (minutes after midnight, see ``config.parse_window``)?"""
-    start, end = window
-    minute = now.hour * 60 + now.minute
-    return start <= minute < end if start < end else (minute >= start or minute < end)
-
-
-class Uploader:
     def __init__(self, cfg, channel: ipc.Channel, progress=None):
         self.cfg = cfg
         self.up = cfg.upload
@@ -143,51 +109,6 @@ class Uploader:
         self.limits_at = 0.0       # monotonic time of the next spool-limits check
         self.spool_full = False    # over a limit at the last check (one error when it starts, one line when it ends)
         self.orphans: dict[Path, float] = {}  # outbox signatures without their bundle -> monotonic time first seen
-
-    # ---- queues
-    def _add(self, path: Path) -> bool:
-        if path in self.known or path.parent != self.outbox or not BUNDLE_RE.match(path.name):
-            return False  # a .sig is never a bundle of its own: it travels with its bundle
-        try:
-            self.known[path] = path.stat().st_size
-        except OSError:
-            return False
-        return True
-
-    def _on_file(self, path: Path) -> None:
-        if self._add(path):
-            self.fresh.append(path)
-            self.report()
-
-    def scan(self) -> None:
-        found = [p for p in self.outbox.iterdir() if self._add(p)]
-        if found:
-            self.backlog = sorted(self.backlog + found, key=sort_key, reverse=self.up.backlog_order == "newest")
-            log.info("backlog: %d bundle(s) waiting in the outbox", len(found))
-        self.enforce_retention()
-        self.report()
-
-    def _window_open(self, path: Path) -> bool:
-        window = self.windows.get(BUNDLE_RE.match(path.name)["group"])
-        return window is None or in_window(window, datetime.datetime.now())
-
-    def _next(self) -> Path | None:
-        if self.deferred and time.monotonic() >= self.window_check:
-            self.backlog = sorted(self.backlog + self.deferred, key=sort_key, reverse=self.up.backlog_order == "newest")
-            self.deferred = []
-        while self.fresh or self.backlog:
-            path = self.fresh.popleft() if self.fresh else self.backlog.pop(0)
-            if path not in self.known:
-                continue  # dropped by the spool limits meanwhile
-            if self._window_open(path):
-                return path
-            if not self.deferred:
-                self.window_check = time.monotonic() + WINDOW_RECHECK_S
-            self.deferred.append(path)
-        return None
-
-    def _pending(self) -> bool:
-        return bool(self.fresh or self.backlog or (self.deferred and time.monotonic() >= self.window_check))
 
     def report(self) -> None:
         # files/bytes/last_upload as ipc.OUTBOX defines; the counts since start ride along for status.
@@ -331,9 +252,7 @@ class Uploader:
     def _failed(self, path: Path, e: BaseException) -> None:
         self.failures += 1
         self.counts["failures"] += 1
-        # The exponent is capped: a link down for days (1025+ failures) must not overflow a float.
-        delay = min(self.up.backoff_max_s, self.up.backoff_initial_s * 2.0 ** min(self.failures - 1, 64))
-        delay = random.uniform(delay / 2, delay)  # jitter: a fleet of hives must not retry in step
+        delay = Backoff(self.up.backoff_initial_s, self.up.backoff_max_s).jittered(self.failures)
         self.next_try = time.monotonic() + delay
         log.warning("upload of %s to %s failed (%s: %s); retry %d in %.1f s", path.name,
                     self.transport.describe(), type(e).__name__, str(e).strip() or "-", self.failures, delay)
@@ -371,68 +290,6 @@ class Uploader:
                   path.name, self.quarantine_dir, why, self.counts["quarantined"])
         self.channel.send(ipc.ERROR, message=f"quarantined {path.name}: {why}")
         self.report()
-
-    def remote_path(self, path: Path) -> str:
-        m = BUNDLE_RE.match(path.name)
-        start = m["start"]
-        rel = archive.render_name(self.up.layout, host=m["host"], name=path.name, sensor=m["group"],
-                                  group=m["group"], date=f"{start[0:4]}-{start[4:6]}-{start[6:8]}",
-                                  start=start, ext="tar.age", end=start, metadata={}, _split_index=0)
-        return self.transport.path(rel)
-
-    def _send(self, local: Path, remote: str, pausable: bool = False) -> int | None:
-        """One file to *remote* via ``.part`` (resumed where a cut transfer left it), verified by
-        size. Returns its size in bytes, or None if the transfer was paused for fresh bundles."""
-        try:
-            f = open(local, "rb")
-            size = os.fstat(f.fileno()).st_size
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise LocalFileError(f"cannot open {local.name}: {e.strerror or e}") from None
-        with f:
-            if getattr(self.transport, "stores_whole", False):
-                # S3: one conditional, checksummed PUT of the final object; the server verified the bytes.
-                self.transport.store(f, BundleReader(f, self.bucket, self._progress, guard=self.guard), remote, size)
-                return size
-            part = remote + ".part"
-            offset = self._resume_offset(local, part, size)
-            f.seek(offset)
-            reader = BundleReader(f, self.bucket, self._progress, self._pause if pausable else None, self.guard)
-            self._current = (reader, size - offset)
-            # From here the .part holds this attempt's bytes: a cut is resumed, whatever came before.
-            self.restart.discard(local)
-            if offset < size or size == 0:
-                self.transport.put(reader, part, offset)
-            self.guard.moved()
-            if reader.paused:
-                log.info("paused %s at %d of %d bytes for fresh bundles", local.name, offset + reader.sent, size)
-                return None
-            if offset + reader.sent != size:
-                raise LocalFileError(f"{local.name} changed size while uploading ({size} -> {offset + reader.sent} bytes)")
-        remote_size = self.transport.size(part)
-        if remote_size != size:
-            self.restart.add(local)
-            raise TransportError(f"remote size {remote_size} != local size {size} for {part}")
-        self.restart.discard(local)
-        self.transport.rename(part, remote)
-        return size
-
-    def _resume_offset(self, local: Path, part: str, size: int) -> int:
-        """Where the transfer of *local* (*size* bytes) to *part* starts: the size of a ``.part`` the
-        server already holds, if it is no larger than the local file; 0 on any doubt."""
-        if local in self.restart or not self.transport.resumable or size < RESUME_MIN_BYTES:
-            return 0
-        have = self.transport.part_size(part)
-        if have is None or have == 0:
-            return 0
-        if have > size:
-            log.warning("remote %s holds %d bytes, more than the local %d: uploading it from the start", part,
-                        have, size)
-            return 0
-        log.info("resuming %s at byte %d of %d", local.name, have, size)
-        self.counts["resumed"] += 1
-        return have
 
     def _poll(self) -> None:
         """During a transfer: take in outbox events (they feed the fresh queue) and hold any other
@@ -494,7 +351,7 @@ class Uploader:
         has_sig = sig.exists()
         # The signature first: a bundle on the server is never without its signature. After a pause
         # it is there already (same name, same content: the names are idempotent).
-        if has_sig and not (path in self.begun and self.transport.part_size(remote + SIG_SUFFIX) == _size(sig)):
+        if has_sig and not (path in self.begun and self.transport.part_size(remote + SIG_SUFFIX) == size_of(sig)):
             self._send(sig, remote + SIG_SUFFIX)
         self.begun.add(path)
         self._sending = path
@@ -519,140 +376,3 @@ class Uploader:
         self.enforce_retention()
         self.enforce_spool_limits()
         self.report()
-
-    # ---- retention and space (this process alone deletes from the outbox and uploaded/)
-    def _release(self, path: Path, sig: Path | None) -> None:
-        """Delete (or keep, under the quota) an uploaded bundle: its signature first, so a power cut
-        between the two leaves a bundle that is simply uploaded again, never an orphan signature.
-        Either may have been deleted by hand meanwhile: it is on the server, that is fine."""
-        if self.up.keep_uploaded_bytes > 0:
-            self.uploaded_dir.mkdir(exist_ok=True)
-            try:
-                if sig is not None:
-                    os.replace(sig, self.uploaded_dir / sig.name)
-                os.replace(path, self.uploaded_dir / path.name)
-                fsync_dir(self.uploaded_dir)
-                self._keep(self.uploaded_dir / path.name)
-            except FileNotFoundError:
-                signature_of(self.uploaded_dir / path.name).unlink(missing_ok=True)  # no copy to go with
-        else:
-            if sig is not None:
-                sig.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-        fsync_dir(self.outbox)
-
-    def _keep(self, path: Path) -> None:
-        try:
-            size = path.stat().st_size
-            sig = signature_of(path)
-            if sig.exists():
-                size += sig.stat().st_size
-        except FileNotFoundError:
-            return  # deleted by hand meanwhile
-        bisect.insort(self.kept, (sort_key(path), path, size))
-        self.kept_bytes += size
-
-    def enforce_retention(self) -> None:
-        """Uploaded copies beyond ``keep_uploaded_bytes`` go, oldest (by bundle start) first."""
-        while self.kept and self.kept_bytes > self.up.keep_uploaded_bytes:
-            self._evict("over keep_uploaded_bytes")
-
-    def _evict(self, why: str) -> int:
-        """Delete the oldest uploaded copy, signature first. Returns the bytes freed on disk."""
-        _key, path, size = self.kept.pop(0)
-        freed = _unlink(signature_of(path), path)
-        self.kept_bytes -= size
-        self.counts["evicted"] += 1
-        log.info("evicted uploaded copy %s (%s)", path.name, why)
-        return freed
-
-    def enforce_spool_limits(self, in_flight: Path | None = None) -> None:
-        """Keep the spool within ``daemon.spool_max_bytes`` (0: none) and ``daemon.spool_min_free_bytes``.
-
-        Over a limit: uploaded copies (kept under ``upload.keep_uploaded_bytes``) go first, oldest
-        first; then, only with ``daemon.drop_oldest_when_full``, the oldest un-uploaded bundles in the
-        outbox (never the newest), each logged at error level and reported as an ``ERROR`` event
-        (counted in ``beemond_errors_total{worker="uploader"}``). Without it no un-uploaded data is ever
-        deleted: one error says the spool is full, and on a truly full file system the sensors' writes
-        and the aggregator's seals fail and are retried until space returns (logged too). Staged
-        records are never deleted: they exist nowhere else. The loop runs it between transfers; a
-        caller inside a transfer passes the bundle being sent as *in_flight*, which is never dropped.
-        Never raises."""
-        self.limits_at = time.monotonic() + SPOOL_CHECK_S
-        d = self.cfg.daemon
-        try:
-            # Old by its mtime and seen alone by our monotonic clock too: NTP stepping the clock forward
-            # between the aggregator's two renames makes a signature whose bundle is on its way look old.
-            now, seen = time.monotonic(), {}
-            for sig in self.spool.orphan_signatures(older_than_s=ORPHAN_SIG_GRACE_S):
-                seen[sig] = self.orphans.get(sig, now)
-                if now - seen[sig] >= ORPHAN_SIG_SEEN_S:
-                    sig.unlink(missing_ok=True)
-                    log.warning("deleted the signature %s, whose bundle is gone", sig.name)
-            self.orphans = seen
-            used, free = self.spool.allocated(), self.spool.free_bytes()
-            over = lambda: bool(d.spool_max_bytes and used > d.spool_max_bytes) or free < d.spool_min_free_bytes  # noqa: E731
-            while over() and self.kept:
-                size = self._evict("spool over its limits")
-                used, free = used - size, free + size
-            if over() and d.drop_oldest_when_full:
-                dropped = 0
-                # The newest bundle always stays: a limit smaller than one bundle must not cost all data.
-                for victim in self.spool.bundles()[:-1]:
-                    if not over():
-                        break
-                    if victim == in_flight:
-                        continue
-                    size = self._drop(victim)
-                    used, free, dropped = used - size, free + size, dropped + 1
-                    log.error("spool full (%s): dropped the oldest un-uploaded bundle %s (%d bytes; "
-                              "daemon.drop_oldest_when_full); %d dropped so far",
-                              self._limits(used, free), victim.name, size, self.counts["dropped"])
-                    self.channel.send(ipc.ERROR, message=f"spool full: dropped bundle {victim.name}", spool=True)
-                if dropped:
-                    fsync_dir(self.outbox)
-                    self.report()
-        except OSError as e:  # EIO, a read-only remount: the next check tries again
-            log.warning("cannot enforce the spool limits: %s", e)
-            return
-        full = over()
-        if full and not self.spool_full:
-            if d.drop_oldest_when_full:
-                log.error("spool full (%s) with only the newest bundle left to drop; it and the staged "
-                          "records are kept until space returns", self._limits(used, free))
-            else:
-                log.error("spool full (%s): no uploaded copy left to delete and un-uploaded data is kept "
-                          "(daemon.drop_oldest_when_full = false); if the file system fills, sensors hold "
-                          "their records and retry until space returns", self._limits(used, free))
-            self.channel.send(ipc.ERROR, message="spool full", spool=True)
-        elif not full and self.spool_full:
-            log.info("spool space returned (%s)", self._limits(used, free))
-        self.spool_full = full
-
-    def _drop(self, victim: Path) -> int:
-        """Delete an un-uploaded bundle, then its signature (a power cut between leaves an orphan
-        signature, swept later, never a bundle that would go up unsigned). Returns the bytes freed."""
-        freed = _unlink(victim, signature_of(victim))
-        self.known.pop(victim, None)
-        self.begun.discard(victim)
-        self.strikes.pop(victim, None)
-        self.counts["dropped"] += 1
-        return freed
-
-    def _limits(self, used: int, free: int) -> str:
-        d = self.cfg.daemon
-        cap = f" of spool_max_bytes {d.spool_max_bytes}" if d.spool_max_bytes else ""
-        return f"{used} bytes used{cap}, {free} free, spool_min_free_bytes {d.spool_min_free_bytes}"
-
-
-def _unlink(*paths: Path) -> int:
-    """Unlink *paths* in order (one deleted by hand is skipped). Returns the bytes freed on disk."""
-    freed = 0
-    for p in paths:
-        try:
-            size = p.stat().st_blocks * 512
-            p.unlink()
-        except FileNotFoundError:
-            continue
-        freed += size
-    return freed

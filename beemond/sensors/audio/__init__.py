@@ -1,0 +1,10 @@
+"""Audio from a microphone through PortAudio (sounddevice), continuous or in daily windows.
+
+``section`` holds the ``[sensors.NAME]`` table's class, ``driver`` the worker, ``emulator`` the device
+that :mod:`beemond.sensors.seams` puts behind the library's seam for ``backend = "simulated"``, and
+``example.toml`` a config snippet.
+"""
+
+from beemond.registry import exports
+
+__getattr__ = exports(__name__, Section=".section:AudioConfig", Worker=".driver:AudioWorker")

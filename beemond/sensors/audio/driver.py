@@ -1,0 +1,700 @@
+"""Audio capture through ``sounddevice.InputStream`` into FLAC (or WAV) records.
+
+The PortAudio callback only copies each block into a queue; a writer thread appends blocks to the
+open segment (``soundfile``, written to a temporary name in staging), and when a segment holds
+``round(segment_s * sample_rate_hz)`` frames, or its capture ends, it is closed, fsynced and renamed,
+its sidecar written, and *record ready* sent. Input overflows (xruns: PortAudio's
+``paInputOverflow``, ``CallbackFlags.input_overflow``) are counted per segment into its metadata.
+
+Schedule (``schedule`` key): ``continuous`` keeps one stream open and cuts it into segments;
+``window`` opens the device for ``capture_s`` every ``every_s`` inside a daily local-time window
+(:mod:`beemond.sensors.audio.schedule`; AppMAIS: 60 s every 300 s, 08:00-20:00) and closes it in between,
+which saves power and CPU on a Pi. ``capture_now`` starts a capture of ``capture_s`` at once.
+
+Device: ``device`` is a case-insensitive substring of an input device's name, or its PortAudio index
+(empty: the default input). PortAudio lists devices only when it initialises, so it is initialised
+afresh before each opening: a USB microphone that was re-plugged (perhaps as another card) is found
+again. A device that is missing is a transient error: retried ``open_retries`` times with a doubling
+backoff, each failure sent as an ERROR event, then the worker exits non-zero and the orchestrator
+restarts it. A name matching several devices, or settings the device cannot record
+(``sounddevice.check_input_settings``), end the worker at once with the reason.
+
+Sample format: PCM_16 is read from PortAudio as int16, PCM_24 as int32 (libsndfile keeps the top 24
+bits). Segment times: ``start`` is estimated from the host's UTC clock at each block's arrival less the
+audio before it in the segment, taking the earliest estimate (blocks are delivered late, in bursts
+after a stall, never early); ``end`` is ``start`` plus frames / sample rate.
+
+Power cuts: the open segment is written to ``.segment-<ms>.<ext>.open`` in staging with a small JSON
+header beside it (its start, format, trigger), and flushed and fsynced every ``daemon.journal_sync_s``
+(1 s). At the next start a segment left open by a crash is salvaged (:func:`salvage_segment`) up to
+its last durable frame (FLAC: every frame that decodes, re-encoded; WAV: the header's sizes fixed,
+trailing all-zero frames of an unsynced tail dropped) and recorded with ``truncated: true`` and its
+real end. The first record of a run that follows an earlier one carries ``after_restart: true`` and
+``gap_s`` (seconds from the end of the last durable audio to its start).
+
+Full disk: a segment whose write fails while the spool's file system is (nearly) full is dropped at
+once, its temporary file removed, and the worker keeps its stream: blocks are discarded (and
+counted) while there is no room, a new segment is tried every ``NO_SPACE_RETRY_S``, and recording
+resumes within that of space returning. The first segment after the episode carries
+``lost_to_full_disk_s`` in its metadata; the episode is logged and sent as one ERROR event. (libsndfile
+reports a failed write as a generic "System error", so the file system's free space decides whether
+the failure was the disk's; any other writer failure still ends the worker.)
+
+``backend = "simulated"`` swaps only the stream class for
+:class:`beemond.sensors.audio.emulator.SimulatedInputStream`; this module's code is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import queue
+import shutil
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from beemond import archive, ipc
+from beemond import reading_journal as rj
+from beemond.clock import Backoff, Clock
+from beemond.sensors import seams
+from beemond.sensors.base import SensorFailure, write_staged
+from beemond.sensors.power import power_switch
+from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
+
+log = logging.getLogger(__name__)
+
+_DTYPE = {"PCM_16": "int16", "PCM_24": "int32"}
+_CLOSE = object()          # writer marker: the capture (stream) ended; close the open segment
+MAX_BACKOFF_S = 30.0
+NO_SPACE_RETRY_S = 1.0      # while the disk is full, a new segment is tried this often
+NO_SPACE_FREE_BYTES = 256 * 1024   # a write failure with less free than this is the full disk's
+
+
+class DeviceMissing(OSError):
+    """No input device matches (unplugged, or the sound server is not up yet): transient."""
+
+
+class DeviceError(ValueError):
+    """The device spec is ambiguous, or the device cannot record these settings: persistent."""
+
+
+def find_input_device(spec: str, devices) -> int | None:
+    """The PortAudio index of the input device *spec* names, from ``sounddevice.query_devices()``.
+
+    *spec*: ``""`` (the default input: returns ``None``), an index (``"3"``), or a case-insensitive
+    substring of the device name; a name equal to *spec* wins over other substring matches. Devices
+    without input channels are never chosen. Raises :class:`DeviceMissing` when nothing matches and
+    :class:`DeviceError` when several devices do (listing them).
+    """
+    if not spec:
+        return None
+    inputs = [(i, d["name"]) for i, d in enumerate(devices) if d["max_input_channels"] > 0]
+    listing = ", ".join(f"[{i}] {name}" for i, name in inputs) or "none"
+    if spec.strip().isdigit():
+        index = int(spec)
+        if any(i == index for i, _ in inputs):
+            return index
+        raise DeviceMissing(f"no input device with index {index} (inputs: {listing})")
+    want = spec.lower()
+    matches = [(i, name) for i, name in inputs if want in name.lower()]
+    exact = [i for i, name in matches if name.lower() == want]
+    if len(matches) == 1 or len(exact) == 1:
+        return exact[0] if exact else matches[0][0]
+    if not matches:
+        raise DeviceMissing(f"no input device matching {spec!r} (inputs: {listing})")
+    raise DeviceError(f"device {spec!r} matches several input devices: "
+                      + ", ".join(f"[{i}] {name}" for i, name in matches)
+                      + "; use a longer name substring or the index")
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """One opening of the stream, as the writer sees it."""
+
+    frames: int | None              # frames to record; None: until the stream stops (continuous)
+    trigger: str                    # continuous | schedule | capture_now
+    slot: datetime | None = None    # the schedule slot it was started for
+
+
+class AudioWorker:
+    def __init__(self, cfg, sensor, channel: ipc.Channel):
+        import numpy as np  # noqa: F401  (fail here, in the worker, if numpy is missing)
+        import soundfile
+
+        self.soundfile = soundfile
+        self.cfg = cfg
+        self.sensor = sensor
+        self.channel = channel
+        self.ext = sensor.format
+        self.template = cfg.template_for(sensor)
+        self.spool = Spool(cfg.spool)
+        self.name = sensor.name   # the owner of its records (beemond.records)
+        self.staging = self.spool.staging_dir(sensor.name)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.frames_per_segment = round(sensor.segment_s * sensor.sample_rate_hz)
+        self.frames_per_capture = round(sensor.capture_s * sensor.sample_rate_hz)
+        self.blocksize = max(1, round(sensor.block_s * sensor.sample_rate_hz))
+        self.window = sensor.capture_window()   # None: continuous
+        self.blocks: queue.Queue = queue.Queue()
+        self.last_block = time.monotonic()
+        self.writer_error: BaseException | None = None
+        self.overflows_total = 0
+        self.stream = None                      # open only while capturing
+        self.device_name = ""
+        self.capture_done = threading.Event()   # set by the writer after a capture's last frame
+        self.capture_ends = 0.0                 # monotonic time a limited capture should end
+        self.pending: _Capture | None = None    # a capture waiting for the device to come back
+        self.retry_at = 0.0
+        self.open_failures = 0
+        self.clock = Clock()  # segment starts never precede the previous segment's end (clock steps)
+        # power_pin (a USB microphone behind a load switch): on power_lead_s before each opening of
+        # the device, off once it is closed again.
+        self.power = power_switch(sensor, channel.beat)
+        self.powered = False
+        self.restart_gap: dict | None = None   # {"last": ISO|None} until the run's first segment is written
+        self.last_end: str | None = None       # end of the last segment written (ISO)
+        self.no_space_since: float | None = None   # monotonic; set while segments cannot be written
+        self.no_space_retry = 0.0
+        self.lost_frames = 0                        # dropped for lack of space, not yet reported in a record
+
+    def _power(self, on: bool) -> None:
+        if on and not self.powered:
+            self.power.__enter__()  # waits power_lead_s (beating) for the device to come up
+        elif self.powered and not on:
+            self.power.__exit__(None, None, None)
+        self.powered = on
+
+    # ---- PortAudio's thread: copy and return, nothing else (no allocation-heavy work, no I/O)
+    def _callback(self, indata, frames, time_info, status) -> None:
+        self.blocks.put((indata.copy(), bool(status and status.input_overflow), time.time()))
+
+    def _open_stream(self):
+        """A new, unstarted input stream. Raises DeviceMissing (transient) or DeviceError."""
+        s = self.sensor
+        kwargs = dict(samplerate=s.sample_rate_hz, blocksize=self.blocksize, channels=s.channels,
+                      dtype=_DTYPE[s.subtype], callback=self._callback)
+        stream, self.device_name = seams.input_stream(s, self._open_device, **kwargs)
+        return stream
+
+    def _open_device(self, **kwargs):
+        """(PortAudio's ``sounddevice.InputStream`` on the configured device, its name). Raises
+        DeviceMissing (transient) or DeviceError."""
+        s = self.sensor
+        import sounddevice as sd
+
+        try:
+            # PortAudio enumerates devices once, in Pa_Initialize: re-initialise (no stream is open
+            # here) so that a re-plugged microphone is seen.
+            if sd._initialized:
+                sd._terminate()
+            sd._initialize()
+            index = find_input_device(s.device, sd.query_devices())
+            name = sd.query_devices(index, kind="input")["name"]
+        except sd.PortAudioError as e:  # e.g. no default input at all
+            raise DeviceMissing(f"no input device: {e}") from None
+        try:
+            sd.check_input_settings(device=index, channels=s.channels, dtype=kwargs["dtype"],
+                                    samplerate=s.sample_rate_hz)
+        except (sd.PortAudioError, ValueError) as e:
+            raise DeviceError(f"input device {name!r} cannot record {s.sample_rate_hz} Hz x{s.channels} "
+                              f"{kwargs['dtype']} ({s.subtype}): {e}") from None
+        try:
+            return sd.InputStream(device=index, **kwargs), name
+        except sd.PortAudioError as e:  # gone between the check and the opening
+            raise DeviceMissing(f"cannot open input device {name!r}: {e}") from None
+
+    def _begin(self, cap: _Capture) -> None:
+        """Open the device and start *cap*; on a transient failure keep it pending for a retry."""
+        self._power(True)
+        try:
+            stream = self._open_stream()
+            self.capture_done.clear()
+            self.blocks.put(cap)  # before start(): every block of this stream follows the marker
+            try:
+                stream.start()
+            except Exception as e:
+                self.blocks.put(_CLOSE)
+                stream.close()
+                raise DeviceMissing(f"cannot start input device {self.device_name!r}: {e}") from None
+        except DeviceMissing as e:
+            self._power(False)
+            self.open_failures += 1
+            self.channel.send(ipc.ERROR, message=f"audio device: {e}")
+            if self.open_failures > self.sensor.open_retries:
+                raise SensorFailure(f"audio device unavailable after {self.open_failures} attempt(s): {e}") from None
+            delay = Backoff(self.sensor.open_backoff_s, MAX_BACKOFF_S).delay(self.open_failures)
+            log.warning("%s; retry %d of %d in %.1f s", e, self.open_failures, self.sensor.open_retries, delay)
+            self.pending, self.retry_at = cap, time.monotonic() + delay
+            return
+        self.stream, self.pending, self.open_failures = stream, None, 0
+        self.last_block = time.monotonic()
+        # 0: until stopped (continuous); else when the writer should have the capture's last frame
+        self.capture_ends = 0.0 if cap.frames is None else self.last_block + cap.frames / self.sensor.sample_rate_hz
+        log.info("%s capture from %r: %d Hz x%d %s%s", cap.trigger, self.device_name, self.sensor.sample_rate_hz,
+                 self.sensor.channels, self.sensor.subtype,
+                 f", {self.sensor.capture_s:g} s" if cap.frames is not None else
+                 f" in {self.sensor.segment_s:g} s {self.sensor.format} segments")
+
+    def _end(self) -> None:
+        """Stop and close the stream; the open segment becomes a (possibly shorter) record."""
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        try:
+            stream.stop()  # returns after the last callback: its blocks are queued before _CLOSE
+        finally:
+            stream.close()
+            self.blocks.put(_CLOSE)
+            self._power(False)
+
+    def _timeout(self, paused: bool, due: datetime | None) -> float:
+        now = time.monotonic()
+        if self.stream is not None:
+            if self.capture_ends <= 0:
+                return self.cfg.daemon.heartbeat_interval_s
+            return max(0.02, self.capture_ends - now)  # then short waits for the writer to finish
+        if self.pending is not None:
+            return max(0.0, self.retry_at - now)
+        if paused or due is None:
+            return self.cfg.daemon.heartbeat_interval_s
+        return self.window.wait_s(datetime.now(timezone.utc), due)
+
+    def salvage(self) -> None:
+        """At start: record the segments a crash left open, and note the gap for this run's first one."""
+        sp = Spool(self.cfg.spool)
+        state = rj.read_state(sp.state_file(self.sensor.name))
+        last = state.get("last_end") if state else None
+        existed = state is not None
+        for header in sp.open_segment_headers(self.sensor.name):
+            if not header.with_name(header.name[:-len(".json")]).exists():
+                header.unlink(missing_ok=True)   # its segment was recorded; the crash came before this unlink
+        for segment in sp.open_segments(self.sensor.name):
+            existed = True
+            try:
+                end = salvage_segment(self, segment)
+            except (OSError, ValueError, RuntimeError) as e:
+                if isinstance(e, OSError) or _no_room_to_salvage(segment):
+                    # A full disk (no room for the sidecar or the FLAC copy; libsndfile then fails
+                    # even to open the FLAC): the segment may be sound, so it waits, never set aside.
+                    log.error("cannot salvage the open segment %s now: %s; trying again at the next start",
+                              segment.name, e)
+                    continue
+                log.error("cannot salvage the open segment %s: %s; moving it to failed/", segment.name, e)
+                _set_aside(self, segment)
+                continue
+            if end is not None and (last is None or end > last):
+                last = end
+        if existed:
+            self.restart_gap = {"last": last}
+
+    def run(self) -> None:
+        try:
+            self.salvage()
+        except OSError as e:
+            log.error("cannot salvage open segments: %s", e)
+        writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
+        writer.start()
+        if self.window is None:
+            log.info("recording continuously")
+        else:
+            log.info("capturing %g s every %g s from %s to %s (%s)", self.sensor.capture_s, self.sensor.every_s,
+                     self.sensor.window_start, self.sensor.window_end, self.sensor.timezone or "local time")
+        stall_s = max(5.0, 20 * self.sensor.block_s)
+        paused = False
+        due: datetime | None = None   # the schedule slot we wait for (UTC)
+        looked = time.monotonic()     # when this loop last ran
+        try:
+            while True:
+                if self.stream is None and not paused:
+                    if self.pending is not None:
+                        if time.monotonic() >= self.retry_at:
+                            self._begin(self.pending)
+                    elif self.window is None:
+                        self._begin(_Capture(None, "continuous"))
+                    else:
+                        due = self._schedule(due)
+                timeout = self._timeout(paused, due)
+                cmd = self.channel.receive(timeout=timeout)
+                if cmd is not None:
+                    if cmd.kind == ipc.SHUTDOWN:
+                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
+                        break
+                    if cmd.kind == ipc.STOP and not paused:
+                        self._end()
+                        self.pending, paused = None, True
+                        log.info("capture stopped by command")
+                    elif cmd.kind == ipc.START and paused:
+                        paused, due = False, None  # slots missed while stopped are not made up
+                        log.info("capture started by command")
+                    elif cmd.kind == ipc.CAPTURE_NOW:
+                        if self.window is None and not paused:
+                            log.debug("capture_now: already recording continuously")
+                        elif self.stream is not None or self.pending is not None:
+                            log.info("capture_now: a capture is already running")
+                        else:
+                            self._begin(_Capture(self.frames_per_capture, "capture_now"))
+                if self.writer_error is not None:
+                    raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
+                now = time.monotonic()
+                if now - looked > min(timeout, self.channel.heartbeat_interval_s) + stall_s / 2:
+                    # This process itself was not running (SIGSTOP, a swap storm): the blocks are
+                    # probably queued behind us. Do not blame the device for our own stall.
+                    self.last_block = max(self.last_block, now)
+                looked = now
+                if self.stream is not None:
+                    if self.capture_done.is_set():
+                        self._end()
+                    elif now - self.last_block > stall_s:
+                        raise RuntimeError(f"no audio block for {stall_s:g} s: the input stream stalled")
+        finally:
+            try:
+                self._end()
+            finally:
+                self.blocks.put(None)  # the writer closes the partial segment as a shorter record
+                writer.join(timeout=30)
+                self._power(False)
+                self.power.close()
+                try:
+                    rj.write_state(Spool(self.cfg.spool).state_file(self.sensor.name),
+                                   {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
+                except OSError as e:
+                    log.warning("cannot write the audio state: %s", e)
+
+    def _schedule(self, due: datetime | None) -> datetime:
+        """Start the capture for slot *due* if it has come; return the slot to wait for next."""
+        now = datetime.now(timezone.utc)
+        capture, new_due = self.window.step(now, due)
+        if capture:
+            self._begin(_Capture(self.frames_per_capture, "schedule", due))
+            return self.window.after(due)
+        if due is not None and now > due and new_due > due:
+            log.warning("skipped the capture due at %s (the clock jumped, or the worker was busy)",
+                        archive.utc_iso(due))
+        return new_due
+
+    # ---- writer thread
+    def _write_loop(self) -> None:
+        segment = None
+        cap: _Capture | None = None    # None: drop blocks (after a capture's last frame)
+        remaining: int | None = None
+        try:
+            while True:
+                item = self.blocks.get()
+                if item is None:
+                    break
+                if item is _CLOSE or isinstance(item, _Capture):
+                    if segment is not None:
+                        segment.close()
+                        segment = None
+                    cap = item if isinstance(item, _Capture) else None
+                    remaining = cap.frames if cap is not None else None
+                    continue
+                if cap is None:
+                    continue
+                self.last_block = time.monotonic()
+                block, overflow, arrived = item
+                if remaining is not None:
+                    block = block[:remaining]
+                    remaining -= len(block)
+                while len(block):
+                    try:
+                        if segment is None:
+                            if self.no_space_since is not None and time.monotonic() < self.no_space_retry:
+                                self.lost_frames += len(block)
+                                break
+                            segment = _Segment(self, arrived - len(block) / self.sensor.sample_rate_hz, cap)
+                        if overflow:
+                            segment.overflows += 1
+                            overflow = False
+                        block = segment.write(block, arrived)
+                        if segment.frames == self.frames_per_segment:
+                            segment.close()
+                            segment = None
+                    except Exception as e:
+                        if not self._out_of_space(e):
+                            raise
+                        self._drop_segment(segment, len(block), e)
+                        segment, block = None, block[:0]
+                if remaining == 0:
+                    if segment is not None:
+                        segment.close()
+                        segment = None
+                    cap = None
+                    self.capture_done.set()
+        except BaseException as e:  # reported by the main loop, which exits non-zero
+            self.writer_error = e
+            log.exception("segment writer failed")
+        finally:
+            if segment is not None:
+                try:
+                    segment.close()
+                except Exception as e:
+                    if self._out_of_space(e):
+                        self._drop_segment(segment, 0, e)
+                    else:
+                        log.exception("could not close the last segment")
+
+
+    def _out_of_space(self, e: Exception) -> bool:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        try:
+            free = self.spool.free_bytes()
+        except OSError:
+            return False
+        return isinstance(e, (OSError, RuntimeError)) and free < NO_SPACE_FREE_BYTES
+
+    def _drop_segment(self, segment: "_Segment | None", unwritten: int, e: Exception) -> None:
+        """The disk is full: discard *segment* and its temporary file now, count what is lost, and
+        try a new segment in ``NO_SPACE_RETRY_S``."""
+        if segment is not None:
+            with contextlib.suppress(Exception):
+                segment.file.close()
+            with contextlib.suppress(OSError):
+                segment.tmp.unlink()
+            with contextlib.suppress(OSError):
+                segment.header.unlink()
+            self.lost_frames += segment.frames
+        self.lost_frames += unwritten
+        now = time.monotonic()
+        if self.no_space_since is None:
+            self.no_space_since = now
+            message = f"no space for audio on the spool ({e}); dropping audio until space returns"
+            log.error("%s", message)
+            self.channel.send(ipc.ERROR, message=message)
+        self.no_space_retry = now + NO_SPACE_RETRY_S
+
+    def _lost_to_full_disk_s(self) -> float:
+        return round(self.lost_frames / self.sensor.sample_rate_hz, 3)
+
+    def _space_returned(self) -> None:
+        """A segment was written (the first after a full disk carries the loss): end the episode."""
+        if self.no_space_since is not None:
+            log.info("recording audio again: space returned after %.0f s, %.1f s of audio lost",
+                     time.monotonic() - self.no_space_since, self._lost_to_full_disk_s())
+        self.no_space_since, self.lost_frames = None, 0
+
+
+class _Segment:
+    """One segment being written to its temporary name."""
+
+    def __init__(self, worker: AudioWorker, start: float, capture: _Capture):
+        self.w = worker
+        self.start_ts = start          # UTC seconds; refined by write()
+        self.capture = capture
+        self.frames = 0
+        self.overflows = 0
+        s = worker.sensor
+        self.tmp = Spool(worker.cfg.spool).open_segment(s.name, str(int(start * 1000)), s.format)
+        self.header = open_segment_header(self.tmp)
+        with archive.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
+            f.write(json.dumps({"start": start, "trigger": capture.trigger, "device": worker.device_name,
+                                "schedule": self._schedule()}).encode())
+        try:
+            self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
+                                                   subtype=s.subtype, format=s.format.upper())
+        except Exception:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()   # created, then its header could not be written
+            with contextlib.suppress(OSError):
+                self.header.unlink()
+            raise
+        self.synced_at = time.monotonic()
+        self.sync_s = worker.cfg.daemon.journal_sync_s
+        self.entry_synced = False   # the segment's directory entry (not only its data) is durable
+
+    @property
+    def start(self) -> datetime:
+        return datetime.fromtimestamp(self.start_ts, timezone.utc)
+
+    def write(self, block, arrived: float):
+        """Append as much of *block* (whose last frame arrived at UTC *arrived*) as fits; return the rest.
+
+        Blocks arrive late, never early: after a stall the sound server delivers buffered blocks in a
+        burst. So the segment's start is the earliest of the estimates "arrival of a block less the
+        duration of the segment up to that block's end", the one with the least delivery delay."""
+        room = self.w.frames_per_segment - self.frames
+        head, rest = block[:room], block[room:]
+        self.file.write(head)
+        self.frames += len(head)
+        self.start_ts = min(self.start_ts, arrived - len(rest) / self.w.sensor.sample_rate_hz
+                            - self.frames / self.w.sensor.sample_rate_hz)
+        if time.monotonic() - self.synced_at >= self.sync_s:
+            # Durable up to here within ~sync_s: a power cut loses at most that much (and a FLAC
+            # block the encoder still holds). sf_write_sync is an fsync of the file.
+            self.file.flush()
+            if not self.entry_synced:
+                archive.fsync_dir(self.tmp.parent)
+                self.entry_synced = True
+            self.synced_at = time.monotonic()
+        return rest
+
+    def close(self) -> None:
+        self.file.close()
+        s = self.w.sensor
+        start = self.w.clock.floor(self.start)  # never before the previous segment's end (clock steps)
+        end = self.w.clock.floor(start + timedelta(seconds=self.frames / s.sample_rate_hz))
+        metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
+                    "start": archive.utc_iso(start), "end": archive.utc_iso(end),
+                    "sample_rate_hz": s.sample_rate_hz, "channels": s.channels, "frames": self.frames,
+                    "format": s.format, "subtype": s.subtype, "overflows": self.overflows,
+                    "device": self.w.device_name, "trigger": self.capture.trigger, "schedule": self._schedule()}
+        self.w.overflows_total += self.overflows
+        if self.overflows:
+            log.warning("segment had %d input overflow(s)", self.overflows)
+        if self.w.lost_frames:
+            metadata["lost_to_full_disk_s"] = self.w._lost_to_full_disk_s()
+        if self.w.restart_gap is not None:
+            metadata.update(rj.gap_metadata(self.w.restart_gap["last"], start))
+        write_staged(self.w, start, end, metadata, tmp=self.tmp)
+        self.w._space_returned()
+        self.w.restart_gap, self.w.last_end = None, metadata["end"]
+        self.header.unlink(missing_ok=True)
+        try:   # so a crash before the next segment's first sync still knows where the audio ended
+            rj.write_state(Spool(self.w.cfg.spool).state_file(s.name), {"last_end": self.w.last_end})
+        except OSError as e:
+            log.warning("cannot write the audio state: %s", e)
+
+    def _schedule(self) -> dict:
+        s = self.w.sensor
+        if s.schedule == "continuous":
+            return {"mode": "continuous", "segment_s": s.segment_s}
+        return {"mode": "window", "window_start": s.window_start, "window_end": s.window_end,
+                "timezone": s.timezone or "local", "capture_s": s.capture_s, "every_s": s.every_s,
+                "slot": archive.utc_iso(self.capture.slot) if self.capture.slot else None}
+
+
+# ---- salvage of a segment cut by a crash or power failure
+
+def salvage_segment(worker, segment: Path) -> str | None:
+    """Record *segment* (an open segment a crash left, :meth:`beemond.spool.Spool.open_segment`)
+    up to its last durable frame, with ``truncated: true`` and its real end; return that end (ISO), or
+    None when it held no whole frame (then it is removed). Raises ``OSError``, ``ValueError`` (no
+    readable header) or ``RuntimeError`` (libsndfile)."""
+    s = worker.sensor
+    header_path = open_segment_header(segment)
+    try:
+        header = json.loads(header_path.read_bytes())
+    except FileNotFoundError:
+        header = {"start": segment.stat().st_mtime, "trigger": "unknown", "device": "", "schedule": None}
+        log.warning("open segment %s has no header; its start is taken from its modification time", segment.name)
+    fmt = open_segment_format(segment)
+    if fmt == "wav":
+        rate, channels, subtype, frames = _salvage_wav(segment)
+    else:
+        rate, channels, subtype, frames = _salvage_flac(worker.soundfile, segment)
+    if frames == 0:
+        segment.unlink(missing_ok=True)
+        header_path.unlink(missing_ok=True)
+        log.warning("open segment %s held no durable audio; removed", segment.name)
+        return None
+    start = datetime.fromtimestamp(header["start"], timezone.utc)
+    end = start + timedelta(seconds=frames / rate)
+    metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
+                "start": archive.utc_iso(start), "end": archive.utc_iso(end),
+                "sample_rate_hz": rate, "channels": channels, "frames": frames, "format": fmt,
+                "subtype": subtype, "overflows": 0, "device": header.get("device", ""),
+                "trigger": header.get("trigger", ""), "schedule": header.get("schedule"), "truncated": True}
+    write_staged(worker, start, end, metadata, tmp=segment, ext=fmt)
+    header_path.unlink(missing_ok=True)
+    log.warning("salvaged a segment cut by a crash: %d frames (%.1f s), %s to %s", frames, frames / rate,
+                metadata["start"], metadata["end"])
+    return metadata["end"]
+
+
+def _salvage_wav(path: Path) -> tuple[int, int, str, int]:
+    """Fix a WAV's RIFF and data sizes in place for the whole frames on disk (trailing all-zero frames,
+    an unsynced tail a power cut left as zeros, dropped). Returns (rate, channels, subtype, frames)."""
+    with open(path, "r+b") as f:
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError("not a RIFF/WAVE file")
+        fmt = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise ValueError("no data chunk")
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"fmt ":
+                body = f.read(size)
+                _tag, channels, rate, _bps, align, bits = struct.unpack("<HHIIHH", body[:16])
+                fmt = (rate, channels, f"PCM_{bits}", align)
+                f.seek(size % 2, os.SEEK_CUR)
+            elif cid == b"data":
+                break
+            else:
+                f.seek(size + size % 2, os.SEEK_CUR)
+        if fmt is None:
+            raise ValueError("no fmt chunk before the data")
+        rate, channels, subtype, align = fmt
+        data_at = f.tell()
+        total = os.fstat(f.fileno()).st_size
+        length = (total - data_at) // align * align
+        # Drop trailing zero frames, reading back in steps (a cut leaves at most ~1 s of them).
+        step = align * 4096
+        while length > 0:
+            lo = max(0, length - step)
+            f.seek(data_at + lo)
+            chunk = f.read(length - lo).rstrip(b"\x00")
+            length = lo + (len(chunk) + align - 1) // align * align
+            if chunk:
+                break
+        f.truncate(data_at + length)
+        f.seek(4)
+        f.write(struct.pack("<I", data_at + length - 8))
+        f.seek(data_at - 4)
+        f.write(struct.pack("<I", length))
+        f.flush()
+        os.fsync(f.fileno())
+    return rate, channels, subtype, length // align
+
+
+def _salvage_flac(soundfile, path: Path) -> tuple[int, int, str, int]:
+    """Decode every FLAC frame that reads back (libFLAC resynchronises on frame headers and checks each
+    frame's CRC; a torn or zero tail ends the stream) and write them to a fresh FLAC beside *path*,
+    which then replaces it. Returns (rate, channels, subtype, frames)."""
+    import numpy as np
+
+    with soundfile.SoundFile(path) as src:
+        rate, channels, subtype = src.samplerate, src.channels, src.subtype
+        dtype = "int16" if subtype == "PCM_16" else "int32"
+        blocks, frames = [], 0
+        while True:
+            try:
+                block = src.read(4096, dtype=dtype, always_2d=True)
+            except (RuntimeError, soundfile.LibsndfileError):  # the torn tail
+                break
+            if not len(block):
+                break
+            blocks.append(block)
+            frames += len(block)
+    tmp = archive.temp_name(path.parent, path.name.lstrip("."))
+    if frames:
+        with soundfile.SoundFile(tmp, "w", samplerate=rate, channels=channels, subtype=subtype, format="FLAC") as dst:
+            dst.write(np.concatenate(blocks))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return rate, channels, subtype, frames
+
+
+def _no_room_to_salvage(segment: Path) -> bool:
+    """True when the file system lacks room for a copy of *segment* and its sidecar (FLAC is re-encoded)."""
+    try:
+        return shutil.disk_usage(segment.parent).free < segment.stat().st_size + 65536
+    except OSError:
+        return True
+
+
+def _set_aside(worker, segment: Path) -> None:
+    """An open segment that cannot be salvaged goes to ``failed/<sensor>/`` for a human (never deleted)."""
+    dest = Spool(worker.cfg.spool).failed_dir(worker.sensor.name) / open_segment_record_name(segment)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(segment, dest)
+    open_segment_header(segment).unlink(missing_ok=True)

@@ -1,0 +1,10 @@
+"""A Raspberry Pi camera through picamera2: stills and H.264 clips.
+
+``section`` holds the ``[sensors.NAME]`` table's class, ``driver`` the worker, ``emulator`` the device
+that :mod:`beemond.sensors.seams` puts behind the library's seam for ``backend = "simulated"``, and
+``example.toml`` a config snippet.
+"""
+
+from beemond.registry import exports
+
+__getattr__ = exports(__name__, Section=".section:CameraConfig", Worker=".driver:CameraWorker")

@@ -1,0 +1,10 @@
+"""Sensirion SHT3x temperature and humidity over I2C.
+
+``section`` holds the ``[sensors.NAME]`` table's class, ``driver`` the worker, ``emulator`` the device
+that :mod:`beemond.sensors.seams` puts behind the library's seam for ``backend = "simulated"``, and
+``example.toml`` a config snippet.
+"""
+
+from beemond.registry import exports
+
+__getattr__ = exports(__name__, Section=".section:SHT3xConfig", Worker=".driver:SHT3xWorker")
