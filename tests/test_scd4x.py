@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import errno
 import math
+import subprocess
+import sys
+import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from smbus2 import i2c_msg
 
-from beemond.sensors.emulators.i2c import EmulatedSMBus
+from beemond import config, ipc
+from beemond.sensors.base import SensorFailure
+from beemond.sensors.emulated_i2c import EmulatedSMBus
+from beemond.sensors.replay import load_rows
 from beemond.sensors.scd4x import chip
 from beemond.sensors.scd4x.driver import SCD4x, SCD4xReader
 from beemond.sensors.scd4x.emulator import STATUS_NOT_READY, STATUS_READY, SCD4xChip
 from beemond.sensors.scd4x.source import RespirationCurve
+from conftest import AGE, decrypt_with_age, free_port, make_config, wait_for
+from polled_peers import URBAN, Harness, expand, write_config
+from test_health import promtool_check, samples
 
 
 class VirtualTime:
@@ -252,3 +261,176 @@ def test_respiration_curve_peaks_before_dawn_and_stays_in_range():
     assert all(math.isfinite(v) for v in values)
     with pytest.raises(ValueError):
         curve.co2_ppm(datetime(2021, 6, 19))
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+HIVE = "3693"
+
+
+def sensor_table(**over) -> dict:
+    table = {"type": "scd4x", "backend": "simulated", "interval_s": 3600.0, "record_window_s": 3600.0,
+             "max_retries": 3,
+             "replay": {"file": str(URBAN), "filter_column": "Tag number", "filter_value": HIVE,
+                        "start": "2021-06-19T00:00:00Z", "speedup": 0.0}}
+    table.update(over)
+    return table
+
+
+def harness(tmp_path, **over) -> tuple[Harness, VirtualTime]:
+    """The worker of a simulated SCD4x whose driver and chip share a virtual clock (no 5 s waits)."""
+    h = Harness(tmp_path, "hive_co2", sensor_table(**over))
+    vt = VirtualTime()
+    h.worker.device.sleep, h.worker.device.monotonic = vt.sleep, vt.monotonic
+    h.worker.chip.clock = vt.monotonic
+    return h, vt
+
+
+@pytest.fixture(scope="module")
+def urban_rows():
+    return load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", HIVE)
+
+
+def test_worker_records_replayed_rows_and_the_respiration_curve(tmp_path, urban_rows):
+    h, _vt = harness(tmp_path)
+    events = h.run(captures=3)
+    assert h.failure is None, h.failure
+    _path, table, meta = h.record()
+    assert table[0] == ["time", "co2_ppm", "temperature_c", "humidity_rh"]
+    body = table[1:]
+    assert len(body) >= 3 and meta["rows"] == len(body) and meta["errors"] == 0 and meta["rejected"] == 0
+    assert (meta["type"], meta["address"], meta["model"], meta["mode"]) == ("scd4x", "0x62", "scd41", "periodic")
+    indices = expand(meta["replay"]["rows"])
+    assert indices == list(range(len(body)))
+    curve = RespirationCurve()
+    for (_stamp, co2, t, rh), i in zip(body, indices):
+        row = urban_rows[i]
+        assert int(co2) == round(curve.co2_ppm(row.time))
+        assert (float(t), float(rh)) == (row.temperature_c, row.humidity_rh)   # 2-decimal data survives the words
+    samples = [e.data for e in events if e.kind == ipc.SAMPLE]
+    assert len(samples) == len(body) and samples[0]["sensor"] == "hive_co2"
+    assert set(samples[0]["values"]) == {"co2_ppm", "temperature_celsius", "relative_humidity_percent"}
+    assert h.worker.chip.mode == "idle", "a stopped worker leaves the sensor idle"
+
+
+def test_worker_single_shot_on_an_scd41(tmp_path):
+    h, _vt = harness(tmp_path, mode="single_shot")
+    h.run(captures=2)
+    assert h.failure is None, h.failure
+    _path, table, meta = h.record()
+    assert meta["mode"] == "single_shot" and len(table) - 1 >= 2
+    commands = h.worker.chip.commands
+    assert commands.count(chip.MEASURE_SINGLE_SHOT) == len(table) - 1
+    assert chip.START_PERIODIC_MEASUREMENT not in commands
+
+
+def test_worker_rejects_and_counts_implausible_readings(tmp_path):
+    h, _vt = harness(tmp_path)
+    # CRC-correct words that decode outside the datasheet ranges: CO2 0 (no measurement), 61 °C, and
+    # a value a 16-bit word cannot carry is clamped to 130 °C, also outside -10...60.
+    served = iter([(800.0, 30.0, 50.0), (0.0, 30.0, 50.0), (800.0, 61.0, 50.0), (800.0, 200.0, 50.0)])
+    h.worker.chip.source = lambda: (*next(served, (900.0, 31.0, 51.0)), 0)
+    events = h.run(captures=4)
+    _path, table, meta = h.record()
+    assert [int(r[1]) for r in table[1:]] == [800, 900]
+    assert meta["rejected"] == 3 and meta["missed"] == 0
+    assert [e.data["values"]["co2_ppm"] for e in events if e.kind == ipc.SAMPLE] == [800.0, 900.0]
+    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    assert len(errors) == 3 and "co2_ppm=0 outside 1..40000" in errors[0], errors
+    assert "temperature_c=60.99" in errors[1] and "outside -10..60" in errors[1]
+    assert "temperature_c=130 outside" in errors[2]
+    ready = [e for e in events if e.kind == ipc.READY_EVENT]
+    assert ready[0].data["rejected"] == 3                 # -> beemond_readings_rejected_total
+
+
+def test_worker_retries_crc_errors_and_counts_them(tmp_path, urban_rows):
+    h, _vt = harness(tmp_path)
+    h.worker.chip.corrupt_next = 2
+    h.run(captures=2)
+    assert h.failure is None
+    _path, table, meta = h.record()
+    assert meta["errors"] == 2 and meta["missed"] == 0
+    # the corrupted read-outs consumed their rows; what is recorded is what the chip sent intact
+    assert h.worker.chip.measurements == len(table) - 1 + 2
+    for (_s, _co2, t, _rh), i in zip(table[1:], expand(meta["replay"]["rows"])):
+        assert float(t) == urban_rows[i].temperature_c
+
+
+def test_worker_persistent_nack_exits_without_inventing_readings(tmp_path):
+    h, _vt = harness(tmp_path, max_retries=0)
+    h.worker.chip.nack_next = 10_000
+    events = h.run(captures=5)
+    assert isinstance(h.failure, SensorFailure), h.failure
+    assert h.records() == []
+    assert not any(e.kind == ipc.SAMPLE for e in events)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("over,key", [
+    ({"interval_s": 2.0}, "interval_s"),
+    ({"model": "scd40", "mode": "single_shot"}, "mode"),
+    ({"mode": "burst"}, "mode"),
+    ({"address": 0x61}, "address"),
+    ({"power_pin": 17, "power_lead_s": 2.0}, "power_pin"),
+    ({"power_pin": 17, "mode": "single_shot", "power_lead_s": 0.5}, "power_lead_s"),
+    ({"co2_low_ppm": 9000.0}, "co2_low_ppm"),
+    ({"replay": None, "backend": "simulated"}, "replay"),
+], ids=["fast", "scd40-single-shot", "mode", "address", "periodic-switched", "lead", "co2-range", "no-replay"])
+def test_bad_scd4x_config_names_the_key(tmp_path, over, key):
+    table = sensor_table(**over)
+    table = {k: v for k, v in table.items() if v is not None}
+    with pytest.raises(config.ConfigError) as info:
+        config.load(write_config(tmp_path, "hive_co2", table))
+    assert info.value.key == f"sensors.hive_co2.{key}", info.value
+
+
+def test_check_config_exits_78_naming_the_key(tmp_path):
+    path = write_config(tmp_path, "hive_co2", sensor_table(model="scd40", mode="single_shot"))
+    r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == config.EX_CONFIG, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "sensors.hive_co2.mode" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ the daemon
+
+@pytest.mark.slow
+@pytest.mark.skipif(AGE is None, reason="the stock age CLI is not installed")
+def test_daemon_records_exports_and_uploads_co2(tmp_path, keys, password_file, ftp, daemons, urban_rows):
+    """config/simulated.toml's SCD4x in the real daemon: its CO2 is scraped from /metrics (promtool-clean)
+    while it runs, and its records reach the FTP server in bundles the stock age CLI decrypts, holding
+    hive 3693's UrBAN rows and the respiration curve at their times, in order."""
+    port = free_port()
+    cfg = make_config(tmp_path, keys, password_file, ftp.port, **{
+        "metrics.port": port, "sensors.hive_co2.interval_s": 5, "sensors.hive_co2.record_window_s": 5})
+    d = daemons(cfg, tmp_path / "daemon.log", duration=16)
+
+    def scraped():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return text if 'beemond_co2_ppm{host="demo-hive",sensor="hive_co2"}' in text else None
+
+    text = wait_for(scraped, 20, "a CO2 reading in a /metrics scrape")
+    promtool_check(text)
+    got = samples(text)
+    curve = RespirationCurve()
+    first = {round(curve.co2_ppm(r.time)) for r in urban_rows[:5]}
+    assert [v for labels, v in got["beemond_co2_ppm"] if labels["sensor"] == "hive_co2"][0] in first
+    assert {s[0]["sensor"]: s[1] for s in got["beemond_readings_rejected_total"]}["hive_co2"] == 0
+    assert d.wait() == 0, d.log()
+
+    rows = []
+    for bundle in ftp.bundles():
+        for name, data in decrypt_with_age(bundle, keys["identity"])["members"].items():
+            if name.startswith("hive_co2/"):
+                lines = data.decode().splitlines()
+                assert lines[0] == "time,co2_ppm,temperature_c,humidity_rh"
+                rows += [line.split(",") for line in lines[1:]]
+    rows.sort()
+    assert len(rows) >= 2, d.log()
+    for (_t, co2, t, rh), row in zip(rows, urban_rows):
+        assert (int(co2), float(t), float(rh)) == (round(curve.co2_ppm(row.time)), row.temperature_c, row.humidity_rh)

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from beemond import registry
 from beemond.names import HOST_RE, NAME_RE  # noqa: F401  (shared with the lab)
 
 EX_CONFIG = 78
@@ -633,6 +634,8 @@ SENSOR_TYPES: dict[str, type[SensorConfig]] = {
     "gpio": GpioConfig,
     "scale": ScaleConfig,
 }
+# A section that already lives in its sensor package is asked of the registry.
+SENSOR_TYPES["scd4x"] = registry.section(registry.SENSORS, "scd4x", "sensor")
 
 
 @dataclass(frozen=True)

@@ -7,5 +7,10 @@
 - :mod:`.emulator`: the chip's command state machine behind ``EmulatedSMBus``, for simulation and tests;
 - :mod:`.source`: the simulated CO2 signal (a synthetic daily colony-respiration curve).
 
-Importing the package imports none of them: the registry names the worker by its module.
+``section`` holds the ``[sensors.NAME]`` table's class and ``example.toml`` a config snippet. Importing the
+package imports none of them: ``Section`` and ``Worker`` load on first use (:func:`beemond.registry.exports`).
 """
+
+from beemond.registry import exports
+
+__getattr__ = exports(__name__, Section=".section:SCD4xConfig", Worker=".worker:SCD4xWorker")

@@ -15,7 +15,7 @@ Two ways to measure (datasheet 3.5 and 3.10):
   readings, so its supply can be switched off (``power_pin``).
 
 The bus is anything ``smbus2.SMBus``-compatible: ``/dev/i2c-N`` on a Pi, or
-:class:`beemond.sensors.emulators.i2c.EmulatedSMBus` with :class:`.emulator.SCD4xChip` behind it.
+:class:`beemond.sensors.emulated_i2c.EmulatedSMBus` with :class:`.emulator.SCD4xChip` behind it.
 """
 
 from __future__ import annotations

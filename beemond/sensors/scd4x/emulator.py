@@ -30,6 +30,7 @@ import os
 import time
 
 from beemond.sensors.scd4x import chip
+from beemond.sensors.scd4x.source import RespirationCurve
 
 STATUS_READY, STATUS_NOT_READY = 0x8006, 0x8000
 SERIAL = (0x1F7A, 0xE8B0, 0x3B07)     # any 48-bit number; what get_serial_number answers
@@ -127,3 +128,16 @@ class SCD4xChip:
             raise _nack()
         out, self._response = self._response[:length], None
         return out
+
+
+def emulated_chip(sensor, replay) -> SCD4xChip:
+    """The chip a simulated SCD4x sensor reads (:func:`beemond.sensors.seams.i2c_bus`): each read-out
+    takes the replay's next row for temperature and humidity, and the sensor's respiration curve
+    (``co2_*`` keys, :mod:`.source`) at that row's time for CO2; ``served`` keeps each row's index."""
+    curve = RespirationCurve(sensor.co2_low_ppm, sensor.co2_high_ppm, sensor.co2_peak_hour, sensor.co2_utc_offset_h)
+
+    def source():
+        row = replay.next_row()
+        return curve.co2_ppm(row.time), row.temperature_c, row.humidity_rh, row.index
+
+    return SCD4xChip(source, model=sensor.model)

@@ -35,19 +35,6 @@ class SCD4xWorker(I2CWorker):
             time.sleep(min(left, BEAT_SLICE_S))
             self.channel.beat()
 
-    def emulated_chip(self, replay):
-        from beemond.sensors.scd4x.emulator import SCD4xChip
-        from beemond.sensors.scd4x.source import RespirationCurve
-
-        s = self.sensor
-        curve = RespirationCurve(s.co2_low_ppm, s.co2_high_ppm, s.co2_peak_hour, s.co2_utc_offset_h)
-
-        def source():
-            row = replay.next_row()
-            return curve.co2_ppm(row.time), row.temperature_c, row.humidity_rh, row.index
-
-        return SCD4xChip(source, model=s.model)
-
     def read(self) -> tuple:
         return self.reader.measure()
 

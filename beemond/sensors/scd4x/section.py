@@ -1,11 +1,11 @@
-"""The ``[sensors.NAME]`` section of ``type = "scd4x"`` (see example.toml beside this file)."""
+"""``[sensors.NAME]`` with ``type = "scd4x"`` (an example: ``example.toml`` beside this file)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from beemond.config import ConfigError, PolledSensorConfig, _opt
+from beemond.config.loader import ConfigError, PolledSensorConfig, _opt
 from beemond.sensors.scd4x import chip, source
 
 MODELS = ("scd40", "scd41")
