@@ -402,9 +402,11 @@ def test_daemon_records_exports_and_uploads_co2(tmp_path, keys, password_file, f
     while it runs, and its records reach the FTP server in bundles the stock age CLI decrypts, holding
     hive 3693's UrBAN rows and the respiration curve at their times, in order."""
     port = free_port()
-    cfg = make_config(tmp_path, keys, password_file, ftp.port, **{
+    others = {f"sensors.{name}": None for name in ("hive_climate", "hive_air", "hive_frames", "hive_audio",
+                                                   "hive_cam", "hive_gpio", "hive_scale")}
+    cfg = make_config(tmp_path, keys, password_file, ftp.port, processors=None, **others, **{
         "metrics.port": port, "sensors.hive_co2.interval_s": 5, "sensors.hive_co2.record_window_s": 5})
-    d = daemons(cfg, tmp_path / "daemon.log", duration=16)
+    d = daemons(cfg, tmp_path / "daemon.log", duration=14)
 
     def scraped():
         try:
