@@ -25,6 +25,7 @@ from beemond import archive, ipc
 from beemond.bundle import crypto
 from beemond.bundle.sealer import Record, RecordError, bundle_name, seal
 from beemond.spool import Spool
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class _Open:
     retry_at: float = 0.0                 # after a failed seal
 
 
-class Aggregator:
+class Aggregator(Worker):
     """Worker: collects *record ready* paths, seals a bundle per window or size cap, at shutdown all."""
 
     def __init__(self, cfg, channel: ipc.Channel):
@@ -61,21 +62,23 @@ class Aggregator:
         self.open: dict[str, _Open] = {}
         self.known: set[Path] = set()
 
-    def run(self) -> None:
+    # ---- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         self.rescan()
-        while True:
-            cmd = self.channel.receive(timeout=self._next_deadline())
-            if cmd is not None:
-                if cmd.kind == ipc.SHUTDOWN:
-                    self.rescan(final=True)
-                    self.seal_all(force=True)
-                    log.info("shut down with %d record(s) left staged", sum(len(o.records) for o in self.open.values()))
-                    return
-                if cmd.kind == ipc.RECORD_READY:
-                    self.add(Path(cmd.args["path"]))
-            self.seal_all(force=False)
 
-    def _next_deadline(self) -> float:
+    def on_shutdown(self, cmd: ipc.Shutdown) -> None:
+        self.rescan(final=True)
+        self.seal_all(force=True)
+        log.info("shut down with %d record(s) left staged", sum(len(o.records) for o in self.open.values()))
+        self.finished = True
+
+    def on_record_ready(self, cmd: ipc.RecordReady) -> None:
+        self.add(Path(cmd.path))
+
+    def tick(self) -> None:
+        self.seal_all(force=False)
+
+    def timeout(self) -> float:
         if not self.open:
             return 3600.0
         now = time.monotonic()

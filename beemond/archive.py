@@ -18,9 +18,12 @@ in a file name.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import logging
+import re
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jinja2
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # The crash-safe file primitives and the staged-record names live with the spool; re-exported here
@@ -42,8 +46,83 @@ from beemond.names import TemplateError, safe_relative  # noqa: F401
 log = logging.getLogger(__name__)
 
 
-_env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
-                                     keep_trailing_newline=False)
+# A name is a few hundred bytes at most. A template that would make more, or compute for long, is a
+# mistake to report at config load, not a gigabyte allocated on a 512 MB Pi at the first record:
+TEMPLATE_MAX_CHARS = 2000   # the template's source
+NAME_MAX_CHARS = 1024       # a rendered name (Linux: 255 bytes per component, 4096 per path)
+OPERAND_MAX = 10_000        # the largest number a call, filter, repetition or exponent may take
+CHECK_TIME_S = 1.0          # the trial render at load (a loop or a recursive macro that runs away)
+_WIDE_FORMAT = re.compile(r"%[^a-zA-Z%]*(\*|\d{5,})|\{[^{}]*:[^{}]*(\{|\d{5,})")  # "%99999d", "{:>{w}}"
+
+
+class _TooBig(TemplateError):
+    """A number or format in a template that would make a result larger than any name."""
+
+
+def _bounded(*values) -> None:
+    """Raise :class:`_TooBig` for a number over :data:`OPERAND_MAX` or a format string with a field
+    width or precision of 5+ digits (or one taken from an argument)."""
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > OPERAND_MAX:
+            raise _TooBig(f"{v!r} is larger than a name template may use ({OPERAND_MAX})")
+        if isinstance(v, str) and _WIDE_FORMAT.search(v):
+            raise _TooBig(f"format {v[:40]!r} asks for a field wider than a name")
+
+
+class _NameSandbox(ImmutableSandboxedEnvironment):
+    """Jinja2's immutable sandbox with size limits: every call, filter, ``*``, ``**`` and ``%`` gets
+    its numbers checked against :data:`OPERAND_MAX` (``"x" * 10**9``, ``9**9**9``, ``"x"|center(10**9)``
+    and ``"%999999999d" % 1`` would each allocate or compute in one C call, before any time limit)."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "%" and isinstance(left, str):
+            _bounded(left)
+        elif operator == "*" and (isinstance(left, (str, list, tuple)) or isinstance(right, (str, list, tuple))):
+            seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(n, int) and len(seq) * n > OPERAND_MAX:
+                raise _TooBig(f"a repetition longer than {OPERAND_MAX}")
+        else:
+            _bounded(right)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+        # range(N) and a string's ljust/center/zfill/expandtabs(N): a number argument sizes the result.
+        # Not other calls (metadata.get("id", 123456)) and not str.format's arguments: they are
+        # values, and its format string was checked at wrap_str_format.
+        sizes = __obj is _env.globals.get("range") or isinstance(getattr(__obj, "__self__", None), str)
+        if sizes and not getattr(__obj, "_format_checked", False):
+            _bounded(*(a for a in (*args, *kwargs.values()) if not isinstance(a, str)))
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _bounded(value.__self__)
+            wrapped._format_checked = True
+        return wrapped
+
+
+def _checked_filter(name: str, f):
+    """*f* with its size arguments bounded: ``center(width)``, ``indent(width)``, ``truncate(length)``;
+    never the value filtered (a record's metadata may hold any number), and for ``format`` only the
+    format string."""
+    skip = 2 if getattr(f, "jinja_pass_arg", None) else 1  # (context or environment,) value
+
+    @functools.wraps(f)
+    def checked(*args, **kwargs):
+        if name == "format":
+            _bounded(*(a for a in args[skip - 1:skip] if isinstance(a, str)))
+        else:
+            _bounded(*(a for a in (*args[skip:], *kwargs.values()) if not isinstance(a, str)))
+        return f(*args, **kwargs)
+    return checked
+
+
+_env = _NameSandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+_env.filters = {name: _checked_filter(name, f) for name, f in _env.filters.items()}
+_env.globals.pop("lipsum", None)  # paragraphs of Latin are no part of a name
 
 
 def utc_stamp(t: datetime) -> str:
@@ -60,9 +139,16 @@ _SAMPLE = {"host": "hive", "sensor": "s", "group": "all", "start": "20210619T000
 
 @functools.lru_cache(maxsize=64)  # a name is rendered per record and per upload; compiling costs ~1 ms
 def _compile(text: str) -> jinja2.Template:
+    if len(text) > TEMPLATE_MAX_CHARS:
+        raise TemplateError(f"template longer than {TEMPLATE_MAX_CHARS} characters")
     try:
-        return _env.from_string(text)
-    except jinja2.TemplateError as e:
+        tree = _env.parse(text)
+        # No loader: these would only fail later, at the first record.
+        for node in tree.find_all((jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
+                                   jinja2.nodes.Extends)):
+            raise TemplateError(f"template uses {type(node).__name__.lower()}: a name template is one template")
+        return _env.from_string(tree)
+    except (jinja2.TemplateError, RecursionError, MemoryError) as e:  # RecursionError: 1,000 nested brackets
         raise TemplateError(f"template does not compile: {e}") from None
 
 
@@ -73,21 +159,75 @@ def render_name(template: str, **variables: Any) -> str:
     :class:`TemplateError` for an undefined variable, an absolute path, a ``..`` or hidden
     component, or a name that collides with beemond's own temporary and sidecar names.
     """
+    template_ = _compile(template)
     try:
-        name = _compile(template).render(**variables).strip()
-    except jinja2.TemplateError as e:
+        parts, size = [], 0
+        for chunk in template_.generate(**variables):
+            size += len(chunk)
+            if size > NAME_MAX_CHARS:
+                raise TemplateError(f"template renders a name longer than {NAME_MAX_CHARS} characters")
+            parts.append(chunk)
+    except _TooBig as e:
         raise TemplateError(f"template failed to render: {e}") from None
-    return safe_relative(name)
+    except TemplateError:
+        raise
+    except Exception as e:  # a template is code: 1/0, "a" + 1, a recursive macro, an undefined name
+        raise TemplateError(f"template failed to render: {type(e).__name__}: {e}") from None
+    return safe_relative("".join(parts).strip())
 
 
-def check_template(text: str) -> None:
-    """Compile and trial-render a filename template with sample values (config-load check)."""
-    render_name(text, **_SAMPLE)
+# What the uploader gives a layout (Uploader.remote_path): a bundle's name carries no record metadata.
+_LAYOUT_SAMPLE = {"host": "hive", "name": "hive_20210619T000000Z_all_0123456789ab.tar.age", "sensor": "all",
+                  "group": "all", "date": "2021-06-19", "start": "20210619T000000Z", "end": "20210619T000000Z",
+                  "ext": "tar.age", "metadata": {}, "_split_index": 0}
+
+
+class _Deadline(BaseException):
+    """Raised into a trial render that runs past :data:`CHECK_TIME_S`; a BaseException (the one class
+    outside beemond.errors' tree, never seen outside :func:`_time_limit`), so that no ``except
+    Exception`` in a filter swallows it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Abort Python code run in this thread after *seconds* (a trace function: no signal, any thread)."""
+    deadline = time.monotonic() + seconds
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _Deadline()
+        return trace
+    old = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    except _Deadline:
+        raise TemplateError(f"template takes longer than {seconds:g} s to render a name") from None
+    finally:
+        sys.settrace(old)
+
+
+def check_template(text: str, metadata: dict | None = None) -> None:
+    """Compile and trial-render a filename template with sample values (config-load check), within
+    :data:`CHECK_TIME_S`. *metadata*: known record metadata (``[archive] default_metadata``); any other
+    key reads as ``"x"``. Raises :class:`TemplateError`."""
+    sample = {**_SAMPLE, "metadata": collections.defaultdict(lambda: "x", metadata or {})}
+    with _time_limit(CHECK_TIME_S):
+        render_name(text, **sample)
 
 
 def check_layout(text: str) -> None:
-    """Compile and trial-render a remote layout template (``host``, ``date``, ``name``, ``sensor``)."""
-    render_name(text, **_SAMPLE)
+    """Compile and trial-render a remote layout template with what a bundle carries (``host``,
+    ``date``, ``name``, ``sensor``/``group``, ``start``, ``end``, ``ext``; ``metadata`` is empty).
+    Raises :class:`TemplateError`."""
+    try:
+        with _time_limit(CHECK_TIME_S):
+            render_name(text, **_LAYOUT_SAMPLE)
+    except TemplateError as e:
+        if "UndefinedError" in str(e):
+            carried = ", ".join(k for k in _LAYOUT_SAMPLE if k[0] != "_" and k != "metadata")
+            raise TemplateError(f"{e}; a bundle carries only {carried} (no record metadata)") from None
+        raise
 
 
 class ArrayArchiver:

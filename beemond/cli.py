@@ -18,8 +18,7 @@ import sys
 
 from beemond import __version__
 
-EX_DATAERR = 65
-EX_TEMPFAIL = 75
+from beemond.errors import EX_DATAERR, EX_TEMPFAIL
 DEFAULT_CONFIG = "/etc/beemond/beemond.toml"
 
 

@@ -1,69 +1,243 @@
 """Messages between the orchestrator and its workers, and the worker side of them.
 
-Down: one ``multiprocessing.Queue`` of :class:`Command` per worker (its feeder thread means the
-orchestrator never blocks on a slow worker). Up: one pipe of :class:`Event` per worker. The design
-sketch has one shared event queue; per-worker pipes are used instead because a shared queue's write
-lock is a process-shared semaphore: a worker SIGKILLed while holding it would wedge every other
-worker's events for good, and a torn message would corrupt the stream for all. A private pipe is
-simply discarded with its dead worker. Only small messages travel; payloads are files in the spool.
+Down: one ``multiprocessing.Queue`` of commands per worker (its feeder thread means the orchestrator
+never blocks on a slow worker). Up: one pipe of events per worker. The design sketch has one shared
+event queue; per-worker pipes are used instead because a shared queue's write lock is a
+process-shared semaphore: a worker SIGKILLed while holding it would wedge every other worker's events
+for good, and a torn message would corrupt the stream for all. A private pipe is simply discarded
+with its dead worker. Only small messages travel; payloads are files in the spool.
 
-Every message is a plain dataclass of built-in types, so the forkserver pickles it cheaply.
+Every message is a frozen dataclass of built-in types, one class per kind: its ``kind`` (a class
+attribute) is the name a worker's ``on_<kind>`` handler answers to (:mod:`beemond.worker`). Pickled by
+reference to the class, a message costs the forkserver's pipe little more than its fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 log = logging.getLogger(__name__)
 
-# Command kinds (orchestrator -> worker)
-START, STOP, CAPTURE_NOW, SHUTDOWN, RECORD_READY = "start", "stop", "capture_now", "shutdown", "record_ready"
-# SAMPLE as a command: another sensor's reading, forwarded to the workers that subscribe to it
-# (``SensorConfig.subscribes_to``), with the same data as the SAMPLE event.
-# Event kinds (worker -> orchestrator)
-HEARTBEAT, READY_EVENT, ERROR, BUNDLE_SEALED, UPLOADED = (
-    "heartbeat", "record_ready", "error", "bundle_sealed", "uploaded")
-# SAMPLE: one reading, ``data = {"sensor": name, "values": {quantity: value}}`` where a quantity is
-# named with its base unit, as the metric will be ("temperature_celsius", "relative_humidity_percent",
-# "weight_kilograms", "pressure_pascals", ...). Sent for every good reading; never for a failed one.
-# A polled sensor adds ``"time"``: the reading's UTC time (s since the epoch), as in its record; without
-# it the event's own time stands for the measurement's.
-# CAPTURE_REQUEST: ``data = {"targets": [sensor names], "reason": str}``; the orchestrator sends
-# CAPTURE_NOW to each running target (a GPIO button or PIR triggering a camera).
-SAMPLE, CAPTURE_REQUEST = "sample", "capture_request"
-# OUTBOX: the uploader's view of its queue, sent after each scan and upload:
-# ``data = {"files": int, "bytes": int, "last_upload": unix time or None}`` (STATUS= lines, metrics).
-OUTBOX = "outbox"
-# ALERT: a processor's alarm, ``data = {"sensor": source sensor, "alert": kind ("swarm"), ...details}``
-# (a warning in the log and a JSON record as well; counted in beemond_alerts_total).
-ALERT = "alert"
-# TELEMETRY: the telemetry worker's state (beemond.telemetry.worker): ``data = {"published": PUBACKs
-# since the last event, "dropped": readings dropped since the last event, "buffered": readings not
-# yet acknowledged, "connected": 0 or 1}``.
-TELEMETRY = "telemetry"
-# SAMPLE events may carry ``labels = {name: value}`` beside ``values``: extra metric labels for every
-# value (a processor's ``band="100-300"``).
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A command or event. ``kind`` names it on the wire, in logs and in ``on_<kind>`` handlers."""
+
+    kind: ClassVar[str] = ""
+
+    def fields(self) -> dict[str, Any]:
+        """The kind's own fields (an event's ``worker`` and ``time`` left out), for logs and JSON."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("worker", "time")}
 
 
-@dataclass
-class Command:
-    kind: str
-    args: dict[str, Any] = field(default_factory=dict)
+# ---- commands (orchestrator -> worker)
+
+@dataclass(frozen=True, slots=True)
+class Command(Message):
+    """Base of every command. Workers also queue their own commands to themselves (a watchdog or MQTT
+    callback thread handing work to the run loop); those classes live beside their worker."""
 
 
-@dataclass
-class Event:
-    kind: str
-    worker: str
-    data: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True, slots=True)
+class Request(Command):
+    """A command that says who asked: *reason* ("beemond CLI", "gpio.door (button)", ...; logged)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Start(Request):
+    """Resume after :class:`Stop` (``beemond resume``). Slots missed while stopped are not made up."""
+
+    kind: ClassVar[str] = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Request):
+    """Pause (``beemond pause``: a hive inspection): the open record is flushed and the device
+    released; the process keeps running and beating."""
+
+    kind: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureNow(Request):
+    """Take one capture or measurement now (a GPIO button or PIR asked for it)."""
+
+    kind: ClassVar[str] = "capture_now"
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Command):
+    """Finish: flush, seal or drain as the worker's role requires, then return from ``run``. Also
+    made by :meth:`Channel.receive` itself on SIGTERM or once the orchestrator is gone."""
+
+    kind: ClassVar[str] = "shutdown"
+    reason: str = "command"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordReady(Command):
+    """To the aggregator or a processor: a record is durable in staging (or linked into the
+    processor's ``processing/`` directory) at *path*; *sensor* wrote it ("" when not known)."""
+
+    kind: ClassVar[str] = "record_ready"
+    path: str
+    sensor: str = ""
+
+
+# ---- events (worker -> orchestrator)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event(Message):
+    """Base of every event: *worker* is the sender's name (filled in by :meth:`Channel.send`), *time*
+    the UTC time the event stands for, in s since the epoch (when it was sent, unless the kind says
+    otherwise)."""
+
+    worker: str = ""
     time: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(Event):
+    """The worker is alive (at least every ``heartbeat_interval_s``)."""
+
+    kind: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordWritten(Event):
+    """A record is durable in ``staging/<sensor>/`` at *path*. The record's non-zero counters ride
+    along for the metrics so the orchestrator never reads a sidecar: audio *overflows* (blocks),
+    measurement *errors* and *missed* measurements, *rejected* implausible values (counts)."""
+
+    kind: ClassVar[str] = "record_written"
+    sensor: str
+    path: str
+    overflows: int = 0
+    errors: int = 0
+    missed: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Event):
+    """Something failed (logged by the worker too). *spool*: a spool-limits error of the uploader,
+    not an upload error; *stalls* / *errors*: a camera's cumulative stall and error counts."""
+
+    kind: ClassVar[str] = "error"
+    message: str
+    spool: bool = False
+    stalls: int | None = None
+    errors: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BundleSealed(Event):
+    """The aggregator sealed *records* records into the bundle at *path* (*bytes* long)."""
+
+    kind: ClassVar[str] = "bundle_sealed"
+    path: str
+    records: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Uploaded(Event):
+    """The server confirmed bundle *name* (*bytes* long, sent in *seconds* s) as *remote*."""
+
+    kind: ClassVar[str] = "uploaded"
+    name: str
+    bytes: int
+    seconds: float = 0.0
+    remote: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sample(Event):
+    """One good reading (never sent for a failed one), also forwarded as a command to the workers
+    that subscribe to *sensor* (``SensorConfig.subscribes_to``), to its processors and to telemetry.
+
+    *values*: ``{quantity: value}``, a quantity named with its base unit as the metric will be
+    (``temperature_celsius``, ``relative_humidity_percent``, ``weight_kilograms``, ``pressure_pascals``).
+    *labels*: extra metric labels for every value (a processor's ``band="100-300"``). *time*: the
+    reading's UTC time (s since the epoch) as in its record, where the sender knows it. *sensor* ""
+    stands for the sending worker. *processor*:
+    set by the orchestrator when it forwards a processor's reading to telemetry (its own series)."""
+
+    kind: ClassVar[str] = "sample"
+    sensor: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] | None = None
+    processor: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaptureRequest(Event):
+    """Ask for a capture: the orchestrator sends :class:`CaptureNow` to each running sensor of
+    *targets* (a GPIO button or PIR triggering a camera)."""
+
+    kind: ClassVar[str] = "capture_request"
+    targets: list[str]
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outbox(Event):
+    """The uploader's view of its queue after each scan and upload: *files* and *bytes* waiting,
+    *last_upload* (UTC s since the epoch, or None), *quarantined* and *evicted* bundles since start."""
+
+    kind: ClassVar[str] = "outbox"
+    files: int
+    bytes: int
+    last_upload: float | None = None
+    quarantined: int = 0
+    evicted: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alert(Event):
+    """A processor's alarm about *sensor*'s data, of kind *alert* (``"swarm"``) with its *details*;
+    a warning in the log and a JSON record as well; counted in ``beemond_alerts_total``. Forwarded to
+    telemetry like :class:`Sample`."""
+
+    kind: ClassVar[str] = "alert"
+    sensor: str
+    alert: str
+    details: dict[str, Any] = field(default_factory=dict)
+    processor: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Telemetry(Event):
+    """The telemetry worker's state (beemond.telemetry.worker): *published* readings (PUBACKs) and
+    *dropped* readings since its last event, *buffered* readings not yet acknowledged, *connected*
+    0 or 1."""
+
+    kind: ClassVar[str] = "telemetry"
+    published: int = 0
+    dropped: int = 0
+    buffered: int = 0
+    connected: int = 0
+
+
+EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (
+    Heartbeat, RecordWritten, Error, BundleSealed, Uploaded, Sample, CaptureRequest, Outbox, Alert, Telemetry)}
+
+# The kinds' names, for comparisons (``ev.kind == ipc.ERROR``) and for Channel.send(kind, **fields).
+START, STOP, CAPTURE_NOW, SHUTDOWN, RECORD_READY = (
+    Start.kind, Stop.kind, CaptureNow.kind, Shutdown.kind, RecordReady.kind)
+HEARTBEAT, READY_EVENT, ERROR, BUNDLE_SEALED, UPLOADED = (
+    Heartbeat.kind, RecordWritten.kind, Error.kind, BundleSealed.kind, Uploaded.kind)
+SAMPLE, CAPTURE_REQUEST, OUTBOX, ALERT, TELEMETRY = (
+    Sample.kind, CaptureRequest.kind, Outbox.kind, Alert.kind, Telemetry.kind)
 
 
 class Channel:
@@ -84,10 +258,17 @@ class Channel:
         self._lock = threading.Lock()
         self.stop_requested = False
 
-    def send(self, kind: str, **data: Any) -> None:
+    def send(self, event: Event | str, **fields: Any) -> None:
+        """Send *event*, or the event of kind *event* (a name from :data:`EVENTS`) made from *fields*
+        (``TypeError`` for a field the kind does not have); *worker* is filled in with this worker's
+        name."""
+        if isinstance(event, str):
+            event = EVENTS[event](worker=self.name, **fields)
+        elif not event.worker:
+            event = dataclasses.replace(event, worker=self.name)
         with self._lock:
             try:
-                self.events.send(Event(kind, self.name, data))
+                self.events.send(event)
             except OSError:
                 # EPIPE: the orchestrator is gone; the next receive() turns that into a shutdown.
                 self._broken = True
@@ -107,7 +288,7 @@ class Channel:
     def receive(self, timeout: float) -> Command | None:
         self.beat()
         if self.stop_requested or self.orphaned():
-            return Command(SHUTDOWN, {"reason": "signal" if self.stop_requested else "orchestrator gone"})
+            return Shutdown("signal" if self.stop_requested else "orchestrator gone")
         # Never sleep past the next heartbeat, so a blocked wait cannot look like a hung worker.
         wait = max(0.0, min(timeout, self.heartbeat_interval_s - (time.monotonic() - self._last_beat)))
         try:
@@ -115,41 +296,7 @@ class Channel:
         except queue.Empty:
             return None
         except (EOFError, OSError):
-            return Command(SHUTDOWN, {"reason": "command queue closed"})
-
-
-def worker_main(role: str, name: str, cfg, commands, events) -> None:
-    """Entry point of every worker process (started by the orchestrator through the forkserver)."""
-    from beemond import journal
-
-    journal.setup(name, cfg.daemon.log_level)
-    # Held shared until this process ends: a new orchestrator waits for it (see Spool.lock).
-    from beemond.spool import Spool
-
-    Spool(cfg.spool).hold_worker_lock()
-    channel = Channel(name, commands, events, cfg.daemon.heartbeat_interval_s)
-
-    def on_term(signum, frame):
-        channel.stop_requested = True
-
-    # Ctrl-C in a terminal reaches the whole process group; the orchestrator alone decides the
-    # shutdown order (sensors flush first, then the aggregator seals, then the uploader drains).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        worker = _make_worker(role, name, cfg, channel)
-        trim_heap()
-        worker.run()
-    except Exception as e:
-        log.exception("worker failed: %s", e)
-        channel.send(ERROR, message=f"{type(e).__name__}: {e}")
-        sys.exit(1)
-    finally:
-        try:
-            events.close()
-        except OSError:
-            pass
+            return Shutdown("command queue closed")
 
 
 def trim_heap() -> None:
@@ -163,17 +310,3 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):
         pass
-
-
-def _make_worker(role: str, name: str, cfg, channel: Channel):
-    # Heavy imports (numpy, soundfile, pyrage, watchdog) happen here, in the worker that needs them,
-    # never in the orchestrator or the forkserver.
-    from beemond import registry
-
-    if role == "sensor":
-        sensor = next(s for s in cfg.sensors if s.name == name)
-        return registry.lookup(registry.SENSORS, sensor.type, "sensor driver")(cfg, sensor, channel)
-    if role == "processor":
-        proc = next(p for p in cfg.processors if p.name == name)
-        return registry.lookup(registry.PROCESSORS, proc.type, "processor")(cfg, proc, channel)
-    return registry.lookup(registry.ROLES, role, "worker role")(cfg, channel)

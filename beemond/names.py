@@ -2,7 +2,7 @@
 
 Neutral: the device's config loader and record writers and the lab's ingest (which checks what a
 bundle's manifest claims before it makes a directory of it) import it; it imports nothing of beemond's
-but the spool's own file-name marks, and no third-party library.
+but the spool's own file-name marks and beemond.errors, and no third-party library.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
+from beemond.errors import FormatError
 from beemond.spool import META_SUFFIX, TMP_MARK
 
 # A sensor, processor, probe or input name: a path component and a metric label value.
@@ -18,7 +19,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 
 
-class TemplateError(ValueError):
+class TemplateError(FormatError, ValueError):
     """A template that does not compile or renders to an unsafe name."""
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from beemond import archive, ipc
 from beemond.clock import synchronized as clock_synchronized
-from beemond.config import DEFAULT_TEMPLATE
+from beemond.config.schema import DEFAULT_TEMPLATE
 from beemond.spool import unique_name
 
 log = logging.getLogger(__name__)

@@ -42,6 +42,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from beemond.errors import BusyError
 
 STAGING = "staging"
 STATE = "state"
@@ -66,7 +67,7 @@ BUNDLE_RE = re.compile(r"^(?P<host>.+)_(?P<start>\d{8}T\d{6}Z)_(?P<group>[A-Za-z
 _STALE_TEMP_RE = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"\d+$")
 
 
-class SpoolBusy(OSError):
+class SpoolBusy(BusyError, OSError):
     """A spool lock is held by someone else. ``held`` names it (:data:`LOCK`: another daemon or
     ``beemond upload --backlog``; :data:`WORKERS_LOCK`: workers of an earlier daemon still running)."""
 

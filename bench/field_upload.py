@@ -132,7 +132,7 @@ def measure(args) -> dict:
                 break
             time.sleep(0.5)
         elapsed = time.monotonic() - t0
-        commands.put(ipc.Command(ipc.SHUTDOWN))
+        commands.put(ipc.Shutdown())
         runner.join(60)
         on_server = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in remote_root.rglob("*.tar.age")}
         large_ok = sum(on_server.get(n) == d for n, d in large.items())

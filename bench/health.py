@@ -67,17 +67,17 @@ def scrape_cost(series: int, repeat: int) -> tuple[float, int]:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from beemond.supervisor.metrics import Health
-    from beemond.supervisor.state import Worker
+    from beemond.supervisor.state import Worker, WorkerState
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SimpleNamespace(
             daemon=SimpleNamespace(host="bench"), metrics=SimpleNamespace(staleness_s=600.0), spool=Path(tmp),
             sensors=[SimpleNamespace(name=f"s{i}", type="sht3x") for i in range(10)], processors=[])
-        workers = {f"s{i}": Worker("sensor", f"s{i}", state="running", starts=1) for i in range(10)}
+        workers = {f"s{i}": Worker("sensor", f"s{i}", state=WorkerState.RUNNING, starts=1) for i in range(10)}
         h = Health(cfg, workers)
         for i in range(series):
             w = workers[f"s{i % 10}"]
-            h(w, ipc.Event(ipc.SAMPLE, w.name, {"sensor": w.name, "values": {f"q{i // 10}_celsius": 20.0 + i}}))
+            h(w, ipc.Sample(worker=w.name, sensor=w.name, values={f"q{i // 10}_celsius": 20.0 + i}))
         reg = CollectorRegistry(auto_describe=False)
         reg.register(h)
         times = []

@@ -56,7 +56,7 @@ import pyrage
 
 from beemond import archive
 from beemond.bundle import crypto, format as bundle_format, sealer
-from beemond.lab import ingest
+from beemond.lab import ingest, ledger, unpack
 from beemond.spool import Spool
 
 T0 = datetime(2021, 6, 19, tzinfo=timezone.utc)
@@ -198,7 +198,7 @@ def fleet(tmp: Path, ident: Path, public: str, bundles: int, hosts: int, jobs: i
 
 
 def ledger_write(tmp: Path, entries: int) -> dict:
-    led = ingest.Ledger(tmp / "big-ledger.sqlite")
+    led = ledger.Ledger(tmp / "big-ledger.sqlite")
     t = time.perf_counter()
     batch = 100_000
     for a in range(0, entries, batch):
@@ -216,24 +216,24 @@ def ledger_write(tmp: Path, entries: int) -> dict:
     times, flushes = [], []
     nxt = entries
     for _ in range(20):  # one commit: COMMIT_BUNDLES bundles and their files rows
-        b, f = rows(nxt, ingest.COMMIT_BUNDLES)
-        nxt += ingest.COMMIT_BUNDLES
+        b, f = rows(nxt, ledger.COMMIT_BUNDLES)
+        nxt += ledger.COMMIT_BUNDLES
         t = time.perf_counter()
         led.commit(b, f)
         times.append(time.perf_counter() - t)
     for _ in range(3):  # one flush's worth: FLUSH_BUNDLES in commits of COMMIT_BUNDLES
-        b, f = rows(nxt, ingest.FLUSH_BUNDLES)
-        nxt += ingest.FLUSH_BUNDLES
+        b, f = rows(nxt, unpack.FLUSH_BUNDLES)
+        nxt += unpack.FLUSH_BUNDLES
         t = time.perf_counter()
-        for i in range(0, len(b), ingest.COMMIT_BUNDLES):
-            led.commit(b[i:i + ingest.COMMIT_BUNDLES], f[i:i + ingest.COMMIT_BUNDLES])
+        for i in range(0, len(b), ledger.COMMIT_BUNDLES):
+            led.commit(b[i:i + ledger.COMMIT_BUNDLES], f[i:i + ledger.COMMIT_BUNDLES])
         flushes.append(time.perf_counter() - t)
     count = led.count()
     led.close()
     size = sum(p.stat().st_size for p in tmp.glob("big-ledger.sqlite*"))
     return {"ledger_entries": count, "ledger_fill_s": round(fill_s, 1), "ledger_mb": round(size / 1e6, 1),
             "ledger_write_ms": round(1000 * statistics.median(times), 1), "ledger_write_max_ms": round(1000 * max(times), 1),
-            "ledger_flush_ms": round(1000 * statistics.median(flushes), 1), "ledger_batch": ingest.COMMIT_BUNDLES}
+            "ledger_flush_ms": round(1000 * statistics.median(flushes), 1), "ledger_batch": ledger.COMMIT_BUNDLES}
 
 
 def main() -> int:
@@ -282,7 +282,7 @@ def main() -> int:
         led = ledger_write(tmp, args.ledger_entries)
         print(f"ledger: {led['ledger_entries']} entries ({led['ledger_mb']} MB, filled in {led['ledger_fill_s']} s); "
               f"one commit of {led['ledger_batch']} bundles: {led['ledger_write_ms']} ms (median of 20, max "
-              f"{led['ledger_write_max_ms']} ms); the {ingest.FLUSH_BUNDLES} bundles of one flush: {led['ledger_flush_ms']} ms")
+              f"{led['ledger_write_max_ms']} ms); the {unpack.FLUSH_BUNDLES} bundles of one flush: {led['ledger_flush_ms']} ms")
         fl = fleet(tmp, ident, public, args.fleet_bundles, args.hosts, args.jobs)
         print(f"fleet: {fl['fleet_bundles']} bundles from {fl['hosts']} hosts ({fl['upload_mb']} MB, generated in "
               f"{fl['generate_s']} s, not timed); ingest --jobs {fl['jobs']} {fl['fleet_s']} s = "

@@ -98,7 +98,7 @@ def main() -> int:
             if all(n in arrived for n, _d in large) and all(n in arrived for n, _d in small):
                 break
             time.sleep(1)
-        commands.put(ipc.Command(ipc.SHUTDOWN))
+        commands.put(ipc.Shutdown())
         runner.join(60)
         objects = {k.rsplit("/", 1)[-1]: v for k, v in weed.objects("field/").items()}
         ok = {size: objects.get(name) == digest for (name, digest), size in large.items()}

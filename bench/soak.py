@@ -198,7 +198,7 @@ def replay_check(records: list[tuple[str, bytes, dict, str]], sensor: str = "hiv
     the row indices one unbroken run (a row missing = lost), a row in two records of different names
     = duplicated (the same record twice, re-sealed under its idempotent name, is allowed: ``resealed``).
     *records*: (member, data, metadata, place) with place ``server``, ``outbox`` or ``staging``."""
-    rows = load_rows(DATA, "Date", "temperature", "humidity", "Tag number", "3629")
+    rows = load_rows(DATA, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", "3629")
     by_index: dict[int, set[str]] = collections.defaultdict(set)
     places: dict[int, set[str]] = collections.defaultdict(set)
     wrong = copies = 0

@@ -120,7 +120,8 @@ def main() -> int:
     missing = [s.name for s in loaded.sensors if not per_sensor[s.name]]
     if missing:
         print(f"demo: no record arrived from {', '.join(missing)}", file=sys.stderr)
-    urban = CsvReplay.from_config(next(s for s in loaded.sensors if s.type == "sht3x").replay).rows
+    climate = next(s for s in loaded.sensors if s.type == "sht3x")
+    urban = CsvReplay.from_config(climate.replay, climate.replay_columns()).rows
     ok = True
     for label, (t, c, h, i) in (("first", readings[0]), ("last", readings[-1])):
         row = urban[i]

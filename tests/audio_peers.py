@@ -136,7 +136,7 @@ class AudioThread:
         return self
 
     def __exit__(self, *exc):
-        self.commands.put(self.ipc.Command(self.ipc.SHUTDOWN))
+        self.commands.put(self.ipc.Shutdown())
         self.thread.join(20)
         assert not self.thread.is_alive(), "the audio worker did not stop"
         while self.reader.poll():

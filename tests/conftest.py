@@ -95,6 +95,18 @@ def ftp(tmp_path, password_file):
     server.stop()
 
 
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    """``tree["a"]["b"]["c"] = value`` for ``"a.b.c"``, tables made as needed; None removes the key."""
+    node = tree
+    *parents, key = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is None:
+        node.pop(key, None)
+    else:
+        node[key] = value
+
+
 def make_config(tmp_path: Path, keys, password_file: Path, port: int, **over) -> Path:
     """A fast simulated hive derived from config/simulated.toml; *over* maps 'section.key' to values."""
     cfg = tomllib.loads((ROOT / "config" / "simulated.toml").read_text())
@@ -111,14 +123,7 @@ def make_config(tmp_path: Path, keys, password_file: Path, port: int, **over) ->
     cfg["upload"].update(port=port, password_file=str(password_file), backoff_initial_s=0.2, backoff_max_s=1,
                          shutdown_grace_s=10)
     for dotted, value in over.items():
-        node = cfg
-        *parents, key = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is None:
-            node.pop(key, None)
-        else:
-            node[key] = value
+        set_dotted(cfg, dotted, value)
     path = tmp_path / "beemond.toml"
     path.write_text(tomli_w.dumps(cfg))
     return path
@@ -207,5 +212,5 @@ def urban_rows(tag: str = "3629") -> list[tuple[str, str]]:
     """The UrBAN rows the demo config replays, formatted as the driver writes them (2 decimals)."""
     from beemond.sensors.replay import load_rows
 
-    rows = load_rows(DATA, "Date", "temperature", "humidity", "Tag number", tag)
+    rows = load_rows(DATA, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", tag)
     return [(f"{r.temperature_c:.2f}", f"{r.humidity_rh:.2f}") for r in rows]

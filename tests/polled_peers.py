@@ -53,8 +53,8 @@ class Harness:
         """Queue *captures* CAPTURE_NOW commands and a SHUTDOWN, run the loop to its end, and return
         the events it sent. An exception that ends the loop is kept in ``self.failure``."""
         for _ in range(captures):
-            self.commands.put(ipc.Command(ipc.CAPTURE_NOW))
-        self.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "test"}))
+            self.commands.put(ipc.CaptureNow())
+        self.commands.put(ipc.Shutdown(reason="test"))
 
         def target():
             try:

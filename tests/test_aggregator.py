@@ -81,7 +81,7 @@ def test_size_cap_seals_early_and_events_go_up(agg, keys, tmp_path):
     while a.events.poll():
         events.append(a.events.recv())
     sealed = [e for e in events if e.kind == ipc.BUNDLE_SEALED]
-    assert sealed and sealed[0].data["records"] == 2 and sealed[0].data["bytes"] == bundles[0].stat().st_size
+    assert sealed and sealed[0].records == 2 and sealed[0].bytes == bundles[0].stat().st_size
 
 
 def test_an_unreadable_record_is_set_aside_and_the_rest_sealed(agg, keys, tmp_path):

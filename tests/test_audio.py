@@ -28,13 +28,13 @@ def test_segments_stop_start_and_spectrum(tmp_path, keys, password_file):
     staging = tmp_path / "spool" / "staging" / "hive_audio"
     try:
         wait_for(lambda: len(list(staging.glob("*.wav"))) >= 2, 10, "two segments")
-        commands.put(ipc.Command(ipc.STOP))
+        commands.put(ipc.Stop())
         wait_for(worker.blocks.empty, 5, "the writer to drain the stopped stream")
         stopped_with = len(list(staging.glob("*.wav")))
-        commands.put(ipc.Command(ipc.START))
+        commands.put(ipc.Start())
         wait_for(lambda: len(list(staging.glob("*.wav"))) >= stopped_with + 2, 10, "segments after start")
     finally:
-        commands.put(ipc.Command(ipc.SHUTDOWN))
+        commands.put(ipc.Shutdown())
         t.join(20)
     assert not t.is_alive()
     files = sorted(staging.glob("*.wav"))

@@ -57,7 +57,7 @@ def test_capture_now_in_window_mode_records_the_tone_and_closes_the_device(tmp_p
                      capture_s=1, every_s=300, segment_s=60) as run:
             wait_for(lambda: pulse.count("sink-inputs"), 5, "paplay to connect")
             assert pulse.count("source-outputs") == 0, "outside the window the device is closed"
-            run.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
+            run.commands.put(ipc.CaptureNow(reason="test"))
             wait_for(run.records, 10, "the capture_now record")
             wait_for(lambda: pulse.count("source-outputs") == 0, 5, "the stream to close after the capture")
     finally:
@@ -97,7 +97,7 @@ def test_missing_device_is_retried_then_the_worker_fails(tmp_path, keys, passwor
     with running(tmp_path, keys, password_file, device="usb mic", open_retries=2, open_backoff_s=0.05) as run:
         run.thread.join(10)
     assert isinstance(run.error, SensorFailure), run.error
-    errors = [e.data["message"] for e in run.events if e.kind == ipc.ERROR]
+    errors = [e.message for e in run.events if e.kind == ipc.ERROR]
     assert len(errors) == 3, "the first attempt and two retries, each reported"
     assert "no input device matching 'usb mic'" in errors[0] and "pulse" in errors[0], "lists what is there"
     assert run.records() == []
@@ -125,7 +125,7 @@ def test_a_device_that_appears_later_is_found_by_the_retries(tmp_path, keys, pas
                 while run.reader.poll():
                     seen.append(run.reader.recv())
                 return [e for e in seen if e.kind == ipc.ERROR]
-            assert "pulse" in wait_for(device_error, 10, "an ERROR event for the missing device")[0].data["message"]
+            assert "pulse" in wait_for(device_error, 10, "an ERROR event for the missing device")[0].message
             server.start()
             wait_for(run.records, 15, "a record once the device is there")
     finally:

@@ -176,7 +176,7 @@ def sensor_table(**over) -> dict:
 @pytest.fixture(scope="module")
 def urban_rows():
     assert URBAN.is_file(), f"test data missing: {URBAN}"
-    return load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", HIVE)
+    return load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", HIVE)
 
 
 def test_worker_writes_replayed_urban_rows(tmp_path, urban_rows):
@@ -195,10 +195,10 @@ def test_worker_writes_replayed_urban_rows(tmp_path, urban_rows):
         assert float(t) == row.temperature_c                   # 0.01 °C output, 2-decimal data
         assert abs(float(rh) - row.humidity_rh) <= 0.01
         assert abs(float(p) - 100500.0) <= 2.62                # x1: 16-bit pressure
-    samples = [e.data for e in events if e.kind == ipc.SAMPLE]
+    samples = [e for e in events if e.kind == ipc.SAMPLE]
     assert len(samples) == len(body)
-    assert set(samples[0]["values"]) == {"temperature_celsius", "relative_humidity_percent", "pressure_pascals"}
-    assert samples[0]["sensor"] == "hive_air"
+    assert set(samples[0].values) == {"temperature_celsius", "relative_humidity_percent", "pressure_pascals"}
+    assert samples[0].sensor == "hive_air"
 
 
 def test_worker_pressure_from_a_replay_column(tmp_path):

@@ -54,7 +54,7 @@ class Rig:
         return self
 
     def stop(self) -> None:
-        self.commands.put(ipc.Command(ipc.SHUTDOWN))
+        self.commands.put(ipc.Shutdown())
         self.thread.join(30)
         assert not self.thread.is_alive()
 
@@ -95,7 +95,7 @@ def test_capture_now_takes_a_clip_in_mp4_with_size_and_frame_rate(tmp_path, keys
     rig = Rig(tmp_path, keys, password_file, width=160, height=120, framerate_fps=25, clip_s=1.0,
               on_capture_now="clip").start()
     try:
-        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "gpio.button (button)"}))
+        rig.commands.put(ipc.CaptureNow(reason="gpio.button (button)"))
         wait_for(lambda: rig.records("*.mp4"), 15, "a clip")
     finally:
         rig.stop()
@@ -124,7 +124,7 @@ def test_a_stalled_camera_is_closed_and_reopened_and_counted(tmp_path, keys, pas
     first = backend.cameras[0]
     assert first.closed and first.frames == 2, "the stalled camera was closed"
     stalls = [e for e in rig.drain() if e.kind == ipc.ERROR]
-    assert stalls and stalls[0].data["stalls"] == 1 and "stalled" in stalls[0].data["message"]
+    assert stalls and stalls[0].stalls == 1 and "stalled" in stalls[0].message
     later = [meta(p) for p in rig.records("*.jpg")][2:]
     assert later and all(m["stalls"] == 1 and m["opens"] == 2 for m in later)
 
@@ -142,7 +142,7 @@ def test_npy_burst_split_into_one_file_per_frame_named_with_split_index(tmp_path
     rig = Rig(tmp_path, keys, password_file, format="npy", burst_frames=3, split_data_array=True,
               filename_template="{{ sensor }}_{{ start }}_{{ _split_index }}.{{ ext }}").start()
     try:
-        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        rig.commands.put(ipc.CaptureNow())
         wait_for(lambda: len(rig.records("*.npy")) == 3, 15, "three frames")
     finally:
         rig.stop()
@@ -206,7 +206,7 @@ def test_daylight_only_skips_scheduled_stills_at_night_but_not_capture_now(tmp_p
     try:
         wait_for(lambda: rig.worker.skipped_night >= 3, 10, "skipped night stills")
         assert not rig.records("*.jpg")
-        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "button"}))
+        rig.commands.put(ipc.CaptureNow(reason="button"))
         wait_for(lambda: rig.records("*.jpg"), 10, "a still on demand")
     finally:
         rig.stop()
@@ -218,7 +218,7 @@ def test_a_clip_that_stalls_midway_is_dropped_and_retaken_on_a_fresh_camera(tmp_
     rig = Rig(tmp_path, keys, password_file, backend=backend, clip_s=0.5, framerate_fps=20,
               on_capture_now="clip").start()
     try:
-        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        rig.commands.put(ipc.CaptureNow())
         wait_for(lambda: rig.records("*.mp4"), 20, "the retaken clip")
     finally:
         rig.stop()
@@ -235,7 +235,7 @@ def test_power_pin_around_each_still_and_a_fresh_camera_each_time(tmp_path, keys
     rig.start()
     try:
         for n in (1, 2):
-            rig.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+            rig.commands.put(ipc.CaptureNow())
             wait_for(lambda: len(rig.records("*.jpg")) == n and len(pin.states) >= 1 + 2 * n, 10, f"still {n}")
     finally:
         rig.stop()

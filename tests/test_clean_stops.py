@@ -48,7 +48,7 @@ def test_outbox_observer_stops_cleanly_while_a_bundle_is_being_read(tmp_path, ke
         os.replace(staged, up.outbox / "new.tar.age")   # as the aggregator publishes a bundle
         got = wait_for(lambda: next((c for c in iter_queue(commands) if c.kind == FILE_EVENT), None), 10,
                        "the rename into the outbox")
-        assert got.args["path"].endswith("new.tar.age")
+        assert got.path.endswith("new.tar.age")
     finally:
         up._stop_observer()
         reading.set()

@@ -15,6 +15,8 @@ import tomli_w
 
 from beemond import config
 from beemond.bundle import crypto
+from beemond.sensors.audio.section import AudioConfig
+from beemond.sensors.sht3x.section import SHT3xConfig
 
 URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 
@@ -116,7 +118,7 @@ def test_valid_toml_typed_values_and_relative_paths(env: Env, monkeypatch):
     assert cfg.upload.password_file == base / "ftp-password"
     assert cfg.upload.password() == "s3cret"
     climate, audio = cfg.sensors
-    assert isinstance(climate, config.SHT3xConfig) and isinstance(audio, config.AudioConfig)
+    assert isinstance(climate, SHT3xConfig) and isinstance(audio, AudioConfig)
     assert climate.replay.file == URBAN
     assert climate.address == 0x44 and isinstance(climate.address, int)
     assert climate.interval_s == 0.5 and climate.record_window_s == 10.0
@@ -250,6 +252,12 @@ BAD = [
     ("replay-start-after-last-row", _replay("start", "2030-01-01T00:00:00Z"), f"{CLIMATE}.replay"),
     ("replay-start-not-a-time", _replay("start", "yesterday"), f"{CLIMATE}.replay"),
     ("replay-table-missing", _del("sensors", "hive_climate", "replay"), f"{CLIMATE}.replay"),
+    ("replay-columns-unknown-quantity", _replay("columns", {"co2_ppm": "co2"}), f"{CLIMATE}.replay.columns.co2_ppm"),
+    ("replay-column-named-twice", _replay("columns", {"temperature_c": "temperature"}),
+     f"{CLIMATE}.replay.temperature_column"),
+    ("replay-columns-column-missing", _both(_replay("humidity_column", ""), _replay("columns", {"humidity_rh": "rh"})),
+     f"{CLIMATE}.replay.columns.humidity_rh"),
+    ("replay-columns-not-strings", _replay("columns", {"temperature_c": 5}), f"{CLIMATE}.replay.columns"),
     ("replay-on-hardware-backend", _climate("backend", "hardware"), f"{CLIMATE}.replay"),
     ("template-syntax-error", _set("archive", "filename_template", "{{ sensor }_{{ start }}"), "archive.filename_template"),
     ("template-bad-block", _set("archive", "filename_template", "{% for %}{{ sensor }}"), "archive.filename_template"),

@@ -211,23 +211,23 @@ def test_camera_clip_on_a_full_disk_is_skipped_not_a_crash(tmp_path, keys, passw
         # 1. full before the clip: refused before the encoder is involved, several times in a row
         fill(filler)
         for n in range(1, 7):   # more than MAX_CONSECUTIVE_FAILURES
-            rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
-            wait_for(lambda: sum("camera clip skipped" in e.data.get("message", "") for e in rig.drain()
+            rig.commands.put(ipc.CaptureNow(reason="test"))
+            wait_for(lambda: sum("camera clip skipped" in getattr(e, "message", "") for e in rig.drain()
                                  if e.kind == ipc.ERROR) >= n, 20, f"skip {n}")
         assert rig.thread.is_alive() and rig.error is None
         assert not rig.backend.cameras or all(c.calls.count("start_recording") == 0 for c in rig.backend.cameras)
         # 2. room at the start (the check passes), the disk fills while the clip is written
         filler.unlink()
-        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
+        rig.commands.put(ipc.CaptureNow(reason="test"))
         wait_for(lambda: temporaries(rig.staging), 20, "the clip's temporary file")
         fill(filler)
-        wait_for(lambda: any("writing the clip failed" in e.data.get("message", "") for e in rig.drain()
+        wait_for(lambda: any("writing the clip failed" in getattr(e, "message", "") for e in rig.drain()
                              if e.kind == ipc.ERROR), 20, "the failed clip reported")
         assert temporaries(rig.staging) == [], "removed at once, not at the next start"
         assert rig.thread.is_alive() and rig.error is None
         # 3. space returns: the next clip is recorded
         filler.unlink()
-        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW, {"reason": "test"}))
+        rig.commands.put(ipc.CaptureNow(reason="test"))
         wait_for(lambda: rig.records("*.mp4"), 30, "a clip after space returned")
     finally:
         rig.stop()
@@ -252,7 +252,7 @@ def test_audio_on_a_full_disk_drops_segments_at_once_and_resumes_within_seconds(
     with AudioThread(cfg) as run:
         wait_for(lambda: len(run.records()) >= 2, 20, "two segments")
         fill(filler)
-        wait_for(lambda: any(e.kind == ipc.ERROR and "no space for audio" in e.data["message"]
+        wait_for(lambda: any(e.kind == ipc.ERROR and "no space for audio" in e.message
                              for e in drain(run)), 20, "the full disk reported")
         n_full = len(run.records())
         # every failed segment's temporary file goes at once: none accumulate while the disk is full
@@ -271,7 +271,7 @@ def test_audio_on_a_full_disk_drops_segments_at_once_and_resumes_within_seconds(
     assert len(lost) == 1 and lost[0] >= 1.0, lost
     assert temporaries(run.staging) == []
     errors = [e for e in run.events if e.kind == ipc.ERROR]
-    assert len(errors) == 1, [e.data for e in errors]   # one report for the whole episode
+    assert len(errors) == 1, errors   # one report for the whole episode
 
 
 def drain(run) -> list:

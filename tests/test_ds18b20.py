@@ -103,7 +103,7 @@ def sensor_table(**over) -> dict:
 @pytest.fixture(scope="module")
 def hives():
     assert URBAN.is_file(), f"test data missing: {URBAN}"
-    return {pos: load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", tag) for pos, tag in TAGS.items()}
+    return {pos: load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", tag) for pos, tag in TAGS.items()}
 
 
 def check_body(table, meta, hives):
@@ -129,10 +129,10 @@ def test_worker_three_probes_one_record(tmp_path, hives):
     check_body(table, meta, hives)
     # the three hives really are different probes
     assert len({tuple(row[1:]) for row in body}) == len(body) and body[0][1] != body[0][2]
-    samples = [e.data for e in events if e.kind == ipc.SAMPLE]
-    assert {s["sensor"] for s in samples} == {"hive_temps"}
-    assert [s["labels"]["position"] for s in samples[:3]] == ["brood", "middle", "top"]
-    assert float(body[0][1]) == samples[0]["values"]["temperature_celsius"]
+    samples = [e for e in events if e.kind == ipc.SAMPLE]
+    assert {s.sensor for s in samples} == {"hive_temps"}
+    assert [s.labels["position"] for s in samples[:3]] == ["brood", "middle", "top"]
+    assert float(body[0][1]) == samples[0].values["temperature_celsius"]
     # the emulated sysfs tree is a scratch directory, outside the spool, gone after close()
     assert not (tmp_path / "spool" / "w1-simulated").exists()
     assert not h.worker.w1.base.exists()
@@ -152,8 +152,7 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     worker = Worker("sensor", "hive_temps")
     health = metrics.Health(h.cfg, {"hive_temps": worker})
     # another sensor's temperature without a position label comes first in the family
-    health(Worker("sensor", "hive_air"), ipc.Event(ipc.SAMPLE, "hive_air", {
-        "sensor": "hive_air", "values": {"temperature_celsius": 33.5}}))
+    health(Worker("sensor", "hive_air"), ipc.Sample(worker='hive_air', sensor="hive_air", values={"temperature_celsius": 33.5}))
     for ev in events:
         health(worker, ev)
     registry = CollectorRegistry(auto_describe=False)
@@ -182,7 +181,7 @@ def test_worker_probe_that_keeps_failing_leaves_its_cell_empty(tmp_path, hives):
     h.worker.tree.faults[PROBES["top"]] = ["no", "zeros", "missing"]        # all three attempts
     events = h.run(captures=2)
     assert h.failure is None
-    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    errors = [e.message for e in events if e.kind == ipc.ERROR]
     assert len(errors) == 1 and errors[0].startswith(f"probe top ({PROBES['top']}) failed after 3 attempts")
     _path, table, meta = h.record()
     first, second = table[1], table[2]
@@ -305,7 +304,7 @@ def test_worker_rejects_a_probe_value_outside_the_datasheet_range(tmp_path):
     _path, table, meta = h.record()
     assert all(row[3] == "" and row[1] != "" and row[2] != "" for row in table[1:]), table
     assert meta["rows"] == 3 and meta["rejected"] == 3 and meta["probe_errors"]["top"] == 0
-    samples = [e.data for e in events if e.kind == ipc.SAMPLE]
-    assert samples and all(s["labels"]["position"] != "top" for s in samples)
-    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    samples = [e for e in events if e.kind == ipc.SAMPLE]
+    assert samples and all(s.labels["position"] != "top" for s in samples)
+    errors = [e.message for e in events if e.kind == ipc.ERROR]
     assert errors and all("implausible reading values dropped: top_c=126 outside -55..125" in m for m in errors)

@@ -74,7 +74,7 @@ def journal_entries(staging: Path) -> list[dict]:
 
 def test_a_killed_workers_readings_are_folded_and_the_replay_resumes(tmp_path):
     h = Harness(tmp_path, "hive_climate", climate())
-    rows = load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", "3629")
+    rows = load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", "3629")
     child = run_child(tmp_path / "beemond.toml")
     try:
         wait_for(lambda: len(journal_entries(h.staging)) >= 8, 30, "eight journaled readings")
@@ -160,7 +160,7 @@ def test_an_audio_segment_cut_by_a_kill_is_salvaged(tmp_path, fmt):
     spectrum = np.abs(np.fft.rfft(data[-4000:] * np.hanning(4000)))
     assert abs(np.argmax(spectrum) * 2 - 440) <= 2, "the tail is the tone, not the torn bytes"
     event = h.events_r.recv()
-    assert event.kind == ipc.READY_EVENT and event.data["path"] == str(records[0])
+    assert event.kind == ipc.READY_EVENT and event.path == str(records[0])
     assert h.worker.restart_gap == {"last": meta["end"]}
 
 
@@ -175,10 +175,10 @@ def test_replay_keeps_file_order_every_row_of_a_time_and_counts_bad_cells(tmp_pa
                  "2021-06-19 00:06:00,1,22.0,oops\n"   # no humidity: only a humidity reader skips it
                  "not a time,1,22.0,43\n")
     skipped: dict = {}
-    rows = load_rows(f, "Date", "temperature", "humidity", "Tag number", "1", skipped=skipped)
+    rows = load_rows(f, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", "1", skipped=skipped)
     assert [(r.temperature_c, r.humidity_rh) for r in rows] == [(25.0, 40.0), (21.0, 41.0), (20.0, 50.0)]
     assert skipped == {"temperature": 1, "humidity": 1, "Date": 1}
-    temps = load_rows(f, "Date", "temperature", "", "Tag number", "1", tz=__import__("zoneinfo").ZoneInfo("Europe/Paris"))
+    temps = load_rows(f, "Date", {"temperature_c": "temperature"}, "Tag number", "1", tz=__import__("zoneinfo").ZoneInfo("Europe/Paris"))
     assert [r.temperature_c for r in temps] == [25.0, 21.0, 22.0, 20.0]
     assert temps[0].time == datetime(2021, 6, 18, 22, 0, tzinfo=timezone.utc), "naive times in the set zone"
     replay = CsvReplay(rows)
@@ -204,7 +204,9 @@ def test_gpio_input_events_are_journaled_and_folded(tmp_path):
     sensor = {"type": "gpio", "backend": "simulated", "record_window_s": 600,
               "inputs": {"entrance": {"pin": 17, "kind": "button"}}}
     h = Harness(tmp_path, "hive_gpio", sensor)
-    h.commands.put(ipc.Command("gpio_input", {"input": "entrance", "time": 1_700_000_000.25}))
+    from beemond.sensors.gpio.driver import InputActivated
+
+    h.commands.put(InputActivated("entrance", 1_700_000_000.25))
     h.run(captures=0)   # the shutdown writes the record and leaves a journal header
     assert len(h.records()) == 1
     # A crash with one event journaled but never recorded:

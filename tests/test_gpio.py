@@ -42,7 +42,7 @@ class Rig:
         self.thread.start()
 
     def stop(self) -> None:
-        self.commands.put(ipc.Command(ipc.SHUTDOWN))
+        self.commands.put(ipc.Shutdown())
         self.thread.join(20)
         assert not self.thread.is_alive()
 
@@ -71,8 +71,8 @@ def test_inputs_send_capture_requests_with_cooldown_and_are_recorded(tmp_path, k
     finally:
         rig.stop()
     requests = rig.drain(ipc.CAPTURE_REQUEST)
-    assert [r.data["targets"] for r in requests] == [["hive_climate"], ["hive_climate", "hive_audio"]]
-    assert requests[0].data["reason"] == "gpio.door (button)"
+    assert [r.targets for r in requests] == [["hive_climate"], ["hive_climate", "hive_audio"]]
+    assert requests[0].reason == "gpio.door (button)"
     rows = []
     for path in sorted(rig.staging.glob("*.csv")):
         rows += list(csv.DictReader(io.StringIO(path.read_text())))
@@ -112,7 +112,7 @@ def test_power_pin_is_on_for_the_lead_time_before_a_measurement_and_off_after(tm
     try:
         wait_for(lambda: rig.drain(ipc.SAMPLE), 5, "the first measurement")  # at start
         wait_for(lambda: len(pin.states) >= 3, 5, "power off after it")
-        rig.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        rig.commands.put(ipc.CaptureNow())
         wait_for(lambda: len(rig.drain(ipc.SAMPLE)) >= 2, 5, "a measurement on demand")
         wait_for(lambda: len(pin.states) >= 5, 5, "power off after it")
     finally:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from beemond import clock, config, ipc
 from beemond.supervisor import metrics
-from beemond.supervisor.state import Worker
+from beemond.supervisor.state import Worker, WorkerState
 
 from conftest import ROOT, free_port, make_config, wait_for
 
@@ -187,26 +187,23 @@ def health(tmp_path, keys, password_file):
         "processors.bands": {"type": "audio_bands", "sensor": "hive_audio"},
         "processors.swarm": {"type": "swarm", "sensor": "hive_scale"}})
     cfg = config.load(path)
-    workers = {name: Worker(role, name, state="running", starts=1) for role, name in
+    workers = {name: Worker(role, name, state=WorkerState.RUNNING, starts=1) for role, name in
                [("aggregator", "aggregator"), ("uploader", "uploader"), ("sensor", "hive_climate"),
                 ("sensor", "hive_audio"), ("sensor", "hive_scale"), ("processor", "bands"), ("processor", "swarm")]}
-    workers["hive_scale"].state, workers["hive_scale"].starts = "backoff", 3
+    workers["hive_scale"].state, workers["hive_scale"].starts = WorkerState.BACKOFF, 3
     h = metrics.Health(cfg, workers)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(h)
-    feed = [(workers["hive_climate"], ipc.Event(ipc.SAMPLE, "hive_climate", {
-                "sensor": "hive_climate", "values": {"temperature_celsius": 34.5, "relative_humidity_percent": 61.0}})),
-            (workers["hive_scale"], ipc.Event(ipc.SAMPLE, "hive_scale", {
-                "sensor": "hive_scale", "values": {"weight_kilograms": 41.2, "pressure_pascals": 101325.0}})),
-            (workers["bands"], ipc.Event(ipc.SAMPLE, "bands", {
-                "sensor": "hive_audio", "values": {"audio_band_power_ratio": 0.01}, "labels": {"band": "100-300"}})),
-            (workers["bands"], ipc.Event(ipc.SAMPLE, "bands", {"sensor": "hive_audio", "values": {"audio_rms_ratio": 0.1}})),
-            (workers["swarm"], ipc.Event(ipc.SAMPLE, "swarm", {"sensor": "hive_scale", "values": {"swarm_drop_kilograms": 0.2}})),
-            (workers["hive_audio"], ipc.Event(ipc.READY_EVENT, "hive_audio", {"sensor": "hive_audio", "path": "x", "overflows": 2})),
-            (workers["hive_scale"], ipc.Event(ipc.ERROR, "hive_scale", {"message": "no bus"})),
-            (workers["uploader"], ipc.Event(ipc.ERROR, "uploader", {"message": "upload failed: 421"})),
-            (workers["uploader"], ipc.Event(ipc.UPLOADED, "uploader", {"name": "b", "bytes": 1234})),
-            (workers["swarm"], ipc.Event(ipc.ALERT, "swarm", {"sensor": "hive_scale", "alert": "swarm"}))]
+    feed = [(workers["hive_climate"], ipc.Sample(worker='hive_climate', sensor="hive_climate", values={"temperature_celsius": 34.5, "relative_humidity_percent": 61.0})),
+            (workers["hive_scale"], ipc.Sample(worker='hive_scale', sensor="hive_scale", values={"weight_kilograms": 41.2, "pressure_pascals": 101325.0})),
+            (workers["bands"], ipc.Sample(worker='bands', sensor="hive_audio", values={"audio_band_power_ratio": 0.01}, labels={"band": "100-300"})),
+            (workers["bands"], ipc.Sample(worker='bands', sensor="hive_audio", values={"audio_rms_ratio": 0.1})),
+            (workers["swarm"], ipc.Sample(worker='swarm', sensor="hive_scale", values={"swarm_drop_kilograms": 0.2})),
+            (workers["hive_audio"], ipc.RecordWritten(worker='hive_audio', sensor="hive_audio", path="x", overflows=2)),
+            (workers["hive_scale"], ipc.Error(worker='hive_scale', message="no bus")),
+            (workers["uploader"], ipc.Error(worker='uploader', message="upload failed: 421")),
+            (workers["uploader"], ipc.Uploaded(worker='uploader', name="b", bytes=1234)),
+            (workers["swarm"], ipc.Alert(worker='swarm', sensor="hive_scale", alert="swarm"))]
     for w, ev in feed:
         h(w, ev)
     return h, registry
@@ -226,8 +223,11 @@ def test_collector_counts_events_and_drops_stale_readings(health):
     assert got["beemond_upload_errors_total"][0][1] == 1 and got["beemond_uploaded_bytes_total"][0][1] == 1234
     assert got["beemond_alerts_total"] == [({"host": "demo-hive", "sensor": "hive_scale", "alert": "swarm"}, 1)]
     assert {s[0]["worker"]: s[1] for s in got["beemond_worker_restarts_total"]}["hive_scale"] == 2
-    state = {(s[0]["worker"], s[0]["state"]): s[1] for s in got["beemond_worker_state"]}
+    # A StateSet: prometheus_client names the state label after the metric.
+    state = {(s[0]["worker"], s[0]["beemond_worker_state"]): s[1] for s in got["beemond_worker_state"]}
     assert state[("hive_scale", "backoff")] == 1 and state[("hive_scale", "running")] == 0
+    assert {st for _w, st in state} == {s.value for s in WorkerState}
+    assert all(sum(v for (w, _s), v in state.items() if w == name) == 1 for name in health[0].workers)
     # staleness_s = 1: the readings vanish, the counters stay
     def stale_gone():
         t = generate_latest(registry).decode()
@@ -236,6 +236,19 @@ def test_collector_counts_events_and_drops_stale_readings(health):
     later = wait_for(stale_gone, 5, "stale readings to drop out")
     assert "beemond_temperature_celsius" not in later and "beemond_audio_rms_ratio" not in later
     assert 'beemond_records_total{host="demo-hive",sensor="hive_audio"} 1.0' in later
+
+
+def test_worker_state_never_reads_all_zero_during_a_reload(health):
+    """A worker stopping to restart with a new config, and one leaving it, each read 1 in their state."""
+    h, registry = health
+    h.workers["hive_climate"].state = WorkerState.RESTARTING
+    h.workers["hive_audio"].state = WorkerState.REMOVING
+    text = generate_latest(registry).decode()
+    promtool_check(text)
+    state = {(s[0]["worker"], s[0]["beemond_worker_state"]): s[1] for s in samples(text)["beemond_worker_state"]}
+    assert state[("hive_climate", "restarting")] == 1 and state[("hive_audio", "removing")] == 1
+    for name in h.workers:
+        assert sum(v for (w, _s), v in state.items() if w == name) == 1, name
 
 
 def test_grafana_dashboard_parses_and_queries_only_exported_metrics(health):
@@ -257,7 +270,7 @@ def test_grafana_dashboard_parses_and_queries_only_exported_metrics(health):
 def test_clock_and_outbox_series_follow_beemond_clock_and_the_uploaders_outbox_events(tmp_path, keys, password_file):
     flag = tmp_path / "timesync-synchronized"   # systemd-timesyncd's flag file, as beemond.clock reads it
     cfg = config.load(make_config(tmp_path, keys, password_file, 21))
-    uploader = Worker("uploader", "uploader", state="running", starts=1)
+    uploader = Worker("uploader", "uploader", state=WorkerState.RUNNING, starts=1)
     h = metrics.Health(cfg, {"uploader": uploader}, clock_check=lambda: clock.synchronized(str(flag)))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(h)
@@ -277,12 +290,12 @@ def test_clock_and_outbox_series_follow_beemond_clock_and_the_uploaders_outbox_e
     assert h.status()["clock"]["synchronised"] is True
 
     # The outbox series are the uploader's own count (ipc.OUTBOX), not a walk of the directory...
-    h(uploader, ipc.Event(ipc.OUTBOX, "uploader", {"files": 7, "bytes": 7000, "last_upload": 1.7e9}))
+    h(uploader, ipc.Outbox(worker='uploader', files=7, bytes=7000, last_upload=1.7e9))
     got = scrape()
     assert got["beemond_outbox_files"][0][1] == 7 and got["beemond_outbox_bytes"][0][1] == 7000
     assert got["beemond_last_upload_timestamp_seconds"][0][1] == 1.7e9
     # ...while the uploader runs. Down, its last word goes stale: the directory is counted instead.
-    uploader.state = "backoff"
+    uploader.state = WorkerState.BACKOFF
     got = scrape()
     assert got["beemond_outbox_files"][0][1] == 1 and got["beemond_outbox_bytes"][0][1] == 321
 

@@ -366,8 +366,12 @@ def test_the_lab_side_imports_no_device_side_worker():
             "print(sorted(m for m in sys.modules if m.startswith('beemond')))")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.supervisor",
-                        "beemond.processors", "beemond.ipc"):
+                        "beemond.processors", "beemond.ipc", "beemond.config", "beemond.archive"):
         assert f"'{device_side}" not in got, got
+    # Only the bundle package and neutral modules: names, clock, spool (crash-safe writes), errors.
+    loaded = {m.strip(" '") for m in got.strip("[]\n").split(",")}
+    assert {m for m in loaded if not m.startswith(("beemond.bundle", "beemond.lab"))} <= \
+        {"beemond", "beemond.names", "beemond.clock", "beemond.spool", "beemond.errors"}, loaded
 
 
 # ------------------------------------------------------------------------------------------ review (issue 15)

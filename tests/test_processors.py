@@ -99,8 +99,7 @@ def test_worker_applies_input_step_and_output_spacing(tmp_path):
     w = SwarmWorker(cfg, cfg.processors[0], sink.channel)
     t0 = 1_700_000_000.0
     for i in range(30):  # a reading every 10 s of data time: one in six passes min_input_spacing
-        assert w.handle(ipc.Command(ipc.SAMPLE, {"sensor": "hive_scale", "values": {"weight_kilograms": 40.0},
-                                                 "time": t0 + 10 * i}))
+        assert w.handle(ipc.Sample(sensor="hive_scale", values={"weight_kilograms": 40.0}, time=t0 + 10 * i))
     assert len(sink.of(ipc.SAMPLE, 5)) == 5 and w.skipped["input"] == 25
     assert len(w.detector.window) == 5
 
@@ -108,7 +107,7 @@ def test_worker_applies_input_step_and_output_spacing(tmp_path):
     # so it is not written as a record (but it is still an alert event).
     t = t0 + 400
     for kg in (38.0, 38.0, 36.0):
-        w.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": kg}, "time": t}))
+        w.handle(ipc.Sample(values={"weight_kilograms": kg}, time=t))
         t += 600
     assert len(sink.of(ipc.ALERT, 2)) == 2
     written = records(tmp_path / "spool/staging/swarm")
@@ -120,18 +119,18 @@ def test_worker_applies_input_step_and_output_spacing(tmp_path):
     sink2 = Sink("swarm")
     w2 = SwarmWorker(cfg2, cfg2.processors[0], sink2.channel)
     for i in range(5):
-        w2.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": 40.0}, "time": t0 + 600 * i}))
+        w2.handle(ipc.Sample(values={"weight_kilograms": 40.0}, time=t0 + 600 * i))
     assert w2.skipped["step"] == 4 and len(w2.detector.window) == 1
 
     # stop pauses, start resumes
-    w2.handle(ipc.Command(ipc.STOP))
+    w2.handle(ipc.Stop())
     w2.spacing = Spacing(0, 0, 0)
-    w2.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": 40.0}, "time": t0 + 100}))
+    w2.handle(ipc.Sample(values={"weight_kilograms": 40.0}, time=t0 + 100))
     assert w2.skipped["paused"] == 1 and len(w2.detector.window) == 1
-    w2.handle(ipc.Command(ipc.START))
-    w2.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": 40.0}, "time": t0 + 200}))
+    w2.handle(ipc.Start())
+    w2.handle(ipc.Sample(values={"weight_kilograms": 40.0}, time=t0 + 200))
     assert len(w2.detector.window) == 2
-    assert w2.handle(ipc.Command(ipc.SHUTDOWN)) is False
+    assert w2.handle(ipc.Shutdown()) is False
 
 
 # ------------------------------------------------------------------------------------------ audio
@@ -172,7 +171,7 @@ def test_audio_processor_writes_a_json_record_and_band_samples(tmp_path):
     archive.sidecar_of(rec).unlink()
     sink = Sink("bands")
     w = AudioBandsWorker(cfg, cfg.processors[0], sink.channel)
-    w.handle(ipc.Command(ipc.RECORD_READY, {"path": str(link), "sensor": "hive_audio"}))
+    w.handle(ipc.RecordReady(path=str(link), sensor="hive_audio"))
     assert not link.exists() and not archive.sidecar_of(link).exists(), "the inbox link is consumed"
     out = records(tmp_path / "spool/staging/bands")
     assert len(out) == 1
@@ -180,9 +179,9 @@ def test_audio_processor_writes_a_json_record_and_band_samples(tmp_path):
     assert body["source"] == "hive_audio" and body["start"] == meta["start"]
     assert max(body["result"]["bands"], key=body["result"]["bands"].get) == "300-600"
     ready = sink.of(ipc.READY_EVENT, 1)
-    assert ready and ready[0].data["path"] == str(out[0])
+    assert ready and ready[0].path == str(out[0])
     samples = sink.of(ipc.SAMPLE, 4)
-    bands = {e.data["labels"]["band"]: e.data["values"]["audio_band_power_ratio"] for e in samples if "labels" in e.data}
+    bands = {e.labels["band"]: e.values["audio_band_power_ratio"] for e in samples if e.labels is not None}
     assert set(bands) == {"100-300", "300-600", "600-1000"} and bands["300-600"] == pytest.approx(0.125, rel=0.02)
 
 
@@ -196,8 +195,8 @@ def test_a_damaged_record_is_reported_and_dropped_not_retried(tmp_path):
     sink = Sink("bands")
     w = AudioBandsWorker(cfg, cfg.processors[0], sink.channel)
     assert w.leftovers() == [link]  # what a restarted processor would pick up
-    w.handle(ipc.Command(ipc.RECORD_READY, {"path": str(link)}))
-    assert "cannot process bad.flac" in sink.of(ipc.ERROR, 1)[0].data["message"]
+    w.handle(ipc.RecordReady(path=str(link)))
+    assert "cannot process bad.flac" in sink.of(ipc.ERROR, 1)[0].message
     assert w.leftovers() == []
 
 
@@ -242,14 +241,13 @@ def test_swarm_alert_is_a_warning_an_event_and_a_record(tmp_path, caplog):
     w = SwarmWorker(cfg, cfg.processors[0], sink.channel)
     with caplog.at_level(logging.WARNING):
         for i, kg in enumerate([42.0] * 5 + [40.2] * 3):
-            w.handle(ipc.Command(ipc.SAMPLE, {"sensor": "hive_scale", "values": {"weight_kilograms": kg},
-                                              "time": 1_700_000_000 + 60 * i}))
+            w.handle(ipc.Sample(sensor="hive_scale", values={"weight_kilograms": kg}, time=1_700_000_000 + 60 * i))
     assert "SWARM ALERT on hive_scale: weight fell 1.80 kg" in caplog.text
     alert = sink.of(ipc.ALERT, 1)[0]
-    assert alert.data["sensor"] == "hive_scale" and alert.data["alert"] == "swarm"
+    assert alert.sensor == "hive_scale" and alert.alert == "swarm"
     rec = json.loads(records(tmp_path / "spool/staging/swarm")[0].read_text())
     assert rec["result"]["alert"] == "swarm" and rec["result"]["drop_kg"] == pytest.approx(1.8)
-    drops = [e.data["values"]["swarm_drop_kilograms"] for e in sink.of(ipc.SAMPLE, 8)]
+    drops = [e.values["swarm_drop_kilograms"] for e in sink.of(ipc.SAMPLE, 8)]
     assert drops[:6] == [0.0] * 5 + [0.0] and max(drops) < 1.5  # median of 3 needs two low readings
 
 
@@ -258,7 +256,7 @@ def test_output_record_carries_its_metadata_under_metadata_like_the_seeds_json_a
                                    archive_table={"default_metadata": {"apiary": "north", "source": "overridden"}}))
     w = SwarmWorker(cfg, cfg.processors[0], Sink("swarm").channel)
     for i, kg in enumerate([42.0] * 5 + [40.2] * 3):
-        w.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": kg}, "time": 1_700_000_000 + 60 * i}))
+        w.handle(ipc.Sample(values={"weight_kilograms": kg}, time=1_700_000_000 + 60 * i))
     [path] = records(tmp_path / "spool/staging/swarm")
     rec, sidecar = json.loads(path.read_text()), json.loads(archive.sidecar_of(path).read_text())
     assert rec["metadata"] == sidecar, "the record holds its sidecar's metadata under 'metadata'"
@@ -277,8 +275,8 @@ def _swarm_alert(tmp_path: Path, max_retries: int):
     w.staging.rmdir()
     w.staging.write_bytes(b"")
     for i, kg in enumerate([42.0] * 5 + [40.2] * 3):
-        w.handle(ipc.Command(ipc.SAMPLE, {"values": {"weight_kilograms": kg}, "time": 1_700_000_000 + 60 * i}))
-    assert "record write failed" in sink.of(ipc.ERROR, 1)[0].data["message"]
+        w.handle(ipc.Sample(values={"weight_kilograms": kg}, time=1_700_000_000 + 60 * i))
+    assert "record write failed" in sink.of(ipc.ERROR, 1)[0].message
     return w, sink
 
 
@@ -298,7 +296,7 @@ def test_an_output_write_that_fails_once_is_retried_into_staging(tmp_path):
     w, sink = _swarm_alert(tmp_path, max_retries=3)
     w.staging.unlink()  # the disk recovers: a retry (1, then 2 s later) stages the record
     w.staging.mkdir(exist_ok=True)  # a retry due at this very moment may create it first
-    path = Path(wait_for(lambda: sink.of(ipc.READY_EVENT, 1, timeout=0), 10, "the retried record")[0].data["path"])
+    path = Path(wait_for(lambda: sink.of(ipc.READY_EVENT, 1, timeout=0), 10, "the retried record")[0].path)
     assert path.parent == w.staging and json.loads(path.read_text())["result"]["alert"] == "swarm"
     assert w.writer.close(timeout=1) == 0 and not (tmp_path / "spool/failed/swarm").exists()
 
@@ -336,7 +334,7 @@ def test_leftover_links_are_processed_at_start_oldest_first(tmp_path):
             f, 0.5 * np.sin(2 * np.pi * hz * np.arange(8000) / 8000), 8000, format="FLAC"))
         link_record(cfg.spool, "bands", rec)
     sink = Sink("bands")
-    sink.commands.put(ipc.Command(ipc.SHUTDOWN))
+    sink.commands.put(ipc.Shutdown())
     AudioBandsWorker(cfg, cfg.processors[0], sink.channel).run()  # leftovers first, then the shutdown
     out = [json.loads(p.read_text())["result"] for p in records(tmp_path / "spool/staging/bands")]
     assert [max(r["bands"], key=r["bands"].get) for r in out] == ["100-300", "300-600"]
@@ -357,7 +355,7 @@ def test_spectrogram_png_shows_the_tone_at_its_height(tmp_path):
                                    f, 0.5 * np.sin(2 * np.pi * 440 * np.arange(80000) / 8000), 8000, format="FLAC"))
     sink = Sink("bands")
     w = AudioBandsWorker(cfg, cfg.processors[0], sink.channel)
-    w.handle(ipc.Command(ipc.RECORD_READY, {"path": str(link_record(cfg.spool, "bands", rec))}))
+    w.handle(ipc.RecordReady(path=str(link_record(cfg.spool, "bands", rec))))
     png = next((tmp_path / "spool/staging/bands").glob("*.png"))
     assert json.loads(archive.sidecar_of(png).read_text())["image"] == "spectrogram"
     assert len(sink.of(ipc.READY_EVENT, 2)) == 2, "the JSON and the PNG are both records"

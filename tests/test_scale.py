@@ -21,7 +21,7 @@ import tomli_w
 
 from beemond import config, ipc
 from beemond.bundle import crypto
-from beemond.config import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
+from beemond.sensors.scale.section import DEFAULT_SCALE_REGEX, ScaleSimulationConfig
 from beemond.sensors.scale.emulator import ScaleEmulator, SyntheticHiveWeight
 from beemond.sensors.scale.driver import ScaleWorker, calibrate, compensate, parse_line
 from beemond.spool import Spool
@@ -172,7 +172,7 @@ class Harness:
         return wait_for(enough, timeout, f"{count} {kind} event(s)")
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "test"}))
+        self.commands.put(ipc.Shutdown(reason="test"))
         self.thread.join(timeout)
         self.scale.stop()
         assert not self.thread.is_alive(), "worker did not shut down"
@@ -185,7 +185,7 @@ class Harness:
         asked for; the record once a second 42 kg reading is in (nothing else may be in it)."""
         self.scale.inject(*lines)
         for _ in range(captures):
-            self.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+            self.commands.put(ipc.CaptureNow())
         self.wait_events(ipc.SAMPLE, 2)
         self.stop()
         body, meta = self.record()
@@ -204,7 +204,7 @@ class Harness:
 
 
 def weights(events: list[ipc.Event]) -> list[float]:
-    return [e.data["values"]["weight_kilograms"] for e in events if e.kind == ipc.SAMPLE]
+    return [e.values["weight_kilograms"] for e in events if e.kind == ipc.SAMPLE]
 
 
 def test_median_of_n_rejects_an_outlier_and_applies_tare_and_calibration(tmp_path: Path):
@@ -213,7 +213,7 @@ def test_median_of_n_rejects_an_outlier_and_applies_tare_and_calibration(tmp_pat
                 tare_offset_kg=10.5, calibration_factor=1.02,
                 request=r"W\r\n").start()           # escapes written out, as an INI file must
     h.wait_events(ipc.SAMPLE, 1)
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+    h.commands.put(ipc.CaptureNow())
     h.wait_events(ipc.SAMPLE, 2)
     h.stop()
     body, meta = h.record()
@@ -242,11 +242,10 @@ def test_temperature_compensation_from_a_forwarded_sample(tmp_path: Path):
                 reference_temperature_c=20.0, max_temperature_age_s=60)
     assert h.sensor.subscribes_to() == ("hive_climate",)
     # as the orchestrator forwards hive_climate's SAMPLE event; queued before the first reading
-    h.commands.put(ipc.Command(ipc.SAMPLE, {"sensor": "hive_climate",
-                                            "values": {"temperature_celsius": 35.0, "relative_humidity_percent": 60.0}}))
-    h.commands.put(ipc.Command(ipc.SAMPLE, {"sensor": "other", "values": {"temperature_celsius": -5.0}}))
+    h.commands.put(ipc.Sample(sensor="hive_climate", values={"temperature_celsius": 35.0, "relative_humidity_percent": 60.0}))
+    h.commands.put(ipc.Sample(sensor="other", values={"temperature_celsius": -5.0}))
     h.start()
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+    h.commands.put(ipc.CaptureNow())
     h.wait_events(ipc.SAMPLE, 2)
     h.stop()
     body, meta = h.record()
@@ -261,11 +260,10 @@ def test_temperature_of_the_chosen_ds18b20_probe_only(tmp_path: Path):
                 compensation_kg_per_c=0.01, reference_temperature_c=20.0)
     # hive_frames sends one SAMPLE per probe, told apart by the position label (DS18B20Worker.samples)
     for position, celsius in (("top", 25.0), ("brood", 35.0)):
-        h.commands.put(ipc.Command(ipc.SAMPLE, {"sensor": "hive_frames", "values": {"temperature_celsius": celsius},
-                                                "labels": {"position": position}}))
+        h.commands.put(ipc.Sample(sensor="hive_frames", values={"temperature_celsius": celsius}, labels={"position": position}))
     h.start()
     h.wait_events(ipc.SAMPLE, 1)
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))       # after both probes' samples were taken in
+    h.commands.put(ipc.CaptureNow())       # after both probes' samples were taken in
     h.wait_events(ipc.SAMPLE, 2)
     h.stop()
     body, meta = h.record()
@@ -292,13 +290,12 @@ def test_stale_or_missing_temperature_is_not_used_and_is_flagged(tmp_path: Path)
     h = Harness(tmp_path, Series(42.0), temperature_sensor="hive_climate", compensation_kg_per_c=0.01,
                 max_temperature_age_s=0.3).start()
     h.wait_events(ipc.SAMPLE, 1)                       # row 0: no temperature yet
-    sample = {"sensor": "hive_climate", "values": {"temperature_celsius": 30.0}}
-    h.commands.put(ipc.Command(ipc.SAMPLE, sample))
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))       # row 1: fresh, compensated
+    h.commands.put(ipc.Sample(sensor="hive_climate", values={"temperature_celsius": 30.0}))
+    h.commands.put(ipc.CaptureNow())       # row 1: fresh, compensated
     h.wait_events(ipc.SAMPLE, 2)
     received = time.monotonic()
     wait_for(lambda: time.monotonic() - received > 0.4, 2, "the temperature to age")
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))       # row 2: 0.4 s > 0.3 s old, not used
+    h.commands.put(ipc.CaptureNow())       # row 2: 0.4 s > 0.3 s old, not used
     h.wait_events(ipc.SAMPLE, 3)
     h.stop()
     body, meta = h.record()
@@ -333,7 +330,7 @@ def test_implausible_weight_is_rejected_counted_and_never_sent(tmp_path: Path, l
     h.start()
     h.wait_events(ipc.SAMPLE, 1)
     _body, meta = h.bad_lines_then_42([line, line], captures=2)   # both lines of the next reading, then 42
-    errors = [e.data["message"] for e in h.events if e.kind == ipc.ERROR]
+    errors = [e.message for e in h.events if e.kind == ipc.ERROR]
     assert len(errors) == 1 and "implausible reading rejected: weight_kg=" in errors[0], errors
     assert "outside -5..300" in errors[0]
     assert meta["rejected"] == 1 and meta["missed"] == 0 and meta["garbage_lines"] == 0
@@ -355,14 +352,14 @@ def test_unplug_and_replug_within_one_worker(tmp_path: Path):
     h = Harness(tmp_path, Series(42.0), max_retries=1).start()
     h.wait_events(ipc.SAMPLE, 1)                       # plugged: a reading
     h.scale.unplug()                                   # USB unplug: link gone, pty closed
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+    h.commands.put(ipc.CaptureNow())
+    h.commands.put(ipc.CaptureNow())
     errors = h.wait_events(ipc.ERROR, 2)               # both readings lost, reported, worker alive
-    assert all("measurement failed" in e.data["message"] for e in errors)
+    assert all("measurement failed" in e.message for e in errors)
     assert h.thread.is_alive() and h.worker.port is None
     h.scale.source = Series(43.5)
     h.scale.plug()                                     # replug: a new pty behind the same name
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+    h.commands.put(ipc.CaptureNow())
     h.wait_events(ipc.SAMPLE, 2)
     h.stop()
     body, meta = h.record()
@@ -379,7 +376,7 @@ def test_persistent_failure_exits_the_worker(tmp_path: Path):
     h = Harness(tmp_path, Series(42.0), max_retries=0)
     h.scale.unplug()
     for _ in range(MAX_CONSECUTIVE_FAILURES):
-        h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        h.commands.put(ipc.CaptureNow())
     h.start()
     h.thread.join(10)
     h.scale.stop()
@@ -395,7 +392,7 @@ def test_simulated_backend_reads_the_emulator_through_serial(tmp_path: Path):
     assert h.worker.emulator is not None and h.worker.emulator.path.startswith("/dev/pts/")
     h.start()
     h.wait_events(ipc.SAMPLE, 1)
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+    h.commands.put(ipc.CaptureNow())
     h.wait_events(ipc.SAMPLE, 2)
     h.stop()
     body, meta = h.record()
@@ -416,7 +413,7 @@ def test_simulated_backend_replays_a_weight_csv(tmp_path: Path):
     h.start()
     for n in (2, 3):
         h.wait_events(ipc.SAMPLE, n - 1)
-        h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
+        h.commands.put(ipc.CaptureNow())
     h.wait_events(ipc.SAMPLE, 3)
     h.stop()
     body, meta = h.record()

@@ -288,7 +288,7 @@ def harness(tmp_path, **over) -> tuple[Harness, VirtualTime]:
 
 @pytest.fixture(scope="module")
 def urban_rows():
-    return load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", HIVE)
+    return load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", HIVE)
 
 
 def test_worker_records_replayed_rows_and_the_respiration_curve(tmp_path, urban_rows):
@@ -307,9 +307,9 @@ def test_worker_records_replayed_rows_and_the_respiration_curve(tmp_path, urban_
         row = urban_rows[i]
         assert int(co2) == round(curve.co2_ppm(row.time))
         assert (float(t), float(rh)) == (row.temperature_c, row.humidity_rh)   # 2-decimal data survives the words
-    samples = [e.data for e in events if e.kind == ipc.SAMPLE]
-    assert len(samples) == len(body) and samples[0]["sensor"] == "hive_co2"
-    assert set(samples[0]["values"]) == {"co2_ppm", "temperature_celsius", "relative_humidity_percent"}
+    samples = [e for e in events if e.kind == ipc.SAMPLE]
+    assert len(samples) == len(body) and samples[0].sensor == "hive_co2"
+    assert set(samples[0].values) == {"co2_ppm", "temperature_celsius", "relative_humidity_percent"}
     assert h.worker.chip.mode == "idle", "a stopped worker leaves the sensor idle"
 
 
@@ -334,13 +334,13 @@ def test_worker_rejects_and_counts_implausible_readings(tmp_path):
     _path, table, meta = h.record()
     assert [int(r[1]) for r in table[1:]] == [800, 900]
     assert meta["rejected"] == 3 and meta["missed"] == 0
-    assert [e.data["values"]["co2_ppm"] for e in events if e.kind == ipc.SAMPLE] == [800.0, 900.0]
-    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    assert [e.values["co2_ppm"] for e in events if e.kind == ipc.SAMPLE] == [800.0, 900.0]
+    errors = [e.message for e in events if e.kind == ipc.ERROR]
     assert len(errors) == 3 and "co2_ppm=0 outside 1..40000" in errors[0], errors
     assert "temperature_c=60.99" in errors[1] and "outside -10..60" in errors[1]
     assert "temperature_c=130 outside" in errors[2]
     ready = [e for e in events if e.kind == ipc.READY_EVENT]
-    assert ready[0].data["rejected"] == 3                 # -> beemond_readings_rejected_total
+    assert ready[0].rejected == 3                 # -> beemond_readings_rejected_total
 
 
 def test_worker_retries_crc_errors_and_counts_them(tmp_path, urban_rows):

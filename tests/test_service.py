@@ -259,8 +259,8 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
     # Reading 0 comes at start; STOP flushes a first record of readings 0-2; the clock steps back an
     # hour at reading 4; STOP flushes the second record (readings 3-7); the shutdown flushes the third
     # (readings 8-9, after synchronisation).
-    for kind in [ipc.CAPTURE_NOW, ipc.CAPTURE_NOW, ipc.STOP] + [ipc.CAPTURE_NOW] * 5 + [ipc.STOP] + [ipc.CAPTURE_NOW] * 2:
-        h.commands.put(ipc.Command(kind))
+    for command in [ipc.CaptureNow(), ipc.CaptureNow(), ipc.Stop()] + [ipc.CaptureNow()] * 5 + [ipc.Stop()] + [ipc.CaptureNow()] * 2:
+        h.commands.put(command)
     h.run(captures=0)
     records = []
     for path in sorted(p for p in h.staging.iterdir() if not p.name.endswith(".meta.json")):

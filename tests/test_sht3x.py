@@ -30,7 +30,7 @@ ADDR = 0x44
 @pytest.fixture(scope="module")
 def urban_rows():
     assert URBAN.is_file(), f"test data missing: {URBAN} (clone shared/ beside the project)"
-    rows = load_rows(URBAN, "Date", "temperature", "humidity", "Tag number", HIVE)
+    rows = load_rows(URBAN, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", HIVE)
     assert len(rows) > 1000
     return rows
 
@@ -244,15 +244,15 @@ def test_load_rows_filters_dedups_and_loops(tmp_path: Path):
                  "2021-06-19 00:00:00+00:00,2,99.0,99.0\n"
                  "2021-06-19 00:15:00+00:00,1,20.5,40.0\n"      # exact duplicate
                  "2021-06-19 00:30:00Z,1,21.0,39.5\n")
-    rows = load_rows(f, "Date", "temperature", "humidity", "Tag number", "1")
+    rows = load_rows(f, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", "1")
     assert [(r.index, r.temperature_c, r.humidity_rh) for r in rows] == [(0, 20.0, 41.0), (1, 20.5, 40.0),
                                                                        (2, 21.0, 39.5)]
     replay = CsvReplay(rows, speedup=0.0, loop=True)
     assert [replay.next_row().index for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     with pytest.raises(ValueError, match="no rows"):
-        CsvReplay(load_rows(f, "Date", "temperature", "humidity", "Tag number", "3"))
+        CsvReplay(load_rows(f, "Date", {"temperature_c": "temperature", "humidity_rh": "humidity"}, "Tag number", "3"))
     with pytest.raises(ValueError, match="column"):
-        load_rows(f, "Date", "temp", "humidity")
+        load_rows(f, "Date", {"temperature_c": "temp", "humidity_rh": "humidity"})
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -302,7 +302,7 @@ def test_worker_capture_now_writes_the_urban_rows(tmp_path: Path, urban_rows):
     ready = [e for e in events if e.kind == ipc.READY_EVENT]
     assert len(ready) == 1, events
     assert ready[0].worker == "hive_climate"
-    assert ready[0].data == {"sensor": "hive_climate", "path": str(path)}
+    assert ready[0] == ipc.RecordWritten(worker="hive_climate", time=ready[0].time, sensor="hive_climate", path=str(path))
     assert any(e.kind == ipc.HEARTBEAT for e in events)
     assert h.worker.bus.closed   # close() ran at shutdown
 
@@ -341,7 +341,7 @@ def test_worker_measurement_lost_after_retries_is_missing_not_invented(tmp_path:
     for (_stamp, t, rh), i in zip(body, indices):
         assert (float(t), float(rh)) == (urban_rows[i].temperature_c, urban_rows[i].humidity_rh)
     errors = [e for e in events if e.kind == ipc.ERROR]
-    assert len(errors) == 1 and "measurement failed" in errors[0].data["message"]
+    assert len(errors) == 1 and "measurement failed" in errors[0].message
 
 
 def test_worker_holds_readings_when_a_record_cannot_be_written(tmp_path: Path, urban_rows):
@@ -352,8 +352,8 @@ def test_worker_holds_readings_when_a_record_cannot_be_written(tmp_path: Path, u
     staging.rmdir()
     staging.write_bytes(b"")          # a file where the directory should be: every write fails (ENOTDIR)
     for _ in range(2):
-        h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
-    h.commands.put(ipc.Command(ipc.STOP))       # pause: flush the window now (and fail)
+        h.commands.put(ipc.CaptureNow())
+    h.commands.put(ipc.Stop())       # pause: flush the window now (and fail)
     done = threading.Event()
     t = threading.Thread(target=lambda: (h.worker.run(), done.set()), daemon=True)
     t.start()
@@ -365,9 +365,9 @@ def test_worker_holds_readings_when_a_record_cannot_be_written(tmp_path: Path, u
     assert not any(e.kind == ipc.READY_EVENT for e in events)
     staging.unlink()
     staging.mkdir()                   # the disk is back
-    h.commands.put(ipc.Command(ipc.START))
-    h.commands.put(ipc.Command(ipc.CAPTURE_NOW))
-    h.commands.put(ipc.Command(ipc.SHUTDOWN))
+    h.commands.put(ipc.Start())
+    h.commands.put(ipc.CaptureNow())
+    h.commands.put(ipc.Shutdown())
     t.join(20)
     assert done.is_set(), "worker did not shut down"
     _path, table, meta = h.record()
@@ -395,7 +395,7 @@ def test_readings_dropped_from_a_full_hold_are_logged_and_reported(tmp_path: Pat
     held = h.worker.readings          # the newest two, still held for the next write
     assert readings >= 4 and len(held) == 2
     dropped = [re.match(r"dropped (\d+) held reading\(s\) from (\S+Z) to (\S+Z): record writes keep failing",
-                        e.data["message"]) for e in events if e.kind == ipc.ERROR and e.data["message"].startswith("dropped ")]
+                        e.message) for e in events if e.kind == ipc.ERROR and e.message.startswith("dropped ")]
     assert dropped and all(dropped), events
     assert sum(int(m[1]) for m in dropped) == readings - 2, "every dropped reading is counted, once"
     assert all(m[2] <= m[3] < archive.utc_iso(held[0][0]) for m in dropped), "the oldest are the ones dropped"
@@ -413,9 +413,9 @@ def test_worker_rejects_and_counts_a_reading_outside_the_datasheet_range(tmp_pat
     rows = [(round(float(t), 1), round(float(rh), 1)) for _s, t, rh in table[1:]]
     assert rows == [(21.5, 55.0), (22.0, 56.0), (22.0, 56.0)]
     assert meta["rejected"] == 2 and meta["missed"] == 0 and meta["rows"] == 3
-    temps = [e.data["values"]["temperature_celsius"] for e in events if e.kind == ipc.SAMPLE]
+    temps = [e.values["temperature_celsius"] for e in events if e.kind == ipc.SAMPLE]
     assert [round(t, 1) for t in temps] == [21.5, 22.0, 22.0]    # processors and metrics never saw them
-    errors = [e.data["message"] for e in events if e.kind == ipc.ERROR]
+    errors = [e.message for e in events if e.kind == ipc.ERROR]
     assert len(errors) == 2 and re.search(r"temperature_c=127\.0\d* outside -40\.\.125", errors[0]), errors
     ready = [e for e in events if e.kind == ipc.READY_EVENT]
-    assert ready[0].data["rejected"] == 2                         # -> beemond_readings_rejected_total
+    assert ready[0].rejected == 2                         # -> beemond_readings_rejected_total

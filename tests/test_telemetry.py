@@ -272,12 +272,11 @@ def test_tls_and_a_password_from_a_systemd_credential(tmp_path, keys, password_f
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        commands.put(ipc.Command(ipc.SAMPLE, {"sensor": "hive_climate", "time": 1624060800.25,
-                                              "values": {"temperature_celsius": 34.5}}))
+        commands.put(ipc.Sample(sensor="hive_climate", time=1624060800.25, values={"temperature_celsius": 34.5}))
         states = wait_until(lambda: sub.states("hive_climate"), 20, "a reading over TLS with the login")
         assert states[0]["time"] == "2021-06-19T00:00:00.250Z" and states[0]["values"] == {"temperature_celsius": 34.5}
     finally:
-        commands.put(ipc.Command(ipc.SHUTDOWN))
+        commands.put(ipc.Shutdown())
         thread.join(15)
     assert not thread.is_alive()
     wait_until(lambda: sub.received("/status") and sub.received("/status")[-1][1] == b"offline", 10,
@@ -285,7 +284,7 @@ def test_tls_and_a_password_from_a_systemd_credential(tmp_path, keys, password_f
     events = []
     while events_r.poll():
         events.append(events_r.recv())
-    assert any(e.kind == ipc.TELEMETRY and e.data["connected"] == 1 for e in events)
+    assert any(e.kind == ipc.TELEMETRY and e.connected == 1 for e in events)
 
 
 @pytest.mark.parametrize("telemetry, key", [

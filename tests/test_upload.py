@@ -8,6 +8,7 @@ import datetime
 import fcntl
 import ftplib
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -88,7 +89,7 @@ class Running:
         return list(self.events)
 
     def __exit__(self, *exc) -> None:
-        self.commands.put(ipc.Command(ipc.SHUTDOWN))
+        self.commands.put(ipc.Shutdown())
         self.thread.join(30)
         assert not self.thread.is_alive(), "the uploader did not stop"
         self.uploader.channel.events.close()
@@ -104,21 +105,25 @@ def bundles_left(cfg) -> list[str]:
 
 
 def test_each_transport_is_named_in_the_registry_and_imports_no_other():
-    """Every [upload] protocol but none has a "module:Class" line; loading one transport imports
-    neither the others nor their libraries (paramiko stays out of an FTP uploader)."""
+    """Every [upload] protocol but none has a "module:Class" line naming a class with the transport
+    interface's methods; loading one transport imports neither the others nor their libraries
+    (paramiko stays out of an FTP uploader)."""
     from beemond import registry
 
     assert set(registry.UPLOADS) == {"ftp", "ftps", "sftp", "s3", "local"}
     modules = {spec.partition(":")[0] for spec in registry.UPLOADS.values()}
     for protocol, spec in registry.UPLOADS.items():
-        code = (f"import sys; from beemond import registry; cls = registry.load({spec!r}); "
-                "print(cls.__name__, sorted(m for m in sys.modules if m.startswith('beemond.upload.') or m == 'paramiko'))")
-        name, loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                      cwd=ROOT).stdout.split(" ", 1)
+        code = (f"import json, sys; from beemond import registry; from beemond.upload import transport as t; "
+                f"cls = registry.load({spec!r}); "
+                "need = t.COMMON_METHODS + (t.WHOLE_METHODS if getattr(cls, 'stores_whole', False) else t.PART_METHODS); "
+                "print(json.dumps([cls.__name__, [m for m in need if not callable(getattr(cls, m, None))], "
+                "sorted(m for m in sys.modules if m.startswith('beemond.upload.') or m == 'paramiko')]))")
+        name, missing, loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                          check=True, cwd=ROOT).stdout)
         own = spec.partition(":")[0]
-        assert name == spec.partition(":")[2] and own in loaded, (protocol, loaded)
-        assert not [m for m in modules - {own} if f"'{m}'" in loaded], (protocol, loaded)
-        assert ("'paramiko'" in loaded) == (protocol == "sftp"), (protocol, loaded)
+        assert name == spec.partition(":")[2] and own in loaded and not missing, (protocol, missing, loaded)
+        assert not (modules - {own}) & set(loaded), (protocol, loaded)
+        assert ("paramiko" in loaded) == (protocol == "sftp"), (protocol, loaded)
 
 
 def test_ftp_server_killed_mid_transfer_every_bundle_once(tmp_path, keys, password_file):
@@ -144,9 +149,9 @@ def test_ftp_server_killed_mid_transfer_every_bundle_once(tmp_path, keys, passwo
     for p in root.rglob("*.tar.age"):
         assert p.relative_to(root).parts[:3] == (HOST, "2021-06-19", "hive_audio")
     outbox_events = [e for e in r.events if e.kind == ipc.OUTBOX]
-    assert outbox_events[0].data["files"] == 6 and outbox_events[0].data["bytes"] == 6 * 400_000
-    last = outbox_events[-1].data
-    assert (last["files"], last["bytes"], last["last_upload"]) == (0, 0, r.uploader.last_upload)
+    assert outbox_events[0].files == 6 and outbox_events[0].bytes == 6 * 400_000
+    last = outbox_events[-1]
+    assert (last.files, last.bytes, last.last_upload) == (0, 0, r.uploader.last_upload)
 
 
 def test_200_bundles_through_a_resetting_proxy_all_arrive(tmp_path, keys, password_file):
@@ -226,7 +231,7 @@ def test_ftps_with_ca_file_and_a_wrong_certificate(tmp_path, keys, password_file
             wait_for(lambda: r.uploader.counts["failures"] >= 1, 20, "a failed login")
     finally:
         server.stop()
-    errors = " ".join(e.data.get("message", "") for e in r.events if e.kind == ipc.ERROR)
+    errors = " ".join(e.message for e in r.events if e.kind == ipc.ERROR)
     assert "530" in errors, "the login failure is reported"
     for secret in ("hive-secret", "not-the-hive-secret"):
         assert secret not in caplog.text and secret not in errors, "a password must never reach logs or errors"
@@ -334,7 +339,7 @@ def test_upload_windows_and_rate_limit(tmp_path, keys):
     with Running(cfg) as r:
         wait_for(lambda: len(on_server(nas)) == 3, 20, "the audio bundles")
         elapsed = time.monotonic() - t0
-        wait_for(lambda: [e for e in r.poll_events() if e.kind == ipc.OUTBOX and e.data["files"] == 2], 5,
+        wait_for(lambda: [e for e in r.poll_events() if e.kind == ipc.OUTBOX and e.files == 2], 5,
                  "an OUTBOX event counting the two waiting bundles")
     assert on_server(nas) == made
     assert bundles_left(cfg) == sorted(video), "outside their window, video bundles wait in the outbox"
@@ -369,7 +374,7 @@ def _errors(events_r) -> list[str]:
     while events_r.poll():
         ev = events_r.recv()
         if ev.kind == ipc.ERROR:
-            out.append(ev.data["message"])
+            out.append(ev.message)
     return out
 
 
@@ -426,8 +431,8 @@ def test_spool_limits_take_uploaded_copies_and_only_with_drop_oldest_the_unuploa
     assert at == sorted(at), "oldest first"
     assert "spool full" in log and "with only the newest bundle left" in log
     errors = [ev for ev in _events(events) if ev.kind == ipc.ERROR]
-    assert [ev.data["message"] for ev in errors] == [f"spool full: dropped bundle {n}" for n in waiting[:-1]] + ["spool full"]
-    assert all(ev.data.get("spool") for ev in errors), "told apart from upload errors in the metrics"
+    assert [ev.message for ev in errors] == [f"spool full: dropped bundle {n}" for n in waiting[:-1]] + ["spool full"]
+    assert all(ev.spool for ev in errors), "told apart from upload errors in the metrics"
     assert u.counts["dropped"] == 2 and list(u.known) == [outbox_of(cfg) / waiting[-1]]
     assert u.upload_next() and u.upload_next()
     assert u.counts["uploaded"] == 1 and u.counts["vanished"] == 0
@@ -558,7 +563,7 @@ def _uploaded_order(events_r) -> list[str]:
     while events_r.poll():
         ev = events_r.recv()
         if ev.kind == ipc.UPLOADED:
-            names.append(ev.data["name"])
+            names.append(ev.name)
     return names
 
 

@@ -15,17 +15,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyrage
+from beemond.errors import FormatError, KeyMaterialError
 
 
-class RecipientError(ValueError):
+class RecipientError(KeyMaterialError):
     """A recipient that is not an age or SSH public key, or an unreadable recipients file."""
 
 
-class DecryptError(Exception):
+class DecryptError(FormatError):
     """Not decryptable: no matching identity, or the ciphertext is damaged or truncated."""
 
 
-class IdentityError(ValueError):
+class IdentityError(KeyMaterialError):
     """An identity file with no usable age secret key."""
 
 
@@ -171,7 +172,7 @@ _ARMOR_END = "-----END SSH SIGNATURE-----"
 _KEY_TYPE = b"ssh-ed25519"
 
 
-class SignatureError(Exception):
+class SignatureError(FormatError):
     """A bundle that fails signature verification. ``reason`` is a short code: ``unsigned``,
     ``malformed``, ``untrusted``, ``truncated``, ``mismatch``; ``str()`` is the sentence for a person."""
 
@@ -180,7 +181,7 @@ class SignatureError(Exception):
         super().__init__(message)
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(KeyMaterialError):
     """An unreadable signing key, or a file that is not an Ed25519 key."""
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from beemond import names
+from beemond.errors import FormatError
 from beemond.spool import atomic_writer
 
 FORMAT = "beemond-bundle/1"
@@ -49,7 +50,7 @@ MANIFEST = "manifest.json"
 CHUNK = 1 << 20
 
 
-class BundleError(Exception):
+class BundleError(FormatError):
     """A bundle that fails verification. ``reason``: ``manifest`` (bad manifest, missing or extra member,
     hash mismatch), ``signer`` (the manifest names another key than the one that signed), ``unsafe`` (a member name or type no bundle has), ``oversize`` (over a
     :class:`Limits` bound or the ciphertext's own size)."""

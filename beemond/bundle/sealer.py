@@ -16,7 +16,7 @@ name (:func:`bundle_name`), so the aggregator can tell that a bundle reached the
 Order of durability (:func:`seal`): the signature, then the bundle are fsynced and renamed into
 ``outbox/`` and the directory fsynced; the caller deletes the staged records only after it returned.
 
-Only the aggregator imports this module (it loads pyrage through :mod:`beemond.bundle.crypto`).
+In the daemon only the aggregator imports this module (it loads pyrage through :mod:`beemond.bundle.crypto`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 from beemond import __version__, archive
 from beemond.bundle import crypto
 from beemond.bundle.format import FORMAT, MANIFEST, BundleError
+from beemond.errors import BeemondError, SpoolError
 from beemond.spool import bundle_filename
 
 CHUNK = 1 << 20
@@ -170,7 +171,7 @@ class TarStream(io.RawIOBase):
         super().close()
 
 
-class RecordError(Exception):
+class RecordError(SpoolError):
     """One staged record could not be read; the others can still be sealed without it."""
 
     def __init__(self, record: Record, error: OSError):
@@ -178,7 +179,7 @@ class RecordError(Exception):
         super().__init__(f"cannot read record {record.path}: {error.strerror or error}")
 
 
-class _Cancelled(Exception):
+class _Cancelled(BeemondError):
     pass
 
 

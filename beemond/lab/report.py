@@ -4,7 +4,7 @@ Per hive and UTC day, ``DIR/<host>/<date>.png``: one panel per quantity present,
 (UTC): temperature (°C), relative humidity (%RH), weight (kg), CO₂ (ppm) from the daily CSVs (columns
 ``*temperature_c``, ``*_rh``, ``*weight_kg``, ``*co2_ppm``), and audio band power (dB re full scale²,
 from the audio band power records' ``bands``). A gap is drawn as a gap: the line breaks wherever the day's
-``gaps.csv`` lists one or two readings lie more than :data:`ingest.HOLE_FACTOR` sampling intervals apart,
+``gaps.csv`` lists one or two readings lie more than :data:`~beemond.lab.tables.HOLE_FACTOR` sampling intervals apart,
 never interpolated across, and a listed gap is shaded. Beside each PNG, ``<date>.json`` holds exactly the
 arrays that were plotted (``{"panels": [{"title", "unit", "series": [{"label", "t": [ISO...],
 "v": [number or null (a break)]}]}], "gaps": [...]}``), so what a picture shows can be checked
@@ -30,9 +30,11 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import archive
-from beemond.config import HOST_RE
-from beemond.lab import ingest
+from beemond import spool
+from beemond.clock import parse_iso, utc_iso
+from beemond.lab.ledger import LEDGER
+from beemond.lab.tables import GAPS, HOLE_FACTOR
+from beemond.names import HOST_RE
 
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 QUANTITIES = [  # (title, unit, column test)
@@ -45,7 +47,7 @@ QUANTITIES = [  # (title, unit, column test)
 
 def _t(text: str) -> float | None:
     try:
-        return archive.parse_iso(text).timestamp()
+        return parse_iso(text).timestamp()
     except (ValueError, TypeError):
         return None
 
@@ -55,7 +57,7 @@ def _with_breaks(points: list[tuple[float, str, float]], gaps: list[tuple[float,
     gap or lie more than HOLE_FACTOR median steps apart."""
     points = sorted(points)
     steps = [b[0] - a[0] for a, b in zip(points, points[1:]) if b[0] > a[0]]
-    limit = ingest.HOLE_FACTOR * sorted(steps)[len(steps) // 2] if steps else math.inf
+    limit = HOLE_FACTOR * sorted(steps)[len(steps) // 2] if steps else math.inf
     ts, vs = [], []
     for i, (t, iso, v) in enumerate(points):
         if i:
@@ -72,7 +74,7 @@ def day_data(day_dir: Path) -> dict:
     """The panels of one host's day (see the module docstring), from ``DATA_DIR/<host>/<date>/``."""
     host, date = day_dir.parent.name, day_dir.name
     gaps, alerts = [], []
-    for g in sorted(day_dir.glob(f"*/{ingest.GAPS}")):
+    for g in sorted(day_dir.glob(f"*/{GAPS}")):
         for row in list(csv.reader(open(g, newline="", encoding="utf-8")))[1:]:
             if len(row) >= 4:
                 gaps.append({"sensor": g.parent.name, "start": row[0], "end": row[1], "duration_s": row[2],
@@ -105,11 +107,11 @@ def day_data(day_dir: Path) -> dict:
             panels.append({"title": title, "unit": unit, "series": series})
     bands: dict[str, list] = {}
     for rec in sorted(day_dir.glob("*/*.json")):
-        if rec.name.endswith(archive.META_SUFFIX):
+        if rec.name.endswith(spool.META_SUFFIX):
             continue
         try:
             body = json.loads(rec.read_text(encoding="utf-8"))
-            meta = json.loads(archive.sidecar_of(rec).read_text(encoding="utf-8"))
+            meta = json.loads(spool.sidecar_of(rec).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):  # a record nested deeper than the parser's stack
             continue
         start = meta.get("start", "")
@@ -144,7 +146,7 @@ def plot_day(data: dict, png: Path) -> None:
     fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n + 0.8), sharex=True, squeeze=False)
     for ax, panel in zip(axes[:, 0], data["panels"]):
         for s in panel["series"]:
-            x = [archive.parse_iso(t) for t in s["t"]]
+            x = [parse_iso(t) for t in s["t"]]
             y = [math.nan if v is None else v for v in s["v"]]
             ax.plot(x, y, label=s["label"], linewidth=1.2)
         for g in data["gaps"]:
@@ -161,7 +163,7 @@ def plot_day(data: dict, png: Path) -> None:
     axes[-1, 0].set_xlabel("time (UTC)")
     fig.suptitle(f"{data['host']} {data['date']}")
     fig.tight_layout()
-    tmp = archive.temp_name(png.parent, png.name)
+    tmp = spool.temp_name(png.parent, png.name)
     fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     os.replace(tmp, png)
@@ -169,7 +171,7 @@ def plot_day(data: dict, png: Path) -> None:
 
 def _last_uploads(data_dir: Path) -> dict[str, str]:
     """{host: newest bundle mtime (upload time) as ISO} from the ledger; {} without one."""
-    path = data_dir / ingest.LEDGER
+    path = data_dir / LEDGER
     if not path.exists():
         return {}
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -178,7 +180,7 @@ def _last_uploads(data_dir: Path) -> dict[str, str]:
                           "GROUP BY b.host").fetchall()
     finally:
         db.close()
-    return {h: archive.utc_iso(datetime.fromtimestamp(ns / 1e9, timezone.utc)) for h, ns in rows if ns}
+    return {h: utc_iso(datetime.fromtimestamp(ns / 1e9, timezone.utc)) for h, ns in rows if ns}
 
 
 def build(data_dir, out) -> Path:
@@ -198,7 +200,7 @@ def build(data_dir, out) -> Path:
         for day in days:
             data = day_data(day)
             plot_day(data, out / host_dir.name / f"{day.name}.png")
-            with archive.atomic_writer(out / host_dir.name / f"{day.name}.json", "w", sync_dir=False) as f:
+            with spool.atomic_writer(out / host_dir.name / f"{day.name}.json", "w", sync_dir=False) as f:
                 json.dump(data, f, indent=1)
             last = max((t for p in data["panels"] for s in p["series"] for t, v in zip(s["t"], s["v"]) if v is not None),
                        default="")
@@ -212,7 +214,7 @@ def build(data_dir, out) -> Path:
         row["gap_hours"] = round(row["gap_hours"], 2)
         fleet.append(row)
     index = out / "index.html"
-    with archive.atomic_writer(index, "w", encoding="utf-8") as f:
+    with spool.atomic_writer(index, "w", encoding="utf-8") as f:
         f.write(render_index(fleet))
     return index
 

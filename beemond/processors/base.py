@@ -41,6 +41,7 @@ from pathlib import Path
 from beemond import archive, ipc
 from beemond.records import stage, staged_metadata, staged_name
 from beemond.spool import Spool
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Spacing:
         return True
 
 
-class ProcessorWorker:
+class ProcessorWorker(Worker):
     """Subclasses implement :meth:`process_record` and/or :meth:`process_sample`."""
 
     ext = "json"
@@ -129,20 +130,16 @@ class ProcessorWorker:
         """One reading of the sensor (``{quantity: value}``) -> a result or None."""
         return None
 
-    # -- loop
-    def run(self) -> None:
+    # -- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         log.info("processing %s's %s", self.proc.sensor, "records" if self.uses_records() else "samples")
-        try:
-            for path in self.leftovers():
-                self.handle_record(path)
-                self.channel.beat()  # a long backlog must not look like a hung worker
-            while True:
-                cmd = self.channel.receive(timeout=3600)
-                if cmd is not None and not self.handle(cmd):
-                    return
-        finally:
-            # Within the processors' share of the shutdown; a record still queued after it is logged as lost.
-            self.writer.close(timeout=SHUTDOWN_WRITE_S)
+        for path in self.leftovers():
+            self.handle_record(path)
+            self.channel.beat()  # a long backlog must not look like a hung worker
+
+    def cleanup(self) -> None:
+        # Within the processors' share of the shutdown; a record still queued after it is logged as lost.
+        self.writer.close(timeout=SHUTDOWN_WRITE_S)
 
     def uses_records(self) -> bool:
         return type(self).process_record is not ProcessorWorker.process_record
@@ -153,22 +150,17 @@ class ProcessorWorker:
                  and not p.name.endswith(archive.META_SUFFIX)]
         return sorted(paths, key=lambda p: (p.stat().st_mtime, p.name))
 
-    def handle(self, cmd: ipc.Command) -> bool:
-        """Act on one command; False once the worker should end."""
-        if cmd.kind == ipc.SHUTDOWN:
-            log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-            return False
-        if cmd.kind == ipc.STOP:
-            self.paused = True
-            log.info("paused by command")
-        elif cmd.kind == ipc.START:
-            self.paused = False
-            log.info("resumed by command")
-        elif cmd.kind == ipc.RECORD_READY:
-            self.handle_record(Path(cmd.args["path"]))
-        elif cmd.kind == ipc.SAMPLE:
-            self.handle_sample(cmd.args)
-        return True
+    def pause(self) -> None:
+        log.info("paused by command")
+
+    def resume(self) -> None:
+        log.info("resumed by command")
+
+    def on_record_ready(self, cmd: ipc.RecordReady) -> None:
+        self.handle_record(Path(cmd.path))
+
+    def on_sample(self, cmd: ipc.Sample) -> None:
+        self.handle_sample(cmd)
 
     def _admit(self, data_time: float, monotonic_now: float) -> bool:
         if self.paused:
@@ -210,11 +202,11 @@ class ProcessorWorker:
             path.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
 
-    def handle_sample(self, sample: dict) -> None:
-        data_time = float(sample.get("time") or time.time())
+    def handle_sample(self, sample: ipc.Sample) -> None:
+        data_time = float(sample.time or time.time())
         if not self._admit(data_time, time.monotonic()):
             return
-        result = self.process_sample(sample.get("values", {}), data_time)
+        result = self.process_sample(sample.values or {}, data_time)
         if result is not None:
             self.emit(result, data_time, data_time)
 

@@ -32,8 +32,10 @@ from beemond.clock import Backoff, Clock
 from beemond.records import stage, staged_metadata, staged_name, staged_twin, write_staged
 from beemond.sensors import seams
 from beemond.sensors.periodic import PeriodicValuePoller
+from beemond.errors import PersistentSensorError
 from beemond.sensors.power import power_switch
 from beemond.spool import Spool
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,11 @@ READ_RETRY = Backoff(0.02, 0.5)   # between read attempts of one measurement (s)
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
 
 
-class SensorFailure(RuntimeError):
+class SensorFailure(PersistentSensorError):
     """The device failed persistently; the worker exits so the orchestrator restarts it."""
 
 
-class PolledSensorWorker:
+class PolledSensorWorker(Worker):
     """Subclasses set ``columns`` and implement :meth:`read` (one reading as a tuple of floats)."""
 
     columns: tuple[str, ...] = ()
@@ -125,8 +127,8 @@ class PolledSensorWorker:
             return tuple(kept), why
         return None, why
 
-    def on_sample(self, sample: dict) -> None:
-        """Another sensor's reading, forwarded because ``subscribes_to`` names it (``ipc.SAMPLE``)."""
+    def on_sample(self, sample: ipc.Sample) -> None:
+        """Another sensor's reading, forwarded because ``subscribes_to`` names it."""
 
     def replay_position(self) -> dict | None:
         """Simulated backend: where the replay stands (JSON), kept in the journal; None otherwise."""
@@ -138,49 +140,50 @@ class PolledSensorWorker:
     def close(self) -> None:
         pass
 
-    # -- loop
-    def run(self) -> None:
+    # -- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         interval = self.sensor.interval_s
-        poller = PeriodicValuePoller(interval, self.measure_once)
+        self.poller = PeriodicValuePoller(interval, self.measure_once)
         log.info("recording every %g s, a record per %g s", interval, self.sensor.record_window_s)
         try:
             self.fold_journal()
         except OSError as e:   # disk full or read-only: the journal stays for the next start
             log.error("cannot fold the reading journal: %s", e)
-        try:
-            while True:
-                now = time.monotonic()
-                deadlines = [poller.due()]
-                if self.window_opened is not None:
-                    deadlines.append(self.window_opened + self.sensor.record_window_s)
-                if self.journal.due() is not None:
-                    deadlines.append(self.journal.due())
-                cmd = self.channel.receive(timeout=max(0.0, min(deadlines) - now))
-                if cmd is not None:
-                    if cmd.kind == ipc.SHUTDOWN:
-                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-                        break
-                    if cmd.kind == ipc.STOP:
-                        self.paused = True
-                        self.flush()
-                    elif cmd.kind == ipc.START:
-                        self.paused = False
-                        poller.restart()
-                    elif cmd.kind == ipc.CAPTURE_NOW:
-                        self.measure_once()
-                    elif cmd.kind == ipc.SAMPLE:
-                        self.on_sample(cmd.args)
-                now = time.monotonic()
-                if not self.paused and now >= poller.due():
-                    skipped = poller.skipped
-                    poller.poll(now)  # measures; the grid stays fixed and a long stall is skipped, not burst
-                    if poller.skipped > skipped:
-                        log.warning("fell behind by %d interval(s); skipping them", poller.skipped - skipped)
-                self._journal_sync(now)
-                if self.window_opened is not None and now - self.window_opened >= self.sensor.record_window_s:
-                    self.flush()
-        finally:
+
+    def timeout(self) -> float:
+        deadlines = [self.poller.due()]
+        if self.window_opened is not None:
+            deadlines.append(self.window_opened + self.sensor.record_window_s)
+        if self.journal.due() is not None:
+            deadlines.append(self.journal.due())
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def on_stop(self, cmd: ipc.Stop) -> None:
+        self.paused = True
+        self.flush()
+
+    def on_start(self, cmd: ipc.Start) -> None:
+        self.paused = False
+        self.poller.restart()
+
+    def on_capture_now(self, cmd: ipc.CaptureNow) -> None:
+        self.measure_once()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.paused and now >= self.poller.due():
+            skipped = self.poller.skipped
+            self.poller.poll(now)  # measures; the grid stays fixed and a long stall is skipped, not burst
+            if self.poller.skipped > skipped:
+                log.warning("fell behind by %d interval(s); skipping them", self.poller.skipped - skipped)
+        self._journal_sync(now)
+        if self.window_opened is not None and now - self.window_opened >= self.sensor.record_window_s:
             self.flush()
+
+    def cleanup(self) -> None:
+        try:
+            self.flush()
+        finally:
             self.journal.close()
             self.close()
             self.power.close()

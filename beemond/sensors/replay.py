@@ -2,7 +2,10 @@
 
 Made for the UrBAN 2021 in-hive data in ``data/urban-2021/`` (see its README.md: columns
 ``Date`` (UTC), ``Tag number``, ``temperature`` in °C, ``humidity`` in %RH; CC BY 4.0, Abdollahi et
-al. 2024, doi:10.20383/103.0972), but every column name and the row filter are configurable.
+al. 2024, doi:10.20383/103.0972), but every column name and the row filter are configurable, and any
+quantity can be replayed: a sensor reads a mapping quantity -> CSV column (``{"temperature_c":
+"temperature", "co2_ppm": "co2"}``, see :class:`beemond.sensors.section.ReplayConfig`), and each
+:class:`Row` holds those quantities by name.
 
 Fidelity: rows keep their file order, stably sorted by time only (never by value); rows that share a
 timestamp are all kept; only exact duplicate lines are dropped (the UrBAN subset lists every row of
@@ -40,11 +43,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """One replayed row: ``row.temperature_c`` (or ``row.values["temperature_c"]``) is the value of
+    that quantity's column; :meth:`get` gives ``None`` for a quantity the replay does not read."""
+
     index: int          # position among the replayed rows, from 0
     time: datetime      # UTC
-    temperature_c: float
-    humidity_rh: float | None = None   # None when the sensor does not read humidity
-    pressure_pa: float | None = None   # only with a pressure column
+    values: dict        # quantity -> float
+
+    def __getattr__(self, quantity: str) -> float:
+        try:
+            return self.values[quantity]
+        except KeyError:
+            raise AttributeError(f"the replay reads no {quantity!r} (it reads {', '.join(self.values)})") from None
+
+    def get(self, quantity: str, default=None):
+        return self.values.get(quantity, default)
 
 
 def _parse_time(text: str, tz: tzinfo = timezone.utc) -> datetime:
@@ -82,13 +95,11 @@ class CsvReplay:
         self._served: Row | None = None
 
     @classmethod
-    def from_config(cls, rc, values: tuple[str, ...] = ("temperature", "humidity")) -> "CsvReplay":
-        """*values*: the quantities the sensor reads (``temperature``, ``humidity``; ``pressure`` is
-        read whenever ``rc.pressure_column`` is set)."""
+    def from_config(cls, rc, columns: dict[str, str]) -> "CsvReplay":
+        """The replay a ``[replay]`` table *rc* describes, reading *columns* (quantity -> CSV column:
+        the sensor section's ``replay_columns()``). Raises ``ValueError``, ``OSError``."""
         skipped: dict[str, int] = {}
-        rows = load_rows(rc.file, rc.time_column, rc.temperature_column,
-                         rc.humidity_column if "humidity" in values else "",
-                         rc.filter_column, rc.filter_value, rc.pressure_column,
+        rows = load_rows(rc.file, rc.time_column, columns, rc.filter_column, rc.filter_value,
                          tz=zone(getattr(rc, "timezone", "")), skipped=skipped)
         if skipped:
             log.warning("replay %s: skipped %s", rc.file.name,
@@ -150,15 +161,15 @@ def read_header(path: Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
-def load_rows(path: Path, time_column: str, temperature_column: str, humidity_column: str = "",
-              filter_column: str = "", filter_value: str = "", pressure_column: str = "",
-              tz: tzinfo = timezone.utc, skipped: dict[str, int] | None = None) -> list[Row]:
-    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset).
+def load_rows(path: Path, time_column: str, columns: dict[str, str], filter_column: str = "",
+              filter_value: str = "", tz: tzinfo = timezone.utc, skipped: dict[str, int] | None = None) -> list[Row]:
+    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset), each
+    as a :class:`Row` of the quantities in *columns* (quantity -> CSV column).
 
-    Only the named columns are read (*humidity_column* and *pressure_column* may be ``""``); a missing
-    named column raises ``ValueError``. A row whose time or a named value is empty or unparseable is
-    left out and counted in *skipped* (column -> count). Exact duplicate lines are dropped; the rest
-    keep their file order, stably sorted by time. Naive times are in *tz*.
+    Only the named columns are read; a missing named column raises ``ValueError``. A row whose time or
+    a named value is empty or unparseable is left out and counted in *skipped* (column -> count).
+    Exact duplicate lines are dropped; the rest keep their file order, stably sorted by time. Naive
+    times are in *tz*.
     """
     skipped = skipped if skipped is not None else {}
     counts = collections.Counter()
@@ -167,7 +178,7 @@ def load_rows(path: Path, time_column: str, temperature_column: str, humidity_co
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, [])
-        named = [c for c in (time_column, temperature_column, humidity_column, pressure_column, filter_column) if c]
+        named = [c for c in (time_column, *columns.values(), filter_column) if c]
         for col in named:
             if col not in header:
                 raise ValueError(f"column {col!r} not in {Path(path).name} (has: {', '.join(header)})")
@@ -186,19 +197,16 @@ def load_rows(path: Path, time_column: str, temperature_column: str, humidity_co
             except ValueError:
                 counts[time_column] += 1
                 continue
-            values = []
-            for col in (temperature_column, humidity_column, pressure_column):
-                if not col:
-                    values.append(None)
-                    continue
+            values = {}
+            for quantity, col in columns.items():
                 try:
-                    values.append(float(fields[at[col]]))
+                    values[quantity] = float(fields[at[col]])
                 except ValueError:
                     counts[col] += 1
                     values = None
                     break
             if values is not None:
-                rows.append((t, *values))
+                rows.append((t, values))
     skipped.update(counts)
     rows.sort(key=lambda r: r[0])   # stable: rows of one time keep their file order
-    return [Row(i, t, temp, rh, pa) for i, (t, temp, rh, pa) in enumerate(rows)]
+    return [Row(i, t, values) for i, (t, values) in enumerate(rows)]

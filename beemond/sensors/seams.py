@@ -29,13 +29,12 @@ from typing import Any, Callable
 
 from beemond import registry
 
-SIMULATED = "simulated"
 SYSFS_W1_DEVICES = Path("/sys/bus/w1/devices")
 
 
 def simulated(section) -> bool:
     """Whether *section* (a sensor's config) runs against an emulator instead of its hardware."""
-    return section.backend == SIMULATED
+    return section.simulated
 
 
 def emulator(sensor):
@@ -61,7 +60,7 @@ def i2c_bus(sensor) -> tuple[Any, Any, Any]:
     from beemond.sensors.emulated_i2c import EmulatedSMBus
     from beemond.sensors.replay import CsvReplay
 
-    replay = CsvReplay.from_config(sensor.replay)
+    replay = CsvReplay.from_config(sensor.replay, sensor.replay_columns())
     chip = emulator(sensor).emulated_chip(sensor, replay)
     return EmulatedSMBus(sensor.bus, {sensor.address: chip}), chip, replay
 
@@ -109,7 +108,7 @@ def serial_port(sensor, request: bytes) -> tuple[str, Any]:
         return sensor.port, None
     emu = emulator(sensor)
     device = emu.ScaleEmulator(emu.serial_source(sensor), request=request,
-                               period_s=emu.simulation(sensor).line_period_s).start()
+                               period_s=sensor.simulation_or_default().line_period_s).start()
     return device.path, device
 
 
@@ -126,7 +125,7 @@ def input_stream(sensor, hardware: Callable[..., tuple[Any, str]], **kwargs) -> 
         return hardware(**kwargs)
     stream = emulator(sensor).SimulatedInputStream(tone_hz=sensor.tone_hz, noise=sensor.noise,
                                                    overflow_every=sensor.overflow_every, **kwargs)
-    return stream, SIMULATED
+    return stream, "simulated"   # the device name in logs and record metadata
 
 
 # ---------------------------------------------------------------------------------------------- camera

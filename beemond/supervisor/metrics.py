@@ -24,8 +24,10 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
   ``beemond_uploaded_files_total``, ``beemond_uploaded_bytes_total``, ``beemond_upload_errors_total``
   (failed upload attempts; the uploader's spool-limit errors count in ``beemond_errors_total`` only),
   ``beemond_worker_restarts_total{worker, role}``.
-- gauges: ``beemond_worker_up{worker, role}``, ``beemond_worker_state{worker, role, state}`` (1 for
-  the current of running, backoff, failed, stopped), ``beemond_worker_next_retry_timestamp_seconds{worker,
+- gauges: ``beemond_worker_up{worker, role}``, ``beemond_worker_state{worker, role, beemond_worker_state}``
+  (a StateSet: one series per :class:`beemond.supervisor.state.WorkerState`, 1 for the current one, so
+  a worker restarting or being removed during a reload never reads all-zero; prometheus_client names
+  the state label after the metric), ``beemond_worker_next_retry_timestamp_seconds{worker,
   role}`` (when a worker in backoff restarts, or a failed one is tried again), ``beemond_staging_files``, ``beemond_staging_bytes``,
   ``beemond_outbox_files``, ``beemond_outbox_bytes``, ``beemond_last_upload_timestamp_seconds``,
   ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (beemond.clock's answer),
@@ -49,6 +51,7 @@ from datetime import datetime, timezone
 from beemond import __version__, ipc
 from beemond.clock import utc_iso
 from beemond.spool import OUTBOX, STAGING, Spool
+from beemond.supervisor.state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,6 @@ LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # over kilograms to avoid issues with the kilo prefix".
 PROMETHEUS_UNITS = {"_kilograms": ("_grams", 1000.0)}
 SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scrapes come every 15 s or so)
-STATES = ("running", "backoff", "failed", "stopped")
-RETRIED = ("backoff", "failed")   # states with a next start (orchestrator.Worker.restart_at)
 
 
 def clock_synchronised(check=None) -> bool | None:
@@ -130,46 +131,45 @@ class Health:
     # ---- observer (orchestrator thread)
     def __call__(self, w, ev: ipc.Event) -> None:
         with self.lock:
-            kind, data = ev.kind, ev.data
-            if kind == ipc.SAMPLE:
-                labels = tuple(sorted((k, str(v)) for k, v in (data.get("labels") or {}).items() if LABEL_RE.match(k)))
-                sensor = str(data.get("sensor", w.name))
+            if isinstance(ev, ipc.Sample):
+                labels = tuple(sorted((k, str(v)) for k, v in (ev.labels or {}).items() if LABEL_RE.match(k)))
+                sensor = ev.sensor or w.name
                 now = time.monotonic()
-                for quantity, value in (data.get("values") or {}).items():
+                for quantity, value in (ev.values or {}).items():
                     if QUANTITY_RE.match(quantity) and isinstance(value, (int, float)):
                         self.readings[(quantity, sensor, labels)] = (float(value), now, ev.time)
-            elif kind == ipc.READY_EVENT:
-                sensor = str(data.get("sensor", w.name))
+            elif isinstance(ev, ipc.RecordWritten):
+                sensor = ev.sensor or w.name
                 self.records[sensor] += 1
-                # Sent only when non-zero (sensors.base.EVENT_COUNTS): a series appears with its first.
-                if data.get("overflows"):
-                    self.overflows[sensor] += int(data["overflows"])
-                if data.get("missed"):
-                    self.missed[sensor] += int(data["missed"])
-                if data.get("rejected"):
-                    self.rejected[sensor] += int(data["rejected"])
-            elif kind == ipc.ERROR:
+                # Non-zero only where counted (sensors.base.EVENT_COUNTS): a series appears with its first.
+                if ev.overflows:
+                    self.overflows[sensor] += ev.overflows
+                if ev.missed:
+                    self.missed[sensor] += ev.missed
+                if ev.rejected:
+                    self.rejected[sensor] += ev.rejected
+            elif isinstance(ev, ipc.Error):
                 self.errors[w.name] += 1
-                self.last_error[w.name] = (str(data.get("message", "")), ev.time)
-                if w.role == "uploader" and not data.get("spool"):
+                self.last_error[w.name] = (ev.message, ev.time)
+                if w.role == "uploader" and not ev.spool:
                     self.upload_errors += 1  # a spool-limits error of the uploader is not an upload error
-            elif kind == ipc.BUNDLE_SEALED:
+            elif isinstance(ev, ipc.BundleSealed):
                 self.sealed += 1
-            elif kind == ipc.UPLOADED:
+            elif isinstance(ev, ipc.Uploaded):
                 self.uploaded_files += 1
-                self.uploaded_bytes += int(data.get("bytes", 0) or 0)
+                self.uploaded_bytes += int(ev.bytes or 0)
                 self.last_upload = ev.time
-            elif kind == ipc.OUTBOX:
-                self.outbox_event = (int(data.get("files", 0)), int(data.get("bytes", 0)))
-                if data.get("last_upload"):
-                    self.last_upload = max(self.last_upload or 0.0, float(data["last_upload"]))
-            elif kind == ipc.TELEMETRY:
-                for key in ("published", "dropped"):
-                    self.telemetry[key] += int(data.get(key, 0) or 0)
-                for key in ("buffered", "connected"):
-                    self.telemetry[key] = int(data.get(key, 0) or 0)
-            elif kind == ipc.ALERT:
-                self.alerts[(str(data.get("sensor", w.name)), str(data.get("alert", "alert")))] += 1
+            elif isinstance(ev, ipc.Outbox):
+                self.outbox_event = (int(ev.files), int(ev.bytes))
+                if ev.last_upload:
+                    self.last_upload = max(self.last_upload or 0.0, float(ev.last_upload))
+            elif isinstance(ev, ipc.Telemetry):
+                self.telemetry["published"] += ev.published
+                self.telemetry["dropped"] += ev.dropped
+                self.telemetry["buffered"] = ev.buffered
+                self.telemetry["connected"] = ev.connected
+            elif isinstance(ev, ipc.Alert):
+                self.alerts[(ev.sensor or w.name, ev.alert or "alert")] += 1
 
     # ---- helpers (any thread, lock held by the caller)
     def _fresh(self):
@@ -183,7 +183,7 @@ class Health:
         card never holds up the orchestrator's events."""
         outbox_event = self.outbox_event
         uploader = self.workers.get("uploader")
-        if which == OUTBOX and outbox_event is not None and uploader is not None and uploader.state == "running":
+        if which == OUTBOX and outbox_event is not None and uploader is not None and uploader.state == WorkerState.RUNNING:
             # The uploader's own view of its queue (ipc.OUTBOX); while it is down its last word goes
             # stale as the aggregator keeps sealing, so the directory is counted instead.
             return outbox_event
@@ -197,13 +197,15 @@ class Health:
 
     # ---- Prometheus collector (HTTP server thread)
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily,
+                                            StateSetMetricFamily)
 
         h = self.host
         usage = {which: self._scan(which) for which in (STAGING, OUTBOX)}
         with self.lock:
-            yield _gauge(GaugeMetricFamily, "beemond_build_info", "beemond version and Python, value 1",
-                         ["host", "version", "python"], [([h, __version__, platform.python_version()], 1)])
+            build = InfoMetricFamily("beemond_build", "beemond version and Python", labels=["host"])
+            build.add_metric([h], {"version": __version__, "python": platform.python_version()})
+            yield build
             fresh = [(*prometheus_unit(q, v), sensor, dict(labels)) for q, sensor, labels, v, _a, _w in self._fresh()]
             # One family has one set of label names: the union of its series' extra labels (a DS18B20's
             # position beside a BME280's none); a series without one exports it empty, which
@@ -237,14 +239,17 @@ class Health:
                 yield _counter(CounterMetricFamily, name, doc, ["host"], [([h], value)])
             workers = list(self.workers.values())
             yield _gauge(GaugeMetricFamily, "beemond_worker_up", "1 while the worker process runs",
-                         ["host", "worker", "role"], [([h, w.name, w.role], int(w.state == "running")) for w in workers])
-            yield _gauge(GaugeMetricFamily, "beemond_worker_state", "1 for the worker's current state",
-                         ["host", "worker", "role", "state"],
-                         [([h, w.name, w.role, s], int(w.state == s)) for w in workers for s in STATES])
+                         ["host", "worker", "role"],
+                         [([h, w.name, w.role], int(w.state == WorkerState.RUNNING)) for w in workers])
+            states = StateSetMetricFamily("beemond_worker_state", "the worker's current state",
+                                          labels=["host", "worker", "role"])
+            for w in workers:
+                states.add_metric([h, w.name, w.role], {s.value: w.state == s for s in WorkerState})
+            yield states
             yield _gauge(GaugeMetricFamily, "beemond_worker_next_retry_timestamp_seconds",
                          "when a worker in backoff restarts or a failed one is tried again",
                          ["host", "worker", "role"],
-                         [([h, w.name, w.role], next_start_wall(w)) for w in workers if w.state in RETRIED])
+                         [([h, w.name, w.role], next_start_wall(w)) for w in workers if w.state.retried])
             yield _counter(CounterMetricFamily, "beemond_worker_restarts_total", "restarts of each worker",
                            ["host", "worker", "role"], [([h, w.name, w.role], max(0, w.starts - 1)) for w in workers])
             for which, (files, size) in usage.items():
@@ -311,12 +316,12 @@ class Health:
             workers = []
             for w in list(self.workers.values()):
                 entry = {"name": w.name, "role": w.role, "state": w.state, "paused": w.paused,
-                         "pid": w.process.pid if w.process is not None and w.state == "running" else None,
+                         "pid": w.process.pid if w.process is not None and w.state == WorkerState.RUNNING else None,
                          "restarts": max(0, w.starts - 1), "errors": self.errors.get(w.name, 0),
                          "readings": readings.get(w.name, {})}
-                if w.state == "running":
+                if w.state == WorkerState.RUNNING:
                     entry["up_s"] = round(now_m - w.started, 1)
-                if w.state in RETRIED:
+                if w.state.retried:
                     entry["restart_in_s"] = round(max(0.0, w.restart_at - now_m), 1)
                 if w.name in self.last_error:
                     msg, t = self.last_error[w.name]

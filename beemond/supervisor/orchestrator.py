@@ -33,6 +33,7 @@ for, so the orchestrator exits last and systemd finds nothing left to SIGKILL. E
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -50,6 +51,7 @@ from beemond.supervisor.processes import discard_queue, forkserver_preload, stop
 from beemond.supervisor.reload import Reloading, bundle_key_files
 from beemond.supervisor.state import ALIVE, RestartPolicy, Worker, WorkerState
 from beemond.supervisor.status import Reporting
+from beemond.worker import worker_main
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,7 @@ class Orchestrator(Reloading, Reporting):
             discard_queue(w.commands)
         w.commands = self.ctx.Queue()
         reader, writer = self.ctx.Pipe(duplex=False)
-        w.process = self.ctx.Process(target=ipc.worker_main, name=f"beemond-{w.name}",
+        w.process = self.ctx.Process(target=worker_main, name=f"beemond-{w.name}",
                                      args=(w.role, w.name, self.cfg, w.commands, writer), daemon=False)
         w.process.start()
         writer.close()  # so a dead worker's pipe reads as EOF here
@@ -237,15 +239,15 @@ class Orchestrator(Reloading, Reporting):
             target = self.workers.get(name)
             if target is None or target.state in (WorkerState.FAILED, WorkerState.STOPPED):
                 continue
-            if ev.kind == ipc.READY_EVENT:
+            if isinstance(ev, ipc.RecordWritten):
                 try:
-                    link = link_record(self.cfg.spool, name, Path(ev.data["path"]))
+                    link = link_record(self.cfg.spool, name, Path(ev.path))
                 except OSError as e:
-                    log.warning("cannot pass record %s to processor %s: %s", ev.data["path"], name, e)
+                    log.warning("cannot pass record %s to processor %s: %s", ev.path, name, e)
                     continue
-                self._command(name, ipc.Command(ipc.RECORD_READY, {"path": str(link), "sensor": w.name}))
+                self._command(name, ipc.RecordReady(str(link), w.name))
             else:
-                self._command(name, ipc.Command(ipc.SAMPLE, {**ev.data, "time": ev.time}))
+                self._command(name, ev)   # the Sample itself: its time is the reading's
 
     # ---- the wait loop
     def _next_timer(self, end_at: float | None) -> float:
@@ -287,31 +289,29 @@ class Orchestrator(Reloading, Reporting):
     def _on_event(self, w: Worker, ev: ipc.Event) -> None:
         w.last_heartbeat = time.monotonic()
         w.reported = True
-        if ev.kind in (ipc.READY_EVENT, ipc.SAMPLE):
+        if isinstance(ev, (ipc.RecordWritten, ipc.Sample)):
             self._feed_processors(w, ev)  # first: the aggregator may delete a staged record at once
-        if ev.kind == ipc.READY_EVENT:
+        if isinstance(ev, ipc.RecordWritten):
             agg = self.workers.get("aggregator")
             if agg is not None and agg.state == WorkerState.RUNNING:
-                agg.commands.put(ipc.Command(ipc.RECORD_READY, {"path": ev.data["path"]}))
+                agg.commands.put(ipc.RecordReady(ev.path, ev.sensor))
             # else: the aggregator's rescan at its restart finds the record on disk
-        elif ev.kind == ipc.ERROR:
-            w.last_event = {"error": ev.data.get("message", ""), "time": ev.time}
-        elif ev.kind in (ipc.BUNDLE_SEALED, ipc.UPLOADED):
-            w.last_event = {ev.kind: ev.data, "time": ev.time}
-        elif ev.kind == ipc.OUTBOX:
-            self.outbox = {k: ev.data.get(k) for k in ("files", "bytes", "last_upload")}
-        elif ev.kind == ipc.SAMPLE:
+        elif isinstance(ev, ipc.Error):
+            w.last_event = {"error": ev.message, "time": ev.time}
+        elif isinstance(ev, (ipc.BundleSealed, ipc.Uploaded)):
+            w.last_event = {ev.kind: ev.fields(), "time": ev.time}
+        elif isinstance(ev, ipc.Outbox):
+            self.outbox = {"files": ev.files, "bytes": ev.bytes, "last_upload": ev.last_upload}
+        elif isinstance(ev, ipc.Sample):
             for name in self.subscribers.get(w.name, ()):
-                self._command(name, ipc.Command(ipc.SAMPLE, ev.data))
-        elif ev.kind == ipc.CAPTURE_REQUEST:
-            for name in ev.data.get("targets", ()):
-                if not self._command(name, ipc.Command(ipc.CAPTURE_NOW, {"reason": ev.data.get("reason", w.name)})):
+                self._command(name, ev)
+        elif isinstance(ev, ipc.CaptureRequest):
+            for name in ev.targets:
+                if not self._command(name, ipc.CaptureNow(ev.reason or w.name)):
                     log.warning("%s asked %s to capture, but it is not running", w.name, name)
-        if ev.kind in (ipc.SAMPLE, ipc.ALERT) and "telemetry" in self.workers:
-            # The event's time is the measurement's (sent as the reading is taken) unless it says otherwise;
-            # a processor's readings are published as its own series.
-            self._command("telemetry", ipc.Command(ev.kind, {"time": ev.time, **ev.data,
-                                                             **({"processor": w.name} if w.role == "processor" else {})}))
+        if isinstance(ev, (ipc.Sample, ipc.Alert)) and "telemetry" in self.workers:
+            # A processor's readings are published as its own series.
+            self._command("telemetry", dataclasses.replace(ev, processor=w.name) if w.role == "processor" else ev)
         for observer in self.observers:
             observer(w, ev)
 
@@ -438,7 +438,7 @@ class Orchestrator(Reloading, Reporting):
             group = [w for w in self.workers.values() if w.role == role and w.state in ALIVE]
             for w in group:
                 try:
-                    w.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "daemon stopping"}))
+                    w.commands.put(ipc.Shutdown("daemon stopping"))
                 except (OSError, ValueError):
                     pass
             deadline = time.monotonic() + limit

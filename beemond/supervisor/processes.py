@@ -13,8 +13,8 @@ import time
 # out of the garbage collector's reach: beemond.preload, last). Always: beemond's modules every worker
 # uses (archive brings Jinja2). Libraries only where at least two configured workers import them: one
 # worker gains nothing from sharing, and the forkserver would carry the library for nobody.
-PRELOAD_ALWAYS = ("beemond.ipc", "beemond.config", "beemond.journal", "beemond.spool", "beemond.archive",
-                  "beemond.clock", "beemond.sensors.base")
+PRELOAD_ALWAYS = ("beemond.ipc", "beemond.worker", "beemond.config", "beemond.journal", "beemond.spool",
+                  "beemond.archive", "beemond.clock", "beemond.sensors.base")
 PRELOAD_SHARED = {"audio": ("numpy", "soundfile"), "audio_bands": ("numpy", "soundfile"),
                   "camera": ("numpy",)}
 

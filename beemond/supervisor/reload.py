@@ -178,7 +178,7 @@ class Reloading:
         if w.state in ALIVE:
             w.state = state
             try:
-                w.commands.put(ipc.Command(ipc.SHUTDOWN, {"reason": "config reloaded"}))
+                w.commands.put(ipc.Shutdown("config reloaded"))
             except (OSError, ValueError):
                 w.process.kill()
         elif state == WorkerState.REMOVING:

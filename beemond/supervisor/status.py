@@ -32,23 +32,25 @@ import socket
 import threading
 import time
 from pathlib import Path
+from beemond import errors
+from beemond.errors import ControlError
 
 from beemond import ipc
 from beemond.supervisor.state import ALIVE, WorkerState
 
 log = logging.getLogger(__name__)
 
-EXIT_NOT_RUNNING = 3   # LSB init-script convention for "program is not running"
-EXIT_NO_PERMISSION = 77   # EX_NOPERM (sysexits.h)
+EXIT_NOT_RUNNING = errors.EX_NOT_RUNNING
+EXIT_NO_PERMISSION = errors.EX_NOPERM
 RELOAD_TIMEOUT_S = 60.0   # a reload only validates and sends stop commands: seconds at most
 STATUS_EVERY_S = 10.0    # at most one unchanged STATUS= line this often
 
 
-class NotRunning(Exception):
+class NotRunning(ControlError):
     """No daemon answers on the status socket."""
 
 
-class NoPermission(Exception):
+class NoPermission(ControlError):
     """The socket (or the config naming it) exists but this user may not use it."""
 
 
@@ -235,7 +237,7 @@ class Reporting:
         if w is None or w.role not in ("sensor", "processor"):
             choices = ", ".join(n for n, x in self.workers.items() if x.role in ("sensor", "processor"))
             return False, f"no sensor or processor {name!r} (have: {choices})"
-        if not self._command(name, ipc.Command(ipc.STOP if kind == "stop" else ipc.START, {"reason": "beemond CLI"})):
+        if not self._command(name, (ipc.Stop if kind == "stop" else ipc.Start)("beemond CLI")):
             return False, f"{name} is {w.state}, not running"
         w.paused = kind == "stop"  # a plain attribute store: the main loop only reads it
         log.info("%s sent to %s from the command line", kind, name)

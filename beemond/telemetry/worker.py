@@ -26,10 +26,13 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 from beemond import archive, ipc
 from beemond.spool import Spool
 from beemond.telemetry.buffer import ReadingBuffer
 from beemond.telemetry.messages import Layout
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,35 @@ SYNC_AFTER_S = 1.0     # an appended reading unacknowledged this long is forced 
 CURSOR_EVERY_S = 5.0
 REPORT_EVERY_S = 5.0
 STOP_WAIT_S = 3.0      # at shutdown, time for the last PUBACKs
-# Commands from paho's network thread
-CONNECTED, DISCONNECTED, ACKED = "mqtt_connected", "mqtt_disconnected", "mqtt_acked"
+
+
+# Commands from paho's network thread to the worker's loop (through its own command queue)
+@dataclass(frozen=True, slots=True)
+class Connected(ipc.Command):
+    """The broker accepted the connection; *session_present*: it kept our session (MQTT 5 CONNACK)."""
+
+    kind: ClassVar[str] = "mqtt_connected"
+    session_present: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected(ipc.Command):
+    """The connection was refused, failed or lost, for *reason* (paho's reason code text)."""
+
+    kind: ClassVar[str] = "mqtt_disconnected"
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Acked(ipc.Command):
+    """The broker acknowledged message *mid* (PUBACK); *failure*: its reason code text if it refused it."""
+
+    kind: ClassVar[str] = "mqtt_acked"
+    mid: int
+    failure: str = ""
+
+
+CONNECTED, DISCONNECTED, ACKED = Connected.kind, Disconnected.kind, Acked.kind
 
 
 def expire_after(cfg) -> dict[str, int]:
@@ -55,7 +85,7 @@ def expire_after(cfg) -> dict[str, int]:
     return out
 
 
-class TelemetryWorker:
+class TelemetryWorker(Worker):
     def __init__(self, cfg, channel: ipc.Channel):
         self.cfg, self.t, self.channel = cfg, cfg.telemetry, channel
         self.host = cfg.daemon.host
@@ -93,18 +123,18 @@ class TelemetryWorker:
         # paho's thread: hand everything to the worker's loop through its own command queue.
         def on_connect(client, userdata, flags, reason, properties):
             if reason.is_failure:
-                commands.put(ipc.Command(DISCONNECTED, {"reason": f"refused: {reason}"}))
+                commands.put(Disconnected(f"refused: {reason}"))
             else:
-                commands.put(ipc.Command(CONNECTED, {"session_present": bool(flags.session_present)}))
+                commands.put(Connected(bool(flags.session_present)))
 
         def on_disconnect(client, userdata, flags, reason, properties):
-            commands.put(ipc.Command(DISCONNECTED, {"reason": str(reason)}))
+            commands.put(Disconnected(str(reason)))
 
         def on_connect_fail(client, userdata):
-            commands.put(ipc.Command(DISCONNECTED, {"reason": "connection failed"}))
+            commands.put(Disconnected("connection failed"))
 
         def on_publish(client, userdata, mid, reason, properties):
-            commands.put(ipc.Command(ACKED, {"mid": mid, "failure": str(reason) if reason.is_failure else ""}))
+            commands.put(Acked(mid, str(reason) if reason.is_failure else ""))
 
         c.on_connect, c.on_disconnect, c.on_connect_fail, c.on_publish = on_connect, on_disconnect, on_connect_fail, on_publish
         props = Properties(PacketTypes.CONNECT)
@@ -116,53 +146,58 @@ class TelemetryWorker:
     def describe(self) -> str:
         return f"mqtt{'s' if self.t.tls else ''}://{self.t.broker}:{self.port}"
 
-    # ---- loop
-    def run(self) -> None:
+    # ---- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         log.info("telemetry to %s, layout %s", self.describe(), self.t.layout)
         self.client = self._make_client()
-        try:
-            while True:
-                cmd = self.channel.receive(self._timeout())
-                if cmd is not None:
-                    if cmd.kind == ipc.SHUTDOWN:
-                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-                        break
-                    self.on_command(cmd)
-                self._pump()
-                self._timers()
-        finally:
-            self._stop()
 
-    def _timeout(self) -> float:
+    def tick(self) -> None:
+        self._pump()
+        self._timers()
+
+    def cleanup(self) -> None:
+        self._stop()
+
+    def timeout(self) -> float:
         now = time.monotonic()
         due = [self.report_at, self.cursor_at + CURSOR_EVERY_S]
         if self.sync_at is not None:
             due.append(self.sync_at)
         return max(0.0, min(due) - now)
 
-    def on_command(self, cmd: ipc.Command) -> None:
-        a = cmd.args
-        if cmd.kind in (ipc.SAMPLE, ipc.ALERT):
-            entry = {"kind": "state" if cmd.kind == ipc.SAMPLE else "alert", "time": a.get("time") or time.time()}
-            entry.update({k: v for k, v in a.items() if k != "time"})
-            try:
-                self.buffer.append(entry)
-            except OSError as e:   # disk full: this reading is not kept for telemetry (the record has it)
-                self.buffer.dropped += 1
-                log.warning("telemetry buffer: cannot queue a reading of %s: %s", entry.get("sensor"), e.strerror or e)
-                return
-            if self.sync_at is None:
-                self.sync_at = time.monotonic() + SYNC_AFTER_S
-        elif cmd.kind == CONNECTED:
-            self._on_connected(a.get("session_present", False))
-        elif cmd.kind == DISCONNECTED:
-            self._on_disconnected(a.get("reason", ""))
-        elif cmd.kind == ACKED:
-            start = self.inflight.pop(a["mid"], None)
-            if start is not None and self.buffer.ack(start):
-                self.published += 1
-                if a.get("failure"):
-                    log.warning("telemetry: the broker refused a reading (%s); not retried", a["failure"])
+    def on_sample(self, cmd: ipc.Sample) -> None:
+        self._queue("state", cmd, {"sensor": cmd.sensor, "values": cmd.values,
+                                   **({"labels": cmd.labels} if cmd.labels is not None else {})})
+
+    def on_alert(self, cmd: ipc.Alert) -> None:
+        self._queue("alert", cmd, {"sensor": cmd.sensor, "alert": cmd.alert, **cmd.details})
+
+    def _queue(self, kind: str, cmd: ipc.Sample | ipc.Alert, fields: dict) -> None:
+        """Buffer one reading or alert for publishing (its entry as :mod:`beemond.telemetry.messages` reads it)."""
+        entry = {"kind": kind, "time": cmd.time or time.time(), **fields}
+        if cmd.processor:
+            entry["processor"] = cmd.processor
+        try:
+            self.buffer.append(entry)
+        except OSError as e:   # disk full: this reading is not kept for telemetry (the record has it)
+            self.buffer.dropped += 1
+            log.warning("telemetry buffer: cannot queue a reading of %s: %s", entry.get("sensor"), e.strerror or e)
+            return
+        if self.sync_at is None:
+            self.sync_at = time.monotonic() + SYNC_AFTER_S
+
+    def on_mqtt_connected(self, cmd: Connected) -> None:
+        self._on_connected(cmd.session_present)
+
+    def on_mqtt_disconnected(self, cmd: Disconnected) -> None:
+        self._on_disconnected(cmd.reason)
+
+    def on_mqtt_acked(self, cmd: Acked) -> None:
+        start = self.inflight.pop(cmd.mid, None)
+        if start is not None and self.buffer.ack(start):
+            self.published += 1
+            if cmd.failure:
+                log.warning("telemetry: the broker refused a reading (%s); not retried", cmd.failure)
 
     def _on_connected(self, session_present: bool) -> None:
         was = self.connected
@@ -254,8 +289,8 @@ class TelemetryWorker:
                         cmd = self.channel.commands.get(timeout=0.1)
                     except (queue.Empty, EOFError, OSError):
                         continue
-                    if cmd.kind == ACKED:
-                        self.on_command(cmd)
+                    if isinstance(cmd, Acked):
+                        self.on_mqtt_acked(cmd)
                 c.disconnect()
             c.loop_stop()
         try:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import sys
 import time
 
-from beemond import ipc
+from beemond import errors, ipc
 from beemond.spool import Spool, SpoolBusy
 from beemond.upload.uploader import Uploader
 
-EX_TEMPFAIL = 75
+EX_TEMPFAIL = errors.EX_TEMPFAIL
 MAX_FAILURES = 5
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,23 @@ from beemond.spool import BUNDLE_RE
 
 # The uploader's own logger: these are its lines, whichever module holds the code.
 log = logging.getLogger("beemond.upload.uploader")
+
+WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+def parse_window(spec: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` (local time) -> (start, end) in minutes after midnight; end may be 24:00.
+
+    A window whose end is before its start spans midnight (``"22:00-06:00"``). Raises ``ValueError``.
+    """
+    m = WINDOW_RE.match(spec.strip())
+    if not m or (m[3] == "24" and m[4] != "00"):
+        raise ValueError(f"must be \"HH:MM-HH:MM\" in local time (e.g. \"22:00-06:00\"), got {spec!r}")
+    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    if start == end:
+        raise ValueError(f"an empty window {spec!r}; omit the sensor to upload at any time")
+    return start, end
+
 
 WINDOW_RECHECK_S = 60.0
 

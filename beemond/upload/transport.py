@@ -35,13 +35,40 @@ import termios
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from beemond import registry
+from beemond.errors import UploadError
 
 log = logging.getLogger(__name__)
 
 
-class TransportError(Exception):
+class Transport(Protocol):
+    """What the uploader calls on every transport (the module docstring says what each does). A
+    transport that writes ``NAME.part`` also has ``put``, ``size`` and ``rename``; one with
+    ``stores_whole = True`` has ``store`` instead (:data:`PART_METHODS`, :data:`WHOLE_METHODS`)."""
+
+    errors: tuple[type[BaseException], ...]
+    resumable: bool
+    connected: bool
+
+    def connect(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def describe(self) -> str: ...
+    def path(self, relative: str) -> str: ...
+    def ensure_dir(self, path: str) -> None: ...
+    def part_size(self, remote: str) -> int | None: ...
+    def in_flight(self) -> int: ...
+    def permanent(self, e: BaseException) -> bool: ...
+
+
+COMMON_METHODS = ("connect", "close", "abort", "describe", "path", "ensure_dir", "part_size", "in_flight", "permanent")
+PART_METHODS = ("put", "size", "rename")
+WHOLE_METHODS = ("store",)
+
+
+class TransportError(UploadError):
     """A transfer failed; the bundle stays in the outbox and is retried."""
 
 
@@ -317,7 +344,7 @@ class RemoteTransport:
         raise NotImplementedError
 
 
-def make_transport(up):
+def make_transport(up) -> Transport:
     """The transport for ``[upload] protocol`` (*up*: :class:`beemond.config.UploadConfig`), from
     :data:`beemond.registry.UPLOADS`: only its own module (and library) is imported. Raises
     ``ValueError`` for a protocol the table lacks."""

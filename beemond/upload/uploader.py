@@ -45,26 +45,38 @@ import logging
 import os
 import queue
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from beemond import archive, ipc
 from beemond.clock import Backoff
-from beemond.config import parse_window
 from beemond.spool import SIG_SUFFIX, Spool, fsync_dir, signature_of
-from beemond.upload.queues import Queues
+from beemond.upload.queues import Queues, parse_window
 from beemond.upload.space import SpaceKeeper
 from beemond.upload.transfer import RESUME_MIN_BYTES, Transfers, size_of
 from beemond.upload.transport import (BundleReader, LocalFileError, PermanentError, StallGuard, TokenBucket,
                                       TransportError, make_transport)
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
-FILE_EVENT = "outbox_file"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxFile(ipc.Command):
+    """From watchdog's thread to the run loop: a file appeared in (or was renamed into) the outbox."""
+
+    kind: ClassVar[str] = "outbox_file"
+    path: str
+
+
+FILE_EVENT = OutboxFile.kind
 INTERLEAVE_AFTER_S = 20.0   # a large transfer runs at least this long before fresh bundles may pause it
 POLL_S = 1.0                # how often a running transfer looks for outbox events and commands
 
 
-class Uploader(Queues, Transfers, SpaceKeeper):
+class Uploader(Worker, Queues, Transfers, SpaceKeeper):
     """The uploader worker. Its queues, transfers and spool limits are in the mixins' modules; the
     loop, the drain at shutdown and the handling of failures are here."""
 
@@ -136,11 +148,11 @@ class Uploader(Queues, Transfers, SpaceKeeper):
             # Runs in watchdog's thread: hand the path to the run loop through our own inbox.
             def on_moved(self, event):
                 if not event.is_directory:
-                    commands.put(ipc.Command(FILE_EVENT, {"path": event.dest_path}))
+                    commands.put(OutboxFile(event.dest_path))
 
             def on_created(self, event):
                 if not event.is_directory and not Path(event.src_path).name.startswith("."):
-                    commands.put(ipc.Command(FILE_EVENT, {"path": event.src_path}))
+                    commands.put(OutboxFile(event.src_path))
 
         self.observer = Observer()
         self.observer.schedule(Handler(), str(self.outbox), recursive=False,
@@ -148,38 +160,46 @@ class Uploader(Queues, Transfers, SpaceKeeper):
         self.observer.daemon = True
         self.observer.start()
 
-    # ---- loop
-    def run(self) -> None:
+    # ---- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         if self.transport is None:
             log.info("upload protocol is none: bundles stay in %s", self.outbox)
-            while (cmd := self.channel.receive(self._until_limits())) is None or cmd.kind != ipc.SHUTDOWN:
-                if time.monotonic() >= self.limits_at:
-                    self.enforce_spool_limits()
             return
         self._start_observer()
         self.scan()
-        try:
-            while True:
-                now = time.monotonic()
-                if self.fresh or self.backlog:
-                    timeout = max(0.0, self.next_try - now)
-                elif self.deferred:
-                    timeout = max(0.0, self.window_check - now)
-                else:
-                    timeout = 3600.0
-                cmd = self.held.pop(0) if self.held else self.channel.receive(min(timeout, self._until_limits()))
-                if cmd is not None:
-                    if cmd.kind == ipc.SHUTDOWN:
-                        self._stop_observer()  # drain() scans the outbox; events now would only race it
-                        self.drain()
-                        return
-                    if cmd.kind == FILE_EVENT:
-                        self._on_file(Path(cmd.args["path"]))
-                if time.monotonic() >= self.limits_at:
-                    self.enforce_spool_limits()
-                if self._pending() and time.monotonic() >= self.next_try:
-                    self.upload_next()
-        finally:
+
+    def next_command(self, timeout: float) -> ipc.Command | None:
+        return self.held.pop(0) if self.held else self.channel.receive(timeout)
+
+    def timeout(self) -> float:
+        if self.transport is None:
+            return self._until_limits()
+        now = time.monotonic()
+        if self.fresh or self.backlog:
+            timeout = max(0.0, self.next_try - now)
+        elif self.deferred:
+            timeout = max(0.0, self.window_check - now)
+        else:
+            timeout = 3600.0
+        return min(timeout, self._until_limits())
+
+    def on_shutdown(self, cmd: ipc.Shutdown) -> None:
+        if self.transport is not None:
+            self._stop_observer()  # drain() scans the outbox; events now would only race it
+            self.drain()
+        self.finished = True
+
+    def on_outbox_file(self, cmd: OutboxFile) -> None:
+        self._on_file(Path(cmd.path))
+
+    def tick(self) -> None:
+        if time.monotonic() >= self.limits_at:
+            self.enforce_spool_limits()
+        if self.transport is not None and self._pending() and time.monotonic() >= self.next_try:
+            self.upload_next()
+
+    def cleanup(self) -> None:
+        if self.transport is not None:
             self._stop_observer()
             self.guard.stop()
             self.transport.close()
@@ -307,8 +327,8 @@ class Uploader(Queues, Transfers, SpaceKeeper):
             except (EOFError, OSError):
                 self.stopping = True
                 break
-            if cmd.kind == FILE_EVENT:
-                self._on_file(Path(cmd.args["path"]))
+            if isinstance(cmd, OutboxFile):
+                self._on_file(Path(cmd.path))
             else:
                 self.held.append(cmd)
                 self.stopping = self.stopping or (cmd.kind == ipc.SHUTDOWN and self.pause_at is None)

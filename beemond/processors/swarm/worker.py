@@ -69,6 +69,6 @@ class SwarmWorker(ProcessorWorker):
             return None
         log.warning("SWARM ALERT on %s: weight fell %.2f kg (%.2f -> %.2f kg) within %.0f s",
                     self.proc.sensor, alert["drop_kg"], alert["from_kg"], alert["to_kg"], alert["over_s"])
-        self.channel.send(ipc.ALERT, sensor=self.proc.sensor, alert="swarm", **{k: v for k, v in alert.items()
-                                                                                if k != "alert"})
+        self.channel.send(ipc.ALERT, sensor=self.proc.sensor, alert="swarm",
+                          details={k: v for k, v in alert.items() if k != "alert"})
         return alert

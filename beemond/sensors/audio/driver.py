@@ -48,24 +48,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
-import os
 import queue
-import shutil
-import struct
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
 from beemond.clock import Backoff, Clock
 from beemond.sensors import seams
-from beemond.sensors.base import SensorFailure, write_staged
+from beemond.sensors.audio.segment import Segment, no_room_to_salvage, salvage_segment, set_aside
+from beemond.sensors.base import SensorFailure
 from beemond.sensors.power import power_switch
-from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
+from beemond.errors import SensorError, TransientSensorError
+from beemond.spool import Spool
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +75,11 @@ NO_SPACE_RETRY_S = 1.0      # while the disk is full, a new segment is tried thi
 NO_SPACE_FREE_BYTES = 256 * 1024   # a write failure with less free than this is the full disk's
 
 
-class DeviceMissing(OSError):
+class DeviceMissing(TransientSensorError):
     """No input device matches (unplugged, or the sound server is not up yet): transient."""
 
 
-class DeviceError(ValueError):
+class DeviceError(SensorError, ValueError):
     """The device spec is ambiguous, or the device cannot record these settings: persistent."""
 
 
@@ -122,7 +121,7 @@ class _Capture:
     slot: datetime | None = None    # the schedule slot it was started for
 
 
-class AudioWorker:
+class AudioWorker(Worker):
     def __init__(self, cfg, sensor, channel: ipc.Channel):
         import numpy as np  # noqa: F401  (fail here, in the worker, if numpy is missing)
         import soundfile
@@ -146,6 +145,7 @@ class AudioWorker:
         self.writer_error: BaseException | None = None
         self.overflows_total = 0
         self.stream = None                      # open only while capturing
+        self.writer: threading.Thread | None = None   # the segment writer, from prepare()
         self.device_name = ""
         self.capture_done = threading.Event()   # set by the writer after a capture's last frame
         self.capture_ends = 0.0                 # monotonic time a limited capture should end
@@ -279,92 +279,102 @@ class AudioWorker:
             try:
                 end = salvage_segment(self, segment)
             except (OSError, ValueError, RuntimeError) as e:
-                if isinstance(e, OSError) or _no_room_to_salvage(segment):
+                if isinstance(e, OSError) or no_room_to_salvage(segment):
                     # A full disk (no room for the sidecar or the FLAC copy; libsndfile then fails
                     # even to open the FLAC): the segment may be sound, so it waits, never set aside.
                     log.error("cannot salvage the open segment %s now: %s; trying again at the next start",
                               segment.name, e)
                     continue
                 log.error("cannot salvage the open segment %s: %s; moving it to failed/", segment.name, e)
-                _set_aside(self, segment)
+                set_aside(self, segment)
                 continue
             if end is not None and (last is None or end > last):
                 last = end
         if existed:
             self.restart_gap = {"last": last}
 
-    def run(self) -> None:
+    # ---- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         try:
             self.salvage()
         except OSError as e:
             log.error("cannot salvage open segments: %s", e)
-        writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
-        writer.start()
+        self.writer = threading.Thread(target=self._write_loop, name="audio-writer", daemon=True)
+        self.writer.start()
         if self.window is None:
             log.info("recording continuously")
         else:
             log.info("capturing %g s every %g s from %s to %s (%s)", self.sensor.capture_s, self.sensor.every_s,
                      self.sensor.window_start, self.sensor.window_end, self.sensor.timezone or "local time")
-        stall_s = max(5.0, 20 * self.sensor.block_s)
-        paused = False
-        due: datetime | None = None   # the schedule slot we wait for (UTC)
-        looked = time.monotonic()     # when this loop last ran
-        try:
-            while True:
-                if self.stream is None and not paused:
-                    if self.pending is not None:
-                        if time.monotonic() >= self.retry_at:
-                            self._begin(self.pending)
-                    elif self.window is None:
-                        self._begin(_Capture(None, "continuous"))
-                    else:
-                        due = self._schedule(due)
-                timeout = self._timeout(paused, due)
-                cmd = self.channel.receive(timeout=timeout)
-                if cmd is not None:
-                    if cmd.kind == ipc.SHUTDOWN:
-                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-                        break
-                    if cmd.kind == ipc.STOP and not paused:
-                        self._end()
-                        self.pending, paused = None, True
-                        log.info("capture stopped by command")
-                    elif cmd.kind == ipc.START and paused:
-                        paused, due = False, None  # slots missed while stopped are not made up
-                        log.info("capture started by command")
-                    elif cmd.kind == ipc.CAPTURE_NOW:
-                        if self.window is None and not paused:
-                            log.debug("capture_now: already recording continuously")
-                        elif self.stream is not None or self.pending is not None:
-                            log.info("capture_now: a capture is already running")
-                        else:
-                            self._begin(_Capture(self.frames_per_capture, "capture_now"))
-                if self.writer_error is not None:
-                    raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
-                now = time.monotonic()
-                if now - looked > min(timeout, self.channel.heartbeat_interval_s) + stall_s / 2:
-                    # This process itself was not running (SIGSTOP, a swap storm): the blocks are
-                    # probably queued behind us. Do not blame the device for our own stall.
-                    self.last_block = max(self.last_block, now)
-                looked = now
-                if self.stream is not None:
-                    if self.capture_done.is_set():
-                        self._end()
-                    elif now - self.last_block > stall_s:
-                        raise RuntimeError(f"no audio block for {stall_s:g} s: the input stream stalled")
-        finally:
-            try:
+        self.stall_s = max(5.0, 20 * self.sensor.block_s)
+        self.due: datetime | None = None   # the schedule slot we wait for (UTC)
+        self.looked = time.monotonic()     # when this loop last ran
+        self._start_due()
+
+    def _start_due(self) -> None:
+        """Open the device for the capture that is due, if any (continuous, a retry, a schedule slot)."""
+        if self.stream is None and not self.paused:
+            if self.pending is not None:
+                if time.monotonic() >= self.retry_at:
+                    self._begin(self.pending)
+            elif self.window is None:
+                self._begin(_Capture(None, "continuous"))
+            else:
+                self.due = self._schedule(self.due)
+
+    def timeout(self) -> float:
+        self.waited = self._timeout(self.paused, self.due)
+        return self.waited
+
+    def on_stop(self, cmd: ipc.Stop) -> None:
+        if not self.paused:
+            self._end()
+            self.pending, self.paused = None, True
+            log.info("capture stopped by command")
+
+    def on_start(self, cmd: ipc.Start) -> None:
+        if self.paused:
+            self.paused, self.due = False, None  # slots missed while stopped are not made up
+            log.info("capture started by command")
+
+    def on_capture_now(self, cmd: ipc.CaptureNow) -> None:
+        if self.window is None and not self.paused:
+            log.debug("capture_now: already recording continuously")
+        elif self.stream is not None or self.pending is not None:
+            log.info("capture_now: a capture is already running")
+        else:
+            self._begin(_Capture(self.frames_per_capture, "capture_now"))
+
+    def tick(self) -> None:
+        if self.writer_error is not None:
+            raise RuntimeError(f"segment writer failed: {self.writer_error}") from self.writer_error
+        now = time.monotonic()
+        if now - self.looked > min(self.waited, self.channel.heartbeat_interval_s) + self.stall_s / 2:
+            # This process itself was not running (SIGSTOP, a swap storm): the blocks are
+            # probably queued behind us. Do not blame the device for our own stall.
+            self.last_block = max(self.last_block, now)
+        self.looked = now
+        if self.stream is not None:
+            if self.capture_done.is_set():
                 self._end()
-            finally:
-                self.blocks.put(None)  # the writer closes the partial segment as a shorter record
-                writer.join(timeout=30)
-                self._power(False)
-                self.power.close()
-                try:
-                    rj.write_state(Spool(self.cfg.spool).state_file(self.sensor.name),
-                                   {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
-                except OSError as e:
-                    log.warning("cannot write the audio state: %s", e)
+            elif now - self.last_block > self.stall_s:
+                raise RuntimeError(f"no audio block for {self.stall_s:g} s: the input stream stalled")
+        self._start_due()   # the next wait's capture
+
+    def cleanup(self) -> None:
+        try:
+            self._end()
+        finally:
+            self.blocks.put(None)  # the writer closes the partial segment as a shorter record
+            if self.writer is not None:
+                self.writer.join(timeout=30)
+            self._power(False)
+            self.power.close()
+            try:
+                rj.write_state(Spool(self.cfg.spool).state_file(self.sensor.name),
+                               {"last_end": self.last_end or (self.restart_gap or {}).get("last")})
+            except OSError as e:
+                log.warning("cannot write the audio state: %s", e)
 
     def _schedule(self, due: datetime | None) -> datetime:
         """Start the capture for slot *due* if it has come; return the slot to wait for next."""
@@ -408,7 +418,7 @@ class AudioWorker:
                             if self.no_space_since is not None and time.monotonic() < self.no_space_retry:
                                 self.lost_frames += len(block)
                                 break
-                            segment = _Segment(self, arrived - len(block) / self.sensor.sample_rate_hz, cap)
+                            segment = Segment(self, arrived - len(block) / self.sensor.sample_rate_hz, cap)
                         if overflow:
                             segment.overflows += 1
                             overflow = False
@@ -450,7 +460,7 @@ class AudioWorker:
             return False
         return isinstance(e, (OSError, RuntimeError)) and free < NO_SPACE_FREE_BYTES
 
-    def _drop_segment(self, segment: "_Segment | None", unwritten: int, e: Exception) -> None:
+    def _drop_segment(self, segment: "Segment | None", unwritten: int, e: Exception) -> None:
         """The disk is full: discard *segment* and its temporary file now, count what is lost, and
         try a new segment in ``NO_SPACE_RETRY_S``."""
         if segment is not None:
@@ -479,222 +489,3 @@ class AudioWorker:
             log.info("recording audio again: space returned after %.0f s, %.1f s of audio lost",
                      time.monotonic() - self.no_space_since, self._lost_to_full_disk_s())
         self.no_space_since, self.lost_frames = None, 0
-
-
-class _Segment:
-    """One segment being written to its temporary name."""
-
-    def __init__(self, worker: AudioWorker, start: float, capture: _Capture):
-        self.w = worker
-        self.start_ts = start          # UTC seconds; refined by write()
-        self.capture = capture
-        self.frames = 0
-        self.overflows = 0
-        s = worker.sensor
-        self.tmp = Spool(worker.cfg.spool).open_segment(s.name, str(int(start * 1000)), s.format)
-        self.header = open_segment_header(self.tmp)
-        with archive.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
-            f.write(json.dumps({"start": start, "trigger": capture.trigger, "device": worker.device_name,
-                                "schedule": self._schedule()}).encode())
-        try:
-            self.file = worker.soundfile.SoundFile(self.tmp, "w", samplerate=s.sample_rate_hz, channels=s.channels,
-                                                   subtype=s.subtype, format=s.format.upper())
-        except Exception:
-            with contextlib.suppress(OSError):
-                self.tmp.unlink()   # created, then its header could not be written
-            with contextlib.suppress(OSError):
-                self.header.unlink()
-            raise
-        self.synced_at = time.monotonic()
-        self.sync_s = worker.cfg.daemon.journal_sync_s
-        self.entry_synced = False   # the segment's directory entry (not only its data) is durable
-
-    @property
-    def start(self) -> datetime:
-        return datetime.fromtimestamp(self.start_ts, timezone.utc)
-
-    def write(self, block, arrived: float):
-        """Append as much of *block* (whose last frame arrived at UTC *arrived*) as fits; return the rest.
-
-        Blocks arrive late, never early: after a stall the sound server delivers buffered blocks in a
-        burst. So the segment's start is the earliest of the estimates "arrival of a block less the
-        duration of the segment up to that block's end", the one with the least delivery delay."""
-        room = self.w.frames_per_segment - self.frames
-        head, rest = block[:room], block[room:]
-        self.file.write(head)
-        self.frames += len(head)
-        self.start_ts = min(self.start_ts, arrived - len(rest) / self.w.sensor.sample_rate_hz
-                            - self.frames / self.w.sensor.sample_rate_hz)
-        if time.monotonic() - self.synced_at >= self.sync_s:
-            # Durable up to here within ~sync_s: a power cut loses at most that much (and a FLAC
-            # block the encoder still holds). sf_write_sync is an fsync of the file.
-            self.file.flush()
-            if not self.entry_synced:
-                archive.fsync_dir(self.tmp.parent)
-                self.entry_synced = True
-            self.synced_at = time.monotonic()
-        return rest
-
-    def close(self) -> None:
-        self.file.close()
-        s = self.w.sensor
-        start = self.w.clock.floor(self.start)  # never before the previous segment's end (clock steps)
-        end = self.w.clock.floor(start + timedelta(seconds=self.frames / s.sample_rate_hz))
-        metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
-                    "start": archive.utc_iso(start), "end": archive.utc_iso(end),
-                    "sample_rate_hz": s.sample_rate_hz, "channels": s.channels, "frames": self.frames,
-                    "format": s.format, "subtype": s.subtype, "overflows": self.overflows,
-                    "device": self.w.device_name, "trigger": self.capture.trigger, "schedule": self._schedule()}
-        self.w.overflows_total += self.overflows
-        if self.overflows:
-            log.warning("segment had %d input overflow(s)", self.overflows)
-        if self.w.lost_frames:
-            metadata["lost_to_full_disk_s"] = self.w._lost_to_full_disk_s()
-        if self.w.restart_gap is not None:
-            metadata.update(rj.gap_metadata(self.w.restart_gap["last"], start))
-        write_staged(self.w, start, end, metadata, tmp=self.tmp)
-        self.w._space_returned()
-        self.w.restart_gap, self.w.last_end = None, metadata["end"]
-        self.header.unlink(missing_ok=True)
-        try:   # so a crash before the next segment's first sync still knows where the audio ended
-            rj.write_state(Spool(self.w.cfg.spool).state_file(s.name), {"last_end": self.w.last_end})
-        except OSError as e:
-            log.warning("cannot write the audio state: %s", e)
-
-    def _schedule(self) -> dict:
-        s = self.w.sensor
-        if s.schedule == "continuous":
-            return {"mode": "continuous", "segment_s": s.segment_s}
-        return {"mode": "window", "window_start": s.window_start, "window_end": s.window_end,
-                "timezone": s.timezone or "local", "capture_s": s.capture_s, "every_s": s.every_s,
-                "slot": archive.utc_iso(self.capture.slot) if self.capture.slot else None}
-
-
-# ---- salvage of a segment cut by a crash or power failure
-
-def salvage_segment(worker, segment: Path) -> str | None:
-    """Record *segment* (an open segment a crash left, :meth:`beemond.spool.Spool.open_segment`)
-    up to its last durable frame, with ``truncated: true`` and its real end; return that end (ISO), or
-    None when it held no whole frame (then it is removed). Raises ``OSError``, ``ValueError`` (no
-    readable header) or ``RuntimeError`` (libsndfile)."""
-    s = worker.sensor
-    header_path = open_segment_header(segment)
-    try:
-        header = json.loads(header_path.read_bytes())
-    except FileNotFoundError:
-        header = {"start": segment.stat().st_mtime, "trigger": "unknown", "device": "", "schedule": None}
-        log.warning("open segment %s has no header; its start is taken from its modification time", segment.name)
-    fmt = open_segment_format(segment)
-    if fmt == "wav":
-        rate, channels, subtype, frames = _salvage_wav(segment)
-    else:
-        rate, channels, subtype, frames = _salvage_flac(worker.soundfile, segment)
-    if frames == 0:
-        segment.unlink(missing_ok=True)
-        header_path.unlink(missing_ok=True)
-        log.warning("open segment %s held no durable audio; removed", segment.name)
-        return None
-    start = datetime.fromtimestamp(header["start"], timezone.utc)
-    end = start + timedelta(seconds=frames / rate)
-    metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
-                "start": archive.utc_iso(start), "end": archive.utc_iso(end),
-                "sample_rate_hz": rate, "channels": channels, "frames": frames, "format": fmt,
-                "subtype": subtype, "overflows": 0, "device": header.get("device", ""),
-                "trigger": header.get("trigger", ""), "schedule": header.get("schedule"), "truncated": True}
-    write_staged(worker, start, end, metadata, tmp=segment, ext=fmt)
-    header_path.unlink(missing_ok=True)
-    log.warning("salvaged a segment cut by a crash: %d frames (%.1f s), %s to %s", frames, frames / rate,
-                metadata["start"], metadata["end"])
-    return metadata["end"]
-
-
-def _salvage_wav(path: Path) -> tuple[int, int, str, int]:
-    """Fix a WAV's RIFF and data sizes in place for the whole frames on disk (trailing all-zero frames,
-    an unsynced tail a power cut left as zeros, dropped). Returns (rate, channels, subtype, frames)."""
-    with open(path, "r+b") as f:
-        head = f.read(12)
-        if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            raise ValueError("not a RIFF/WAVE file")
-        fmt = None
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                raise ValueError("no data chunk")
-            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
-            if cid == b"fmt ":
-                body = f.read(size)
-                _tag, channels, rate, _bps, align, bits = struct.unpack("<HHIIHH", body[:16])
-                fmt = (rate, channels, f"PCM_{bits}", align)
-                f.seek(size % 2, os.SEEK_CUR)
-            elif cid == b"data":
-                break
-            else:
-                f.seek(size + size % 2, os.SEEK_CUR)
-        if fmt is None:
-            raise ValueError("no fmt chunk before the data")
-        rate, channels, subtype, align = fmt
-        data_at = f.tell()
-        total = os.fstat(f.fileno()).st_size
-        length = (total - data_at) // align * align
-        # Drop trailing zero frames, reading back in steps (a cut leaves at most ~1 s of them).
-        step = align * 4096
-        while length > 0:
-            lo = max(0, length - step)
-            f.seek(data_at + lo)
-            chunk = f.read(length - lo).rstrip(b"\x00")
-            length = lo + (len(chunk) + align - 1) // align * align
-            if chunk:
-                break
-        f.truncate(data_at + length)
-        f.seek(4)
-        f.write(struct.pack("<I", data_at + length - 8))
-        f.seek(data_at - 4)
-        f.write(struct.pack("<I", length))
-        f.flush()
-        os.fsync(f.fileno())
-    return rate, channels, subtype, length // align
-
-
-def _salvage_flac(soundfile, path: Path) -> tuple[int, int, str, int]:
-    """Decode every FLAC frame that reads back (libFLAC resynchronises on frame headers and checks each
-    frame's CRC; a torn or zero tail ends the stream) and write them to a fresh FLAC beside *path*,
-    which then replaces it. Returns (rate, channels, subtype, frames)."""
-    import numpy as np
-
-    with soundfile.SoundFile(path) as src:
-        rate, channels, subtype = src.samplerate, src.channels, src.subtype
-        dtype = "int16" if subtype == "PCM_16" else "int32"
-        blocks, frames = [], 0
-        while True:
-            try:
-                block = src.read(4096, dtype=dtype, always_2d=True)
-            except (RuntimeError, soundfile.LibsndfileError):  # the torn tail
-                break
-            if not len(block):
-                break
-            blocks.append(block)
-            frames += len(block)
-    tmp = archive.temp_name(path.parent, path.name.lstrip("."))
-    if frames:
-        with soundfile.SoundFile(tmp, "w", samplerate=rate, channels=channels, subtype=subtype, format="FLAC") as dst:
-            dst.write(np.concatenate(blocks))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return rate, channels, subtype, frames
-
-
-def _no_room_to_salvage(segment: Path) -> bool:
-    """True when the file system lacks room for a copy of *segment* and its sidecar (FLAC is re-encoded)."""
-    try:
-        return shutil.disk_usage(segment.parent).free < segment.stat().st_size + 65536
-    except OSError:
-        return True
-
-
-def _set_aside(worker, segment: Path) -> None:
-    """An open segment that cannot be salvaged goes to ``failed/<sensor>/`` for a human (never deleted)."""
-    dest = Spool(worker.cfg.spool).failed_dir(worker.sensor.name) / open_segment_record_name(segment)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(segment, dest)
-    open_segment_header(segment).unlink(missing_ok=True)

@@ -197,6 +197,6 @@ def emulated_chip(sensor, replay) -> BME280Chip:
 
     def source():
         row = replay.next_row()
-        return row.temperature_c, fixed if row.pressure_pa is None else row.pressure_pa, row.humidity_rh, row.index
+        return row.temperature_c, row.get("pressure_pa", fixed), row.humidity_rh, row.index
 
     return BME280Chip(source)

@@ -57,6 +57,8 @@ from beemond.sensors import seams
 from beemond.sensors.base import MAX_CONSECUTIVE_FAILURES, SensorFailure, write_staged
 from beemond.sensors.power import power_switch
 from beemond.spool import Spool
+from beemond.errors import PersistentSensorError
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,11 @@ START_GRACE_S = 5.0         # configure/start/open take a while on a Pi: added t
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CameraUnavailable(RuntimeError):
+class CameraUnavailable(PersistentSensorError):
     """picamera2 is not installed (or the camera cannot be opened at all)."""
 
 
-class CameraStall(RuntimeError):
+class CameraStall(PersistentSensorError):
     """No frame (or no answer from the camera) within ``stall_timeout_s``."""
 
 
@@ -141,7 +143,7 @@ class _Runner:
         self.jobs.put(None)
 
 
-class CameraWorker:
+class CameraWorker(Worker):
     """Stills and clips on a schedule and on ``capture_now``; see the module docstring."""
 
     ext = "jpg"
@@ -358,39 +360,37 @@ class CameraWorker:
         self.skipped_night += 1
         return False
 
-    # ---- loop
-    def run(self) -> None:
+    # ---- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         s = self.sensor
         log.info("camera: %s", s.describe())
         now = time.monotonic()
-        intervals = {"still": s.still_interval_s, "clip": s.clip_interval_s}
-        due = {kind: now for kind, every in intervals.items() if every}
-        try:
-            while True:
-                timeout = max(0.0, min(due.values()) - time.monotonic()) if due and not self.paused else 3600.0
-                cmd = self.channel.receive(timeout=timeout)
-                if cmd is not None:
-                    if cmd.kind == ipc.SHUTDOWN:
-                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-                        break
-                    if cmd.kind == ipc.STOP:
-                        self.paused = True
-                    elif cmd.kind == ipc.START:
-                        self.paused = False
-                        due = {kind: time.monotonic() for kind in due}
-                    elif cmd.kind == ipc.CAPTURE_NOW:
-                        self.capture(s.on_capture_now, cmd.args.get("reason", "capture_now"))
-                if self.paused:
-                    continue
-                for kind in list(due):
-                    now = time.monotonic()
-                    if now < due[kind]:
-                        continue
-                    if self._daytime():
-                        self.capture(kind, "schedule")
-                    due[kind] += intervals[kind]
-                    if due[kind] < time.monotonic():  # a capture ran long: skip, do not burst
-                        due[kind] = time.monotonic() + intervals[kind]
-        finally:
-            self._abandon()
-            self.power.close()
+        self.intervals = {"still": s.still_interval_s, "clip": s.clip_interval_s}
+        self.due = {kind: now for kind, every in self.intervals.items() if every}
+
+    def timeout(self) -> float:
+        return max(0.0, min(self.due.values()) - time.monotonic()) if self.due and not self.paused else 3600.0
+
+    def on_start(self, cmd: ipc.Start) -> None:
+        self.paused = False
+        self.due = {kind: time.monotonic() for kind in self.due}
+
+    def on_capture_now(self, cmd: ipc.CaptureNow) -> None:
+        self.capture(self.sensor.on_capture_now, cmd.reason or "capture_now")
+
+    def tick(self) -> None:
+        if self.paused:
+            return
+        for kind in list(self.due):
+            now = time.monotonic()
+            if now < self.due[kind]:
+                continue
+            if self._daytime():
+                self.capture(kind, "schedule")
+            self.due[kind] += self.intervals[kind]
+            if self.due[kind] < time.monotonic():  # a capture ran long: skip, do not burst
+                self.due[kind] = time.monotonic() + self.intervals[kind]
+
+    def cleanup(self) -> None:
+        self._abandon()
+        self.power.close()

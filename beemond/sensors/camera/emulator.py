@@ -31,9 +31,10 @@ import time
 from fractions import Fraction
 
 import numpy as np
+from beemond.errors import PersistentSensorError
 
 
-class CameraClosed(RuntimeError):
+class CameraClosed(PersistentSensorError):
     """A call on a closed (or, after a stall, abandoned) stand-in camera."""
 
 

@@ -30,12 +30,14 @@ from __future__ import annotations
 import errno
 import re
 
+from beemond.errors import TransientSensorError
+
 POWER_ON_RAW = 0x0550          # +85 °C, the temperature register's reset value
 _LINE1 = re.compile(r"^((?:[0-9a-f]{2} ){9}): crc=([0-9a-f]{2}) (YES|NO)$")
 _LINE2 = re.compile(r"^((?:[0-9a-f]{2} ){9})t=(-?\d+)$")
 
 
-class ProbeError(OSError):
+class ProbeError(TransientSensorError):
     """A w1_slave answer that is not a valid measurement (failed CRC, garbage, reset value)."""
 
     def __init__(self, message: str):

@@ -72,7 +72,6 @@ class W1Tree:
     def from_replay(cls, base: Path, sensor) -> "W1Tree":
         """Probes of a simulated ``DS18B20Config``, each driven by the replay rows selected by its
         ``replay_filter_values`` entry (default: the replay's own filter)."""
-        from beemond.config import replay_values
         from beemond.sensors.replay import CsvReplay
 
         sources, replays = {}, {}
@@ -80,7 +79,7 @@ class W1Tree:
             rc = sensor.replay
             if position in sensor.replay_filter_values:
                 rc = dataclasses.replace(rc, filter_value=sensor.replay_filter_values[position])
-            replay = replays[position] = CsvReplay.from_config(rc, values=replay_values(sensor.replay_columns))
+            replay = replays[position] = CsvReplay.from_config(rc, sensor.replay_columns())
 
             def source(replay=replay):
                 row = replay.next_row()

@@ -25,7 +25,9 @@ import csv
 import io
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import ClassVar
 
 from beemond import archive, ipc
 from beemond import reading_journal as rj
@@ -33,17 +35,30 @@ from beemond.records import stage, staged_metadata, staged_name, write_staged
 from beemond.sensors import seams
 from beemond.sensors.power import power_switch
 from beemond.spool import Spool
+from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
 
-INPUT = "gpio_input"            # a command this worker sends itself from gpiozero's callback thread
 BLINK_OK = (0.1, 1.9)           # LED (on, off) seconds while running
 BLINK_ERROR = (0.1, 0.1)        # after an error of this worker
 COLUMNS = ("time", "input", "kind", "pin", "action")
 MAX_HELD_EVENTS = 10_000        # input events kept in memory while records cannot be written
 
 
-class GpioWorker:
+@dataclass(frozen=True, slots=True)
+class InputActivated(ipc.Command):
+    """From gpiozero's callback thread to the run loop: input *input* became active at *time* (UTC s
+    since the epoch)."""
+
+    kind: ClassVar[str] = "gpio_input"
+    input: str
+    time: float
+
+
+INPUT = InputActivated.kind
+
+
+class GpioWorker(Worker):
     """Inputs that send capture requests, a status LED; CSV records of input events."""
 
     ext = "csv"
@@ -87,7 +102,7 @@ class GpioWorker:
 
     def _callback(self, name: str):
         def activated(device=None) -> None:  # gpiozero's thread: hand over, nothing else
-            self.channel.commands.put(ipc.Command(INPUT, {"input": name, "time": time.time()}))
+            self.channel.commands.put(InputActivated(name, time.time()))
         return activated
 
     def _blink(self, pattern: tuple[float, float]) -> None:
@@ -116,7 +131,8 @@ class GpioWorker:
         if rec.entries or rec.skipped_lines:
             self.journal.reset(last, None)
 
-    def run(self) -> None:
+    # ---- loop (beemond.worker.Worker)
+    def prepare(self) -> None:
         log.info("gpio: %s", self.sensor.describe())
         try:
             self.fold_journal()
@@ -124,42 +140,39 @@ class GpioWorker:
             log.error("cannot fold the journal: %s", e)
         self._blink(BLINK_OK)
         self.pulsers += seams.input_pulsers(self.sensor, self.devices)
+
+    def timeout(self) -> float:
+        timeout = self.cfg.daemon.heartbeat_interval_s
+        if self.window_opened is not None:
+            timeout = max(0.0, self.window_opened + self.sensor.record_window_s - time.monotonic())
+        if self.journal.due() is not None:
+            timeout = max(0.0, min(timeout, self.journal.due() - time.monotonic()))
+        return timeout
+
+    def on_gpio_input(self, cmd: InputActivated) -> None:
+        self._on_input(cmd.input, cmd.time)
+
+    # capture_now: a GPIO sensor has nothing to capture
+
+    def tick(self) -> None:
         try:
-            while True:
-                timeout = self.cfg.daemon.heartbeat_interval_s
-                if self.window_opened is not None:
-                    timeout = max(0.0, self.window_opened + self.sensor.record_window_s - time.monotonic())
-                if self.journal.due() is not None:
-                    timeout = max(0.0, min(timeout, self.journal.due() - time.monotonic()))
-                cmd = self.channel.receive(timeout=timeout)
-                if cmd is not None:
-                    if cmd.kind == ipc.SHUTDOWN:
-                        log.info("shutting down (%s)", cmd.args.get("reason", "command"))
-                        break
-                    if cmd.kind == ipc.STOP:
-                        self.paused = True
-                    elif cmd.kind == ipc.START:
-                        self.paused = False
-                    elif cmd.kind == INPUT:
-                        self._on_input(cmd.args["input"], cmd.args["time"])
-                    # capture_now: a GPIO sensor has nothing to capture
-                try:
-                    self.journal.sync_if_due()
-                except OSError as e:
-                    log.warning("cannot sync the journal: %s", e)
-                if self.window_opened is not None and time.monotonic() - self.window_opened >= self.sensor.record_window_s:
-                    self.flush()
-        finally:
-            for p in self.pulsers:
-                p.stop()
+            self.journal.sync_if_due()
+        except OSError as e:
+            log.warning("cannot sync the journal: %s", e)
+        if self.window_opened is not None and time.monotonic() - self.window_opened >= self.sensor.record_window_s:
             self.flush()
-            self.journal.close()
-            for dev in self.devices.values():
-                dev.close()
-            if self.led is not None:
-                self.led.off()  # stops the blink thread; a closed pin may otherwise stay lit
-                self.led.close()
-            self.power.close()
+
+    def cleanup(self) -> None:
+        for p in self.pulsers:
+            p.stop()
+        self.flush()
+        self.journal.close()
+        for dev in self.devices.values():
+            dev.close()
+        if self.led is not None:
+            self.led.off()  # stops the blink thread; a closed pin may otherwise stay lit
+            self.led.close()
+        self.power.close()
 
     def _on_input(self, name: str, stamp: float) -> None:
         inp = self.sensor.inputs[name]

@@ -59,6 +59,7 @@ import time
 
 import serial
 
+from beemond.errors import TransientSensorError
 from beemond.sensors import seams
 from beemond.sensors.base import PolledSensorWorker, ranges
 
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 UNIT_KG = {"kg": 1.0, "kgs": 1.0, "g": 0.001, "lb": 0.45359237, "lbs": 0.45359237}
 
 
-class ScaleError(OSError):
+class ScaleError(TransientSensorError):
     """An attempt that gave no reading (timeout, garbage only); transient, retried by the worker."""
 
 
@@ -217,13 +218,13 @@ class ScaleWorker(PolledSensorWorker):
             return None, f"temperature from {s.temperature_sensor} is {age:.0f} s old"
         return celsius, None
 
-    def on_sample(self, sample: dict) -> None:
-        if sample.get("sensor") != self.sensor.temperature_sensor:
+    def on_sample(self, sample) -> None:   # an ipc.Sample
+        if sample.sensor != self.sensor.temperature_sensor:
             return
         position = self.sensor.temperature_position
-        if position and (sample.get("labels") or {}).get("position") != position:
+        if position and (sample.labels or {}).get("position") != position:
             return  # another probe of a DS18B20 sensor
-        celsius = (sample.get("values") or {}).get("temperature_celsius")
+        celsius = (sample.values or {}).get("temperature_celsius")
         if isinstance(celsius, (int, float)) and math.isfinite(celsius):
             self.temperature = (float(celsius), time.monotonic())
 

@@ -20,7 +20,6 @@ Weights come from a *source* callable ``() -> (kg, tag)``: :class:`SyntheticHive
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -29,11 +28,11 @@ import threading
 import time
 import tty
 from collections import deque
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from beemond.sensors.replay import CsvReplay, _parse_time
+from beemond.sensors.replay import _parse_time
+from beemond.sensors.scale.weights import weight_replay
 
 LB_KG = 0.45359237   # the international avoirdupois pound, exactly
 
@@ -214,56 +213,18 @@ class SyntheticHiveWeight:
         return self.mean_at(t) + self.rng.gauss(0.0, self.sim.noise_kg), t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass(frozen=True)
-class WeightRow:
-    index: int
-    time: datetime
-    weight_kg: float
-
-
-def load_weight_rows(rc) -> list[WeightRow]:
-    """The rows of a weight CSV (a :class:`beemond.config.WeightReplayConfig`), sorted by time.
-    Raises ``ValueError`` naming the line or column at fault."""
-    rows = []
-    with open(rc.file, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for col in (rc.time_column, rc.weight_column):
-            if col not in header:
-                raise ValueError(f"no column {col!r} in {rc.file.name} (has: {', '.join(header)})")
-        for n, rec in enumerate(reader, start=2):
-            try:
-                kg = float(rec[rc.weight_column])
-                if not math.isfinite(kg):
-                    raise ValueError(f"weight {kg}")
-                rows.append((_parse_time(rec[rc.time_column]), kg))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{rc.file.name} line {n}: {e}") from None
-    rows.sort(key=lambda r: r[0])
-    return [WeightRow(i, t, kg) for i, (t, kg) in enumerate(rows)]
-
-
 class WeightReplay:
     """Weights from a CSV, paced by :class:`CsvReplay` (``speedup = 0``: one row per line sent)."""
 
     def __init__(self, rc):
-        self.replay = CsvReplay(load_weight_rows(rc), start=_parse_time(rc.start) if rc.start else None,
-                                speedup=rc.speedup, loop=rc.loop)
+        self.replay = weight_replay(rc)
 
     def __call__(self) -> tuple[float, int]:
         row = self.replay.next_row()
         return row.weight_kg, row.index
 
 
-def simulation(sensor):
-    """A simulated scale's ``[simulation]`` table, or its defaults (also when it replays a file: the
-    line period)."""
-    from beemond.config import ScaleSimulationConfig
-
-    return sensor.simulation or ScaleSimulationConfig()
-
-
 def serial_source(sensor):
     """What a simulated scale weighs (:func:`beemond.sensors.seams.serial_port`): its ``[replay]``
     file, else the synthetic hive weight of its ``[simulation]``."""
-    return WeightReplay(sensor.replay) if sensor.replay is not None else SyntheticHiveWeight(simulation(sensor))
+    return WeightReplay(sensor.replay) if sensor.replay is not None else SyntheticHiveWeight(sensor.simulation_or_default())

@@ -13,4 +13,4 @@ package imports none of them: ``Section`` and ``Worker`` load on first use (:fun
 
 from beemond.registry import exports
 
-__getattr__ = exports(__name__, Section=".section:SCD4xConfig", Worker=".worker:SCD4xWorker")
+__getattr__ = exports(__name__, Section=".section:SCD4xConfig", Worker=".driver:SCD4xWorker")

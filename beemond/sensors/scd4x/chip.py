@@ -33,6 +33,8 @@ Datasheet", version 1.3 (September 2022); the same values are in Sensirion's own
 from __future__ import annotations
 
 ADDRESS = 0x62
+MODELS = ("scd40", "scd41")
+MODES = ("periodic", "single_shot")   # 3.5 (both models) and 3.10 (SCD41 only)
 
 START_PERIODIC_MEASUREMENT = 0x21B1
 READ_MEASUREMENT = 0xEC05

@@ -15,7 +15,14 @@ Two ways to measure (datasheet 3.5 and 3.10):
   readings, so its supply can be switched off (``power_pin``).
 
 The bus is anything ``smbus2.SMBus``-compatible: ``/dev/i2c-N`` on a Pi, or
-:class:`beemond.sensors.emulated_i2c.EmulatedSMBus` with :class:`.emulator.SCD4xChip` behind it.
+:class:`beemond.sensors.emulated_i2c.EmulatedSMBus` with :class:`.emulator.SCD4xChip` behind it, which
+:func:`beemond.sensors.seams.i2c_bus` gives a simulated sensor.
+
+:class:`SCD4xWorker` records (UTC time, CO2 ppm, °C, %RH). Plausibility (``limits``, checked and counted
+by :class:`beemond.sensors.base.PolledSensorWorker`): CO2 1...40 000 ppm (the output range, datasheet
+page 1; a CO2 word of 0 is no measurement: Sensirion's arduino-i2c-scd4x usage example skips it as an
+"invalid sample"), -10...60 °C and 0...100 %RH (the measurement ranges, datasheet 1.2 and 1.3). A
+reading outside is rejected whole and never recorded.
 """
 
 from __future__ import annotations
@@ -26,12 +33,12 @@ import time
 
 from smbus2 import i2c_msg
 
+from beemond.sensors.base import I2CWorker
 from beemond.sensors.scd4x import chip
 
-MODES = ("periodic", "single_shot")
-MODELS = ("scd40", "scd41")
 READY_POLL_S = 0.1          # get_data_ready_status cadence while waiting (one 3-byte read each)
 READY_MARGIN_S = 1.0        # beyond one signal update interval before a wait gives up
+BEAT_SLICE_S = 1.0          # a long wait (5 s single shot) is cut into slices that each send a heartbeat
 
 
 class SCD4x:
@@ -112,8 +119,8 @@ class SCD4xReader:
     """
 
     def __init__(self, device: SCD4x, mode: str = "periodic"):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in chip.MODES:
+            raise ValueError(f"mode must be one of {', '.join(chip.MODES)}, got {mode!r}")
         self.device = device
         self.mode = mode
         self.started = False        # periodic mode: started by us and not failed since
@@ -147,3 +154,40 @@ class SCD4xReader:
         except OSError:
             self.started = False
             raise
+
+
+class SCD4xWorker(I2CWorker):
+    """An SCD4x polled at ``interval_s`` (>= 5 s, the signal update interval)."""
+
+    columns = ("co2_ppm", "temperature_c", "humidity_rh")
+    quantities = ("co2_ppm", "temperature_celsius", "relative_humidity_percent")
+    limits = ((1.0, chip.CO2_RANGE_PPM[1]), chip.TEMPERATURE_RANGE_C, chip.HUMIDITY_RANGE_RH)
+
+    def __init__(self, cfg, sensor, channel, **kw):
+        super().__init__(cfg, sensor, channel, **kw)
+        self.device = SCD4x(self.bus, sensor.address, sleep=self._sleep)
+        self.reader = SCD4xReader(self.device, sensor.mode)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, BEAT_SLICE_S))
+            self.channel.beat()
+
+    def read(self) -> tuple:
+        return self.reader.measure()
+
+    def format_row(self, reading: tuple) -> list[str]:
+        co2, t, rh = reading
+        return [f"{co2:.0f}", f"{t:.2f}", f"{rh:.2f}"]
+
+    def extra_metadata(self, readings: list[tuple]) -> dict:
+        return {**super().extra_metadata(readings), "model": self.sensor.model, "mode": self.sensor.mode}
+
+    def close(self) -> None:
+        if self.reader.mode == "periodic" and self.reader.started:
+            try:   # leave the sensor idle (and drawing less) while the daemon is stopped
+                self.device.stop_periodic_measurement()
+            except OSError:
+                pass
+        super().close()

@@ -14,9 +14,10 @@ SCD4x datasheet v1.3):
   every response carries its CRC-8 (3.11).
 - a write of anything but a 2-byte command (set_* commands with parameters are not emulated) is NACKed.
 
-Values come from *source* (``() -> (CO2 ppm, °C, %RH, tag)``), taken when a measurement is read out
-(so a sequential replay serves each row to exactly one reading, however long the daemon waited), and
-are encoded into words exactly as the chip would (:func:`chip.encode`). ``served`` lists the tags.
+Values come from *source* (``() -> (CO2 ppm, °C, %RH, tag)``; :func:`emulated_chip` builds it), taken
+when a measurement is read out (so a sequential replay serves each row to exactly one reading, however
+long the daemon waited), and are encoded into words exactly as the chip would (:func:`chip.encode`).
+``served`` lists the tags.
 
 Fault injection for tests: ``nack_next`` (EREMOTEIO on the next N transfers), ``corrupt_next`` (flip a
 bit in byte ``corrupt_byte`` of the next N read_measurement responses), ``reset()`` (a brown-out: back
@@ -42,7 +43,7 @@ def _nack() -> OSError:
 
 class SCD4xChip:
     def __init__(self, source, model: str = "scd41", clock=time.monotonic):
-        if model not in ("scd40", "scd41"):
+        if model not in chip.MODELS:
             raise ValueError(f"model must be scd40 or scd41, got {model!r}")
         self.source = source
         self.model = model
@@ -132,12 +133,14 @@ class SCD4xChip:
 
 def emulated_chip(sensor, replay) -> SCD4xChip:
     """The chip a simulated SCD4x sensor reads (:func:`beemond.sensors.seams.i2c_bus`): each read-out
-    takes the replay's next row for temperature and humidity, and the sensor's respiration curve
-    (``co2_*`` keys, :mod:`.source`) at that row's time for CO2; ``served`` keeps each row's index."""
+    takes the replay's next row for temperature and humidity, and for CO2 the row's ``co2_ppm`` column
+    when the replay names one, else the sensor's respiration curve (``co2_*`` keys, :mod:`.source`) at
+    the row's time; ``served`` keeps each row's index."""
     curve = RespirationCurve(sensor.co2_low_ppm, sensor.co2_high_ppm, sensor.co2_peak_hour, sensor.co2_utc_offset_h)
 
     def source():
         row = replay.next_row()
-        return curve.co2_ppm(row.time), row.temperature_c, row.humidity_rh, row.index
+        co2 = row.get("co2_ppm")
+        return curve.co2_ppm(row.time) if co2 is None else co2, row.temperature_c, row.humidity_rh, row.index
 
     return SCD4xChip(source, model=sensor.model)

@@ -5,27 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from beemond.config.loader import ConfigError, PolledSensorConfig, _opt
+from beemond.config.schema import ConfigError, opt
 from beemond.sensors.scd4x import chip, source
-
-MODELS = ("scd40", "scd41")
-MODES = ("periodic", "single_shot")
+from beemond.sensors.section import PolledSensorConfig
 
 
 @dataclass(frozen=True)
 class SCD4xConfig(PolledSensorConfig):
     measures_temperature = True
-    bus: int = _opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
-    address: int = _opt(chip.ADDRESS, min=chip.ADDRESS, max=chip.ADDRESS, doc="fixed at 0x62 (datasheet table 8)")
-    model: str = _opt("scd41", choices=MODELS, doc="scd41 can also measure single shots")
-    mode: str = _opt("periodic", choices=MODES,
-                     doc="periodic: the sensor measures every 5 s and each reading takes the latest; "
-                         "single_shot (SCD41): one 5 s measurement per reading, idle in between")
-    co2_low_ppm: float = _opt(source.LOW_PPM, min=0, max=40000, doc="simulated: the daily CO2 minimum")
-    co2_high_ppm: float = _opt(source.HIGH_PPM, min=0, max=40000, doc="simulated: the daily CO2 maximum")
-    co2_peak_hour: float = _opt(source.PEAK_HOUR, min=0, max=24, doc="simulated: local hour of the maximum")
-    co2_utc_offset_h: float = _opt(source.URBAN_UTC_OFFSET_H, min=-14, max=14,
-                                   doc="simulated: local time minus UTC at the replayed hive, in hours")
+    bus: int = opt(1, min=0, max=255, doc="I2C bus number (/dev/i2c-N)")
+    address: int = opt(chip.ADDRESS, min=chip.ADDRESS, max=chip.ADDRESS, doc="fixed at 0x62 (datasheet table 8)")
+    model: str = opt("scd41", choices=chip.MODELS, doc="scd41 can also measure single shots")
+    mode: str = opt("periodic", choices=chip.MODES,
+                    doc="periodic: the sensor measures every 5 s and each reading takes the latest; "
+                        "single_shot (SCD41): one 5 s measurement per reading, idle in between")
+    co2_low_ppm: float = opt(source.LOW_PPM, min=0, max=40000, doc="simulated: the daily CO2 minimum")
+    co2_high_ppm: float = opt(source.HIGH_PPM, min=0, max=40000, doc="simulated: the daily CO2 maximum")
+    co2_peak_hour: float = opt(source.PEAK_HOUR, min=0, max=24, doc="simulated: local hour of the maximum")
+    co2_utc_offset_h: float = opt(source.URBAN_UTC_OFFSET_H, min=-14, max=14,
+                                  doc="simulated: local time minus UTC at the replayed hive, in hours")
+
+    replay_optional = ("co2_ppm",)   # a file with CO2 in ppm; else the respiration curve
 
     def check(self, path: Path, key: str) -> None:
         if self.interval_s < chip.SIGNAL_UPDATE_INTERVAL_S:

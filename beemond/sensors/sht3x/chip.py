@@ -13,10 +13,13 @@ Follows the SHT3x-DIS datasheet (v7, Dec 2022):
   specified range (a corrupted word whose CRC happened to match, a stuck bus) is rejected and
   counted by the polled worker (``beemond.sensors.base``), never recorded.
 
-Shared by the driver (:mod:`.driver`) and the emulator (:mod:`.emulator`); imports nothing else.
+Shared by the driver (:mod:`.driver`) and the emulator (:mod:`.emulator`); imports nothing else but
+:mod:`beemond.errors`.
 """
 
 from __future__ import annotations
+
+from beemond.errors import TransientSensorError
 
 # (repeatability, clock stretching) -> 16-bit command, datasheet table 9
 COMMANDS = {
@@ -30,7 +33,7 @@ RESOLUTION_C = 175.0 / 65535.0
 RESOLUTION_RH = 100.0 / 65535.0
 
 
-class CRCError(OSError):
+class CRCError(TransientSensorError):
     """A result word whose CRC-8 does not match: the reading is discarded, never used."""
 
 
