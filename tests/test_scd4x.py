@@ -313,6 +313,21 @@ def test_worker_records_replayed_rows_and_the_respiration_curve(tmp_path, urban_
     assert h.worker.chip.mode == "idle", "a stopped worker leaves the sensor idle"
 
 
+def test_worker_takes_co2_from_a_replay_column_when_there_is_one(tmp_path):
+    csv_file = tmp_path / "hive_co2.csv"
+    csv_file.write_text("time,t,rh,co2\n"
+                        "2022-07-01T01:00:00Z,34.50,61.20,9120\n"
+                        "2022-07-01T01:05:00Z,34.62,60.90,9385\n"
+                        "2022-07-01T01:10:00Z,34.71,60.35,8811\n")
+    h, _vt = harness(tmp_path, replay={"file": str(csv_file), "time_column": "time", "speedup": 0.0,
+                                       "columns": {"temperature_c": "t", "humidity_rh": "rh", "co2_ppm": "co2"}})
+    h.run(captures=2)
+    assert h.failure is None, h.failure
+    _path, table, _meta = h.record()
+    assert [r[1:] for r in table[1:4]] == [["9120", "34.50", "61.20"], ["9385", "34.62", "60.90"],
+                                           ["8811", "34.71", "60.35"]]
+
+
 def test_worker_single_shot_on_an_scd41(tmp_path):
     h, _vt = harness(tmp_path, mode="single_shot")
     h.run(captures=2)
@@ -376,7 +391,9 @@ def test_worker_persistent_nack_exits_without_inventing_readings(tmp_path):
     ({"power_pin": 17, "mode": "single_shot", "power_lead_s": 0.5}, "power_lead_s"),
     ({"co2_low_ppm": 9000.0}, "co2_low_ppm"),
     ({"replay": None, "backend": "simulated"}, "replay"),
-], ids=["fast", "scd40-single-shot", "mode", "address", "periodic-switched", "lead", "co2-range", "no-replay"])
+    ({"replay": {"file": str(URBAN), "columns": {"co2_ppm": "co2"}}}, "replay.columns.co2_ppm"),
+], ids=["fast", "scd40-single-shot", "mode", "address", "periodic-switched", "lead", "co2-range", "no-replay",
+        "no-co2-column"])
 def test_bad_scd4x_config_names_the_key(tmp_path, over, key):
     table = sensor_table(**over)
     table = {k: v for k, v in table.items() if v is not None}
