@@ -114,8 +114,9 @@ class SCD4xReader:
     """Readings from one :class:`SCD4x` in *mode* (``"periodic"`` or ``"single_shot"``).
 
     :meth:`measure` returns (CO2 ppm, temperature °C, relative humidity %RH) and raises ``OSError`` as
-    :class:`SCD4x` does. After any error the periodic mode is restarted before the next reading, so a
-    sensor that lost power or was left measuring by an earlier run recovers without a restart of ours.
+    :class:`SCD4x` does. After any error but a CRC mismatch (bus noise: the sensor still measures) the
+    sensor is stopped and started again before the next reading, so one that lost power, or was left
+    measuring by an earlier run, recovers without a restart of ours.
     """
 
     def __init__(self, device: SCD4x, mode: str = "periodic"):
