@@ -88,12 +88,14 @@ def start(cfg: Path, log: Path) -> subprocess.Popen:
 
 
 def _wait_worker_started(log: Path, offset: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until this run's log (from *offset*) says the climate worker started, or the daemon exited."""
+    """Until this run's log (from *offset*) says the climate worker is recording, or the daemon exited.
+    Its own line, not the orchestrator's "started worker": on a loaded machine a worker takes seconds
+    from spawn to its first reading, and a kill before that would test nothing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         with open(log, "rb") as f:
             f.seek(offset)
-            if b"started worker hive_climate" in f.read():
+            if b"hive_climate INFO recording every" in f.read():
                 return
         time.sleep(0.05)
 

@@ -13,7 +13,7 @@ import soundfile
 
 from audio_peers import PULSEAUDIO, AudioThread, PulseServer, peak_hz, tone_wav
 from beemond import ipc
-from beemond.sensors.audio.driver import DeviceError
+from beemond.sensors.audio.device import DeviceError
 from beemond.sensors.base import SensorFailure
 from conftest import make_config, wait_for
 

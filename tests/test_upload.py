@@ -8,6 +8,7 @@ import datetime
 import fcntl
 import ftplib
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -955,3 +956,40 @@ def test_a_signature_dated_before_a_clock_jump_is_not_taken_for_an_orphan(tmp_pa
     monkeypatch.setattr(space_mod, "ORPHAN_SIG_SEEN_S", 0.0)
     u.enforce_spool_limits()
     assert not sig.exists()
+
+
+def test_a_send_queue_holding_more_than_this_file_sent_does_not_stop_the_reader():
+    """On one connection the kernel's send queue can still hold the previous file's tail (or SSH's
+    framing) when the next file starts: more bytes queued than this reader sent. Its rate then must be
+    0, not negative (a negative one made drain() call time.sleep() with a negative time: ValueError,
+    and the uploader thread died mid-run under a resetting proxy)."""
+    import socket
+
+    from beemond.upload.transport import BundleReader, TokenBucket, in_flight
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the accepted socket
+        client = socket.create_connection(srv.getsockname())
+        peer, _ = srv.accept()
+        with client, peer:
+            client.setblocking(False)
+            try:
+                while True:  # fill the peer's window and our send queue: bytes sent, not acknowledged
+                    client.send(b"x" * 65536)
+            except BlockingIOError:
+                pass
+            queued = in_flight(client)
+            assert queued > 2 * BundleReader.MIN_CHUNK, queued  # else the case below is not the one
+            reader = BundleReader(io.BytesIO(b"y" * 100_000), TokenBucket(0))
+            reader.sock, reader.t0 = client, reader.t0 - 1.0  # a second into this file, 0 bytes of it sent
+            def read_later():
+                time.sleep(0.3)  # the reader waits on the queue meanwhile
+                peer.settimeout(5)
+                while in_flight(client) > 0:
+                    peer.recv(1 << 20)
+
+            t = threading.Thread(target=read_later, daemon=True)
+            t.start()
+            data = reader.read()
+            t.join(10)
+    assert data and reader.rate == 0.0 and reader.sent == len(data)

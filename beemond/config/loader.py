@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from beemond import registry
-from beemond.config import checks as config_checks
+import beemond.config.checks as config_checks
 from beemond.config.rules import check_semantics
 from beemond.config.schema import HOST_RE, NAME_RE, ConfigError
 from beemond.config.sections import (ArchiveConfig, BundleConfig, Config, DaemonConfig, MetricsConfig,

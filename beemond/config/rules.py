@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from beemond.config import checks as config_checks
+import beemond.config.checks as config_checks
 from beemond.config.schema import ConfigError
 from beemond.config.sections import BundleConfig, Config
 

@@ -44,20 +44,35 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Row:
     """One replayed row: ``row.temperature_c`` (or ``row.values["temperature_c"]``) is the value of
-    that quantity's column; :meth:`get` gives ``None`` for a quantity the replay does not read."""
+    that quantity's column; :meth:`get` gives ``None`` for a quantity the replay does not read.
+
+    The values are a tuple beside one tuple of quantity names shared by every row of a replay, not a
+    dict per row: a replay holds every row of its file for months, and a dict costs ~180 bytes more
+    per row (5 MB per worker for the UrBAN file, measured with bench/footprint.py)."""
 
     index: int          # position among the replayed rows, from 0
     time: datetime      # UTC
-    values: dict        # quantity -> float
+    quantities: tuple   # quantity names, the same tuple object for every row of one replay
+    numbers: tuple      # float per quantity, in the order of quantities
+
+    @property
+    def values(self) -> dict:
+        """quantity -> float."""
+        return dict(zip(self.quantities, self.numbers))
 
     def __getattr__(self, quantity: str) -> float:
+        if quantity in ("quantities", "numbers"):   # not set yet (copy, unpickle): no recursion
+            raise AttributeError(quantity)
         try:
-            return self.values[quantity]
-        except KeyError:
-            raise AttributeError(f"the replay reads no {quantity!r} (it reads {', '.join(self.values)})") from None
+            return self.numbers[self.quantities.index(quantity)]
+        except ValueError:
+            raise AttributeError(f"the replay reads no {quantity!r} (it reads {', '.join(self.quantities)})") from None
 
     def get(self, quantity: str, default=None):
-        return self.values.get(quantity, default)
+        try:
+            return self.numbers[self.quantities.index(quantity)]
+        except ValueError:
+            return default
 
 
 def _parse_time(text: str, tz: tzinfo = timezone.utc) -> datetime:
@@ -197,16 +212,17 @@ def load_rows(path: Path, time_column: str, columns: dict[str, str], filter_colu
             except ValueError:
                 counts[time_column] += 1
                 continue
-            values = {}
-            for quantity, col in columns.items():
+            values = []
+            for col in columns.values():
                 try:
-                    values[quantity] = float(fields[at[col]])
+                    values.append(float(fields[at[col]]))
                 except ValueError:
                     counts[col] += 1
                     values = None
                     break
             if values is not None:
-                rows.append((t, values))
+                rows.append((t, tuple(values)))
     skipped.update(counts)
     rows.sort(key=lambda r: r[0])   # stable: rows of one time keep their file order
-    return [Row(i, t, values) for i, (t, values) in enumerate(rows)]
+    quantities = tuple(columns)
+    return [Row(i, t, quantities, numbers) for i, (t, numbers) in enumerate(rows)]

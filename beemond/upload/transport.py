@@ -158,7 +158,10 @@ class BundleReader:
         # The link's rate: what the peer acknowledged, not what the kernel took (see drain).
         queued = in_flight(self.sock) if self.sock is not None else 0
         if elapsed > 0.05:
-            self.rate = (self.sent - queued) / elapsed
+            # Never below 0: the send queue can hold more than this reader sent (the previous file's
+            # tail, or SSH's framing on the same connection), and a negative rate made drain() sleep
+            # a negative time (ValueError, the uploader thread gone).
+            self.rate = max(0.0, (self.sent - queued) / elapsed)
         # At most doubling per chunk: the kernel's buffers take the first bytes at once, so the early
         # rate is too high on a slow link; by the time it matters it has come down to the link's.
         target = max(self.MIN_CHUNK, int(self.rate * self.CHUNK_S)) if self.rate else self.FIRST_CHUNK
