@@ -32,6 +32,10 @@ Datasheet", version 1.3 (September 2022); the same values are in Sensirion's own
 
 from __future__ import annotations
 
+# Sensirion's CRC-8 is one algorithm across its sensors: the SCD4x datasheet's (3.11, table 32) is the
+# SHT3x's (4.12), example CRC(0xBEEF) = 0x92 in both. A mismatch is the same transient CRCError.
+from beemond.sensors.sht3x.chip import CRCError, crc8
+
 ADDRESS = 0x62
 MODELS = ("scd40", "scd41")
 MODES = ("periodic", "single_shot")   # 3.5 (both models) and 3.10 (SCD41 only)
@@ -66,22 +70,6 @@ DATA_READY_MASK = 0x07FF               # 3.8.2: the 11 least significant bits
 CO2_RANGE_PPM = (0.0, 40_000.0)        # page 1, "large output range"
 TEMPERATURE_RANGE_C = (-10.0, 60.0)    # 1.3, temperature measurement range
 HUMIDITY_RANGE_RH = (0.0, 100.0)       # 1.2, humidity measurement range
-
-
-class CRCError(OSError):
-    """A word whose CRC-8 does not match: the whole response is discarded, never used. Transient (an
-    ``OSError``): the caller may retry."""
-
-
-def crc8(data: bytes) -> int:
-    """CRC-8 of *data* as the SCD4x computes it (3.11: poly 0x31, init 0xFF). ``crc8(b"\\xbe\\xef") == 0x92``."""
-    crc = 0xFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc << 1) ^ 0x31 if crc & 0x80 else crc << 1
-        crc &= 0xFF
-    return crc
 
 
 def command_bytes(command: int) -> bytes:
