@@ -89,7 +89,7 @@ def prometheus_unit(quantity: str, value: float) -> tuple[str, float]:
 
 class Health:
     """Orchestrator observer, Prometheus collector and status snapshot. *workers* is the
-    orchestrator's live ``{name: Worker}`` dict (read, never written)."""
+    orchestrator's live ``{name: WorkerProcess}`` dict (read, never written)."""
 
     def __init__(self, cfg, workers: dict, clock_check=None):
         self.cfg = cfg
