@@ -282,9 +282,6 @@ def main() -> int:
         cfg = make_config(work, keys, password, ftp.port, **{
             "bundle.max_duration_s": 1.5, "sensors.hive_climate.record_window_s": args.record_window_s,
             "sensors.hive_audio.segment_s": args.audio_segment_s,
-            # Not under test here, and one more worker starting slows the climate worker's start, on
-            # which the kill timing depends (with it, 5 kills at --max-gap 3 saw 0-2 readings, not 9).
-            "sensors.hive_co2": None,
             # Kills at start-up look like a crash loop to nobody: each start is a new orchestrator.
             "daemon.shutdown_timeout_s": 30})
         spool = work / "spool"
