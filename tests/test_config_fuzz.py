@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from beemond import archive, cli, config
+from beemond import cli, config
+from beemond.core import names
 from conftest import set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,12 +372,12 @@ def test_layout_check_gives_what_the_uploader_gives():
                        ("{{ metadata.hive }}/{{ name }}", False)):
         up = SimpleNamespace(up=SimpleNamespace(layout=layout), transport=SimpleNamespace(path=lambda rel: rel))
         if ok:
-            archive.check_layout(layout)
+            names.check_layout(layout)
             assert Uploader.remote_path(up, bundle).endswith(bundle.name) or ".tar.age" in Uploader.remote_path(up, bundle)
         else:
-            with pytest.raises(archive.TemplateError, match="no record metadata"):
-                archive.check_layout(layout)
-            with pytest.raises(archive.TemplateError):
+            with pytest.raises(names.TemplateError, match="no record metadata"):
+                names.check_layout(layout)
+            with pytest.raises(names.TemplateError):
                 Uploader.remote_path(up, bundle)
 
 
@@ -423,8 +424,8 @@ def test_templates_are_tried_with_the_configured_metadata(tmp_path: Path):
 
 def test_a_name_template_keeps_record_values_of_any_size():
     """The size limits bound widths and repetitions, never the record's own values."""
-    name = archive.render_name('{{ metadata.id }}_{{ "%d"|format(metadata.id) }}_{{ "{}".format(metadata.id) }}_'
-                               '{{ metadata.get("x", 99999) }}.csv', metadata={"id": 10**12})
+    name = names.render_name('{{ metadata.id }}_{{ "%d"|format(metadata.id) }}_{{ "{}".format(metadata.id) }}_'
+                             '{{ metadata.get("x", 99999) }}.csv', metadata={"id": 10**12})
     assert name == "1000000000000_1000000000000_1000000000000_99999.csv"
 
 
@@ -442,8 +443,8 @@ def test_numbers_that_size_nothing_are_not_bounded(tmp_path: Path, template: str
     path = tmp_path / "ok.toml"
     path.write_text(tomli_w.dumps(ok))
     config.load(path)
-    name = archive.render_name(template, sensor="s", start="20210619T000000Z", ext="csv", _split_index=2,
-                               metadata={"hive": 3629, "sample_rate_hz": 96000})
+    name = names.render_name(template, sensor="s", start="20210619T000000Z", ext="csv", _split_index=2,
+                             metadata={"hive": 3629, "sample_rate_hz": 96000})
     assert name.startswith("s_") and name.endswith(".csv")
 
 

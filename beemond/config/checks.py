@@ -16,8 +16,8 @@ imports nothing of the loader's, so the two never import each other.
   yet uploaded at a power cut or reboot: a warning, not an error, because a test bench or a
   container may want exactly that (and some systems put ``/tmp`` on tmpfs).
 
-Name templates and the upload layout are checked where they are rendered (:func:`beemond.archive.
-check_template`, :func:`beemond.archive.check_layout`: the sandbox with size and time limits).
+Name templates and the upload layout are checked where they are rendered (:func:`beemond.core.names.
+check_template`, :func:`beemond.core.names.check_layout`: the sandbox with size and time limits).
 """
 
 from __future__ import annotations
