@@ -17,7 +17,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from beemond import clock, config, ipc
+from beemond import config, ipc
+from beemond.core import clock
 from beemond.supervisor import metrics
 from beemond.supervisor.state import WorkerProcess, WorkerState
 
@@ -106,7 +107,7 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
     # the replayed drop: an alert counted, a warning logged (its JSON record is checked at the server below)
     assert [s[0] for s in got["beemond_alerts_total"]] == [{"host": "demo-hive", "sensor": "hive_scale", "alert": "swarm"}]
     d.wait_log(r"hive_swarm WARNING SWARM ALERT on hive_scale: weight fell 3\.00 kg \(45\.00 -> 42\.00 kg\)")
-    # beemond.clock's answer, the same one the records' clock_synchronized metadata carries
+    # beemond.core.clock's answer, the same one the records' clock_synchronized metadata carries
     assert got["beemond_clock_synchronised"] == [({"host": "demo-hive"}, float(clock.synchronized()))]
 
     # status: the climate worker in backoff, with its restarts and last error
@@ -268,7 +269,7 @@ def test_grafana_dashboard_parses_and_queries_only_exported_metrics(health):
 
 
 def test_clock_and_outbox_series_follow_beemond_clock_and_the_uploaders_outbox_events(tmp_path, keys, password_file):
-    flag = tmp_path / "timesync-synchronized"   # systemd-timesyncd's flag file, as beemond.clock reads it
+    flag = tmp_path / "timesync-synchronized"   # systemd-timesyncd's flag file, as beemond.core.clock reads it
     cfg = config.load(make_config(tmp_path, keys, password_file, 21))
     uploader = WorkerProcess("uploader", "uploader", state=WorkerState.RUNNING, starts=1)
     h = metrics.Health(cfg, {"uploader": uploader}, clock_check=lambda: clock.synchronized(str(flag)))

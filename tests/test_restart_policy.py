@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from beemond.clock import Backoff
+from beemond.core.clock import Backoff
 from beemond.supervisor.state import (ALIVE, HEALTHY_AFTER_S, RestartPolicy, RestartState, WorkerProcess,
                                       WorkerState)
 

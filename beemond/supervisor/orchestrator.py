@@ -42,9 +42,11 @@ import threading
 import time
 from pathlib import Path
 
-from beemond import ipc, notify
+from beemond import ipc
+from beemond.core import notify
 from beemond.config import EX_CONFIG, ConfigError
-from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
+from beemond.core.fsio import remove_stale_temps, temp_name
+from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy
 from beemond.supervisor.processes import discard_queue, forkserver_preload, stop_multiprocessing_helpers
 from beemond.supervisor.reload import Reloading, bundle_key_files
 from beemond.supervisor.signals import Signals

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from beemond.clock import Backoff
+from beemond.core.clock import Backoff
 
 HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff and crash-loop history reset
 
