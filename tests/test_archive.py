@@ -218,3 +218,16 @@ def test_remove_stale_temps_removes_only_ours(tmp_path: Path):
     assert (tmp_path / "s" / ".d.tmp-99").is_dir()
     assert fsio.remove_stale_temps(tmp_path) == 0
     assert fsio.remove_stale_temps(tmp_path / "missing") == 0
+
+
+def test_a_time_limit_passing_as_the_block_ends_is_no_traceback():
+    # Leaving the block is not rendering: a deadline that has passed by then (here: at once) must
+    # neither raise out of the with statement nor leave the trace function installed.
+    import sys
+
+    from beemond.core import names
+
+    before = sys.gettrace()
+    with names._time_limit(0.0):
+        pass
+    assert sys.gettrace() is before

@@ -13,7 +13,6 @@ first render: the orchestrator and the lab import this module for the name check
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import re
 import sys
@@ -221,23 +220,37 @@ class _Deadline(BaseException):
     Exception`` in a filter swallows it."""
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Abort Python code run in this thread after *seconds* (a trace function: no signal, any thread)."""
-    deadline = time.monotonic() + seconds
+class _time_limit:
+    """Abort Python code run in this thread after *seconds* (a trace function: no signal, any thread).
 
-    def trace(frame, event, arg):
-        if time.monotonic() > deadline:
+    A class, not a generator context manager: resuming a generator to leave the block is itself a
+    traced call, so a deadline passing just after the render would raise there, past the handler.
+    Here the trace skips ``__exit__``, which restores the old trace function first."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        self.deadline = time.monotonic() + self.seconds
+        self.old = sys.gettrace()
+        sys.settrace(self._trace)
+        return self
+
+    def _trace(self, frame, event, arg):
+        if frame.f_code is _EXIT_CODE:
+            return None
+        if time.monotonic() > self.deadline:
             raise _Deadline()
-        return trace
-    old = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        yield
-    except _Deadline:
-        raise TemplateError(f"template takes longer than {seconds:g} s to render a name") from None
-    finally:
-        sys.settrace(old)
+        return self._trace
+
+    def __exit__(self, kind, value, tb) -> bool:
+        sys.settrace(self.old)
+        if kind is not None and issubclass(kind, _Deadline):
+            raise TemplateError(f"template takes longer than {self.seconds:g} s to render a name") from None
+        return False
+
+
+_EXIT_CODE = _time_limit.__exit__.__code__
 
 
 def trial_limit():
