@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import functools
 import re
+import resource
 import sys
 import time
 import types
@@ -220,6 +221,9 @@ class _Deadline(BaseException):
     Exception`` in a filter swallows it."""
 
 
+TRIAL_MEMORY_KB = 32 * 1024   # what a trial render may add to the process's peak RSS
+
+
 class _time_limit:
     """Abort Python code run in this thread after *seconds* (a trace function: no signal, any thread).
 
@@ -232,6 +236,7 @@ class _time_limit:
 
     def __enter__(self):
         self.deadline = time.monotonic() + self.seconds
+        self.rss_limit_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + TRIAL_MEMORY_KB
         self.old = sys.gettrace()
         sys.settrace(self._trace)
         return self
@@ -239,14 +244,17 @@ class _time_limit:
     def _trace(self, frame, event, arg):
         if frame.f_code is _EXIT_CODE:
             return None
-        if time.monotonic() > self.deadline:
+        # Memory too: a template that doubles a string (``~`` is not an operator the sandbox sees) would
+        # reach hundreds of MB within the time limit, on a Pi with 512 MB.
+        if time.monotonic() > self.deadline or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.rss_limit_kb:
             raise _Deadline()
         return self._trace
 
     def __exit__(self, kind, value, tb) -> bool:
         sys.settrace(self.old)
         if kind is not None and issubclass(kind, _Deadline):
-            raise TemplateError(f"template takes longer than {self.seconds:g} s to render a name") from None
+            raise TemplateError(f"template takes longer than {self.seconds:g} s or more than "
+                                f"{TRIAL_MEMORY_KB // 1024} MB to render a name") from None
         return False
 
 
