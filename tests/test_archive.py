@@ -218,3 +218,35 @@ def test_remove_stale_temps_removes_only_ours(tmp_path: Path):
     assert (tmp_path / "s" / ".d.tmp-99").is_dir()
     assert fsio.remove_stale_temps(tmp_path) == 0
     assert fsio.remove_stale_temps(tmp_path / "missing") == 0
+
+
+def test_a_time_limit_passing_as_the_block_ends_is_no_traceback():
+    # Leaving the block is not rendering: a deadline that has passed by then (here: at once) must
+    # neither raise out of the with statement nor leave the trace function installed.
+    import sys
+
+    from beemond.core import names
+
+    before = sys.gettrace()
+    with names._time_limit(0.0):
+        pass
+    assert sys.gettrace() is before
+
+
+def test_a_template_that_doubles_a_string_is_stopped_by_memory_not_only_by_time():
+    # "~" is a concatenation the sandbox cannot bound; 30 doublings would be 1 GB. The trial render must
+    # stop it near TRIAL_MEMORY_KB, not at the time limit hundreds of MB later (a 512 MB Pi reloads in
+    # a child of the daemon).
+    import subprocess
+    import sys
+
+    code = ("import resource; from beemond.core import names\n"
+            "try:\n"
+            "    names.check_template('{% set ns = namespace(s=\"x\") %}{% for i in range(40) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}x')\n"
+            "except names.TemplateError as e:\n"
+            "    print('refused', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    word, peak_kb = out.stdout.split()
+    assert word == "refused", out.stderr
+    assert int(peak_kb) < 150 * 1024, f"peak {int(peak_kb) // 1024} MB"

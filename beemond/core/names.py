@@ -13,9 +13,9 @@ first render: the orchestrator and the lab import this module for the name check
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import re
+import resource
 import sys
 import time
 import types
@@ -221,23 +221,44 @@ class _Deadline(BaseException):
     Exception`` in a filter swallows it."""
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Abort Python code run in this thread after *seconds* (a trace function: no signal, any thread)."""
-    deadline = time.monotonic() + seconds
+TRIAL_MEMORY_KB = 32 * 1024   # what a trial render may add to the process's peak RSS
 
-    def trace(frame, event, arg):
-        if time.monotonic() > deadline:
+
+class _time_limit:
+    """Abort Python code run in this thread after *seconds* (a trace function: no signal, any thread).
+
+    A class, not a generator context manager: resuming a generator to leave the block is itself a
+    traced call, so a deadline passing just after the render would raise there, past the handler.
+    Here the trace skips ``__exit__``, which restores the old trace function first."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        self.deadline = time.monotonic() + self.seconds
+        self.rss_limit_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + TRIAL_MEMORY_KB
+        self.old = sys.gettrace()
+        sys.settrace(self._trace)
+        return self
+
+    def _trace(self, frame, event, arg):
+        if frame.f_code is _EXIT_CODE:
+            return None
+        # Memory too: a template that doubles a string (``~`` is not an operator the sandbox sees) would
+        # reach hundreds of MB within the time limit, on a Pi with 512 MB.
+        if time.monotonic() > self.deadline or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.rss_limit_kb:
             raise _Deadline()
-        return trace
-    old = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        yield
-    except _Deadline:
-        raise TemplateError(f"template takes longer than {seconds:g} s to render a name") from None
-    finally:
-        sys.settrace(old)
+        return self._trace
+
+    def __exit__(self, kind, value, tb) -> bool:
+        sys.settrace(self.old)
+        if kind is not None and issubclass(kind, _Deadline):
+            raise TemplateError(f"template takes longer than {self.seconds:g} s or more than "
+                                f"{TRIAL_MEMORY_KB // 1024} MB to render a name") from None
+        return False
+
+
+_EXIT_CODE = _time_limit.__exit__.__code__
 
 
 def trial_limit():
