@@ -163,12 +163,18 @@ class ReadingJournal:
     def sync(self) -> None:
         if self.fd is None or self.pending_since is None:
             return
-        os.fdatasync(self.fd)
-        self.syncs += 1
-        if self.new_entry:
-            fsio.fsync_dir(self.path.parent)
+        try:
+            os.fdatasync(self.fd)
             self.syncs += 1
-            self.new_entry = False
+            if self.new_entry:
+                fsio.fsync_dir(self.path.parent)
+                self.syncs += 1
+                self.new_entry = False
+        except OSError:
+            # A read-only remount or a dying card: due again sync_s from now, so that the worker's
+            # wait does not stay at 0 s (a busy loop, a warning per wake-up) until the disk is back.
+            self.pending_since = time.monotonic()
+            raise
         self.last_sync = time.monotonic()
         self.pending_since = None
 

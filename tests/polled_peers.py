@@ -34,6 +34,16 @@ def write_config(tmp_path: Path, name: str, sensor: dict) -> Path:
     return path
 
 
+class CountingQueue(queue.Queue):
+    """A worker's command queue, counting the worker's waits on it (``Channel.receive``)."""
+
+    waits = 0
+
+    def get(self, block=True, timeout=None):
+        self.waits += 1
+        return super().get(block, timeout)
+
+
 class Harness:
     """One sensor's worker with a real command queue and a real event pipe, run in a thread."""
 

@@ -103,6 +103,24 @@ def test_valid_toml_exits_0(env: Env):
     assert "s3cret" not in r.stdout  # secrets never shown
 
 
+def test_an_old_replay_table_naming_a_column_the_sensor_does_not_read_still_loads(env: Env):
+    """Before the column-generic replay every ``[replay]`` table had all three *_column keys, and a
+    sensor read only its own: a DS18B20 table copied from an SHT3x's (``humidity_column``), an SHT3x
+    with a ``pressure_column``. Such a config loaded then and must load now."""
+    tree = copy.deepcopy(env.tree)
+    tree["sensors"]["hive_climate"]["replay"]["pressure_column"] = "humidity"
+    tree["sensors"]["hive_frames"] = {
+        "type": "ds18b20", "backend": "simulated", "probes": {"brood": "28-0316a2794eff"},
+        "replay": {**tree["sensors"]["hive_climate"]["replay"], "pressure_column": ""}}
+    r = run_check(env.write(tree))
+    assert r.returncode == 0, r.stderr
+    assert "sensor hive_frames: ds18b20 (simulated)" in r.stdout
+    cfg = config.load(env.dir / "beemond.toml")
+    climate, frames = (s for s in cfg.sensors if s.name in ("hive_climate", "hive_frames"))
+    assert climate.replay_columns() == {"temperature_c": "temperature", "humidity_rh": "humidity"}
+    assert frames.replay_columns() == {"temperature_c": "temperature"}
+
+
 def test_valid_toml_typed_values_and_relative_paths(env: Env, monkeypatch):
     tree = copy.deepcopy(env.tree)
     tree["sensors"]["hive_climate"]["replay"]["file"] = os.path.relpath(URBAN, env.dir.resolve())

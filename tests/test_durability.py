@@ -7,23 +7,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+import tomli_w
 
 from beemond import config, ipc, reading_journal as rj
 from beemond.core import clock
 from beemond.spool import Spool, sidecar_of
 from beemond.sensors.replay import CsvReplay, load_rows
 from conftest import wait_for
-from polled_peers import URBAN, Harness, expand, write_config
+from polled_peers import URBAN, CountingQueue, Harness, expand, write_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -272,3 +276,59 @@ def test_a_fold_whose_name_another_record_holds_still_records_once(tmp_path):
     h2.run(captures=0)
     times = sorted(row[0] for _, table, _ in h2.records() for row in table[1:])
     assert times == [f"2026-01-01T00:00:00.{ms}Z" for ms in (100, 200, 300, 400)], times
+
+
+@pytest.fixture
+def failing_disk(tmp_path):
+    """An ext4 image on a loop device, mounted ``errors=remount-ro``; yields (mount point, fail):
+    ``fail()`` makes the kernel record a file-system error (sysfs ``trigger_fs_error``), as a dying
+    SD card does, and from then on every write and fdatasync fails with EROFS."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and loop devices")
+    img, mnt = tmp_path / "disk.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(img), str(mnt)], check=True)
+    dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    trigger = Path("/sys/fs/ext4") / Path(dev).name / "trigger_fs_error"
+    if not trigger.exists():
+        subprocess.run(["umount", str(mnt)], check=True)
+        pytest.skip("this kernel has no ext4 trigger_fs_error")
+    try:
+        yield mnt, lambda: trigger.write_text("1")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_journal_that_cannot_be_synced_is_retried_at_its_cadence_not_in_a_busy_loop(failing_disk, caplog):
+    """The SD card goes read-only with a reading journaled but not yet synced: the worker retries the
+    sync every journal_sync_s (one warning each), instead of waking without pause and logging each time."""
+    mnt, fail = failing_disk
+    path = write_config(mnt, "hive_climate", {
+        "type": "sht3x", "backend": "simulated", "interval_s": 3600.0, "record_window_s": 3600.0,
+        "replay": {"file": str(URBAN), "filter_column": "Tag number", "filter_value": "3629"}})
+    tree = tomllib.loads(path.read_text())
+    tree["daemon"]["journal_sync_s"] = 2.0
+    path.write_text(tomli_w.dumps(tree))
+    h = Harness(mnt, "hive_climate")
+    h.commands = h.channel.commands = CountingQueue()
+    t = threading.Thread(target=h.worker.run, daemon=True)
+    t.start()
+    wait_for(lambda: h.worker.journal.fd is not None, 10, "the first reading")   # synced at once
+    h.commands.put(ipc.CaptureNow())       # journaled; its sync is due journal_sync_s after
+    wait_for(lambda: h.worker.journal.due() is not None, 10, "a reading waiting for its sync")
+    fail()
+    wait_for(lambda: any("cannot sync the reading journal" in r.getMessage() for r in caplog.records), 10,
+             "the failed sync")
+    before, logged = h.commands.waits, len(caplog.records)
+    time.sleep(1.0)
+    waits, warnings = h.commands.waits - before, len(caplog.records) - logged
+    h.commands.put(ipc.Shutdown())
+    t.join(20)
+    assert not t.is_alive(), "worker did not shut down"
+    # heartbeat_interval_s 0.2 s and a retry per 2 s: about 5 waits and at most 1 warning in that second
+    assert waits < 50, f"{waits} waits in 1 s"
+    assert warnings < 10, f"{warnings} log lines in 1 s"

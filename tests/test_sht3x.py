@@ -23,7 +23,7 @@ from beemond.sensors.emulated_i2c import EmulatedSMBus
 from beemond.sensors.replay import CsvReplay, load_rows
 from beemond.sensors.sht3x.emulator import SHT3xChip, encode
 from beemond.sensors.sht3x.driver import SHT3x, SHT3xWorker
-from polled_peers import URBAN, expand
+from polled_peers import URBAN, CountingQueue, expand
 HIVE = "3629"
 ADDR = 0x44
 
@@ -420,3 +420,26 @@ def test_worker_rejects_and_counts_a_reading_outside_the_datasheet_range(tmp_pat
     assert len(errors) == 2 and re.search(r"temperature_c=127\.0\d* outside -40\.\.125", errors[0]), errors
     ready = [e for e in events if e.kind == ipc.READY_EVENT]
     assert ready[0].rejected == 2                         # -> beemond_readings_rejected_total
+
+
+def test_a_paused_worker_waits_for_commands_instead_of_spinning(tmp_path: Path):
+    """`beemond pause` (a hive inspection) must leave a polled sensor's process idle: it wakes for its
+    heartbeat, not in a busy loop because a measurement it skips is overdue."""
+    h = Harness(tmp_path, interval_s=0.1)
+    h.commands = h.channel.commands = CountingQueue()
+    h.commands.put(ipc.Stop())
+    t = threading.Thread(target=h.worker.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not h.worker.paused and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert h.worker.paused
+    time.sleep(0.3)                   # a measurement is overdue from here on
+    before = h.commands.waits
+    time.sleep(1.0)
+    waits = h.commands.waits - before
+    h.commands.put(ipc.Shutdown())
+    t.join(20)
+    assert not t.is_alive(), "worker did not shut down"
+    # heartbeat_interval_s is 0.2 s: about 5 waits in that second; a busy loop makes thousands
+    assert waits < 50, f"{waits} waits in 1 s while paused"

@@ -150,11 +150,14 @@ class PolledSensorWorker(Worker):
             log.error("cannot fold the reading journal: %s", e)
 
     def timeout(self) -> float:
-        deadlines = [self.poller.due()]
+        # Paused, the overdue measurement is not taken: waiting for it would be a busy loop.
+        deadlines = [] if self.paused else [self.poller.due()]
         if self.window_opened is not None:
             deadlines.append(self.window_opened + self.sensor.record_window_s)
         if self.journal.due() is not None:
             deadlines.append(self.journal.due())
+        if not deadlines:
+            return super().timeout()   # the channel still wakes us for each heartbeat
         return max(0.0, min(deadlines) - time.monotonic())
 
     def on_stop(self, cmd: ipc.Stop) -> None:

@@ -10,11 +10,14 @@ Without an entry a quantity uses :data:`DEFAULT_COLUMNS` (the UrBAN 2021 file's 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from beemond.config.schema import ConfigError, SensorConfig, opt
+
+log = logging.getLogger(__name__)
 
 # quantity -> the CSV column it is read from when the [replay] table does not say
 DEFAULT_COLUMNS = {"temperature_c": "temperature", "humidity_rh": "humidity"}
@@ -66,10 +69,13 @@ class ReplayConfig:
         for quantity in self.columns:
             if quantity not in known:
                 raise ValueError(f"columns.{quantity}: not a quantity this sensor replays; allowed: {', '.join(known)}")
-        for quantity, key in LEGACY_KEYS.items():
-            if getattr(self, key) and quantity not in known:
-                raise ValueError(f"{key}: not a quantity this sensor replays ({', '.join(known)})")
         return out
+
+    def unread_legacy_keys(self, quantities: tuple[str, ...]) -> list[str]:
+        """The older ``*_column`` keys set for a quantity not in *quantities*. Before ``columns``
+        every table had all three and a sensor read its own (a DS18B20's copied ``humidity_column``):
+        they are ignored, as then, never an error, so that such a config still loads."""
+        return [key for quantity, key in LEGACY_KEYS.items() if getattr(self, key) and quantity not in quantities]
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,8 @@ def check_replay(replay: ReplayConfig, path: Path, key: str, required: tuple[str
     except ValueError as e:
         sub, _, message = str(e).partition(": ")
         raise ConfigError(path, f"{key}.{sub}", message) from None
+    for sub in replay.unread_legacy_keys((*required, *optional)):
+        log.warning("%s: %s.%s: ignored: this sensor replays only %s", path, key, sub, ", ".join((*required, *optional)))
     if not os.access(replay.file, os.R_OK) or not replay.file.is_file():
         raise ConfigError(path, f"{key}.file", f"cannot read {replay.file}")
     header = read_header(replay.file)
