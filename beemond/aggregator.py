@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import archive, ipc
+from beemond import ipc
+from beemond.core import clock, fsio
 from beemond.bundle import crypto
 from beemond.bundle.sealer import Record, RecordError, bundle_name, seal
-from beemond.spool import Spool
+from beemond.spool import META_SUFFIX, Spool, sidecar_of, write_sidecar
 from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -92,19 +93,19 @@ class Aggregator(Worker):
         now = time.time()
         for sensor_dir in sorted(p for p in self.staging.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for dirpath, dirs, files in os.walk(sensor_dir):
-                dirs[:] = sorted(d for d in dirs if not archive.is_internal(d))
+                dirs[:] = sorted(d for d in dirs if not fsio.is_internal(d))
                 for name in sorted(files):
-                    if archive.is_internal(name):
+                    if fsio.is_internal(name):
                         continue
                     path = Path(dirpath) / name
-                    if name.endswith(archive.META_SUFFIX):
-                        data = path.with_name(name[:-len(archive.META_SUFFIX)])
+                    if name.endswith(META_SUFFIX):
+                        data = path.with_name(name[:-len(META_SUFFIX)])
                         if not data.exists() and _age(path, now) > ORPHAN_GRACE_S:
                             path.unlink(missing_ok=True)  # its record was bundled; the crash came before this unlink
                         continue
                     if path in self.known:
                         continue
-                    if not archive.sidecar_of(path).exists():
+                    if not sidecar_of(path).exists():
                         if not final and _age(path, now) <= ORPHAN_GRACE_S:
                             continue  # its writer may be about to add the sidecar
                         self._recover(path, sensor_dir.name)
@@ -113,14 +114,14 @@ class Aggregator(Worker):
     def _recover(self, path: Path, sensor: str) -> None:
         t = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
         log.warning("record %s has no metadata (its writer died); bundling it as recovered", path.name)
-        archive.write_sidecar(path, {"sensor": sensor, "start": archive.utc_iso(t), "end": archive.utc_iso(t),
+        write_sidecar(path, {"sensor": sensor, "start": clock.utc_iso(t), "end": clock.utc_iso(t),
                                      "recovered": True})
 
     def add(self, path: Path) -> None:
         if path in self.known:
             return
         try:
-            metadata = json.loads(archive.sidecar_of(path).read_bytes())
+            metadata = json.loads(sidecar_of(path).read_bytes())
             size = path.stat().st_size
         except FileNotFoundError:
             return  # already bundled and removed (a duplicate event after a rescan)
@@ -180,11 +181,11 @@ class Aggregator(Worker):
         dirs = set()
         for rec in ob.records:  # the bundle is durable in the outbox: now the staged copies may go
             rec.path.unlink(missing_ok=True)
-            archive.sidecar_of(rec.path).unlink(missing_ok=True)
+            sidecar_of(rec.path).unlink(missing_ok=True)
             self.known.discard(rec.path)
             dirs.add(rec.path.parent)
         for d in dirs:
-            archive.fsync_dir(d)
+            fsio.fsync_dir(d)
         log.info("sealed %s: %d record(s), %d bytes in %.2f s", path.name, len(ob.records), size,
                  time.monotonic() - t0)
         self.channel.send(ipc.BUNDLE_SEALED, path=str(path), records=len(ob.records), bytes=size)
@@ -196,7 +197,7 @@ class Aggregator(Worker):
             return
         dest = self.spool.failed_dir() / rec.member
         dest.parent.mkdir(parents=True, exist_ok=True)
-        for src, dst in ((rec.path, dest), (archive.sidecar_of(rec.path), archive.sidecar_of(dest))):
+        for src, dst in ((rec.path, dest), (sidecar_of(rec.path), sidecar_of(dest))):
             try:
                 os.replace(src, dst)
             except OSError:

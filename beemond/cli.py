@@ -33,7 +33,7 @@ def _load_config(path: str, loader=None):
 
 
 def cmd_run(args) -> int:
-    from beemond import journal
+    from beemond.core import journal
     from beemond.supervisor.orchestrator import Orchestrator
 
     orch = _load_config(args.config, lambda path: Orchestrator.from_file(path, duration=args.duration))

@@ -35,7 +35,7 @@ class BeemondError(Exception):
 
 class KeyMaterialError(BeemondError, ValueError):
     """A key or recipient that cannot be used: not an age/SSH public key, no secret key in an identity
-    file, not an Ed25519 signing key (``beemond.crypto``)."""
+    file, not an Ed25519 signing key (``beemond.bundle.crypto``)."""
 
 
 class SensorError(BeemondError):
@@ -76,4 +76,4 @@ class UploadError(BeemondError):
 
 
 class ControlError(BeemondError):
-    """A command line client cannot talk to the running daemon (``beemond.status``)."""
+    """A command line client cannot talk to the running daemon (``beemond.supervisor.status``)."""

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from beemond import archive, spool
+from beemond.core import clock, fsio
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ReadingJournal:
         """Replace the journal by a header alone, durably (its readings are in a record now)."""
         self.close()
         header = _header(last_reading, replay)
-        with spool.atomic_writer(self.path) as f:
+        with fsio.atomic_writer(self.path) as f:
             f.write(header)
         self.bytes_written += len(header)
         self.syncs += 2   # the file and its directory
@@ -166,7 +166,7 @@ class ReadingJournal:
         os.fdatasync(self.fd)
         self.syncs += 1
         if self.new_entry:
-            spool.fsync_dir(self.path.parent)
+            fsio.fsync_dir(self.path.parent)
             self.syncs += 1
             self.new_entry = False
         self.last_sync = time.monotonic()
@@ -185,7 +185,7 @@ def _header(last_reading: str | None, replay: dict | None) -> bytes:
 
 def entry(stamp, values, tag, unsynchronized: bool, errors: int, missed: int, replay: dict | None) -> dict:
     """One journal line for a reading taken at UTC *stamp* (see the module docstring)."""
-    out = {"t": archive.utc_iso(stamp), "v": list(values), "u": int(unsynchronized), "e": errors, "m": missed}
+    out = {"t": clock.utc_iso(stamp), "v": list(values), "u": int(unsynchronized), "e": errors, "m": missed}
     if tag is not None:
         out["g"] = tag
     if replay is not None:
@@ -198,13 +198,13 @@ def gap_metadata(last_reading: str | None, first_new) -> dict:
     a UTC datetime) for the first record of a run that follows an earlier one; ``{}`` for a first run."""
     if last_reading is None:
         return {"after_restart": True}
-    gap = (first_new - archive.parse_iso(last_reading)).total_seconds()
+    gap = (first_new - clock.parse_iso(last_reading)).total_seconds()
     return {"after_restart": True, "gap_s": round(max(0.0, gap), 3)}
 
 
 def write_state(path: Path, state: dict) -> None:
     """Durably replace a sensor's state file (:meth:`beemond.spool.Spool.state_file`)."""
-    with spool.atomic_writer(path) as f:
+    with fsio.atomic_writer(path) as f:
         f.write(json.dumps(state, sort_keys=True).encode())
 
 

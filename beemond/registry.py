@@ -21,6 +21,7 @@ SENSORS = {
     "camera": "beemond.sensors.camera:Worker",
     "gpio": "beemond.sensors.gpio:Worker",
     "scale": "beemond.sensors.scale:Worker",
+    "scd4x": "beemond.sensors.scd4x:Worker",
 }
 
 # type = "..." in a [processors.NAME] table -> its package's worker class (exports as for SENSORS).

@@ -41,7 +41,8 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from beemond.core.fsio import atomic_writer, is_internal
+from beemond.core.names import META_SUFFIX
 from beemond.errors import BusyError
 
 STAGING = "staging"
@@ -58,13 +59,10 @@ JOURNAL = "readings.journal"
 STATE_FILE = "state.json"
 OPEN_SEGMENT_SUFFIX = ".open"
 
-META_SUFFIX = ".meta.json"
 SIG_SUFFIX = ".sig"
-TMP_MARK = ".tmp-"
 # HOST_START_GROUP_DIGEST.tar.age: START the first record's start (UTC, ISO 8601 basic), GROUP "all" or
 # the sensor, DIGEST the first 12 hex digits of the SHA-256 of the member names (beemond.aggregator).
 BUNDLE_RE = re.compile(r"^(?P<host>.+)_(?P<start>\d{8}T\d{6}Z)_(?P<group>[A-Za-z0-9_-]+)_(?P<digest>[0-9a-f]{12})\.tar\.age$")
-_STALE_TEMP_RE = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"\d+$")
 
 
 class SpoolBusy(BusyError, OSError):
@@ -317,67 +315,6 @@ def dir_usage(root: Path, pattern: re.Pattern | None = None) -> tuple[int, int]:
             if not name.endswith(META_SUFFIX):
                 files += 1
     return files, size
-
-
-# ------------------------------------------------------------------------------------------ crash-safe files
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or unlink in *path* durable (POSIX leaves it in the directory's page cache)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_writer(final: str | os.PathLike, mode: str = "wb", *, sync_dir: bool = True, **open_kw) -> Iterator[Any]:
-    """Open a temporary file beside *final*; on clean exit fsync and rename it into place.
-
-    On an exception the temporary file is removed and *final* is untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
-    f = open(tmp, mode, **open_kw)
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, final)
-        if sync_dir:
-            fsync_dir(final.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            f.close()   # flushes what the failed write left buffered: fails again on a full disk
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def temp_name(directory: Path, hint: str) -> Path:
-    """A temporary name in *directory* that every reader skips and crash clean-up removes."""
-    return directory / f".{hint}{TMP_MARK}{os.getpid()}"
-
-
-def is_internal(name: str) -> bool:
-    """True for names readers must skip: temporary files and hidden files."""
-    return name.startswith(".")
-
-
-def remove_stale_temps(root: Path) -> int:
-    """Remove temporary files left by a crash under *root* (only ours: ``.NAME.tmp-PID``)."""
-    removed = 0
-    if not root.exists():
-        return 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if _STALE_TEMP_RE.match(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dirpath, name))
-                    removed += 1
-    return removed
 
 
 # ------------------------------------------------------------------------------------------ staged records

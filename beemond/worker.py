@@ -105,7 +105,7 @@ class Worker:
 
 def worker_main(role: str, name: str, cfg, commands, events) -> None:
     """Entry point of every worker process (started by the orchestrator through the forkserver)."""
-    from beemond import journal
+    from beemond.core import journal
 
     journal.setup(name, cfg.daemon.log_level)
     # Held shared until this process ends: a new orchestrator waits for it (see Spool.lock).

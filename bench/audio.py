@@ -159,7 +159,7 @@ def main() -> int:
     overflows = sum(m["overflows"] for m in metas)
     # The ALSA pulse plugin drops audio silently when the reader falls behind (no input_overflow
     # flag): a loss shows as a gap between one segment's end and the next one's start instead.
-    from beemond.archive import parse_iso
+    from beemond.core.clock import parse_iso
 
     spans = sorted((parse_iso(m["start"]), parse_iso(m["end"])) for m in metas)
     gaps = [(b[0] - a[1]).total_seconds() * 1000 for a, b in zip(spans, spans[1:])]

@@ -48,7 +48,7 @@ from beemond import config, ipc  # noqa: E402
 from beemond.bundle import crypto  # noqa: E402
 from beemond.upload.uploader import Uploader  # noqa: E402
 
-# A human-format log line's level comes after the time stamp and the worker name (beemond.journal).
+# A human-format log line's level comes after the time stamp and the worker name (beemond.core.journal).
 ERROR_RE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) ", re.M)
 
 

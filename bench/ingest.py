@@ -2,7 +2,7 @@
 
 What is measured
   sign overhead: ``beemond.sealer.seal()`` of one bundle of --records records x --record-mb MB
-        (random bytes, staged with ``archive.write_record``), with and without a device key, alternating,
+        (random bytes, staged with ``spool.write_record``), with and without a device key, alternating,
         each after ``os.sync()``; medians of --repeat. Signing's own work is then timed directly on the
         same bundle: SHA-512 of its ciphertext in the 64 KiB pieces age writes, the Ed25519 signature,
         and the atomic write of ``NAME.sig`` (temp, fsync, rename). sign_overhead_percent = that work /
@@ -54,17 +54,17 @@ from pathlib import Path
 
 import pyrage
 
-from beemond import archive
+from beemond.core import clock, fsio, names
 from beemond.bundle import crypto, format as bundle_format, sealer
 from beemond.lab import ingest, ledger, unpack
-from beemond.spool import Spool
+from beemond.spool import Spool, sidecar_of, write_record
 
 T0 = datetime(2021, 6, 19, tzinfo=timezone.utc)
 
 
 def stage(staging: Path, sensor: str, name: str, body: bytes, start: datetime, end: datetime) -> sealer.Record:
-    meta = {"sensor": sensor, "start": archive.utc_iso(start), "end": archive.utc_iso(end)}
-    path = archive.write_record(staging / sensor, name, meta, data_writer=lambda f: f.write(body))
+    meta = {"sensor": sensor, "start": clock.utc_iso(start), "end": clock.utc_iso(end)}
+    path = write_record(staging / sensor, name, meta, data_writer=lambda f: f.write(body))
     return sealer.Record(path, sensor, f"{sensor}/{name}", len(body), meta)
 
 
@@ -94,7 +94,7 @@ def sign_overhead(tmp: Path, recipients, key, records: int, record_mb: int, repe
             h.update(data[i:i + 65536])
         sig = crypto.sign_digest(key, h.digest(), len(data))
         t1 = time.perf_counter()
-        with archive.atomic_writer(outbox / "probe.sig", "wb", sync_dir=False) as f:
+        with fsio.atomic_writer(outbox / "probe.sig", "wb", sync_dir=False) as f:
             f.write(sig)
         hashing.append(t1 - t)
         writing.append(time.perf_counter() - t1)
@@ -116,14 +116,14 @@ def make_tree(tmp: Path, recipients, key, bundles: int, rows: int, days: int) ->
         start = T0 + b * step
         stamps = [start + timedelta(seconds=60 * i) for i in range(rows)]
         body = "time,temperature_c,humidity_rh\n" + "".join(
-            f"{archive.utc_iso(t)},{30 + (b % 50) / 10:.2f},{55 + (i % 10) / 10:.2f}\n" for i, t in enumerate(stamps))
-        name = archive.member_name("hive_climate", stamps[0], stamps[-1], ".csv")
+            f"{clock.utc_iso(t)},{30 + (b % 50) / 10:.2f},{55 + (i % 10) / 10:.2f}\n" for i, t in enumerate(stamps))
+        name = names.member_name("hive_climate", stamps[0], stamps[-1], ".csv")
         rec = stage(staging, "hive_climate", name, body.encode(), stamps[0], stamps[-1])
         outbox = upload / "hive-07" / start.strftime("%Y-%m-%d")
         outbox.mkdir(parents=True, exist_ok=True)
         sealer.seal([rec], outbox, recipients, "hive-07", "all", signing_key=key)
         rec.path.unlink()
-        archive.sidecar_of(rec.path).unlink()
+        sidecar_of(rec.path).unlink()
         total += rows
     return upload, total
 
@@ -143,15 +143,15 @@ def _fleet_part(args) -> int:
         t0 = T0 + timedelta(minutes=5 * k)
         stamps = [t0 + timedelta(minutes=i) for i in range(5)]
         body = ("time,temperature_c,humidity_rh\n" + "".join(
-            f"{archive.utc_iso(t)},{30 + (h % 50) / 10:.2f},{55 + i / 10:.2f}\n" for i, t in enumerate(stamps))).encode()
+            f"{clock.utc_iso(t)},{30 + (h % 50) / 10:.2f},{55 + i / 10:.2f}\n" for i, t in enumerate(stamps))).encode()
         readings += len(stamps)
-        member = f"hive_climate/{archive.member_name('hive_climate', stamps[0], stamps[-1], '.csv')}"
-        rec = {"path": member, "sensor": "hive_climate", "start": archive.utc_iso(stamps[0]),
-               "end": archive.utc_iso(stamps[-1]), "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+        member = f"hive_climate/{names.member_name('hive_climate', stamps[0], stamps[-1], '.csv')}"
+        rec = {"path": member, "sensor": "hive_climate", "start": clock.utc_iso(stamps[0]),
+               "end": clock.utc_iso(stamps[-1]), "size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
                "metadata": {"sensor": "hive_climate"}}
-        name = f"{host}_{archive.utc_stamp(stamps[0])}_hive_climate_{hashlib.sha256(member.encode()).hexdigest()[:12]}.tar.age"
+        name = f"{host}_{names.utc_stamp(stamps[0])}_hive_climate_{hashlib.sha256(member.encode()).hexdigest()[:12]}.tar.age"
         manifest = {"format": bundle_format.FORMAT, "host": host, "software": "bench", "name": name, "group": "hive_climate",
-                    "created": archive.utc_iso(stamps[-1]), "start": rec["start"], "end": rec["end"],
+                    "created": clock.utc_iso(stamps[-1]), "start": rec["start"], "end": rec["end"],
                     "signing_key": crypto.fingerprint(key.public_key()), "records": [rec]}
         buf = io.BytesIO()  # as the sealer's TarStream writes it: no padding to tar's 10 KiB records
         for n, data in ((member, body), (bundle_format.MANIFEST, json.dumps(manifest).encode())):

@@ -2,7 +2,7 @@
 
 What is measured
   ours: ``beemond.sealer.seal()`` on N staged records of random bytes (default 20 x 10 MB) written
-        with ``beemond.archive.write_record`` into ``staging/<sensor>/<name>`` + sidecar. One call reads
+        with ``beemond.spool.write_record`` into ``staging/<sensor>/<name>`` + sidecar. One call reads
         every record once, SHA-256s it, streams the tar (+ manifest) through pyrage into the outbox,
         fsyncs the bundle, renames it and fsyncs the directory.
   age:  ``age -r RECIPIENT -o OUT TAR`` (Debian's /usr/bin/age) on a plain uncompressed tar of the same
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import pyrage
 
-from beemond import archive
+from beemond.core import clock, names
 from beemond.bundle import crypto, format as bundle_format, sealer
-from beemond.spool import Spool
+from beemond.spool import Spool, write_record
 
 AGE = shutil.which("age") or "/usr/bin/age"
 FILE_MB = 10
@@ -53,14 +53,14 @@ def make_records(staging: Path, total_mb: int) -> list[sealer.Record]:
     for i in range(n):
         sensor = SENSORS[i % len(SENSORS)]
         start, end = t0 + timedelta(seconds=60 * i), t0 + timedelta(seconds=60 * (i + 1))
-        name = f"{sensor}_{archive.utc_stamp(start)}_{archive.utc_stamp(end)}.bin"
-        meta = {"sensor": sensor, "start": archive.utc_iso(start), "end": archive.utc_iso(end), "bench": True}
+        name = f"{sensor}_{names.utc_stamp(start)}_{names.utc_stamp(end)}.bin"
+        meta = {"sensor": sensor, "start": clock.utc_iso(start), "end": clock.utc_iso(end), "bench": True}
 
         def writer(f):
             for _ in range(FILE_MB):
                 f.write(os.urandom(1_000_000))
 
-        path = archive.write_record(staging / sensor, name, meta, data_writer=writer)
+        path = write_record(staging / sensor, name, meta, data_writer=writer)
         records.append(sealer.Record(path, sensor, f"{sensor}/{name}", path.stat().st_size, meta))
     return records
 

@@ -58,10 +58,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import DATA, FtpServer, climate_rows, decrypt_with_age, make_config, urban_rows  # noqa: E402
 
-from beemond import archive  # noqa: E402
+from beemond.core import clock, fsio  # noqa: E402
 from beemond.bundle import crypto  # noqa: E402
 from beemond.sensors.replay import load_rows  # noqa: E402
-from beemond.spool import Spool  # noqa: E402
+from beemond.spool import META_SUFFIX, Spool, sidecar_of  # noqa: E402
 
 
 def staged_records(spool: Path) -> dict[str, bytes]:
@@ -69,7 +69,7 @@ def staged_records(spool: Path) -> dict[str, bytes]:
     out = {}
     staging = Spool(spool).staging
     for path in staging.rglob("*"):
-        if path.is_file() and not archive.is_internal(path.name) and not path.name.endswith(archive.META_SUFFIX):
+        if path.is_file() and not fsio.is_internal(path.name) and not path.name.endswith(META_SUFFIX):
             try:
                 out[str(path.relative_to(staging))] = path.read_bytes()
             except FileNotFoundError:  # bundled and removed while we looked (the daemon is running)
@@ -151,11 +151,11 @@ class LoopSpool:
         os.write(fd, b"durable")
         os.fsync(fd)
         os.close(fd)
-        archive.fsync_dir(d)
+        fsio.fsync_dir(d)
         (d / "old").write_bytes(b"old")
         with open(d / "old", "rb") as f:
             os.fsync(f.fileno())
-        archive.fsync_dir(d)
+        fsio.fsync_dir(d)
         (d / "unsynced").write_bytes(b"x" * 4096)
         os.rename(d / "old", d / "renamed")
         self.cut(None)
@@ -188,7 +188,7 @@ def staged_with_metadata(spool: Path) -> list[tuple[str, bytes, dict]]:
     out = []
     for name, data in staged_records(spool).items():
         try:
-            meta = json.loads(archive.sidecar_of(Spool(spool).staging / name).read_bytes())
+            meta = json.loads(sidecar_of(Spool(spool).staging / name).read_bytes())
         except (OSError, ValueError):
             meta = {}
         out.append((name, data, meta))
@@ -241,7 +241,7 @@ def audio_loss(records: list[tuple[str, bytes, dict, str]], runs: list[tuple[flo
     """Per cut: seconds between the cut and the end of the last durable audio of that run (runs: (UTC
     start of the run, UTC time of the cut)). Runs in which no segment started are not counted."""
     spans = {(m["start"], m["end"]) for member, _, m, _ in records if member.startswith(sensor + "/") and "end" in m}
-    spans = [(archive.parse_iso(a).timestamp(), archive.parse_iso(b).timestamp()) for a, b in spans]
+    spans = [(clock.parse_iso(a).timestamp(), clock.parse_iso(b).timestamp()) for a, b in spans]
     losses = []
     for began, cut in runs:
         ends = [e for s, e in spans if began <= s < cut]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from beemond import aggregator, archive, config, ipc
+from beemond import aggregator, config, ipc, spool
 from beemond.bundle import crypto, format as bundle_format
 from conftest import make_config
 
@@ -28,7 +28,7 @@ def agg(tmp_path, keys, password_file):
 
 def stage(a, sensor: str, name: str, body: bytes) -> "os.PathLike":
     meta = {"sensor": sensor, "start": "2021-06-19T00:04:58.000Z", "end": "2021-06-19T00:14:58.000Z"}
-    return archive.write_record(a.staging / sensor, name, meta, data_writer=lambda f: f.write(body))
+    return spool.write_record(a.staging / sensor, name, meta, data_writer=lambda f: f.write(body))
 
 
 def bundle_members(a, keys, tmp_path) -> dict[str, dict]:
@@ -53,7 +53,7 @@ def test_orphans_of_a_crash_are_recovered_not_lost(agg, keys, tmp_path):
     old = time.time() - aggregator.ORPHAN_GRACE_S - 5
     os.utime(orphan, (old, old))
     # A sidecar whose record was already bundled (crash before its unlink): removed, not bundled.
-    stale = a.staging / "hive_climate" / ("gone.csv" + archive.META_SUFFIX)
+    stale = a.staging / "hive_climate" / ("gone.csv" + spool.META_SUFFIX)
     stale.write_text("{}")
     os.utime(stale, (old, old))
     # A record whose sidecar is still to come (young): left for its writer.
@@ -76,7 +76,7 @@ def test_size_cap_seals_early_and_events_go_up(agg, keys, tmp_path):
     bundles = sorted(a.outbox.iterdir())
     assert len(bundles) == 1, "the second 1500-byte record crossed the 2048-byte cap"
     assert len(bundle_members(a, keys, tmp_path)) == 2
-    assert staged(a) == ["s2.flac", "s2.flac" + archive.META_SUFFIX]
+    assert staged(a) == ["s2.flac", "s2.flac" + spool.META_SUFFIX]
     events = []
     while a.events.poll():
         events.append(a.events.recv())
@@ -96,8 +96,8 @@ def test_an_unreadable_record_is_set_aside_and_the_rest_sealed(agg, keys, tmp_pa
     a.seal_all(force=True)
     assert set(bundle_members(a, keys, tmp_path)) == {"hive_climate/r0.csv"}
     failed = a.staging.parent / "failed" / "hive_climate"
-    assert sorted(p.name for p in failed.iterdir()) == ["r1.csv", "r1.csv" + archive.META_SUFFIX]
-    assert json.loads((failed / ("r1.csv" + archive.META_SUFFIX)).read_text())["sensor"] == "hive_climate"
+    assert sorted(p.name for p in failed.iterdir()) == ["r1.csv", "r1.csv" + spool.META_SUFFIX]
+    assert json.loads((failed / ("r1.csv" + spool.META_SUFFIX)).read_text())["sensor"] == "hive_climate"
     assert not a.open
 
 
@@ -108,5 +108,5 @@ def test_seal_failure_keeps_records_staged(agg, keys, tmp_path):
     a.outbox.rename(a.outbox.with_name("outbox-gone"))  # the bundle cannot be written
     a.outbox.parent.joinpath("outbox").write_text("not a directory")
     a.seal_all(force=True)
-    assert rec.exists() and archive.sidecar_of(rec).exists()
+    assert rec.exists() and spool.sidecar_of(rec).exists()
     assert a.open["all"].retry_at > time.monotonic()

@@ -9,7 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from audio_peers import AudioThread
-from beemond import archive, config
+from beemond import config
+from beemond.core import clock
 from beemond.sensors.audio.schedule import LATE_S, CaptureWindow, parse_hhmm
 from conftest import make_config, wait_for
 
@@ -136,8 +137,8 @@ def test_simulated_worker_captures_on_the_schedule_slots(tmp_path, keys, passwor
     assert switched[:4] == [True, False, True, False], "on for each capture, off in between"
     full = [m for m in run.metadata() if m["frames"] == 4000]   # 0.5 s at 8000 Hz; shutdown may cut a last one
     assert len(full) >= 2
-    slots = [archive.parse_iso(m["schedule"]["slot"]) for m in full]
+    slots = [clock.parse_iso(m["schedule"]["slot"]) for m in full]
     for m, slot in zip(full, slots):
         assert m["trigger"] == "schedule" and slot.microsecond == 0 and slot.second % 2 == 0
-        assert abs((archive.parse_iso(m["start"]) - slot).total_seconds()) < 0.5, "captured at its slot"
+        assert abs((clock.parse_iso(m["start"]) - slot).total_seconds()) < 0.5, "captured at its slot"
     assert (slots[1] - slots[0]).total_seconds() == 2

@@ -14,6 +14,8 @@ uncaught exception fails the test: that would be the traceback); a few run as re
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -22,7 +24,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from beemond import archive, cli, config
+from beemond import cli, config
+from beemond.core import names
 from conftest import set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,12 +372,12 @@ def test_layout_check_gives_what_the_uploader_gives():
                        ("{{ metadata.hive }}/{{ name }}", False)):
         up = SimpleNamespace(up=SimpleNamespace(layout=layout), transport=SimpleNamespace(path=lambda rel: rel))
         if ok:
-            archive.check_layout(layout)
+            names.check_layout(layout)
             assert Uploader.remote_path(up, bundle).endswith(bundle.name) or ".tar.age" in Uploader.remote_path(up, bundle)
         else:
-            with pytest.raises(archive.TemplateError, match="no record metadata"):
-                archive.check_layout(layout)
-            with pytest.raises(archive.TemplateError):
+            with pytest.raises(names.TemplateError, match="no record metadata"):
+                names.check_layout(layout)
+            with pytest.raises(names.TemplateError):
                 Uploader.remote_path(up, bundle)
 
 
@@ -421,6 +424,109 @@ def test_templates_are_tried_with_the_configured_metadata(tmp_path: Path):
 
 def test_a_name_template_keeps_record_values_of_any_size():
     """The size limits bound widths and repetitions, never the record's own values."""
-    name = archive.render_name('{{ metadata.id }}_{{ "%d"|format(metadata.id) }}_{{ "{}".format(metadata.id) }}_'
-                               '{{ metadata.get("x", 99999) }}.csv', metadata={"id": 10**12})
+    name = names.render_name('{{ metadata.id }}_{{ "%d"|format(metadata.id) }}_{{ "{}".format(metadata.id) }}_'
+                             '{{ metadata.get("x", 99999) }}.csv', metadata={"id": 10**12})
     assert name == "1000000000000_1000000000000_1000000000000_99999.csv"
+
+
+@pytest.mark.parametrize("template", [
+    "{{ sensor }}_{{ metadata.sample_rate_hz|default(44100) }}Hz_{{ start }}.{{ ext }}",  # a default is a value
+    "{{ sensor }}_{{ metadata.sample_rate_hz|int(48000) }}Hz_{{ start }}.{{ ext }}",
+    "{{ sensor }}_{{ start }}_{{ '%06d' % (_split_index * 100000 + metadata.hive) }}.{{ ext }}",
+    "{{ sensor }}_{{ (metadata.hive * 86400) % 86400 }}_{{ start }}.{{ ext }}",  # seconds in a day
+    "{{ sensor }}_{{ [1, 2, 3]|select('lt', 50000)|join('-') }}_{{ start }}.{{ ext }}",
+])
+def test_numbers_that_size_nothing_are_not_bounded(tmp_path: Path, template: str):
+    """The size limits are for widths, repetitions, ranges and exponents: a default value, a
+    multiplication or a modulo of plain numbers makes no large name and loads (check-config exits 0)."""
+    ok = _set(_set(BASE, "daemon.spool_dir", str(tmp_path / "spool")), "archive.filename_template", template)
+    path = tmp_path / "ok.toml"
+    path.write_text(tomli_w.dumps(ok))
+    config.load(path)
+    name = names.render_name(template, sensor="s", start="20210619T000000Z", ext="csv", _split_index=2,
+                             metadata={"hive": 3629, "sample_rate_hz": 96000})
+    assert name.startswith("s_") and name.endswith(".csv")
+
+
+AUTOMOUNT = """\
+import os, subprocess, sys
+point = sys.argv[1]
+r, w = os.pipe()  # the automount daemon's end: nobody reads it, and nothing here triggers a mount
+os.set_inheritable(w, True)
+subprocess.run(["mount", "-t", "autofs", "-o", f"fd={w},pgrp={os.getpgrp()},minproto=5,maxproto=5,direct",
+                "beemond-test", point], pass_fds=(w,), check=True)
+sys.exit(subprocess.run([sys.executable, "-m", "beemond", "check-config", sys.argv[2]]).returncode)
+"""
+
+
+def test_spool_on_an_automount_point_loads(tmp_path: Path):
+    """A spool on a disk that systemd mounts at first access (fstab ``x-systemd.automount``, a USB
+    disk on a Pi) sits on an autofs mount until the daemon first writes there: autofs stands for the
+    file system it will mount, and says nothing about it. Real autofs mount, in a mount namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    point = tmp_path / "usb-disk"
+    point.mkdir()
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(_set(BASE, "daemon.spool_dir", str(point))))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", AUTOMOUNT, str(point),
+                        str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if "CalledProcessError" in r.stderr:  # mount(8) refused (no autofs in this kernel, a container)
+        pytest.skip(f"cannot mount autofs here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def test_the_placeholder_recipient_is_named_at_load(tmp_path: Path):
+    """config/simulated.toml's recipient is a key nobody can decrypt with: check-config still passes
+    (a fresh clone), and says so, so that a hive config copied from it does not seal a season of
+    recordings to no one in silence."""
+    r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(ROOT / "config" / "simulated.toml")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "bundle.recipients[0]" in r.stderr and "placeholder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_runaway_telemetry_topic_is_refused_within_the_time_limit(tmp_path: Path):
+    """The MQTT topic is a name template too, rendered for every reading: one that computes for ever
+    exits 78 at load, as a filename template does, instead of hanging check-config and the daemon."""
+    runaway = "hive/{% for i in range(9999) %}{% for j in range(9999) %}{% for k in range(9999) %}{% endfor %}" \
+              "{% endfor %}{% endfor %}{{ sensor }}"
+    tree = _set(_set(_set(BASE, "daemon.spool_dir", str(tmp_path / "spool")), "telemetry.broker", "127.0.0.1"),
+                "telemetry.topic", runaway)
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(tree))
+    r = subprocess.run([sys.executable, "-m", "beemond", "check-config", str(path)], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 78, r.stderr
+    assert "telemetry.topic" in r.stderr and "longer than" in r.stderr and "Traceback" not in r.stderr
+
+
+UNICODE_MOUNT = """\
+import os, subprocess, sys
+base = sys.argv[1]
+os.makedirs(f"{base}/run")
+os.makedirs(f"{base}/disk/spool")
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", f"{base}/run"], check=True)
+point = f"{base}/run/media/Donn\\u00e9es ruche"  # a USB disk with its label, where udisks mounts it
+os.makedirs(point)
+subprocess.run(["mount", "--bind", f"{base}/disk", point], check=True)
+sys.exit(subprocess.run([sys.executable, "-m", "beemond", "check-config", sys.argv[2]]).returncode)
+"""
+
+
+def test_a_disk_mounted_under_a_non_ascii_label_is_not_taken_for_its_parent(tmp_path: Path):
+    """mountinfo escapes a space as \\\\040 and leaves UTF-8 as it is: a spool on a disk mounted under
+    /run/media/USER/LABEL (tmpfs) is on the disk, not on tmpfs (no power-cut warning). Real mounts, in
+    a mount namespace."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    base = tmp_path / "m"
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(_set(BASE, "daemon.spool_dir", str(base / "run/media/Données ruche/spool"))))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", UNICODE_MOUNT, str(base),
+                        str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if "CalledProcessError" in r.stderr:
+        pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    assert "tmpfs" not in r.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import archive, spool
+from beemond import spool
 from beemond.bundle import crypto, format as bundle_format, sealer
 
 AGE = shutil.which("age")
@@ -218,8 +218,8 @@ def make_records(staging: Path) -> list[sealer.Record]:
     records = []
     for sensor, rel, body, start in specs:
         meta = {"sensor": sensor, "start": start, "end": start, "rows": 1}
-        path = archive.write_record(staging / sensor, rel, meta, data_writer=lambda f, b=body: f.write(b))
-        stored = json.loads(archive.sidecar_of(path).read_bytes())
+        path = spool.write_record(staging / sensor, rel, meta, data_writer=lambda f, b=body: f.write(b))
+        stored = json.loads(spool.sidecar_of(path).read_bytes())
         records.append(sealer.Record(path, sensor, path.relative_to(staging).as_posix(),
                                          path.stat().st_size, stored))
     return records
@@ -246,7 +246,7 @@ def test_records_of_whole_tar_blocks_are_all_bundled(tmp_path: Path, keys, sizes
     records = []
     for n, size in enumerate(sizes):
         meta = {"start": f"2021-06-19T00:00:0{n}.000Z", "end": f"2021-06-19T00:00:0{n}.000Z"}
-        path = archive.write_record(staging / "s", f"r{n}.bin", meta, data_writer=lambda f, k=size: f.write(os.urandom(k)))
+        path = spool.write_record(staging / "s", f"r{n}.bin", meta, data_writer=lambda f, k=size: f.write(os.urandom(k)))
         records.append(sealer.Record(path, "s", f"s/r{n}.bin", size, meta))
     outbox = tmp_path / "outbox"
     outbox.mkdir()

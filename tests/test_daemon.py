@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 import soundfile
 
-from beemond.archive import parse_iso
+from beemond.core.clock import parse_iso
 
 from beemond.spool import Spool
 from conftest import (AGE, FtpServer, climate_rows, decrypt_with_age, free_port, make_config, urban_rows,

@@ -281,23 +281,24 @@ def drain(run) -> list:
 
 
 def test_a_record_write_that_meets_a_full_disk_leaves_nothing_behind(tiny):
-    from beemond import archive
+    from beemond.core import fsio
+    from beemond.spool import write_record
 
     staging = tiny / "staging"
     staging.mkdir()
     fill(tiny / "filler", leave=64 * 1024)
     # Buffered data that does not fit: the failed flush and the close after it both raise ENOSPC.
     with pytest.raises(OSError) as e:
-        archive.write_record(staging, "big.csv", {"rows": 1}, data_writer=lambda f: f.write(b"x" * 1_000_000))
+        write_record(staging, "big.csv", {"rows": 1}, data_writer=lambda f: f.write(b"x" * 1_000_000))
     assert e.value.errno == errno.ENOSPC
     assert list(staging.iterdir()) == [], "the temporary file is removed at once"
     # A stream written beforehand (an audio segment): the data fits, its sidecar no longer does. No
     # sidecar-less record is left (it would never be bundled); the caller gets its temporary file back.
-    tmp = archive.temp_name(staging, "segment")
+    tmp = fsio.temp_name(staging, "segment")
     tmp.write_bytes(b"y" * 1000)
     fill(tiny / "filler")
     with pytest.raises(OSError):
-        archive.write_record(staging, "seg.flac", {"frames": 1}, tmp=tmp)
+        write_record(staging, "seg.flac", {"frames": 1}, tmp=tmp)
     assert sorted(p.name for p in staging.iterdir()) == [tmp.name]
 
 

@@ -144,15 +144,15 @@ def test_probe_samples_become_one_series_per_position(tmp_path):
     from prometheus_client import CollectorRegistry, generate_latest
 
     from beemond.supervisor import metrics
-    from beemond.supervisor.state import Worker
+    from beemond.supervisor.state import WorkerProcess
 
     h = Harness(tmp_path, "hive_temps", sensor_table())
     events = h.run(captures=1)
     _path, table, _meta = h.record()
-    worker = Worker("sensor", "hive_temps")
+    worker = WorkerProcess("sensor", "hive_temps")
     health = metrics.Health(h.cfg, {"hive_temps": worker})
     # another sensor's temperature without a position label comes first in the family
-    health(Worker("sensor", "hive_air"), ipc.Sample(worker='hive_air', sensor="hive_air", values={"temperature_celsius": 33.5}))
+    health(WorkerProcess("sensor", "hive_air"), ipc.Sample(worker='hive_air', sensor="hive_air", values={"temperature_celsius": 33.5}))
     for ev in events:
         health(worker, ev)
     registry = CollectorRegistry(auto_describe=False)

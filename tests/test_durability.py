@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from beemond import archive, config, ipc
-from beemond import reading_journal as rj
-from beemond.spool import Spool
+from beemond import config, ipc, reading_journal as rj
+from beemond.core import clock
+from beemond.spool import Spool, sidecar_of
 from beemond.sensors.replay import CsvReplay, load_rows
 from conftest import wait_for
 from polled_peers import URBAN, Harness, expand, write_config
@@ -96,7 +96,7 @@ def test_a_killed_workers_readings_are_folded_and_the_replay_resumes(tmp_path):
     _, table2, meta2 = fresh
     assert expand(meta2["replay"]["rows"])[0] == len(journaled), "the replay continues with the next row"
     assert meta2["after_restart"] is True
-    gap = (archive.parse_iso(meta2["start"]) - archive.parse_iso(journaled[-1]["t"])).total_seconds()
+    gap = (clock.parse_iso(meta2["start"]) - clock.parse_iso(journaled[-1]["t"])).total_seconds()
     assert meta2["gap_s"] == pytest.approx(gap, abs=0.002) and gap > 0
     assert "after_restart" not in meta
 
@@ -150,13 +150,13 @@ def test_an_audio_segment_cut_by_a_kill_is_salvaged(tmp_path, fmt):
     records = sorted(staging.glob(f"*.{fmt}"))
     assert len(records) == 1 and not sp.open_segments("hive_audio")
     assert not sp.open_segment_headers("hive_audio"), "the open segment's header is gone too"
-    meta = json.loads(archive.sidecar_of(records[0]).read_text())
+    meta = json.loads(sidecar_of(records[0]).read_text())
     assert meta["truncated"] is True and meta["frames"] > 8000
     data, rate = soundfile.read(records[0], dtype="float64")
     assert rate == 8000 and len(data) == meta["frames"]
-    duration = (archive.parse_iso(meta["end"]) - archive.parse_iso(meta["start"])).total_seconds()
+    duration = (clock.parse_iso(meta["end"]) - clock.parse_iso(meta["start"])).total_seconds()
     assert duration == pytest.approx(meta["frames"] / 8000, abs=0.002)
-    assert killed_at - archive.parse_iso(meta["end"]).timestamp() < 2.0, "at most 2 s lost to the cut"
+    assert killed_at - clock.parse_iso(meta["end"]).timestamp() < 2.0, "at most 2 s lost to the cut"
     spectrum = np.abs(np.fft.rfft(data[-4000:] * np.hanning(4000)))
     assert abs(np.argmax(spectrum) * 2 - 440) <= 2, "the tail is the tone, not the torn bytes"
     event = h.events_r.recv()

@@ -17,9 +17,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from beemond import clock, config, ipc
+from beemond import config, ipc
+from beemond.core import clock
 from beemond.supervisor import metrics
-from beemond.supervisor.state import Worker, WorkerState
+from beemond.supervisor.state import WorkerProcess, WorkerState
 
 from conftest import ROOT, free_port, make_config, wait_for
 
@@ -106,7 +107,7 @@ def test_scrape_status_and_processor_against_the_running_daemon(tmp_path, keys, 
     # the replayed drop: an alert counted, a warning logged (its JSON record is checked at the server below)
     assert [s[0] for s in got["beemond_alerts_total"]] == [{"host": "demo-hive", "sensor": "hive_scale", "alert": "swarm"}]
     d.wait_log(r"hive_swarm WARNING SWARM ALERT on hive_scale: weight fell 3\.00 kg \(45\.00 -> 42\.00 kg\)")
-    # beemond.clock's answer, the same one the records' clock_synchronized metadata carries
+    # beemond.core.clock's answer, the same one the records' clock_synchronized metadata carries
     assert got["beemond_clock_synchronised"] == [({"host": "demo-hive"}, float(clock.synchronized()))]
 
     # status: the climate worker in backoff, with its restarts and last error
@@ -187,7 +188,7 @@ def health(tmp_path, keys, password_file):
         "processors.bands": {"type": "audio_bands", "sensor": "hive_audio"},
         "processors.swarm": {"type": "swarm", "sensor": "hive_scale"}})
     cfg = config.load(path)
-    workers = {name: Worker(role, name, state=WorkerState.RUNNING, starts=1) for role, name in
+    workers = {name: WorkerProcess(role, name, state=WorkerState.RUNNING, starts=1) for role, name in
                [("aggregator", "aggregator"), ("uploader", "uploader"), ("sensor", "hive_climate"),
                 ("sensor", "hive_audio"), ("sensor", "hive_scale"), ("processor", "bands"), ("processor", "swarm")]}
     workers["hive_scale"].state, workers["hive_scale"].starts = WorkerState.BACKOFF, 3
@@ -268,9 +269,9 @@ def test_grafana_dashboard_parses_and_queries_only_exported_metrics(health):
 
 
 def test_clock_and_outbox_series_follow_beemond_clock_and_the_uploaders_outbox_events(tmp_path, keys, password_file):
-    flag = tmp_path / "timesync-synchronized"   # systemd-timesyncd's flag file, as beemond.clock reads it
+    flag = tmp_path / "timesync-synchronized"   # systemd-timesyncd's flag file, as beemond.core.clock reads it
     cfg = config.load(make_config(tmp_path, keys, password_file, 21))
-    uploader = Worker("uploader", "uploader", state=WorkerState.RUNNING, starts=1)
+    uploader = WorkerProcess("uploader", "uploader", state=WorkerState.RUNNING, starts=1)
     h = metrics.Health(cfg, {"uploader": uploader}, clock_check=lambda: clock.synchronized(str(flag)))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(h)

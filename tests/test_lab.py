@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from beemond import archive
+from beemond import spool
 from beemond.bundle import crypto, sealer
 from beemond.lab import ingest
 from conftest import AGE
@@ -53,13 +53,13 @@ def seal(tmp_path, lab, host, records, signer=None, outbox=None):
     recs = []
     for sensor, name, body, start, end, meta in records:
         m = {"sensor": sensor, "start": start, "end": end, **meta}
-        path = archive.write_record(staging / sensor, name, m, data_writer=lambda f, b=body: f.write(b))
+        path = spool.write_record(staging / sensor, name, m, data_writer=lambda f, b=body: f.write(b))
         recs.append(sealer.Record(path, sensor, f"{sensor}/{name}", len(body), m))
     path, _m, _n = sealer.seal(recs, outbox or lab["upload"] / host, crypto.load_recipients([lab["public"]]),
                                    host, "all", signing_key=lab["devices"][signer or host])
     for r in recs:
         r.path.unlink()
-        archive.sidecar_of(r.path).unlink()
+        spool.sidecar_of(r.path).unlink()
     return path
 
 
@@ -366,12 +366,12 @@ def test_the_lab_side_imports_no_device_side_worker():
             "print(sorted(m for m in sys.modules if m.startswith('beemond')))")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for device_side in ("beemond.aggregator", "beemond.sensors", "beemond.upload", "beemond.supervisor",
-                        "beemond.processors", "beemond.ipc", "beemond.config", "beemond.archive"):
+                        "beemond.processors", "beemond.ipc", "beemond.config", "beemond.records"):
         assert f"'{device_side}" not in got, got
     # Only the bundle package and neutral modules: names, clock, spool (crash-safe writes), errors.
     loaded = {m.strip(" '") for m in got.strip("[]\n").split(",")}
     assert {m for m in loaded if not m.startswith(("beemond.bundle", "beemond.lab"))} <= \
-        {"beemond", "beemond.names", "beemond.clock", "beemond.spool", "beemond.errors"}, loaded
+        {"beemond", "beemond.core.names", "beemond.core.clock", "beemond.core", "beemond.core.fsio", "beemond.spool", "beemond.errors"}, loaded
 
 
 # ------------------------------------------------------------------------------------------ review (issue 15)
@@ -631,10 +631,10 @@ def test_a_record_name_seen_before_with_other_content_keeps_both_records(tmp_pat
         report = ingest.run(lab["upload"], lab["identity"], lab["trusted"], lab["out"], print=lambda _: None)
         assert len(report.ingested) == 1
     folder = lab["out"] / "hive-07" / day / "mic"
-    records = sorted(p for p in folder.iterdir() if not p.name.endswith(archive.META_SUFFIX))
+    records = sorted(p for p in folder.iterdir() if not p.name.endswith(spool.META_SUFFIX))
     assert sorted(p.read_bytes() for p in records) == sorted([first, second]), records
     for p in records:  # each beside its own manifest entry
-        assert json.loads(archive.sidecar_of(p).read_text())["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert json.loads(spool.sidecar_of(p).read_text())["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
     # a rerun over the same bundles (the ledger lost) adds no third copy
     (lab["out"] / ingest.LEDGER).unlink()
     for p in lab["out"].glob(ingest.LEDGER + "-*"):

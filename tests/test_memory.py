@@ -17,7 +17,7 @@ from conftest import ROOT, make_config
 # imports it holds for months, in a process of its own (nothing it imports is shared with the workers).
 # The config's full validation (templates compiled with Jinja2, recipients parsed with pyrage, replay
 # files read) runs in a short-lived child at start and at every reload, so those stay out too.
-WORKER_ONLY = ("jinja2", "pyrage", "beemond.archive", "beemond.bundle.crypto", "beemond.bundle.sealer",
+WORKER_ONLY = ("jinja2", "pyrage", "beemond.records", "beemond.bundle.crypto", "beemond.bundle.sealer",
                "beemond.sensors.replay", "numpy", "soundfile", "sounddevice", "av", "PIL", "paramiko", "watchdog", "gpiozero",
                "serial", "smbus2", "astral", "cryptography", "beemond.aggregator", "beemond.upload.uploader",
                "beemond.sensors.audio.driver", "beemond.sensors.camera.driver", "beemond.processors.audio_bands.worker")
@@ -26,7 +26,8 @@ WORKER_ONLY = ("jinja2", "pyrage", "beemond.archive", "beemond.bundle.crypto", "
 # the shared libraries its forkserver has mapped. (A __main__ guard: the forkserver imports this file.)
 RUN = textwrap.dedent("""
     import json, os, sys, threading
-    from beemond import config, journal
+    from beemond import config
+    from beemond.core import journal
     from beemond.supervisor.orchestrator import Orchestrator
 
     def forkserver_maps():

@@ -17,18 +17,18 @@ import soundfile
 import tomli_w
 from conftest import wait_for
 
-from beemond import archive, config, ipc
+from beemond import config, ipc
 from beemond.bundle import crypto
 from beemond.processors.audio_bands.worker import AudioBandsWorker, band_power
 from beemond.processors.base import Spacing
-from beemond.spool import link_record
+from beemond.spool import META_SUFFIX, link_record, sidecar_of, write_record
 from beemond.processors.swarm.worker import SwarmDetector, SwarmWorker
 
 URBAN = Path(__file__).resolve().parents[1] / "data/urban-2021/hive_temperature_humidity_2021.csv"
 
 
 def records(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.glob("*.json") if not p.name.endswith(archive.META_SUFFIX))
+    return sorted(p for p in directory.glob("*.json") if not p.name.endswith(META_SUFFIX))
 
 
 def write_config(tmp_path: Path, processors: dict, sensors: dict | None = None, archive_table: dict | None = None) -> Path:
@@ -163,16 +163,16 @@ def test_audio_processor_writes_a_json_record_and_band_samples(tmp_path):
     staged = tmp_path / "spool/staging/hive_audio"
     staged.mkdir(parents=True)
     meta = {"sensor": "hive_audio", "start": "2026-06-01T10:00:00.000Z", "end": "2026-06-01T10:00:03.000Z"}
-    rec = archive.write_record(staged, "seg.flac", meta,
-                               data_writer=lambda f: soundfile.write(
+    rec = write_record(staged, "seg.flac", meta,
+                       data_writer=lambda f: soundfile.write(
                                    f, 0.5 * np.sin(2 * np.pi * 440 * np.arange(24000) / 8000), 8000, format="FLAC"))
     link = link_record(cfg.spool, "bands", rec)
     rec.unlink()  # the aggregator bundled the original: the processor's link still holds the data
-    archive.sidecar_of(rec).unlink()
+    sidecar_of(rec).unlink()
     sink = Sink("bands")
     w = AudioBandsWorker(cfg, cfg.processors[0], sink.channel)
     w.handle(ipc.RecordReady(path=str(link), sensor="hive_audio"))
-    assert not link.exists() and not archive.sidecar_of(link).exists(), "the inbox link is consumed"
+    assert not link.exists() and not sidecar_of(link).exists(), "the inbox link is consumed"
     out = records(tmp_path / "spool/staging/bands")
     assert len(out) == 1
     body = json.loads(out[0].read_text())
@@ -189,8 +189,8 @@ def test_a_damaged_record_is_reported_and_dropped_not_retried(tmp_path):
     cfg = config.load(write_config(tmp_path, {"bands": {"type": "audio_bands", "sensor": "hive_audio"}}))
     staged = tmp_path / "spool/staging/hive_audio"
     staged.mkdir(parents=True)
-    rec = archive.write_record(staged, "bad.flac", {"start": "2026-06-01T10:00:00Z"},
-                               data_writer=lambda f: f.write(b"fLaC but not really"))
+    rec = write_record(staged, "bad.flac", {"start": "2026-06-01T10:00:00Z"},
+                       data_writer=lambda f: f.write(b"fLaC but not really"))
     link = link_record(cfg.spool, "bands", rec)
     sink = Sink("bands")
     w = AudioBandsWorker(cfg, cfg.processors[0], sink.channel)
@@ -258,7 +258,7 @@ def test_output_record_carries_its_metadata_under_metadata_like_the_seeds_json_a
     for i, kg in enumerate([42.0] * 5 + [40.2] * 3):
         w.handle(ipc.Sample(values={"weight_kilograms": kg}, time=1_700_000_000 + 60 * i))
     [path] = records(tmp_path / "spool/staging/swarm")
-    rec, sidecar = json.loads(path.read_text()), json.loads(archive.sidecar_of(path).read_text())
+    rec, sidecar = json.loads(path.read_text()), json.loads(sidecar_of(path).read_text())
     assert rec["metadata"] == sidecar, "the record holds its sidecar's metadata under 'metadata'"
     # default_metadata lies under the record's own keys; the fields the lab reads stay at the top
     assert sidecar["apiary"] == "north" and sidecar["source"] == "hive_scale"
@@ -286,7 +286,7 @@ def test_an_output_that_cannot_be_written_goes_to_failed_after_the_last_retry(tm
         # the data file lands before its sidecar, and the log line after both
         wait_for(lambda: "moved to" in caplog.text, 30, "the record moved to failed/")
         failed = records(tmp_path / "spool/failed/swarm")
-    rec, sidecar = json.loads(failed[0].read_text()), json.loads(archive.sidecar_of(failed[0]).read_text())
+    rec, sidecar = json.loads(failed[0].read_text()), json.loads(sidecar_of(failed[0]).read_text())
     assert rec["result"]["alert"] == "swarm" and "write_error" in sidecar
     assert "could not be written after 2 attempts" in caplog.text and "moved to" in caplog.text
     assert w.writer.pending() == 0 and w.writer.close(timeout=1) == 0
@@ -330,7 +330,7 @@ def test_leftover_links_are_processed_at_start_oldest_first(tmp_path):
     staged.mkdir(parents=True)
     for i, hz in enumerate((250, 440)):
         meta = {"start": f"2026-06-01T10:00:0{i}.000Z", "end": f"2026-06-01T10:00:0{i + 1}.000Z"}
-        rec = archive.write_record(staged, f"seg{i}.flac", meta, data_writer=lambda f, hz=hz: soundfile.write(
+        rec = write_record(staged, f"seg{i}.flac", meta, data_writer=lambda f, hz=hz: soundfile.write(
             f, 0.5 * np.sin(2 * np.pi * hz * np.arange(8000) / 8000), 8000, format="FLAC"))
         link_record(cfg.spool, "bands", rec)
     sink = Sink("bands")
@@ -350,14 +350,14 @@ def test_spectrogram_png_shows_the_tone_at_its_height(tmp_path):
                                                         "spectrogram": True, "spectrogram_max_hz": 1000}}))
     staged = tmp_path / "spool/staging/hive_audio"
     staged.mkdir(parents=True)
-    rec = archive.write_record(staged, "seg.flac", {"start": "2026-06-01T10:00:00.000Z", "end": "2026-06-01T10:00:10.000Z"},
-                               data_writer=lambda f: soundfile.write(
+    rec = write_record(staged, "seg.flac", {"start": "2026-06-01T10:00:00.000Z", "end": "2026-06-01T10:00:10.000Z"},
+                       data_writer=lambda f: soundfile.write(
                                    f, 0.5 * np.sin(2 * np.pi * 440 * np.arange(80000) / 8000), 8000, format="FLAC"))
     sink = Sink("bands")
     w = AudioBandsWorker(cfg, cfg.processors[0], sink.channel)
     w.handle(ipc.RecordReady(path=str(link_record(cfg.spool, "bands", rec))))
     png = next((tmp_path / "spool/staging/bands").glob("*.png"))
-    assert json.loads(archive.sidecar_of(png).read_text())["image"] == "spectrogram"
+    assert json.loads(sidecar_of(png).read_text())["image"] == "spectrogram"
     assert len(sink.of(ipc.READY_EVENT, 2)) == 2, "the JSON and the PNG are both records"
     if shutil.which("file"):  # an independent reader of the header
         # (80000 - 4096) // 2048 + 1 = 38 whole frames, 64 frequency rows

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from beemond import archive, config
+from beemond import config, records
+from beemond.core import names
 from beemond.sensors.periodic import JsonDataAggregator, PeriodicValuePoller, TarRecordAggregator, TimeWindow
-from beemond.spool import Spool
+from beemond.spool import Spool, sidecar_of, write_record
 from conftest import make_config, wait_for
 
 T0 = datetime(2021, 6, 19, 0, 4, 58, tzinfo=timezone.utc)
@@ -31,29 +32,29 @@ class Clock:
 
 def test_member_name_is_the_default_template():
     end = T0 + timedelta(minutes=10)
-    name = archive.member_name("hive_climate", T0, end, ".csv")
+    name = names.member_name("hive_climate", T0, end, ".csv")
     assert name == "hive_climate_20210619T000458Z_20210619T001458Z.csv"
-    assert name == archive.render_name(config.DEFAULT_TEMPLATE, sensor="hive_climate", start=archive.utc_stamp(T0),
-                                       end=archive.utc_stamp(end), ext="csv")
+    assert name == names.render_name(config.DEFAULT_TEMPLATE, sensor="hive_climate", start=names.utc_stamp(T0),
+                                     end=names.utc_stamp(end), ext="csv")
     with pytest.raises(ValueError):
-        archive.member_name("s", T0, end, "csv")
+        names.member_name("s", T0, end, "csv")
 
 
 def test_json_archiver_merges_metadata_under_its_key():
     meta = {"sensor": "gps", "start": "2021-06-19T00:04:58.000Z"}
-    merged = json.loads(archive.JsonArchiver().render({"lat": 45.5, "lon": -73.6}, meta))
+    merged = json.loads(records.JsonArchiver().render({"lat": 45.5, "lon": -73.6}, meta))
     assert merged == {"lat": 45.5, "lon": -73.6, "metadata": meta}
-    assert json.loads(archive.JsonArchiver().render([1, 2], meta)) == {"data": [1, 2], "metadata": meta}
-    assert json.loads(archive.JsonArchiver(merge_metadata=False).render({"lat": 1}, meta)) == {"lat": 1}
+    assert json.loads(records.JsonArchiver().render([1, 2], meta)) == {"data": [1, 2], "metadata": meta}
+    assert json.loads(records.JsonArchiver(merge_metadata=False).render({"lat": 1}, meta)) == {"lat": 1}
     with pytest.raises(ValueError):
-        archive.JsonArchiver().render({"metadata": 1}, meta)
+        records.JsonArchiver().render({"metadata": 1}, meta)
 
 
 def test_default_metadata_from_config_sits_under_each_records_own(tmp_path, keys, password_file):
     cfg = config.load(make_config(tmp_path, keys, password_file, 21, **{
         "archive.default_metadata": {"apiary": "urban", "hive": 3629, "site": {"lat": 45.5, "name": "roof"}}}))
     assert cfg.archive.default_metadata["hive"] == 3629
-    got = archive.with_default_metadata(cfg.archive.default_metadata,
+    got = records.with_default_metadata(cfg.archive.default_metadata,
                                         {"hive": "3629-b", "site": {"name": "garden"}, "rows": 3})
     assert got == {"apiary": "urban", "hive": "3629-b", "site": {"lat": 45.5, "name": "garden"}, "rows": 3}
     with pytest.raises(config.ConfigError, match=r"archive\.default_metadata\.bad: must be a string, number"):
@@ -61,13 +62,13 @@ def test_default_metadata_from_config_sits_under_each_records_own(tmp_path, keys
 
 
 def _stager(staging: Path):
-    return lambda relname, metadata, data_writer: archive.write_record(staging, relname, metadata, data_writer)
+    return lambda relname, metadata, data_writer: write_record(staging, relname, metadata, data_writer)
 
 
 def test_background_writer_retries_then_writes_when_the_disk_returns(tmp_path):
     staging = tmp_path / "staging"
     staging.write_bytes(b"")  # a file where the directory should be: every write fails (ENOTDIR)
-    w = archive.BackgroundWriter(_stager(staging), tmp_path / "failed", max_retries=50, retry_delay_s=0.02,
+    w = records.BackgroundWriter(_stager(staging), tmp_path / "failed", max_retries=50, retry_delay_s=0.02,
                                  max_retry_delay_s=0.05)
     w.submit("r1.json", {"n": 1}, lambda f: f.write(b'{"n":1}'))
     wait_for(lambda: False if w.written else (w._jobs and w._jobs[0]["attempts"] >= 2), 5, "two failed attempts")
@@ -76,15 +77,15 @@ def test_background_writer_retries_then_writes_when_the_disk_returns(tmp_path):
     wait_for(lambda: w.written, 5, "the retried write")
     assert w.close() == 0
     assert (staging / "r1.json").read_bytes() == b'{"n":1}'
-    assert json.loads(archive.sidecar_of(staging / "r1.json").read_text()) == {"n": 1}
+    assert json.loads(sidecar_of(staging / "r1.json").read_text()) == {"n": 1}
     assert not (tmp_path / "failed").exists()
 
 
 def test_background_writer_moves_to_failed_after_the_last_retry(tmp_path, caplog):
     staging = tmp_path / "staging"
     staging.write_bytes(b"")
-    w = archive.BackgroundWriter(_stager(staging), tmp_path / "failed" / "gps", max_retries=2, retry_delay_s=0.01)
-    with caplog.at_level(logging.WARNING, logger="beemond.archive"):
+    w = records.BackgroundWriter(_stager(staging), tmp_path / "failed" / "gps", max_retries=2, retry_delay_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="beemond.records"):
         for i in range(3):
             w.submit(f"r{i}.json", {"n": i}, lambda f, i=i: f.write(b"%d" % i))
         assert w.close(10) == 0
@@ -92,7 +93,7 @@ def test_background_writer_moves_to_failed_after_the_last_retry(tmp_path, caplog
     for i in range(3):
         path = tmp_path / "failed" / "gps" / f"r{i}.json"
         assert path.read_bytes() == b"%d" % i
-        meta = json.loads(archive.sidecar_of(path).read_text())
+        meta = json.loads(sidecar_of(path).read_text())
         assert meta["n"] == i and "File exists" in meta["write_error"]  # mkdir over a file
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 6  # 2 retries x 3 records
     assert len([r for r in caplog.records if r.levelno == logging.ERROR and "moved to" in r.getMessage()]) == 3
@@ -102,7 +103,7 @@ def test_background_writer_never_drops_when_failed_is_unwritable_too(tmp_path, c
     staging, failed = tmp_path / "staging", tmp_path / "failed"
     staging.write_bytes(b"")
     failed.write_bytes(b"")
-    w = archive.BackgroundWriter(_stager(staging), failed, max_retries=1, retry_delay_s=0.01, max_retry_delay_s=0.05)
+    w = records.BackgroundWriter(_stager(staging), failed, max_retries=1, retry_delay_s=0.01, max_retry_delay_s=0.05)
     w.submit("r.json", {}, lambda f: f.write(b"x"))
     wait_for(lambda: "kept in memory" in caplog.text, 5, "the kept-in-memory log line")
     assert w.pending() == 1 and not w.written and not w.failed
@@ -115,9 +116,9 @@ def test_background_writer_never_drops_when_failed_is_unwritable_too(tmp_path, c
 def test_background_writer_close_names_what_it_loses(tmp_path, caplog):
     staging = tmp_path / "staging"
     staging.write_bytes(b"")
-    w = archive.BackgroundWriter(_stager(staging), staging / "failed", max_retries=100, retry_delay_s=5)
+    w = records.BackgroundWriter(_stager(staging), staging / "failed", max_retries=100, retry_delay_s=5)
     w.submit("late.json", {}, lambda f: f.write(b"x"))
-    with caplog.at_level(logging.ERROR, logger="beemond.archive"):
+    with caplog.at_level(logging.ERROR, logger="beemond.records"):
         assert w.close(timeout=0.3) == 1
     assert "late.json could not be written before shutdown" in caplog.text
 
@@ -215,7 +216,7 @@ def test_staged_records_carry_default_metadata(tmp_path, keys, password_file):
                              channel=ipc.Channel(sensor.name, queue.Queue(), writer, 1.0))
     path = write_staged(worker, T0, T0 + timedelta(minutes=1), {"sensor": sensor.name, "rows": 2},
                         data_writer=lambda f: f.write(b"time\n"))
-    meta = json.loads(archive.sidecar_of(path).read_text())
+    meta = json.loads(sidecar_of(path).read_text())
     meta.pop("clock_synchronized", None)  # added by write_staged for every record
     assert meta == {"apiary": "urban", "hive": "3629", "sensor": sensor.name, "rows": 2}
     assert reader.recv().kind == ipc.READY_EVENT

@@ -9,7 +9,8 @@ import json
 import math
 import re
 
-from beemond import archive
+from beemond import spool
+from beemond.core import clock
 from test_lab import cli, lab, seal  # noqa: F401  (lab: the fixture)
 
 
@@ -77,7 +78,7 @@ def test_report_plots_the_csv_values_with_gaps_as_breaks(tmp_path, lab):
     assert rows["hive-07"]["gaps"] == 1 and rows["hive-07"]["gap_hours"] == 0.35 and rows["hive-08"]["gaps"] == 0
     assert len(rows["hive-07"]["alerts"]) == 1 and not rows["hive-08"]["alerts"]
     uploaded = max(p.stat().st_mtime_ns for p in (lab["upload"] / "hive-07").glob("*.tar.age"))
-    assert abs(archive.parse_iso(rows["hive-07"]["last_upload"]).timestamp() - uploaded / 1e9) < 0.001
+    assert abs(clock.parse_iso(rows["hive-07"]["last_upload"]).timestamp() - uploaded / 1e9) < 0.001
     assert page.count("<tr>") == 3 and 'href="hive-07/2021-06-19.png"' in page
 
 
@@ -87,8 +88,8 @@ def test_a_deeply_nested_json_record_does_not_stop_the_report(tmp_path):
     day = tmp_path / "data" / "hive-07" / "2021-06-19" / "mic"
     day.mkdir(parents=True)
     (day / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    archive.sidecar_of(day / "deep.json").write_text(json.dumps({"start": "2021-06-19T00:00:00.000Z"}))
+    spool.sidecar_of(day / "deep.json").write_text(json.dumps({"start": "2021-06-19T00:00:00.000Z"}))
     (day / "swarm.json").write_text(json.dumps({"alert": "swarm"}))
-    archive.sidecar_of(day / "swarm.json").write_text(json.dumps({"start": "2021-06-19T00:01:00.000Z"}))
+    spool.sidecar_of(day / "swarm.json").write_text(json.dumps({"start": "2021-06-19T00:01:00.000Z"}))
     data = report.day_data(day.parent)
     assert [a["alert"] for a in data["alerts"]] == ["swarm"]

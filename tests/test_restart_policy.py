@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from beemond.clock import Backoff
-from beemond.supervisor.state import (ALIVE, HEALTHY_AFTER_S, RestartPolicy, RestartState, Worker,
+from beemond.core.clock import Backoff
+from beemond.supervisor.state import (ALIVE, HEALTHY_AFTER_S, RestartPolicy, RestartState, WorkerProcess,
                                       WorkerState)
 
 POLICY = RestartPolicy(backoff_initial_s=1, backoff_max_s=8, crash_loop_limit=3, crash_loop_window_s=600,
@@ -216,7 +216,7 @@ def test_worker_states_cover_every_state_the_orchestrator_sets():
     assert ALIVE == {WorkerState.RUNNING, WorkerState.RESTARTING, WorkerState.REMOVING}
     assert [s for s in WorkerState if s.retried] == [WorkerState.BACKOFF, WorkerState.FAILED]
     assert WorkerState.RESTARTING == "restarting" and f"{WorkerState.REMOVING}" == "removing"
-    assert Worker("sensor", "x").state is WorkerState.STARTING
+    assert WorkerProcess("sensor", "x").state is WorkerState.STARTING
 
 
 # ---------------------------------------------------------------- the one backoff formula

@@ -100,7 +100,7 @@ SETPRIV = shutil.which("setpriv")
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None or STRACE is None or SETPRIV is None,
                     reason="needs systemd-analyze, strace and setpriv")
 def test_unit_lets_the_clock_query_through_but_not_a_clock_change(tmp_path):
-    """Under the unit, beemond/clock.py must still learn from the kernel whether the clock is
+    """Under the unit, beemond/core/clock.py must still learn from the kernel whether the clock is
     synchronised (chrony, ntpd: no timesyncd flag file), and must still be unable to set it."""
     s = unit_settings()
     # ProtectClock= adds a seccomp filter of its own that refuses even a read-only adjtimex.
@@ -113,20 +113,20 @@ def test_unit_lets_the_clock_query_through_but_not_a_clock_change(tmp_path):
     assert re.search(r"✓ CapabilityBoundingSet=~CAP_SYS_TIME ", res.stdout), res.stdout
     allowed_back = set(s["SystemCallFilter"][-1].split())
     # The calls clock.py really makes (glibc turns adjtimex() into clock_adjtime) are all allowed back.
-    probe = "from beemond import clock; print(clock.kernel_synchronized())"
+    probe = "from beemond.core import clock; print(clock.kernel_synchronized())"
     res = subprocess.run([STRACE, "-f", "-qq", "-e", "trace=/adjtime", sys.executable, "-c", probe],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     made = set(re.findall(r"^(?:\[pid +\d+\] )?(\w*adjtime\w*)\(", res.stderr, re.M))
     assert made and made <= allowed_back, (made, allowed_back, res.stderr[-2000:])
     # As the unit runs it (a user without capabilities): the query answers, a change is refused.
-    change = ("import ctypes; from beemond import clock; clock.kernel_synchronized(); tx = clock._Timex(); "
+    change = ("import ctypes; from beemond.core import clock; clock.kernel_synchronized(); tx = clock._Timex(); "
               "tx.modes = 1; print(clock._libc.adjtimex(ctypes.byref(tx)), ctypes.get_errno())")
     # The checkout (and its venv) may sit in a directory that user cannot enter (CI clones into a 0700
     # mktemp dir), so the unprivileged runs import a copy of clock.py (stdlib-only) from a readable one.
     readable = Path(tempfile.mkdtemp(prefix="beemond-clock-"))
     try:
         readable.chmod(0o755)
-        shutil.copy(ROOT / "beemond" / "clock.py", readable / "clock.py")
+        shutil.copy(ROOT / "beemond" / "core" / "clock.py", readable / "clock.py")
         (readable / "clock.py").chmod(0o644)
         unprivileged = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", "--bounding-set=-all",
                         "--inh-caps=-all", sys.executable, "-I", "-c"]
@@ -134,7 +134,7 @@ def test_unit_lets_the_clock_query_through_but_not_a_clock_change(tmp_path):
         res = subprocess.run(unprivileged + [local + "print(clock.kernel_synchronized())"], capture_output=True,
                              text=True, cwd=readable, timeout=60)
         assert res.stdout.strip() in ("True", "False"), res.stdout + res.stderr
-        res = subprocess.run(unprivileged + [local + change.replace("from beemond import clock; ", "")],
+        res = subprocess.run(unprivileged + [local + change.replace("from beemond.core import clock; ", "")],
                              capture_output=True, text=True, cwd=readable, timeout=60)
         assert res.stdout.split() == ["-1", str(errno.EPERM)], res.stdout + res.stderr  # ADJ_OFFSET needs CAP_SYS_TIME
     finally:
@@ -153,7 +153,7 @@ prog = (F * 5)(F(0x20, 0, 0, 0), F(0x15, 2, 0, a), F(0x15, 1, 0, b), F(0x06, 0, 
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(P(5, prog)), 0, 0) == 0, ctypes.get_errno()
 logging.basicConfig(stream=sys.stdout, format="%%(levelname)s %%(message)s")
-from beemond import clock
+from beemond.core import clock
 print(clock.kernel_synchronized(), clock.synchronized(sys.argv[1]), clock.synchronized(sys.argv[2]))
 """
 
@@ -248,8 +248,9 @@ class SteppingClock:
 def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_path):
     from test_sht3x import Harness
 
-    from beemond import archive, ipc
-    from beemond.clock import Clock
+    from beemond import ipc
+    from beemond.spool import sidecar_of
+    from beemond.core.clock import Clock, parse_iso
     from beemond.sensors.sht3x.driver import SHT3xWorker
 
     h = Harness(tmp_path)
@@ -264,14 +265,14 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
     h.run(captures=0)
     records = []
     for path in sorted(p for p in h.staging.iterdir() if not p.name.endswith(".meta.json")):
-        meta = json.loads(archive.sidecar_of(path).read_text())
-        times = [archive.parse_iso(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
+        meta = json.loads(sidecar_of(path).read_text())
+        times = [parse_iso(line.split(",")[0]) for line in path.read_text().splitlines()[1:]]
         records.append((meta, times))
     assert [m["rows"] for m, _ in records] == [3, 5, 2]
     all_times = [t for _, times in records for t in times]
     assert all(b > a for a, b in zip(all_times, all_times[1:])), all_times  # strictly increasing, across records
     (first, _), (second, times2), (third, _) = records
-    assert archive.parse_iso(first["end"]) < archive.parse_iso(second["start"]) <= archive.parse_iso(second["end"])
+    assert parse_iso(first["end"]) < parse_iso(second["start"]) <= parse_iso(second["end"])
     assert second["clock_clamped"] >= 1 and "clock_clamped" not in first
     # Intervals stay true while clamped: one second per reading, on the monotonic clock.
     assert [(b - a).total_seconds() for a, b in zip(times2, times2[1:])] == [1.0] * 4
@@ -281,7 +282,7 @@ def test_backwards_clock_step_never_makes_negative_or_overlapping_windows(tmp_pa
 
 
 def test_synchronisation_sources(tmp_path):
-    from beemond import clock
+    from beemond.core import clock
 
     assert clock.kernel_synchronized() in (True, False)  # adjtimex(2) answers on Linux
     flag = tmp_path / "synchronized"
@@ -373,7 +374,7 @@ def test_sd_notify_ready_status_watchdog_and_a_hung_worker(tmp_path, keys, passw
 
 
 def test_notifier_sends_to_a_path_socket_and_respects_watchdog_pid(tmp_path):
-    from beemond.notify import Notifier
+    from beemond.core.notify import Notifier
 
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:

@@ -16,7 +16,8 @@ import pytest
 from smbus2 import i2c_msg
 
 import polled_peers
-from beemond import archive, ipc
+from beemond import ipc
+from beemond.core.clock import utc_iso
 from beemond.sensors.sht3x import chip as sht3x
 from beemond.sensors.emulated_i2c import EmulatedSMBus
 from beemond.sensors.replay import CsvReplay, load_rows
@@ -417,7 +418,7 @@ def test_readings_dropped_from_a_full_hold_are_logged_and_reported(tmp_path: Pat
                         e.message) for e in events if e.kind == ipc.ERROR and e.message.startswith("dropped ")]
     assert dropped and all(dropped), events
     assert sum(int(m[1]) for m in dropped) == readings - 2, "every dropped reading is counted, once"
-    assert all(m[2] <= m[3] < archive.utc_iso(held[0][0]) for m in dropped), "the oldest are the ones dropped"
+    assert all(m[2] <= m[3] < utc_iso(held[0][0]) for m in dropped), "the oldest are the ones dropped"
     assert caplog.text.count("oldest held reading(s)") == len(dropped)
 
 

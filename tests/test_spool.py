@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from beemond import spool as spool_mod
+from beemond.core import fsio
 from beemond.spool import BUNDLE_RE, LOCK, WORKERS_LOCK, Spool, SpoolBusy
 from conftest import ROOT
 
@@ -97,7 +98,7 @@ def test_layout(tmp_path):
 
 def test_import_is_light():
     """The orchestrator imports it: no jinja2, pyrage, numpy or watchdog come along."""
-    code = ("import sys, beemond.spool; heavy = [m for m in ('jinja2', 'pyrage', 'numpy', 'watchdog', 'beemond.archive') "
+    code = ("import sys, beemond.spool; heavy = [m for m in ('jinja2', 'pyrage', 'numpy', 'watchdog', 'beemond.records') "
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
@@ -177,7 +178,7 @@ def test_remove_stale_temps_only_ours(tmp_path):
     (d / ".r.csv.tmp-123").write_bytes(b"")
     (d / ".hidden").write_bytes(b"")
     (d / "r.csv").write_bytes(b"")
-    assert spool_mod.remove_stale_temps(s.root) == 1
+    assert fsio.remove_stale_temps(s.root) == 1
     assert sorted(p.name for p in d.iterdir()) == [".hidden", "r.csv"]
 
 
@@ -185,7 +186,7 @@ def test_atomic_writer_leaves_the_old_file_on_error(tmp_path):
     final = tmp_path / "x"
     final.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with spool_mod.atomic_writer(final) as f:
+        with fsio.atomic_writer(final) as f:
             f.write(b"new")
             raise RuntimeError("power cut")
     assert final.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x"]

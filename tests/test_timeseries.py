@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from beemond import archive
+from beemond.core import clock
+from beemond.core.names import utc_stamp
 from conftest import free_port, wait_for
 from test_lab import cli, lab, seal  # noqa: F401  (lab: the fixture)
 
@@ -68,7 +69,7 @@ def series(url: str, metric: str) -> dict[tuple[str, str], list[tuple[int, float
 def rows(times, cols: dict[str, list[float]]) -> bytes:
     names = list(cols)
     return ("time," + ",".join(names) + "\n" + "".join(
-        archive.utc_iso(t) + "," + ",".join(f"{cols[n][i]:.2f}" for n in names) + "\n"
+        clock.utc_iso(t) + "," + ",".join(f"{cols[n][i]:.2f}" for n in names) + "\n"
         for i, t in enumerate(times))).encode()
 
 
@@ -83,8 +84,8 @@ def fleet_records(start: datetime, n: int, skip: range = range(0)):
                                                   "humidity_rh": [60 + i / 20 for i in range(len(times))]})),
                     ("hive_co2", rows(times, {"co2_ppm": [800 + i for i in range(len(times))]}))],
     }
-    t0, t1 = archive.utc_iso(times[0]), archive.utc_iso(times[-1])
-    return {host: [(sensor, f"{sensor}_{archive.utc_stamp(times[0])}.csv", body, t0, t1, {}) for sensor, body in rs]
+    t0, t1 = clock.utc_iso(times[0]), clock.utc_iso(times[-1])
+    return {host: [(sensor, f"{sensor}_{utc_stamp(times[0])}.csv", body, t0, t1, {}) for sensor, body in rs]
             for host, rs in recs.items()}
 
 
@@ -96,7 +97,7 @@ def csv_values(out: Path, column: str) -> dict[tuple[str, str], list[tuple[int, 
             continue
         i = table[0].index(column)
         key = (p.name.split("@")[0], p.parent.name)
-        got.setdefault(key, []).extend((int(archive.parse_iso(r[0]).timestamp() * 1000), float(r[i])) for r in table[1:])
+        got.setdefault(key, []).extend((int(clock.parse_iso(r[0]).timestamp() * 1000), float(r[i])) for r in table[1:])
     return {k: sorted(v) for k, v in got.items()}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from beemond import aggregator, archive, config, ipc
+from beemond import aggregator, config, ipc, spool
 from beemond.bundle import crypto, sealer
 from beemond.lab import ingest
 from conftest import AGE, FtpServer, climate_rows, decrypt_with_age, make_config, urban_rows, wait_for
@@ -53,7 +53,7 @@ def climate_csv(rows: list[tuple[str, float, float]]) -> bytes:
 
 def stage_record(staging: Path, sensor: str, name: str, body: bytes, start: str, end: str) -> sealer.Record:
     meta = {"sensor": sensor, "start": start, "end": end}
-    path = archive.write_record(staging / sensor, name, meta, data_writer=lambda f: f.write(body))
+    path = spool.write_record(staging / sensor, name, meta, data_writer=lambda f: f.write(body))
     return sealer.Record(path, sensor, f"{sensor}/{name}", len(body), meta)
 
 

@@ -102,7 +102,7 @@ def keygen(out_dir: str | os.PathLike) -> tuple[Path, Path, str]:
         f.write(f"# created: {created}\n# public key: {public}\n{identity}\n")
         f.flush()
         os.fsync(f.fileno())
-    from beemond.archive import atomic_writer
+    from beemond.core.fsio import atomic_writer
 
     with atomic_writer(rcpt_path, "w") as f:
         f.write(public + "\n")
@@ -227,7 +227,7 @@ def device_keygen(out_dir: str | os.PathLike, comment: str = "") -> tuple[Path, 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from beemond.archive import atomic_writer
+    from beemond.core.fsio import atomic_writer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

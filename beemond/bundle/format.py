@@ -41,9 +41,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from beemond import names
+from beemond.core import names
 from beemond.errors import FormatError
-from beemond.spool import atomic_writer
+from beemond.core.fsio import atomic_writer
 
 FORMAT = "beemond-bundle/1"
 MANIFEST = "manifest.json"

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import __version__, archive
+from beemond import __version__
+from beemond.core import clock, fsio, names
 from beemond.bundle import crypto
 from beemond.bundle.format import FORMAT, MANIFEST, BundleError
 from beemond.errors import BeemondError, SpoolError
@@ -195,10 +196,10 @@ def _padding(size: int) -> bytes:
 
 
 def bundle_name(host: str, group: str, records: list[Record]) -> str:
-    first = min(archive.parse_iso(r.start) for r in records) if all(r.start for r in records) \
+    first = min(clock.parse_iso(r.start) for r in records) if all(r.start for r in records) \
         else datetime.now(timezone.utc)
     digest = hashlib.sha256("\n".join(sorted(r.member for r in records)).encode()).hexdigest()[:12]
-    return bundle_filename(host, archive.utc_stamp(first), group, digest)
+    return bundle_filename(host, names.utc_stamp(first), group, digest)
 
 
 def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
@@ -217,14 +218,14 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
     starts = [r.start for r in records if r.start]
     ends = [r.end for r in records if r.end]
     base = {"format": FORMAT, "host": host, "software": f"beemond {__version__}", "name": name, "group": group,
-            "created": archive.utc_iso(datetime.now(timezone.utc)),
+            "created": clock.utc_iso(datetime.now(timezone.utc)),
             "start": min(starts) if starts else "", "end": max(ends) if ends else ""}
     if signing_key is not None:
         base["signing_key"] = crypto.fingerprint(signing_key.public_key())
     stream = TarStream(records, base, progress)
     sig_path = outbox / (name + crypto.SIG_SUFFIX)
     try:
-        with archive.atomic_writer(outbox / name, "wb", buffering=0) as out:
+        with fsio.atomic_writer(outbox / name, "wb", buffering=0) as out:
             sink = crypto.HashingWriter(out) if signing_key is not None else out
             crypto.encrypt_stream(stream, sink, recipients)
             if not stream.finished:  # checked before the rename: a short bundle never reaches the outbox
@@ -232,7 +233,7 @@ def seal(records: list[Record], outbox: Path, recipients, host: str, group: str,
             size = out.tell()  # not stat() after the rename: the uploader may have taken it already
             if signing_key is not None:
                 signature = crypto.sign_digest(signing_key, sink.digest(), size)
-                with archive.atomic_writer(sig_path, "wb") as f:  # durable, rename included, before the bundle's
+                with fsio.atomic_writer(sig_path, "wb") as f:  # durable, rename included, before the bundle's
                     f.write(signature)
     except Exception:
         # A signature without its bundle is removed; beside an older twin of the bundle (a reseal after

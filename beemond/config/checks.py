@@ -7,7 +7,7 @@ imports nothing of the loader's, so the two never import each other.
 - :func:`ini_shadowing`: an INI section that shadows a key (``[sensor.a]`` with ``replay = x``
   and a ``[sensor.a.replay]`` section): one of the two would silently win, or the loader would trip
   over a string where it expects a table.
-- :func:`semantic_problems` (the full load only):
+- :func:`semantic_problems` (the full load only; it warns of the placeholder recipient):
   ``metrics.address`` must be an IP address (prometheus_client binds it as given; a host name would
   be resolved at every start, and an interface name never works);
   ``daemon.spool_dir`` must be a directory (or not exist yet under a directory) on a real file
@@ -16,8 +16,8 @@ imports nothing of the loader's, so the two never import each other.
   yet uploaded at a power cut or reboot: a warning, not an error, because a test bench or a
   container may want exactly that (and some systems put ``/tmp`` on tmpfs).
 
-Name templates and the upload layout are checked where they are rendered (:func:`beemond.archive.
-check_template`, :func:`beemond.archive.check_layout`: the sandbox with size and time limits).
+Name templates and the upload layout are checked where they are rendered (:func:`beemond.core.names.
+check_template`, :func:`beemond.core.names.check_layout`: the sandbox with size and time limits).
 """
 
 from __future__ import annotations
@@ -25,19 +25,26 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger(__name__)
 
 # Kernel pseudo file systems (proc(5), sysfs(5), ...): nothing written there is a file on a disk.
+# Not autofs: it holds the place of a disk mounted at first access (fstab x-systemd.automount, a USB
+# disk on a Pi), and stat() of the mount point itself does not trigger that mount.
 PSEUDO_FILESYSTEMS = frozenset({
     "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore",
     "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs", "efivarfs", "binfmt_misc", "rpc_pipefs", "nsfs",
-    "selinuxfs", "autofs"})
+    "selinuxfs"})
 # In memory: works, and loses the spool at a power cut.
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 MOUNTINFO = Path("/proc/self/mountinfo")
+_OCTAL = re.compile(r"\\([0-7]{3})")
+# config/simulated.toml's recipient: its identity was thrown away, so that file passes check-config as
+# shipped. Sealing real recordings to it loses them: a warning at every load (the demo replaces it).
+PLACEHOLDER_RECIPIENT = "age1fv46ddmd28x6qqd0ph7xq7clhl37dpflzgc04758cjc6lmhvpdwq7rkpq9"
 
 
 Problems = Iterator[tuple[str, str]]   # (key, message)
@@ -78,6 +85,10 @@ def semantic_problems(cfg, path: Path) -> Problems:
                                   f"interface) or ::1; got {cfg.metrics.address!r}")
     for message in spool_dir_problems(cfg.daemon.spool_dir, path):
         yield "daemon.spool_dir", message
+    for i, item in enumerate(cfg.bundle.recipients):
+        if item.strip() == PLACEHOLDER_RECIPIENT:
+            log.warning("%s: bundle.recipients[%d]: the placeholder of config/simulated.toml: nobody holds its "
+                        "identity, so no bundle sealed to it can be decrypted; name the lab's recipient", path, i)
 
 
 def spool_dir_problems(spool: Path, path: Path) -> Iterator[str]:
@@ -111,8 +122,9 @@ def filesystem_type(path: Path) -> str | None:
         fields = left.split()
         if not sep or len(fields) < 5 or not right:
             continue
-        # mount points escape space, tab, newline and backslash as octal (\040)
-        point = fields[4].encode().decode("unicode_escape") if "\\" in fields[4] else fields[4]
+        # mount points escape space, tab, newline and backslash as octal (\040), and nothing else: a
+        # label in UTF-8 stays as it is (unicode_escape would read its bytes as Latin-1)
+        point = _OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4])
         inside = real == point or real.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= len(best):  # >=: the last of stacked mounts is the visible one
             best, fstype = point, right.split()[0]

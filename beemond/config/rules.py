@@ -18,19 +18,19 @@ from beemond.config.sections import BundleConfig, Config
 
 def check_semantics(cfg: Config, path: Path) -> None:
     """Cross-field checks that need more than one key, or outside files."""
-    from beemond import archive  # late: keeps `import beemond.config` light
+    from beemond.core.names import TemplateError, check_layout, check_template  # late: keeps `import beemond.config` light
     from beemond.bundle import crypto
 
     for key, text in [("archive.filename_template", cfg.archive.filename_template),
                       *((f"sensors.{s.name}.filename_template", s.filename_template)
                         for s in cfg.sensors if s.filename_template)]:
         try:
-            archive.check_template(text, cfg.archive.default_metadata)
-        except archive.TemplateError as e:
+            check_template(text, cfg.archive.default_metadata)
+        except TemplateError as e:
             raise ConfigError(path, key, str(e)) from None
     try:
-        archive.check_layout(cfg.upload.layout)
-    except archive.TemplateError as e:
+        check_layout(cfg.upload.layout)
+    except TemplateError as e:
         raise ConfigError(path, "upload.layout", str(e)) from None
 
     if not cfg.bundle.recipients:
@@ -95,8 +95,8 @@ def check_semantics(cfg: Config, path: Path) -> None:
                                                     f"sensors: {', '.join(sensors)}")
         if p.filename_template:
             try:
-                archive.check_template(p.filename_template, cfg.archive.default_metadata)
-            except archive.TemplateError as e:
+                check_template(p.filename_template, cfg.archive.default_metadata)
+            except TemplateError as e:
                 raise ConfigError(path, f"{key}.filename_template", str(e)) from None
         p.check(path, key, sensors[p.sensor])
 

@@ -3,7 +3,7 @@ classes of sensor and processor sections (each type's subclass lives in its own 
 
 A section is a frozen dataclass whose fields carry their validation facts (:func:`opt`: range,
 choices, path, secret); :mod:`beemond.config.loader` builds it from a table and checks each key.
-Imports only the standard library and :mod:`beemond.names`: every section module imports this one.
+Imports only the standard library and :mod:`beemond.core.names`: every section module imports this one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from beemond import errors
 from beemond.errors import BeemondError
-from beemond.names import HOST_RE, NAME_RE  # noqa: F401  (shared with the lab)
+from beemond.core.names import HOST_RE, NAME_RE  # noqa: F401  (shared with the lab)
 
 EX_CONFIG = errors.EX_CONFIG
 HARDWARE, SIMULATED = "hardware", "simulated"   # a sensor's backend

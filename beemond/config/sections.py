@@ -224,13 +224,13 @@ class TelemetryConfig:
             raise ConfigError(path, f"{key}.ca_file", "only used with tls = true")
         if self.layout == "kotori" and not self.kotori_network:
             raise ConfigError(path, f"{key}.kotori_network", "required with layout = \"kotori\"")
-        from beemond import archive
+        from beemond.core import names
         from beemond.telemetry.messages import check_topic
 
         for name in ("topic", "status_topic"):
             try:
                 check_topic(getattr(self, name))
-            except archive.TemplateError as e:
+            except names.TemplateError as e:
                 raise ConfigError(path, f"{key}.{name}", str(e)) from None
         for name in ("discovery_prefix", "kotori_realm", "kotori_network", "kotori_gateway", "kotori_node"):
             if any(c in getattr(self, name) for c in "/+#"):

@@ -65,7 +65,7 @@ from beemond.lab.ledger import LEDGER, OLD_LEDGER, Candidate, Ledger, Report, sc
 from beemond.lab.readme import write_readme
 from beemond.lab.tables import PUSH_PENDING, push
 from beemond.lab.unpack import IngestWorker, Options
-from beemond.spool import remove_stale_temps
+from beemond.core.fsio import remove_stale_temps
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from beemond.lab.ledger import LEDGER, REJECTED
 from beemond.lab.tables import HOLE_FACTOR, PARQUET
-from beemond.spool import atomic_writer
+from beemond.core.fsio import atomic_writer
 
 UNITS = {"_c": "degrees Celsius (°C)", "_rh": "relative humidity (%RH)", "_kg": "kilograms (kg)",
          "_ppm": "parts per million (ppm)", "_pa": "pascals (Pa)", "_hpa": "hectopascals (hPa)", "_hz": "hertz (Hz)",

@@ -31,10 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond import spool
-from beemond.clock import parse_iso, utc_iso
+from beemond.core import fsio
+from beemond.core.clock import parse_iso, utc_iso
 from beemond.lab.ledger import LEDGER
 from beemond.lab.tables import GAPS, HOLE_FACTOR
-from beemond.names import HOST_RE
+from beemond.core.names import HOST_RE
 
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 QUANTITIES = [  # (title, unit, column test)
@@ -163,7 +164,7 @@ def plot_day(data: dict, png: Path) -> None:
     axes[-1, 0].set_xlabel("time (UTC)")
     fig.suptitle(f"{data['host']} {data['date']}")
     fig.tight_layout()
-    tmp = spool.temp_name(png.parent, png.name)
+    tmp = fsio.temp_name(png.parent, png.name)
     fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     os.replace(tmp, png)
@@ -200,7 +201,7 @@ def build(data_dir, out) -> Path:
         for day in days:
             data = day_data(day)
             plot_day(data, out / host_dir.name / f"{day.name}.png")
-            with spool.atomic_writer(out / host_dir.name / f"{day.name}.json", "w", sync_dir=False) as f:
+            with fsio.atomic_writer(out / host_dir.name / f"{day.name}.json", "w", sync_dir=False) as f:
                 json.dump(data, f, indent=1)
             last = max((t for p in data["panels"] for s in p["series"] for t, v in zip(s["t"], s["v"]) if v is not None),
                        default="")
@@ -214,7 +215,7 @@ def build(data_dir, out) -> Path:
         row["gap_hours"] = round(row["gap_hours"], 2)
         fleet.append(row)
     index = out / "index.html"
-    with spool.atomic_writer(index, "w", encoding="utf-8") as f:
+    with fsio.atomic_writer(index, "w", encoding="utf-8") as f:
         f.write(render_index(fleet))
     return index
 

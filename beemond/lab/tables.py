@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond.clock import parse_iso, utc_iso
+from beemond.core.clock import parse_iso, utc_iso
 from beemond.lab.ledger import Report
-from beemond.spool import temp_name
+from beemond.core.fsio import temp_name
 
 PARQUET = "parquet"
 PUSH_PENDING = ".push-pending"

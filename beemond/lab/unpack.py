@@ -30,12 +30,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from beemond.bundle import crypto, format as bundle_format
-from beemond.clock import utc_iso
+from beemond.core.clock import utc_iso
 from beemond.errors import FormatError
 from beemond.lab.ledger import COMMIT_BUNDLES, LEDGER, REJECTED, Candidate, Ledger, Report
 from beemond.lab.tables import GAPS, DailyTables, date_of, push, stage_file
-from beemond.names import HOST_RE, NAME_RE
-from beemond.spool import atomic_writer, sidecar_of
+from beemond.core.names import HOST_RE, NAME_RE
+from beemond.core.fsio import atomic_writer
+from beemond.spool import sidecar_of
 
 log = logging.getLogger("beemond.lab.ingest")
 

@@ -20,7 +20,7 @@ A processor reads one sensor's output and writes derived records (JSON) and metr
   :func:`beemond.records.write_staged` (temp, fsync, rename, sidecar, *record ready* to the
   aggregator) and ``sample`` events that the metrics registry exports. The record is
   ``{"sensor", "type", "source", "start", "end", "skipped", "result": {...}, "metadata": {...}}``:
-  :class:`beemond.archive.JsonArchiver` puts the record's full metadata (its sidecar's, with
+  :class:`beemond.records.JsonArchiver` puts the record's full metadata (its sidecar's, with
   ``[archive] default_metadata`` and ``clock_synchronized``) under ``"metadata"``.
 
 Spacing (seconds, 0 turns each off; see :class:`Spacing` for the exact rules): ``min_input_spacing``
@@ -38,9 +38,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import archive, ipc
-from beemond.records import stage, staged_metadata, staged_name
-from beemond.spool import Spool
+from beemond import ipc
+from beemond.core import clock, fsio
+from beemond.records import BackgroundWriter, JsonArchiver, stage, staged_metadata, staged_name
+from beemond.spool import META_SUFFIX, Spool, sidecar_of
 from beemond.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,12 @@ class ProcessorWorker(Worker):
         self.paused = False
         self.skipped = {"paused": 0, "input": 0, "step": 0, "output": 0}
         self.outputs = 0
-        self.archiver = archive.JsonArchiver(merge_metadata=True)
+        self.archiver = JsonArchiver(merge_metadata=True)
         # A derived record whose write fails is retried off the processing loop, then kept in
         # spool/failed/<processor>/ with a log line: never dropped, and never blocking the next input.
-        self.writer = archive.BackgroundWriter(lambda rel, meta, dw: stage(self, rel, meta, dw),
-                                               spool.failed_dir(proc.name),
-                                               max_retries=cfg.archive.max_retries, name=f"{proc.name}-writer")
+        self.writer = BackgroundWriter(lambda rel, meta, dw: stage(self, rel, meta, dw),
+                                       spool.failed_dir(proc.name),
+                                       max_retries=cfg.archive.max_retries, name=f"{proc.name}-writer")
 
     # -- for subclasses
     def process_record(self, path: Path, metadata: dict) -> dict | None:
@@ -146,8 +147,8 @@ class ProcessorWorker(Worker):
 
     def leftovers(self) -> list[Path]:
         """Inbox links not yet processed (a crash, a restart, a backlog), oldest first."""
-        paths = [p for p in self.inbox.iterdir() if not archive.is_internal(p.name)
-                 and not p.name.endswith(archive.META_SUFFIX)]
+        paths = [p for p in self.inbox.iterdir() if not fsio.is_internal(p.name)
+                 and not p.name.endswith(META_SUFFIX)]
         return sorted(paths, key=lambda p: (p.stat().st_mtime, p.name))
 
     def pause(self) -> None:
@@ -175,7 +176,7 @@ class ProcessorWorker(Worker):
         return False
 
     def handle_record(self, path: Path) -> None:
-        meta_path = archive.sidecar_of(path)
+        meta_path = sidecar_of(path)
         if not path.exists():
             return  # already handled: found among the leftovers at start and announced as well
         try:
@@ -184,14 +185,14 @@ class ProcessorWorker(Worker):
             except (OSError, ValueError):
                 metadata = {}
             try:
-                data_time = archive.parse_iso(metadata["start"]).timestamp()
+                data_time = clock.parse_iso(metadata["start"]).timestamp()
             except (KeyError, TypeError, ValueError):
                 data_time = path.stat().st_mtime
             if not self._admit(data_time, time.monotonic()):
                 return
             result = self.process_record(path, metadata)
             if result is not None:
-                end = archive.parse_iso(metadata["end"]).timestamp() if metadata.get("end") else data_time
+                end = clock.parse_iso(metadata["end"]).timestamp() if metadata.get("end") else data_time
                 self.emit(result, data_time, end)
         except FileNotFoundError as e:
             log.error("input record %s vanished: %s", path.name, e)
@@ -218,7 +219,7 @@ class ProcessorWorker(Worker):
             return False
         t0, t1 = (datetime.fromtimestamp(t, timezone.utc) for t in (start, end))
         fields = {"sensor": self.proc.name, "type": self.proc.type, "source": self.proc.sensor,
-                  "start": archive.utc_iso(t0), "end": archive.utc_iso(t1), "skipped": dict(self.skipped)}
+                  "start": clock.utc_iso(t0), "end": clock.utc_iso(t1), "skipped": dict(self.skipped)}
         metadata = staged_metadata(self, dict(fields))
         # The seeds' JsonArchiver: the record's full metadata (default_metadata included) under
         # "metadata". The top-level fields and "result" stay as before, so the lab's readers still work.

@@ -1,7 +1,7 @@
 """The run loop shared by sensors that are polled at an interval (I2C, 1-Wire, serial).
 
 A polled sensor measures every ``interval_s`` on the monotonic clock (no drift, and immune to the
-wall-clock jumps of a Pi without an RTC), stamps each reading with UTC wall time (:class:`beemond.clock.Clock`: never backwards, even when
+wall-clock jumps of a Pi without an RTC), stamps each reading with UTC wall time (:class:`beemond.core.clock.Clock`: never backwards, even when
 the clock of a Pi without an RTC steps back), and batches the
 readings of a ``record_window_s`` into one CSV record in ``spool/staging/<sensor>/``.
 
@@ -26,9 +26,8 @@ import logging
 import math
 import time
 
-from beemond import archive, ipc
-from beemond import reading_journal as rj
-from beemond.clock import Backoff, Clock
+from beemond import ipc, reading_journal as rj
+from beemond.core.clock import Backoff, Clock, parse_iso, utc_iso
 from beemond.records import stage, staged_metadata, staged_name, staged_twin, write_staged
 from beemond.sensors import seams
 from beemond.sensors.periodic import PeriodicValuePoller
@@ -256,7 +255,7 @@ class PolledSensorWorker(Worker):
             if len(kept) < len(readings):
                 # Memory is bounded: the oldest readings go, and that loss is reported, never silent.
                 lost = readings[:len(readings) - len(kept)]
-                first, last = archive.utc_iso(lost[0][0]), archive.utc_iso(lost[-1][0])
+                first, last = utc_iso(lost[0][0]), utc_iso(lost[-1][0])
                 log.error("record writes keep failing; dropped the %d oldest held reading(s), %s to %s",
                           len(lost), first, last)
                 self.channel.send(ipc.ERROR, message=f"dropped {len(lost)} held reading(s) from {first} to {last}: "
@@ -271,7 +270,7 @@ class PolledSensorWorker(Worker):
         self.errors = self.missed = self.rejected = 0
         self.restart_gap = None
         log.debug("record %s: %d readings", path.name, len(readings))
-        self._journal_reset(archive.utc_iso(end))
+        self._journal_reset(utc_iso(end))
 
     def _record(self, readings: list[tuple], errors: int, missed: int, synchronized: bool,
                 rejected: int = 0) -> tuple[bytes, dict]:
@@ -280,10 +279,10 @@ class PolledSensorWorker(Worker):
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["time", *self.columns])
         for stamp, reading, _tag in readings:
-            w.writerow([archive.utc_iso(stamp), *self.format_row(reading)])
+            w.writerow([utc_iso(stamp), *self.format_row(reading)])
         metadata = {
             "sensor": self.sensor.name, "type": self.sensor.type, "backend": self.sensor.backend,
-            "start": archive.utc_iso(readings[0][0]), "end": archive.utc_iso(readings[-1][0]),
+            "start": utc_iso(readings[0][0]), "end": utc_iso(readings[-1][0]),
             "rows": len(readings), "columns": ["time", *self.columns], "errors": errors, "missed": missed,
             "rejected": rejected, "clock_synchronized": synchronized, **self.extra_metadata(readings),
         }
@@ -301,7 +300,7 @@ class PolledSensorWorker(Worker):
             log.warning("journal: skipped %d torn line(s) left by a crash", rec.skipped_lines)
         last, replay = rec.last_reading, rec.replay
         if rec.entries:
-            readings = [(archive.parse_iso(e["t"]), tuple(e["v"]), e.get("g")) for e in rec.entries]
+            readings = [(parse_iso(e["t"]), tuple(e["v"]), e.get("g")) for e in rec.entries]
             tail = rec.entries[-1]
             body, metadata = self._record(readings, tail.get("e", 0), tail.get("m", 0),
                                           not any(e.get("u") for e in rec.entries))

@@ -7,10 +7,10 @@ module: PeriodicValuePoller, JsonDataAggregator, TarfileRecordAggregator), in be
 - :class:`TimeWindow` is the time limit both aggregators share: it opens at the first item and is due
   ``max_duration_s`` later (monotonic, so a wall-clock jump at NTP sync neither closes nor stretches it).
 - :class:`JsonDataAggregator` collects dicts and, once its window is due, writes them as one JSON
-  record (:class:`beemond.archive.JsonArchiver`) named ``<sensor>_<from>_<to>.json`` through any writer
-  callable (normally a :class:`beemond.archive.BackgroundWriter`).
+  record (:class:`beemond.records.JsonArchiver`) named ``<sensor>_<from>_<to>.json`` through any writer
+  callable (normally a :class:`beemond.records.BackgroundWriter`).
 - :class:`TarRecordAggregator` collects small in-memory records into one uncompressed tar whose members
-  are named ``<sensor>_<from>_<to><ext>`` (:func:`beemond.archive.member_name`), handed to a callable
+  are named ``<sensor>_<from>_<to><ext>`` (:func:`beemond.core.names.member_name`), handed to a callable
   when the window is due. (The daemon's own bundles are built from spool files by
   :mod:`beemond.aggregator`, whose default record names are the same.)
 
@@ -25,7 +25,9 @@ import tarfile
 import time
 from datetime import datetime, timezone
 
-from beemond import archive
+from beemond import records
+from beemond.core import names
+from beemond.core.clock import utc_iso
 
 
 class PeriodicValuePoller:
@@ -113,8 +115,8 @@ class JsonDataAggregator(_Windowed):
 
     ``add_data(d)`` first flushes a window that is due (so a record never spans more than
     *max_duration_s*), then appends *d*. ``flush()`` writes the batch, if any, by calling
-    ``write(relname, metadata, data_writer)`` (e.g. :meth:`beemond.archive.BackgroundWriter.submit`).
-    The record is ``{"data": [dicts...], "metadata": {...}}`` (:class:`~beemond.archive.JsonArchiver`
+    ``write(relname, metadata, data_writer)`` (e.g. :meth:`beemond.records.BackgroundWriter.submit`).
+    The record is ``{"data": [dicts...], "metadata": {...}}`` (:class:`~beemond.records.JsonArchiver`
     with ``merge_metadata``); *metadata* holds sensor, start, end (UTC ISO 8601) and count, over
     *default_metadata*.
     """
@@ -123,7 +125,7 @@ class JsonDataAggregator(_Windowed):
                  merge_metadata: bool = True, clock=time.monotonic, now=_utcnow):
         self.sensor, self.write, self.now = sensor, write, now
         self.default_metadata = default_metadata or {}
-        self.archiver = archive.JsonArchiver(merge_metadata)
+        self.archiver = records.JsonArchiver(merge_metadata)
         self.window = TimeWindow(max_duration_s, clock)
         self.dataset: list[dict] = []
         self.started: datetime | None = None
@@ -144,9 +146,9 @@ class JsonDataAggregator(_Windowed):
         data, start, end = self.dataset, self.started, self.now()
         self.dataset, self.started = [], None
         self.window.reset()
-        metadata = archive.with_default_metadata(self.default_metadata, {
-            "sensor": self.sensor, "start": archive.utc_iso(start), "end": archive.utc_iso(end), "count": len(data)})
-        relname = archive.member_name(self.sensor, start, end, "." + self.archiver.ext)
+        metadata = records.with_default_metadata(self.default_metadata, {
+            "sensor": self.sensor, "start": utc_iso(start), "end": utc_iso(end), "count": len(data)})
+        relname = names.member_name(self.sensor, start, end, "." + self.archiver.ext)
         self.write(relname, metadata, self.archiver.data_writer(data, metadata))
 
 
@@ -179,7 +181,7 @@ class TarRecordAggregator(_Windowed):
             self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT)
             self.started = self.now()
         self.window.touch()
-        name = archive.member_name(sensor, start, end, ext)
+        name = names.member_name(sensor, start, end, ext)
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(payload), int(end.timestamp()), 0o644
         self._tar.addfile(info, io.BytesIO(payload))

@@ -30,7 +30,7 @@ Series (all with a ``host`` label; DESIGN.md conventions: ``beemond_`` prefix, b
   the state label after the metric), ``beemond_worker_next_retry_timestamp_seconds{worker,
   role}`` (when a worker in backoff restarts, or a failed one is tried again), ``beemond_staging_files``, ``beemond_staging_bytes``,
   ``beemond_outbox_files``, ``beemond_outbox_bytes``, ``beemond_last_upload_timestamp_seconds``,
-  ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (beemond.clock's answer),
+  ``beemond_seconds_since_last_upload``, ``beemond_clock_synchronised`` (beemond.core.clock's answer),
   ``beemond_build_info{version, python}``.
 - telemetry (with ``[telemetry] enabled``): ``beemond_telemetry_published_total`` (readings the broker
   acknowledged), ``beemond_telemetry_dropped_total`` (readings dropped from the full buffer),
@@ -49,7 +49,7 @@ import time
 from datetime import datetime, timezone
 
 from beemond import __version__, ipc
-from beemond.clock import utc_iso
+from beemond.core.clock import utc_iso
 from beemond.spool import OUTBOX, STAGING, Spool
 from beemond.supervisor.state import WorkerState
 
@@ -67,11 +67,11 @@ SCAN_CACHE_S = 5.0          # staging/outbox are walked at most this often (scra
 
 
 def clock_synchronised(check=None) -> bool | None:
-    """True/False: whether the system clock is synchronised, by :func:`beemond.clock.synchronized`
+    """True/False: whether the system clock is synchronised, by :func:`beemond.core.clock.synchronized`
     (timesyncd's flag file, else the kernel NTP state; unknown counts as not synchronised), the same
     answer the records' ``clock_synchronized`` metadata carries. *check* replaces that function (a
     test passes it its own flag file). None only if the probe itself fails: a scrape never breaks."""
-    from beemond import clock
+    from beemond.core import clock
 
     try:
         return bool((check or clock.synchronized)())
@@ -89,7 +89,7 @@ def prometheus_unit(quantity: str, value: float) -> tuple[str, float]:
 
 class Health:
     """Orchestrator observer, Prometheus collector and status snapshot. *workers* is the
-    orchestrator's live ``{name: Worker}`` dict (read, never written)."""
+    orchestrator's live ``{name: WorkerProcess}`` dict (read, never written)."""
 
     def __init__(self, cfg, workers: dict, clock_check=None):
         self.cfg = cfg
@@ -115,7 +115,7 @@ class Health:
         self.started = time.time()
         self._usage: dict[str, tuple[float, tuple[int, int]]] = {}
         self.http = None
-        self.clock_check = clock_check  # None: beemond.clock.synchronized
+        self.clock_check = clock_check  # None: beemond.core.clock.synchronized
         # Series that exist from the start at 0, so dashboards and alert rules see them before the
         # first event (a counter appearing late loses its first increase in rate()).
         for s in cfg.sensors:

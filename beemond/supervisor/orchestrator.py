@@ -16,10 +16,8 @@ children start fast and share those pages; never ``fork`` from a process with li
 It blocks in ``multiprocessing.connection.wait`` on the workers' event pipes, their process sentinels
 and a signal wake-up pipe, with a timeout set by the next timer: no polling.
 
-Under systemd (``Type=notify``, :mod:`beemond.notify`) it sends ``READY=1`` once every worker has
-reported in, a ``STATUS=`` summary line when it changes, and ``WATCHDOG=1`` every half
-``WatchdogSec=`` but only while every running worker's heartbeat is fresh: a hung worker is killed and
-restarted here, a hung orchestrator by systemd.
+It speaks for the service to systemd (``READY=1``, ``STATUS=``, ``WATCHDOG=1``) and serves /metrics and
+the status socket (:class:`beemond.supervisor.status.Reporting`).
 
 SIGHUP, or ``beemond reload`` over the status socket (which waits for the verdict: ``ExecReload=``),
 reloads the config file (:mod:`beemond.supervisor.reload`).
@@ -44,12 +42,15 @@ import threading
 import time
 from pathlib import Path
 
-from beemond import ipc, notify
+from beemond import ipc
+from beemond.core import notify
 from beemond.config import EX_CONFIG, ConfigError
-from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy, remove_stale_temps, temp_name
+from beemond.core.fsio import remove_stale_temps, temp_name
+from beemond.spool import WORKERS_LOCK, Spool, SpoolBusy
 from beemond.supervisor.processes import discard_queue, forkserver_preload, stop_multiprocessing_helpers
 from beemond.supervisor.reload import Reloading, bundle_key_files
-from beemond.supervisor.state import ALIVE, RestartPolicy, Worker, WorkerState
+from beemond.supervisor.signals import Signals
+from beemond.supervisor.state import ALIVE, RestartPolicy, WorkerProcess, WorkerState
 from beemond.supervisor.status import Reporting
 from beemond.worker import worker_main
 
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SHARES = (("sensor", 0.3), ("processor", 0.2), ("telemetry", 0.1), ("aggregator", 0.4))
 
 
-class Orchestrator(Reloading, Reporting):
+class Orchestrator(Reloading, Reporting, Signals):
     """The supervisor: spawns, routes between and restarts the workers (see the module docstring)."""
 
     @classmethod
@@ -81,7 +82,7 @@ class Orchestrator(Reloading, Reporting):
         self.cfg = cfg
         self.d = cfg.daemon
         self.duration = duration
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[str, WorkerProcess] = {}
         self.ctx = multiprocessing.get_context("forkserver")
         # One BLAS thread: the workers' NumPy work is small FFTs and array copies, and each extra
         # OpenBLAS thread is a stack and a buffer in every process that imports NumPy.
@@ -149,12 +150,12 @@ class Orchestrator(Reloading, Reporting):
             # systemd would kill the whole daemon for one hung worker before we restart that worker.
             log.warning("WatchdogSec=%g of the unit is not above daemon.heartbeat_timeout_s=%g: a hung worker "
                         "restarts the whole service", watchdog_s, self.d.heartbeat_timeout_s)
-        self._add(Worker("aggregator", "aggregator"))
-        self._add(Worker("uploader", "uploader"))
+        self._add(WorkerProcess("aggregator", "aggregator"))
+        self._add(WorkerProcess("uploader", "uploader"))
         if self.cfg.telemetry.active:
-            self._add(Worker("telemetry", "telemetry"))
+            self._add(WorkerProcess("telemetry", "telemetry"))
         for sensor in self.cfg.sensors:
-            self._add(Worker("sensor", sensor.name))
+            self._add(WorkerProcess("sensor", sensor.name))
         self._add_processors()
         self._start_health()
         ipc.trim_heap()  # the start-up's garbage (config parsed, workers' arguments pickled)
@@ -195,11 +196,11 @@ class Orchestrator(Reloading, Reporting):
             return False
         return True
 
-    def _add(self, w: Worker) -> None:
+    def _add(self, w: WorkerProcess) -> None:
         self.workers[w.name] = w
         self._spawn(w)
 
-    def _spawn(self, w: Worker) -> None:
+    def _spawn(self, w: WorkerProcess) -> None:
         if w.commands is not None:
             discard_queue(w.commands)
         w.commands = self.ctx.Queue()
@@ -227,9 +228,9 @@ class Orchestrator(Reloading, Reporting):
                     shutil.rmtree(d, ignore_errors=True)
         for proc in self.cfg.processors:
             spool.processing_dir(proc.name).mkdir(parents=True, exist_ok=True)
-            self._add(Worker("processor", proc.name))
+            self._add(WorkerProcess("processor", proc.name))
 
-    def _feed_processors(self, w: Worker, ev: ipc.Event) -> None:
+    def _feed_processors(self, w: WorkerProcess, ev: ipc.Event) -> None:
         """A sensor's *record ready* or *sample* to the processors that read that sensor. A record is
         hard-linked into the processor's inbox first, so it survives the aggregator bundling and
         deleting the staged original, and a processor in backoff finds it at its restart."""
@@ -278,7 +279,7 @@ class Orchestrator(Reloading, Reporting):
         self._restart_due()
         self._notify_systemd()
 
-    def _read_events(self, w: Worker) -> None:
+    def _read_events(self, w: WorkerProcess) -> None:
         try:
             while w.events.poll():
                 self._on_event(w, w.events.recv())
@@ -286,7 +287,7 @@ class Orchestrator(Reloading, Reporting):
             w.events.close()
             w.events = None  # the sentinel reports the exit
 
-    def _on_event(self, w: Worker, ev: ipc.Event) -> None:
+    def _on_event(self, w: WorkerProcess, ev: ipc.Event) -> None:
         w.last_heartbeat = time.monotonic()
         w.reported = True
         if isinstance(ev, (ipc.RecordWritten, ipc.Sample)):
@@ -326,7 +327,7 @@ class Orchestrator(Reloading, Reporting):
             return False
         return True
 
-    def _reap(self, w: Worker) -> None:
+    def _reap(self, w: WorkerProcess) -> None:
         w.process.join(timeout=5)
         code = w.process.exitcode
         if w.events is not None:
@@ -349,8 +350,8 @@ class Orchestrator(Reloading, Reporting):
             return
         self._schedule_restart(w, f"exited with {how}")
 
-    def _schedule_restart(self, w: Worker, why: str) -> None:
-        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started, time.monotonic())
+    def _schedule_restart(self, w: WorkerProcess, why: str) -> None:
+        decision = RestartPolicy.from_config(self.d).after_exit(w.history, w.started)
         w.state, w.restart_at = decision.state, decision.at
         if decision.state == WorkerState.BACKOFF:
             log.warning("worker %s %s; restarting in %.1f s (restart %d)", w.name, why, decision.delay,
@@ -388,39 +389,6 @@ class Orchestrator(Reloading, Reporting):
                 log.info("trying failed worker %s again (every %g s while it fails)", w.name, self.d.failed_retry_s)
                 RestartPolicy.retry(w.history)
                 self._spawn(w)
-
-    # ---- signals
-    def _install_signals(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
-        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
-        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def _restore_signals(self) -> None:
-        signal.set_wakeup_fd(self._old_wakeup)
-        for s, h in self._old_handlers.items():
-            signal.signal(s, h)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signals.append(signum)
-
-    def _drain_signals(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
-        while self._signals:
-            signum = self._signals.pop(0)
-            if signum == signal.SIGHUP:
-                self._reload_requested = True  # handled in the run loop, outside _step
-                continue
-            if not self.stopping:
-                log.info("%s received: shutting down", signal.Signals(signum).name)
-            self.stopping = True
 
     # ---- ordered shutdown
     def _shutdown(self) -> None:

@@ -11,10 +11,10 @@ import time
 
 # Imported by the forkserver before it forks the workers, so that their pages are shared (and frozen
 # out of the garbage collector's reach: beemond.preload, last). Always: beemond's modules every worker
-# uses (archive brings Jinja2). Libraries only where at least two configured workers import them: one
+# uses (and Jinja2's sandbox). Libraries only where at least two configured workers import them: one
 # worker gains nothing from sharing, and the forkserver would carry the library for nobody.
-PRELOAD_ALWAYS = ("beemond.ipc", "beemond.worker", "beemond.config", "beemond.journal", "beemond.spool",
-                  "beemond.archive", "beemond.clock", "beemond.sensors.base")
+PRELOAD_ALWAYS = ("beemond.ipc", "beemond.worker", "beemond.config", "beemond.core.journal", "beemond.spool",
+                  "beemond.records", "beemond.core.clock", "beemond.core", "beemond.core.fsio", "beemond.sensors.base", "jinja2.sandbox")
 PRELOAD_SHARED = {"audio": ("numpy", "soundfile"), "audio_bands": ("numpy", "soundfile"),
                   "camera": ("numpy",)}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from beemond import ipc
 from beemond.config import ConfigError
 from beemond.spool import Spool
-from beemond.supervisor.state import ALIVE, RestartPolicy, Worker, WorkerState
+from beemond.supervisor.state import ALIVE, RestartPolicy, WorkerProcess, WorkerState
 
 log = logging.getLogger("beemond.supervisor.orchestrator")   # one logger for the supervisor's lines
 
@@ -133,7 +133,7 @@ class Reloading:
         if new.telemetry.active != old.telemetry.active:
             log.info("%s: telemetry %s", why, "on" if new.telemetry.active else "off")
             if new.telemetry.active:
-                self._add(Worker("telemetry", "telemetry"))
+                self._add(WorkerProcess("telemetry", "telemetry"))
             else:
                 self._stop_worker("telemetry", WorkerState.REMOVING)
         for name, role in new_units.items():
@@ -141,7 +141,7 @@ class Reloading:
                 log.info("%s: %s %s added", why, role, name)
                 if role == "processor":
                     Spool(new.spool).processing_dir(name).mkdir(parents=True, exist_ok=True)
-                self._add(Worker(role, name))
+                self._add(WorkerProcess(role, name))
         message = (f"config {new.source} reloaded: restarting {', '.join(restart) or 'none'}; "
                    f"removed {', '.join(removed) or 'none'}")
         log.info("%s: %s", why, message)

@@ -1,5 +1,5 @@
 """A worker's states (:class:`WorkerState`), the orchestrator's record of each worker
-(:class:`Worker`), and when a worker that stopped on its own starts again (:class:`RestartPolicy`: free
+(:class:`WorkerProcess`), and when a worker that stopped on its own starts again (:class:`RestartPolicy`: free
 of processes, its clock injected, so that it is tested transition by transition with a fake clock).
 
 - A worker that exits (or is killed for a stale heartbeat) is restarted after an exponential backoff:
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from beemond.clock import Backoff
+from beemond.core.clock import Backoff
 
 HEALTHY_AFTER_S = 60.0   # a worker that ran this long has its backoff and crash-loop history reset
 
@@ -36,7 +36,7 @@ class WorkerState(enum.StrEnum):
 
     STARTING = "starting"        # known, not yet spawned
     RUNNING = "running"          # its process runs
-    BACKOFF = "backoff"          # exited; restarts at ``Worker.restart_at``
+    BACKOFF = "backoff"          # exited; restarts at ``WorkerProcess.restart_at``
     FAILED = "failed"            # crash loop; a sensor or processor is tried again at ``restart_at``
     STOPPED = "stopped"          # the daemon is shutting down and the process has gone
     RESTARTING = "restarting"    # stopping, to start again with a reloaded config
@@ -49,7 +49,7 @@ class WorkerState(enum.StrEnum):
 
     @property
     def retried(self) -> bool:
-        """It has a next start (``Worker.restart_at``)."""
+        """It has a next start (``WorkerProcess.restart_at``)."""
         return self in (WorkerState.BACKOFF, WorkerState.FAILED)
 
 
@@ -58,7 +58,7 @@ ALIVE = frozenset({WorkerState.RUNNING, WorkerState.RESTARTING, WorkerState.REMO
 
 @dataclass
 class RestartState:
-    """One worker's restart history (the part of the orchestrator's Worker this module reads/writes)."""
+    """One worker's restart history (the part of the orchestrator's WorkerProcess this module reads/writes)."""
 
     failures: int = 0                # consecutive, for the backoff
     restarts: collections.deque = field(default_factory=collections.deque)   # monotonic times
@@ -128,7 +128,7 @@ class RestartPolicy:
 
 
 @dataclass
-class Worker:
+class WorkerProcess:
     """The orchestrator's record of one worker and its process."""
 
     role: str                    # sensor | processor | aggregator | uploader | telemetry

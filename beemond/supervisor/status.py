@@ -32,10 +32,9 @@ import socket
 import threading
 import time
 from pathlib import Path
-from beemond import errors
+from beemond import errors, ipc
 from beemond.errors import ControlError
 
-from beemond import ipc
 from beemond.supervisor.state import ALIVE, WorkerState
 
 log = logging.getLogger(__name__)
@@ -216,8 +215,12 @@ def format_status(st: dict) -> str:
 
 class Reporting:
     """The orchestrator's reporting: /metrics and the status socket (their servers started and
-    stopped, ``beemond pause``/``resume`` applied), and systemd's ``READY=1``, ``STATUS=`` and
-    ``WATCHDOG=1``. Reads the orchestrator's ``cfg``, ``d``, ``workers``, ``outbox`` and ``notifier``."""
+    stopped, ``beemond pause``/``resume`` applied), and systemd's notifications (``Type=notify``,
+    :mod:`beemond.core.notify`): ``READY=1`` once every worker has reported in, a ``STATUS=`` summary line
+    when it changes, and ``WATCHDOG=1`` every half ``WatchdogSec=`` but only while every running
+    worker's heartbeat is fresh: a hung worker is killed and restarted by the orchestrator, a hung
+    orchestrator by systemd. Reads the orchestrator's ``cfg``, ``d``, ``workers``, ``outbox`` and
+    ``notifier``."""
 
     # ---- health: /metrics and the status socket (beemond.supervisor.metrics, beemond.supervisor.status)
     def _start_health(self) -> None:

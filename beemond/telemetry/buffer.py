@@ -29,7 +29,7 @@ import logging
 import os
 from pathlib import Path
 
-from beemond import archive, spool
+from beemond.core import clock, fsio
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ReadingBuffer:
         for p in self.dir.iterdir():
             if p.suffix == SUFFIX and p.stem.isdigit():
                 self.sizes[int(p.stem)] = p.stat().st_size
-            elif spool.TMP_MARK in p.name:
+            elif fsio.TMP_MARK in p.name:
                 p.unlink(missing_ok=True)
         self.acked: Position = self._read_cursor()
         for n in [n for n in self.sizes if n < self.acked[0]]:
@@ -92,7 +92,7 @@ class ReadingBuffer:
         if self._fd is not None and self._unsynced:
             os.fdatasync(self._fd)
             if self._dir_synced != self.write_seg:
-                spool.fsync_dir(self.dir)
+                fsio.fsync_dir(self.dir)
                 self._dir_synced = self.write_seg
             self._unsynced = False
 
@@ -163,7 +163,7 @@ class ReadingBuffer:
         """Persist the acknowledged position if it moved (no fsync: see the module docstring)."""
         if self.acked == self._cursor_saved:
             return
-        tmp = spool.temp_name(self.dir, CURSOR)
+        tmp = fsio.temp_name(self.dir, CURSOR)
         tmp.write_text(f"{self.acked[0]} {self.acked[1]}\n")
         os.replace(tmp, self.dir / CURSOR)
         self._cursor_saved = self.acked
@@ -246,7 +246,7 @@ class ReadingBuffer:
 
 def _time_of(line: bytes) -> str:
     try:
-        return archive.utc_iso(_utc(json.loads(line)["time"]))
+        return clock.utc_iso(_utc(json.loads(line)["time"]))
     except (ValueError, KeyError, TypeError):
         return ""
 

@@ -34,7 +34,8 @@ import json
 import re
 from datetime import datetime, timezone
 
-from beemond import __version__, archive
+from beemond import __version__
+from beemond.core import clock, names
 
 # unit suffix of a quantity -> the unit a reader sees
 UNITS = {"_celsius": "°C", "_percent": "%", "_pascals": "Pa", "_kilograms": "kg", "_grams": "g",
@@ -53,7 +54,7 @@ def unit_of(quantity: str) -> str:
 
 
 def iso(t: float) -> str:
-    return archive.utc_iso(datetime.fromtimestamp(float(t), timezone.utc))
+    return clock.utc_iso(datetime.fromtimestamp(float(t), timezone.utc))
 
 
 def origin(entry: dict) -> str:
@@ -70,16 +71,19 @@ def series(entry: dict) -> str:
 
 
 def render_topic(template: str, **variables) -> str:
-    """A topic from a sandboxed template; raises ``archive.TemplateError`` for a wildcard or an
+    """A topic from a sandboxed template; raises ``names.TemplateError`` for a wildcard or an
     empty level (MQTT 3.1.1 section 4.7: a topic name never holds ``+`` or ``#``)."""
-    topic = archive.render_name(template, **variables)
+    topic = names.render_name(template, **variables)
     if any(w in topic for w in _WILDCARDS):
-        raise archive.TemplateError(f"topic {topic!r} contains an MQTT wildcard (+ or #)")
+        raise names.TemplateError(f"topic {topic!r} contains an MQTT wildcard (+ or #)")
     return topic
 
 
 def check_topic(template: str) -> None:
-    render_topic(template, host="hive", sensor="scale")
+    """Try *template* at config load, within :func:`beemond.core.names.trial_limit` (it is rendered for
+    every reading). Raises ``names.TemplateError``."""
+    with names.trial_limit():
+        render_topic(template, host="hive", sensor="scale")
 
 
 class Layout:

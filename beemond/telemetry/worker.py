@@ -28,7 +28,8 @@ import queue
 import time
 from dataclasses import dataclass
 from typing import ClassVar
-from beemond import archive, ipc
+from beemond import ipc
+from beemond.core import names
 from beemond.spool import Spool
 from beemond.telemetry.buffer import ReadingBuffer
 from beemond.telemetry.messages import Layout
@@ -234,7 +235,7 @@ class TelemetryWorker(Worker):
             start, entry = item
             try:
                 messages = self.layout.discovery(entry) + self.layout.messages(entry)
-            except (archive.TemplateError, KeyError, TypeError, ValueError) as e:
+            except (names.TemplateError, KeyError, TypeError, ValueError) as e:
                 log.warning("telemetry: cannot publish an entry of %s: %s", entry.get("sensor"), e)
                 self.buffer.ack(start)
                 self.buffer.dropped += 1

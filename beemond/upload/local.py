@@ -14,7 +14,7 @@ import errno
 import os
 from pathlib import Path
 
-from beemond import archive
+from beemond.core import fsio
 from beemond.upload.transport import PermanentError, TransportError
 
 BLOCK = 1024 * 1024
@@ -75,7 +75,7 @@ class LocalTransport:
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(src, dst)
-        archive.fsync_dir(os.path.dirname(dst))
+        fsio.fsync_dir(os.path.dirname(dst))
 
     def close(self) -> None:
         self.connected = False

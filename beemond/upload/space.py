@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from beemond import ipc
-from beemond.spool import fsync_dir, signature_of
+from beemond.core.fsio import fsync_dir
+from beemond.spool import signature_of
 from beemond.upload.queues import sort_key
 
 # The uploader's own logger: these are its lines, whichever module holds the code.

@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from beemond import archive
+from beemond.core import names
 from beemond.spool import BUNDLE_RE
 from beemond.upload.transport import BundleReader, LocalFileError, TransportError
 
@@ -46,9 +46,9 @@ class Transfers:
     def remote_path(self, path: Path) -> str:
         m = BUNDLE_RE.match(path.name)
         start = m["start"]
-        rel = archive.render_name(self.up.layout, host=m["host"], name=path.name, sensor=m["group"],
-                                  group=m["group"], date=f"{start[0:4]}-{start[4:6]}-{start[6:8]}",
-                                  start=start, ext="tar.age", end=start, metadata={}, _split_index=0)
+        rel = names.render_name(self.up.layout, host=m["host"], name=path.name, sensor=m["group"],
+                                group=m["group"], date=f"{start[0:4]}-{start[4:6]}-{start[6:8]}",
+                                start=start, ext="tar.age", end=start, metadata={}, _split_index=0)
         return self.transport.path(rel)
 
     def _send(self, local: Path, remote: str, pausable: bool = False) -> int | None:

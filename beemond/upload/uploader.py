@@ -49,9 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from beemond import archive, ipc
-from beemond.clock import Backoff
-from beemond.spool import SIG_SUFFIX, Spool, fsync_dir, signature_of
+from beemond import ipc
+from beemond.core import names
+from beemond.core.clock import Backoff
+from beemond.core.fsio import fsync_dir
+from beemond.spool import SIG_SUFFIX, Spool, signature_of
 from beemond.upload.queues import Queues, parse_window
 from beemond.upload.space import SpaceKeeper
 from beemond.upload.transfer import RESUME_MIN_BYTES, Transfers, size_of
@@ -242,7 +244,7 @@ class Uploader(Worker, Queues, Transfers, SpaceKeeper):
                 return self._transient_or_refused(path, e)
             self._vanished(path)
             return True
-        except (PermanentError, archive.TemplateError) as e:  # TemplateError: the layout cannot name it
+        except (PermanentError, names.TemplateError) as e:  # TemplateError: the layout cannot name it
             return self._refused(path, e)
         except (TransportError, OSError, EOFError, *self.transport.errors) as e:
             return self._transient_or_refused(path, e)
@@ -286,7 +288,7 @@ class Uploader(Worker, Queues, Transfers, SpaceKeeper):
         restarted with other rules), then quarantine."""
         self.transport.close()
         self.strikes[path] = self.strikes.get(path, 0) + 1
-        if self.strikes[path] < 2 and not isinstance(e, (LocalFileError, archive.TemplateError)):
+        if self.strikes[path] < 2 and not isinstance(e, (LocalFileError, names.TemplateError)):
             log.warning("upload of %s refused (%s); trying once more on a new connection", path.name, str(e).strip())
             self.backlog.insert(0, path)
             return True

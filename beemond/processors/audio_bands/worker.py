@@ -28,7 +28,8 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import archive, ipc
+from beemond import ipc
+from beemond.core import clock
 from beemond.processors.base import ProcessorWorker
 from beemond.records import staged_metadata
 
@@ -140,7 +141,7 @@ class AudioBandsWorker(ProcessorWorker):
         if written and self.spectrogram is not None:
             t0, t1 = (datetime.fromtimestamp(t, timezone.utc) for t in (start, end))
             meta = {"sensor": self.proc.name, "type": self.proc.type, "source": self.proc.sensor,
-                    "start": archive.utc_iso(t0), "end": archive.utc_iso(t1), "image": "spectrogram",
+                    "start": clock.utc_iso(t0), "end": clock.utc_iso(t1), "image": "spectrogram",
                     "max_hz": self.proc.spectrogram_max_hz, "range_db": SPECTROGRAM_RANGE_DB}
             self.write_output(t0, t1, staged_metadata(self, meta), spectrogram_png(self.spectrogram), ext="png")
         return written

@@ -56,9 +56,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from beemond import archive, ipc
-from beemond import reading_journal as rj
-from beemond.clock import Backoff, Clock
+from beemond import ipc, reading_journal as rj
+from beemond.core.clock import Backoff, Clock, utc_iso
 from beemond.sensors import seams
 from beemond.sensors.audio.device import DeviceMissing, open_input_stream
 from beemond.sensors.audio.segment import Segment, no_room_to_salvage, salvage_segment, set_aside
@@ -322,7 +321,7 @@ class AudioWorker(Worker):
             return self.window.after(due)
         if due is not None and now > due and new_due > due:
             log.warning("skipped the capture due at %s (the clock jumped, or the worker was busy)",
-                        archive.utc_iso(due))
+                        utc_iso(due))
         return new_due
 
     # ---- writer thread

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from beemond import archive
+from beemond.core import clock, fsio
 from beemond import reading_journal as rj
 from beemond.records import write_staged
 from beemond.spool import Spool, open_segment_format, open_segment_header, open_segment_record_name
@@ -38,7 +38,7 @@ class Segment:
         s = worker.sensor
         self.tmp = Spool(worker.cfg.spool).open_segment(s.name, str(int(start * 1000)), s.format)
         self.header = open_segment_header(self.tmp)
-        with archive.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
+        with fsio.atomic_writer(self.header) as f:   # what a salvage needs to know, durable first
             f.write(json.dumps({"start": start, "trigger": capture.trigger, "device": worker.device_name,
                                 "schedule": self._schedule()}).encode())
         try:
@@ -75,7 +75,7 @@ class Segment:
             # block the encoder still holds). sf_write_sync is an fsync of the file.
             self.file.flush()
             if not self.entry_synced:
-                archive.fsync_dir(self.tmp.parent)
+                fsio.fsync_dir(self.tmp.parent)
                 self.entry_synced = True
             self.synced_at = time.monotonic()
         return rest
@@ -86,7 +86,7 @@ class Segment:
         start = self.w.clock.floor(self.start)  # never before the previous segment's end (clock steps)
         end = self.w.clock.floor(start + timedelta(seconds=self.frames / s.sample_rate_hz))
         metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
-                    "start": archive.utc_iso(start), "end": archive.utc_iso(end),
+                    "start": clock.utc_iso(start), "end": clock.utc_iso(end),
                     "sample_rate_hz": s.sample_rate_hz, "channels": s.channels, "frames": self.frames,
                     "format": s.format, "subtype": s.subtype, "overflows": self.overflows,
                     "device": self.w.device_name, "trigger": self.capture.trigger, "schedule": self._schedule()}
@@ -112,7 +112,7 @@ class Segment:
             return {"mode": "continuous", "segment_s": s.segment_s}
         return {"mode": "window", "window_start": s.window_start, "window_end": s.window_end,
                 "timezone": s.timezone or "local", "capture_s": s.capture_s, "every_s": s.every_s,
-                "slot": archive.utc_iso(self.capture.slot) if self.capture.slot else None}
+                "slot": clock.utc_iso(self.capture.slot) if self.capture.slot else None}
 
 
 # ---- salvage of a segment cut by a crash or power failure
@@ -142,7 +142,7 @@ def salvage_segment(worker, segment: Path) -> str | None:
     start = datetime.fromtimestamp(header["start"], timezone.utc)
     end = start + timedelta(seconds=frames / rate)
     metadata = {"sensor": s.name, "type": s.type, "backend": s.backend,
-                "start": archive.utc_iso(start), "end": archive.utc_iso(end),
+                "start": clock.utc_iso(start), "end": clock.utc_iso(end),
                 "sample_rate_hz": rate, "channels": channels, "frames": frames, "format": fmt,
                 "subtype": subtype, "overflows": 0, "device": header.get("device", ""),
                 "trigger": header.get("trigger", ""), "schedule": header.get("schedule"), "truncated": True}
@@ -219,7 +219,7 @@ def _salvage_flac(soundfile, path: Path) -> tuple[int, int, str, int]:
                 break
             blocks.append(block)
             frames += len(block)
-    tmp = archive.temp_name(path.parent, path.name.lstrip("."))
+    tmp = fsio.temp_name(path.parent, path.name.lstrip("."))
     if frames:
         with soundfile.SoundFile(tmp, "w", samplerate=rate, channels=channels, subtype=subtype, format="FLAC") as dst:
             dst.write(np.concatenate(blocks))

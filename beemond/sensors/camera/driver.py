@@ -6,7 +6,7 @@ images) and 7 (capturing videos):
 - stills: ``create_still_configuration(main={"size": (w, h), "format": "RGB888"})``, ``configure``,
   ``start``, then ``capture_file(file, format="jpeg")`` (quality from ``options["quality"]``) or
   ``capture_array("main")`` per frame of a burst (an H x W x 3 uint8 array in picamera2's RGB888
-  layout, which is B, G, R byte order) saved as ``.npy`` (``archive.ArrayArchiver``; with
+  layout, which is B, G, R byte order) saved as ``.npy`` (``records.ArrayArchiver``; with
   ``split_data_array`` one record per frame, named with ``_split_index``);
 - clips: ``create_video_configuration(main={"size": (w, h)}, controls={"FrameRate": fps})``,
   ``start_recording(H264Encoder(bitrate), PyavOutput(tmp, format="mp4"))`` for ``clip_s`` seconds,
@@ -52,7 +52,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from beemond import archive, ipc
+from beemond import ipc, records
+from beemond.core import clock, fsio, names
 from beemond.sensors import seams
 from beemond.sensors.base import MAX_CONSECUTIVE_FAILURES, SensorFailure, write_staged
 from beemond.sensors.power import power_switch
@@ -245,7 +246,7 @@ class CameraWorker(Worker):
             return [write_staged(self, start, end, meta, data_writer=lambda f: f.write(data), ext="jpg")]
         meta.update(shape=list(data.shape), dtype=str(data.dtype), frames=s.burst_frames,
                     pixel_order="BGR" if self.sensor.backend == "hardware" else "RGB")
-        arrays = archive.ArrayArchiver(s.split_data_array)
+        arrays = records.ArrayArchiver(s.split_data_array)
         paths = []
         for index, part in arrays.parts(data):
             part_meta = {**meta, "split_index": index, "shape": list(part.shape)} if s.split_data_array else meta
@@ -268,7 +269,7 @@ class CameraWorker(Worker):
         self._open()
         cam, backend = self.cam, self.backend
         start = datetime.now(timezone.utc)
-        tmp = archive.temp_name(self.staging, f"clip-{archive.utc_stamp(start)}")
+        tmp = fsio.temp_name(self.staging, f"clip-{names.utc_stamp(start)}")
         encoder = backend.H264Encoder(bitrate=s.bitrate_bps)
         output = backend.PyavOutput(str(tmp), format="mp4")
         write_errors: list[BaseException] = []
@@ -302,8 +303,8 @@ class CameraWorker(Worker):
 
     def _metadata(self, start, end, reason, **extra) -> dict:
         s = self.sensor
-        return {"sensor": s.name, "type": s.type, "backend": s.backend, "start": archive.utc_iso(start),
-                "end": archive.utc_iso(end), "width": s.width, "height": s.height, "reason": reason,
+        return {"sensor": s.name, "type": s.type, "backend": s.backend, "start": clock.utc_iso(start),
+                "end": clock.utc_iso(end), "width": s.width, "height": s.height, "reason": reason,
                 "stalls": self.stalls, "errors": self.errors, "opens": self.opens, **extra}
 
     def capture(self, kind: str, reason: str) -> list[Path]:

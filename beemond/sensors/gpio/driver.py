@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import ClassVar
 
-from beemond import archive, ipc
-from beemond import reading_journal as rj
+from beemond import ipc, reading_journal as rj
+from beemond.core import clock
 from beemond.records import stage, staged_metadata, staged_name, write_staged
 from beemond.sensors import seams
 from beemond.sensors.power import power_switch
@@ -119,7 +119,7 @@ class GpioWorker(Worker):
         if rows:
             body, metadata = self._record(rows)
             metadata["recovered_from_journal"] = True
-            start, end = archive.parse_iso(rows[0][0]), archive.parse_iso(rows[-1][0])
+            start, end = clock.parse_iso(rows[0][0]), clock.parse_iso(rows[-1][0])
             metadata = staged_metadata(self, metadata)
             rel = staged_name(self, start, end, metadata)
             if not (self.staging / rel).exists():
@@ -190,7 +190,7 @@ class GpioWorker(Worker):
         log.info("input %s (%s, GPIO%d) activated: %s", name, inp.kind, inp.pin, action)
         if self.window_opened is None:
             self.window_opened = now
-        row = [archive.utc_iso(datetime.fromtimestamp(stamp, timezone.utc)), name, inp.kind, str(inp.pin), action]
+        row = [clock.utc_iso(datetime.fromtimestamp(stamp, timezone.utc)), name, inp.kind, str(inp.pin), action]
         self.rows.append(row)
         try:
             self.journal.append({"t": row[0], "v": row})
@@ -203,7 +203,7 @@ class GpioWorker(Worker):
             self.window_opened = None
             return
         rows = self.rows
-        start, end = archive.parse_iso(rows[0][0]), archive.parse_iso(rows[-1][0])
+        start, end = clock.parse_iso(rows[0][0]), clock.parse_iso(rows[-1][0])
         body, metadata = self._record(rows)
         if self.restart_gap is not None:
             metadata.update(rj.gap_metadata(self.restart_gap["last"], start))
