@@ -82,6 +82,8 @@ def test_one_numpy_user_leaves_numpy_out_of_the_forkserver(tmp_path, keys, passw
 
     preload = forkserver_preload(config.load(path))
     assert "numpy" not in preload and preload[-1] == "beemond.preload"
+    # each worker unpickles the config, which imports every section's module: shared, not per worker
+    assert {"beemond.sensors.sht3x.section", "beemond.sensors.audio.section"} <= set(preload)
     got = run_orchestrator(path, seconds=5)
     assert got["forkserver_maps"] and "_multiarray_umath" not in got["forkserver_maps"]
 

@@ -256,6 +256,25 @@ def test_load_rows_filters_dedups_and_loops(tmp_path: Path):
         load_rows(f, "Date", {"temperature_c": "temp", "humidity_rh": "humidity"})
 
 
+def test_load_rows_table_sorts_and_indexes_like_a_list(tmp_path: Path):
+    f = tmp_path / "unsorted.csv"
+    f.write_text("Date,temperature\n"
+                 "2021-06-19 00:30:00.000001+00:00,3.0\n"
+                 "2021-06-19 00:00:00+02:00,1.0\n"       # the earliest (22:00 UTC the day before)
+                 "2021-06-19 00:30:00.000001+00:00,2.0\n"  # same time as the first line: stays after it
+                 "2021-06-19 00:15:00,4.5\n")             # naive: in the replay's zone (UTC)
+    rows = load_rows(f, "Date", {"temperature_c": "temperature"})
+    got = [(r.index, r.time.isoformat(), r.temperature_c) for r in rows]
+    assert got == [(0, "2021-06-18T22:00:00+00:00", 1.0), (1, "2021-06-19T00:15:00+00:00", 4.5),
+                   (2, "2021-06-19T00:30:00.000001+00:00", 3.0), (3, "2021-06-19T00:30:00.000001+00:00", 2.0)]
+    assert rows[-1] == rows[3] and rows[1:3] == [rows[1], rows[2]]
+    with pytest.raises(IndexError):
+        rows[4]
+    assert list(rows.timestamps()) == [r.time.timestamp() for r in rows]
+    replay = CsvReplay(rows, start=rows[2].time, speedup=0.0)
+    assert replay.next_row() == rows[2]
+
+
 # ------------------------------------------------------------------------------------------ worker
 
 def sht3x_table(**climate) -> dict:

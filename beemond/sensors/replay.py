@@ -29,17 +29,23 @@ continues with the row after the last durable reading instead of replaying from 
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import csv
 import logging
 import time
 import zoneinfo
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
 
 @dataclass(frozen=True, slots=True)
 class Row:
@@ -75,6 +81,36 @@ class Row:
             return default
 
 
+class RowTable(Sequence):
+    """The rows of a replay as flat arrays: 8 bytes per time and per value, where a :class:`Row`
+    object with its datetime, tuple and floats costs ~220 bytes (1.2 MB per replay of the UrBAN file,
+    held for months). Indexing makes the :class:`Row` (a slice: a list of them).
+
+    *micros*: each row's UTC time in microseconds since the epoch, sorted; *numbers*: the values of
+    row ``i`` at ``[i * len(quantities):(i + 1) * len(quantities)]``, in the order of *quantities*."""
+
+    def __init__(self, quantities: tuple, micros: array.array, numbers: array.array):
+        self.quantities, self.micros, self.numbers = quantities, micros, numbers
+
+    def __len__(self) -> int:
+        return len(self.micros)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("row index out of range")
+        width = len(self.quantities)
+        return Row(i, _EPOCH + timedelta(microseconds=self.micros[i]), self.quantities,
+                   tuple(self.numbers[i * width:(i + 1) * width]))
+
+    def timestamps(self) -> array.array:
+        """Each row's time in POSIX seconds (``row.time.timestamp()``)."""
+        return array.array("d", (us / 1e6 for us in self.micros))
+
+
 def _parse_time(text: str, tz: tzinfo = timezone.utc) -> datetime:
     t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     return (t if t.tzinfo else t.replace(tzinfo=tz)).astimezone(timezone.utc)
@@ -93,7 +129,7 @@ def zone(name: str) -> tzinfo:
 class CsvReplay:
     """Filtered rows of a CSV file and a cursor over them. Raises ``ValueError`` on a bad file."""
 
-    def __init__(self, rows: list[Row], start: datetime | None = None, speedup: float = 0.0, loop: bool = True,
+    def __init__(self, rows: Sequence, start: datetime | None = None, speedup: float = 0.0, loop: bool = True,
                  skipped: dict[str, int] | None = None):
         if not rows:
             raise ValueError("the replay file has no rows after filtering")
@@ -101,7 +137,8 @@ class CsvReplay:
         self.speedup = speedup
         self.loop = loop
         self.skipped = dict(skipped or {})   # column -> cells that were empty or unparseable
-        self._times = [r.time.timestamp() for r in rows]
+        # POSIX seconds per row; a RowTable gives them without making every Row
+        self._times = rows.timestamps() if isinstance(rows, RowTable) else [r.time.timestamp() for r in rows]
         self._first = 0 if start is None else max(0, bisect.bisect_left(self._times, start.timestamp()))
         if self._first >= len(rows):
             raise ValueError(f"start {start.isoformat()} is after the last row ({rows[-1].time.isoformat()})")
@@ -177,9 +214,10 @@ def read_header(path: Path) -> list[str]:
 
 
 def load_rows(path: Path, time_column: str, columns: dict[str, str], filter_column: str = "",
-              filter_value: str = "", tz: tzinfo = timezone.utc, skipped: dict[str, int] | None = None) -> list[Row]:
-    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset), each
-    as a :class:`Row` of the quantities in *columns* (quantity -> CSV column).
+              filter_value: str = "", tz: tzinfo = timezone.utc, skipped: dict[str, int] | None = None) -> RowTable:
+    """Read the rows of *path* whose *filter_column* equals *filter_value* (all rows if unset), as a
+    :class:`RowTable` whose rows are :class:`Row` objects of the quantities in *columns* (quantity ->
+    CSV column).
 
     Only the named columns are read; a missing named column raises ``ValueError``. A row whose time or
     a named value is empty or unparseable is left out and counted in *skipped* (column -> count).
@@ -188,8 +226,13 @@ def load_rows(path: Path, time_column: str, columns: dict[str, str], filter_colu
     """
     skipped = skipped if skipped is not None else {}
     counts = collections.Counter()
-    rows: list[tuple] = []
-    seen: set[tuple] = set()
+    # Flat arrays (RowTable), not an object per row: made during the parse, the rows that stay for
+    # months would be scattered over every memory arena the parse's temporaries (csv fields, the
+    # duplicate set) used and keep them all (~10 MB per replay of the UrBAN file against ~1.5 MB of
+    # rows; measured with bench/footprint.py).
+    micros = array.array("q")    # each kept line's UTC time, microseconds since the epoch
+    numbers = array.array("d")   # its values, len(columns) per line
+    seen: set = set()   # kept lines, each as one string (or a tuple)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, [])
@@ -199,30 +242,39 @@ def load_rows(path: Path, time_column: str, columns: dict[str, str], filter_colu
                 raise ValueError(f"column {col!r} not in {Path(path).name} (has: {', '.join(header)})")
         at = {c: header.index(c) for c in named}
         for fields in reader:
-            key = tuple(fields)
+            if len(fields) < len(header):
+                padded = fields + [""] * (len(header) - len(fields))
+            else:
+                padded = fields
+            if filter_column and padded[at[filter_column]].strip() != filter_value:
+                continue
+            key = "\x1f".join(fields)   # one string per line is lighter than a tuple of fields;
+            if key.count("\x1f") != len(fields) - 1:   # a field holding the separator: exact all the same
+                key = tuple(fields)
             if key in seen:   # an exact duplicate line
                 continue
             seen.add(key)
-            if len(fields) < len(header):
-                fields = fields + [""] * (len(header) - len(fields))
-            if filter_column and fields[at[filter_column]].strip() != filter_value:
-                continue
             try:
-                t = _parse_time(fields[at[time_column]], tz)
+                t = _parse_time(padded[at[time_column]], tz)
             except ValueError:
                 counts[time_column] += 1
                 continue
             values = []
             for col in columns.values():
                 try:
-                    values.append(float(fields[at[col]]))
+                    values.append(float(padded[at[col]]))
                 except ValueError:
                     counts[col] += 1
                     values = None
                     break
             if values is not None:
-                rows.append((t, tuple(values)))
+                micros.append((t - _EPOCH) // _MICROSECOND)
+                numbers.extend(values)
+    del seen
     skipped.update(counts)
-    rows.sort(key=lambda r: r[0])   # stable: rows of one time keep their file order
-    quantities = tuple(columns)
-    return [Row(i, t, quantities, numbers) for i, (t, numbers) in enumerate(rows)]
+    quantities, width = tuple(columns), len(columns)
+    if any(b < a for a, b in zip(micros, micros[1:])):
+        order = sorted(range(len(micros)), key=micros.__getitem__)   # stable: rows of one time keep their file order
+        micros = array.array("q", (micros[j] for j in order))
+        numbers = array.array("d", (v for j in order for v in numbers[j * width:(j + 1) * width]))
+    return RowTable(quantities, micros, numbers)
