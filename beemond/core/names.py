@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import re
-import resource
 import sys
 import time
 import types
@@ -221,7 +221,7 @@ class _Deadline(BaseException):
     Exception`` in a filter swallows it."""
 
 
-TRIAL_MEMORY_KB = 32 * 1024   # what a trial render may add to the process's peak RSS
+TRIAL_MEMORY_KB = 32 * 1024   # what a trial render may add to the process's resident size
 
 
 class _time_limit:
@@ -236,7 +236,8 @@ class _time_limit:
 
     def __enter__(self):
         self.deadline = time.monotonic() + self.seconds
-        self.rss_limit_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + TRIAL_MEMORY_KB
+        self.statm = os.open("/proc/self/statm", os.O_RDONLY)
+        self.rss_limit_kb = self._rss_kb() + TRIAL_MEMORY_KB
         self.old = sys.gettrace()
         sys.settrace(self._trace)
         return self
@@ -245,13 +246,18 @@ class _time_limit:
         if frame.f_code is _EXIT_CODE:
             return None
         # Memory too: a template that doubles a string (``~`` is not an operator the sandbox sees) would
-        # reach hundreds of MB within the time limit, on a Pi with 512 MB.
-        if time.monotonic() > self.deadline or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.rss_limit_kb:
+        # reach hundreds of MB within the time limit, on a Pi with 512 MB. The resident size now, not
+        # getrusage's peak: a forked child (the daemon's config check) inherits its parent's peak.
+        if time.monotonic() > self.deadline or self._rss_kb() > self.rss_limit_kb:
             raise _Deadline()
         return self._trace
 
+    def _rss_kb(self) -> int:
+        return int(os.pread(self.statm, 64, 0).split()[1]) * _PAGE_KB
+
     def __exit__(self, kind, value, tb) -> bool:
         sys.settrace(self.old)
+        os.close(self.statm)
         if kind is not None and issubclass(kind, _Deadline):
             raise TemplateError(f"template takes longer than {self.seconds:g} s or more than "
                                 f"{TRIAL_MEMORY_KB // 1024} MB to render a name") from None
@@ -259,6 +265,7 @@ class _time_limit:
 
 
 _EXIT_CODE = _time_limit.__exit__.__code__
+_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def trial_limit():
