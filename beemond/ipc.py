@@ -280,6 +280,15 @@ class Channel:
             self._last_beat = now
             self.send(HEARTBEAT)
 
+    def pending(self) -> bool:
+        """True when a command waits or a stop was asked for: a long wait inside a measurement gives
+        up (see ``sensors.base.MeasurementInterrupted``) so that stop, pause and shutdown never wait
+        for a measurement. ``Queue.empty()`` may lag a put by a moment; the next wait slice sees it."""
+        try:
+            return self.stop_requested or self._broken or not self.commands.empty()
+        except (OSError, ValueError):
+            return True
+
     def orphaned(self) -> bool:
         """True once the orchestrator died. Our parent process is the forkserver, which outlives it
         while any worker runs, so the sign is the event pipe: the heartbeat write fails with EPIPE."""

@@ -43,6 +43,7 @@ EXPECTED = {
     "ScaleError": (errors.TransientSensorError, OSError),
     "DeviceMissing": (errors.TransientSensorError, OSError),
     "DeviceError": (errors.SensorError, ValueError),
+    "MeasurementInterrupted": (errors.SensorError, Exception),
     "SensorFailure": (errors.PersistentSensorError, RuntimeError),
     "WrongChipError": (errors.PersistentSensorError, RuntimeError),
     "CameraUnavailable": (errors.PersistentSensorError, RuntimeError),

@@ -281,7 +281,7 @@ def harness(tmp_path, **over) -> tuple[Harness, VirtualTime]:
     """The worker of a simulated SCD4x whose driver and chip share a virtual clock (no 5 s waits)."""
     h = Harness(tmp_path, "hive_co2", sensor_table(**over))
     vt = VirtualTime()
-    h.worker.device.sleep, h.worker.device.monotonic = vt.sleep, vt.monotonic
+    h.worker.device.sleep, h.worker.device.monotonic, h.worker.device.pause = vt.sleep, vt.monotonic, vt.sleep
     h.worker.chip.clock = vt.monotonic
     return h, vt
 
@@ -453,3 +453,30 @@ def test_daemon_records_exports_and_uploads_co2(tmp_path, keys, password_file, f
     assert len(rows) >= 2, d.log()
     for (_t, co2, t, rh), row in zip(rows, urban_rows):
         assert (int(co2), float(t), float(rh)) == (round(curve.co2_ppm(row.time)), row.temperature_c, row.humidity_rh)
+
+
+def test_a_shutdown_does_not_wait_out_a_periodic_measurement(tmp_path):
+    # Real time: the first reading takes 0.5 s (stop) + 5 s (the signal update interval). A shutdown
+    # queued during that wait ends the worker within a wait slice, not after the measurement.
+    import threading
+    import time
+
+    h = Harness(tmp_path, "hive_co2", sensor_table())
+    done = threading.Event()
+
+    def target():
+        try:
+            h.worker.run()
+        except BaseException as e:
+            h.failure = e
+        done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    wait_for(lambda: h.worker.reader.started, 10, "the periodic measurement to start")   # now in the 5 s wait
+    asked = time.monotonic()
+    h.commands.put(ipc.Shutdown(reason="test"))
+    assert done.wait(10)
+    assert time.monotonic() - asked < 1.0, f"shutdown took {time.monotonic() - asked:.1f} s"
+    assert h.failure is None, h.failure
+    assert h.worker.missed == 0 and h.worker.errors == 0, "an interrupted wait is not a failed measurement"
+    assert h.worker.chip.mode == "idle"

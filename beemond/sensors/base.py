@@ -31,7 +31,7 @@ from beemond.core.clock import Backoff, Clock, parse_iso, utc_iso
 from beemond.records import stage, staged_metadata, staged_name, staged_twin, write_staged
 from beemond.sensors import seams
 from beemond.sensors.periodic import PeriodicValuePoller
-from beemond.errors import PersistentSensorError
+from beemond.errors import PersistentSensorError, SensorError
 from beemond.sensors.power import power_switch
 from beemond.spool import Spool
 from beemond.worker import Worker
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_FAILURES = 5
 READ_RETRY = Backoff(0.02, 0.5)   # between read attempts of one measurement (s): 20, 40, 80 ms ... 0.5 s
 MAX_HELD_READINGS = 100_000   # readings kept in memory while records cannot be written (~10 MB)
+
+
+class MeasurementInterrupted(SensorError):
+    """A measurement given up during a long wait because a command is waiting (a stop, pause or
+    shutdown must not wait for a sensor's 5 s conversion). Not a failure: nothing is counted."""
 
 
 class SensorFailure(PersistentSensorError):
@@ -199,6 +204,8 @@ class PolledSensorWorker(Worker):
                 try:
                     reading = self.read()
                     break
+                except MeasurementInterrupted:
+                    return
                 except OSError as e:
                     self.errors += 1
                     last_error = e

@@ -33,28 +33,32 @@ import time
 
 from smbus2 import i2c_msg
 
-from beemond.sensors.base import I2CWorker
+from beemond.sensors.base import I2CWorker, MeasurementInterrupted
 from beemond.sensors.scd4x import chip
 
 READY_POLL_S = 0.1          # get_data_ready_status cadence while waiting (one 3-byte read each)
 READY_MARGIN_S = 1.0        # beyond one signal update interval before a wait gives up
-BEAT_SLICE_S = 1.0          # a long wait (5 s single shot) is cut into slices that each send a heartbeat
+WAIT_SLICE_S = 0.1          # a long wait (5 s single shot) is cut into slices that heartbeat and look for commands
 
 
 class SCD4x:
     """One SCD4x at *address* on *bus*.
 
-    *sleep* and *monotonic* are the time functions every wait uses (a test passes a virtual clock's).
+    *sleep* and *monotonic* are the time functions every wait uses (a test passes a virtual clock's);
+    *pause* (default: *sleep*) is the wait between two data-ready polls, the one wait that may raise to
+    give up a measurement: a command's execution time is always waited out, or the next command would
+    be NACKed (3.3).
     Bus errors surface as ``OSError`` (``EREMOTEIO`` for a NACK, ``ENXIO`` for no chip);
     :class:`chip.CRCError` (an ``OSError``) for a corrupted word; ``OSError(ETIMEDOUT)`` for a
     measurement that never became ready. All are transient: the caller may retry.
     """
 
-    def __init__(self, bus, address: int = chip.ADDRESS, sleep=time.sleep, monotonic=time.monotonic):
+    def __init__(self, bus, address: int = chip.ADDRESS, sleep=time.sleep, monotonic=time.monotonic, pause=None):
         self.bus = bus
         self.address = address
         self.sleep = sleep
         self.monotonic = monotonic
+        self.pause = pause
 
     # ---- one command (datasheet 3.3 sequence types)
     def send(self, command: int) -> None:
@@ -107,7 +111,7 @@ class SCD4x:
             if self.monotonic() >= deadline:
                 raise OSError(errno.ETIMEDOUT, f"SCD4x at 0x{self.address:02x}: no measurement ready after "
                                                f"{timeout_s:g} s ({os.strerror(errno.ETIMEDOUT)})")
-            self.sleep(READY_POLL_S)
+            (self.pause or self.sleep)(READY_POLL_S)
 
 
 class SCD4xReader:
@@ -166,14 +170,22 @@ class SCD4xWorker(I2CWorker):
 
     def __init__(self, cfg, sensor, channel, **kw):
         super().__init__(cfg, sensor, channel, **kw)
-        self.device = SCD4x(self.bus, sensor.address, sleep=self._sleep)
+        self.device = SCD4x(self.bus, sensor.address, sleep=self._sleep, pause=self._pause)
         self.reader = SCD4xReader(self.device, sensor.mode)
 
     def _sleep(self, seconds: float) -> None:
+        """A command's execution time (up to 5 s for a single shot), in slices that send heartbeats."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            time.sleep(min(left, BEAT_SLICE_S))
+            time.sleep(min(left, WAIT_SLICE_S))
             self.channel.beat()
+
+    def _pause(self, seconds: float) -> None:
+        """Between data-ready polls: give up the measurement (:class:`MeasurementInterrupted`) when a
+        command waits, so that stop, pause and shutdown never wait out the 5 s signal update interval."""
+        if self.channel.pending():
+            raise MeasurementInterrupted("a command is waiting")
+        self._sleep(seconds)
 
     def read(self) -> tuple:
         return self.reader.measure()
