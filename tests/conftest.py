@@ -73,6 +73,20 @@ class FtpServer:
         return sorted(self.root.rglob("*.part"))
 
 
+def mount_loop_ext4(tmp_path: Path, size_mb: int, options: str) -> tuple[Path, Path]:
+    """A fresh ext4 image of *size_mb* in *tmp_path*, mounted through a loop device with *options*
+    (``loop,...``) on ``tmp_path/mnt``; returns (image, mount point). Skips without root or losetup."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and loop devices")
+    img, mnt = tmp_path / "disk.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    subprocess.run(["mount", "-o", options, str(img), str(mnt)], check=True)
+    return img, mnt
+
+
 @pytest.fixture
 def keys(tmp_path):
     from beemond.bundle import crypto

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from beemond import config, ipc, reading_journal as rj
 from beemond.core import clock
 from beemond.spool import Spool, sidecar_of
 from beemond.sensors.replay import CsvReplay, load_rows
-from conftest import wait_for
+from conftest import mount_loop_ext4, wait_for
 from polled_peers import URBAN, CountingQueue, Harness, expand, write_config
 
 HERE = Path(__file__).resolve().parent
@@ -283,14 +282,7 @@ def failing_disk(tmp_path):
     """An ext4 image on a loop device, mounted ``errors=remount-ro``; yields (mount point, fail):
     ``fail()`` makes the kernel record a file-system error (sysfs ``trigger_fs_error``), as a dying
     SD card does, and from then on every write and fdatasync fails with EROFS."""
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and loop devices")
-    img, mnt = tmp_path / "disk.img", tmp_path / "mnt"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(16 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(img), str(mnt)], check=True)
+    _img, mnt = mount_loop_ext4(tmp_path, 16, "loop,errors=remount-ro")
     dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True, text=True,
                          check=True).stdout.strip()
     trigger = Path("/sys/fs/ext4") / Path(dev).name / "trigger_fs_error"

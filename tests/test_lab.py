@@ -21,7 +21,7 @@ import pytest
 from beemond import spool
 from beemond.bundle import crypto, sealer
 from beemond.lab import ingest
-from conftest import AGE
+from conftest import AGE, mount_loop_ext4
 
 CLI = [sys.executable, "-m", "beemond"]
 TAR = shutil.which("tar")
@@ -486,15 +486,8 @@ def cut_disk(tmp_path):
     (TESTBED.md, power cuts). Yields (mount point, cut): ``cut()`` keeps only what reached the image
     (after a journal commit forced by an unrelated fsync, as any other writer on the disk would cause),
     then fsck and mount again."""
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and loop devices")
-    img, mnt = tmp_path / "disk.img", tmp_path / "mnt"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
     opts = "loop,data=writeback,noauto_da_alloc,commit=60"
-    subprocess.run(["mount", "-o", opts, str(img), str(mnt)], check=True)
+    img, mnt = mount_loop_ext4(tmp_path, 64, opts)
 
     def cut():
         other = mnt / "other"
